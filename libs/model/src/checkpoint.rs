@@ -1,0 +1,350 @@
+//! Checkpoints in the published Hugging Face layout.
+//!
+//! A checkpoint is a directory with `config.json` and either `model.safetensors` or a
+//! sharded `model.safetensors.index.json` naming its shard files. Tensors are memory-mapped
+//! and converted to the requested dtype on load; f32, bf16 and f16 on disk all work.
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use rand::{Rng, SeedableRng};
+use safetensors::Dtype as StDtype;
+
+use crate::{Bd3lm, Config, Error, FREQUENCY_EMBEDDING_SIZE, Result};
+
+/// File name of the config.
+pub const CONFIG_FILE: &str = "config.json";
+/// File name of a single-file checkpoint.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// File name of a sharded checkpoint's index.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Names of the top-level scalars holding the learned clipped noise interval.
+pub const EPS_TENSORS: [&str; 2] = ["sampling_eps_min", "sampling_eps_max"];
+/// Buffer of the reference's rotary module: stored by some checkpoints, always recomputed.
+const INV_FREQ_TENSOR: &str = "backbone.rotary_emb.inv_freq";
+
+/// Every tensor the network of `cfg` needs, with its shape, in the published names.
+pub fn tensor_specs(cfg: &Config) -> Vec<(String, Vec<usize>)> {
+    let (d, c, v) = (cfg.hidden_dim, cfg.cond_dim, cfg.vocab_size);
+    let mut specs = vec![("backbone.vocab_embed.embedding".to_string(), vec![v, d])];
+    let mut add = |name: String, shape: Vec<usize>| specs.push((format!("backbone.{name}"), shape));
+    if cfg.adaln {
+        add(
+            "sigma_map.mlp.0.weight".into(),
+            vec![c, FREQUENCY_EMBEDDING_SIZE],
+        );
+        add("sigma_map.mlp.0.bias".into(), vec![c]);
+        add("sigma_map.mlp.2.weight".into(), vec![c, c]);
+        add("sigma_map.mlp.2.bias".into(), vec![c]);
+    }
+    for i in 0..cfg.n_blocks {
+        let p = format!("blocks.{i}");
+        add(format!("{p}.norm1.weight"), vec![d]);
+        add(format!("{p}.attn_qkv.weight"), vec![3 * d, d]);
+        add(format!("{p}.attn_out.weight"), vec![d, d]);
+        add(format!("{p}.norm2.weight"), vec![d]);
+        add(format!("{p}.mlp.0.weight"), vec![4 * d, d]);
+        add(format!("{p}.mlp.0.bias"), vec![4 * d]);
+        add(format!("{p}.mlp.2.weight"), vec![d, 4 * d]);
+        add(format!("{p}.mlp.2.bias"), vec![d]);
+        if cfg.adaln {
+            add(format!("{p}.adaLN_modulation.weight"), vec![6 * d, c]);
+            add(format!("{p}.adaLN_modulation.bias"), vec![6 * d]);
+        }
+    }
+    add("output_layer.norm_final.weight".into(), vec![d]);
+    add("output_layer.linear.weight".into(), vec![v, d]);
+    add("output_layer.linear.bias".into(), vec![v]);
+    if cfg.adaln {
+        add(
+            "output_layer.adaLN_modulation.weight".into(),
+            vec![2 * d, c],
+        );
+        add("output_layer.adaLN_modulation.bias".into(), vec![2 * d]);
+    }
+    specs
+}
+
+/// An opened checkpoint: its config and its memory-mapped tensors.
+pub struct Checkpoint {
+    /// The parsed and validated `config.json`.
+    pub config: Config,
+    dir: PathBuf,
+    tensors: MmapedSafetensors,
+    /// Which file holds each tensor, for error messages.
+    files: HashMap<String, PathBuf>,
+}
+
+impl Checkpoint {
+    /// Opens the checkpoint in `dir`, validating the config and the presence, shape and
+    /// dtype of every tensor the network needs. Unknown tensors are reported with a warning.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref().to_path_buf();
+        let config_path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
+            path: config_path,
+            source,
+        })?;
+        let config = Config::from_json(&text)?;
+        let paths = weight_files(&dir)?;
+        let mut files = HashMap::new();
+        for path in &paths {
+            // SAFETY: the mapping is read-only; a checkpoint modified while mapped is the
+            // caller's fault, as with every memory-mapped model loader.
+            let st = unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::Checkpoint {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            for (name, _) in st.tensors() {
+                files.insert(name, path.clone());
+            }
+        }
+        // SAFETY: as above.
+        let tensors =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| Error::Checkpoint {
+                path: dir.clone(),
+                reason: e.to_string(),
+            })?;
+        let ckpt = Self {
+            config,
+            dir,
+            tensors,
+            files,
+        };
+        ckpt.check_tensors()?;
+        Ok(ckpt)
+    }
+
+    /// The directory the checkpoint was opened from.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn check_tensors(&self) -> Result<()> {
+        let specs = tensor_specs(&self.config);
+        for (name, expected) in &specs {
+            let view = self
+                .tensors
+                .get(name)
+                .map_err(|_| Error::MissingTensor { name: name.clone() })?;
+            check_float(name, view.dtype())?;
+            if view.shape() != expected.as_slice() {
+                return Err(Error::TensorShape {
+                    name: name.clone(),
+                    expected: expected.clone(),
+                    found: view.shape().to_vec(),
+                });
+            }
+        }
+        for name in EPS_TENSORS {
+            if let Ok(view) = self.tensors.get(name) {
+                check_float(name, view.dtype())?;
+                if view.shape().iter().product::<usize>() != 1 {
+                    return Err(Error::TensorShape {
+                        name: name.into(),
+                        expected: vec![],
+                        found: view.shape().to_vec(),
+                    });
+                }
+            }
+        }
+        let known: BTreeSet<&str> = specs
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(EPS_TENSORS)
+            .chain([INV_FREQ_TENSOR])
+            .collect();
+        let unknown: Vec<&String> = self
+            .files
+            .keys()
+            .filter(|n| !known.contains(n.as_str()))
+            .collect();
+        if !unknown.is_empty() {
+            tracing::warn!(dir = %self.dir.display(), count = unknown.len(), names = ?unknown, "ignoring unknown tensors");
+        }
+        Ok(())
+    }
+
+    /// The clipped noise interval `(eps_min, eps_max)`: the stored scalars when present,
+    /// else the config's values.
+    pub fn sampling_eps(&self) -> Result<(f64, f64)> {
+        let read = |name: &str, default: f64| -> Result<f64> {
+            match self.tensors.get(name) {
+                Ok(_) => {
+                    let t = self
+                        .tensors
+                        .load(name, &Device::Cpu)?
+                        .to_dtype(DType::F64)?;
+                    Ok(t.flatten_all()?.to_vec1::<f64>()?[0])
+                }
+                Err(_) => Ok(default),
+            }
+        };
+        Ok((
+            read(EPS_TENSORS[0], self.config.sampling_eps_min)?,
+            read(EPS_TENSORS[1], self.config.sampling_eps_max)?,
+        ))
+    }
+
+    /// Builds the network with weights converted to `dtype` on `device`.
+    pub fn load_model(self, dtype: DType, device: &Device) -> Result<Bd3lm> {
+        let cfg = self.config.clone();
+        let vb = VarBuilder::from_backend(Box::new(self.tensors), dtype, device.clone());
+        Bd3lm::load(vb, &cfg)
+    }
+}
+
+/// The safetensors files of the checkpoint in `dir`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        return Err(Error::Checkpoint {
+            path: dir.to_path_buf(),
+            reason: format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is present"),
+        });
+    }
+    let text = std::fs::read_to_string(&index_path).map_err(|source| Error::Io {
+        path: index_path.clone(),
+        source,
+    })?;
+    let bad = |reason: String| Error::Checkpoint {
+        path: index_path.clone(),
+        reason,
+    };
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = index
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("expected an object field `weight_map`".into()))?;
+    let mut files = BTreeSet::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map entry `{name}` is not a file name")))?;
+        if Path::new(file).components().count() != 1 {
+            return Err(bad(format!(
+                "shard `{file}` must be a plain file name in the checkpoint directory"
+            )));
+        }
+        files.insert(file.to_string());
+    }
+    let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
+    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+        return Err(bad(format!("shard {} does not exist", missing.display())));
+    }
+    Ok(paths)
+}
+
+fn check_float(name: &str, dtype: StDtype) -> Result<()> {
+    match dtype {
+        StDtype::F32 | StDtype::BF16 | StDtype::F16 | StDtype::F64 => Ok(()),
+        other => Err(Error::TensorDtype {
+            name: name.to_string(),
+            found: DType::try_from(other).unwrap_or(DType::U8),
+        }),
+    }
+}
+
+/// Writes a checkpoint in the published layout: `config.json` and `model.safetensors`
+/// holding `tensors` converted to `dtype` plus the clipped-interval scalars from `cfg`.
+///
+/// Each file is written to a temporary name and renamed, so a reader never sees half a
+/// checkpoint file.
+pub fn save(
+    dir: impl AsRef<Path>,
+    cfg: &Config,
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+) -> Result<()> {
+    cfg.validate()?;
+    let dir = dir.as_ref();
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for (name, expected) in tensor_specs(cfg) {
+        let t = tensors
+            .get(&name)
+            .ok_or_else(|| Error::MissingTensor { name: name.clone() })?;
+        if t.dims() != expected.as_slice() {
+            return Err(Error::TensorShape {
+                name,
+                expected,
+                found: t.dims().to_vec(),
+            });
+        }
+    }
+    let mut out: HashMap<String, Tensor> = HashMap::with_capacity(tensors.len() + 2);
+    for (name, t) in tensors {
+        out.insert(name.clone(), t.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+    }
+    for (name, value) in EPS_TENSORS
+        .iter()
+        .zip([cfg.sampling_eps_min, cfg.sampling_eps_max])
+    {
+        out.insert(name.to_string(), Tensor::new(value as f32, &Device::Cpu)?);
+    }
+    let weights = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!(".{WEIGHTS_FILE}.tmp"));
+    candle_core::safetensors::save(&out, &tmp).map_err(|e| Error::Checkpoint {
+        path: tmp.clone(),
+        reason: e.to_string(),
+    })?;
+    rename(&tmp, &weights)?;
+    let config = dir.join(CONFIG_FILE);
+    let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
+    let text = serde_json::to_string_pretty(cfg).map_err(Error::ConfigJson)?;
+    std::fs::write(&tmp, text).map_err(|source| Error::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    rename(&tmp, &config)
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).map_err(|source| Error::Io {
+        path: to.to_path_buf(),
+        source,
+    })
+}
+
+/// Random weights for `cfg`: every tensor drawn from N(0, std²) by a ChaCha generator
+/// seeded with `seed` (the same weights on every machine), in f32 on the CPU.
+pub fn random_weights(cfg: &Config, std: f64, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in tensor_specs(cfg) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n)
+            .map(|_| (std * standard_normal(&mut rng)) as f32)
+            .collect();
+        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// A standard normal draw by the Box-Muller transform.
+fn standard_normal(rng: &mut impl Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.random::<f64>();
+    let u2: f64 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+/// The network of `cfg` with [`random_weights`], in `dtype` on `device`.
+pub fn random_model(
+    cfg: &Config,
+    std: f64,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Bd3lm> {
+    let weights = random_weights(cfg, std, seed)?;
+    Bd3lm::load(VarBuilder::from_tensors(weights, dtype, device), cfg)
+}

@@ -1,0 +1,72 @@
+//! The model library's error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading, running or serialising a BD3-LM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration field holds a value the network cannot be built with.
+    #[error("config field `{field}`: {reason}")]
+    Config {
+        /// The `config.json` field at fault.
+        field: &'static str,
+        /// What was expected and what was found.
+        reason: String,
+    },
+    /// `config.json` is not valid JSON or lacks a required field.
+    #[error("config.json: {0}")]
+    ConfigJson(#[source] serde_json::Error),
+    /// A checkpoint file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file at fault.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A checkpoint file exists but its content is unusable.
+    #[error("{path}: {reason}")]
+    Checkpoint {
+        /// The file at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A tensor the network needs is not in the checkpoint.
+    #[error("tensor `{name}` is missing from the checkpoint")]
+    MissingTensor {
+        /// Full tensor name, e.g. `backbone.blocks.0.attn_qkv.weight`.
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("tensor `{name}`: expected shape {expected:?}, found {found:?}")]
+    TensorShape {
+        /// Full tensor name.
+        name: String,
+        /// Shape the configuration implies.
+        expected: Vec<usize>,
+        /// Shape stored in the checkpoint.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored with a dtype that is not a float type.
+    #[error("tensor `{name}`: expected a float dtype (f32, bf16, f16), found {found:?}")]
+    TensorDtype {
+        /// Full tensor name.
+        name: String,
+        /// The stored dtype.
+        found: candle_core::DType,
+    },
+    /// An input does not fit the model or the cache it is used with.
+    #[error("invalid input: {0}")]
+    Input(String),
+    /// A serialised KV cache could not be decoded.
+    #[error("KV cache bytes: {0}")]
+    CacheDecode(String),
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,425 @@
+//! Keys and values of committed blocks, per layer, with the reference's sliding window.
+//!
+//! Keys are stored after rotary at their absolute positions. Attention scores depend only
+//! on the distance between query and key positions, so this gives what the reference gives
+//! when it re-applies rotary to window-relative positions on every pass, without redoing it.
+//!
+//! Buffers have room beyond the live range: a pass writes its new keys and values after
+//! the live range (the *pending* slot) and attends over both with no copy; a commit only
+//! moves the end of the live range. Dropping the oldest block moves its start.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::{Config, Error, Result};
+
+const MAGIC: &[u8; 8] = b"BD3LMKV\0";
+const VERSION: u32 = 1;
+
+/// The KV cache of one batch of sequences being generated.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    /// Per layer, key and value buffers of shape (batch, heads, capacity, head_dim).
+    buffers: Vec<(Tensor, Tensor)>,
+    /// Offset of the first live token in the buffers.
+    start: usize,
+    /// Number of live (committed, inside the window) tokens.
+    len: usize,
+    /// Absolute position of the next token to be committed.
+    next_pos: usize,
+    batch: usize,
+    n_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    /// Most tokens kept after a commit: `model_length - block_size`, as in the reference.
+    keep: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl KvCache {
+    /// An empty cache for `batch` sequences of a model with config `cfg`.
+    pub fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
+        if batch == 0 {
+            return Err(Error::Input(
+                "a KV cache needs a batch of at least 1".into(),
+            ));
+        }
+        let mut cache = Self {
+            buffers: Vec::new(),
+            start: 0,
+            len: 0,
+            next_pos: 0,
+            batch,
+            n_heads: cfg.n_heads,
+            head_dim: cfg.head_dim(),
+            block_size: cfg.block_size,
+            keep: cfg.model_length - cfg.block_size,
+            dtype,
+            device: device.clone(),
+        };
+        cache.allocate(cfg.n_blocks, 0)?;
+        Ok(cache)
+    }
+
+    /// Number of live tokens (committed and inside the window).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when nothing has been committed or everything has slid out.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Absolute position of the next token to commit: every token ever committed,
+    /// including those dropped by the sliding window.
+    pub fn next_position(&self) -> usize {
+        self.next_pos
+    }
+
+    /// Absolute position of the oldest live token.
+    pub fn first_position(&self) -> usize {
+        self.next_pos - self.len
+    }
+
+    /// Number of sequences in the batch.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+
+    /// Number of layers.
+    pub fn n_layers(&self) -> usize {
+        self.buffers.len()
+    }
+
+    /// Element type of the stored keys and values.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes held by live keys and values (what an export carries).
+    pub fn live_bytes(&self) -> usize {
+        2 * self.n_layers()
+            * self.batch
+            * self.n_heads
+            * self.len
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    /// Checks that this cache can serve a model with config `cfg` and compute dtype `dtype`.
+    pub(crate) fn check_fits(&self, cfg: &Config, dtype: DType) -> Result<()> {
+        let ok = self.n_layers() == cfg.n_blocks
+            && self.n_heads == cfg.n_heads
+            && self.head_dim == cfg.head_dim()
+            && self.block_size == cfg.block_size
+            && self.keep == cfg.model_length - cfg.block_size
+            && self.dtype == dtype;
+        if ok {
+            return Ok(());
+        }
+        Err(Error::Input(format!(
+            "KV cache layout (layers {}, heads {}, head dim {}, block size {}, window {}, {:?}) does not \
+             match the model (layers {}, heads {}, head dim {}, block size {}, window {}, {:?})",
+            self.n_layers(),
+            self.n_heads,
+            self.head_dim,
+            self.block_size,
+            self.keep,
+            self.dtype,
+            cfg.n_blocks,
+            cfg.n_heads,
+            cfg.head_dim(),
+            cfg.block_size,
+            cfg.model_length - cfg.block_size,
+            dtype
+        )))
+    }
+
+    fn capacity(&self) -> usize {
+        self.buffers
+            .first()
+            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    fn allocate(&mut self, n_layers: usize, capacity: usize) -> Result<()> {
+        let shape = (self.batch, self.n_heads, capacity, self.head_dim);
+        let mut buffers = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            if self.len > 0 {
+                let (old_k, old_v) = &self.buffers[layer];
+                k.slice_set(&old_k.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
+                v.slice_set(&old_v.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
+            }
+            buffers.push((k, v));
+        }
+        self.buffers = buffers;
+        self.start = 0;
+        Ok(())
+    }
+
+    /// Makes room for `new` pending tokens after the live range, growing the buffers or
+    /// moving the live range to the front when needed.
+    pub(crate) fn reserve(&mut self, new: usize) -> Result<()> {
+        let needed = self.len + new;
+        if self.start + needed <= self.capacity() {
+            return Ok(());
+        }
+        // Room for half a window more than a full pass: the window slides by moving `start`,
+        // and the live range is copied to the front once per half window.
+        let full = self.keep + self.block_size;
+        let capacity = needed
+            .max((self.capacity() * 2).min(full + full / 2))
+            .max(self.block_size);
+        self.allocate(self.buffers.len(), capacity)
+    }
+
+    /// Writes the new tokens' keys and values of `layer`, each (batch, heads, new, r), into
+    /// the pending slot after the live range.
+    pub(crate) fn write_pending(
+        &self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> candle_core::Result<()> {
+        let (kb, vb) = &self.buffers[layer];
+        kb.slice_set(k, 2, self.start + self.len)?;
+        vb.slice_set(v, 2, self.start + self.len)?;
+        Ok(())
+    }
+
+    /// Keys and values of `layer` to attend over: the live range followed by `new` pending
+    /// tokens.
+    pub(crate) fn keys_values(
+        &self,
+        layer: usize,
+        new: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (kb, vb) = &self.buffers[layer];
+        let total = self.len + new;
+        Ok((
+            kb.narrow(2, self.start, total)?,
+            vb.narrow(2, self.start, total)?,
+        ))
+    }
+
+    /// Makes the `new` pending tokens part of the cache, then drops the oldest blocks
+    /// beyond the window.
+    pub(crate) fn commit_pending(&mut self, new: usize) {
+        self.len += new;
+        self.next_pos += new;
+        if self.len > self.keep {
+            let drop = self.len - self.keep;
+            self.start += drop;
+            self.len -= drop;
+        }
+    }
+
+    /// Most tokens that can be committed in one pass while each block still sees exactly
+    /// the window the reference would give it (nothing is dropped inside the pass).
+    pub(crate) fn max_commit_tokens(&self) -> usize {
+        self.block_size * (1 + self.keep.saturating_sub(self.len) / self.block_size)
+    }
+
+    /// Serialises the live keys and values with their layout, positions and dtype.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(64 + self.live_bytes());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.push(dtype_code(self.dtype)?);
+        for v in [
+            self.n_layers(),
+            self.batch,
+            self.n_heads,
+            self.head_dim,
+            self.block_size,
+            self.keep,
+        ] {
+            out.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        out.extend_from_slice(&(self.len as u64).to_le_bytes());
+        out.extend_from_slice(&(self.next_pos as u64).to_le_bytes());
+        for (k, v) in &self.buffers {
+            for t in [k, v] {
+                let live = t.narrow(2, self.start, self.len)?.contiguous()?;
+                append_raw(&live, &mut out)?;
+            }
+        }
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        Ok(out)
+    }
+
+    /// Decodes bytes written by [`KvCache::to_bytes`] onto `device`.
+    ///
+    /// Every length is checked against the bytes present before anything is allocated, and
+    /// a checksum guards the content: hostile or corrupt bytes give an error.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        let bad = |m: &str| Error::CacheDecode(m.to_string());
+        if bytes.len() < 8 + 4 + 1 + 6 * 4 + 16 + 8 {
+            return Err(bad("too short for a header"));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        if fnv1a(body).to_le_bytes() != sum {
+            return Err(bad("checksum mismatch"));
+        }
+        let mut r = Reader {
+            bytes: body,
+            pos: 0,
+        };
+        if r.take(8)? != MAGIC {
+            return Err(bad("not a BD3-LM KV cache (bad magic)"));
+        }
+        let version = r.u32()?;
+        if version != VERSION {
+            return Err(Error::CacheDecode(format!("unsupported version {version}")));
+        }
+        let dtype = dtype_from_code(r.take(1)?[0])?;
+        let [n_layers, batch, n_heads, head_dim, block_size, keep] =
+            [(); 6].map(|_| r.u32().map(|v| v as usize));
+        let (n_layers, batch, n_heads, head_dim, block_size, keep) =
+            (n_layers?, batch?, n_heads?, head_dim?, block_size?, keep?);
+        let len = usize::try_from(r.u64()?).map_err(|_| bad("length overflows"))?;
+        let next_pos = usize::try_from(r.u64()?).map_err(|_| bad("position overflows"))?;
+        if batch == 0 || n_heads == 0 || head_dim == 0 || block_size == 0 || n_layers == 0 {
+            return Err(bad("zero-sized layout"));
+        }
+        if len > keep || len > next_pos || len % block_size != 0 || next_pos % block_size != 0 {
+            return Err(Error::CacheDecode(format!(
+                "inconsistent lengths: {len} live tokens, next position {next_pos}, window {keep}, block size {block_size}"
+            )));
+        }
+        let per_tensor = [batch, n_heads, len, head_dim, dtype.size_in_bytes()]
+            .iter()
+            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+            .ok_or_else(|| bad("size overflows"))?;
+        let expected = per_tensor
+            .checked_mul(2 * n_layers)
+            .ok_or_else(|| bad("size overflows"))?;
+        if r.remaining() != expected {
+            return Err(Error::CacheDecode(format!(
+                "expected {expected} bytes of keys and values, found {}",
+                r.remaining()
+            )));
+        }
+        let mut cache = Self {
+            buffers: Vec::new(),
+            start: 0,
+            len: 0,
+            next_pos,
+            batch,
+            n_heads,
+            head_dim,
+            block_size,
+            keep,
+            dtype,
+            device: device.clone(),
+        };
+        let shape = (batch, n_heads, len, head_dim);
+        let mut buffers = Vec::with_capacity(n_layers);
+        for _ in 0..n_layers {
+            let k = tensor_from_raw(r.take(per_tensor)?, dtype, shape, device)?;
+            let v = tensor_from_raw(r.take(per_tensor)?, dtype, shape, device)?;
+            buffers.push((k, v));
+        }
+        cache.buffers = buffers;
+        cache.len = len;
+        Ok(cache)
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| Error::CacheDecode("truncated".into()))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
+    }
+    fn u64(&mut self) -> Result<u64> {
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
+    }
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+}
+
+fn dtype_code(dtype: DType) -> Result<u8> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::BF16 => Ok(1),
+        DType::F16 => Ok(2),
+        other => Err(Error::Input(format!(
+            "KV caches hold f32, bf16 or f16, not {other:?}"
+        ))),
+    }
+}
+
+fn dtype_from_code(code: u8) -> Result<DType> {
+    match code {
+        0 => Ok(DType::F32),
+        1 => Ok(DType::BF16),
+        2 => Ok(DType::F16),
+        other => Err(Error::CacheDecode(format!("unknown dtype code {other}"))),
+    }
+}
+
+/// Appends the little-endian bytes of a contiguous tensor.
+fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
+    let flat = t.flatten_all()?;
+    match t.dtype() {
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        other => {
+            return Err(Error::Input(format!(
+                "KV caches hold f32, bf16 or f16, not {other:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn tensor_from_raw(
+    raw: &[u8],
+    dtype: DType,
+    shape: (usize, usize, usize, usize),
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(Tensor::from_raw_buffer(
+        raw,
+        dtype,
+        &[shape.0, shape.1, shape.2, shape.3],
+        device,
+    )?)
+}
+
+/// 64-bit FNV-1a: a cheap checksum against corruption in transit (not an authenticator).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}

@@ -1,0 +1,290 @@
+//! The layers of the DiT backbone, one plain struct each with `load` and `forward`.
+
+use candle_core::{D, DType, Device, Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+use crate::config::{Config, FREQUENCY_EMBEDDING_SIZE};
+use crate::kv_cache::KvCache;
+use crate::ops;
+
+/// Sinusoidal features of the noise level followed by a two-layer MLP (`sigma_map`).
+#[derive(Debug, Clone)]
+pub struct TimestepEmbedder {
+    fc1: Linear,
+    fc2: Linear,
+    freqs: Tensor,
+}
+
+impl TimestepEmbedder {
+    /// Loads `mlp.0` (c, 256) and `mlp.2` (c, c) under `vb`.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let half = FREQUENCY_EMBEDDING_SIZE / 2;
+        // f32 arithmetic in the reference's order, so features match it bit for bit.
+        let freqs: Vec<f32> = (0..half)
+            .map(|k| (-(10000f64.ln()) as f32 * k as f32 / half as f32).exp())
+            .collect();
+        Ok(Self {
+            fc1: candle_nn::linear(FREQUENCY_EMBEDDING_SIZE, cfg.cond_dim, vb.pp("mlp.0"))?,
+            fc2: candle_nn::linear(cfg.cond_dim, cfg.cond_dim, vb.pp("mlp.2"))?,
+            freqs: Tensor::from_vec(freqs, (1, half), vb.device())?,
+        })
+    }
+
+    /// The conditioning vector `silu(mlp(features(sigma)))`, shape (batch, cond_dim), for
+    /// `sigma` of shape (batch,).
+    pub fn forward(&self, sigma: &Tensor) -> Result<Tensor> {
+        let args = sigma
+            .to_dtype(DType::F32)?
+            .unsqueeze(1)?
+            .broadcast_mul(&self.freqs)?;
+        let features = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
+        let features = features.to_dtype(self.fc1.weight().dtype())?;
+        let hidden = features.apply(&self.fc1)?.silu()?;
+        hidden.apply(&self.fc2)?.silu()
+    }
+}
+
+/// Rotary position tables for arbitrary absolute positions.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    inv_freq: Vec<f64>,
+}
+
+impl Rotary {
+    /// Frequencies `10000^(-2j/r)` for head dimension `r`.
+    pub fn new(head_dim: usize) -> Self {
+        let inv_freq = (0..head_dim / 2)
+            .map(|j| 1.0 / 10000f64.powf(2.0 * j as f64 / head_dim as f64))
+            .collect();
+        Self { inv_freq }
+    }
+
+    /// `(cos, sin)` tables of shape (positions, head_dim / 2).
+    ///
+    /// Angles are formed in f64: positions far past the training context (long generations
+    /// use absolute positions) would otherwise lose the angle's fractional part in f32.
+    pub fn tables(
+        &self,
+        positions: impl Iterator<Item = usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            for f in &self.inv_freq {
+                let angle = pos as f64 * f;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let rows = cos.len() / self.inv_freq.len();
+        let shape = (rows, self.inv_freq.len());
+        let cos = Tensor::from_vec(cos, shape, device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, shape, device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Bias-free layer norm with a learned weight (`norm1`, `norm2`, `norm_final`).
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    zeros: Tensor,
+}
+
+impl LayerNorm {
+    /// Loads `weight` (d) under `vb`.
+    pub fn load(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let weight = vb.get(dim, "weight")?;
+        let zeros = Tensor::zeros(dim, weight.dtype(), weight.device())?;
+        Ok(Self { weight, zeros })
+    }
+}
+
+impl Module for LayerNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.zeros)
+    }
+}
+
+/// `x * (1 + scale) + shift` with `shift`, `scale` of shape (batch, 1, d).
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+}
+
+/// Splits an adaLN projection of `c` into `n` chunks of shape (batch, 1, d).
+fn modulation(ada_ln: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
+    let m = c.apply(ada_ln)?.unsqueeze(1)?;
+    m.chunk(n, D::Minus1)
+}
+
+/// What one pass's attention needs beyond the layer's input: rotary tables for the new
+/// tokens' positions, an optional additive mask, and the KV cache of earlier blocks.
+pub struct AttentionContext<'a> {
+    /// Cosine table (new tokens, head_dim / 2).
+    pub cos: Tensor,
+    /// Sine table (new tokens, head_dim / 2).
+    pub sin: Tensor,
+    /// Additive mask (0 or -inf) of shape (new tokens, keys), broadcast over batch and heads.
+    pub mask: Option<Tensor>,
+    /// Cached keys and values that the new tokens attend to besides themselves.
+    pub cache: Option<&'a KvCache>,
+}
+
+/// One transformer layer (`blocks.{i}`).
+#[derive(Debug, Clone)]
+pub struct DitBlock {
+    norm1: LayerNorm,
+    attn_qkv: Linear,
+    attn_out: Linear,
+    norm2: LayerNorm,
+    mlp_in: Linear,
+    mlp_out: Linear,
+    ada_ln: Option<Linear>,
+    n_heads: usize,
+    head_dim: usize,
+    index: usize,
+}
+
+impl DitBlock {
+    /// Loads layer `index` of the backbone from `vb` (already prefixed with `blocks.{index}`).
+    pub fn load(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
+        let d = cfg.hidden_dim;
+        let ada_ln = if cfg.adaln {
+            Some(candle_nn::linear(
+                cfg.cond_dim,
+                6 * d,
+                vb.pp("adaLN_modulation"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: LayerNorm::load(vb.pp("norm1"), d)?,
+            attn_qkv: candle_nn::linear_no_bias(d, 3 * d, vb.pp("attn_qkv"))?,
+            attn_out: candle_nn::linear_no_bias(d, d, vb.pp("attn_out"))?,
+            norm2: LayerNorm::load(vb.pp("norm2"), d)?,
+            mlp_in: candle_nn::linear(d, 4 * d, vb.pp("mlp.0"))?,
+            mlp_out: candle_nn::linear(4 * d, d, vb.pp("mlp.2"))?,
+            ada_ln,
+            n_heads: cfg.n_heads,
+            head_dim: cfg.head_dim(),
+            index,
+        })
+    }
+
+    /// Runs the layer on `x` (batch, seq, d) with conditioning `c` (batch, cond).
+    ///
+    /// Returns the layer's output and the keys (rotated) and values of the new tokens,
+    /// shaped (batch, heads, seq, head_dim), for the caller to commit to a cache. With
+    /// `keys_only`, the attention and MLP are skipped and the output is `x` unchanged: a
+    /// commit pass needs nothing else from the last layer.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        c: Option<&Tensor>,
+        ctx: &AttentionContext,
+        keys_only: bool,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let m = match (&self.ada_ln, c) {
+            (Some(ada_ln), Some(c)) => Some(modulation(ada_ln, c, 6)?),
+            _ => None,
+        };
+        let mut u = x.apply(&self.norm1)?;
+        if let Some(m) = &m {
+            u = modulate(&u, &m[0], &m[1])?;
+        }
+        let (q, k, v) = self.qkv(&u, ctx)?;
+        if keys_only {
+            return Ok((x.clone(), k, v));
+        }
+        let attn = self.attend(&q, &k, &v, ctx)?.apply(&self.attn_out)?;
+        let x = match &m {
+            Some(m) => (x + attn.broadcast_mul(&m[2])?)?,
+            None => (x + attn)?,
+        };
+        let mut u = x.apply(&self.norm2)?;
+        if let Some(m) = &m {
+            u = modulate(&u, &m[3], &m[4])?;
+        }
+        let mlp = u.apply(&self.mlp_in)?.gelu()?.apply(&self.mlp_out)?;
+        let x = match &m {
+            Some(m) => (x + mlp.broadcast_mul(&m[5])?)?,
+            None => (x + mlp)?,
+        };
+        Ok((x, k, v))
+    }
+
+    /// Projects to rotated queries and keys and plain values, each (batch, heads, seq, r).
+    fn qkv(&self, u: &Tensor, ctx: &AttentionContext) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, s, _) = u.dims3()?;
+        let qkv = u
+            .apply(&self.attn_qkv)?
+            .reshape((b, s, 3, self.n_heads, self.head_dim))?;
+        let part = |i: usize| qkv.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2);
+        let q = ops::rope(&part(0)?, &ctx.cos, &ctx.sin)?;
+        let k = ops::rope(&part(1)?, &ctx.cos, &ctx.sin)?;
+        let v = part(2)?.contiguous()?;
+        Ok((q, k, v))
+    }
+
+    /// Scaled dot-product attention of the new queries over cached plus new keys.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttentionContext) -> Result<Tensor> {
+        let (b, _, s, _) = q.dims4()?;
+        let (keys, values) = match ctx.cache {
+            Some(cache) => {
+                cache.write_pending(self.index, k, v)?;
+                cache.keys_values(self.index, s)?
+            }
+            None => (k.clone(), v.clone()),
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+        if let Some(mask) = &ctx.mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        let probs = ops::softmax_last_dim(&scores)?;
+        let out = probs.matmul(&values)?;
+        out.transpose(1, 2)?
+            .reshape((b, s, self.n_heads * self.head_dim))
+    }
+}
+
+/// The output layer: modulated norm and the vocabulary projection (`output_layer`).
+#[derive(Debug, Clone)]
+pub struct FinalLayer {
+    norm: LayerNorm,
+    linear: Linear,
+    ada_ln: Option<Linear>,
+}
+
+impl FinalLayer {
+    /// Loads `norm_final`, `linear` and (with adaLN) `adaLN_modulation` under `vb`.
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        let d = cfg.hidden_dim;
+        let ada_ln = if cfg.adaln {
+            Some(candle_nn::linear(
+                cfg.cond_dim,
+                2 * d,
+                vb.pp("adaLN_modulation"),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            norm: LayerNorm::load(vb.pp("norm_final"), d)?,
+            linear: candle_nn::linear(d, cfg.vocab_size, vb.pp("linear"))?,
+            ada_ln,
+        })
+    }
+
+    /// Logits (batch, seq, vocab) for hidden states `x` (batch, seq, d).
+    pub fn forward(&self, x: &Tensor, c: Option<&Tensor>) -> Result<Tensor> {
+        let mut u = x.apply(&self.norm)?;
+        if let (Some(ada_ln), Some(c)) = (&self.ada_ln, c) {
+            let m = modulation(ada_ln, c, 2)?;
+            u = modulate(&u, &m[0], &m[1])?;
+        }
+        u.apply(&self.linear)
+    }
+}

@@ -1,0 +1,94 @@
+//! `bd3lm`: the command line of the BD3-LM system.
+
+mod check_reference;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Block diffusion language models: conformance checks, benchmarks and generation.
+#[derive(Debug, Parser)]
+#[command(name = "bd3lm", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Recompute every output of a reference fixture file and compare it with the stored
+    /// values; prints one JSON object, exits 1 when any key fails.
+    CheckReference {
+        /// Checkpoint directory (config.json + model.safetensors).
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// Fixture file (safetensors) with the reference's inputs and outputs.
+        #[arg(long, value_name = "FILE")]
+        fixtures: PathBuf,
+        /// Largest allowed absolute difference per key.
+        #[arg(long, default_value_t = 1e-4, value_parser = positive_f64)]
+        tolerance: f64,
+    },
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v.is_finite() => Ok(v),
+        _ => Err(format!("expected a positive number, found {s:?}")),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {}", one_line(&err));
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// The error and its causes on one line, without the backtraces candle attaches.
+fn one_line(err: &anyhow::Error) -> String {
+    let parts: Vec<String> = err
+        .chain()
+        .map(|cause| {
+            cause
+                .to_string()
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let mut line = parts.join(": ");
+    line.retain(|c| c != '\n');
+    line
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckReference {
+            checkpoint,
+            fixtures,
+            tolerance,
+        } => {
+            let report = check_reference::run(&checkpoint, &fixtures, tolerance)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(if report.pass {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
