@@ -348,3 +348,172 @@ pub fn random_model(
     let weights = random_weights(cfg, std, seed)?;
     Bd3lm::load(VarBuilder::from_tensors(weights, dtype, device), cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{max_diff, small_config, tokens, zeros};
+
+    fn saved(dtype: DType) -> (tempfile::TempDir, Config, HashMap<String, Tensor>) {
+        let cfg = small_config(4);
+        let weights = random_weights(&cfg, 0.2, 3).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        save(dir.path(), &cfg, &weights, dtype).unwrap();
+        (dir, cfg, weights)
+    }
+
+    fn logits(model: &Bd3lm) -> Tensor {
+        let x = tokens(
+            1,
+            2 * model.config().model_length,
+            model.config().vocab_size,
+            1,
+        );
+        model.forward_train(&x, &zeros(1)).unwrap()
+    }
+
+    #[test]
+    fn save_then_load_round_trips_bit_exactly() {
+        let (dir, cfg, weights) = saved(DType::F32);
+        let ckpt = Checkpoint::open(dir.path()).unwrap();
+        assert_eq!(ckpt.config, cfg);
+        assert_eq!(ckpt.sampling_eps().unwrap(), (1e-3f32 as f64, 1.0));
+        let loaded = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+        let direct = Bd3lm::load(
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+            &cfg,
+        )
+        .unwrap();
+        assert_eq!(max_diff(&logits(&loaded), &logits(&direct)), 0.0);
+    }
+
+    #[test]
+    fn bf16_on_disk_loads_as_f32() {
+        let (dir, _, weights) = saved(DType::BF16);
+        let loaded = Checkpoint::open(dir.path())
+            .unwrap()
+            .load_model(DType::F32, &Device::Cpu)
+            .unwrap();
+        let direct = Bd3lm::load(
+            VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+            loaded.config(),
+        )
+        .unwrap();
+        let diff = max_diff(&logits(&loaded), &logits(&direct));
+        assert!(diff > 0.0 && diff < 0.1, "{diff}");
+    }
+
+    #[test]
+    fn sharded_checkpoint_loads_like_a_single_file() {
+        let (dir, cfg, weights) = saved(DType::F32);
+        let sharded = tempfile::tempdir().unwrap();
+        std::fs::copy(
+            dir.path().join(CONFIG_FILE),
+            sharded.path().join(CONFIG_FILE),
+        )
+        .unwrap();
+        let mut shards: [HashMap<String, Tensor>; 2] = Default::default();
+        let mut weight_map = serde_json::Map::new();
+        for (i, (name, t)) in weights.iter().enumerate() {
+            let file = format!("model-0000{}-of-00002.safetensors", i % 2 + 1);
+            shards[i % 2].insert(name.clone(), t.clone());
+            weight_map.insert(name.clone(), file.into());
+        }
+        for (i, shard) in shards.iter().enumerate() {
+            let path = sharded
+                .path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1));
+            candle_core::safetensors::save(shard, path).unwrap();
+        }
+        let index = serde_json::json!({ "metadata": {}, "weight_map": weight_map });
+        std::fs::write(sharded.path().join(INDEX_FILE), index.to_string()).unwrap();
+        let a = Checkpoint::open(sharded.path())
+            .unwrap()
+            .load_model(DType::F32, &Device::Cpu)
+            .unwrap();
+        let b = Checkpoint::open(dir.path())
+            .unwrap()
+            .load_model(DType::F32, &Device::Cpu)
+            .unwrap();
+        assert_eq!(a.config(), &cfg);
+        assert_eq!(max_diff(&logits(&a), &logits(&b)), 0.0);
+    }
+
+    fn rewrite(dir: &Path, edit: impl FnOnce(&mut HashMap<String, Tensor>)) {
+        let path = dir.join(WEIGHTS_FILE);
+        let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+        edit(&mut tensors);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named() {
+        let (dir, _, _) = saved(DType::F32);
+        rewrite(dir.path(), |t| {
+            t.remove("backbone.blocks.1.mlp.0.bias");
+        });
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("backbone.blocks.1.mlp.0.bias") && err.contains("missing"),
+            "{err}"
+        );
+
+        let (dir, _, _) = saved(DType::F32);
+        rewrite(dir.path(), |t| {
+            t.insert(
+                "backbone.blocks.0.attn_out.weight".into(),
+                Tensor::zeros((32, 31), DType::F32, &Device::Cpu).unwrap(),
+            );
+        });
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("backbone.blocks.0.attn_out.weight")
+                && err.contains("[32, 32]")
+                && err.contains("[32, 31]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn unknown_tensors_are_ignored() {
+        let (dir, _, _) = saved(DType::F32);
+        rewrite(dir.path(), |t| {
+            t.insert(
+                "backbone.extra_head.weight".into(),
+                Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap(),
+            );
+        });
+        assert!(
+            Checkpoint::open(dir.path())
+                .unwrap()
+                .load_model(DType::F32, &Device::Cpu)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn unworkable_configs_and_missing_files_are_errors() {
+        let (dir, _, _) = saved(DType::F32);
+        let path = dir.path().join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"n_heads\": 4", "\"n_heads\": 5");
+        std::fs::write(&path, text).unwrap();
+        let err = Checkpoint::open(dir.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("hidden_dim") && err.contains("n_heads"),
+            "{err}"
+        );
+        let empty = tempfile::tempdir().unwrap();
+        assert!(
+            Checkpoint::open(empty.path())
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("config.json")
+        );
+        std::fs::copy(&path, empty.path().join(CONFIG_FILE)).unwrap();
+        std::fs::write(empty.path().join(WEIGHTS_FILE), b"not safetensors").unwrap();
+        assert!(Checkpoint::open(empty.path()).is_err());
+    }
+}

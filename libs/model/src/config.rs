@@ -163,7 +163,7 @@ impl Config {
                 format!("expected 2..2^32, found {}", self.vocab_size),
             );
         }
-        if self.hidden_dim % self.n_heads != 0 {
+        if !self.hidden_dim.is_multiple_of(self.n_heads) {
             return invalid(
                 "hidden_dim",
                 format!(
@@ -172,7 +172,7 @@ impl Config {
                 ),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return invalid(
                 "hidden_dim",
                 format!(
@@ -181,7 +181,7 @@ impl Config {
                 ),
             );
         }
-        if self.model_length % self.block_size != 0 {
+        if !self.model_length.is_multiple_of(self.block_size) {
             return invalid(
                 "model_length",
                 format!(
@@ -217,16 +217,16 @@ impl Config {
                 ),
             );
         }
-        if let Some(id) = self.mask_token_id {
-            if id as usize >= self.vocab_size {
-                return invalid(
-                    "mask_token_id",
-                    format!(
-                        "expected an id below vocab_size ({}), found {id}",
-                        self.vocab_size
-                    ),
-                );
-            }
+        if let Some(id) = self.mask_token_id
+            && id as usize >= self.vocab_size
+        {
+            return invalid(
+                "mask_token_id",
+                format!(
+                    "expected an id below vocab_size ({}), found {id}",
+                    self.vocab_size
+                ),
+            );
         }
         Ok(())
     }
@@ -258,7 +258,8 @@ mod tests {
     #[test]
     fn rejects_unworkable_configs_naming_the_field() {
         let base = Config::from_json(fixture_config()).unwrap();
-        let cases: Vec<(fn(&mut Config), &str)> = vec![
+        type Mutation = fn(&mut Config);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.hidden_dim = 130, "hidden_dim"),
             (|c| c.model_length = 66, "model_length"),
             (|c| c.model_type = "gpt2".into(), "model_type"),

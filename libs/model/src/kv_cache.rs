@@ -423,3 +423,60 @@ fn fnv1a(bytes: &[u8]) -> u64 {
         (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
     })
 }
+
+#[cfg(test)]
+impl KvCache {
+    /// Starts position counting at `offset` instead of 0 (tests of position invariance).
+    pub(crate) fn shift_positions(&mut self, offset: usize) {
+        self.next_pos += offset;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_util::{small_config, small_model, tokens, zeros};
+
+    fn filled_cache_bytes() -> Vec<u8> {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(1).unwrap();
+        model
+            .commit(&tokens(1, 8, cfg.vocab_size, 1), &zeros(1), &mut cache)
+            .unwrap();
+        cache.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn corrupt_or_truncated_bytes_are_errors() {
+        let bytes = filled_cache_bytes();
+        assert!(KvCache::from_bytes(&bytes, &Device::Cpu).is_ok());
+        for cut in [0, 10, 40, bytes.len() / 2, bytes.len() - 1] {
+            assert!(
+                KvCache::from_bytes(&bytes[..cut], &Device::Cpu).is_err(),
+                "cut {cut}"
+            );
+        }
+        let mut flipped = bytes.clone();
+        flipped[100] ^= 1;
+        assert!(
+            KvCache::from_bytes(&flipped, &Device::Cpu)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
+    }
+
+    /// A header claiming a huge length, with a valid checksum, is refused before any
+    /// allocation.
+    #[test]
+    fn hostile_lengths_are_refused() {
+        let bytes = filled_cache_bytes();
+        let len_offset = 8 + 4 + 1 + 6 * 4;
+        let mut body = bytes[..bytes.len() - 8].to_vec();
+        body[len_offset..len_offset + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        let sum = fnv1a(&body);
+        body.extend_from_slice(&sum.to_le_bytes());
+        assert!(KvCache::from_bytes(&body, &Device::Cpu).is_err());
+    }
+}

@@ -1,11 +1,88 @@
 //! The layers of the DiT backbone, one plain struct each with `load` and `forward`.
 
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::{Config, FREQUENCY_EMBEDDING_SIZE};
 use crate::kv_cache::KvCache;
 use crate::ops;
+
+/// Outputs at least this many times wider than the input count as a vocabulary
+/// projection, computed as `W x^T`.
+const WIDE_RATIO: usize = 8;
+/// Inputs with at most this many rows use the `W x^T` form of a wide projection.
+const FEW_ROWS: usize = 64;
+
+/// A linear layer `y = x W^T + b` whose weight is laid out for how it is used.
+///
+/// A matrix product with few input rows (a block of 4 to 16 tokens) costs about as much
+/// as packing the weight, so frozen weights are stored in the orientation the kernel reads
+/// fastest; weights that are training variables stay as they are so gradients reach them.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+enum Weight {
+    /// A training variable, (out, in).
+    Trainable(Tensor),
+    /// Frozen, stored transposed (in, out) and contiguous.
+    Transposed(Tensor),
+    /// Frozen and much wider than tall (out, in), e.g. the vocabulary projection.
+    Wide(Tensor),
+}
+
+impl Linear {
+    /// Loads `weight` (out, in) and, when `bias`, `bias` (out) under `vb`.
+    pub fn load(vb: VarBuilder, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let w = vb.get((out_dim, in_dim), "weight")?;
+        let weight = if w.track_op() {
+            Weight::Trainable(w)
+        } else if out_dim >= WIDE_RATIO * in_dim {
+            Weight::Wide(w)
+        } else {
+            Weight::Transposed(w.t()?.contiguous()?)
+        };
+        let bias = if bias {
+            Some(vb.get(out_dim, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self { weight, bias })
+    }
+}
+
+impl Linear {
+    /// The weight's dtype.
+    pub fn dtype(&self) -> DType {
+        match &self.weight {
+            Weight::Trainable(w) | Weight::Transposed(w) | Weight::Wide(w) => w.dtype(),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut dims = x.dims().to_vec();
+        let in_dim = dims.pop().unwrap_or(1);
+        let rows: usize = dims.iter().product();
+        let x2 = x.reshape((rows, in_dim))?;
+        let y = match &self.weight {
+            Weight::Trainable(w) => x2.matmul(&w.t()?)?,
+            Weight::Transposed(wt) => x2.matmul(wt)?,
+            Weight::Wide(w) if rows <= FEW_ROWS => w.matmul(&x2.t()?)?.t()?.contiguous()?,
+            Weight::Wide(w) => x2.matmul(&w.t()?)?,
+        };
+        let y = match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        dims.push(y.dim(1)?);
+        y.reshape(dims)
+    }
+}
 
 /// Sinusoidal features of the noise level followed by a two-layer MLP (`sigma_map`).
 #[derive(Debug, Clone)]
@@ -24,8 +101,8 @@ impl TimestepEmbedder {
             .map(|k| (-(10000f64.ln()) as f32 * k as f32 / half as f32).exp())
             .collect();
         Ok(Self {
-            fc1: candle_nn::linear(FREQUENCY_EMBEDDING_SIZE, cfg.cond_dim, vb.pp("mlp.0"))?,
-            fc2: candle_nn::linear(cfg.cond_dim, cfg.cond_dim, vb.pp("mlp.2"))?,
+            fc1: Linear::load(vb.pp("mlp.0"), FREQUENCY_EMBEDDING_SIZE, cfg.cond_dim, true)?,
+            fc2: Linear::load(vb.pp("mlp.2"), cfg.cond_dim, cfg.cond_dim, true)?,
             freqs: Tensor::from_vec(freqs, (1, half), vb.device())?,
         })
     }
@@ -38,7 +115,7 @@ impl TimestepEmbedder {
             .unsqueeze(1)?
             .broadcast_mul(&self.freqs)?;
         let features = Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?;
-        let features = features.to_dtype(self.fc1.weight().dtype())?;
+        let features = features.to_dtype(self.fc1.dtype())?;
         let hidden = features.apply(&self.fc1)?.silu()?;
         hidden.apply(&self.fc2)?.silu()
     }
@@ -107,15 +184,20 @@ impl Module for LayerNorm {
     }
 }
 
-/// `x * (1 + scale) + shift` with `shift`, `scale` of shape (batch, 1, d).
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    x.broadcast_mul(&(scale + 1.0)?)?.broadcast_add(shift)
+/// `x * scale1p + shift`, with `scale1p = 1 + scale` and `shift` of shape (batch, 1, d).
+fn modulate(x: &Tensor, shift: &Tensor, scale1p: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(scale1p)?.broadcast_add(shift)
 }
 
-/// Splits an adaLN projection of `c` into `n` chunks of shape (batch, 1, d).
+/// Splits an adaLN projection of `c` into `n` chunks of shape (batch, 1, d) and adds 1 to
+/// the scales (chunks 1 and 4), which [`modulate`] takes as `1 + scale`.
 fn modulation(ada_ln: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
     let m = c.apply(ada_ln)?.unsqueeze(1)?;
-    m.chunk(n, D::Minus1)
+    let mut chunks = m.chunk(n, D::Minus1)?;
+    for i in [1, 4].into_iter().filter(|&i| i < n) {
+        chunks[i] = (&chunks[i] + 1.0)?;
+    }
+    Ok(chunks)
 }
 
 /// What one pass's attention needs beyond the layer's input: rotary tables for the new
@@ -151,21 +233,22 @@ impl DitBlock {
     pub fn load(vb: VarBuilder, cfg: &Config, index: usize) -> Result<Self> {
         let d = cfg.hidden_dim;
         let ada_ln = if cfg.adaln {
-            Some(candle_nn::linear(
+            Some(Linear::load(
+                vb.pp("adaLN_modulation"),
                 cfg.cond_dim,
                 6 * d,
-                vb.pp("adaLN_modulation"),
+                true,
             )?)
         } else {
             None
         };
         Ok(Self {
             norm1: LayerNorm::load(vb.pp("norm1"), d)?,
-            attn_qkv: candle_nn::linear_no_bias(d, 3 * d, vb.pp("attn_qkv"))?,
-            attn_out: candle_nn::linear_no_bias(d, d, vb.pp("attn_out"))?,
+            attn_qkv: Linear::load(vb.pp("attn_qkv"), d, 3 * d, false)?,
+            attn_out: Linear::load(vb.pp("attn_out"), d, d, false)?,
             norm2: LayerNorm::load(vb.pp("norm2"), d)?,
-            mlp_in: candle_nn::linear(d, 4 * d, vb.pp("mlp.0"))?,
-            mlp_out: candle_nn::linear(4 * d, d, vb.pp("mlp.2"))?,
+            mlp_in: Linear::load(vb.pp("mlp.0"), d, 4 * d, true)?,
+            mlp_out: Linear::load(vb.pp("mlp.2"), 4 * d, d, true)?,
             ada_ln,
             n_heads: cfg.n_heads,
             head_dim: cfg.head_dim(),
@@ -173,7 +256,17 @@ impl DitBlock {
         })
     }
 
-    /// Runs the layer on `x` (batch, seq, d) with conditioning `c` (batch, cond).
+    /// The layer's adaLN modulation for conditioning `c` (batch, cond): shift, 1 + scale
+    /// and gate of the attention, then of the MLP, each (batch, 1, d). `None` without adaLN.
+    pub fn modulation(&self, c: Option<&Tensor>) -> Result<Option<Vec<Tensor>>> {
+        match (&self.ada_ln, c) {
+            (Some(ada_ln), Some(c)) => Ok(Some(modulation(ada_ln, c, 6)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Runs the layer on `x` (batch, seq, d) with its modulation `m` (see
+    /// [`DitBlock::modulation`]).
     ///
     /// Returns the layer's output and the keys (rotated) and values of the new tokens,
     /// shaped (batch, heads, seq, head_dim), for the caller to commit to a cache. With
@@ -182,16 +275,12 @@ impl DitBlock {
     pub fn forward(
         &self,
         x: &Tensor,
-        c: Option<&Tensor>,
+        m: Option<&[Tensor]>,
         ctx: &AttentionContext,
         keys_only: bool,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let m = match (&self.ada_ln, c) {
-            (Some(ada_ln), Some(c)) => Some(modulation(ada_ln, c, 6)?),
-            _ => None,
-        };
         let mut u = x.apply(&self.norm1)?;
-        if let Some(m) = &m {
+        if let Some(m) = m {
             u = modulate(&u, &m[0], &m[1])?;
         }
         let (q, k, v) = self.qkv(&u, ctx)?;
@@ -199,16 +288,16 @@ impl DitBlock {
             return Ok((x.clone(), k, v));
         }
         let attn = self.attend(&q, &k, &v, ctx)?.apply(&self.attn_out)?;
-        let x = match &m {
+        let x = match m {
             Some(m) => (x + attn.broadcast_mul(&m[2])?)?,
             None => (x + attn)?,
         };
         let mut u = x.apply(&self.norm2)?;
-        if let Some(m) = &m {
+        if let Some(m) = m {
             u = modulate(&u, &m[3], &m[4])?;
         }
         let mlp = u.apply(&self.mlp_in)?.gelu()?.apply(&self.mlp_out)?;
-        let x = match &m {
+        let x = match m {
             Some(m) => (x + mlp.broadcast_mul(&m[5])?)?,
             None => (x + mlp)?,
         };
@@ -263,26 +352,34 @@ impl FinalLayer {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
         let d = cfg.hidden_dim;
         let ada_ln = if cfg.adaln {
-            Some(candle_nn::linear(
+            Some(Linear::load(
+                vb.pp("adaLN_modulation"),
                 cfg.cond_dim,
                 2 * d,
-                vb.pp("adaLN_modulation"),
+                true,
             )?)
         } else {
             None
         };
         Ok(Self {
             norm: LayerNorm::load(vb.pp("norm_final"), d)?,
-            linear: candle_nn::linear(d, cfg.vocab_size, vb.pp("linear"))?,
+            linear: Linear::load(vb.pp("linear"), d, cfg.vocab_size, true)?,
             ada_ln,
         })
     }
 
-    /// Logits (batch, seq, vocab) for hidden states `x` (batch, seq, d).
-    pub fn forward(&self, x: &Tensor, c: Option<&Tensor>) -> Result<Tensor> {
+    /// The output modulation for conditioning `c`: shift and 1 + scale, each (batch, 1, d).
+    pub fn modulation(&self, c: Option<&Tensor>) -> Result<Option<Vec<Tensor>>> {
+        match (&self.ada_ln, c) {
+            (Some(ada_ln), Some(c)) => Ok(Some(modulation(ada_ln, c, 2)?)),
+            _ => Ok(None),
+        }
+    }
+
+    /// Logits (batch, seq, vocab) for hidden states `x` (batch, seq, d) and modulation `m`.
+    pub fn forward(&self, x: &Tensor, m: Option<&[Tensor]>) -> Result<Tensor> {
         let mut u = x.apply(&self.norm)?;
-        if let (Some(ada_ln), Some(c)) = (&self.ada_ln, c) {
-            let m = modulation(ada_ln, c, 2)?;
+        if let Some(m) = m {
             u = modulate(&u, &m[0], &m[1])?;
         }
         u.apply(&self.linear)

@@ -25,3 +25,43 @@ pub use config::{Config, FREQUENCY_EMBEDDING_SIZE};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
 pub use model::Bd3lm;
+
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::{DType, Device, Tensor};
+
+    use crate::{Bd3lm, Config, checkpoint};
+
+    /// A small config whose context (24) is not a power of two.
+    pub fn small_config(block_size: usize) -> Config {
+        Config::new(64, 32, 4, 2, 16, 24, block_size)
+    }
+
+    pub fn small_model(cfg: &Config) -> Bd3lm {
+        checkpoint::random_model(cfg, 0.2, 7, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    /// Deterministic pseudo-random ids below `vocab - 1` (never the mask id).
+    pub fn tokens(batch: usize, len: usize, vocab: usize, salt: usize) -> Tensor {
+        let ids: Vec<u32> = (0..batch * len)
+            .map(|i| ((i * 7919 + salt * 104729) % (vocab - 1)) as u32)
+            .collect();
+        Tensor::from_vec(ids, (batch, len), &Device::Cpu).unwrap()
+    }
+
+    pub fn zeros(batch: usize) -> Tensor {
+        Tensor::zeros(batch, DType::F32, &Device::Cpu).unwrap()
+    }
+
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+}

@@ -24,8 +24,18 @@ pub struct Bd3lm {
     output_layer: FinalLayer,
     /// Training masks by sequence length, built once.
     train_masks: Mutex<HashMap<usize, Tensor>>,
+    /// The modulation of every layer when it cannot change: frozen weights and no time
+    /// conditioning (sigma is then always replaced by zeros).
+    fixed: Option<Conditioning>,
     dtype: DType,
     device: Device,
+}
+
+/// The adaLN modulation of every layer and of the output layer for one sigma.
+#[derive(Debug, Clone)]
+struct Conditioning {
+    layers: Vec<Option<Vec<Tensor>>>,
+    output: Option<Vec<Tensor>>,
 }
 
 impl Bd3lm {
@@ -44,7 +54,7 @@ impl Bd3lm {
         let blocks = (0..cfg.n_blocks)
             .map(|i| DitBlock::load(vb.pp(format!("blocks.{i}")), cfg, i))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self {
+        let mut model = Self {
             cfg: cfg.clone(),
             vocab_embed,
             sigma_map,
@@ -52,9 +62,30 @@ impl Bd3lm {
             blocks,
             output_layer: FinalLayer::load(vb.pp("output_layer"), cfg)?,
             train_masks: Mutex::new(HashMap::new()),
+            fixed: None,
             dtype: vb.dtype(),
             device: vb.device().clone(),
-        })
+        };
+        if !cfg.time_conditioning && !model.vocab_embed.track_op() {
+            let zeros = Tensor::zeros(1, DType::F32, &model.device)?;
+            model.fixed = Some(model.conditioning(&zeros)?);
+        }
+        Ok(model)
+    }
+
+    /// The modulation of every layer for `sigma` (batch,).
+    fn conditioning(&self, sigma: &Tensor) -> Result<Conditioning> {
+        if let Some(fixed) = &self.fixed {
+            return Ok(fixed.clone());
+        }
+        let c = self.cond(sigma)?;
+        let layers = self
+            .blocks
+            .iter()
+            .map(|b| b.modulation(c.as_ref()))
+            .collect::<candle_core::Result<_>>()?;
+        let output = self.output_layer.modulation(c.as_ref())?;
+        Ok(Conditioning { layers, output })
     }
 
     /// The configuration the network was built with.
@@ -134,10 +165,10 @@ impl Bd3lm {
             mask: Some(self.train_mask(n)?),
             cache: None,
         };
-        let c = self.cond(sigma)?;
-        let x = self.layers(x, c.as_ref(), &ctx, false, hidden.map(|h| (h, n)))?;
+        let cond = self.conditioning(sigma)?;
+        let x = self.layers(x, &cond, &ctx, false, hidden.map(|h| (h, n)))?;
         self.output_layer
-            .forward(&x.narrow(1, 0, n)?, c.as_ref())
+            .forward(&x.narrow(1, 0, n)?, cond.output.as_deref())
             .map_err(Error::from)
     }
 
@@ -155,9 +186,9 @@ impl Bd3lm {
     /// queries attend to the cache and to the whole block. Returns logits (batch,
     /// block_size, vocab). The cache is not changed.
     pub fn denoise(&self, block: &Tensor, sigma: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let x = self.denoise_hidden(block, sigma, cache)?;
+        let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
         self.output_layer
-            .forward(&x, self.cond(sigma)?.as_ref())
+            .forward(&x, cond.output.as_deref())
             .map_err(Error::from)
     }
 
@@ -171,7 +202,7 @@ impl Bd3lm {
         cache: &mut KvCache,
         rows: &[u32],
     ) -> Result<Tensor> {
-        let x = self.denoise_hidden(block, sigma, cache)?;
+        let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
         if let Some(&bad) = rows.iter().find(|&&r| r as usize >= x.dim(1).unwrap_or(0)) {
             return Err(Error::Input(format!(
                 "row {bad} is outside the block of {}",
@@ -181,7 +212,7 @@ impl Bd3lm {
         let idx = Tensor::new(rows, &self.device)?;
         let x = x.index_select(&idx, 1)?;
         self.output_layer
-            .forward(&x, self.cond(sigma)?.as_ref())
+            .forward(&x, cond.output.as_deref())
             .map_err(Error::from)
     }
 
@@ -190,7 +221,7 @@ impl Bd3lm {
         block: &Tensor,
         sigma: &Tensor,
         cache: &mut KvCache,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Conditioning)> {
         let (b, s) = self.check_tokens(block)?;
         if s != self.cfg.block_size {
             return Err(Error::Input(format!(
@@ -224,7 +255,8 @@ impl Bd3lm {
         Ok(())
     }
 
-    /// One pass of new tokens after the cache; returns the last hidden states.
+    /// One pass of new tokens after the cache; returns the last hidden states and the
+    /// conditioning they were computed with.
     fn cached_pass(
         &self,
         tokens: &Tensor,
@@ -232,7 +264,7 @@ impl Bd3lm {
         cache: &mut KvCache,
         b: usize,
         commit: bool,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Conditioning)> {
         cache.check_fits(&self.cfg, self.dtype)?;
         if cache.batch() != b {
             return Err(Error::Input(format!(
@@ -262,11 +294,12 @@ impl Bd3lm {
             mask,
             cache: Some(&*cache),
         };
-        let x = self.layers(tokens, self.cond(sigma)?.as_ref(), &ctx, commit, None)?;
+        let cond = self.conditioning(sigma)?;
+        let x = self.layers(tokens, &cond, &ctx, commit, None)?;
         if commit {
             cache.commit_pending(s);
         }
-        Ok(x)
+        Ok((x, cond))
     }
 
     /// Uncached pass over a window of tokens (batch, s) at positions `0..s` with the
@@ -289,10 +322,10 @@ impl Bd3lm {
             mask: Some(mask),
             cache: None,
         };
-        let c = self.cond(sigma)?;
-        let x = self.layers(tokens, c.as_ref(), &ctx, false, None)?;
+        let cond = self.conditioning(sigma)?;
+        let x = self.layers(tokens, &cond, &ctx, false, None)?;
         self.output_layer
-            .forward(&x, c.as_ref())
+            .forward(&x, cond.output.as_deref())
             .map_err(Error::from)
     }
 
@@ -302,7 +335,7 @@ impl Bd3lm {
     fn layers(
         &self,
         tokens: &Tensor,
-        c: Option<&Tensor>,
+        cond: &Conditioning,
         ctx: &AttentionContext,
         commit: bool,
         mut hidden: Option<(&mut Vec<Tensor>, usize)>,
@@ -318,11 +351,9 @@ impl Bd3lm {
         let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
             let keys_only = commit && i == last;
-            let (out, k, v) = block.forward(&x, c, ctx, keys_only)?;
-            if keys_only {
-                if let Some(cache) = ctx.cache {
-                    cache.write_pending(i, &k, &v)?;
-                }
+            let (out, k, v) = block.forward(&x, cond.layers[i].as_deref(), ctx, keys_only)?;
+            if keys_only && let Some(cache) = ctx.cache {
+                cache.write_pending(i, &k, &v)?;
             }
             x = out;
             if let Some((h, n)) = hidden.as_mut() {
@@ -369,5 +400,256 @@ impl Bd3lm {
             )));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, IndexOp, Tensor};
+
+    use crate::test_util::{max_diff, small_config, small_model, tokens, zeros};
+
+    /// With masked tokens in the noisy half, the training pass gives every noisy block the
+    /// logits the cached sampler gives it after committing the clean blocks before it.
+    /// Covers batch 3, a context of 24 tokens, and block sizes 1 (AR), 3, 4 and 24 (MDLM).
+    #[test]
+    fn training_pass_equals_cached_denoising_block_by_block() {
+        for bs in [1, 3, 4, 24] {
+            let cfg = small_config(bs);
+            let model = small_model(&cfg);
+            let (b, n) = (3, cfg.model_length);
+            let x0 = tokens(b, n, cfg.vocab_size, 1);
+            let mask = Tensor::full(cfg.mask_id(), (b, n), &Device::Cpu).unwrap();
+            let pick = Tensor::from_vec(
+                (0..b * n).map(|i| (i % 3 == 0) as u8).collect::<Vec<_>>(),
+                (b, n),
+                &Device::Cpu,
+            )
+            .unwrap();
+            let xt = pick.where_cond(&mask, &x0).unwrap();
+            let train = model
+                .forward_train(&Tensor::cat(&[&xt, &x0], 1).unwrap(), &zeros(b))
+                .unwrap();
+            let mut cache = model.new_cache(b).unwrap();
+            for k in 0..n / bs {
+                let block = xt.narrow(1, k * bs, bs).unwrap();
+                let cached = model.denoise(&block, &zeros(b), &mut cache).unwrap();
+                let diff = max_diff(&cached, &train.narrow(1, k * bs, bs).unwrap());
+                assert!(diff < 1e-4, "bs {bs} block {k}: {diff}");
+                model
+                    .commit(&x0.narrow(1, k * bs, bs).unwrap(), &zeros(b), &mut cache)
+                    .unwrap();
+            }
+        }
+    }
+
+    /// Inside the window, the cached path equals the uncached block-causal pass.
+    #[test]
+    fn cached_equals_uncached_inside_the_window() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let seq = tokens(2, cfg.model_length, cfg.vocab_size, 2);
+        let full = model.forward_block_causal(&seq, &zeros(2)).unwrap();
+        let mut cache = model.new_cache(2).unwrap();
+        for k in 0..cfg.model_length / 4 {
+            let block = seq.narrow(1, 4 * k, 4).unwrap();
+            let cached = model.denoise(&block, &zeros(2), &mut cache).unwrap();
+            assert!(max_diff(&cached, &full.narrow(1, 4 * k, 4).unwrap()) < 1e-4);
+            model.commit(&block, &zeros(2), &mut cache).unwrap();
+        }
+    }
+
+    /// Committing many blocks in one call (a cache rebuilt from tokens) gives the cache that
+    /// committing them one by one gives, past the window too.
+    #[test]
+    fn bulk_commit_equals_block_by_block_commit() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let seq = tokens(1, 3 * cfg.model_length, cfg.vocab_size, 3);
+        let mut one_by_one = model.new_cache(1).unwrap();
+        for k in 0..seq.dim(1).unwrap() / 4 {
+            model
+                .commit(
+                    &seq.narrow(1, 4 * k, 4).unwrap(),
+                    &zeros(1),
+                    &mut one_by_one,
+                )
+                .unwrap();
+        }
+        let mut bulk = model.new_cache(1).unwrap();
+        model.commit(&seq, &zeros(1), &mut bulk).unwrap();
+        assert_eq!(
+            (bulk.len(), bulk.next_position()),
+            (one_by_one.len(), one_by_one.next_position())
+        );
+        let probe = tokens(1, 4, cfg.vocab_size, 4);
+        let a = model.denoise(&probe, &zeros(1), &mut one_by_one).unwrap();
+        let b = model.denoise(&probe, &zeros(1), &mut bulk).unwrap();
+        assert!(max_diff(&a, &b) < 1e-5);
+    }
+
+    /// Over many windows the cache keeps `model_length - block_size` tokens, and rotary at
+    /// absolute positions is equivalent to the reference's window-relative positions:
+    /// shifting every position by a million changes no logit beyond float error.
+    #[test]
+    fn sliding_window_over_many_blocks_is_position_invariant() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let seq = tokens(2, 6 * cfg.model_length, cfg.vocab_size, 5);
+        let mut near = model.new_cache(2).unwrap();
+        let mut far = model.new_cache(2).unwrap();
+        far.shift_positions(1_000_000);
+        for k in 0..seq.dim(1).unwrap() / 4 {
+            let block = seq.narrow(1, 4 * k, 4).unwrap();
+            let a = model.denoise(&block, &zeros(2), &mut near).unwrap();
+            let b = model.denoise(&block, &zeros(2), &mut far).unwrap();
+            assert!(max_diff(&a, &b) < 1e-4, "block {k}");
+            model.commit(&block, &zeros(2), &mut near).unwrap();
+            model.commit(&block, &zeros(2), &mut far).unwrap();
+            assert_eq!(near.len(), (4 * (k + 1)).min(cfg.model_length - 4));
+            assert_eq!(near.next_position(), 4 * (k + 1));
+        }
+    }
+
+    /// A cache exported to bytes and imported gives bit-identical logits.
+    #[test]
+    fn exported_cache_gives_identical_logits() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(2).unwrap();
+        model
+            .commit(&tokens(2, 32, cfg.vocab_size, 6), &zeros(2), &mut cache)
+            .unwrap();
+        let bytes = cache.to_bytes().unwrap();
+        let mut imported = crate::KvCache::from_bytes(&bytes, &Device::Cpu).unwrap();
+        assert_eq!(
+            (imported.len(), imported.next_position()),
+            (cache.len(), cache.next_position())
+        );
+        let probe = tokens(2, 4, cfg.vocab_size, 7);
+        let a = model.denoise(&probe, &zeros(2), &mut cache).unwrap();
+        let b = model.denoise(&probe, &zeros(2), &mut imported).unwrap();
+        assert_eq!(max_diff(&a, &b), 0.0);
+    }
+
+    #[test]
+    fn denoise_rows_selects_rows_of_the_full_pass() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(1).unwrap();
+        model
+            .commit(&tokens(1, 8, cfg.vocab_size, 8), &zeros(1), &mut cache)
+            .unwrap();
+        let block = tokens(1, 4, cfg.vocab_size, 9);
+        let full = model.denoise(&block, &zeros(1), &mut cache).unwrap();
+        let rows = model
+            .denoise_rows(&block, &zeros(1), &mut cache, &[3, 1])
+            .unwrap();
+        assert!(max_diff(&rows.i((.., 0)).unwrap(), &full.i((.., 3)).unwrap()) < 1e-6);
+        assert!(max_diff(&rows.i((.., 1)).unwrap(), &full.i((.., 1)).unwrap()) < 1e-6);
+        assert!(
+            model
+                .denoise_rows(&block, &zeros(1), &mut cache, &[4])
+                .is_err()
+        );
+    }
+
+    /// Time conditioning feeds sigma through; without it sigma is ignored. Without adaLN
+    /// the network has no conditioning at all.
+    #[test]
+    fn conditioning_variants() {
+        let mut cfg = small_config(4);
+        let x = tokens(2, 2 * cfg.model_length, cfg.vocab_size, 10);
+        let sigma = Tensor::new(&[0.5f32, 2.0], &Device::Cpu).unwrap();
+        let plain = small_model(&cfg);
+        let a = plain.forward_train(&x, &zeros(2)).unwrap();
+        assert_eq!(max_diff(&a, &plain.forward_train(&x, &sigma).unwrap()), 0.0);
+        cfg.time_conditioning = true;
+        let timed = small_model(&cfg);
+        assert!(
+            max_diff(
+                &timed.forward_train(&x, &zeros(2)).unwrap(),
+                &timed.forward_train(&x, &sigma).unwrap()
+            ) > 1e-3
+        );
+        cfg.adaln = false;
+        let no_adaln = small_model(&cfg);
+        assert!(no_adaln.cond(&sigma).unwrap().is_none());
+        let logits = no_adaln.forward_train(&x, &sigma).unwrap();
+        assert_eq!(logits.dims(), [2, cfg.model_length, cfg.vocab_size]);
+    }
+
+    /// f16 weights and activations run on the CPU and stay close to f32.
+    #[test]
+    fn half_precision_runs_close_to_f32() {
+        let cfg = small_config(4);
+        let f32_model = small_model(&cfg);
+        let f16_model =
+            crate::checkpoint::random_model(&cfg, 0.2, 7, DType::F16, &Device::Cpu).unwrap();
+        let seq = tokens(1, 12, cfg.vocab_size, 11);
+        let mut c32 = f32_model.new_cache(1).unwrap();
+        let mut c16 = f16_model.new_cache(1).unwrap();
+        f32_model
+            .commit(&seq.narrow(1, 0, 8).unwrap(), &zeros(1), &mut c32)
+            .unwrap();
+        f16_model
+            .commit(&seq.narrow(1, 0, 8).unwrap(), &zeros(1), &mut c16)
+            .unwrap();
+        let block = seq.narrow(1, 8, 4).unwrap();
+        let a = f32_model.denoise(&block, &zeros(1), &mut c32).unwrap();
+        let b = f16_model.denoise(&block, &zeros(1), &mut c16).unwrap();
+        assert_eq!(b.dtype(), DType::F16);
+        assert!(max_diff(&a, &b) < 0.05, "{}", max_diff(&a, &b));
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(2).unwrap();
+        let out_of_vocab = Tensor::full(cfg.vocab_size as u32, (2, 4), &Device::Cpu).unwrap();
+        assert!(
+            model
+                .denoise(&out_of_vocab, &zeros(2), &mut cache)
+                .unwrap_err()
+                .to_string()
+                .contains("vocabulary")
+        );
+        assert!(
+            model
+                .denoise(&tokens(2, 3, 64, 0), &zeros(2), &mut cache)
+                .is_err()
+        );
+        assert!(
+            model
+                .denoise(&tokens(1, 4, 64, 0), &zeros(1), &mut cache)
+                .is_err()
+        );
+        assert!(
+            model
+                .denoise(&tokens(2, 4, 64, 0), &zeros(3), &mut cache)
+                .is_err()
+        );
+        assert!(
+            model
+                .commit(&tokens(2, 6, 64, 0), &zeros(2), &mut cache)
+                .is_err()
+        );
+        assert!(
+            model
+                .forward_train(&tokens(2, 7, 64, 0), &zeros(2))
+                .is_err()
+        );
+        assert!(
+            model
+                .forward_block_causal(&tokens(1, 100, 64, 0), &zeros(1))
+                .is_err()
+        );
+        let other = small_model(&small_config(3));
+        assert!(
+            other
+                .denoise(&tokens(2, 3, 64, 0), &zeros(2), &mut cache)
+                .is_err()
+        );
     }
 }

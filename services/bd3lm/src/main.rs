@@ -1,5 +1,6 @@
 //! `bd3lm`: the command line of the BD3-LM system.
 
+mod bench;
 mod check_reference;
 
 use std::path::PathBuf;
@@ -11,6 +12,9 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "bd3lm", version, about)]
 struct Cli {
+    /// CPU threads for tensor kernels (sets RAYON_NUM_THREADS); default: all cores.
+    #[arg(long, global = true, env = "BD3LM_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -30,6 +34,29 @@ enum Command {
         #[arg(long, default_value_t = 1e-4, value_parser = positive_f64)]
         tolerance: f64,
     },
+    /// Benchmarks (random-weight "tiny" model: d 256, 8 layers, 8 heads, vocab 50258).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCommand {
+    /// Milliseconds per cached denoise and commit pass while generating from BOS and after
+    /// a long context, one token unmasked per pass. One JSON line per run.
+    Model {
+        /// Block sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "4,16")]
+        block_sizes: Vec<usize>,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        /// Prefilled context of the second run of each block size.
+        #[arg(long, default_value_t = 1024)]
+        context: usize,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -47,6 +74,10 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Some(threads) = cli.threads {
+        // SAFETY: no other thread exists yet; the kernels read this when they first run.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -89,6 +120,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Bench(BenchCommand::Model {
+            block_sizes,
+            tokens,
+            context,
+            seed,
+        }) => {
+            bench::run(&block_sizes, tokens, context, seed)?;
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

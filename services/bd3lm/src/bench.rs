@@ -1,0 +1,131 @@
+//! `bd3lm bench model`: time the network's cached passes the way a sampler drives them.
+//!
+//! Generation starts from a single BOS in the first block (or after a prefilled context)
+//! and unmasks one token per denoise pass, greedily, so each block costs one pass per
+//! masked token plus one commit pass: the reference's first-hitting sampler with its KV
+//! cache. Denoise passes compute logits only for the still-masked positions.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bd3lm_model::{Bd3lm, Config, checkpoint};
+use candle_core::{D, DType, Device, Tensor};
+use serde::Serialize;
+
+/// Timings of one generation.
+#[derive(Debug, Serialize)]
+pub struct PassStats {
+    /// Block size of the model.
+    pub block_size: usize,
+    /// Tokens in the cache before the timed generation started.
+    pub context: usize,
+    /// Tokens generated (the BOS counts when starting from empty).
+    pub tokens: usize,
+    /// Denoise passes run.
+    pub denoise_passes: usize,
+    /// Commit passes run.
+    pub commit_passes: usize,
+    /// Average milliseconds per denoise pass.
+    pub denoise_ms: f64,
+    /// Average milliseconds per commit pass.
+    pub commit_ms: f64,
+    /// Average milliseconds over all passes.
+    pub pass_ms: f64,
+    /// Generated tokens per second of wall time.
+    pub tokens_per_s: f64,
+}
+
+/// Builds the random-weight model of `cfg`: weights N(0, 0.02²), f32 on the CPU.
+pub fn random_model(cfg: &Config, seed: u64) -> anyhow::Result<Bd3lm> {
+    Ok(checkpoint::random_model(
+        cfg,
+        0.02,
+        seed,
+        DType::F32,
+        &Device::Cpu,
+    )?)
+}
+
+/// Generates `tokens` tokens after `context` prefilled ones and times every pass.
+pub fn generate(model: &Bd3lm, tokens: usize, context: usize) -> anyhow::Result<PassStats> {
+    let cfg = model.config();
+    let bs = cfg.block_size;
+    anyhow::ensure!(
+        tokens.is_multiple_of(bs) && context.is_multiple_of(bs),
+        "tokens and context must be multiples of the block size {bs}"
+    );
+    let zeros = Tensor::zeros(1, DType::F32, &Device::Cpu)?;
+    let mut cache = model.new_cache(1)?;
+    if context > 0 {
+        let ids: Vec<u32> = (0..context)
+            .map(|i| (i * 7919 % (cfg.vocab_size - 1)) as u32)
+            .collect();
+        model.commit(
+            &Tensor::from_vec(ids, (1, context), &Device::Cpu)?,
+            &zeros,
+            &mut cache,
+        )?;
+    }
+    let bos = (cfg.vocab_size - 2) as u32;
+    let (mut denoise, mut commit) = (Vec::new(), Vec::new());
+    let wall = Instant::now();
+    for b in 0..tokens / bs {
+        let mut block = vec![cfg.mask_id(); bs];
+        if b == 0 && context == 0 {
+            block[0] = bos;
+        }
+        loop {
+            let masked: Vec<u32> = (0..bs as u32)
+                .filter(|&i| block[i as usize] == cfg.mask_id())
+                .collect();
+            let Some(&pos) = masked.first() else { break };
+            let input = Tensor::from_vec(block.clone(), (1, bs), &Device::Cpu)?;
+            let t = Instant::now();
+            let logits = model.denoise_rows(&input, &zeros, &mut cache, &masked)?;
+            // Exclude [MASK], as SUBS does, and take the most likely token.
+            let best = logits
+                .narrow(D::Minus1, 0, cfg.vocab_size - 1)?
+                .argmax(D::Minus1)?;
+            block[pos as usize] = best.flatten_all()?.to_vec1::<u32>()?[0];
+            denoise.push(t.elapsed());
+        }
+        let input = Tensor::from_vec(block, (1, bs), &Device::Cpu)?;
+        let t = Instant::now();
+        model.commit(&input, &zeros, &mut cache)?;
+        commit.push(t.elapsed());
+    }
+    let wall = wall.elapsed().as_secs_f64();
+    let ms = |d: &[Duration]| {
+        d.iter().map(Duration::as_secs_f64).sum::<f64>() * 1e3 / d.len().max(1) as f64
+    };
+    let all: Vec<Duration> = denoise.iter().chain(&commit).copied().collect();
+    Ok(PassStats {
+        block_size: bs,
+        context,
+        tokens,
+        denoise_passes: denoise.len(),
+        commit_passes: commit.len(),
+        denoise_ms: ms(&denoise),
+        commit_ms: ms(&commit),
+        pass_ms: ms(&all),
+        tokens_per_s: tokens as f64 / wall,
+    })
+}
+
+/// Runs the model benchmark for each block size: from BOS, and after a `context`-token
+/// prefill. Prints one JSON line per run.
+pub fn run(block_sizes: &[usize], tokens: usize, context: usize, seed: u64) -> anyhow::Result<()> {
+    for &bs in block_sizes {
+        let cfg = Config::tiny(bs);
+        cfg.validate().with_context(|| format!("block size {bs}"))?;
+        let model = random_model(&cfg, seed)?;
+        // One untimed warm-up generation pages the weights in and sizes the buffers.
+        generate(&model, 4 * bs, 0)?;
+        for prefill in [0, context] {
+            let prefill = prefill.min(cfg.model_length) / bs * bs;
+            let stats = generate(&model, tokens, prefill)?;
+            println!("{}", serde_json::to_string(&stats)?);
+        }
+    }
+    Ok(())
+}
