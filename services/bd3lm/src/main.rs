@@ -31,7 +31,7 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         fixtures: PathBuf,
         /// Largest allowed absolute difference per key.
-        #[arg(long, default_value_t = 1e-4, value_parser = positive_f64)]
+        #[arg(long, default_value_t = 1e-4, value_parser = positive_f64, allow_hyphen_values = true)]
         tolerance: f64,
     },
     /// Benchmarks (random-weight "tiny" model: d 256, 8 layers, 8 heads, vocab 50258).
@@ -73,7 +73,16 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(),
+        Err(err) => {
+            // One line (clap's first), without the usage block.
+            let text = err.render().to_string();
+            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            return ExitCode::from(2);
+        }
+    };
     if let Some(threads) = cli.threads {
         // SAFETY: no other thread exists yet; the kernels read this when they first run.
         unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
