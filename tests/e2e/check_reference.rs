@@ -14,15 +14,29 @@ fn fixture_dir() -> std::path::PathBuf {
 
 fn check(fixtures: &Path) -> (i32, serde_json::Value, String) {
     let ckpt = fixture_dir();
-    let out = bd3lm(&["check-reference", "--checkpoint", ckpt.to_str().unwrap(), "--fixtures", fixtures.to_str().unwrap()]);
+    let out = bd3lm(&[
+        "check-reference",
+        "--checkpoint",
+        ckpt.to_str().unwrap(),
+        "--fixtures",
+        fixtures.to_str().unwrap(),
+    ]);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let json = serde_json::from_str(&stdout).unwrap_or(serde_json::Value::Null);
-    (out.status.code().unwrap_or(-1), json, String::from_utf8_lossy(&out.stderr).to_string())
+    (
+        out.status.code().unwrap_or(-1),
+        json,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 /// Writes a fixture file holding `keep` keys of the shipped one, with `edit` applied to
 /// the f32 bytes of each.
-fn derived_fixture(dir: &Path, keep: &[&str], edit: impl Fn(&str, &mut Vec<u8>)) -> std::path::PathBuf {
+fn derived_fixture(
+    dir: &Path,
+    keep: &[&str],
+    edit: impl Fn(&str, &mut Vec<u8>),
+) -> std::path::PathBuf {
     let bytes = std::fs::read(fixture_dir().join("fixtures.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     let mut data: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> = HashMap::new();
@@ -57,11 +71,20 @@ fn every_key_of_the_shipped_fixture_passes_at_1e_4() {
 #[test]
 fn absent_keys_are_skipped_and_a_wrong_value_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let path = derived_fixture(dir.path(), &["x0", "xt", "train_input", "train_logits"], |_, _| {});
+    let path = derived_fixture(
+        dir.path(),
+        &["x0", "xt", "train_input", "train_logits"],
+        |_, _| {},
+    );
     let (code, report, _) = check(&path);
     assert_eq!(code, 0, "{report}");
     assert_eq!(report["keys"].as_object().unwrap().len(), 1);
-    assert!(report["skipped"]["cached_logits"].as_str().unwrap().contains("absent"));
+    assert!(
+        report["skipped"]["cached_logits"]
+            .as_str()
+            .unwrap()
+            .contains("absent")
+    );
 
     let path = derived_fixture(dir.path(), &["train_input", "train_logits"], |name, raw| {
         if name == "train_logits" {
@@ -83,9 +106,38 @@ fn bad_input_is_one_line_and_exit_code_2() {
     std::fs::write(&not_safetensors, b"junk").unwrap();
     let ckpt = fixture_dir();
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["check-reference", "--checkpoint", dir.path().to_str().unwrap(), "--fixtures", fixtures.to_str().unwrap()], "config.json"),
-        (vec!["check-reference", "--checkpoint", ckpt.to_str().unwrap(), "--fixtures", not_safetensors.to_str().unwrap()], "junk.safetensors"),
-        (vec!["check-reference", "--checkpoint", ckpt.to_str().unwrap(), "--fixtures", fixtures.to_str().unwrap(), "--tolerance", "-1"], "tolerance"),
+        (
+            vec![
+                "check-reference",
+                "--checkpoint",
+                dir.path().to_str().unwrap(),
+                "--fixtures",
+                fixtures.to_str().unwrap(),
+            ],
+            "config.json",
+        ),
+        (
+            vec![
+                "check-reference",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--fixtures",
+                not_safetensors.to_str().unwrap(),
+            ],
+            "junk.safetensors",
+        ),
+        (
+            vec![
+                "check-reference",
+                "--checkpoint",
+                ckpt.to_str().unwrap(),
+                "--fixtures",
+                fixtures.to_str().unwrap(),
+                "--tolerance",
+                "-1",
+            ],
+            "tolerance",
+        ),
     ];
     for (args, needle) in cases {
         let out = bd3lm(&args);

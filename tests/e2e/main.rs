@@ -9,8 +9,16 @@ use std::process::{Command, Output};
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/<name>
-    let path = exe.parent().and_then(Path::parent).expect("target dir").join(name);
-    assert!(path.is_file(), "{} is missing: run `cargo build --workspace --bins` before the tests", path.display());
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` before the tests",
+        path.display()
+    );
     path
 }
 
@@ -21,5 +29,9 @@ pub fn data_dir() -> PathBuf {
 
 /// Runs `bd3lm` with `args`.
 pub fn bd3lm(args: &[&str]) -> Output {
-    Command::new(bin("bd3lm")).args(args).env("BD3LM_THREADS", "2").output().expect("run bd3lm")
+    Command::new(bin("bd3lm"))
+        .args(args)
+        .env("BD3LM_THREADS", "2")
+        .output()
+        .expect("run bd3lm")
 }

@@ -11,6 +11,9 @@ pub enum Error {
         /// What was expected and what was found.
         reason: String,
     },
+    /// The caller cancelled the work.
+    #[error("cancelled")]
+    Cancelled,
     /// The network failed.
     #[error(transparent)]
     Model(#[from] bd3lm_model::Error),

@@ -4,10 +4,16 @@
 //! Everything here is shared by training and serving; the network itself lives in
 //! [`bd3lm_model`].
 
+pub mod dist;
 mod error;
+pub mod generate;
 pub mod loss;
+pub mod sampler;
 pub mod schedule;
 pub mod subs;
 
+pub use dist::Filter;
 pub use error::{Error, Result};
+pub use generate::{BlockReport, Generation, Session, StopReason, StopRules, generate};
+pub use sampler::{Sampler, SamplingParams};
 pub use schedule::NoiseSchedule;

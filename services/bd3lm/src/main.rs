@@ -79,7 +79,10 @@ fn main() -> ExitCode {
         Err(err) => {
             // One line (clap's first), without the usage block.
             let text = err.render().to_string();
-            eprintln!("{}", text.lines().next().unwrap_or("error: invalid arguments"));
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
             return ExitCode::from(2);
         }
     };
