@@ -1,6 +1,7 @@
 //! End-to-end tests: the workspace's binaries run as separate processes.
 
 mod check_reference;
+mod generate;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

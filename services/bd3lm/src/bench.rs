@@ -129,3 +129,72 @@ pub fn run(block_sizes: &[usize], tokens: usize, context: usize, seed: u64) -> a
     }
     Ok(())
 }
+
+/// One local generation's throughput.
+#[derive(Debug, Serialize)]
+pub struct GenerationStats {
+    /// Block size of the model.
+    pub block_size: usize,
+    /// Sampler name.
+    pub sampler: &'static str,
+    /// Tokens generated.
+    pub tokens: usize,
+    /// Generated tokens per second, wall time of the whole generation.
+    pub tokens_per_s: f64,
+    /// Denoising forward passes (commits excluded).
+    pub forward_passes: usize,
+    /// Denoising forward passes per generated token.
+    pub passes_per_token: f64,
+    /// Commit passes.
+    pub commits: usize,
+}
+
+/// Local generation from a single BOS with the library's sampler, first-hitting (one
+/// token per step, T = block size, nucleus 0.9) and confidence-threshold mode. One JSON
+/// line per run.
+pub fn run_generate(
+    block_sizes: &[usize],
+    tokens: usize,
+    threshold: f64,
+    seed: u64,
+) -> anyhow::Result<()> {
+    use bd3lm_diffusion::{Sampler, SamplingParams, Session, StopRules, generate};
+    for &bs in block_sizes {
+        let cfg = Config::tiny(bs);
+        cfg.validate().with_context(|| format!("block size {bs}"))?;
+        let model = random_model(&cfg, seed)?;
+        let bos = (cfg.vocab_size - 2) as u32;
+        for sampler in [Sampler::FirstHitting, Sampler::Confidence { threshold }] {
+            let params = SamplingParams {
+                sampler,
+                ..SamplingParams::new(bs)
+            };
+            let run = |max: usize| -> anyhow::Result<(bd3lm_diffusion::Generation, f64)> {
+                let started = Instant::now();
+                let mut session = Session::start(&model, &[bos])?;
+                let out = generate(
+                    &mut session,
+                    &params,
+                    seed,
+                    &mut StopRules::max_tokens(max),
+                    None,
+                    |_, _| {},
+                )?;
+                Ok((out, started.elapsed().as_secs_f64()))
+            };
+            run(4 * bs)?;
+            let (out, secs) = run(tokens)?;
+            let stats = GenerationStats {
+                block_size: bs,
+                sampler: sampler.name(),
+                tokens: out.tokens.len(),
+                tokens_per_s: out.tokens.len() as f64 / secs,
+                forward_passes: out.forward_passes,
+                passes_per_token: out.forward_passes as f64 / out.tokens.len() as f64,
+                commits: out.blocks.len(),
+            };
+            println!("{}", serde_json::to_string(&stats)?);
+        }
+    }
+    Ok(())
+}

@@ -90,8 +90,7 @@ pub fn run(checkpoint_dir: &Path, fixtures: &Path, tolerance: f64) -> anyhow::Re
                     .skipped
                     .insert(key.into(), "inputs absent from the fixture file".into());
             }
-            (Some(reference), Some(Computed::Skip(reason))) => {
-                let _ = reference;
+            (Some(_), Some(Computed::Skip(reason))) => {
                 report.skipped.insert(key.into(), reason.clone());
             }
             (Some(reference), Some(Computed::Value(ours))) => {
@@ -289,26 +288,4 @@ fn sampling_outputs(
         Computed::Value(Tensor::new(window_start, &Device::Cpu)?),
     );
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fixture_dir() -> std::path::PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/reference-bd3lm-bs4")
-    }
-
-    /// Every output of the authors' code is reproduced to 1e-4 in f32.
-    #[test]
-    fn shipped_fixture_passes_every_key() {
-        let dir = fixture_dir();
-        let report = run(&dir, &dir.join("fixtures.safetensors"), 1e-4).unwrap();
-        assert!(report.skipped.is_empty(), "{:?}", report.skipped);
-        assert_eq!(report.keys.len(), OUTPUTS.len());
-        for (key, r) in &report.keys {
-            assert!(r.pass, "{key}: max abs diff {}", r.max_abs_diff);
-        }
-        assert!(report.pass);
-    }
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod check_reference;
+mod generate;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
         #[arg(long, default_value_t = 1e-4, value_parser = positive_f64, allow_hyphen_values = true)]
         tolerance: f64,
     },
+    /// Generate text locally, streaming each block as it is committed.
+    Generate(generate::LocalArgs),
     /// Benchmarks (random-weight "tiny" model: d 256, 8 layers, 8 heads, vocab 50258).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -54,6 +57,22 @@ enum BenchCommand {
         #[arg(long, default_value_t = 1024)]
         context: usize,
         /// Seed of the random weights.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Tokens per second of local generation from BOS (first-hitting, T = block size,
+    /// nucleus 0.9) and the confidence sampler's forward passes per token.
+    Generate {
+        /// Block sizes to measure.
+        #[arg(long, value_delimiter = ',', default_value = "4,16")]
+        block_sizes: Vec<usize>,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        /// Threshold of the confidence sampler.
+        #[arg(long, default_value_t = 0.9)]
+        threshold: f64,
+        /// Seed of the weights and of the sampling.
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -101,20 +120,18 @@ fn main() -> ExitCode {
 
 /// The error and its causes on one line, without the backtraces candle attaches.
 fn one_line(err: &anyhow::Error) -> String {
-    let parts: Vec<String> = err
-        .chain()
-        .map(|cause| {
-            cause
-                .to_string()
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        })
-        .collect();
-    let mut line = parts.join(": ");
-    line.retain(|c| c != '\n');
+    let mut line = String::new();
+    for cause in err.chain() {
+        let text = cause.to_string();
+        let text = text.lines().next().unwrap_or_default().trim();
+        // Errors that print their source in their own message are not repeated.
+        if !line.contains(text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(text);
+        }
+    }
     line
 }
 
@@ -132,6 +149,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Generate(args) => {
+            generate::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Generate {
+            block_sizes,
+            tokens,
+            threshold,
+            seed,
+        }) => {
+            bench::run_generate(&block_sizes, tokens, threshold, seed)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Model {
             block_sizes,

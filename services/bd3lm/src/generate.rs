@@ -1,0 +1,284 @@
+//! `bd3lm generate`: local generation in one process, streaming each committed block.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use bd3lm_diffusion::{Filter, Sampler, SamplingParams, Session, StopRules, generate};
+use bd3lm_model::Bd3lm;
+use bd3lm_model::checkpoint::Checkpoint;
+use candle_core::{DType, Device};
+use clap::{Args, ValueEnum};
+use tokenizers::Tokenizer;
+
+/// Names tried, in order, for the beginning- and end-of-sequence tokens of a tokenizer.
+const BOS_NAMES: [&str; 4] = ["<|endoftext|>", "<s>", "<bos>", "[CLS]"];
+const EOS_NAMES: [&str; 4] = ["<|endoftext|>", "</s>", "<eos>", "[SEP]"];
+
+/// The update rule of each denoising step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SamplerArg {
+    /// DDPM steps; a position unmasks with probability (p(t) - p(s)) / p(t).
+    Ddpm,
+    /// Exactly one masked position per step.
+    FirstHitting,
+    /// Every position whose top probability exceeds --threshold (at least one per step).
+    Confidence,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    /// The CPU.
+    Cpu,
+    /// The first CUDA GPU (needs a build with `--features cuda`).
+    Cuda,
+}
+
+/// Compute precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16 (CUDA).
+    Bf16,
+}
+
+/// The prompt and every sampling parameter; shared by local and remote generation.
+#[derive(Debug, Clone, Args)]
+pub struct GenerationArgs {
+    /// Prompt text (needs a tokenizer); the tokenizer's BOS is put in front.
+    #[arg(long, conflicts_with = "prompt_ids")]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids, used as given.
+    #[arg(long, value_delimiter = ',', value_name = "IDS")]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// Most new tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Denoising steps per block (T); default: the block size.
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Update rule of each step.
+    #[arg(long, value_enum, default_value_t = SamplerArg::FirstHitting)]
+    pub sampler: SamplerArg,
+    /// Probability a position's top token must exceed to unmask (confidence sampler).
+    #[arg(long, default_value_t = 0.9)]
+    pub threshold: f64,
+    /// Softmax temperature (> 0).
+    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
+    pub temperature: f64,
+    /// Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].
+    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
+    pub top_p: f64,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Take the most likely token instead of drawing.
+    #[arg(long)]
+    pub greedy: bool,
+    /// Seed of every random draw; default: a fresh one, printed in the summary.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Variable length: stop after end-of-sequence, or when the text turns repetitive
+    /// (last 256 tokens below 4 nats of entropy).
+    #[arg(long)]
+    pub var_length: bool,
+    /// Stop when this text appears (not included); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+impl GenerationArgs {
+    /// The sampling parameters for a model with `block_size`, validated.
+    pub fn sampling(&self, block_size: usize) -> anyhow::Result<SamplingParams> {
+        let sampler = match self.sampler {
+            SamplerArg::Ddpm => Sampler::Ddpm,
+            SamplerArg::FirstHitting => Sampler::FirstHitting,
+            SamplerArg::Confidence => Sampler::Confidence {
+                threshold: self.threshold,
+            },
+        };
+        let params = SamplingParams {
+            sampler,
+            steps: self.steps.unwrap_or(block_size),
+            filter: Filter {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+            },
+            greedy: self.greedy,
+            ..SamplingParams::new(block_size)
+        };
+        params.validate()?;
+        if self.max_tokens == 0 {
+            bail!("invalid parameter `max_tokens`: expected at least 1, found 0");
+        }
+        Ok(params)
+    }
+}
+
+/// Arguments of local generation.
+#[derive(Debug, Clone, Args)]
+pub struct LocalArgs {
+    /// Checkpoint directory (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    pub checkpoint: PathBuf,
+    /// tokenizer.json; default: the checkpoint directory's.
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Where the model runs.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    #[command(flatten)]
+    pub generation: GenerationArgs,
+}
+
+/// A tokenizer with the special ids generation needs.
+struct Text {
+    tokenizer: Option<Tokenizer>,
+    bos: u32,
+    eos: u32,
+}
+
+impl Text {
+    fn load(path: Option<&Path>, checkpoint: &Path, model: &Bd3lm) -> anyhow::Result<Self> {
+        let default = checkpoint.join("tokenizer.json");
+        let path = match path {
+            Some(p) => Some(p.to_path_buf()),
+            None => default.is_file().then_some(default),
+        };
+        // Without a tokenizer, the GPT-2 convention: BOS = EOS = vocab_size - 2.
+        let fallback = model.config().vocab_size as u32 - 2;
+        let Some(path) = path else {
+            return Ok(Self {
+                tokenizer: None,
+                bos: fallback,
+                eos: fallback,
+            });
+        };
+        let tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?;
+        let find = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| tokenizer.token_to_id(n))
+                .unwrap_or(fallback)
+        };
+        let (bos, eos) = (find(&BOS_NAMES), find(&EOS_NAMES));
+        Ok(Self {
+            tokenizer: Some(tokenizer),
+            bos,
+            eos,
+        })
+    }
+
+    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
+        let tokenizer = self
+            .tokenizer
+            .as_ref()
+            .context("--prompt needs a tokenizer: pass --tokenizer FILE or use --prompt-ids")?;
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
+        Ok(std::iter::once(self.bos)
+            .chain(enc.get_ids().iter().copied())
+            .collect())
+    }
+
+    fn decode(&self, ids: &[u32]) -> String {
+        match &self.tokenizer {
+            Some(t) => t.decode(ids, false).unwrap_or_default(),
+            None => ids.iter().map(|i| format!("{i} ")).collect(),
+        }
+    }
+}
+
+fn load_model(args: &LocalArgs) -> anyhow::Result<Bd3lm> {
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda")?,
+    };
+    let dtype = match args.dtype {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::F16 => DType::F16,
+        DtypeArg::Bf16 => DType::BF16,
+    };
+    Ok(Checkpoint::open(&args.checkpoint)?.load_model(dtype, &device)?)
+}
+
+/// Runs a local generation, streaming text to stdout and a summary line to stderr.
+pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
+    let model = load_model(args)?;
+    let params = args.generation.sampling(model.config().block_size)?;
+    let text = Text::load(args.tokenizer.as_deref(), &args.checkpoint, &model)?;
+    let prompt = match (&args.generation.prompt, &args.generation.prompt_ids) {
+        (Some(p), _) => text.encode(p)?,
+        (None, Some(ids)) => ids.clone(),
+        (None, None) => vec![text.bos],
+    };
+    let mut rules = StopRules {
+        eos: args.generation.var_length.then_some(text.eos),
+        ..StopRules::max_tokens(args.generation.max_tokens)
+    };
+    if !args.generation.stop.is_empty() {
+        let tokenizer = text.tokenizer.clone().context("--stop needs a tokenizer")?;
+        let stops = args.generation.stop.clone();
+        rules.hook = Some(Box::new(move |generated: &[u32]| {
+            text_stop(&tokenizer, &stops, generated)
+        }));
+    }
+    let seed = args.generation.seed.unwrap_or_else(rand::random);
+    let started = Instant::now();
+    let mut session = Session::start(&model, &prompt)?;
+    let mut shown: Vec<u32> = Vec::new();
+    let mut printed = String::new();
+    let mut stdout = std::io::stdout().lock();
+    let out = generate(&mut session, &params, seed, &mut rules, None, |_, new| {
+        shown.extend_from_slice(new);
+        // Decode everything shown so far: a character can span two blocks' tokens.
+        let now = text.decode(&shown);
+        if let Some(suffix) = now.strip_prefix(printed.as_str()) {
+            let _ = write!(stdout, "{suffix}");
+        } else {
+            let _ = write!(stdout, "{}", text.decode(new));
+        }
+        let _ = stdout.flush();
+        printed = now;
+    })?;
+    let _ = writeln!(stdout);
+    let secs = started.elapsed().as_secs_f64();
+    let n = out.tokens.len();
+    eprintln!(
+        "tokens {n}, {:.1} tokens/s, forward passes {} ({:.2} per token) + {} commits, blocks {}, stop {}, seed {seed}",
+        n as f64 / secs,
+        out.forward_passes,
+        out.forward_passes as f64 / n.max(1) as f64,
+        out.blocks.len(),
+        out.blocks.len(),
+        out.stop.name()
+    );
+    Ok(())
+}
+
+/// The number of generated tokens to keep when the decoded text contains a stop string:
+/// the shortest prefix whose text still contains none.
+fn text_stop(tokenizer: &Tokenizer, stops: &[String], generated: &[u32]) -> Option<usize> {
+    let text = tokenizer.decode(generated, false).ok()?;
+    stops.iter().find(|s| text.contains(s.as_str()))?;
+    let mut keep = generated.len();
+    while keep > 0 {
+        let prefix = tokenizer.decode(&generated[..keep - 1], false).ok()?;
+        if !stops.iter().any(|s| prefix.contains(s.as_str())) {
+            return Some(keep - 1);
+        }
+        keep -= 1;
+    }
+    Some(0)
+}
