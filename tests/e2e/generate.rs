@@ -108,3 +108,21 @@ fn invalid_parameters_are_one_line_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("config.json"));
 }
+
+#[test]
+fn stop_sequences_truncate_the_output() {
+    let args = ["--prompt-ids", "1022", "--max-tokens", "24", "--seed", "3"];
+    let (_, stdout, _) = generate(&args);
+    let ids: Vec<&str> = stdout.split_whitespace().collect();
+    let stop = ids[10];
+    let first = ids.iter().position(|&t| t == stop).unwrap();
+    let mut with_stop = args.to_vec();
+    with_stop.extend_from_slice(&["--stop-ids", stop]);
+    let (code, stdout, stderr) = generate(&with_stop);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout.split_whitespace().collect::<Vec<_>>(),
+        ids[..first].to_vec()
+    );
+    assert!(stderr.contains("stop stop_sequence"), "{stderr}");
+}

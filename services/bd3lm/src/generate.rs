@@ -90,6 +90,19 @@ pub struct GenerationArgs {
     /// Stop when this text appears (not included); repeatable.
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// Stop when this comma-separated token id sequence appears (not included); repeatable.
+    #[arg(long = "stop-ids", value_name = "IDS", value_parser = parse_ids)]
+    pub stop_ids: Vec<Vec<u32>>,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("expected comma-separated token ids, found {s:?}"))
+        })
+        .collect()
 }
 
 impl GenerationArgs {
@@ -225,6 +238,7 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     };
     let mut rules = StopRules {
         eos: args.generation.var_length.then_some(text.eos),
+        stop_sequences: args.generation.stop_ids.clone(),
         ..StopRules::max_tokens(args.generation.max_tokens)
     };
     if !args.generation.stop.is_empty() {

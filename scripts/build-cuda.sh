@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Builds the `bd3lm` binaries with candle's CUDA backend on a machine without a GPU or a
+# system CUDA toolkit: the CUDA 13.0 toolkit comes from NVIDIA's PyPI wheels (about
+# 670 MB, kept in .cuda/ and reused), the driver library from a link-time stub generated
+# from cuda.h. Run the result on a host whose driver supports CUDA 13 with LD_LIBRARY_PATH
+# pointing at its CUDA 13 runtime libraries (libcublas.so.13, libcublasLt.so.13,
+# libcurand.so.10, libcudart.so.13).
+#
+#   scripts/build-cuda.sh            # cargo build --release --features cuda -p bd3lm
+#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # another GPU generation (default 90: H100)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+toolkit=${CUDA_WHEELS_DIR:-$root/.cuda}
+cu=$toolkit/nvidia/cu13
+lib=$cu/lib
+
+if [ ! -x "$cu/bin/nvcc" ]; then
+    mkdir -p "$toolkit/wheels"
+    # nvcc stays at 13.0: the GPU hosts' driver is CUDA 13.0.
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.11 \
+        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+        --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+        -d "$toolkit/wheels" \
+        nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+        nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+        nvidia-curand==10.4.0.35 nvidia-cublas==13.0.0.19
+    for wheel in "$toolkit"/wheels/*.whl; do
+        python3 -m zipfile -e "$wheel" "$toolkit"
+    done
+    chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
+fi
+
+# Unversioned names for the linker.
+for name in cublas cublasLt nvrtc cudart; do
+    ln -sf "lib$name.so.13" "$lib/lib$name.so"
+done
+ln -sf libcurand.so.10 "$lib/libcurand.so"
+
+# The wheels carry no driver library: link against a stub exporting every cu* function
+# of cuda.h (after macro expansion, so the _v2 names are the ones exported).
+if [ ! -f "$lib/stubs/libcuda.so" ]; then
+    mkdir -p "$lib/stubs"
+    gcc -E -P -I"$cu/include" "$cu/include/cuda.h" \
+        | grep -oE '\bcu[A-Z][A-Za-z0-9_]*[[:space:]]*\(' | sed 's/[[:space:]]*($//' | sort -u \
+        | awk '{ print "int " $1 "(void) { return 0; }" }' > "$lib/stubs/libcuda.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$lib/stubs/libcuda.so" "$lib/stubs/libcuda.c"
+fi
+
+export CUDA_HOME=$cu
+export CUDA_ROOT=$cu
+export PATH=$cu/bin:$PATH
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export LIBRARY_PATH=$lib:$lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
+cd "$root"
+cargo build --release --features cuda -p bd3lm "$@"
