@@ -14,13 +14,12 @@ use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+pub use bd3lm_text::stop::{
+    ENTROPY_FLOOR, ENTROPY_WINDOW, StopHook, StopReason, StopRules, low_entropy,
+};
+
 use crate::sampler::{Denoiser, SamplingParams, denoise_block};
 use crate::{Error, Result};
-
-/// Tokens over which the low-entropy stop rule measures unigram entropy.
-pub const ENTROPY_WINDOW: usize = 256;
-/// Entropy (nats) under which the low-entropy rule stops a generation.
-pub const ENTROPY_FLOOR: f64 = 4.0;
 
 /// The random stream of block `block` of a request seeded with `seed`: a ChaCha8 stream,
 /// identical on every platform.
@@ -140,31 +139,60 @@ pub struct Session<'m> {
 }
 
 impl<'m> Session<'m> {
-    /// Starts a session on `prompt`: its whole blocks are committed now; a partial last
-    /// block keeps its prompt tokens fixed and is completed by the first denoised block.
+    /// Starts a session on `prompt`: its whole blocks are committed now (one pass while
+    /// the window allows); a partial last block keeps its prompt tokens fixed and is
+    /// completed by the first denoised block.
     pub fn start(model: &'m Bd3lm, prompt: &[u32]) -> Result<Self> {
-        Self::build(model, prompt, prompt.len())
+        let mut session = Self::resume(model, prompt, prompt.len(), 0)?;
+        session.prefill()?;
+        Ok(session)
     }
 
-    /// Rebuilds a session from its committed `tokens` (whole blocks) of which the first
-    /// `prompt_len` were the prompt, giving the cache an uninterrupted session would have.
-    pub fn resume(model: &'m Bd3lm, tokens: &[u32], prompt_len: usize) -> Result<Self> {
+    /// Rebuilds a session whose first `committed` tokens (whole blocks) are committed, of
+    /// `tokens` (committed blocks, then fixed tokens still to be placed), the first
+    /// `prompt_len` of them the first prompt. The cache is computed exactly as an
+    /// uninterrupted session computed it: the prompt's whole blocks in one commit, every
+    /// later block on its own.
+    pub fn resume(
+        model: &'m Bd3lm,
+        tokens: &[u32],
+        prompt_len: usize,
+        committed: usize,
+    ) -> Result<Self> {
+        let mut session = Self::with_cache(model, model.new_cache(1)?, tokens, prompt_len, 0)?;
         let bs = model.config().block_size;
-        if !tokens.len().is_multiple_of(bs) || prompt_len > tokens.len() {
+        if !committed.is_multiple_of(bs) || committed > tokens.len() {
             return Err(Error::Param {
-                name: "tokens",
+                name: "committed",
                 reason: format!(
-                    "expected whole blocks of {bs} covering the prompt of {prompt_len}, found {} tokens",
+                    "expected whole blocks of {bs} within {} tokens, found {committed}",
                     tokens.len()
                 ),
             });
         }
-        Self::build(model, tokens, prompt_len)
+        if committed > 0 {
+            let prompt_blocks = (prompt_len / bs * bs).min(committed);
+            if prompt_blocks > 0 {
+                session.commit_range(0, prompt_blocks)?;
+            }
+            while session.committed < committed {
+                session.commit_range(session.committed, session.committed + bs)?;
+            }
+        }
+        Ok(session)
     }
 
-    fn build(model: &'m Bd3lm, tokens: &[u32], prompt_len: usize) -> Result<Self> {
+    /// A session around a cache restored elsewhere (e.g. from per-block blobs) that holds
+    /// the state after the first `committed` of `tokens`.
+    pub fn with_cache(
+        model: &'m Bd3lm,
+        cache: KvCache,
+        tokens: &[u32],
+        prompt_len: usize,
+        committed: usize,
+    ) -> Result<Self> {
         let cfg = model.config();
-        if prompt_len == 0 {
+        if prompt_len == 0 || prompt_len > tokens.len() {
             return Err(Error::Param {
                 name: "prompt",
                 reason: "expected at least one token".into(),
@@ -182,22 +210,45 @@ impl<'m> Session<'m> {
                 ),
             });
         }
-        let bs = cfg.block_size;
-        let mut session = Self {
+        if cache.next_position() != committed || committed > tokens.len() {
+            return Err(Error::Param {
+                name: "cache",
+                reason: format!(
+                    "the cache ends at position {}, the session has {committed} committed tokens",
+                    cache.next_position()
+                ),
+            });
+        }
+        Ok(Self {
             model,
-            cache: model.new_cache(1)?,
+            cache,
             tokens: tokens.to_vec(),
             prompt_len,
-            committed: 0,
-        };
-        let prompt_blocks = prompt_len / bs * bs;
-        if prompt_blocks > 0 {
-            session.commit_range(0, prompt_blocks)?;
+            committed,
+        })
+    }
+
+    /// Commits the first prompt's whole blocks when nothing is committed yet; returns the
+    /// number of blocks committed.
+    pub fn prefill(&mut self) -> Result<usize> {
+        let bs = self.model.config().block_size;
+        let whole = self.prompt_len / bs * bs;
+        if self.committed > 0 || whole == 0 {
+            return Ok(0);
         }
-        while session.committed + bs <= tokens.len() {
-            session.commit_range(session.committed, session.committed + bs)?;
-        }
-        Ok(session)
+        self.commit_range(0, whole)?;
+        Ok(whole / bs)
+    }
+
+    /// The tokens, the first prompt's length, the committed count and the cache, for a
+    /// caller that keeps sessions between requests.
+    pub fn into_parts(self) -> (Vec<u32>, usize, usize, KvCache) {
+        (self.tokens, self.prompt_len, self.committed, self.cache)
+    }
+
+    /// Number of committed tokens (whole blocks).
+    pub fn committed(&self) -> usize {
+        self.committed
     }
 
     fn commit_range(&mut self, from: usize, to: usize) -> Result<()> {
@@ -244,7 +295,8 @@ impl<'m> Session<'m> {
     ) -> Result<BlockReport> {
         let bs = self.model.config().block_size;
         let index = self.next_block_index();
-        let mut block: Vec<u32> = self.tokens[self.committed..].to_vec();
+        let fixed = (self.tokens.len() - self.committed).min(bs);
+        let mut block: Vec<u32> = self.tokens[self.committed..self.committed + fixed].to_vec();
         block.resize(bs, self.model.config().mask_id());
         let started = Instant::now();
         let outcome = denoise_block(
@@ -255,8 +307,11 @@ impl<'m> Session<'m> {
             cancel,
         )?;
         let denoise = started.elapsed();
-        self.tokens.truncate(self.committed);
-        self.tokens.extend_from_slice(&outcome.tokens);
+        // The block replaces its fixed tokens; fixed tokens of later blocks stay.
+        self.tokens.splice(
+            self.committed..self.committed + fixed,
+            outcome.tokens.iter().copied(),
+        );
         let started = Instant::now();
         self.commit_range(self.committed, self.committed + bs)?;
         Ok(BlockReport {
@@ -268,113 +323,6 @@ impl<'m> Session<'m> {
             commit: started.elapsed(),
         })
     }
-}
-
-/// Why a generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopReason {
-    /// The requested number of new tokens was reached.
-    MaxTokens,
-    /// An end-of-sequence token was generated (variable-length mode).
-    Eos,
-    /// The last 256 tokens had unigram entropy below 4 nats (variable-length mode).
-    LowEntropy,
-    /// A stop sequence appeared.
-    StopSequence,
-    /// The caller cancelled.
-    Cancelled,
-}
-
-impl StopReason {
-    /// Lower-case name for output and metrics.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::MaxTokens => "max_tokens",
-            Self::Eos => "eos",
-            Self::LowEntropy => "low_entropy",
-            Self::StopSequence => "stop_sequence",
-            Self::Cancelled => "cancelled",
-        }
-    }
-}
-
-/// A caller-supplied stop rule (text-level stop sequences): given the generated tokens,
-/// the number of them to keep when generation must stop.
-pub type StopHook = Box<dyn FnMut(&[u32]) -> Option<usize> + Send>;
-
-/// When a generation stops.
-pub struct StopRules {
-    /// Most new tokens to return (at least 1).
-    pub max_new_tokens: usize,
-    /// Variable-length mode: stop after this end-of-sequence id, and on low entropy.
-    pub eos: Option<u32>,
-    /// Token sequences that end the generation; they are not returned.
-    pub stop_sequences: Vec<Vec<u32>>,
-    /// Further stop rule, e.g. text stop sequences.
-    pub hook: Option<StopHook>,
-}
-
-impl StopRules {
-    /// Stop after `max_new_tokens` only.
-    pub fn max_tokens(max_new_tokens: usize) -> Self {
-        Self {
-            max_new_tokens,
-            eos: None,
-            stop_sequences: Vec::new(),
-            hook: None,
-        }
-    }
-
-    /// How many of `generated` to return, and whether to stop, given the whole sequence.
-    fn check(&mut self, generated: &[u32], all: &[u32]) -> (usize, Option<StopReason>) {
-        let mut stop = (generated.len().min(self.max_new_tokens), None);
-        let mut earlier = |keep: usize, reason: StopReason| {
-            if stop.1.is_none() || keep < stop.0 {
-                stop = (keep.min(stop.0), Some(reason));
-            }
-        };
-        if let Some(eos) = self.eos
-            && let Some(pos) = generated.iter().position(|&t| t == eos)
-        {
-            earlier(pos + 1, StopReason::Eos);
-        }
-        for seq in self.stop_sequences.iter().filter(|s| !s.is_empty()) {
-            if let Some(pos) = generated
-                .windows(seq.len())
-                .position(|w| w == seq.as_slice())
-            {
-                earlier(pos, StopReason::StopSequence);
-            }
-        }
-        if let Some(keep) = self.hook.as_mut().and_then(|h| h(generated)) {
-            earlier(keep, StopReason::StopSequence);
-        }
-        if stop.1.is_none() && self.eos.is_some() && low_entropy(all) {
-            stop.1 = Some(StopReason::LowEntropy);
-        }
-        if stop.1.is_none() && generated.len() >= self.max_new_tokens {
-            stop.1 = Some(StopReason::MaxTokens);
-        }
-        stop
-    }
-}
-
-/// Whether the last [`ENTROPY_WINDOW`] tokens have unigram entropy below [`ENTROPY_FLOOR`].
-pub fn low_entropy(tokens: &[u32]) -> bool {
-    if tokens.len() < ENTROPY_WINDOW {
-        return false;
-    }
-    let mut window = tokens[tokens.len() - ENTROPY_WINDOW..].to_vec();
-    window.sort_unstable();
-    let n = ENTROPY_WINDOW as f64;
-    let entropy: f64 = window
-        .chunk_by(|a, b| a == b)
-        .map(|run| {
-            let p = run.len() as f64 / n;
-            -p * p.ln()
-        })
-        .sum();
-    entropy < ENTROPY_FLOOR
 }
 
 /// The result of a generation.
@@ -521,7 +469,8 @@ mod tests {
             for _ in 0..cut {
                 first.next_block(&p, 8, None).unwrap();
             }
-            let mut resumed = Session::resume(&model, first.tokens(), prompt.len()).unwrap();
+            let mut resumed =
+                Session::resume(&model, first.tokens(), prompt.len(), first.committed()).unwrap();
             assert_eq!(resumed.next_block_index(), cut + 1);
             let already = first.generated().len();
             let rest = generate(
@@ -567,50 +516,6 @@ mod tests {
             run(&model, &[62], &p, 1, 16).tokens,
             run(&model, &[62], &p, 2, 16).tokens
         );
-    }
-
-    #[test]
-    fn stop_rules_truncate_and_report() {
-        let all: Vec<u32> = (0..20).collect();
-        let mut rules = StopRules {
-            eos: Some(7),
-            ..StopRules::max_tokens(100)
-        };
-        assert_eq!(rules.check(&all[2..], &all), (6, Some(StopReason::Eos)));
-        let mut rules = StopRules {
-            stop_sequences: vec![vec![5, 6]],
-            ..StopRules::max_tokens(100)
-        };
-        assert_eq!(
-            rules.check(&all[2..], &all),
-            (3, Some(StopReason::StopSequence))
-        );
-        let mut rules = StopRules::max_tokens(4);
-        assert_eq!(
-            rules.check(&all[2..], &all),
-            (4, Some(StopReason::MaxTokens))
-        );
-        let mut rules = StopRules {
-            hook: Some(Box::new(|g: &[u32]| g.contains(&9).then_some(1))),
-            ..StopRules::max_tokens(100)
-        };
-        assert_eq!(
-            rules.check(&all[2..], &all),
-            (1, Some(StopReason::StopSequence))
-        );
-        assert_eq!(
-            StopRules::max_tokens(100).check(&all[2..], &all),
-            (18, None)
-        );
-    }
-
-    #[test]
-    fn low_entropy_rule() {
-        let repetitive: Vec<u32> = (0..300).map(|i| i % 20).collect();
-        let varied: Vec<u32> = (0..300).map(|i| i * 7 % 257).collect();
-        assert!(low_entropy(&repetitive), "ln 20 < 4");
-        assert!(!low_entropy(&varied));
-        assert!(!low_entropy(&repetitive[..100]));
     }
 
     #[test]

@@ -225,6 +225,22 @@ impl KvCache {
 
     /// Serialises the live keys and values with their layout, positions and dtype.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        self.export(self.first_position(), self.len)
+    }
+
+    /// Serialises the live tokens at absolute positions `first..first + len` (for example
+    /// one committed block), with the cache's layout, the positions, the dtype and a
+    /// checksum. [`KvCache::import`] puts consecutive segments back together.
+    pub fn export(&self, first: usize, len: usize) -> Result<Vec<u8>> {
+        if first < self.first_position() || first + len > self.next_pos {
+            return Err(Error::Input(format!(
+                "positions {first}..{} are not live (live: {}..{})",
+                first + len,
+                self.first_position(),
+                self.next_pos
+            )));
+        }
+        let offset = self.start + (first - self.first_position());
         let mut out = Vec::with_capacity(64 + self.live_bytes());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
@@ -239,12 +255,11 @@ impl KvCache {
         ] {
             out.extend_from_slice(&(v as u32).to_le_bytes());
         }
-        out.extend_from_slice(&(self.len as u64).to_le_bytes());
-        out.extend_from_slice(&(self.next_pos as u64).to_le_bytes());
+        out.extend_from_slice(&(first as u64).to_le_bytes());
+        out.extend_from_slice(&(len as u64).to_le_bytes());
         for (k, v) in &self.buffers {
             for t in [k, v] {
-                let live = t.narrow(2, self.start, self.len)?.contiguous()?;
-                append_raw(&live, &mut out)?;
+                append_raw(&t.narrow(2, offset, len)?.contiguous()?, &mut out)?;
             }
         }
         let sum = fnv1a(&out);
@@ -253,10 +268,92 @@ impl KvCache {
     }
 
     /// Decodes bytes written by [`KvCache::to_bytes`] onto `device`.
+    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+        Self::import(&[bytes], device)
+    }
+
+    /// Builds a cache from segments written by [`KvCache::export`] that cover consecutive
+    /// positions, oldest first, with one layout; the cache ends after the last segment.
     ///
     /// Every length is checked against the bytes present before anything is allocated, and
-    /// a checksum guards the content: hostile or corrupt bytes give an error.
-    pub fn from_bytes(bytes: &[u8], device: &Device) -> Result<Self> {
+    /// each segment's checksum guards its content: hostile or corrupt bytes give an error.
+    pub fn import(segments: &[&[u8]], device: &Device) -> Result<Self> {
+        let decoded = segments
+            .iter()
+            .map(|s| Segment::decode(s))
+            .collect::<Result<Vec<_>>>()?;
+        let first = decoded
+            .first()
+            .ok_or_else(|| Error::CacheDecode("no segments".into()))?;
+        let layout = first.layout;
+        let mut next = first.first;
+        for seg in &decoded {
+            if seg.layout != layout {
+                return Err(Error::CacheDecode("segments of different layouts".into()));
+            }
+            if seg.first != next {
+                return Err(Error::CacheDecode(format!(
+                    "segment at position {} does not follow position {next}",
+                    seg.first
+                )));
+            }
+            next += seg.len;
+        }
+        let [n_layers, batch, n_heads, head_dim, block_size, keep] = layout.dims;
+        let len = next - first.first;
+        if len > keep || !len.is_multiple_of(block_size) || !next.is_multiple_of(block_size) {
+            return Err(Error::CacheDecode(format!(
+                "segments hold {len} tokens ending at {next}; window {keep}, block size {block_size}"
+            )));
+        }
+        let mut buffers = Vec::with_capacity(n_layers);
+        for layer in 0..n_layers {
+            let mut pair = Vec::with_capacity(2);
+            for part in 0..2 {
+                let pieces = decoded
+                    .iter()
+                    .map(|seg| seg.tensor(2 * layer + part, device))
+                    .collect::<Result<Vec<_>>>()?;
+                pair.push(Tensor::cat(&pieces, 2)?);
+            }
+            let v = pair.pop().expect("two tensors");
+            let k = pair.pop().expect("two tensors");
+            buffers.push((k, v));
+        }
+        Ok(Self {
+            buffers,
+            start: 0,
+            len,
+            next_pos: next,
+            batch,
+            n_heads,
+            head_dim,
+            block_size,
+            keep,
+            dtype: layout.dtype,
+            device: device.clone(),
+        })
+    }
+}
+
+/// Layout of a serialised segment: dtype and (layers, batch, heads, head dim, block
+/// size, window).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Layout {
+    dtype: DType,
+    dims: [usize; 6],
+}
+
+/// A decoded, checked segment whose tensors are still bytes.
+struct Segment<'a> {
+    layout: Layout,
+    first: usize,
+    len: usize,
+    data: &'a [u8],
+}
+
+impl<'a> Segment<'a> {
+    fn decode(bytes: &'a [u8]) -> Result<Self> {
         let bad = |m: &str| Error::CacheDecode(m.to_string());
         if bytes.len() < 8 + 4 + 1 + 6 * 4 + 16 + 8 {
             return Err(bad("too short for a header"));
@@ -277,56 +374,57 @@ impl KvCache {
             return Err(Error::CacheDecode(format!("unsupported version {version}")));
         }
         let dtype = dtype_from_code(r.take(1)?[0])?;
-        let [n_layers, batch, n_heads, head_dim, block_size, keep] =
-            [(); 6].map(|_| r.u32().map(|v| v as usize));
-        let (n_layers, batch, n_heads, head_dim, block_size, keep) =
-            (n_layers?, batch?, n_heads?, head_dim?, block_size?, keep?);
+        let mut dims = [0usize; 6];
+        for d in &mut dims {
+            *d = r.u32()? as usize;
+        }
+        let first = usize::try_from(r.u64()?).map_err(|_| bad("position overflows"))?;
         let len = usize::try_from(r.u64()?).map_err(|_| bad("length overflows"))?;
-        let next_pos = usize::try_from(r.u64()?).map_err(|_| bad("position overflows"))?;
-        if batch == 0 || n_heads == 0 || head_dim == 0 || block_size == 0 || n_layers == 0 {
+        let [n_layers, batch, n_heads, head_dim, _, keep] = dims;
+        if dims.iter().take(5).any(|&d| d == 0) {
             return Err(bad("zero-sized layout"));
         }
-        if len > keep || len > next_pos || len % block_size != 0 || next_pos % block_size != 0 {
+        if len > keep || first.checked_add(len).is_none() {
             return Err(Error::CacheDecode(format!(
-                "inconsistent lengths: {len} live tokens, next position {next_pos}, window {keep}, block size {block_size}"
+                "segment of {len} tokens exceeds the window of {keep}"
             )));
         }
-        let per_tensor = [batch, n_heads, len, head_dim, dtype.size_in_bytes()]
-            .iter()
-            .try_fold(1usize, |acc, &x| acc.checked_mul(x))
-            .ok_or_else(|| bad("size overflows"))?;
-        let expected = per_tensor
-            .checked_mul(2 * n_layers)
-            .ok_or_else(|| bad("size overflows"))?;
+        let expected = [
+            2 * n_layers,
+            batch,
+            n_heads,
+            len,
+            head_dim,
+            dtype.size_in_bytes(),
+        ]
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .ok_or_else(|| bad("size overflows"))?;
         if r.remaining() != expected {
             return Err(Error::CacheDecode(format!(
                 "expected {expected} bytes of keys and values, found {}",
                 r.remaining()
             )));
         }
-        let mut cache = Self {
-            buffers: Vec::new(),
-            start: 0,
-            len: 0,
-            next_pos,
-            batch,
-            n_heads,
-            head_dim,
-            block_size,
-            keep,
-            dtype,
-            device: device.clone(),
-        };
-        let shape = (batch, n_heads, len, head_dim);
-        let mut buffers = Vec::with_capacity(n_layers);
-        for _ in 0..n_layers {
-            let k = tensor_from_raw(r.take(per_tensor)?, dtype, shape, device)?;
-            let v = tensor_from_raw(r.take(per_tensor)?, dtype, shape, device)?;
-            buffers.push((k, v));
-        }
-        cache.buffers = buffers;
-        cache.len = len;
-        Ok(cache)
+        Ok(Self {
+            layout: Layout { dtype, dims },
+            first,
+            len,
+            data: &body[r.pos..],
+        })
+    }
+
+    /// Tensor `i` (layer `i / 2`, keys then values), shape (batch, heads, len, head dim).
+    fn tensor(&self, i: usize, device: &Device) -> Result<Tensor> {
+        let [_, batch, n_heads, head_dim, _, _] = self.layout.dims;
+        let size = batch * n_heads * self.len * head_dim * self.layout.dtype.size_in_bytes();
+        let raw = &self.data[i * size..(i + 1) * size];
+        Ok(Tensor::from_raw_buffer(
+            raw,
+            self.layout.dtype,
+            &[batch, n_heads, self.len, head_dim],
+            device,
+        )?)
     }
 }
 
@@ -403,20 +501,6 @@ fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-fn tensor_from_raw(
-    raw: &[u8],
-    dtype: DType,
-    shape: (usize, usize, usize, usize),
-    device: &Device,
-) -> Result<Tensor> {
-    Ok(Tensor::from_raw_buffer(
-        raw,
-        dtype,
-        &[shape.0, shape.1, shape.2, shape.3],
-        device,
-    )?)
-}
-
 /// 64-bit FNV-1a: a cheap checksum against corruption in transit (not an authenticator).
 fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
@@ -472,7 +556,7 @@ mod tests {
     #[test]
     fn hostile_lengths_are_refused() {
         let bytes = filled_cache_bytes();
-        let len_offset = 8 + 4 + 1 + 6 * 4;
+        let len_offset = 8 + 4 + 1 + 6 * 4 + 8;
         let mut body = bytes[..bytes.len() - 8].to_vec();
         body[len_offset..len_offset + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         let sum = fnv1a(&body);

@@ -532,6 +532,36 @@ mod tests {
         assert_eq!(max_diff(&a, &b), 0.0);
     }
 
+    /// Each block exported right after its commit, and the live ones imported again, give
+    /// the cache itself: how a worker rebuilds a session's cache from per-block blobs.
+    #[test]
+    fn per_block_segments_rebuild_the_cache_past_the_window() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(1).unwrap();
+        let mut blobs = Vec::new();
+        for k in 0..12 {
+            model
+                .commit(&tokens(1, 4, cfg.vocab_size, k), &zeros(1), &mut cache)
+                .unwrap();
+            blobs.push(cache.export(4 * k, 4).unwrap());
+        }
+        let live = cache.len() / 4;
+        let parts: Vec<&[u8]> = blobs[12 - live..].iter().map(Vec::as_slice).collect();
+        let mut imported = crate::KvCache::import(&parts, &Device::Cpu).unwrap();
+        assert_eq!(
+            (imported.len(), imported.next_position()),
+            (cache.len(), cache.next_position())
+        );
+        let probe = tokens(1, 4, cfg.vocab_size, 99);
+        let a = model.denoise(&probe, &zeros(1), &mut cache).unwrap();
+        let b = model.denoise(&probe, &zeros(1), &mut imported).unwrap();
+        assert_eq!(max_diff(&a, &b), 0.0);
+        assert!(cache.export(0, 4).is_err(), "slid out of the window");
+        let gap: Vec<&[u8]> = vec![&blobs[9], &blobs[11]];
+        assert!(crate::KvCache::import(&gap, &Device::Cpu).is_err());
+    }
+
     #[test]
     fn denoise_rows_selects_rows_of_the_full_pass() {
         let cfg = small_config(4);

@@ -1,20 +1,16 @@
 //! `bd3lm generate`: local generation in one process, streaming each committed block.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use bd3lm_diffusion::{Filter, Sampler, SamplingParams, Session, StopRules, generate};
 use bd3lm_model::Bd3lm;
 use bd3lm_model::checkpoint::Checkpoint;
+use bd3lm_text::{Decoder, Text};
 use candle_core::{DType, Device};
 use clap::{Args, ValueEnum};
-use tokenizers::Tokenizer;
-
-/// Names tried, in order, for the beginning- and end-of-sequence tokens of a tokenizer.
-const BOS_NAMES: [&str; 4] = ["<|endoftext|>", "<s>", "<bos>", "[CLS]"];
-const EOS_NAMES: [&str; 4] = ["<|endoftext|>", "</s>", "<eos>", "[SEP]"];
 
 /// The update rule of each denoising step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -153,66 +149,6 @@ pub struct LocalArgs {
     pub generation: GenerationArgs,
 }
 
-/// A tokenizer with the special ids generation needs.
-struct Text {
-    tokenizer: Option<Tokenizer>,
-    bos: u32,
-    eos: u32,
-}
-
-impl Text {
-    fn load(path: Option<&Path>, checkpoint: &Path, model: &Bd3lm) -> anyhow::Result<Self> {
-        let default = checkpoint.join("tokenizer.json");
-        let path = match path {
-            Some(p) => Some(p.to_path_buf()),
-            None => default.is_file().then_some(default),
-        };
-        // Without a tokenizer, the GPT-2 convention: BOS = EOS = vocab_size - 2.
-        let fallback = model.config().vocab_size as u32 - 2;
-        let Some(path) = path else {
-            return Ok(Self {
-                tokenizer: None,
-                bos: fallback,
-                eos: fallback,
-            });
-        };
-        let tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| anyhow::anyhow!("{}: not a usable tokenizer.json: {e}", path.display()))?;
-        let find = |names: &[&str]| {
-            names
-                .iter()
-                .find_map(|n| tokenizer.token_to_id(n))
-                .unwrap_or(fallback)
-        };
-        let (bos, eos) = (find(&BOS_NAMES), find(&EOS_NAMES));
-        Ok(Self {
-            tokenizer: Some(tokenizer),
-            bos,
-            eos,
-        })
-    }
-
-    fn encode(&self, text: &str) -> anyhow::Result<Vec<u32>> {
-        let tokenizer = self
-            .tokenizer
-            .as_ref()
-            .context("--prompt needs a tokenizer: pass --tokenizer FILE or use --prompt-ids")?;
-        let enc = tokenizer
-            .encode(text, false)
-            .map_err(|e| anyhow::anyhow!("tokenizing the prompt: {e}"))?;
-        Ok(std::iter::once(self.bos)
-            .chain(enc.get_ids().iter().copied())
-            .collect())
-    }
-
-    fn decode(&self, ids: &[u32]) -> String {
-        match &self.tokenizer {
-            Some(t) => t.decode(ids, false).unwrap_or_default(),
-            None => ids.iter().map(|i| format!("{i} ")).collect(),
-        }
-    }
-}
-
 fn load_model(args: &LocalArgs) -> anyhow::Result<Bd3lm> {
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
@@ -230,41 +166,34 @@ fn load_model(args: &LocalArgs) -> anyhow::Result<Bd3lm> {
 pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     let model = load_model(args)?;
     let params = args.generation.sampling(model.config().block_size)?;
-    let text = Text::load(args.tokenizer.as_deref(), &args.checkpoint, &model)?;
+    let default_tokenizer = args.checkpoint.join("tokenizer.json");
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .or_else(|| default_tokenizer.is_file().then_some(default_tokenizer));
+    let text = Text::load(tokenizer.as_deref(), model.config().vocab_size)?;
     let prompt = match (&args.generation.prompt, &args.generation.prompt_ids) {
-        (Some(p), _) => text.encode(p)?,
+        (Some(p), _) => text.encode_prompt(p).context("--prompt")?,
         (None, Some(ids)) => ids.clone(),
         (None, None) => vec![text.bos],
     };
+    if !args.generation.stop.is_empty() && !text.has_tokenizer() {
+        bail!("--stop needs a tokenizer");
+    }
     let mut rules = StopRules {
         eos: args.generation.var_length.then_some(text.eos),
         stop_sequences: args.generation.stop_ids.clone(),
+        hook: text.stop_hook(args.generation.stop.clone()),
         ..StopRules::max_tokens(args.generation.max_tokens)
     };
-    if !args.generation.stop.is_empty() {
-        let tokenizer = text.tokenizer.clone().context("--stop needs a tokenizer")?;
-        let stops = args.generation.stop.clone();
-        rules.hook = Some(Box::new(move |generated: &[u32]| {
-            text_stop(&tokenizer, &stops, generated)
-        }));
-    }
     let seed = args.generation.seed.unwrap_or_else(rand::random);
     let started = Instant::now();
     let mut session = Session::start(&model, &prompt)?;
-    let mut shown: Vec<u32> = Vec::new();
-    let mut printed = String::new();
+    let mut decoder = Decoder::new(&text);
     let mut stdout = std::io::stdout().lock();
     let out = generate(&mut session, &params, seed, &mut rules, None, |_, new| {
-        shown.extend_from_slice(new);
-        // Decode everything shown so far: a character can span two blocks' tokens.
-        let now = text.decode(&shown);
-        if let Some(suffix) = now.strip_prefix(printed.as_str()) {
-            let _ = write!(stdout, "{suffix}");
-        } else {
-            let _ = write!(stdout, "{}", text.decode(new));
-        }
+        let _ = write!(stdout, "{}", decoder.push(new));
         let _ = stdout.flush();
-        printed = now;
     })?;
     let _ = writeln!(stdout);
     let secs = started.elapsed().as_secs_f64();
@@ -279,20 +208,4 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
         out.stop.name()
     );
     Ok(())
-}
-
-/// The number of generated tokens to keep when the decoded text contains a stop string:
-/// the shortest prefix whose text still contains none.
-fn text_stop(tokenizer: &Tokenizer, stops: &[String], generated: &[u32]) -> Option<usize> {
-    let text = tokenizer.decode(generated, false).ok()?;
-    stops.iter().find(|s| text.contains(s.as_str()))?;
-    let mut keep = generated.len();
-    while keep > 0 {
-        let prefix = tokenizer.decode(&generated[..keep - 1], false).ok()?;
-        if !stops.iter().any(|s| prefix.contains(s.as_str())) {
-            return Some(keep - 1);
-        }
-        keep -= 1;
-    }
-    Some(0)
 }

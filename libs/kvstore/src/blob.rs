@@ -1,0 +1,167 @@
+//! The KV blob of one committed block.
+//!
+//! Layout (little endian): magic `BD3KVBLK`, version u32, model id (u16 length + UTF-8),
+//! weights fingerprint (u16 length + UTF-8), block index u64, payload (u64 length + bytes),
+//! FNV-1a checksum u64 of everything before it. The payload is the model library's own
+//! self-describing KV segment (dtype, layers, heads, head dim, positions, its checksum).
+
+use crate::{Error, Result, fnv1a};
+
+const MAGIC: &[u8; 8] = b"BD3KVBLK";
+const VERSION: u32 = 1;
+/// Longest model id or fingerprint accepted.
+const MAX_NAME: usize = 1024;
+
+/// One committed block's keys and values with what identifies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockBlob {
+    /// Model that computed them.
+    pub model_id: String,
+    /// Hash of that model's weights.
+    pub fingerprint: String,
+    /// Index of the block in its session.
+    pub block_index: u64,
+    /// The model's serialised KV segment.
+    pub payload: Vec<u8>,
+}
+
+impl BlockBlob {
+    /// Encodes the blob.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(
+            64 + self.model_id.len() + self.fingerprint.len() + self.payload.len(),
+        );
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        for name in [&self.model_id, &self.fingerprint] {
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+        }
+        out.extend_from_slice(&self.block_index.to_le_bytes());
+        out.extend_from_slice(&(self.payload.len() as u64).to_le_bytes());
+        out.extend_from_slice(&self.payload);
+        let sum = fnv1a(&out);
+        out.extend_from_slice(&sum.to_le_bytes());
+        out
+    }
+
+    /// Decodes a blob, checking every length against the bytes present and the checksum.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < MAGIC.len() + 4 + 2 + 2 + 8 + 8 + 8 {
+            return Err(Error::Corrupt("KV blob too short".into()));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 8);
+        if fnv1a(body).to_le_bytes() != sum {
+            return Err(Error::Corrupt("KV blob checksum mismatch".into()));
+        }
+        let mut r = Reader {
+            bytes: body,
+            pos: 0,
+        };
+        if r.take(8)? != MAGIC {
+            return Err(Error::Corrupt("not a KV blob (bad magic)".into()));
+        }
+        let version = u32::from_le_bytes(r.array()?);
+        if version != VERSION {
+            return Err(Error::Corrupt(format!(
+                "KV blob version {version} is not supported"
+            )));
+        }
+        let model_id = r.name()?;
+        let fingerprint = r.name()?;
+        let block_index = u64::from_le_bytes(r.array()?);
+        let len = u64::from_le_bytes(r.array()?);
+        if len != r.remaining() as u64 {
+            return Err(Error::Corrupt(format!(
+                "KV blob payload: header says {len} bytes, {} present",
+                r.remaining()
+            )));
+        }
+        let payload = r.take(len as usize)?.to_vec();
+        Ok(Self {
+            model_id,
+            fingerprint,
+            block_index,
+            payload,
+        })
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
+        let end = end.ok_or_else(|| Error::Corrupt("KV blob truncated".into()))?;
+        let out = &self.bytes[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        Ok(self.take(N)?.try_into().expect("N bytes"))
+    }
+    fn name(&mut self) -> Result<String> {
+        let len = u16::from_le_bytes(self.array()?) as usize;
+        if len > MAX_NAME {
+            return Err(Error::Corrupt(format!("KV blob name of {len} bytes")));
+        }
+        String::from_utf8(self.take(len)?.to_vec())
+            .map_err(|_| Error::Corrupt("KV blob name is not UTF-8".into()))
+    }
+    fn remaining(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn blob() -> BlockBlob {
+        BlockBlob {
+            model_id: "demo".into(),
+            fingerprint: "abc123".into(),
+            block_index: 7,
+            payload: (0..200u8).collect(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        assert_eq!(BlockBlob::decode(&blob().encode()).unwrap(), blob());
+    }
+
+    /// Every truncation and every single-bit flip is an error, never a panic.
+    #[test]
+    fn hostile_bytes_are_errors() {
+        let bytes = blob().encode();
+        for cut in 0..bytes.len() {
+            assert!(BlockBlob::decode(&bytes[..cut]).is_err(), "cut {cut}");
+        }
+        for i in 0..bytes.len() {
+            let mut b = bytes.clone();
+            b[i] ^= 0x10;
+            assert!(BlockBlob::decode(&b).is_err(), "flip {i}");
+        }
+    }
+
+    /// A huge declared length with a valid checksum is refused without allocating it.
+    #[test]
+    fn lying_lengths_are_refused() {
+        let mut body = blob().encode();
+        body.truncate(body.len() - 8);
+        let at = 8 + 4 + 2 + 4 + 2 + 6 + 8;
+        body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+        let sum = fnv1a(&body);
+        body.extend_from_slice(&sum.to_le_bytes());
+        assert!(
+            BlockBlob::decode(&body)
+                .unwrap_err()
+                .to_string()
+                .contains("payload")
+        );
+    }
+}

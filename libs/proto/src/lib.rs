@@ -1,0 +1,12 @@
+//! Generated code of the `bd3lm.v1` gRPC contracts: the public `Generation` service of the
+//! coordinator and the internal `DenoiseWorker` service.
+
+#![allow(missing_docs, clippy::all)]
+
+/// Package `bd3lm.v1`.
+pub mod v1 {
+    tonic::include_proto!("bd3lm.v1");
+}
+
+/// Encoded descriptors of every message and service, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("bd3lm_descriptor");

@@ -1,0 +1,210 @@
+//! A tokenizer with the special ids generation needs.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+/// Names tried, in order, for the beginning-of-sequence token.
+const BOS_NAMES: [&str; 4] = ["<|endoftext|>", "<s>", "<bos>", "[CLS]"];
+/// Names tried, in order, for the end-of-sequence token.
+const EOS_NAMES: [&str; 4] = ["<|endoftext|>", "</s>", "<eos>", "[SEP]"];
+
+/// Errors of tokenization.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The tokenizer file could not be loaded.
+    #[error("{path}: not a usable tokenizer.json: {reason}")]
+    Load {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Text was given but there is no tokenizer.
+    #[error("text needs a tokenizer; give token ids instead")]
+    NoTokenizer,
+    /// The tokenizer failed on an input.
+    #[error("tokenizing: {0}")]
+    Encode(String),
+}
+
+/// A tokenizer (optional: models can be driven by ids alone) and its BOS and EOS ids.
+#[derive(Clone, Debug)]
+pub struct Text {
+    tokenizer: Option<Tokenizer>,
+    /// Beginning-of-sequence id, put before text prompts.
+    pub bos: u32,
+    /// End-of-sequence id, for variable-length generation.
+    pub eos: u32,
+}
+
+impl Text {
+    /// Loads `path` when given. Special ids come from the tokenizer's vocabulary, else
+    /// follow the GPT-2 convention of the published models: BOS = EOS = `vocab_size - 2`.
+    pub fn load(path: Option<&Path>, vocab_size: usize) -> Result<Self, Error> {
+        let fallback = vocab_size.saturating_sub(2) as u32;
+        let Some(path) = path else {
+            return Ok(Self {
+                tokenizer: None,
+                bos: fallback,
+                eos: fallback,
+            });
+        };
+        let tokenizer = Tokenizer::from_file(path).map_err(|e| Error::Load {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        let find = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| tokenizer.token_to_id(n))
+                .unwrap_or(fallback)
+        };
+        let (bos, eos) = (find(&BOS_NAMES), find(&EOS_NAMES));
+        Ok(Self {
+            tokenizer: Some(tokenizer),
+            bos,
+            eos,
+        })
+    }
+
+    /// Whether text can be encoded.
+    pub fn has_tokenizer(&self) -> bool {
+        self.tokenizer.is_some()
+    }
+
+    /// Token ids of `text`, without special tokens.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, Error> {
+        let tokenizer = self.tokenizer.as_ref().ok_or(Error::NoTokenizer)?;
+        let enc = tokenizer
+            .encode(text, false)
+            .map_err(|e| Error::Encode(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// A text prompt as ids: BOS, then the text's tokens.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>, Error> {
+        Ok(std::iter::once(self.bos)
+            .chain(self.encode(text)?)
+            .collect())
+    }
+
+    /// The text of `ids`; without a tokenizer, the ids separated by spaces.
+    pub fn decode(&self, ids: &[u32]) -> String {
+        match &self.tokenizer {
+            Some(t) => t.decode(ids, false).unwrap_or_default(),
+            None => ids.iter().map(|i| format!("{i} ")).collect(),
+        }
+    }
+
+    /// A stop rule for text stop sequences: the number of generated tokens to keep (the
+    /// longest prefix whose text contains none of `stops`) once one appears.
+    pub fn stop_hook(&self, stops: Vec<String>) -> Option<crate::StopHook> {
+        if stops.is_empty() {
+            return None;
+        }
+        let text = self.clone();
+        Some(Box::new(move |generated: &[u32]| {
+            let contains = |ids: &[u32]| {
+                let s = text.decode(ids);
+                stops.iter().any(|stop| s.contains(stop.as_str()))
+            };
+            if !contains(generated) {
+                return None;
+            }
+            let keep = (0..generated.len())
+                .rev()
+                .find(|&k| !contains(&generated[..k]))
+                .unwrap_or(0);
+            Some(keep)
+        }))
+    }
+}
+
+/// Turns a stream of token ids into a stream of text pieces: a character may span the
+/// tokens of two blocks, so each piece is what the whole text gained.
+pub struct Decoder<'a> {
+    text: &'a Text,
+    ids: Vec<u32>,
+    printed: String,
+}
+
+impl<'a> Decoder<'a> {
+    /// A decoder with nothing decoded yet.
+    pub fn new(text: &'a Text) -> Self {
+        Self {
+            text,
+            ids: Vec::new(),
+            printed: String::new(),
+        }
+    }
+
+    /// Adds `ids` and returns the new text.
+    pub fn push(&mut self, ids: &[u32]) -> String {
+        self.ids.extend_from_slice(ids);
+        let now = self.text.decode(&self.ids);
+        let piece = match now.strip_prefix(self.printed.as_str()) {
+            Some(suffix) => suffix.to_string(),
+            None => self.text.decode(ids),
+        };
+        self.printed = now;
+        piece
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A word-level tokenizer: "w0" .. "w9", plus "<|endoftext|>" = 10.
+    fn words(dir: &Path) -> std::path::PathBuf {
+        let mut vocab: serde_json::Map<String, serde_json::Value> =
+            (0..10).map(|i| (format!("w{i}"), i.into())).collect();
+        vocab.insert("<|endoftext|>".into(), 10.into());
+        let json = serde_json::json!({
+            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+        });
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, json.to_string()).unwrap();
+        path
+    }
+
+    #[test]
+    fn special_ids_come_from_the_tokenizer_or_the_gpt2_convention() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = Text::load(Some(&words(dir.path())), 12).unwrap();
+        assert_eq!((text.bos, text.eos), (10, 10));
+        assert_eq!(text.encode_prompt("w3 w4").unwrap(), [10, 3, 4]);
+        let bare = Text::load(None, 1024).unwrap();
+        assert_eq!((bare.bos, bare.eos), (1022, 1022));
+        assert!(matches!(bare.encode("x"), Err(Error::NoTokenizer)));
+        assert_eq!(bare.decode(&[1, 2]), "1 2 ");
+        std::fs::write(dir.path().join("bad.json"), "{").unwrap();
+        assert!(
+            Text::load(Some(&dir.path().join("bad.json")), 12)
+                .unwrap_err()
+                .to_string()
+                .contains("bad.json")
+        );
+    }
+
+    #[test]
+    fn text_stops_keep_the_longest_clean_prefix_and_decoding_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = Text::load(Some(&words(dir.path())), 12).unwrap();
+        let mut hook = text.stop_hook(vec!["w5".into()]).unwrap();
+        assert_eq!(hook(&[1, 2, 3]), None);
+        assert_eq!(hook(&[1, 2, 5, 6]), Some(2));
+        let mut decoder = Decoder::new(&text);
+        let pieces: String = [&[1u32, 2][..], &[3]]
+            .iter()
+            .map(|ids| decoder.push(ids))
+            .collect();
+        assert_eq!(
+            pieces.split_whitespace().collect::<Vec<_>>(),
+            ["w1", "w2", "w3"]
+        );
+    }
+}
