@@ -130,12 +130,19 @@ impl GenerationArgs {
     }
 }
 
-/// Arguments of local generation.
+/// Arguments of `bd3lm generate`: local with `--checkpoint`, or a client of a server with
+/// `--addr`.
 #[derive(Debug, Clone, Args)]
 pub struct LocalArgs {
+    /// Generate through the server at HOST:PORT (`bd3lm serve`, the coordinator).
+    #[arg(long, env = "BD3LM_SERVER", value_name = "HOST:PORT", conflicts_with_all = ["checkpoint", "tokenizer"])]
+    pub addr: Option<String>,
+    /// With --addr: continue this session.
+    #[arg(long, value_name = "ID", requires = "addr")]
+    pub session: Option<String>,
     /// Checkpoint directory (config.json + model.safetensors).
-    #[arg(long, value_name = "DIR")]
-    pub checkpoint: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "addr")]
+    pub checkpoint: Option<PathBuf>,
     /// tokenizer.json; default: the checkpoint directory's.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -149,7 +156,7 @@ pub struct LocalArgs {
     pub generation: GenerationArgs,
 }
 
-fn load_model(args: &LocalArgs) -> anyhow::Result<Bd3lm> {
+fn load_model(args: &LocalArgs, checkpoint: &std::path::Path) -> anyhow::Result<Bd3lm> {
     let device = match args.device {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::new_cuda(0).context("--device cuda")?,
@@ -159,14 +166,26 @@ fn load_model(args: &LocalArgs) -> anyhow::Result<Bd3lm> {
         DtypeArg::F16 => DType::F16,
         DtypeArg::Bf16 => DType::BF16,
     };
-    Ok(Checkpoint::open(&args.checkpoint)?.load_model(dtype, &device)?)
+    Ok(Checkpoint::open(checkpoint)?.load_model(dtype, &device)?)
 }
 
 /// Runs a local generation, streaming text to stdout and a summary line to stderr.
 pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
-    let model = load_model(args)?;
+    let Some(checkpoint) = &args.checkpoint else {
+        let addr = args
+            .addr
+            .clone()
+            .context("--checkpoint or --addr is required")?;
+        let runtime = tokio::runtime::Runtime::new()?;
+        return runtime.block_on(crate::client::generate(
+            &addr,
+            args.session.clone(),
+            &args.generation,
+        ));
+    };
+    let model = load_model(args, checkpoint)?;
     let params = args.generation.sampling(model.config().block_size)?;
-    let default_tokenizer = args.checkpoint.join("tokenizer.json");
+    let default_tokenizer = checkpoint.join("tokenizer.json");
     let tokenizer = args
         .tokenizer
         .clone()
@@ -199,11 +218,10 @@ pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let n = out.tokens.len();
     eprintln!(
-        "tokens {n}, {:.1} tokens/s, forward passes {} ({:.2} per token) + {} commits, blocks {}, stop {}, seed {seed}",
+        "tokens {n}, {:.1} tokens/s, forward passes {} ({:.2} per token), blocks {}, stop {}, seed {seed}",
         n as f64 / secs,
         out.forward_passes,
         out.forward_passes as f64 / n.max(1) as f64,
-        out.blocks.len(),
         out.blocks.len(),
         out.stop.name()
     );

@@ -2,7 +2,9 @@
 
 mod bench;
 mod check_reference;
+mod client;
 mod generate;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,8 +37,12 @@ enum Command {
         #[arg(long, default_value_t = 1e-4, value_parser = positive_f64, allow_hyphen_values = true)]
         tolerance: f64,
     },
-    /// Generate text locally, streaming each block as it is committed.
+    /// Generate text, streaming each block as it is committed: locally with
+    /// --checkpoint, or through a server with --addr.
     Generate(generate::LocalArgs),
+    /// Serve the gRPC Generation API: a coordinator and N denoise workers in one process,
+    /// with the in-memory store (or --redis).
+    Serve(serve::ServeArgs),
     /// Benchmarks (random-weight "tiny" model: d 256, 8 layers, 8 heads, vocab 50258).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -149,6 +155,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Command::Serve(args) => {
+            tokio::runtime::Runtime::new()?.block_on(serve::run(args))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {
             generate::run(&args)?;

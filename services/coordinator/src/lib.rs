@@ -1,1 +1,78 @@
-//! placeholder during bootstrap
+//! The coordinator: the public gRPC front of the system. It validates requests, tokenizes
+//! prompts, creates sessions in the store, and sends each block to a denoise worker
+//! (preferring the one that holds the session's KV cache), retrying another worker on an
+//! error, a timeout or a disconnect. It never runs the network.
+
+pub mod pool;
+pub mod service;
+pub mod validate;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bd3lm_kvstore::Store;
+use bd3lm_proto::v1::generation_server::GenerationServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+
+pub use pool::{Pool, Routing, WorkerSource};
+pub use service::{Coordinator, CoordinatorSettings};
+pub use validate::Limits;
+
+/// Keeps the pool's addresses and health current, every `interval`.
+pub fn spawn_discovery(
+    pool: Arc<Pool>,
+    source: WorkerSource,
+    interval: Duration,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let healthy = pool.refresh(&source).await;
+            tracing::debug!(healthy, "worker health checked");
+            tokio::time::sleep(interval).await;
+        }
+    })
+}
+
+/// Serves the coordinator on `listener` until `shutdown` resolves. Health reports SERVING
+/// while at least one worker is healthy.
+pub async fn serve(
+    listener: TcpListener,
+    pool: Arc<Pool>,
+    store: Store,
+    settings: CoordinatorSettings,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let watched = pool.clone();
+    tokio::spawn(async move {
+        loop {
+            let status = if watched.healthy_count() > 0 {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            reporter
+                .set_service_status("bd3lm.v1.Generation", status)
+                .await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(bd3lm_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let max_request = settings.limits.max_request_bytes;
+    let coordinator = Coordinator::new(pool, store, settings);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(GenerationServer::new(coordinator).max_decoding_message_size(max_request))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .context("coordinator server")
+}

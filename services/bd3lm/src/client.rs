@@ -1,0 +1,102 @@
+//! `bd3lm generate --addr`: a streaming client of the Generation service.
+
+use std::io::Write;
+use std::time::Instant;
+
+use anyhow::Context;
+use bd3lm_proto::v1::generate_request::Prompt;
+use bd3lm_proto::v1::generation_client::GenerationClient;
+use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, StopReason, TokenIds};
+
+use crate::generate::{GenerationArgs, SamplerArg};
+
+/// The request the generation flags describe.
+pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateRequest {
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(text), _) => Some(Prompt::Text(text.clone())),
+        (None, Some(ids)) => Some(Prompt::TokenIds(TokenIds { ids: ids.clone() })),
+        (None, None) => None,
+    };
+    let sampler = match args.sampler {
+        SamplerArg::Ddpm => Sampler::Ddpm,
+        SamplerArg::FirstHitting => Sampler::FirstHitting,
+        SamplerArg::Confidence => Sampler::Confidence,
+    };
+    GenerateRequest {
+        prompt,
+        session_id: session.unwrap_or_default(),
+        max_new_tokens: args.max_tokens.min(u32::MAX as usize) as u32,
+        sampling: Some(SamplingParameters {
+            sampler: sampler as i32,
+            steps: args.steps.map(|s| s.min(u32::MAX as usize) as u32),
+            threshold: Some(args.threshold),
+            temperature: Some(args.temperature),
+            top_p: Some(args.top_p),
+            top_k: args.top_k.map(|k| k.min(u32::MAX as usize) as u32),
+            greedy: args.greedy,
+        }),
+        seed: args.seed,
+        stop: args.stop.clone(),
+        stop_token_ids: args
+            .stop_ids
+            .iter()
+            .map(|ids| TokenIds { ids: ids.clone() })
+            .collect(),
+        stop_on_eos: args.var_length,
+    }
+}
+
+/// Streams a generation from the server at `addr` to stdout, with a summary on stderr.
+pub async fn generate(
+    addr: &str,
+    session: Option<String>,
+    args: &GenerationArgs,
+) -> anyhow::Result<()> {
+    let url = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let mut client = GenerationClient::connect(url)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let started = Instant::now();
+    let mut stream = client
+        .generate_stream(request(args, session))
+        .await
+        .map_err(status)?
+        .into_inner();
+    let mut stdout = std::io::stdout().lock();
+    let (mut tokens, mut blocks) = (0usize, 0usize);
+    while let Some(message) = stream.message().await.map_err(status)? {
+        if message.text.is_empty() {
+            for id in &message.token_ids {
+                let _ = write!(stdout, "{id} ");
+            }
+        } else {
+            let _ = write!(stdout, "{}", message.text);
+        }
+        let _ = stdout.flush();
+        tokens += message.token_ids.len();
+        blocks += message.block.is_some() as usize;
+        if message.stop_reason != StopReason::Unspecified as i32 {
+            let _ = writeln!(stdout);
+            let reason = StopReason::try_from(message.stop_reason)
+                .map_or("unknown".into(), |r| r.as_str_name().to_lowercase());
+            eprintln!(
+                "tokens {tokens}, {:.1} tokens/s, forward passes {} ({:.2} per token), blocks {blocks}, stop {}, seed {}, session {}",
+                tokens as f64 / started.elapsed().as_secs_f64(),
+                message.forward_passes,
+                message.forward_passes as f64 / tokens.max(1) as f64,
+                reason.trim_start_matches("stop_reason_"),
+                message.seed,
+                message.session_id
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}

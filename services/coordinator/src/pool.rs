@@ -1,0 +1,229 @@
+//! The denoise workers: addresses from a static list or a DNS name, periodic health
+//! checks, load, and session affinity.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
+use bd3lm_proto::v1::{InfoRequest, InfoResponse};
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How blocks of a session are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// To the worker that holds the session's cache when it is healthy, else the least
+    /// loaded one.
+    Affinity,
+    /// Never to the worker of the session's previous block (when another is healthy):
+    /// exercises cache transfer through the store.
+    Rotate,
+}
+
+/// Where worker addresses come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerSource {
+    /// A fixed list of `host:port`.
+    Static(Vec<String>),
+    /// A DNS name (e.g. a Kubernetes headless service) and port; every address it resolves
+    /// to is a worker.
+    Dns(String),
+}
+
+/// One denoise worker.
+pub struct Worker {
+    /// Its `host:port`.
+    pub addr: String,
+    client: DenoiseWorkerClient<Channel>,
+    health: HealthClient<Channel>,
+    healthy: AtomicBool,
+    in_flight: AtomicUsize,
+}
+
+impl Worker {
+    fn new(addr: &str) -> anyhow::Result<Self> {
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        Ok(Self {
+            addr: addr.to_string(),
+            client: DenoiseWorkerClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            health: HealthClient::new(channel),
+            healthy: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    /// A client for one call.
+    pub fn client(&self) -> DenoiseWorkerClient<Channel> {
+        self.client.clone()
+    }
+
+    /// Marks the worker down until its next successful health check.
+    pub fn mark_down(&self) {
+        self.healthy.store(false, Ordering::Relaxed);
+    }
+
+    /// Counts a call in flight for as long as the guard lives.
+    pub fn enter(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    async fn check(&self) -> bool {
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), self.health.clone().check(request)).await;
+        let ok = matches!(answer, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32);
+        self.healthy.store(ok, Ordering::Relaxed);
+        ok
+    }
+}
+
+/// A call in flight on a worker.
+pub struct InFlight(Arc<Worker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The set of workers.
+pub struct Pool {
+    workers: RwLock<Vec<Arc<Worker>>>,
+    /// Worker address of each session's last block.
+    affinity: Mutex<HashMap<String, String>>,
+    routing: Routing,
+}
+
+impl Pool {
+    /// An empty pool; [`Pool::refresh`] fills it.
+    pub fn new(routing: Routing) -> Self {
+        Self {
+            workers: RwLock::default(),
+            affinity: Mutex::default(),
+            routing,
+        }
+    }
+
+    fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Resolves `source`, keeps known workers, adds new ones, drops vanished ones, and
+    /// checks every worker's health. Returns the number of healthy workers.
+    pub async fn refresh(&self, source: &WorkerSource) -> usize {
+        let addrs = match source {
+            WorkerSource::Static(list) => list.clone(),
+            WorkerSource::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
+                Ok(found) => found.map(|a| a.to_string()).collect(),
+                Err(e) => {
+                    tracing::warn!(%name, error = %e, "resolving workers failed");
+                    self.workers().iter().map(|w| w.addr.clone()).collect()
+                }
+            },
+        };
+        let current = self.workers();
+        let mut next = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            match current.iter().find(|w| w.addr == addr) {
+                Some(w) => next.push(w.clone()),
+                None => match Worker::new(&addr) {
+                    Ok(w) => next.push(Arc::new(w)),
+                    Err(e) => tracing::warn!(%addr, error = %e, "bad worker address"),
+                },
+            }
+        }
+        *self.workers.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
+        let checks = next.iter().map(|w| w.check());
+        futures::future::join_all(checks)
+            .await
+            .into_iter()
+            .filter(|&ok| ok)
+            .count()
+    }
+
+    /// The worker for the next block of `session`, skipping `exclude`d addresses.
+    pub fn pick(&self, session: &str, exclude: &[String]) -> Option<Arc<Worker>> {
+        let healthy: Vec<Arc<Worker>> = self
+            .workers()
+            .into_iter()
+            .filter(|w| w.healthy.load(Ordering::Relaxed) && !exclude.contains(&w.addr))
+            .collect();
+        let last = self
+            .affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(session)
+            .cloned();
+        let least_loaded = |ws: &[Arc<Worker>]| {
+            ws.iter()
+                .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
+                .cloned()
+        };
+        match (self.routing, last) {
+            (Routing::Affinity, Some(last)) => healthy
+                .iter()
+                .find(|w| w.addr == last)
+                .cloned()
+                .or_else(|| least_loaded(&healthy)),
+            (Routing::Rotate, Some(last)) => {
+                let others: Vec<Arc<Worker>> =
+                    healthy.iter().filter(|w| w.addr != last).cloned().collect();
+                least_loaded(&others).or_else(|| least_loaded(&healthy))
+            }
+            (_, None) => least_loaded(&healthy),
+        }
+    }
+
+    /// Records the worker that served `session`'s last block.
+    pub fn remember(&self, session: &str, addr: &str) {
+        self.affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(session.to_string(), addr.to_string());
+    }
+
+    /// Forgets a session's worker.
+    pub fn forget(&self, session: &str) {
+        self.affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(session);
+    }
+
+    /// The model information of any healthy worker.
+    pub async fn model_info(&self) -> Option<InfoResponse> {
+        for w in self
+            .workers()
+            .into_iter()
+            .filter(|w| w.healthy.load(Ordering::Relaxed))
+        {
+            if let Ok(Ok(info)) =
+                tokio::time::timeout(Duration::from_secs(2), w.client().info(InfoRequest {})).await
+            {
+                return Some(info.into_inner());
+            }
+        }
+        None
+    }
+
+    /// Number of healthy workers.
+    pub fn healthy_count(&self) -> usize {
+        self.workers()
+            .iter()
+            .filter(|w| w.healthy.load(Ordering::Relaxed))
+            .count()
+    }
+}
