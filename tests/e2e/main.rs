@@ -1,6 +1,8 @@
 //! End-to-end tests: the workspace's binaries run as separate processes.
 
 mod check_reference;
+mod cluster;
+mod distributed;
 mod generate;
 
 use std::path::{Path, PathBuf};

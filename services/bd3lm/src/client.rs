@@ -17,10 +17,13 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
         (None, Some(ids)) => Some(Prompt::TokenIds(TokenIds { ids: ids.clone() })),
         (None, None) => None,
     };
+    // Only what was asked for: the server fills in its defaults, or a continued
+    // session's own parameters.
     let sampler = match args.sampler {
-        SamplerArg::Ddpm => Sampler::Ddpm,
-        SamplerArg::FirstHitting => Sampler::FirstHitting,
-        SamplerArg::Confidence => Sampler::Confidence,
+        None => Sampler::Unspecified,
+        Some(SamplerArg::Ddpm) => Sampler::Ddpm,
+        Some(SamplerArg::FirstHitting) => Sampler::FirstHitting,
+        Some(SamplerArg::Confidence) => Sampler::Confidence,
     };
     GenerateRequest {
         prompt,
@@ -29,9 +32,9 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
         sampling: Some(SamplingParameters {
             sampler: sampler as i32,
             steps: args.steps.map(|s| s.min(u32::MAX as usize) as u32),
-            threshold: Some(args.threshold),
-            temperature: Some(args.temperature),
-            top_p: Some(args.top_p),
+            threshold: args.threshold,
+            temperature: args.temperature,
+            top_p: args.top_p,
             top_k: args.top_k.map(|k| k.min(u32::MAX as usize) as u32),
             greedy: args.greedy,
         }),

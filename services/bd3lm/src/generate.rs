@@ -59,17 +59,21 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub steps: Option<usize>,
     /// Update rule of each step.
-    #[arg(long, value_enum, default_value_t = SamplerArg::FirstHitting)]
-    pub sampler: SamplerArg,
+    /// [default: first-hitting; a continued session keeps its own]
+    #[arg(long, value_enum)]
+    pub sampler: Option<SamplerArg>,
     /// Probability a position's top token must exceed to unmask (confidence sampler).
-    #[arg(long, default_value_t = 0.9)]
-    pub threshold: f64,
+    /// [default: 0.9]
+    #[arg(long)]
+    pub threshold: Option<f64>,
     /// Softmax temperature (> 0).
-    #[arg(long, default_value_t = 1.0, allow_hyphen_values = true)]
-    pub temperature: f64,
+    /// [default: 1]
+    #[arg(long, allow_hyphen_values = true)]
+    pub temperature: Option<f64>,
     /// Nucleus sampling: keep the most likely tokens up to this mass, in (0, 1].
-    #[arg(long, default_value_t = 0.9, allow_hyphen_values = true)]
-    pub top_p: f64,
+    /// [default: 0.9]
+    #[arg(long, allow_hyphen_values = true)]
+    pub top_p: Option<f64>,
     /// Keep only the K most likely tokens.
     #[arg(long)]
     pub top_k: Option<usize>,
@@ -104,20 +108,20 @@ fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
 impl GenerationArgs {
     /// The sampling parameters for a model with `block_size`, validated.
     pub fn sampling(&self, block_size: usize) -> anyhow::Result<SamplingParams> {
-        let sampler = match self.sampler {
+        let sampler = match self.sampler.unwrap_or(SamplerArg::FirstHitting) {
             SamplerArg::Ddpm => Sampler::Ddpm,
             SamplerArg::FirstHitting => Sampler::FirstHitting,
             SamplerArg::Confidence => Sampler::Confidence {
-                threshold: self.threshold,
+                threshold: self.threshold.unwrap_or(0.9),
             },
         };
         let params = SamplingParams {
             sampler,
             steps: self.steps.unwrap_or(block_size),
             filter: Filter {
-                temperature: self.temperature,
+                temperature: self.temperature.unwrap_or(1.0),
                 top_k: self.top_k,
-                top_p: self.top_p,
+                top_p: self.top_p.unwrap_or(0.9),
             },
             greedy: self.greedy,
             ..SamplingParams::new(block_size)

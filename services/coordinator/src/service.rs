@@ -263,7 +263,21 @@ impl Coordinator {
                 break StopReason::Cancelled;
             }
             let started = Instant::now();
-            let (answer, worker) = match self.denoise_block(&session, committed).await {
+            let mut answer = self.denoise_block(&session, committed).await;
+            if matches!(&answer, Err(s) if s.code() == Code::NotFound) {
+                // The store lost the session (flushed, evicted): this request holds every
+                // committed token, so it puts the record back and goes on; the workers
+                // rebuild the KV state from the tokens.
+                let mut record = plan.record.clone();
+                record.tokens.clone_from(&tokens);
+                record.committed_blocks = committed;
+                tracing::warn!(session = %session, committed, "session missing from the store; restoring it");
+                answer = match self.inner.store.put_session(&record).await {
+                    Ok(()) => self.denoise_block(&session, committed).await,
+                    Err(e) => Err(store_status(e)),
+                };
+            }
+            let (answer, worker) = match answer {
                 Ok(a) => a,
                 Err(status) => {
                     let _ = tx.send(Err(status)).await;

@@ -1,0 +1,304 @@
+//! Real processes for the distributed tests: a `redis-server` on a free loopback port, the
+//! `bd3lm-worker` and `bd3lm-coordinator` binaries, and the `bd3lm` client.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::bin;
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    /// Kept open so the process never writes to a closed pipe.
+    _stdout: Option<BufReader<std::process::ChildStdout>>,
+}
+
+impl Proc {
+    /// Kills the process now (SIGKILL: no chance to finish its work).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// What it wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts `program` with its stderr in `dir`, and waits for the line on stdout that says it
+/// listens.
+fn spawn(program: &Path, args: &[String], dir: &Path, name: &str) -> Proc {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(program)
+        .args(args)
+        .env("BD3LM_THREADS", "1")
+        .env("RAYON_NUM_THREADS", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("listening"),
+        "{name} did not start: {line} {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    Proc {
+        child,
+        log,
+        _stdout: Some(stdout),
+    }
+}
+
+/// A `redis-server` of this test alone.
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Redis {
+    /// Starts a server on a free port with its files in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            proc: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// The URL of the server.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// Starts the server again (same port) after [`Redis::stop`].
+    pub fn restart(&mut self) {
+        let program = which("redis-server")
+            .expect("redis-server is not installed (apt-get install -y redis-server)");
+        let args = [
+            "--port",
+            &self.port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+        ];
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        args.push(self.dir.display().to_string());
+        let log = self.dir.join("redis.log");
+        let child = Command::new(program)
+            .args(&args)
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc {
+            child,
+            log,
+            _stdout: None,
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.command(&[b"PING"]).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Sends one command and returns the raw reply.
+    pub fn command(&self, args: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+            out.extend_from_slice(a);
+            out.extend_from_slice(b"\r\n");
+        }
+        stream.write_all(&out)?;
+        let mut reply = vec![0u8; 1 << 16];
+        let n = stream.read(&mut reply)?;
+        reply.truncate(n);
+        Ok(reply)
+    }
+
+    /// Every key matching `pattern`.
+    pub fn keys(&self, pattern: &str) -> Vec<String> {
+        let reply = String::from_utf8_lossy(&self.command(&[b"KEYS", pattern.as_bytes()]).unwrap())
+            .to_string();
+        reply
+            .lines()
+            .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A coordinator and its workers on one Redis.
+pub struct Cluster {
+    /// Holds the logs and Redis' files; removed with the cluster.
+    _dir: tempfile::TempDir,
+    pub redis: Redis,
+    pub workers: Vec<Proc>,
+    pub coordinator: Proc,
+    pub addr: String,
+}
+
+impl Cluster {
+    /// Starts Redis, `workers` workers on `checkpoint` and a coordinator with `routing`.
+    pub fn start(checkpoint: &Path, workers: usize, routing: &str) -> Self {
+        Self::start_with(checkpoint, workers, routing, &[])
+    }
+
+    /// [`Cluster::start`] with `extra` coordinator flags.
+    pub fn start_with(checkpoint: &Path, workers: usize, routing: &str, extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = Redis::start(dir.path());
+        let mut procs = Vec::new();
+        let mut addrs = Vec::new();
+        for i in 0..workers {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let args = vec![
+                "--addr".into(),
+                addr.clone(),
+                "--checkpoint".into(),
+                checkpoint.display().to_string(),
+                "--redis".into(),
+                redis.url(),
+            ];
+            procs.push(spawn(
+                &bin("bd3lm-worker"),
+                &args,
+                dir.path(),
+                &format!("worker{i}"),
+            ));
+            addrs.push(addr);
+        }
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = vec![
+            "--addr".into(),
+            addr.clone(),
+            "--workers".into(),
+            addrs.join(","),
+            "--redis".into(),
+            redis.url(),
+            "--routing".into(),
+            routing.into(),
+            "--health-interval-secs".into(),
+            "0.2".into(),
+            "--block-timeout-secs".into(),
+            "20".into(),
+        ];
+        let args: Vec<String> = args
+            .into_iter()
+            .chain(extra.iter().map(|s| s.to_string()))
+            .collect();
+        let coordinator = spawn(&bin("bd3lm-coordinator"), &args, dir.path(), "coordinator");
+        let cluster = Self {
+            _dir: dir,
+            redis,
+            workers: procs,
+            coordinator,
+            addr,
+        };
+        cluster.wait_ready();
+        cluster
+    }
+
+    /// Waits until a generation succeeds (workers loaded and healthy).
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.generate(&["--prompt-ids", "1022", "--max-tokens", "1"]);
+            if out.code == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready: {}",
+                out.stderr
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `bd3lm generate --addr` with `args`.
+    pub fn generate(&self, args: &[&str]) -> Generated {
+        let mut all = vec!["generate", "--addr", self.addr.as_str()];
+        all.extend_from_slice(args);
+        Generated::from(crate::bd3lm(&all))
+    }
+}
+
+/// The outcome of a `bd3lm generate` run.
+pub struct Generated {
+    pub code: i32,
+    pub ids: Vec<u32>,
+    pub stderr: String,
+}
+
+impl Generated {
+    /// The session id from the summary line.
+    pub fn session(&self) -> String {
+        self.stderr
+            .split("session ")
+            .nth(1)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+impl From<std::process::Output> for Generated {
+    fn from(out: std::process::Output) -> Self {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        Self {
+            code: out.status.code().unwrap_or(-1),
+            ids: stdout
+                .split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).to_string(),
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! The distributed system as deployed: a real `redis-server`, the coordinator and worker
+//! binaries as separate processes, real gRPC over TCP. Every generation is compared with
+//! a local one of the same checkpoint and seed.
+
+use std::time::Duration;
+
+use crate::cluster::{Cluster, Generated};
+use crate::{bd3lm, data_dir};
+
+fn checkpoint() -> std::path::PathBuf {
+    data_dir().join("reference-bd3lm-bs4")
+}
+
+/// Local generation with the same flags.
+fn local(args: &[&str]) -> Vec<u32> {
+    let ckpt = checkpoint();
+    let mut all = vec!["generate", "--checkpoint", ckpt.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = Generated::from(bd3lm(&all));
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    out.ids
+}
+
+/// 120 tokens: past the 64-token window of the test model.
+const RUN: [&str; 8] = [
+    "--prompt-ids",
+    "1022,7,9",
+    "--max-tokens",
+    "120",
+    "--seed",
+    "11",
+    "--sampler",
+    "ddpm",
+];
+
+#[test]
+fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
+    let cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    let expected = local(&RUN);
+    let remote = cluster.generate(&RUN);
+    assert_eq!(remote.code, 0, "{}", remote.stderr);
+    assert_eq!(remote.ids, expected);
+    let used: Vec<String> = cluster.workers.iter().map(|w| w.log()).collect();
+    assert!(
+        used.iter().all(|log| log.contains("model loaded")),
+        "both workers served"
+    );
+
+    // A finished session continued (by whichever worker) goes on as one long generation.
+    let longer: Vec<&str> = RUN
+        .iter()
+        .map(|a| if *a == "120" { "150" } else { a })
+        .collect();
+    let long = local(&longer);
+    let session = remote.session();
+    let more = cluster.generate(&["--session", session.as_str(), "--max-tokens", "30"]);
+    assert_eq!(more.code, 0, "{}", more.stderr);
+    assert_eq!(more.ids, long[120..]);
+}
+
+#[test]
+fn a_worker_killed_mid_generation_loses_nothing() {
+    let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "2000",
+        "--seed",
+        "3",
+    ];
+    let expected = local(&args);
+    let addr = cluster.addr.clone();
+    let client = std::thread::spawn(move || {
+        let mut all = vec!["generate", "--addr", addr.as_str()];
+        all.extend_from_slice(&args);
+        Generated::from(bd3lm(&all))
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!client.is_finished(), "the worker must die mid-generation");
+    cluster.workers[0].kill();
+    let out = client.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+}
+
+#[test]
+fn store_faults_are_survived_or_reported() {
+    let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    let args = [
+        "--prompt-ids",
+        "1022,5",
+        "--max-tokens",
+        "1500",
+        "--seed",
+        "8",
+    ];
+    let expected = local(&args);
+
+    // Flushed mid-generation: the coordinator restores the record, workers rebuild the
+    // KV state from tokens.
+    let addr = cluster.addr.clone();
+    let client = std::thread::spawn(move || {
+        let mut all = vec!["generate", "--addr", addr.as_str()];
+        all.extend_from_slice(&args);
+        Generated::from(bd3lm(&all))
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!client.is_finished(), "the flush must come mid-generation");
+    cluster.redis.command(&[b"FLUSHALL"]).unwrap();
+    let out = client.join().unwrap();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+    assert!(
+        cluster.coordinator.log().contains("restoring"),
+        "the session was restored"
+    );
+
+    // Corrupt KV blobs are detected and rebuilt from tokens.
+    let short = cluster.generate(&[
+        "--prompt-ids",
+        "1022,5",
+        "--max-tokens",
+        "40",
+        "--seed",
+        "8",
+    ]);
+    assert_eq!(short.code, 0, "{}", short.stderr);
+    for key in cluster.redis.keys(&format!("*{}:kv:*", short.session())) {
+        cluster
+            .redis
+            .command(&[b"SET", key.as_bytes(), b"not a blob"])
+            .unwrap();
+    }
+    let more = cluster.generate(&["--session", short.session().as_str(), "--max-tokens", "30"]);
+    assert_eq!(more.code, 0, "{}", more.stderr);
+    assert_eq!(more.ids, expected[40..70]);
+    let logs: String = cluster.workers.iter().map(|w| w.log()).collect();
+    assert!(logs.contains("corrupt KV blob"), "corruption was detected");
+
+    // Redis down: a clear UNAVAILABLE, quickly; back up: served again.
+    cluster.redis.stop();
+    let started = std::time::Instant::now();
+    let down = cluster.generate(&["--prompt-ids", "1022", "--max-tokens", "8"]);
+    assert_eq!(down.code, 2, "{}", down.stderr);
+    assert!(down.stderr.contains("Unavailable"), "{}", down.stderr);
+    assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+    cluster.redis.restart();
+    let back = cluster.generate(&[
+        "--prompt-ids",
+        "1022,5",
+        "--max-tokens",
+        "40",
+        "--seed",
+        "8",
+    ]);
+    assert_eq!(back.code, 0, "{}", back.stderr);
+    assert_eq!(back.ids, expected[..40]);
+}
+
+#[test]
+fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
+    let cluster = Cluster::start_with(
+        &checkpoint(),
+        1,
+        "affinity",
+        &["--max-request-bytes", "20000"],
+    );
+    let cases: [(&[&str], &str, &str); 8] = [
+        (&["--max-tokens", "8"], "InvalidArgument", "prompt"),
+        (
+            &["--prompt-ids", "1022", "--max-tokens", "0"],
+            "InvalidArgument",
+            "max_new_tokens",
+        ),
+        (
+            &["--prompt-ids", "1022", "--max-tokens", "100000000"],
+            "InvalidArgument",
+            "max_new_tokens",
+        ),
+        (
+            &["--prompt-ids", "1022", "--top-p", "1.5"],
+            "InvalidArgument",
+            "top_p",
+        ),
+        (
+            &["--prompt-ids", "1022", "--temperature", "0"],
+            "InvalidArgument",
+            "temperature",
+        ),
+        (&["--prompt-ids", "1022,5000"], "InvalidArgument", "prompt"),
+        (
+            &["--prompt", "text without a tokenizer"],
+            "InvalidArgument",
+            "prompt.text",
+        ),
+        (
+            &["--session", "0123456789abcdef", "--max-tokens", "4"],
+            "NotFound",
+            "session_id",
+        ),
+    ];
+    for (args, code, field) in cases {
+        let out = cluster.generate(args);
+        assert_eq!(out.code, 2, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains(code) && out.stderr.contains(field),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let long: String = (0..9_000).map(|i| format!("{},", i % 1000)).collect();
+    let out = cluster.generate(&[
+        "--prompt-ids",
+        long.trim_end_matches(','),
+        "--max-tokens",
+        "4",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("InvalidArgument") && out.stderr.contains("prompt"),
+        "{}",
+        out.stderr
+    );
+    let huge: String = (0..25_000).map(|i| format!("{},", i % 1000)).collect();
+    let out = cluster.generate(&[
+        "--prompt-ids",
+        huge.trim_end_matches(','),
+        "--max-tokens",
+        "4",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("OutOfRange") || out.stderr.contains("ResourceExhausted"),
+        "oversize message refused: {}",
+        out.stderr
+    );
+    let fine = cluster.generate(&["--prompt-ids", "1022", "--max-tokens", "8", "--seed", "1"]);
+    assert_eq!(fine.code, 0, "{}", fine.stderr);
+    assert_eq!(
+        fine.ids,
+        local(&["--prompt-ids", "1022", "--max-tokens", "8", "--seed", "1"])
+    );
+}
