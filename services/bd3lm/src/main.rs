@@ -1,6 +1,7 @@
 //! `bd3lm`: the command line of the BD3-LM system.
 
 mod bench;
+mod bench_serve;
 mod check_reference;
 mod client;
 mod generate;
@@ -66,6 +67,19 @@ enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Serving costs: per-block latency with the KV cache in memory, from the store, or
+    /// rebuilt from tokens; KV blob encode/decode GB/s; coordinator overhead per block.
+    Serve {
+        /// Redis URL (a local redis-server); default: the in-memory store.
+        #[arg(long)]
+        redis: Option<String>,
+        /// Context lengths (prompt tokens) to measure at.
+        #[arg(long, value_delimiter = ',', default_value = "256,1024")]
+        contexts: Vec<usize>,
+        /// Repetitions per figure.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     /// Tokens per second of local generation from BOS (first-hitting, T = block size,
     /// nucleus 0.9) and the confidence sampler's forward passes per token.
     Generate {
@@ -92,12 +106,22 @@ fn positive_f64(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // One runtime for the commands that serve or call gRPC, and for span export.
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let _runtime = runtime.enter();
+    let _telemetry = match bd3lm_telemetry::init("bd3lm", "warn") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: tracing: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) if !err.use_stderr() => err.exit(),
@@ -157,11 +181,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Command::Serve(args) => {
-            tokio::runtime::Runtime::new()?.block_on(serve::run(args))?;
+            tokio::runtime::Handle::current().block_on(serve::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {
             generate::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Serve {
+            redis,
+            contexts,
+            reps,
+        }) => {
+            tokio::runtime::Handle::current().block_on(bench_serve::run(redis, &contexts, reps))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Generate {

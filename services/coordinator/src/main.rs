@@ -74,12 +74,13 @@ enum RoutingArg {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = match bd3lm_telemetry::init("bd3lm-coordinator", "info") {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: tracing: {e:#}");
+            std::process::exit(2);
+        }
+    };
     let args = match Args::try_parse() {
         Ok(a) => a,
         Err(e) if !e.use_stderr() => e.exit(),

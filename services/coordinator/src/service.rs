@@ -380,10 +380,11 @@ impl Coordinator {
                     continue;
                 }
             };
-            let request = DenoiseBlockRequest {
+            let mut request = Request::new(DenoiseBlockRequest {
                 session_id: session.to_string(),
                 block_index: block as u32,
-            };
+            });
+            bd3lm_telemetry::inject(request.metadata_mut());
             let _guard = worker.enter();
             let answer = tokio::time::timeout(
                 settings.block_timeout,

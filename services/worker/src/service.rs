@@ -12,6 +12,7 @@ use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::sessions::{Held, SessionCaches};
 
@@ -310,12 +311,11 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-#[tonic::async_trait]
-impl DenoiseWorker for WorkerService {
-    #[tracing::instrument(skip_all, fields(session = %request.get_ref().session_id, block = request.get_ref().block_index))]
-    async fn denoise_block(
+impl WorkerService {
+    /// Denoises and commits the requested block (see the service's documentation).
+    async fn denoise(
         &self,
-        request: Request<DenoiseBlockRequest>,
+        req: DenoiseBlockRequest,
     ) -> Result<Response<DenoiseBlockResponse>, Status> {
         let loaded = self.loaded()?;
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
@@ -325,7 +325,6 @@ impl DenoiseWorker for WorkerService {
             ))
         })?;
         let _in_flight = InFlight::enter(&self.in_flight);
-        let req = request.into_inner();
         if req.session_id.is_empty() {
             return Err(Status::invalid_argument("session_id: required"));
         }
@@ -359,10 +358,12 @@ impl DenoiseWorker for WorkerService {
         let cache_ms = ms(started.elapsed());
         let task_loaded = loaded.clone();
         let task_record = record.clone();
-        let (work, source) =
-            tokio::task::spawn_blocking(move || work(&task_loaded, &task_record, held, from_store))
-                .await
-                .map_err(|e| Status::internal(format!("denoising task failed: {e}")))??;
+        let span = tracing::info_span!("denoise", session = %record.id, block);
+        let (work, source) = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| work(&task_loaded, &task_record, held, from_store))
+        })
+        .await
+        .map_err(|e| Status::internal(format!("denoising task failed: {e}")))??;
         let commit_started = Instant::now();
         let outcome = self
             .store
@@ -400,6 +401,20 @@ impl DenoiseWorker for WorkerService {
                 Ok(Response::new(committed_answer(&current, block, bs)))
             }
         }
+    }
+}
+
+#[tonic::async_trait]
+impl DenoiseWorker for WorkerService {
+    async fn denoise_block(
+        &self,
+        request: Request<DenoiseBlockRequest>,
+    ) -> Result<Response<DenoiseBlockResponse>, Status> {
+        let req = request.get_ref();
+        let span = tracing::info_span!("denoise_block", session = %req.session_id, block = req.block_index);
+        // A child of the coordinator's request span when it sent its trace context.
+        bd3lm_telemetry::adopt(&span, request.metadata());
+        self.denoise(request.into_inner()).instrument(span).await
     }
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
