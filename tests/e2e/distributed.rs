@@ -235,6 +235,33 @@ fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
         "oversize message refused: {}",
         out.stderr
     );
+    // A client that goes away stops the work.
+    let mut client = std::process::Command::new(crate::bin("bd3lm"))
+        .args([
+            "generate",
+            "--addr",
+            cluster.addr.as_str(),
+            "--prompt-ids",
+            "1022",
+            "--max-tokens",
+            "8000",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    client.kill().unwrap();
+    client.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cluster.coordinator.log().contains("client went away") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator kept generating for a gone client"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     let fine = cluster.generate(&["--prompt-ids", "1022", "--max-tokens", "8", "--seed", "1"]);
     assert_eq!(fine.code, 0, "{}", fine.stderr);
     assert_eq!(

@@ -260,6 +260,7 @@ impl Coordinator {
         let session = plan.record.id.clone();
         let stop = loop {
             if tx.is_closed() {
+                tracing::info!(session = %session, "client went away; generation stopped");
                 break StopReason::Cancelled;
             }
             let started = Instant::now();
@@ -318,6 +319,7 @@ impl Coordinator {
                 ..Default::default()
             };
             if tx.send(Ok(message)).await.is_err() {
+                tracing::info!(session = %session, "client went away; generation stopped");
                 break StopReason::Cancelled;
             }
             if let Some(stop) = stop {

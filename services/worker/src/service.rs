@@ -34,6 +34,8 @@ pub struct WorkerService {
     permits: Arc<Semaphore>,
     capacity: usize,
     in_flight: Arc<AtomicUsize>,
+    /// KV blobs refused (corrupt or of other weights) since start.
+    rejected: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Where the KV cache of a block came from.
@@ -83,6 +85,7 @@ impl WorkerService {
             permits: Arc::new(Semaphore::new(capacity)),
             capacity,
             in_flight: Arc::default(),
+            rejected: Arc::default(),
         }
     }
 
@@ -131,10 +134,12 @@ impl WorkerService {
                     payloads.push(blob.payload)
                 }
                 Ok(blob) => {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(session = %record.id, block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model or block; rebuilding");
                     return None;
                 }
                 Err(e) => {
+                    self.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(session = %record.id, block = index, error = %e, "corrupt KV blob; rebuilding");
                     return None;
                 }
@@ -430,6 +435,8 @@ impl DenoiseWorker for WorkerService {
             vocab_size: cfg.vocab_size as u32,
             mask_id: cfg.mask_id(),
             model_length: cfg.model_length as u32,
+            kv_blobs_rejected: self.rejected.load(Ordering::Relaxed),
+            cache_bytes: self.sessions.bytes() as u64,
         }))
     }
 }
@@ -447,5 +454,147 @@ impl<'a> InFlight<'a> {
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bd3lm_kvstore::StoreConfig;
+    use bd3lm_model::{Config, checkpoint};
+    use candle_core::{DType, Device};
+
+    fn loaded(fingerprint: &str) -> Arc<Loaded> {
+        let cfg = Config::new(64, 32, 4, 2, 16, 16, 4);
+        let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
+        Arc::new(Loaded {
+            model,
+            model_id: "m".into(),
+            fingerprint: fingerprint.into(),
+        })
+    }
+
+    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: usize) -> WorkerService {
+        let cell = Arc::new(OnceLock::new());
+        if let Some(l) = loaded {
+            let _ = cell.set(l);
+        }
+        WorkerService::new(cell, store.clone(), capacity, 1 << 20)
+    }
+
+    async fn session(store: &Store, id: &str) {
+        let record = SessionRecord {
+            id: id.into(),
+            model_id: "m".into(),
+            tokens: vec![62, 1, 2, 3, 4, 5],
+            prompt_len: 6,
+            committed_blocks: 0,
+            seed: 3,
+            sampling: SamplingRecord {
+                sampler: "ddpm".into(),
+                steps: 4,
+                threshold: 0.9,
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: None,
+                greedy: false,
+            },
+            returned: 6,
+        };
+        store.create_session(&record).await.unwrap();
+    }
+
+    async fn block(
+        service: &WorkerService,
+        id: &str,
+        index: u32,
+    ) -> Result<DenoiseBlockResponse, Status> {
+        let request = Request::new(DenoiseBlockRequest {
+            session_id: id.into(),
+            block_index: index,
+        });
+        service
+            .denoise_block(request)
+            .await
+            .map(Response::into_inner)
+    }
+
+    #[tokio::test]
+    async fn refuses_when_loading_or_full_and_names_what_is_wrong() {
+        let store = Store::memory(StoreConfig::default());
+        session(&store, "s").await;
+        assert_eq!(
+            block(&service(None, &store, 1), "s", 0)
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            block(&service(Some(loaded("f")), &store, 0), "s", 0)
+                .await
+                .unwrap_err()
+                .code(),
+            tonic::Code::ResourceExhausted
+        );
+        let worker = service(Some(loaded("f")), &store, 1);
+        assert_eq!(
+            block(&worker, "nope", 0).await.unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        assert_eq!(
+            block(&worker, "s", 5).await.unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert_eq!(
+            block(&worker, "", 0).await.unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    /// Prefill, then blocks from memory, from the store and rebuilt after corrupt blobs:
+    /// the same tokens every way, a committed block answered as stored, rejections counted.
+    #[tokio::test]
+    async fn every_cache_source_gives_the_same_tokens() {
+        let store = Store::memory(StoreConfig::default());
+        session(&store, "a").await;
+        let first = service(Some(loaded("f")), &store, 1);
+        let prefill = block(&first, "a", 0).await.unwrap();
+        assert_eq!(
+            (prefill.token_ids, prefill.committed_blocks),
+            (vec![62, 1, 2, 3], 1)
+        );
+        let again = block(&first, "a", 0).await.unwrap();
+        assert!(again.already_committed);
+        let memory = block(&first, "a", 1).await.unwrap();
+        assert_eq!(
+            (memory.cache_source.as_str(), &memory.token_ids[..2]),
+            ("memory", &[4, 5][..])
+        );
+
+        session(&store, "b").await;
+        block(&service(Some(loaded("f")), &store, 1), "b", 0)
+            .await
+            .unwrap();
+        let from_store = block(&service(Some(loaded("f")), &store, 1), "b", 1)
+            .await
+            .unwrap();
+        assert_eq!(from_store.cache_source, "store");
+        assert_eq!(from_store.token_ids, memory.token_ids);
+
+        session(&store, "c").await;
+        block(&service(Some(loaded("other")), &store, 1), "c", 0)
+            .await
+            .unwrap();
+        let fresh = service(Some(loaded("f")), &store, 1);
+        let rebuilt = block(&fresh, "c", 1).await.unwrap();
+        assert_eq!(rebuilt.cache_source, "rebuilt");
+        assert_eq!(rebuilt.token_ids, memory.token_ids);
+        let info = fresh
+            .info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.kv_blobs_rejected, 1);
     }
 }
