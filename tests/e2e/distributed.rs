@@ -58,6 +58,22 @@ fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     assert_eq!(more.ids, long[120..]);
 }
 
+/// Runs a remote generation with `args` and, `after` it started and while it still
+/// runs, the `fault`.
+fn during(addr: &str, args: &[&'static str], after: Duration, fault: impl FnOnce()) -> Generated {
+    let addr = addr.to_string();
+    let args = args.to_vec();
+    let client = std::thread::spawn(move || {
+        let mut all = vec!["generate", "--addr", addr.as_str()];
+        all.extend_from_slice(&args);
+        Generated::from(bd3lm(&all))
+    });
+    std::thread::sleep(after);
+    assert!(!client.is_finished(), "the fault must come mid-generation");
+    fault();
+    client.join().unwrap()
+}
+
 #[test]
 fn a_worker_killed_mid_generation_loses_nothing() {
     let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");
@@ -71,15 +87,9 @@ fn a_worker_killed_mid_generation_loses_nothing() {
     ];
     let expected = local(&args);
     let addr = cluster.addr.clone();
-    let client = std::thread::spawn(move || {
-        let mut all = vec!["generate", "--addr", addr.as_str()];
-        all.extend_from_slice(&args);
-        Generated::from(bd3lm(&all))
+    let out = during(&addr, &args, Duration::from_millis(400), || {
+        cluster.workers[0].kill()
     });
-    std::thread::sleep(Duration::from_millis(400));
-    assert!(!client.is_finished(), "the worker must die mid-generation");
-    cluster.workers[0].kill();
-    let out = client.join().unwrap();
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
 }
@@ -100,15 +110,9 @@ fn store_faults_are_survived_or_reported() {
     // Flushed mid-generation: the coordinator restores the record, workers rebuild the
     // KV state from tokens.
     let addr = cluster.addr.clone();
-    let client = std::thread::spawn(move || {
-        let mut all = vec!["generate", "--addr", addr.as_str()];
-        all.extend_from_slice(&args);
-        Generated::from(bd3lm(&all))
+    let out = during(&addr, &args, Duration::from_millis(300), || {
+        cluster.redis.command(&[b"FLUSHALL"]).unwrap();
     });
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!client.is_finished(), "the flush must come mid-generation");
-    cluster.redis.command(&[b"FLUSHALL"]).unwrap();
-    let out = client.join().unwrap();
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
     assert!(
@@ -267,5 +271,84 @@ fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
     assert_eq!(
         fine.ids,
         local(&["--prompt-ids", "1022", "--max-tokens", "8", "--seed", "1"])
+    );
+}
+
+/// Sends `body` (an encoded request, possibly malformed) to a unary method as raw bytes.
+mod raw {
+    use tonic::Status;
+    use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+    #[derive(Debug, Clone, Default)]
+    pub struct RawCodec;
+
+    impl Codec for RawCodec {
+        type Encode = Vec<u8>;
+        type Decode = Vec<u8>;
+        type Encoder = RawCodec;
+        type Decoder = RawCodec;
+        fn encoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+        fn decoder(&mut self) -> RawCodec {
+            RawCodec
+        }
+    }
+
+    impl Encoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+            bytes::BufMut::put_slice(dst, &item);
+            Ok(())
+        }
+    }
+
+    impl Decoder for RawCodec {
+        type Item = Vec<u8>;
+        type Error = Status;
+        fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+            let n = bytes::Buf::remaining(src);
+            Ok(Some(bytes::Buf::copy_to_bytes(src, n).to_vec()))
+        }
+    }
+
+    pub fn call(addr: &str, method: &'static str, body: Vec<u8>) -> Result<Vec<u8>, Status> {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let mut grpc = tonic::client::Grpc::new(channel);
+            grpc.ready().await.unwrap();
+            let path = tonic::codegen::http::uri::PathAndQuery::from_static(method);
+            grpc.unary(tonic::Request::new(body), path, RawCodec)
+                .await
+                .map(tonic::Response::into_inner)
+        })
+    }
+}
+
+/// A text prompt that is not UTF-8 cannot be parsed: INTERNAL, as the gRPC status code
+/// specification asks for an unparsable request, with a message saying why; the server
+/// goes on serving.
+#[test]
+fn invalid_utf8_is_refused_with_a_message() {
+    let cluster = Cluster::start(&checkpoint(), 1, "affinity");
+    // GenerateRequest { text (field 1) = FF FE 41, max_new_tokens (field 4) = 8 }
+    let body = vec![0x0a, 3, 0xff, 0xfe, 0x41, 0x20, 8];
+    let status = raw::call(&cluster.addr, "/bd3lm.v1.Generation/Generate", body).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert!(status.message().contains("UTF-8"), "{}", status.message());
+    // The same request with valid text reaches validation (no tokenizer: named field).
+    let body = vec![0x0a, 2, b'h', b'i', 0x20, 8];
+    let status = raw::call(&cluster.addr, "/bd3lm.v1.Generation/Generate", body).unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("prompt.text"),
+        "{}",
+        status.message()
     );
 }
