@@ -1,11 +1,12 @@
 //! The KV blob of one committed block.
 //!
 //! Layout (little endian): magic `BD3KVBLK`, version u32, model id (u16 length + UTF-8),
-//! weights fingerprint (u16 length + UTF-8), block index u64, payload (u64 length + bytes),
-//! FNV-1a checksum u64 of everything before it. The payload is the model library's own
-//! self-describing KV segment (dtype, layers, heads, head dim, positions, its checksum).
+//! weights fingerprint (u16 length + UTF-8), block index u64, payload (u64 length +
+//! bytes), and a checksum u64 ([`crate::checksum`]) of everything before it. The payload
+//! is the model library's own self-describing KV segment (dtype, layers, heads, head dim,
+//! positions, its checksum).
 
-use crate::{Error, Result, fnv1a};
+use crate::{Error, Result, checksum};
 
 const MAGIC: &[u8; 8] = b"BD3KVBLK";
 const VERSION: u32 = 1;
@@ -40,7 +41,7 @@ impl BlockBlob {
         out.extend_from_slice(&self.block_index.to_le_bytes());
         out.extend_from_slice(&(self.payload.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.payload);
-        let sum = fnv1a(&out);
+        let sum = checksum(&out);
         out.extend_from_slice(&sum.to_le_bytes());
         out
     }
@@ -51,7 +52,7 @@ impl BlockBlob {
             return Err(Error::Corrupt("KV blob too short".into()));
         }
         let (body, sum) = bytes.split_at(bytes.len() - 8);
-        if fnv1a(body).to_le_bytes() != sum {
+        if checksum(body).to_le_bytes() != sum {
             return Err(Error::Corrupt("KV blob checksum mismatch".into()));
         }
         let mut r = Reader {
@@ -155,7 +156,7 @@ mod tests {
         body.truncate(body.len() - 8);
         let at = 8 + 4 + 2 + 4 + 2 + 6 + 8;
         body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-        let sum = fnv1a(&body);
+        let sum = checksum(&body);
         body.extend_from_slice(&sum.to_le_bytes());
         assert!(
             BlockBlob::decode(&body)
