@@ -56,6 +56,38 @@ pub fn init(service: &'static str, env_filter: &str) -> anyhow::Result<Guard> {
     })
 }
 
+/// The `main` of a service binary: tracing for `service`, then its arguments (a bad one
+/// is one line on stderr and exit code 2), then `run`, whose error is printed with exit
+/// code 2 after the spans are flushed.
+pub async fn run_service<A, F>(service: &'static str, run: impl FnOnce(A) -> F)
+where
+    A: clap::Parser,
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let telemetry = init(service, "info").unwrap_or_else(|e| {
+        eprintln!("error: tracing: {e:#}");
+        std::process::exit(2)
+    });
+    let args = match A::try_parse() {
+        Ok(a) => a,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let text = e.render().to_string();
+            eprintln!(
+                "{}",
+                text.lines().next().unwrap_or("error: invalid arguments")
+            );
+            std::process::exit(2);
+        }
+    };
+    let result = run(args).await;
+    drop(telemetry);
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
+    }
+}
+
 /// A tracer provider named after `service`.
 pub fn provider(service: &'static str) -> opentelemetry_sdk::trace::TracerProviderBuilder {
     let resource = opentelemetry_sdk::Resource::builder()

@@ -58,6 +58,12 @@ struct Args {
     /// Most tokens in a session.
     #[arg(long, env = "BD3LM_MAX_TOTAL_TOKENS", default_value_t = Limits::default().max_total_tokens)]
     max_total_tokens: usize,
+    /// Most stop sequences per request.
+    #[arg(long, env = "BD3LM_MAX_STOP_SEQUENCES", default_value_t = Limits::default().max_stop_sequences)]
+    max_stop_sequences: usize,
+    /// Most denoising steps per block a request may ask for.
+    #[arg(long, env = "BD3LM_MAX_STEPS", default_value_t = Limits::default().max_steps)]
+    max_steps: usize,
     /// Largest request, in bytes.
     #[arg(long, env = "BD3LM_MAX_REQUEST_BYTES", default_value_t = Limits::default().max_request_bytes)]
     max_request_bytes: usize,
@@ -74,32 +80,7 @@ enum RoutingArg {
 
 #[tokio::main]
 async fn main() {
-    let _telemetry = match bd3lm_telemetry::init("bd3lm-coordinator", "info") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("error: tracing: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            eprintln!(
-                "{}",
-                e.render()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(args).await {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
-    }
+    bd3lm_telemetry::run_service("bd3lm-coordinator", run).await;
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -130,6 +111,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             max_new_tokens: args.max_new_tokens,
             max_total_tokens: args.max_total_tokens,
             max_request_bytes: args.max_request_bytes,
+            max_stop_sequences: args.max_stop_sequences,
+            max_steps: args.max_steps,
             ..Limits::default()
         },
         block_timeout: Duration::from_secs_f64(args.block_timeout_secs),

@@ -48,32 +48,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    let _telemetry = match bd3lm_telemetry::init("bd3lm-worker", "info") {
-        Ok(g) => g,
-        Err(e) => {
-            eprintln!("error: tracing: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    let args = match Args::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            eprintln!(
-                "{}",
-                e.render()
-                    .to_string()
-                    .lines()
-                    .next()
-                    .unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
-    };
-    if let Err(e) = run(args).await {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
-    }
+    bd3lm_telemetry::run_service("bd3lm-worker", run).await;
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
