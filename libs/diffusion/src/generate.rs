@@ -34,20 +34,38 @@ fn sigma(t: f64) -> f32 {
     (-(1.0 - t).max(1e-4).ln()) as f32
 }
 
-/// The network with a session's KV cache: denoise passes over the next block.
-pub struct CachedNet<'a> {
+/// The network as the sampler sees it: logits of some rows of the block that follows
+/// either a KV cache or (the reference's uncached sampler, for verification) a prefix of
+/// tokens run again with the block-causal mask on every pass.
+pub struct Net<'a> {
     model: &'a Bd3lm,
-    cache: &'a mut KvCache,
+    context: Context<'a>,
 }
 
-impl<'a> CachedNet<'a> {
+enum Context<'a> {
+    Cached(&'a mut KvCache),
+    Uncached(&'a [u32]),
+}
+
+impl<'a> Net<'a> {
     /// Denoises blocks that follow the contents of `cache`.
-    pub fn new(model: &'a Bd3lm, cache: &'a mut KvCache) -> Self {
-        Self { model, cache }
+    pub fn cached(model: &'a Bd3lm, cache: &'a mut KvCache) -> Self {
+        Self {
+            model,
+            context: Context::Cached(cache),
+        }
+    }
+
+    /// Denoises the block that follows `prefix` (whole blocks), without a cache.
+    pub fn uncached(model: &'a Bd3lm, prefix: &'a [u32]) -> Self {
+        Self {
+            model,
+            context: Context::Uncached(prefix),
+        }
     }
 }
 
-impl Denoiser for CachedNet<'_> {
+impl Denoiser for Net<'_> {
     fn block_size(&self) -> usize {
         self.model.config().block_size
     }
@@ -59,53 +77,26 @@ impl Denoiser for CachedNet<'_> {
     }
     fn logits(&mut self, block: &[u32], t: f64, rows: &[u32]) -> Result<Vec<Vec<f32>>> {
         let device = self.model.device();
-        let x = Tensor::from_slice(block, (1, block.len()), device)?;
         let s = Tensor::new(&[sigma(t)], device)?;
-        let logits = self.model.denoise_rows(&x, &s, self.cache, rows)?;
-        Ok(logits.squeeze(0)?.to_dtype(DType::F32)?.to_vec2()?)
-    }
-}
-
-/// The network without a cache: each pass runs the window of earlier tokens plus the
-/// block with the block-causal mask (the reference's uncached sampler; for verification).
-pub struct UncachedNet<'a> {
-    model: &'a Bd3lm,
-    prefix: &'a [u32],
-}
-
-impl<'a> UncachedNet<'a> {
-    /// Denoises the block that follows `prefix` (whole blocks).
-    pub fn new(model: &'a Bd3lm, prefix: &'a [u32]) -> Self {
-        Self { model, prefix }
-    }
-}
-
-impl Denoiser for UncachedNet<'_> {
-    fn block_size(&self) -> usize {
-        self.model.config().block_size
-    }
-    fn mask_id(&self) -> u32 {
-        self.model.config().mask_id()
-    }
-    fn time_conditioned(&self) -> bool {
-        self.model.config().time_conditioning
-    }
-    fn logits(&mut self, block: &[u32], t: f64, rows: &[u32]) -> Result<Vec<Vec<f32>>> {
-        let cfg = self.model.config();
-        let keep = (cfg.model_length - block.len()).min(self.prefix.len());
-        let mut window = self.prefix[self.prefix.len() - keep..].to_vec();
-        window.extend_from_slice(block);
-        let device = self.model.device();
-        let x = Tensor::from_slice(&window, (1, window.len()), device)?;
-        let logits = self
-            .model
-            .forward_block_causal(&x, &Tensor::new(&[sigma(t)], device)?)?;
-        let logits = logits
-            .squeeze(0)?
-            .narrow(0, keep, block.len())?
-            .to_dtype(DType::F32)?;
-        let idx = Tensor::new(rows, device)?;
-        Ok(logits.index_select(&idx, 0)?.to_vec2()?)
+        let logits = match &mut self.context {
+            Context::Cached(cache) => {
+                let x = Tensor::from_slice(block, (1, block.len()), device)?;
+                self.model.denoise_rows(&x, &s, cache, rows)?.squeeze(0)?
+            }
+            Context::Uncached(prefix) => {
+                let keep = (self.model.config().model_length - block.len()).min(prefix.len());
+                let mut window = prefix[prefix.len() - keep..].to_vec();
+                window.extend_from_slice(block);
+                let x = Tensor::from_slice(&window, (1, window.len()), device)?;
+                let all = self
+                    .model
+                    .forward_block_causal(&x, &s)?
+                    .squeeze(0)?
+                    .narrow(0, keep, block.len())?;
+                all.index_select(&Tensor::new(rows, device)?, 0)?
+            }
+        };
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
     }
 }
 
@@ -300,7 +291,7 @@ impl<'m> Session<'m> {
         block.resize(bs, self.model.config().mask_id());
         let started = Instant::now();
         let outcome = denoise_block(
-            &mut CachedNet::new(self.model, &mut self.cache),
+            &mut Net::cached(self.model, &mut self.cache),
             &block,
             params,
             &mut block_rng(seed, index),
@@ -435,7 +426,7 @@ mod tests {
                 block.resize(4, model.config().mask_id());
                 let prefix = seq[..committed].to_vec();
                 let out = denoise_block(
-                    &mut UncachedNet::new(&model, &prefix),
+                    &mut Net::uncached(&model, &prefix),
                     &block,
                     &p,
                     &mut block_rng(3, b),
