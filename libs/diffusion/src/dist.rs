@@ -92,11 +92,6 @@ impl TokenDist {
             .map_or(0.0, |&w| w as f64 / self.total)
     }
 
-    /// Number of tokens that can be drawn.
-    pub fn support(&self) -> usize {
-        self.weights.iter().filter(|&&w| w > 0.0).count()
-    }
-
     /// Draws a token: greedy takes the most likely one, else one uniform number picks a
     /// token by inverse CDF.
     pub fn draw(&self, rng: &mut impl Rng, greedy: bool) -> u32 {

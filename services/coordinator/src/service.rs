@@ -139,7 +139,7 @@ impl Coordinator {
         for seq in &req.stop_token_ids {
             validate::check_ids("stop_token_ids", &seq.ids, info.vocab_size, info.mask_id)?;
         }
-        let mut record = if req.session_id.is_empty() {
+        let record = if req.session_id.is_empty() {
             if prompt.is_empty() {
                 return Err(Status::invalid_argument(
                     "prompt: required to start a session (text or token_ids, not empty)",
@@ -151,7 +151,7 @@ impl Coordinator {
                 info.block_size as usize,
                 limits,
             )?;
-            let record = SessionRecord {
+            SessionRecord {
                 id: format!("{:032x}", rand::random::<u128>()),
                 model_id: info.model_id.clone(),
                 prompt_len: prompt.len(),
@@ -160,13 +160,7 @@ impl Coordinator {
                 committed_blocks: 0,
                 seed: req.seed.unwrap_or_else(rand::random),
                 sampling,
-            };
-            self.inner
-                .store
-                .create_session(&record)
-                .await
-                .map_err(store_status)?;
-            record
+            }
         } else {
             let mut record = self.get_record(&req.session_id).await?;
             record.sampling = validate::sampling(
@@ -181,33 +175,34 @@ impl Coordinator {
                 record.tokens.extend_from_slice(&prompt);
                 record.returned = record.tokens.len();
             }
-            self.inner
-                .store
-                .put_session(&record)
-                .await
-                .map_err(store_status)?;
             record
         };
+        // Everything is checked before the store is written: a refused request leaves no
+        // session behind.
         let total = record.returned + req.max_new_tokens as usize;
         if total > limits.max_total_tokens {
-            let _ = self.cleanup_new(&req, &record).await;
             return Err(Status::invalid_argument(format!(
                 "max_new_tokens: the session would hold {total} tokens, over the limit of {}",
                 limits.max_total_tokens
             )));
         }
-        record.returned = record.returned.min(record.tokens.len());
+        if !req.stop.is_empty() && !model.text.has_tokenizer() {
+            return Err(Status::invalid_argument(
+                "stop: text stop sequences need the server's tokenizer; use stop_token_ids",
+            ));
+        }
+        let store = &self.inner.store;
+        if req.session_id.is_empty() {
+            store.create_session(&record).await.map_err(store_status)?;
+        } else {
+            store.put_session(&record).await.map_err(store_status)?;
+        }
         let rules = StopRules {
             max_new_tokens: req.max_new_tokens as usize,
             eos: req.stop_on_eos.then_some(model.text.eos),
             stop_sequences: req.stop_token_ids.iter().map(|s| s.ids.clone()).collect(),
             hook: model.text.stop_hook(req.stop.clone()),
         };
-        if !req.stop.is_empty() && !model.text.has_tokenizer() {
-            return Err(Status::invalid_argument(
-                "stop: text stop sequences need the server's tokenizer; use stop_token_ids",
-            ));
-        }
         let start = record.returned;
         Ok(Plan {
             record,
@@ -215,22 +210,6 @@ impl Coordinator {
             start,
             model,
         })
-    }
-
-    /// Deletes a session this request created before failing validation.
-    async fn cleanup_new(
-        &self,
-        req: &GenerateRequest,
-        record: &SessionRecord,
-    ) -> Result<(), Status> {
-        if req.session_id.is_empty() {
-            self.inner
-                .store
-                .delete_session(&record.model_id, &record.id, 0)
-                .await
-                .map_err(store_status)?;
-        }
-        Ok(())
     }
 
     async fn get_record(&self, session: &str) -> Result<SessionRecord, Status> {

@@ -84,11 +84,6 @@ impl SessionCaches {
         }
     }
 
-    /// Forgets a session.
-    pub fn remove(&self, session: &str) {
-        self.take(session);
-    }
-
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
