@@ -8,6 +8,8 @@ use tokenizers::Tokenizer;
 const BOS_NAMES: [&str; 4] = ["<|endoftext|>", "<s>", "<bos>", "[CLS]"];
 /// Names tried, in order, for the end-of-sequence token.
 const EOS_NAMES: [&str; 4] = ["<|endoftext|>", "</s>", "<eos>", "[SEP]"];
+/// Names of a tokenizer's own mask token.
+const MASK_NAMES: [&str; 3] = ["[MASK]", "<mask>", "<|mask|>"];
 
 /// Errors of tokenization.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,17 @@ pub enum Error {
     /// The tokenizer failed on an input.
     #[error("tokenizing: {0}")]
     Encode(String),
+    /// A corpus file or directory could not be read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file or directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A corpus or tokenizer-training input is unusable.
+    #[error("{0}")]
+    Corpus(String),
 }
 
 /// A tokenizer (optional: models can be driven by ids alone) and its BOS and EOS ids.
@@ -66,6 +79,20 @@ impl Text {
             bos,
             eos,
         })
+    }
+
+    /// The model vocabulary this tokenizer calls for, as `(vocab_size, mask_id)`: the
+    /// tokenizer's own mask token when it has one, else one id appended after its
+    /// vocabulary (GPT-2: 50257 ids, `[MASK]` = 50257, vocab_size 50258).
+    pub fn model_vocab(&self) -> Option<(usize, u32)> {
+        let tokenizer = self.tokenizer.as_ref()?;
+        let size = tokenizer.get_vocab_size(true);
+        Some(
+            match MASK_NAMES.iter().find_map(|n| tokenizer.token_to_id(n)) {
+                Some(id) => (size, id),
+                None => (size + 1, size as u32),
+            },
+        )
     }
 
     /// Whether text can be encoded.
