@@ -8,10 +8,12 @@ use std::str::FromStr;
 use crate::Error;
 
 /// A masking schedule, `p(0) = 0` and `p(1) = 1`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum NoiseSchedule {
     /// `p = t` (the paper's default).
     #[default]
+    #[serde(rename = "loglinear")]
     LogLinear,
     /// `p = 1 - cos(pi t / 2)`.
     Cosine,

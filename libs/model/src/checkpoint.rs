@@ -224,6 +224,20 @@ impl Checkpoint {
         ))
     }
 
+    /// The network's tensors in f32 on the CPU, by published name: the starting point of
+    /// fine-tuning.
+    pub fn weights(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        for (name, _) in tensor_specs(&self.config) {
+            let t = self
+                .tensors
+                .load(&name, &Device::Cpu)?
+                .to_dtype(DType::F32)?;
+            out.insert(name, t);
+        }
+        Ok(out)
+    }
+
     /// Builds the network with weights converted to `dtype` on `device`.
     pub fn load_model(self, dtype: DType, device: &Device) -> Result<Bd3lm> {
         let cfg = self.config.clone();
@@ -365,6 +379,40 @@ pub fn random_weights(cfg: &Config, std: f64, seed: u64) -> Result<HashMap<Strin
     Ok(out)
 }
 
+/// The reference's initial weights for training `cfg`, drawn by a ChaCha generator seeded
+/// with `seed`, in f32 on the CPU: linear layers and the embedding uniform in
+/// `±1/sqrt(fan_in)` (PyTorch's default), norms one, and every adaLN modulation and the
+/// output projection zero, so each block starts as the identity and the first prediction
+/// is uniform.
+pub fn init_weights(cfg: &Config, seed: u64) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut out = HashMap::new();
+    for (name, shape) in tensor_specs(cfg) {
+        let n: usize = shape.iter().product();
+        let zero = name.contains("adaLN_modulation") || name.contains("output_layer.linear");
+        let data: Vec<f32> = if zero {
+            vec![0.0; n]
+        } else if name.contains("norm") {
+            vec![1.0; n]
+        } else {
+            // A bias's bound is that of its layer's weight: 1/sqrt(fan_in).
+            let fan_in = match name.strip_suffix(".bias") {
+                Some(layer) => tensor_specs(cfg)
+                    .into_iter()
+                    .find(|(w, _)| *w == format!("{layer}.weight"))
+                    .map_or(1, |(_, s)| s[1]),
+                None => shape[1],
+            };
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n)
+                .map(|_| (bound * (2.0 * rng.random::<f64>() - 1.0)) as f32)
+                .collect()
+        };
+        out.insert(name, Tensor::from_vec(data, shape, &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
 /// A standard normal draw by the Box-Muller transform.
 fn standard_normal(rng: &mut impl Rng) -> f64 {
     let u1: f64 = 1.0 - rng.random::<f64>();
@@ -380,7 +428,17 @@ pub fn random_model(
     dtype: DType,
     device: &Device,
 ) -> Result<Bd3lm> {
-    let weights = random_weights(cfg, std, seed)?;
+    from_weights(cfg, random_weights(cfg, std, seed)?, dtype, device)
+}
+
+/// The network of `cfg` over `weights` (published names), converted to `dtype` on
+/// `device`.
+pub fn from_weights(
+    cfg: &Config,
+    weights: HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Bd3lm> {
     Bd3lm::load(VarBuilder::from_tensors(weights, dtype, device), cfg)
 }
 
