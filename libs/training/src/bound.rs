@@ -1,0 +1,166 @@
+//! The perplexity bound on held-out rows, and the data-driven clipped-schedule search
+//! that reuses the same passes.
+
+use bd3lm_diffusion::loss::{self, NoiseProcess};
+use bd3lm_diffusion::schedule::Interval;
+use bd3lm_model::Bd3lm;
+use candle_core::Tensor;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use crate::Result;
+use crate::data::Loader;
+
+/// The NELBO of held-out data.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Bound {
+    /// Mean negative log-likelihood bound per token (nats), first token excluded.
+    pub nll: f64,
+    /// `exp(nll)`: the perplexity bound.
+    pub ppl: f64,
+    /// Tokens it is averaged over.
+    pub tokens: usize,
+}
+
+/// The loss of one block of a held-out pass at its noise level, for the clipped-schedule
+/// search.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockLoss {
+    /// The block's noise level.
+    pub t: f64,
+    /// Its per-token loss, averaged over the block.
+    pub loss: f64,
+}
+
+/// The perplexity bound of `model` over `batches` batches of `batch` rows read from
+/// `loader`, with `t` over the paper's evaluation interval `[1e-3, 1]` (antithetic) and
+/// noise drawn from `seed`, so repeated evaluations are comparable. Each block's loss is
+/// pushed to `blocks` when given.
+pub fn perplexity_bound(
+    model: &Bd3lm,
+    loader: &mut Loader,
+    batches: usize,
+    batch: usize,
+    seed: u64,
+    mut blocks: Option<&mut Vec<BlockLoss>>,
+) -> Result<Bound> {
+    let cfg = model.config();
+    let n = loader.index().row_length;
+    let process = NoiseProcess::new(cfg.block_size, cfg.mask_id());
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let device = model.device();
+    let mask = loss::eval_mask(batch, n, device)?;
+    let (mut total, mut count) = (0.0, 0usize);
+    for _ in 0..batches {
+        let ids = loader.next_batch(batch)?;
+        let noised = process.corrupt(&ids, batch, n, &mut rng)?;
+        let x0 = Tensor::from_vec(ids, (batch, n), device)?;
+        let out = loss::nelbo(model, &x0, &noised, process.schedule, &mask)?;
+        let token_loss = (&out.token_loss * &mask)?;
+        total += token_loss
+            .sum_all()?
+            .to_dtype(candle_core::DType::F64)?
+            .to_scalar::<f64>()?;
+        count += batch * (n - 1);
+        if let Some(blocks) = blocks.as_deref_mut() {
+            let per_token = token_loss.flatten_all()?.to_vec1::<f32>()?;
+            let bs = cfg.block_size;
+            for (k, chunk) in per_token.chunks(bs).enumerate() {
+                blocks.push(BlockLoss {
+                    t: noised.t[k * bs] as f64,
+                    loss: chunk.iter().map(|&l| l as f64).sum::<f64>() / bs as f64,
+                });
+            }
+        }
+    }
+    let nll = total / count.max(1) as f64;
+    Ok(Bound {
+        nll,
+        ppl: nll.exp(),
+        tokens: count,
+    })
+}
+
+/// The grid of the clipped-schedule search: interval widths, and starts in steps of
+/// `stride` with the interval inside [0, 1].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipGrid {
+    /// Interval widths tried.
+    pub widths: Vec<f64>,
+    /// Spacing of the starts.
+    pub stride: f64,
+    /// Fewest block losses an interval needs for its variance to count.
+    pub min_samples: usize,
+}
+
+impl Default for ClipGrid {
+    /// The paper's grid: widths 0.5 to 1 by 0.1, starts by 0.05.
+    fn default() -> Self {
+        Self {
+            widths: vec![0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+            stride: 0.05,
+            min_samples: 32,
+        }
+    }
+}
+
+/// The clipped interval with the least variance of the block losses whose noise level
+/// falls inside it: blocks with `t` in `[s, s + w]` are draws of `t ~ U[s, s + w]`, so one
+/// set of passes over `[1e-3, 1]` serves every interval of the grid. Returns the interval
+/// and its variance, or `None` when no interval has enough samples.
+pub fn clipped_interval(blocks: &[BlockLoss], grid: &ClipGrid) -> Option<(Interval, f64)> {
+    let mut best: Option<(Interval, f64)> = None;
+    for &w in &grid.widths {
+        let starts = ((1.0 - w) / grid.stride + 1e-9).floor() as usize;
+        for i in 0..=starts {
+            let s = i as f64 * grid.stride;
+            let hi = (s + w).min(1.0);
+            let Ok(interval) = Interval::new(s.max(1e-3), hi) else {
+                continue;
+            };
+            let losses: Vec<f64> = blocks
+                .iter()
+                .filter(|b| interval.contains(b.t))
+                .map(|b| b.loss)
+                .collect();
+            if losses.len() < grid.min_samples.max(2) {
+                continue;
+            }
+            let mean = losses.iter().sum::<f64>() / losses.len() as f64;
+            let var =
+                losses.iter().map(|l| (l - mean).powi(2)).sum::<f64>() / (losses.len() - 1) as f64;
+            if best.is_none_or(|(_, v)| var < v) {
+                best = Some((interval, var));
+            }
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::Rng;
+
+    /// Losses whose spread is small only for t in [0.4, 0.9]: the search finds that band.
+    #[test]
+    fn the_search_picks_the_interval_of_least_variance() {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let blocks: Vec<BlockLoss> = (0..20000)
+            .map(|_| {
+                let t: f64 = rng.random();
+                let spread = if (0.4..=0.9).contains(&t) { 0.1 } else { 3.0 };
+                BlockLoss {
+                    t,
+                    loss: 2.0 + spread * (rng.random::<f64>() - 0.5),
+                }
+            })
+            .collect();
+        let (interval, var) = clipped_interval(&blocks, &ClipGrid::default()).unwrap();
+        assert!((interval.min - 0.4).abs() < 1e-9, "{interval:?}");
+        assert!((interval.max - 0.9).abs() < 1e-9, "{interval:?}");
+        assert!(var < 0.01, "{var}");
+        assert!(clipped_interval(&blocks[..10], &ClipGrid::default()).is_none());
+    }
+}

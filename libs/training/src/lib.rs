@@ -1,0 +1,17 @@
+//! Training BD3-LMs (spec section 6): token shards prepared from text, the block diffusion
+//! trainer with the paper's optimiser and clipped-schedule search, and evaluation by the
+//! perplexity bound and by a real causal LM judging the model's samples.
+
+pub mod bound;
+pub mod data;
+mod error;
+pub mod eval;
+pub mod judge;
+pub mod optim;
+pub mod trainer;
+
+pub use error::{Error, Result};
+pub use trainer::{Event, Init, StepStats, TrainOptions, Trainer, ValStats};
+
+#[cfg(test)]
+mod test_util;

@@ -1,0 +1,66 @@
+//! Small corpora, tokenizers and shards for the tests of this crate.
+
+use std::path::{Path, PathBuf};
+
+use bd3lm_text::Text;
+
+use crate::data::{self, PrepareOptions, ShardIndex};
+
+/// A word-level tokenizer: "w0" .. "w9" are ids 0-9 and `<|endoftext|>` is 10, so the
+/// model vocabulary is 12 with `[MASK]` = 11.
+pub fn word_tokenizer(dir: &Path) -> PathBuf {
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        (0..10).map(|i| (format!("w{i}"), i.into())).collect();
+    vocab.insert("<|endoftext|>".into(), 10.into());
+    let json = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, json.to_string()).unwrap();
+    path
+}
+
+/// Writes `docs` as `doc-NN.txt` files under `dir/text` and prepares them into
+/// `dir/shards` with rows of `row_length` ids, holding out every `val_every`-th document.
+pub fn shards(
+    dir: &Path,
+    docs: &[String],
+    row_length: usize,
+    val_every: usize,
+) -> (PathBuf, ShardIndex) {
+    let text_dir = dir.join("text");
+    std::fs::create_dir_all(&text_dir).unwrap();
+    for (i, doc) in docs.iter().enumerate() {
+        std::fs::write(text_dir.join(format!("doc-{i:02}.txt")), doc).unwrap();
+    }
+    let files = bd3lm_text::text_files(&[text_dir], "txt").unwrap();
+    let tokenizer = word_tokenizer(dir);
+    let text = Text::load(Some(&tokenizer), 12).unwrap();
+    let out = dir.join("shards");
+    let opts = PrepareOptions {
+        row_length,
+        val_every,
+        shard_rows: 4,
+        chunk_bytes: 64,
+        vocab_size: 12,
+        mask_id: 11,
+    };
+    let index = data::prepare(&files, &text, &out, &opts, |_, _| {}).unwrap();
+    std::fs::copy(&tokenizer, out.join("tokenizer.json")).unwrap();
+    (out, index)
+}
+
+/// `count` documents of a learnable pattern: counting up from a varying start, mod 10.
+pub fn counting_docs(count: usize, words: usize) -> Vec<String> {
+    (0..count)
+        .map(|d| {
+            (0..words)
+                .map(|i| format!("w{}", (d + i) % 10))
+                .collect::<Vec<_>>()
+                .join(" ")
+                + "\n"
+        })
+        .collect()
+}
