@@ -183,20 +183,17 @@ impl<'a> Decoder<'a> {
 mod tests {
     use super::*;
 
-    /// A word-level tokenizer: "w0" .. "w9", plus "<|endoftext|>" = 10.
+    /// The word-level test tokenizer: "w0" .. "w9", plus "<|endoftext|>" = 10.
     fn words(dir: &Path) -> std::path::PathBuf {
-        let mut vocab: serde_json::Map<String, serde_json::Value> =
-            (0..10).map(|i| (format!("w{i}"), i.into())).collect();
-        vocab.insert("<|endoftext|>".into(), 10.into());
-        let json = serde_json::json!({
-            "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-            "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
-        });
         let path = dir.join("tokenizer.json");
-        std::fs::write(&path, json.to_string()).unwrap();
+        std::fs::copy(WORDS, &path).unwrap();
         path
     }
+
+    const WORDS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/words-tokenizer.json"
+    );
 
     #[test]
     fn special_ids_come_from_the_tokenizer_or_the_gpt2_convention() {

@@ -6,19 +6,15 @@ use bd3lm_text::Text;
 
 use crate::data::{self, PrepareOptions, ShardIndex};
 
-/// A word-level tokenizer: "w0" .. "w9" are ids 0-9 and `<|endoftext|>` is 10, so the
-/// model vocabulary is 12 with `[MASK]` = 11.
+/// The word-level test tokenizer: "w0" .. "w9" are ids 0-9 and `<|endoftext|>` is 10, so
+/// the model vocabulary is 12 with `[MASK]` = 11.
 pub fn word_tokenizer(dir: &Path) -> PathBuf {
-    let mut vocab: serde_json::Map<String, serde_json::Value> =
-        (0..10).map(|i| (format!("w{i}"), i.into())).collect();
-    vocab.insert("<|endoftext|>".into(), 10.into());
-    let json = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "w0"}
-    });
     let path = dir.join("tokenizer.json");
-    std::fs::write(&path, json.to_string()).unwrap();
+    let words = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/data/words-tokenizer.json"
+    );
+    std::fs::copy(words, &path).unwrap();
     path
 }
 
