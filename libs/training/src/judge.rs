@@ -144,9 +144,13 @@ mod tests {
         });
         assert_eq!(digits.count(), 4, "digits are single tokens");
         let real = "The Congress of the United States passed a law to build new roads and schools.";
-        let shuffled = "roads law Congress new the schools. of build The to United and a passed States";
+        let shuffled =
+            "roads law Congress new the schools. of build The to United and a passed States";
         let (a, n) = judge.nll(real).unwrap();
         let (b, m) = judge.nll(shuffled).unwrap();
-        assert!(a / n as f64 + 1.0 < b / m as f64, "real {a}/{n}, shuffled {b}/{m}");
+        assert!(
+            a / n as f64 + 1.0 < b / m as f64,
+            "real {a}/{n}, shuffled {b}/{m}"
+        );
     }
 }

@@ -3,7 +3,6 @@
 //! published layout, and an exact resume state.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -17,6 +16,11 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+mod metrics;
+mod resume;
+
+use metrics::MetricsLog;
+
 use crate::bound::{self, BlockLoss, ClipGrid};
 use crate::data::{Loader, Position, Split, write_atomic};
 use crate::optim::{AdamW, AdamWParams, Decay, Ema, LrSchedule, clip_grad_norm};
@@ -28,8 +32,6 @@ pub const CHECKPOINT_DIR: &str = "checkpoint";
 pub const RESUME_DIR: &str = "resume";
 /// The metrics log inside a run directory: one JSON object per line.
 pub const METRICS_FILE: &str = "metrics.jsonl";
-const STATE_FILE: &str = "state.json";
-const TENSORS_FILE: &str = "tensors.safetensors";
 
 /// Everything that shapes a run besides the model; stored in the resume state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -189,21 +191,6 @@ pub enum Event<'a> {
     Saved(&'a Path),
 }
 
-/// The resume state's JSON part.
-#[derive(Debug, Serialize, Deserialize)]
-struct State {
-    options: TrainOptions,
-    config: Config,
-    step: u64,
-    tokens: u64,
-    elapsed_s: f64,
-    rng_seed: u64,
-    /// ChaCha word position (a u128, as text).
-    rng_word_pos: String,
-    data: Position,
-    ema_updates: u64,
-}
-
 /// A training run in a run directory.
 pub struct Trainer {
     out: PathBuf,
@@ -251,63 +238,6 @@ impl Trainer {
         )?;
         let mut trainer = Self::assemble(out, opts, config, &weights, train)?;
         trainer.rng = ChaCha8Rng::seed_from_u64(trainer.opts.seed);
-        Ok(trainer)
-    }
-
-    /// Resumes the run in `out` where its last save left it; `steps` extends or shortens
-    /// the run.
-    pub fn resume(out: &Path, steps: Option<u64>) -> Result<Self> {
-        let dir = out.join(RESUME_DIR);
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
-        let bad = |reason: String| Error::Resume {
-            path: path.clone(),
-            reason,
-        };
-        let state: State = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        let word_pos: u128 = state
-            .rng_word_pos
-            .parse()
-            .map_err(|_| bad("rng_word_pos is not a number".into()))?;
-        let mut opts = state.options;
-        if let Some(steps) = steps {
-            opts.steps = steps;
-        }
-        opts.check()?;
-        let tensors_path = dir.join(TENSORS_FILE);
-        let tensors = candle_core::safetensors::load(&tensors_path, &Device::Cpu).map_err(|e| {
-            Error::Resume {
-                path: tensors_path.clone(),
-                reason: e.to_string(),
-            }
-        })?;
-        let take = |prefix: &str, name: &str| {
-            tensors
-                .get(&format!("{prefix}.{name}"))
-                .cloned()
-                .ok_or_else(|| Error::Resume {
-                    path: tensors_path.clone(),
-                    reason: format!("missing tensor {prefix}.{name}"),
-                })
-        };
-        let mut weights = HashMap::new();
-        for (name, _) in checkpoint::tensor_specs(&state.config) {
-            weights.insert(name.clone(), take("param", &name)?);
-        }
-        let train = Loader::open(&opts.data, Split::Train, Some(opts.seed), state.data)?;
-        let mut trainer = Self::assemble(out, opts, state.config, &weights, train)?;
-        for (i, name) in trainer.names.iter().enumerate() {
-            trainer.opt.m[i] = take("m", name)?;
-            trainer.opt.v[i] = take("v", name)?;
-            trainer.ema.shadow[i] = take("ema", name)?;
-        }
-        trainer.opt.steps = state.step;
-        trainer.ema.updates = state.ema_updates;
-        trainer.step = state.step;
-        trainer.tokens = state.tokens;
-        trainer.elapsed_s = state.elapsed_s;
-        trainer.rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
-        trainer.rng.set_word_pos(word_pos);
         Ok(trainer)
     }
 
@@ -496,47 +426,6 @@ impl Trainer {
         Ok(ckpt)
     }
 
-    fn save_resume(&self) -> Result<()> {
-        let tmp = self.out.join(format!(".{RESUME_DIR}.tmp"));
-        let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
-        let mut tensors = HashMap::new();
-        for (i, name) in self.names.iter().enumerate() {
-            tensors.insert(format!("param.{name}"), self.vars[i].as_tensor().clone());
-            tensors.insert(format!("m.{name}"), self.opt.m[i].clone());
-            tensors.insert(format!("v.{name}"), self.opt.v[i].clone());
-            tensors.insert(format!("ema.{name}"), self.ema.shadow[i].clone());
-        }
-        let path = tmp.join(TENSORS_FILE);
-        candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::Resume {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let state = State {
-            options: self.opts.clone(),
-            config: self.config.clone(),
-            step: self.step,
-            tokens: self.tokens,
-            elapsed_s: self.elapsed_s,
-            rng_seed: self.opts.seed,
-            rng_word_pos: self.rng.get_word_pos().to_string(),
-            data: self.train.position(),
-            ema_updates: self.ema.updates,
-        };
-        let json = serde_json::to_string_pretty(&state).expect("the state serializes");
-        write_atomic(&tmp.join(STATE_FILE), json.as_bytes())?;
-        // Swap directories so a crash leaves either the old or the new state whole.
-        let dir = self.out.join(RESUME_DIR);
-        let old = self.out.join(format!(".{RESUME_DIR}.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        if dir.exists() {
-            std::fs::rename(&dir, &old).map_err(Error::io(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(Error::io(&dir))?;
-        let _ = std::fs::remove_dir_all(&old);
-        Ok(())
-    }
-
     /// Trains to the last step, validating and saving at the configured intervals and at
     /// the end, appending every event to the metrics log and reporting it to `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
@@ -596,46 +485,6 @@ fn check_data(config: &Config, loader: &Loader, data: &Path) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-/// The JSON-lines metrics log. Opening it for a resumed run drops the lines written after
-/// the saved step, so the log stays one consistent curve.
-struct MetricsLog {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    fn open(path: &Path, step: u64) -> Result<Self> {
-        let kept: String = match std::fs::read_to_string(path) {
-            Ok(text) => text
-                .lines()
-                .filter(|line| {
-                    serde_json::from_str::<serde_json::Value>(line)
-                        .ok()
-                        .and_then(|v| v.get("step")?.as_u64())
-                        .is_some_and(|s| s <= step)
-                })
-                .map(|l| format!("{l}\n"))
-                .collect(),
-            Err(_) => String::new(),
-        };
-        write_atomic(path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(Error::io(path))?;
-        Ok(Self {
-            file,
-            path: path.to_path_buf(),
-        })
-    }
-
-    fn write(&mut self, kind: &str, record: &impl Serialize) -> Result<()> {
-        let mut value = serde_json::to_value(record).expect("metrics serialize");
-        value["kind"] = kind.into();
-        writeln!(self.file, "{value}").map_err(Error::io(&self.path))
-    }
 }
 
 #[cfg(test)]
