@@ -144,8 +144,9 @@ pub struct LocalArgs {
     /// With --addr: continue this session.
     #[arg(long, value_name = "ID", requires = "addr")]
     pub session: Option<String>,
-    /// Checkpoint directory (config.json + model.safetensors).
-    #[arg(long, value_name = "DIR", required_unless_present = "addr")]
+    /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
+    /// model.
+    #[arg(long, value_name = "DIR")]
     pub checkpoint: Option<PathBuf>,
     /// tokenizer.json; default: the checkpoint directory's.
     #[arg(long, value_name = "FILE")]
@@ -175,25 +176,18 @@ fn load_model(args: &LocalArgs, checkpoint: &std::path::Path) -> anyhow::Result<
 
 /// Runs a local generation, streaming text to stdout and a summary line to stderr.
 pub fn run(args: &LocalArgs) -> anyhow::Result<()> {
-    let Some(checkpoint) = &args.checkpoint else {
-        let addr = args
-            .addr
-            .clone()
-            .context("--checkpoint or --addr is required")?;
+    if let Some(addr) = &args.addr {
         let runtime = tokio::runtime::Runtime::new()?;
         return runtime.block_on(crate::client::generate(
-            &addr,
+            addr,
             args.session.clone(),
             &args.generation,
         ));
-    };
-    let model = load_model(args, checkpoint)?;
+    }
+    let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
+    let model = load_model(args, &checkpoint)?;
     let params = args.generation.sampling(model.config().block_size)?;
-    let default_tokenizer = checkpoint.join("tokenizer.json");
-    let tokenizer = args
-        .tokenizer
-        .clone()
-        .or_else(|| default_tokenizer.is_file().then_some(default_tokenizer));
+    let tokenizer = crate::demo::tokenizer_of(&checkpoint, args.tokenizer.as_deref());
     let text = Text::load(tokenizer.as_deref(), model.config().vocab_size)?;
     let prompt = match (&args.generation.prompt, &args.generation.prompt_ids) {
         (Some(p), _) => text.encode_prompt(p).context("--prompt")?,

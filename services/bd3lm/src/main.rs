@@ -2,10 +2,14 @@
 
 mod bench;
 mod bench_serve;
+mod bench_train;
 mod check_reference;
 mod client;
+mod demo;
+mod eval;
 mod generate;
 mod serve;
+mod train;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -44,7 +48,19 @@ enum Command {
     /// Serve the gRPC Generation API: a coordinator and N denoise workers in one process,
     /// with the in-memory store (or --redis).
     Serve(serve::ServeArgs),
-    /// Benchmarks (random-weight "tiny" model: d 256, 8 layers, 8 heads, vocab 50258).
+    /// Train a byte-level BPE tokenizer on text files.
+    TrainTokenizer(train::TokenizerArgs),
+    /// Build GPT-2's tokenizer.json from OpenAI's encoder.json and vocab.bpe.
+    Gpt2Tokenizer(train::Gpt2Args),
+    /// Tokenize text files into wrapped rows of model_length tokens, as train and
+    /// validation shards.
+    PrepareData(train::PrepareArgs),
+    /// Train a BD3-LM on prepared shards (or fine-tune a checkpoint, or resume a run).
+    Train(train::TrainArgs),
+    /// Evaluate a checkpoint: perplexity bound on held-out shards, generative perplexity
+    /// and unigram entropy of its samples under a judge LM. Prints one JSON object.
+    Eval(eval::EvalArgs),
+    /// Benchmarks on random weights: model passes, generation, serving and training.
     #[command(subcommand)]
     Bench(BenchCommand),
 }
@@ -79,6 +95,19 @@ enum BenchCommand {
         /// Repetitions per figure.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+    /// Training throughput on random tokens (forward, backward, clipping, AdamW and EMA)
+    /// and peak memory, for the demo model's shape and the tiny shape. One JSON line each.
+    Train {
+        /// Measured steps per shape.
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Unmeasured steps before them.
+        #[arg(long, default_value_t = 5)]
+        warmup: usize,
+        /// Seed of the weights and tokens.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// Tokens per second of local generation from BOS (first-hitting, T = block size,
     /// nucleus 0.9) and the confidence sampler's forward passes per token.
@@ -180,6 +209,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::TrainTokenizer(args) => {
+            train::train_tokenizer(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gpt2Tokenizer(args) => {
+            train::gpt2_tokenizer(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::PrepareData(args) => {
+            train::prepare_data(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Eval(args) => {
+            eval::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Train(args) => {
+            train::train(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve(args) => {
             tokio::runtime::Handle::current().block_on(serve::run(args))?;
             Ok(ExitCode::SUCCESS)
@@ -203,6 +252,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
         }) => {
             bench::run_generate(&block_sizes, tokens, threshold, seed)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench(BenchCommand::Train {
+            steps,
+            warmup,
+            seed,
+        }) => {
+            bench_train::run(steps, warmup, seed)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Model {

@@ -23,9 +23,9 @@ pub struct ServeArgs {
     /// Redis URL; default: the in-memory store.
     #[arg(long, env = "BD3LM_REDIS_URL")]
     pub redis: Option<String>,
-    /// Checkpoint directory.
+    /// Checkpoint directory; default: the bundled demo model.
     #[arg(long, env = "BD3LM_CHECKPOINT")]
-    pub checkpoint: PathBuf,
+    pub checkpoint: Option<PathBuf>,
     /// tokenizer.json; default: the checkpoint directory's, when present.
     #[arg(long, env = "BD3LM_TOKENIZER")]
     pub tokenizer: Option<PathBuf>,
@@ -42,16 +42,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => Store::memory(config),
     };
     let loaded = Arc::new(OnceLock::new());
-    let dir = args.checkpoint.clone();
+    let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
+    let tokenizer = crate::demo::tokenizer_of(&checkpoint, args.tokenizer.as_deref());
+    let dir = checkpoint.clone();
     let model = tokio::task::spawn_blocking(move || {
         bd3lm_worker::load(&dir, None, DType::F32, &Device::Cpu)
     })
     .await??;
-    let default_tokenizer = args.checkpoint.join("tokenizer.json");
-    let tokenizer = args
-        .tokenizer
-        .clone()
-        .or_else(|| default_tokenizer.is_file().then_some(default_tokenizer));
     let _ = loaded.set(Arc::new(model));
     let mut addrs = Vec::new();
     for _ in 0..args.workers {
