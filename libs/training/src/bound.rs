@@ -1,6 +1,8 @@
 //! The perplexity bound on held-out rows, and the data-driven clipped-schedule search
 //! that reuses the same passes.
 
+use std::path::Path;
+
 use bd3lm_diffusion::loss::{self, NoiseProcess};
 use bd3lm_diffusion::schedule::Interval;
 use bd3lm_model::Bd3lm;
@@ -10,7 +12,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use crate::Result;
-use crate::data::Loader;
+use crate::data::{Loader, Position, Split};
 
 /// The NELBO of held-out data.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -33,18 +35,25 @@ pub struct BlockLoss {
     pub loss: f64,
 }
 
-/// The perplexity bound of `model` over `batches` batches of `batch` rows read from
-/// `loader`, with `t` over the paper's evaluation interval `[1e-3, 1]` (antithetic) and
-/// noise drawn from `seed`, so repeated evaluations are comparable. Each block's loss is
-/// pushed to `blocks` when given.
+/// The perplexity bound of `model` on the validation rows of the shard directory `data`:
+/// `batches` batches (at most, and by default, the whole split) of `batch` rows (fewer when the split is
+/// smaller), read in file order, with `t` over the paper's evaluation interval
+/// `[1e-3, 1]` (antithetic) and noise drawn from `seed`, so repeated evaluations are
+/// comparable. Each block's loss is pushed to `blocks` when given.
 pub fn perplexity_bound(
     model: &Bd3lm,
-    loader: &mut Loader,
-    batches: usize,
+    data: &Path,
+    batches: Option<usize>,
     batch: usize,
     seed: u64,
     mut blocks: Option<&mut Vec<BlockLoss>>,
 ) -> Result<Bound> {
+    let mut loader = Loader::open(data, Split::Validation, None, Position::default())?;
+    let batch = batch.min(loader.rows()).max(1);
+    let batches = batches
+        .unwrap_or(usize::MAX)
+        .min(loader.rows() / batch)
+        .max(1);
     let cfg = model.config();
     let n = loader.index().row_length;
     let process = NoiseProcess::new(cfg.block_size, cfg.mask_id());

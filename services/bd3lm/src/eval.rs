@@ -87,19 +87,14 @@ pub fn run(args: &EvalArgs) -> anyhow::Result<()> {
         ckpt.load_model(DType::F32, &Device::Cpu)?
     };
     let bound = match &args.data {
-        Some(data) => {
-            let mut loader = Loader::open(data, Split::Validation, None, Position::default())?;
-            let batch = args.batch_size.min(loader.rows());
-            let batches = args.batches.unwrap_or(loader.rows() / batch).max(1);
-            Some(bound::perplexity_bound(
-                &model,
-                &mut loader,
-                batches,
-                batch,
-                args.seed,
-                None,
-            )?)
-        }
+        Some(data) => Some(bound::perplexity_bound(
+            &model,
+            data,
+            args.batches,
+            args.batch_size,
+            args.seed,
+            None,
+        )?),
         None => None,
     };
     let (mut samples, mut held_out) = (None, None);

@@ -204,8 +204,6 @@ pub struct Trainer {
     process: NoiseProcess,
     rng: ChaCha8Rng,
     train: Loader,
-    step: u64,
-    tokens: u64,
     elapsed_s: f64,
 }
 
@@ -236,9 +234,7 @@ impl Trainer {
             Some(opts.seed),
             Position::default(),
         )?;
-        let mut trainer = Self::assemble(out, opts, config, &weights, train)?;
-        trainer.rng = ChaCha8Rng::seed_from_u64(trainer.opts.seed);
-        Ok(trainer)
+        Self::assemble(out, opts, config, &weights, train)
     }
 
     /// The parts common to a new and a resumed run.
@@ -258,6 +254,7 @@ impl Trainer {
             names.push(name);
         }
         let model = build(&config, &names, vars.iter().map(|v| v.as_tensor().clone()))?;
+        let rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let opt = AdamW::new(&vars, opts.adamw)?;
         let ema = Ema::new(&vars, opts.ema)?;
         let mut process = NoiseProcess::new(config.block_size, config.mask_id());
@@ -274,17 +271,15 @@ impl Trainer {
             opt,
             ema,
             process,
-            rng: ChaCha8Rng::seed_from_u64(0),
+            rng,
             train,
-            step: 0,
-            tokens: 0,
             elapsed_s: 0.0,
         })
     }
 
     /// Optimiser steps done.
     pub fn step(&self) -> u64 {
-        self.step
+        self.opt.steps
     }
 
     /// The run's options.
@@ -341,19 +336,17 @@ impl Trainer {
             decay: self.opts.decay,
             total: self.opts.steps,
         };
-        let lr = schedule.at(self.step);
+        let lr = schedule.at(self.step());
         self.opt.step(&self.vars, &grads, lr)?;
         self.ema.update(&self.vars)?;
-        self.step += 1;
-        self.tokens += self.tokens_per_step();
         let seconds = started.elapsed().as_secs_f64();
         self.elapsed_s += seconds;
         Ok(StepStats {
-            step: self.step,
+            step: self.step(),
             loss: loss_sum / self.opts.accumulate as f64,
             grad_norm,
             lr,
-            tokens: self.tokens,
+            tokens: self.step() * self.tokens_per_step(),
             tokens_per_s: self.tokens_per_step() as f64 / seconds,
             elapsed_s: self.elapsed_s,
         })
@@ -368,23 +361,15 @@ impl Trainer {
     /// search on (and `L' > 1`), training continues on the interval of least variance.
     pub fn validate(&mut self) -> Result<ValStats> {
         let model = self.ema_model()?;
-        let mut loader = Loader::open(
-            &self.opts.data,
-            Split::Validation,
-            None,
-            Position::default(),
-        )?;
-        let batch = self.opts.batch_size.min(loader.rows());
-        let batches = self.opts.val_batches.min(loader.rows() / batch).max(1);
         let search = self.opts.clip_search && self.config.block_size > 1;
         let mut blocks: Vec<BlockLoss> = Vec::new();
         // The same held-out noise at every validation, so the figures are comparable.
         let seed = self.opts.seed ^ 0x5eed_0f1d;
         let bound = bound::perplexity_bound(
             &model,
-            &mut loader,
-            batches,
-            batch,
+            &self.opts.data,
+            Some(self.opts.val_batches),
+            self.opts.batch_size,
             seed,
             search.then_some(&mut blocks),
         )?;
@@ -397,7 +382,7 @@ impl Trainer {
             self.config.sampling_eps_max = interval.max;
         }
         Ok(ValStats {
-            step: self.step,
+            step: self.step(),
             nll: bound.nll,
             ppl: bound.ppl,
             tokens: bound.tokens,
@@ -429,19 +414,20 @@ impl Trainer {
     /// Trains to the last step, validating and saving at the configured intervals and at
     /// the end, appending every event to the metrics log and reporting it to `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
-        let mut log = MetricsLog::open(&self.out.join(METRICS_FILE), self.step)?;
+        let mut log = MetricsLog::open(&self.out.join(METRICS_FILE), self.step())?;
         let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
-        while self.step < self.opts.steps {
+        while self.step() < self.opts.steps {
             let stats = self.train_step()?;
             log.write("train", &stats)?;
             on_event(Event::Step(&stats));
-            let last = self.step == self.opts.steps;
-            if last || due(self.opts.val_every, self.step) {
+            let step = self.step();
+            let last = step == self.opts.steps;
+            if last || due(self.opts.val_every, step) {
                 let val = self.validate()?;
                 log.write("validation", &val)?;
                 on_event(Event::Validation(&val));
             }
-            if last || due(self.opts.save_every, self.step) {
+            if last || due(self.opts.save_every, step) {
                 let dir = self.save()?;
                 on_event(Event::Saved(&dir));
             }

@@ -7,8 +7,6 @@ use std::path::Path;
 use bd3lm_model::Config;
 use bd3lm_model::checkpoint;
 use candle_core::Device;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{RESUME_DIR, TrainOptions, Trainer};
@@ -24,9 +22,7 @@ struct State {
     options: TrainOptions,
     config: Config,
     step: u64,
-    tokens: u64,
     elapsed_s: f64,
-    rng_seed: u64,
     /// ChaCha word position (a u128, as text).
     rng_word_pos: String,
     data: Position,
@@ -83,10 +79,7 @@ impl Trainer {
         }
         trainer.opt.steps = state.step;
         trainer.ema.updates = state.ema_updates;
-        trainer.step = state.step;
-        trainer.tokens = state.tokens;
         trainer.elapsed_s = state.elapsed_s;
-        trainer.rng = ChaCha8Rng::seed_from_u64(state.rng_seed);
         trainer.rng.set_word_pos(word_pos);
         Ok(trainer)
     }
@@ -111,10 +104,8 @@ impl Trainer {
         let state = State {
             options: self.opts.clone(),
             config: self.config.clone(),
-            step: self.step,
-            tokens: self.tokens,
+            step: self.step(),
             elapsed_s: self.elapsed_s,
-            rng_seed: self.opts.seed,
             rng_word_pos: self.rng.get_word_pos().to_string(),
             data: self.train.position(),
             ema_updates: self.ema.updates,
