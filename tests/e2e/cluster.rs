@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bd3lm_proto::v1::generation_client::GenerationClient;
+use bd3lm_proto::v1::{GenerateRequest, GenerateResponse};
+use tonic::Status;
+
 use crate::bin;
 
 /// A free loopback port.
@@ -180,6 +184,8 @@ pub struct Cluster {
     _dir: tempfile::TempDir,
     pub redis: Redis,
     pub workers: Vec<Proc>,
+    /// The workers' addresses, in the order of `workers`.
+    pub worker_addrs: Vec<String>,
     pub coordinator: Proc,
     pub addr: String,
 }
@@ -238,6 +244,7 @@ impl Cluster {
             _dir: dir,
             redis,
             workers: procs,
+            worker_addrs: addrs,
             coordinator,
             addr,
         };
@@ -260,6 +267,21 @@ impl Cluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Calls the coordinator's `Generate` directly, for what the command line does not
+    /// print (each block's worker and timings).
+    pub fn generate_grpc(&self, request: GenerateRequest) -> Result<GenerateResponse, Status> {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = GenerationClient::connect(format!("http://{}", self.addr))
+                .await
+                .unwrap();
+            client
+                .generate(request)
+                .await
+                .map(tonic::Response::into_inner)
+        })
     }
 
     /// Runs `bd3lm generate --addr` with `args`.

@@ -4,6 +4,10 @@
 
 use std::time::Duration;
 
+use bd3lm_kvstore::{Store, StoreConfig};
+use bd3lm_proto::v1::generate_request::Prompt;
+use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, TokenIds};
+
 use crate::cluster::{Cluster, Generated};
 use crate::{bd3lm, data_dir};
 
@@ -33,6 +37,34 @@ const RUN: [&str; 8] = [
     "ddpm",
 ];
 
+/// [`RUN`] as a gRPC request.
+fn run_request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds {
+            ids: vec![1022, 7, 9],
+        })),
+        max_new_tokens: 120,
+        seed: Some(11),
+        sampling: Some(SamplingParameters {
+            sampler: Sampler::Ddpm as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The store's contract holds on a real Redis server, as on the in-memory store.
+#[test]
+fn the_redis_store_keeps_the_store_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = crate::cluster::Redis::start(dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
+        bd3lm_kvstore::contract::check(store).await;
+    });
+}
+
 #[test]
 fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     let cluster = Cluster::start(&checkpoint(), 2, "rotate");
@@ -40,11 +72,16 @@ fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     let remote = cluster.generate(&RUN);
     assert_eq!(remote.code, 0, "{}", remote.stderr);
     assert_eq!(remote.ids, expected);
-    let used: Vec<String> = cluster.workers.iter().map(|w| w.log()).collect();
+    let direct = cluster.generate_grpc(run_request()).unwrap();
+    assert_eq!(direct.token_ids, expected);
+    let served: Vec<&str> = direct.blocks.iter().map(|b| b.worker.as_str()).collect();
     assert!(
-        used.iter().all(|log| log.contains("model loaded")),
-        "both workers served"
+        served.windows(2).all(|w| w[0] != w[1]),
+        "blocks alternate between the workers: {served:?}"
     );
+    for addr in &cluster.worker_addrs {
+        assert!(served.contains(&addr.as_str()), "{addr} served: {served:?}");
+    }
 
     // A finished session continued (by whichever worker) goes on as one long generation.
     let longer: Vec<&str> = RUN

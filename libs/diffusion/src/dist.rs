@@ -4,28 +4,8 @@
 //! Draws use one uniform number per token (inverse CDF), so a position costs one random
 //! number rather than a Gumbel sample for every vocabulary entry.
 
+use bd3lm_sampling::Filter;
 use rand::Rng;
-
-/// Filtering applied to the model's distribution before drawing.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Filter {
-    /// Softmax temperature (> 0).
-    pub temperature: f64,
-    /// Keep only the `k` most likely tokens; `None` keeps all.
-    pub top_k: Option<usize>,
-    /// Keep the smallest set of most likely tokens whose mass reaches `top_p`; 1 keeps all.
-    pub top_p: f64,
-}
-
-impl Default for Filter {
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_k: None,
-            top_p: 1.0,
-        }
-    }
-}
 
 /// A filtered distribution over the vocabulary for one position.
 #[derive(Debug, Clone)]

@@ -11,6 +11,9 @@ pub enum Error {
         /// What was expected and what was found.
         reason: String,
     },
+    /// A sampling parameter is outside its valid range.
+    #[error(transparent)]
+    Sampling(#[from] bd3lm_sampling::ParamError),
     /// The caller cancelled the work.
     #[error("cancelled")]
     Cancelled,
@@ -20,6 +23,17 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// True when the input is at fault (a parameter, a block, tokens), so running the
+    /// same work elsewhere cannot succeed; false for a compute failure or cancellation.
+    pub fn is_request_fault(&self) -> bool {
+        match self {
+            Self::Param { .. } | Self::Sampling(_) => true,
+            Self::Cancelled | Self::Model(_) | Self::Candle(_) => false,
+        }
+    }
 }
 
 /// Result alias of this crate.

@@ -183,10 +183,19 @@ impl<'m> Session<'m> {
         committed: usize,
     ) -> Result<Self> {
         let cfg = model.config();
-        if prompt_len == 0 || prompt_len > tokens.len() {
+        if prompt_len == 0 {
             return Err(Error::Param {
                 name: "prompt",
                 reason: "expected at least one token".into(),
+            });
+        }
+        if prompt_len > tokens.len() {
+            return Err(Error::Param {
+                name: "prompt_len",
+                reason: format!(
+                    "expected at most the session's {} tokens, found {prompt_len}",
+                    tokens.len()
+                ),
             });
         }
         if let Some(&bad) = tokens
@@ -563,5 +572,20 @@ mod tests {
         .unwrap();
         assert_eq!(streamed, out.tokens);
         assert_eq!(out.tokens.len(), 13);
+    }
+
+    /// A prompt longer than the tokens is named as such, not as an empty prompt.
+    #[test]
+    fn a_prompt_length_past_the_tokens_is_named() {
+        let model = model(4);
+        let cache = model.new_cache(1).unwrap();
+        let err = Session::with_cache(&model, cache, &[62, 3], 5, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("prompt_len") && err.contains("at most"),
+            "{err}"
+        );
     }
 }

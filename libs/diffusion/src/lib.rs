@@ -12,8 +12,7 @@ pub mod sampler;
 pub mod schedule;
 pub mod subs;
 
-pub use dist::Filter;
 pub use error::{Error, Result};
 pub use generate::{BlockReport, Generation, Session, StopReason, StopRules, generate};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Filter, Sampler, SamplingParams};
 pub use schedule::NoiseSchedule;

@@ -1,4 +1,5 @@
-//! Denoising one block: the reverse process of section 7 of the spec.
+//! Denoising one block: the reverse process of a masked diffusion model, inside a block
+//! (docs/model.md, "Sampling").
 //!
 //! A block starts with its prompt tokens in place and `[MASK]` elsewhere; each step
 //! unmasks some positions with tokens drawn from the model's SUBS distribution. Logits are
@@ -10,103 +11,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use rand::Rng;
 
-use crate::dist::{Filter, TokenDist};
+pub use bd3lm_sampling::{Filter, Sampler, SamplingParams};
+
+use crate::dist::TokenDist;
 use crate::{Error, NoiseSchedule, Result};
 
-/// How a block is denoised.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampler {
-    /// `steps` DDPM steps at `t_i = 1 - i/T`: each masked position unmasks with probability
-    /// `(p(t) - p(s)) / p(t)`, `s = t - 1/T`; the last step unmasks everything left.
-    Ddpm,
-    /// The first-hitting sampler: exactly one uniformly chosen masked position per step.
-    FirstHitting,
-    /// Every masked position whose most likely token has probability above `threshold`
-    /// is unmasked; at least one per step, and enough that the block ends within `steps`.
-    Confidence {
-        /// Probability a position's top token must exceed.
-        threshold: f64,
-    },
-}
-
-impl Sampler {
-    /// The name used on command lines.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Self::Ddpm => "ddpm",
-            Self::FirstHitting => "first-hitting",
-            Self::Confidence { .. } => "confidence",
-        }
-    }
-}
-
-/// Everything that decides how a block is sampled.
-#[derive(Debug, Clone, PartialEq)]
-pub struct SamplingParams {
-    /// The update rule.
-    pub sampler: Sampler,
-    /// Denoising steps per block `T` (DDPM; the bound on confidence steps).
-    pub steps: usize,
-    /// Temperature, top-k and top-p applied to the model's distribution.
-    pub filter: Filter,
-    /// Take the most likely token instead of drawing.
-    pub greedy: bool,
-    /// Masking schedule of the DDPM update.
-    pub schedule: NoiseSchedule,
-}
-
-impl SamplingParams {
-    /// First-hitting, one token per step, nucleus 0.9 (the reference's sampling default).
-    pub fn new(block_size: usize) -> Self {
-        Self {
-            sampler: Sampler::FirstHitting,
-            steps: block_size,
-            filter: Filter {
-                temperature: 1.0,
-                top_k: None,
-                top_p: 0.9,
-            },
-            greedy: false,
-            schedule: NoiseSchedule::LogLinear,
-        }
-    }
-
-    /// Checks every parameter's range; the error names the parameter.
-    pub fn validate(&self) -> Result<()> {
-        let bad = |name: &'static str, reason: String| Err(Error::Param { name, reason });
-        if self.steps < 1 {
-            return bad(
-                "steps",
-                format!("expected at least 1, found {}", self.steps),
-            );
-        }
-        let f = &self.filter;
-        if !(f.temperature > 0.0 && f.temperature.is_finite()) {
-            return bad(
-                "temperature",
-                format!("expected a finite value > 0, found {}", f.temperature),
-            );
-        }
-        if !(f.top_p > 0.0 && f.top_p <= 1.0) {
-            return bad(
-                "top_p",
-                format!("expected a value in (0, 1], found {}", f.top_p),
-            );
-        }
-        if f.top_k == Some(0) {
-            return bad("top_k", "expected at least 1, found 0".into());
-        }
-        if let Sampler::Confidence { threshold } = self.sampler
-            && !(0.0..=1.0).contains(&threshold)
-        {
-            return bad(
-                "threshold",
-                format!("expected a value in [0, 1], found {threshold}"),
-            );
-        }
-        Ok(())
-    }
-}
+/// The masking schedule of the DDPM update: the log-linear one, whose noise level the
+/// networks are conditioned on (`sigma = -ln(1 - t)`, see `generate::Net`).
+const SCHEDULE: NoiseSchedule = NoiseSchedule::LogLinear;
 
 /// What the sampler needs from a network: logits for some positions of the current block.
 pub trait Denoiser {
@@ -171,10 +83,7 @@ pub fn denoise_block(
             Sampler::Ddpm => {
                 let s = (1.0 - (steps + 1) as f64 / params.steps as f64).max(0.0);
                 t = (1.0 - steps as f64 / params.steps as f64).max(s);
-                let (pt, ps) = (
-                    params.schedule.move_chance(t),
-                    params.schedule.move_chance(s),
-                );
+                let (pt, ps) = (SCHEDULE.move_chance(t), SCHEDULE.move_chance(s));
                 let chance = if steps + 1 >= params.steps || pt <= 0.0 {
                     1.0
                 } else {
@@ -324,7 +233,6 @@ mod tests {
             steps,
             filter: Filter::default(),
             greedy: false,
-            schedule: NoiseSchedule::LogLinear,
         }
     }
 
@@ -450,66 +358,23 @@ mod tests {
         assert!(matches!(err, Err(Error::Cancelled)));
     }
 
+    /// Parameters are checked before any pass: the error names the field.
     #[test]
-    fn invalid_parameters_name_the_field() {
-        let cases = [
-            (
-                SamplingParams {
-                    steps: 0,
-                    ..params(Sampler::Ddpm, 1)
-                },
-                "steps",
-            ),
-            (
-                SamplingParams {
-                    filter: Filter {
-                        top_p: 1.5,
-                        ..Filter::default()
-                    },
-                    ..params(Sampler::Ddpm, 1)
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    filter: Filter {
-                        top_p: 0.0,
-                        ..Filter::default()
-                    },
-                    ..params(Sampler::Ddpm, 1)
-                },
-                "top_p",
-            ),
-            (
-                SamplingParams {
-                    filter: Filter {
-                        temperature: 0.0,
-                        ..Filter::default()
-                    },
-                    ..params(Sampler::Ddpm, 1)
-                },
-                "temperature",
-            ),
-            (
-                SamplingParams {
-                    filter: Filter {
-                        top_k: Some(0),
-                        ..Filter::default()
-                    },
-                    ..params(Sampler::Ddpm, 1)
-                },
-                "top_k",
-            ),
-            (
-                params(Sampler::Confidence { threshold: 2.0 }, 1),
-                "threshold",
-            ),
-        ];
-        for (p, field) in cases {
-            assert!(
-                p.validate().unwrap_err().to_string().contains(field),
-                "{field}"
-            );
-        }
+    fn invalid_parameters_are_refused_before_any_pass() {
+        let mut net = stub(4);
+        let err = denoise_block(
+            &mut net,
+            &[4; 4],
+            &SamplingParams {
+                steps: 0,
+                ..params(Sampler::Ddpm, 1)
+            },
+            &mut ChaCha8Rng::seed_from_u64(1),
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("steps"), "{err}");
+        assert!(err.is_request_fault());
+        assert!(net.calls.is_empty());
     }
 }

@@ -2,16 +2,19 @@
 //!
 //! Layout (little endian): magic `BD3KVBLK`, version u32, model id (u16 length + UTF-8),
 //! weights fingerprint (u16 length + UTF-8), block index u64, payload (u64 length +
-//! bytes), and a checksum u64 ([`crate::checksum`]) of everything before it. The payload
+//! bytes), and a checksum u64 ([`bd3lm_bytes::checksum`]) of everything before it. The payload
 //! is the model library's own self-describing KV segment (dtype, layers, heads, head dim,
 //! positions, its checksum).
 
-use crate::{Error, Result, checksum};
+use bd3lm_bytes::Reader;
+
+use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"BD3KVBLK";
 const VERSION: u32 = 1;
-/// Longest model id or fingerprint accepted.
-const MAX_NAME: usize = 1024;
+/// Longest model id or fingerprint a blob holds, in bytes: a worker refuses a longer
+/// model id at start-up, since none of its blobs could be read back.
+pub const MAX_NAME: usize = 1024;
 
 /// One committed block's keys and values with what identifies them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,9 +44,7 @@ impl BlockBlob {
         out.extend_from_slice(&self.block_index.to_le_bytes());
         out.extend_from_slice(&(self.payload.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.payload);
-        let sum = checksum(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        out
+        bd3lm_bytes::seal(out)
     }
 
     /// Decodes a blob, checking every length against the bytes present and the checksum.
@@ -51,34 +52,29 @@ impl BlockBlob {
         if bytes.len() < MAGIC.len() + 4 + 2 + 2 + 8 + 8 + 8 {
             return Err(Error::Corrupt("KV blob too short".into()));
         }
-        let (body, sum) = bytes.split_at(bytes.len() - 8);
-        if checksum(body).to_le_bytes() != sum {
-            return Err(Error::Corrupt("KV blob checksum mismatch".into()));
-        }
-        let mut r = Reader {
-            bytes: body,
-            pos: 0,
-        };
-        if r.take(8)? != MAGIC {
+        let body = bd3lm_bytes::unseal(bytes)
+            .ok_or_else(|| Error::Corrupt("KV blob checksum mismatch".into()))?;
+        let mut r = Reader::new(body);
+        if r.take(8).map_err(truncated)? != MAGIC {
             return Err(Error::Corrupt("not a KV blob (bad magic)".into()));
         }
-        let version = u32::from_le_bytes(r.array()?);
+        let version = r.u32().map_err(truncated)?;
         if version != VERSION {
             return Err(Error::Corrupt(format!(
                 "KV blob version {version} is not supported"
             )));
         }
-        let model_id = r.name()?;
-        let fingerprint = r.name()?;
-        let block_index = u64::from_le_bytes(r.array()?);
-        let len = u64::from_le_bytes(r.array()?);
+        let model_id = name(&mut r)?;
+        let fingerprint = name(&mut r)?;
+        let block_index = r.u64().map_err(truncated)?;
+        let len = r.u64().map_err(truncated)?;
         if len != r.remaining() as u64 {
             return Err(Error::Corrupt(format!(
                 "KV blob payload: header says {len} bytes, {} present",
                 r.remaining()
             )));
         }
-        let payload = r.take(len as usize)?.to_vec();
+        let payload = r.rest().to_vec();
         Ok(Self {
             model_id,
             fingerprint,
@@ -88,33 +84,18 @@ impl BlockBlob {
     }
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
+fn truncated(e: bd3lm_bytes::Truncated) -> Error {
+    Error::Corrupt(format!("KV blob {e}"))
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| Error::Corrupt("KV blob truncated".into()))?;
-        let out = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(out)
+/// A u16-length-prefixed UTF-8 name of at most [`MAX_NAME`] bytes.
+fn name(r: &mut Reader<'_>) -> Result<String> {
+    let len = r.u16().map_err(truncated)? as usize;
+    if len > MAX_NAME {
+        return Err(Error::Corrupt(format!("KV blob name of {len} bytes")));
     }
-    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
-        Ok(self.take(N)?.try_into().expect("N bytes"))
-    }
-    fn name(&mut self) -> Result<String> {
-        let len = u16::from_le_bytes(self.array()?) as usize;
-        if len > MAX_NAME {
-            return Err(Error::Corrupt(format!("KV blob name of {len} bytes")));
-        }
-        String::from_utf8(self.take(len)?.to_vec())
-            .map_err(|_| Error::Corrupt("KV blob name is not UTF-8".into()))
-    }
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
-    }
+    String::from_utf8(r.take(len).map_err(truncated)?.to_vec())
+        .map_err(|_| Error::Corrupt("KV blob name is not UTF-8".into()))
 }
 
 #[cfg(test)]
@@ -156,10 +137,8 @@ mod tests {
         body.truncate(body.len() - 8);
         let at = 8 + 4 + 2 + 4 + 2 + 6 + 8;
         body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
-        let sum = checksum(&body);
-        body.extend_from_slice(&sum.to_le_bytes());
         assert!(
-            BlockBlob::decode(&body)
+            BlockBlob::decode(&bd3lm_bytes::seal(body))
                 .unwrap_err()
                 .to_string()
                 .contains("payload")

@@ -9,29 +9,21 @@
 //!
 //! This crate does not link the network: the coordinator uses it too.
 
+#[cfg(feature = "clap")]
+mod args;
 pub mod blob;
+#[cfg(any(test, feature = "contract"))]
+pub mod contract;
 mod error;
 pub mod record;
+#[cfg(feature = "grpc")]
+mod status;
 pub mod store;
+
+#[cfg(feature = "clap")]
+pub use args::StoreArgs;
 
 pub use blob::BlockBlob;
 pub use error::{Error, Result};
-pub use record::{SamplingRecord, SessionRecord};
+pub use record::SessionRecord;
 pub use store::{CommitOutcome, Store, StoreConfig};
-
-/// A 64-bit FNV-1a-style checksum over 8-byte words, against corruption in transit and
-/// at rest (not an authenticator).
-pub fn checksum(bytes: &[u8]) -> u64 {
-    // Eight bytes per step (a zero-padded tail, then the length): fast enough that the
-    // checksum does not bound blob throughput, and any change of one word changes it.
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut words = bytes.chunks_exact(8);
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for word in &mut words {
-        hash = (hash ^ u64::from_le_bytes(word.try_into().expect("8 bytes"))).wrapping_mul(PRIME);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    hash = (hash ^ u64::from_le_bytes(tail)).wrapping_mul(PRIME);
-    (hash ^ bytes.len() as u64).wrapping_mul(PRIME)
-}

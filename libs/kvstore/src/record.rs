@@ -1,28 +1,10 @@
 //! The session record: the source of truth of a session. Tokens are committed here; KV
 //! blobs are a cache that can always be rebuilt from them.
 
+use bd3lm_sampling::SamplingParams;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
-
-/// Sampling parameters as stored (the diffusion library's, without its types).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SamplingRecord {
-    /// `ddpm`, `first-hitting` or `confidence`.
-    pub sampler: String,
-    /// Denoising steps per block.
-    pub steps: usize,
-    /// Confidence threshold.
-    pub threshold: f64,
-    /// Softmax temperature.
-    pub temperature: f64,
-    /// Nucleus mass.
-    pub top_p: f64,
-    /// Top-k, if any.
-    pub top_k: Option<usize>,
-    /// Greedy decoding.
-    pub greedy: bool,
-}
 
 /// A session as stored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,7 +22,7 @@ pub struct SessionRecord {
     /// Seed of every random draw.
     pub seed: u64,
     /// Sampling parameters of the next blocks.
-    pub sampling: SamplingRecord,
+    pub sampling: SamplingParams,
     /// Tokens returned to the client so far (prompts included); a continuation starts here.
     pub returned: usize,
 }
@@ -54,5 +36,23 @@ impl SessionRecord {
     /// Parses a stored record.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self> {
         serde_json::from_slice(bytes).map_err(|e| Error::Corrupt(format!("session record: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unknown sampler in a stored record is an error, never a silent default.
+    #[test]
+    fn records_with_unknown_samplers_are_corrupt() {
+        let record = crate::contract::record("s");
+        let bytes = record.to_bytes();
+        assert_eq!(SessionRecord::from_bytes(&bytes).unwrap(), record);
+        let text = String::from_utf8(bytes).unwrap();
+        let unknown = text.replace("first-hitting", "beam-search");
+        assert_ne!(unknown, text);
+        let err = SessionRecord::from_bytes(unknown.as_bytes()).unwrap_err();
+        assert!(matches!(err, Error::Corrupt(_)), "{err}");
     }
 }

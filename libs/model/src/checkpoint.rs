@@ -125,7 +125,7 @@ impl Checkpoint {
         let mut files: Vec<&PathBuf> = self.files.values().collect();
         files.sort();
         files.dedup();
-        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        let mut sum = bd3lm_bytes::Checksum::new();
         let mut buf = vec![0u8; 1 << 20];
         for path in files {
             let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
@@ -140,16 +140,10 @@ impl Checkpoint {
                 if n == 0 {
                     break;
                 }
-                // Eight bytes per step: fast enough for multi-gigabyte checkpoints.
-                for chunk in buf[..n].chunks(8) {
-                    let mut word = [0u8; 8];
-                    word[..chunk.len()].copy_from_slice(chunk);
-                    hash = (hash ^ u64::from_le_bytes(word))
-                        .wrapping_mul(0x0000_0100_0000_01b3)
-                        .rotate_left(29);
-                }
+                sum.update(&buf[..n]);
             }
         }
+        let hash = sum.finish();
         Ok(format!("{hash:016x}"))
     }
 

@@ -70,3 +70,10 @@ pub enum Error {
 
 /// Result alias of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A KV segment ended before one of its fields.
+impl From<bd3lm_bytes::Truncated> for Error {
+    fn from(e: bd3lm_bytes::Truncated) -> Self {
+        Error::CacheDecode(e.to_string())
+    }
+}

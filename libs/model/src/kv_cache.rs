@@ -10,13 +10,18 @@
 
 use candle_core::{DType, Device, Tensor};
 
+use bd3lm_bytes::Reader;
+
 use crate::{Config, Error, Result};
 
 const MAGIC: &[u8; 8] = b"BD3LMKV\0";
 const VERSION: u32 = 1;
 
 /// The KV cache of one batch of sequences being generated.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: passes write into its buffers in place (through `&self`, as candle's
+/// `slice_set` does), so two handles on the same buffers would corrupt each other.
+#[derive(Debug)]
 pub struct KvCache {
     /// Per layer, key and value buffers of shape (batch, heads, capacity, head_dim).
     buffers: Vec<(Tensor, Tensor)>,
@@ -103,6 +108,17 @@ impl KvCache {
             * self.batch
             * self.n_heads
             * self.len
+            * self.head_dim
+            * self.dtype.size_in_bytes()
+    }
+
+    /// Bytes its buffers occupy, live or not: what holding the cache costs in memory
+    /// (up to one and a half windows beyond the live range, see [`KvCache::reserve`]).
+    pub fn allocated_bytes(&self) -> usize {
+        2 * self.n_layers()
+            * self.batch
+            * self.n_heads
+            * self.capacity()
             * self.head_dim
             * self.dtype.size_in_bytes()
     }
@@ -262,9 +278,7 @@ impl KvCache {
                 append_raw(&t.narrow(2, offset, len)?.contiguous()?, &mut out)?;
             }
         }
-        let sum = checksum(&out);
-        out.extend_from_slice(&sum.to_le_bytes());
-        Ok(out)
+        Ok(bd3lm_bytes::seal(out))
     }
 
     /// Decodes bytes written by [`KvCache::to_bytes`] onto `device`.
@@ -358,14 +372,8 @@ impl<'a> Segment<'a> {
         if bytes.len() < 8 + 4 + 1 + 6 * 4 + 16 + 8 {
             return Err(bad("too short for a header"));
         }
-        let (body, sum) = bytes.split_at(bytes.len() - 8);
-        if checksum(body).to_le_bytes() != sum {
-            return Err(bad("checksum mismatch"));
-        }
-        let mut r = Reader {
-            bytes: body,
-            pos: 0,
-        };
+        let body = bd3lm_bytes::unseal(bytes).ok_or_else(|| bad("checksum mismatch"))?;
+        let mut r = Reader::new(body);
         if r.take(8)? != MAGIC {
             return Err(bad("not a BD3-LM KV cache (bad magic)"));
         }
@@ -410,7 +418,7 @@ impl<'a> Segment<'a> {
             layout: Layout { dtype, dims },
             first,
             len,
-            data: &body[r.pos..],
+            data: r.rest(),
         })
     }
 
@@ -425,34 +433,6 @@ impl<'a> Segment<'a> {
             &[batch, n_heads, self.len, head_dim],
             device,
         )?)
-    }
-}
-
-struct Reader<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.bytes.len());
-        let end = end.ok_or_else(|| Error::CacheDecode("truncated".into()))?;
-        let out = &self.bytes[self.pos..end];
-        self.pos = end;
-        Ok(out)
-    }
-    fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(
-            self.take(4)?.try_into().expect("4 bytes"),
-        ))
-    }
-    fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(
-            self.take(8)?.try_into().expect("8 bytes"),
-        ))
-    }
-    fn remaining(&self) -> usize {
-        self.bytes.len() - self.pos
     }
 }
 
@@ -499,23 +479,6 @@ fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// A 64-bit FNV-1a-style checksum over 8-byte words, against corruption in transit (not
-/// an authenticator).
-fn checksum(bytes: &[u8]) -> u64 {
-    // Eight bytes per step (a zero-padded tail, then the length): fast enough that the
-    // checksum does not bound blob throughput, and any change of one word changes it.
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut words = bytes.chunks_exact(8);
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for word in &mut words {
-        hash = (hash ^ u64::from_le_bytes(word.try_into().expect("8 bytes"))).wrapping_mul(PRIME);
-    }
-    let mut tail = [0u8; 8];
-    tail[..words.remainder().len()].copy_from_slice(words.remainder());
-    hash = (hash ^ u64::from_le_bytes(tail)).wrapping_mul(PRIME);
-    (hash ^ bytes.len() as u64).wrapping_mul(PRIME)
 }
 
 #[cfg(test)]
@@ -569,8 +532,6 @@ mod tests {
         let len_offset = 8 + 4 + 1 + 6 * 4 + 8;
         let mut body = bytes[..bytes.len() - 8].to_vec();
         body[len_offset..len_offset + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
-        let sum = checksum(&body);
-        body.extend_from_slice(&sum.to_le_bytes());
-        assert!(KvCache::from_bytes(&body, &Device::Cpu).is_err());
+        assert!(KvCache::from_bytes(&bd3lm_bytes::seal(body), &Device::Cpu).is_err());
     }
 }

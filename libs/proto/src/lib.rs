@@ -1,9 +1,11 @@
 //! Generated code of the `bd3lm.v1` gRPC contracts: the public `Generation` service of the
-//! coordinator and the internal `DenoiseWorker` service.
+//! coordinator and the internal `DenoiseWorker` service, and the conversions between the
+//! wire's sampling parameters and the typed ones of `bd3lm-sampling`.
 
-#![allow(missing_docs, clippy::all)]
+mod sampling;
 
 /// Package `bd3lm.v1`.
+#[allow(missing_docs, clippy::all)]
 pub mod v1 {
     tonic::include_proto!("bd3lm.v1");
 }

@@ -1,7 +1,12 @@
 //! Tracing for every binary: logs to stderr, and spans exported over OTLP to any
 //! OpenTelemetry backend when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The W3C
 //! trace context travels in gRPC metadata, so a worker's spans are children of the
-//! coordinator's request span.
+//! coordinator's request span. [`cli`] is the edge every binary shares: arguments,
+//! one-line errors, exit codes.
+
+pub mod cli;
+
+use std::process::ExitCode;
 
 use opentelemetry::propagation::{Extractor, Injector};
 use opentelemetry::trace::TracerProvider as _;
@@ -57,34 +62,22 @@ pub fn init(service: &'static str, env_filter: &str) -> anyhow::Result<Guard> {
 }
 
 /// The `main` of a service binary: tracing for `service`, then its arguments (a bad one
-/// is one line on stderr and exit code 2), then `run`, whose error is printed with exit
-/// code 2 after the spans are flushed.
-pub async fn run_service<A, F>(service: &'static str, run: impl FnOnce(A) -> F)
+/// is one line on stderr and exit code 2), then `run`, whose error is printed as one line
+/// with exit code 2 after the spans are flushed.
+pub async fn run_service<A, F>(service: &'static str, run: impl FnOnce(A) -> F) -> ExitCode
 where
     A: clap::Parser,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let telemetry = init(service, "info").unwrap_or_else(|e| {
-        eprintln!("error: tracing: {e:#}");
-        std::process::exit(2)
-    });
-    let args = match A::try_parse() {
-        Ok(a) => a,
-        Err(e) if !e.use_stderr() => e.exit(),
-        Err(e) => {
-            let text = e.render().to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
-            std::process::exit(2);
-        }
+    let telemetry = match init(service, "info") {
+        Ok(t) => t,
+        Err(e) => return cli::fail(&e.context("tracing")),
     };
-    let result = run(args).await;
+    let result = run(cli::parse_args()).await;
     drop(telemetry);
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(2);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => cli::fail(&e),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Training BD3-LMs (spec section 6): token shards prepared from text, the block diffusion
+//! Training BD3-LMs (docs/model.md, "Training"): token shards prepared from text, the block diffusion
 //! trainer with the paper's optimiser and clipped-schedule search, and evaluation by the
 //! perplexity bound and by a real causal LM judging the model's samples.
 

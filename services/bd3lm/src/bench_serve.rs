@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, Routing, WorkerSource};
-use bd3lm_kvstore::{BlockBlob, SamplingRecord, SessionRecord, Store, StoreConfig};
+use bd3lm_diffusion::SamplingParams;
+use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
-use bd3lm_worker::{Loaded, WorkerService};
+use bd3lm_worker::{Loaded, WorkerService, WorkerSettings};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -28,7 +29,7 @@ struct CacheLatency {
 }
 
 /// Runs the benchmark; one JSON line per figure.
-pub async fn run(redis: Option<String>, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
     let cfg = Config::tiny(4);
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
     checkpoint::save(
@@ -44,10 +45,6 @@ pub async fn run(redis: Option<String>, contexts: &[usize], reps: usize) -> anyh
         })
         .await??,
     );
-    let store = match &redis {
-        Some(url) => Store::redis(url, StoreConfig::default())?,
-        None => Store::memory(StoreConfig::default()),
-    };
     store.ping().await.context("the store does not answer")?;
     for &context in contexts {
         for source in ["memory", "store", "rebuilt"] {
@@ -76,7 +73,11 @@ pub async fn run(redis: Option<String>, contexts: &[usize], reps: usize) -> anyh
 fn worker(loaded: &Arc<Loaded>, store: &Store) -> WorkerService {
     let cell = Arc::new(OnceLock::new());
     let _ = cell.set(loaded.clone());
-    WorkerService::new(cell, store.clone(), 1, 1 << 30)
+    let settings = WorkerSettings {
+        capacity: 1,
+        ..WorkerSettings::default()
+    };
+    WorkerService::new(cell, store.clone(), &settings)
 }
 
 /// A new session with a `context`-token prompt, prefilled by a first worker whose cache
@@ -98,15 +99,7 @@ async fn prefilled(
         prompt_len: context,
         committed_blocks: 0,
         seed: rep as u64,
-        sampling: SamplingRecord {
-            sampler: "first-hitting".into(),
-            steps: 4,
-            threshold: 0.9,
-            temperature: 1.0,
-            top_p: 0.9,
-            top_k: None,
-            greedy: false,
-        },
+        sampling: SamplingParams::new(4),
         returned: context,
     };
     let _ = store
@@ -228,15 +221,20 @@ async fn coordinator_overhead(loaded: Arc<Loaded>, store: Store) -> anyhow::Resu
     let _ = cell.set(loaded.clone());
     let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let worker_addr = worker_listener.local_addr()?.to_string();
-    tokio::spawn(bd3lm_worker::serve(
-        worker_listener,
-        cell,
-        store.clone(),
-        1,
-        1 << 30,
-        std::future::pending(),
-    ));
-    let pool = Arc::new(Pool::new(Routing::Affinity));
+    let (worker_store, settings) = (store.clone(), WorkerSettings::default());
+    tokio::spawn(async move {
+        let serving = bd3lm_worker::serve(
+            worker_listener,
+            cell,
+            worker_store,
+            &settings,
+            std::future::pending(),
+        );
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "bench worker stopped");
+        }
+    });
+    let pool = Arc::new(Pool::new(Routing::Affinity, 1000));
     let source = WorkerSource::Static(vec![worker_addr]);
     while pool.refresh(&source).await == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -6,9 +6,10 @@ use std::time::Instant;
 use anyhow::Context;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
-use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, StopReason, TokenIds};
+use bd3lm_proto::v1::{GenerateRequest, SamplingParameters, StopReason, TokenIds};
+use bd3lm_sampling::SamplingOverrides;
 
-use crate::generate::{GenerationArgs, SamplerArg};
+use crate::args::GenerationArgs;
 
 /// The request the generation flags describe.
 pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateRequest {
@@ -19,25 +20,13 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
     };
     // Only what was asked for: the server fills in its defaults, or a continued
     // session's own parameters.
-    let sampler = match args.sampler {
-        None => Sampler::Unspecified,
-        Some(SamplerArg::Ddpm) => Sampler::Ddpm,
-        Some(SamplerArg::FirstHitting) => Sampler::FirstHitting,
-        Some(SamplerArg::Confidence) => Sampler::Confidence,
-    };
+    let sampling = args.sampling();
     GenerateRequest {
         prompt,
         session_id: session.unwrap_or_default(),
         max_new_tokens: args.max_tokens.min(u32::MAX as usize) as u32,
-        sampling: Some(SamplingParameters {
-            sampler: sampler as i32,
-            steps: args.steps.map(|s| s.min(u32::MAX as usize) as u32),
-            threshold: args.threshold,
-            temperature: args.temperature,
-            top_p: args.top_p,
-            top_k: args.top_k.map(|k| k.min(u32::MAX as usize) as u32),
-            greedy: args.greedy,
-        }),
+        sampling: (sampling != SamplingOverrides::default())
+            .then(|| SamplingParameters::from(&sampling)),
         seed: args.seed,
         stop: args.stop.clone(),
         stop_token_ids: args
@@ -102,4 +91,33 @@ pub async fn generate(
 
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: GenerationArgs,
+    }
+
+    /// A continuation without sampling flags sends no sampling parameters, so the session
+    /// keeps its own (a greedy session stays greedy).
+    #[test]
+    fn a_continuation_sends_only_the_flags_given() {
+        let args = Cli::try_parse_from(["bd3lm", "--max-tokens", "8"])
+            .unwrap()
+            .args;
+        let req = request(&args, Some("s1".into()));
+        assert_eq!((req.session_id.as_str(), req.sampling), ("s1", None));
+        let args = Cli::try_parse_from(["bd3lm", "--top-k", "0"]).unwrap().args;
+        let sent = request(&args, None).sampling.unwrap();
+        assert_eq!(
+            (sent.top_k, sent.greedy, sent.temperature),
+            (Some(0), None, None)
+        );
+    }
 }

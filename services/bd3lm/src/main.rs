@@ -1,5 +1,6 @@
 //! `bd3lm`: the command line of the BD3-LM system.
 
+mod args;
 mod bench;
 mod bench_serve;
 mod bench_train;
@@ -44,7 +45,7 @@ enum Command {
     },
     /// Generate text, streaming each block as it is committed: locally with
     /// --checkpoint, or through a server with --addr.
-    Generate(generate::LocalArgs),
+    Generate(args::GenerateArgs),
     /// Serve the gRPC Generation API: a coordinator and N denoise workers in one process,
     /// with the in-memory store (or --redis).
     Serve(serve::ServeArgs),
@@ -86,9 +87,9 @@ enum BenchCommand {
     /// Serving costs: per-block latency with the KV cache in memory, from the store, or
     /// rebuilt from tokens; KV blob encode/decode GB/s; coordinator overhead per block.
     Serve {
-        /// Redis URL (a local redis-server); default: the in-memory store.
-        #[arg(long)]
-        redis: Option<String>,
+        /// The store: a local redis-server with --redis, else in memory.
+        #[command(flatten)]
+        store: bd3lm_kvstore::StoreArgs,
         /// Context lengths (prompt tokens) to measure at.
         #[arg(long, value_delimiter = ',', default_value = "256,1024")]
         contexts: Vec<usize>,
@@ -135,66 +136,33 @@ fn positive_f64(s: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
+    let cli: Cli = bd3lm_telemetry::cli::parse_args();
+    if let Some(threads) = cli.threads {
+        // SAFETY: no other thread exists yet (the runtime starts below); candle's kernels
+        // read this when they first run.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
+    }
     // One runtime for the commands that serve or call gRPC, and for span export.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
-            eprintln!("error: starting the async runtime: {e}");
-            return ExitCode::from(2);
+            return bd3lm_telemetry::cli::fail(
+                &anyhow::Error::new(e).context("starting the async runtime"),
+            );
         }
     };
     let _runtime = runtime.enter();
     let _telemetry = match bd3lm_telemetry::init("bd3lm", "warn") {
         Ok(g) => g,
-        Err(e) => {
-            eprintln!("error: tracing: {e:#}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return bd3lm_telemetry::cli::fail(&e.context("tracing")),
     };
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(err) if !err.use_stderr() => err.exit(),
-        Err(err) => {
-            // One line (clap's first), without the usage block.
-            let text = err.render().to_string();
-            eprintln!(
-                "{}",
-                text.lines().next().unwrap_or("error: invalid arguments")
-            );
-            return ExitCode::from(2);
-        }
-    };
-    if let Some(threads) = cli.threads {
-        // SAFETY: no other thread exists yet; the kernels read this when they first run.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    }
-    match run(cli) {
+    match run(cli, runtime.handle()) {
         Ok(code) => code,
-        Err(err) => {
-            eprintln!("error: {}", one_line(&err));
-            ExitCode::from(2)
-        }
+        Err(err) => bd3lm_telemetry::cli::fail(&err),
     }
 }
 
-/// The error and its causes on one line, without the backtraces candle attaches.
-fn one_line(err: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in err.chain() {
-        let text = cause.to_string();
-        let text = text.lines().next().unwrap_or_default().trim();
-        // Errors that print their source in their own message are not repeated.
-        if !line.contains(text) {
-            if !line.is_empty() {
-                line.push_str(": ");
-            }
-            line.push_str(text);
-        }
-    }
-    line
-}
-
-fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckReference {
             checkpoint,
@@ -230,19 +198,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
-            tokio::runtime::Handle::current().block_on(serve::run(args))?;
+            runtime.block_on(serve::run(args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {
-            generate::run(&args)?;
+            match &args.addr {
+                Some(addr) => runtime.block_on(client::generate(
+                    addr,
+                    args.session.clone(),
+                    &args.generation,
+                ))?,
+                None => generate::run(&args)?,
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Serve {
-            redis,
+            store,
             contexts,
             reps,
         }) => {
-            tokio::runtime::Handle::current().block_on(bench_serve::run(redis, &contexts, reps))?;
+            runtime.block_on(bench_serve::run(store.open()?, &contexts, reps))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench(BenchCommand::Generate {

@@ -3,12 +3,11 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use anyhow::Context;
-use bd3lm_coordinator::{CoordinatorSettings, Pool, Routing, WorkerSource};
-use bd3lm_kvstore::{Store, StoreConfig};
-use candle_core::{DType, Device};
+use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
+use bd3lm_kvstore::StoreArgs;
+use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Args;
 
 /// Arguments of `bd3lm serve`.
@@ -18,75 +17,64 @@ pub struct ServeArgs {
     #[arg(long, env = "BD3LM_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
     /// Denoise workers to run in this process.
-    #[arg(long, env = "BD3LM_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "BD3LM_SERVE_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: u16,
-    /// Redis URL; default: the in-memory store.
-    #[arg(long, env = "BD3LM_REDIS_URL")]
-    pub redis: Option<String>,
     /// Checkpoint directory; default: the bundled demo model.
     #[arg(long, env = "BD3LM_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
-    /// tokenizer.json; default: the checkpoint directory's, when present.
-    #[arg(long, env = "BD3LM_TOKENIZER")]
-    pub tokenizer: Option<PathBuf>,
-    /// Blocks each worker denoises at once.
-    #[arg(long, env = "BD3LM_WORKER_CAPACITY", default_value_t = 1)]
-    pub capacity: usize,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    #[command(flatten)]
+    pub worker: WorkerSettings,
+    #[command(flatten)]
+    pub coordinator: CoordinatorSettings,
 }
 
 /// Runs until interrupted.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let config = StoreConfig::default();
-    let store = match &args.redis {
-        Some(url) => Store::redis(url, config)?,
-        None => Store::memory(config),
-    };
-    let loaded = Arc::new(OnceLock::new());
+    let store = args.store.open()?;
     let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
-    let tokenizer = crate::demo::tokenizer_of(&checkpoint, args.tokenizer.as_deref());
+    let (device, dtype) = (args.device.device()?, args.device.dtype());
     let dir = checkpoint.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        bd3lm_worker::load(&dir, None, DType::F32, &Device::Cpu)
-    })
-    .await??;
+    let model = tokio::task::spawn_blocking(move || bd3lm_worker::load(&dir, None, dtype, &device))
+        .await??;
+    let loaded = Arc::new(OnceLock::new());
     let _ = loaded.set(Arc::new(model));
     let mut addrs = Vec::new();
     for _ in 0..args.workers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addrs.push(listener.local_addr()?.to_string());
-        let (loaded, store) = (loaded.clone(), store.clone());
+        let (loaded, store, settings) = (loaded.clone(), store.clone(), args.worker.clone());
         tokio::spawn(async move {
-            if let Err(e) = bd3lm_worker::serve(
-                listener,
-                loaded,
-                store,
-                args.capacity,
-                1 << 30,
-                std::future::pending(),
-            )
-            .await
-            {
+            let serving =
+                bd3lm_worker::serve(listener, loaded, store, &settings, std::future::pending());
+            if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }
         });
     }
-    let pool = Arc::new(Pool::new(Routing::Affinity));
+    let mut settings = args.coordinator;
+    if settings.tokenizer.is_none() {
+        settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
+    }
+    let pool = Arc::new(Pool::new(
+        settings.routing,
+        settings.affinity_sessions as usize,
+    ));
     let source = WorkerSource::Static(addrs);
     pool.refresh(&source).await;
-    bd3lm_coordinator::spawn_discovery(pool.clone(), source, Duration::from_secs(1));
+    bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
-    let store_name = args.redis.as_deref().unwrap_or("memory");
     println!(
-        "bd3lm serve listening on {} ({} workers, store {store_name})",
+        "bd3lm serve listening on {} ({} workers, store {})",
         listener.local_addr()?,
-        args.workers
+        args.workers,
+        args.store.describe()
     );
-    let settings = CoordinatorSettings {
-        tokenizer,
-        ..CoordinatorSettings::default()
-    };
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

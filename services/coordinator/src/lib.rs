@@ -1,11 +1,21 @@
-//! The coordinator: the public gRPC front of the system. It validates requests, tokenizes
-//! prompts, creates sessions in the store, and sends each block to a denoise worker
-//! (preferring the one that holds the session's KV cache), retrying another worker on an
-//! error, a timeout or a disconnect. It never runs the network.
+//! The coordinator: the public gRPC front of the system. It never runs the network.
+//!
+//! One request goes through one module per job:
+//! [`validation`] (a valid request or one error naming the field) → [`plan`] (the
+//! session created or continued in the store) → [`stream`] (block after block, stop
+//! rules, decoding, streaming) → [`dispatch`] (the worker holding the session's cache,
+//! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
+//! [`service`] is the gRPC surface and [`settings`] the flags.
 
+pub mod dispatch;
+pub mod plan;
 pub mod pool;
 pub mod service;
-pub mod validate;
+pub mod settings;
+pub mod stream;
+#[cfg(test)]
+mod tests;
+pub mod validation;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,9 +27,10 @@ use bd3lm_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-pub use pool::{Pool, Routing, WorkerSource};
-pub use service::{Coordinator, CoordinatorSettings};
-pub use validate::Limits;
+pub use pool::{Pool, WorkerSource};
+pub use service::Coordinator;
+pub use settings::{CoordinatorSettings, Routing};
+pub use validation::Limits;
 
 /// Keeps the pool's addresses and health current, every `interval`.
 pub fn spawn_discovery(

@@ -13,16 +13,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// How blocks of a session are routed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Routing {
-    /// To the worker that holds the session's cache when it is healthy, else the least
-    /// loaded one.
-    Affinity,
-    /// Never to the worker of the session's previous block (when another is healthy):
-    /// exercises cache transfer through the store.
-    Rotate,
-}
+use crate::settings::Routing;
 
 /// Where worker addresses come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,22 +87,66 @@ impl Drop for InFlight {
     }
 }
 
+/// The worker of each session's last block, for at most `capacity` sessions: the least
+/// recently used are forgotten first, so the map stays bounded however many sessions
+/// come and go without a DeleteSession.
+struct Affinity {
+    capacity: usize,
+    clock: u64,
+    /// Session -> (worker address, last use).
+    entries: HashMap<String, (String, u64)>,
+}
+
+impl Affinity {
+    fn get(&mut self, session: &str) -> Option<String> {
+        self.clock += 1;
+        let now = self.clock;
+        self.entries.get_mut(session).map(|(addr, used)| {
+            *used = now;
+            addr.clone()
+        })
+    }
+
+    fn insert(&mut self, session: &str, addr: &str) {
+        self.clock += 1;
+        let entry = (addr.to_string(), self.clock);
+        if self.entries.insert(session.to_string(), entry).is_none()
+            && self.entries.len() > self.capacity
+        {
+            // Beyond the bound, forget the older half at once: one O(n) pass per n/2
+            // new sessions.
+            let mut ages: Vec<u64> = self.entries.values().map(|(_, used)| *used).collect();
+            let (_, cut, _) = ages.select_nth_unstable(self.entries.len() / 2);
+            let cut = *cut;
+            self.entries.retain(|_, (_, used)| *used >= cut);
+        }
+    }
+}
+
 /// The set of workers.
 pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
-    /// Worker address of each session's last block.
-    affinity: Mutex<HashMap<String, String>>,
+    affinity: Mutex<Affinity>,
     routing: Routing,
 }
 
 impl Pool {
-    /// An empty pool; [`Pool::refresh`] fills it.
-    pub fn new(routing: Routing) -> Self {
+    /// An empty pool remembering the workers of at most `affinity_sessions` sessions;
+    /// [`Pool::refresh`] fills it.
+    pub fn new(routing: Routing, affinity_sessions: usize) -> Self {
         Self {
             workers: RwLock::default(),
-            affinity: Mutex::default(),
+            affinity: Mutex::new(Affinity {
+                capacity: affinity_sessions.max(1),
+                clock: 0,
+                entries: HashMap::new(),
+            }),
             routing,
         }
+    }
+
+    fn affinity(&self) -> std::sync::MutexGuard<'_, Affinity> {
+        self.affinity.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn workers(&self) -> Vec<Arc<Worker>> {
@@ -161,12 +196,7 @@ impl Pool {
             .into_iter()
             .filter(|w| w.healthy.load(Ordering::Relaxed) && !exclude.contains(&w.addr))
             .collect();
-        let last = self
-            .affinity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(session)
-            .cloned();
+        let last = self.affinity().get(session);
         let least_loaded = |ws: &[Arc<Worker>]| {
             ws.iter()
                 .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
@@ -189,18 +219,17 @@ impl Pool {
 
     /// Records the worker that served `session`'s last block.
     pub fn remember(&self, session: &str, addr: &str) {
-        self.affinity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(session.to_string(), addr.to_string());
+        self.affinity().insert(session, addr);
     }
 
     /// Forgets a session's worker.
     pub fn forget(&self, session: &str) {
-        self.affinity
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(session);
+        self.affinity().entries.remove(session);
+    }
+
+    /// Sessions whose worker is remembered.
+    pub fn remembered(&self) -> usize {
+        self.affinity().entries.len()
     }
 
     /// The model information of any healthy worker.
@@ -225,5 +254,29 @@ impl Pool {
             .iter()
             .filter(|w| w.healthy.load(Ordering::Relaxed))
             .count()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// However many sessions pass, the map holds at most its capacity, and the sessions
+    /// used recently are the ones kept.
+    #[test]
+    fn affinity_is_bounded_and_keeps_the_recent_sessions() {
+        let pool = Pool::new(Routing::Affinity, 100);
+        pool.remember("hot", "w1");
+        for i in 0..10_000 {
+            pool.remember(&format!("s{i}"), "w2");
+            if i % 10 == 0 {
+                assert_eq!(pool.affinity().get("hot").as_deref(), Some("w1"));
+            }
+        }
+        assert!(pool.remembered() <= 100, "{}", pool.remembered());
+        assert_eq!(pool.affinity().get("s9999").as_deref(), Some("w2"));
+        assert_eq!(pool.affinity().get("s0"), None);
+        pool.forget("hot");
+        assert_eq!(pool.affinity().get("hot"), None);
     }
 }

@@ -1,13 +1,18 @@
 //! The denoise worker: loads a checkpoint, and denoises and commits blocks of sessions
 //! whose records live in the store, keeping recent sessions' KV caches in memory.
 //!
-//! For a block it takes the session's cache from memory, else from the store's per-block
-//! KV blobs, else rebuilds it from the session's tokens; a blob that fails its checksum or
-//! belongs to other weights is a miss (logged), never data. It writes the new block's KV
-//! blob, then commits the tokens to the session record (the commit point), then answers.
+//! One block goes through one module per job: [`service`] (the gRPC surface and
+//! admission) → [`cache`] (memory, else the store's KV blobs, else a rebuild from tokens)
+//! → [`block`] (the denoising and commit passes, the new KV blobs) → [`commit`] (blobs,
+//! then the record by compare-and-set: the commit point). [`sessions`] keeps recent
+//! caches in memory; [`settings`] holds the flags.
 
+pub mod block;
+pub mod cache;
+pub mod commit;
 pub mod service;
 pub mod sessions;
+pub mod settings;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -23,20 +28,23 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use service::{Loaded, WorkerService};
+pub use settings::{DeviceArgs, WorkerSettings};
 
-/// Loads the checkpoint in `dir` (blocking: seconds for large models).
+/// Loads the checkpoint in `dir` (blocking: seconds for large models). A model id that
+/// KV blobs cannot hold is refused before anything is read.
 pub fn load(
     dir: &Path,
     model_id: Option<&str>,
     dtype: DType,
     device: &Device,
 ) -> anyhow::Result<Loaded> {
-    let ckpt = Checkpoint::open(dir)?;
-    let fingerprint = ckpt.fingerprint()?;
     let model_id = match model_id {
         Some(id) => id.to_string(),
         None => default_model_id(dir),
     };
+    check_model_id(&model_id)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let fingerprint = ckpt.fingerprint()?;
     let model = ckpt.load_model(dtype, device)?;
     tracing::info!(%model_id, %fingerprint, dir = %dir.display(), "model loaded");
     Ok(Loaded {
@@ -44,6 +52,19 @@ pub fn load(
         model_id,
         fingerprint,
     })
+}
+
+/// Checks that `id` fits in KV blobs and store keys: 1 to [`bd3lm_kvstore::blob::MAX_NAME`]
+/// bytes, no `:` (the store's key separator) and no control characters.
+pub fn check_model_id(id: &str) -> anyhow::Result<()> {
+    let max = bd3lm_kvstore::blob::MAX_NAME;
+    if id.is_empty() || id.len() > max {
+        anyhow::bail!("model id: expected 1 to {max} bytes, found {}", id.len());
+    }
+    if id.chars().any(|c| c == ':' || c.is_control()) {
+        anyhow::bail!("model id: ':' and control characters are not allowed");
+    }
+    Ok(())
 }
 
 /// The model id of a checkpoint directory: its name.
@@ -60,8 +81,7 @@ pub async fn serve(
     listener: TcpListener,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
     store: Store,
-    capacity: usize,
-    cache_bytes: usize,
+    settings: &WorkerSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -88,7 +108,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let service = WorkerService::new(loaded, store, capacity, cache_bytes);
+    let service = WorkerService::new(loaded, store, settings);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
@@ -96,4 +116,26 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("worker server")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model id longer than a blob can hold would make every blob unreadable and force
+    /// silent rebuilds: it is refused at start-up instead.
+    #[test]
+    fn model_ids_blobs_cannot_hold_are_refused() {
+        assert!(check_model_id("demo-model").is_ok());
+        let long = "m".repeat(bd3lm_kvstore::blob::MAX_NAME + 1);
+        let err = load(
+            Path::new("/nonexistent"),
+            Some(&long),
+            DType::F32,
+            &Device::Cpu,
+        );
+        assert!(err.err().unwrap().to_string().contains("model id"));
+        assert!(check_model_id("a:b").is_err());
+        assert!(check_model_id("").is_err());
+    }
 }

@@ -1,20 +1,23 @@
-//! The `DenoiseWorker` gRPC service.
+//! The `DenoiseWorker` gRPC surface: admission within the worker's capacity, the
+//! session's record, its cache (see [`crate::cache`]), the block's work on a blocking
+//! thread ([`crate::block`]) and the commit ([`crate::commit`]).
 
-use std::sync::Arc;
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use bd3lm_diffusion::{Filter, Sampler, SamplingParams, Session};
-use bd3lm_kvstore::{BlockBlob, CommitOutcome, SamplingRecord, SessionRecord, Store};
-use bd3lm_model::{Bd3lm, KvCache};
+use bd3lm_kvstore::Store;
+use bd3lm_model::Bd3lm;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
 use tokio::sync::Semaphore;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::sessions::{Held, SessionCaches};
+use crate::cache::{self, Found};
+use crate::commit::{commit, committed_answer};
+use crate::sessions::SessionCaches;
+use crate::settings::WorkerSettings;
 
 /// The loaded model and what identifies it.
 pub struct Loaded {
@@ -32,42 +35,21 @@ pub struct WorkerService {
     store: Store,
     sessions: Arc<SessionCaches>,
     permits: Arc<Semaphore>,
-    capacity: usize,
-    in_flight: Arc<AtomicUsize>,
+    capacity: u32,
+    in_flight: AtomicUsize,
     /// KV blobs refused (corrupt or of other weights) since start.
-    rejected: Arc<std::sync::atomic::AtomicU64>,
+    rejected: AtomicU64,
 }
 
-/// Where the KV cache of a block came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum CacheSource {
-    Memory,
-    Store,
-    Rebuilt,
-    Empty,
-}
-
-impl CacheSource {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Memory => "memory",
-            Self::Store => "store",
-            Self::Rebuilt => "rebuilt",
-            Self::Empty => "empty",
-        }
+/// A failure of the block's work: a fault of the request (its stored parameters or
+/// tokens) is INVALID_ARGUMENT; a compute failure is INTERNAL, so the coordinator tries
+/// another worker, and its detail stays in this worker's log.
+fn work_status(e: bd3lm_diffusion::Error) -> Status {
+    if e.is_request_fault() {
+        return Status::invalid_argument(e.to_string());
     }
-}
-
-/// The result of the blocking part of a request.
-struct Work {
-    held: Held,
-    record: SessionRecord,
-    blobs: Vec<(usize, Vec<u8>)>,
-    first_block: usize,
-    forward_passes: usize,
-    steps: usize,
-    denoise_ms: f64,
-    commit_ms: f64,
+    tracing::error!(error = %e, "denoising failed");
+    Status::internal("denoising failed on this worker")
 }
 
 impl WorkerService {
@@ -75,17 +57,16 @@ impl WorkerService {
     pub fn new(
         loaded: Arc<OnceLock<Arc<Loaded>>>,
         store: Store,
-        capacity: usize,
-        cache_bytes: usize,
+        settings: &WorkerSettings,
     ) -> Self {
         Self {
             loaded,
             store,
-            sessions: Arc::new(SessionCaches::new(cache_bytes)),
-            permits: Arc::new(Semaphore::new(capacity)),
-            capacity,
-            in_flight: Arc::default(),
-            rejected: Arc::default(),
+            sessions: Arc::new(SessionCaches::new(settings.cache_bytes)),
+            permits: Arc::new(Semaphore::new(settings.capacity as usize)),
+            capacity: settings.capacity,
+            in_flight: AtomicUsize::new(0),
+            rejected: AtomicU64::new(0),
         }
     }
 
@@ -96,232 +77,8 @@ impl WorkerService {
             .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
 
-    /// Reads and checks the blobs of the live blocks before `block`; `None` on any miss,
-    /// mismatch or corruption (logged; the cache is then rebuilt from tokens).
-    async fn cache_from_store(
-        &self,
-        loaded: &Loaded,
-        record: &SessionRecord,
-        block: usize,
-    ) -> Option<KvCache> {
-        let cfg = loaded.model.config();
-        let bs = cfg.block_size;
-        let live = (block * bs).min(cfg.model_length - bs) / bs;
-        let wanted: Vec<usize> = (block - live..block).collect();
-        let blobs = match self
-            .store
-            .get_blobs(&loaded.model_id, &record.id, &wanted)
-            .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::warn!(error = %e, "reading KV blobs failed; rebuilding from tokens");
-                return None;
-            }
-        };
-        let mut payloads = Vec::with_capacity(blobs.len());
-        for (index, bytes) in wanted.iter().zip(blobs) {
-            let Some(bytes) = bytes else {
-                tracing::info!(session = %record.id, block = index, "KV blob missing; rebuilding from tokens");
-                return None;
-            };
-            match BlockBlob::decode(&bytes) {
-                Ok(blob)
-                    if blob.model_id == loaded.model_id
-                        && blob.fingerprint == loaded.fingerprint
-                        && blob.block_index == *index as u64 =>
-                {
-                    payloads.push(blob.payload)
-                }
-                Ok(blob) => {
-                    self.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(session = %record.id, block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model or block; rebuilding");
-                    return None;
-                }
-                Err(e) => {
-                    self.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(session = %record.id, block = index, error = %e, "corrupt KV blob; rebuilding");
-                    return None;
-                }
-            }
-        }
-        let parts: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-        let cache = if parts.is_empty() {
-            loaded.model.new_cache(1)
-        } else {
-            KvCache::import(&parts, loaded.model.device())
-        };
-        match cache {
-            Ok(c) if c.next_position() == block * bs => Some(c),
-            Ok(c) => {
-                tracing::warn!(session = %record.id, end = c.next_position(), "KV blobs end at the wrong position; rebuilding");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(session = %record.id, error = %e, "KV blob payload rejected; rebuilding");
-                None
-            }
-        }
-    }
-}
-
-/// The diffusion library's parameters from a stored record.
-pub fn sampling_params(record: &SamplingRecord) -> Result<SamplingParams, Status> {
-    let sampler = match record.sampler.as_str() {
-        "ddpm" => Sampler::Ddpm,
-        "first-hitting" => Sampler::FirstHitting,
-        "confidence" => Sampler::Confidence {
-            threshold: record.threshold,
-        },
-        other => {
-            return Err(Status::invalid_argument(format!(
-                "session has unknown sampler {other:?}"
-            )));
-        }
-    };
-    let params = SamplingParams {
-        sampler,
-        steps: record.steps,
-        filter: Filter {
-            temperature: record.temperature,
-            top_k: record.top_k,
-            top_p: record.top_p,
-        },
-        greedy: record.greedy,
-        ..SamplingParams::new(record.steps.max(1))
-    };
-    params
-        .validate()
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    Ok(params)
-}
-
-fn store_status(e: bd3lm_kvstore::Error) -> Status {
-    match e {
-        bd3lm_kvstore::Error::NoSession(id) => {
-            Status::not_found(format!("session_id: no session {id}"))
-        }
-        bd3lm_kvstore::Error::Unavailable(m) => {
-            Status::unavailable(format!("store unavailable: {m}"))
-        }
-        other => Status::internal(other.to_string()),
-    }
-}
-
-/// The committed block `block` of `record`, as an answer.
-fn committed_answer(record: &SessionRecord, block: usize, bs: usize) -> DenoiseBlockResponse {
-    let end = ((block + 1) * bs).min(record.tokens.len());
-    DenoiseBlockResponse {
-        block_index: block as u32,
-        token_ids: record.tokens[block * bs..end].to_vec(),
-        committed_blocks: record.committed_blocks as u32,
-        already_committed: true,
-        cache_source: "none".into(),
-        ..Default::default()
-    }
-}
-
-/// Denoises (or prefills) the next block of `record` on its cache; CPU- or GPU-bound.
-fn work(
-    loaded: &Loaded,
-    record: &SessionRecord,
-    held: Option<Held>,
-    from_store: Option<KvCache>,
-) -> Result<(Work, CacheSource), Status> {
-    let model = &loaded.model;
-    let bs = model.config().block_size;
-    let committed = record.committed_blocks * bs;
-    let bad = |e: bd3lm_diffusion::Error| Status::invalid_argument(e.to_string());
-    let (mut session, source) = match (held, from_store) {
-        (Some(h), _) => (
-            Session::with_cache(model, h.cache, &record.tokens, record.prompt_len, committed)
-                .map_err(bad)?,
-            CacheSource::Memory,
-        ),
-        (None, Some(cache)) if committed > 0 => (
-            Session::with_cache(model, cache, &record.tokens, record.prompt_len, committed)
-                .map_err(bad)?,
-            CacheSource::Store,
-        ),
-        (None, _) if committed == 0 => (
-            Session::resume(model, &record.tokens, record.prompt_len, 0).map_err(bad)?,
-            CacheSource::Empty,
-        ),
-        (None, _) => (
-            Session::resume(model, &record.tokens, record.prompt_len, committed).map_err(bad)?,
-            CacheSource::Rebuilt,
-        ),
-    };
-    let first_block = session.next_block_index();
-    let started = Instant::now();
-    let (blocks, forward_passes, steps, denoise_ms, commit_ms) =
-        match session.prefill().map_err(bad)? {
-            0 => {
-                let params = sampling_params(&record.sampling)?;
-                let report = session
-                    .next_block(&params, record.seed, None)
-                    .map_err(bad)?;
-                (
-                    1,
-                    report.forward_passes,
-                    report.steps,
-                    ms(report.denoise),
-                    ms(report.commit),
-                )
-            }
-            n => (n, 0, 0, 0.0, ms(started.elapsed())),
-        };
-    let cache = session.cache();
-    let mut blobs = Vec::new();
-    for b in first_block..first_block + blocks {
-        // Blocks that slid out during a long prefill are never needed again.
-        if b * bs >= cache.first_position() {
-            let payload = cache
-                .export(b * bs, bs)
-                .map_err(|e| Status::internal(e.to_string()))?;
-            let blob = BlockBlob {
-                model_id: loaded.model_id.clone(),
-                fingerprint: loaded.fingerprint.clone(),
-                block_index: b as u64,
-                payload,
-            };
-            blobs.push((b, blob.encode()));
-        }
-    }
-    let (tokens, _, committed, cache) = session.into_parts();
-    let mut next = record.clone();
-    next.tokens = tokens.clone();
-    next.committed_blocks = committed / bs;
-    let held = Held {
-        tokens,
-        committed,
-        cache,
-    };
-    Ok((
-        Work {
-            held,
-            record: next,
-            blobs,
-            first_block,
-            forward_passes,
-            steps,
-            denoise_ms,
-            commit_ms,
-        },
-        source,
-    ))
-}
-
-fn ms(d: std::time::Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-impl WorkerService {
     /// Denoises and commits the requested block (see the service's documentation).
-    async fn denoise(
-        &self,
-        req: DenoiseBlockRequest,
-    ) -> Result<Response<DenoiseBlockResponse>, Status> {
+    async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
         let loaded = self.loaded()?;
         let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
@@ -338,13 +95,10 @@ impl WorkerService {
         let record = self
             .store
             .get_session(&loaded.model_id, &req.session_id)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| {
-                Status::not_found(format!("session_id: no session {}", req.session_id))
-            })?;
+            .await?
+            .ok_or_else(|| bd3lm_kvstore::Error::NoSession(req.session_id.clone()))?;
         if block < record.committed_blocks {
-            return Ok(Response::new(committed_answer(&record, block, bs)));
+            return Ok(committed_answer(&record, block, bs));
         }
         if block > record.committed_blocks {
             return Err(Status::failed_precondition(format!(
@@ -353,58 +107,43 @@ impl WorkerService {
             )));
         }
         let started = Instant::now();
+        let found = self.find_cache(&loaded, &record, block).await;
+        let cache_time = started.elapsed();
+        let (task_loaded, task_record) = (loaded.clone(), record.clone());
+        let span = tracing::info_span!("denoise", block);
+        let work = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| crate::block::run(&task_loaded, &task_record, found))
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "denoising task failed");
+            Status::internal("denoising failed on this worker")
+        })?
+        .map_err(work_status)?;
+        commit(&self.store, &self.sessions, work, block, bs, cache_time).await
+    }
+
+    /// The session's cache: this worker's own when it ends where the record does, else
+    /// the store's blobs, else nothing (rebuilt from tokens).
+    async fn find_cache(
+        &self,
+        loaded: &crate::Loaded,
+        record: &bd3lm_kvstore::SessionRecord,
+        block: usize,
+    ) -> Found {
+        let bs = loaded.model.config().block_size;
         let held = self.sessions.take(&record.id).filter(|h| {
             h.committed == block * bs && record.tokens.starts_with(&h.tokens[..h.committed])
         });
-        let from_store = match (&held, block) {
-            (None, b) if b > 0 => self.cache_from_store(&loaded, &record, b).await,
-            _ => None,
-        };
-        let cache_ms = ms(started.elapsed());
-        let task_loaded = loaded.clone();
-        let task_record = record.clone();
-        let span = tracing::info_span!("denoise", session = %record.id, block);
-        let (work, source) = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| work(&task_loaded, &task_record, held, from_store))
-        })
-        .await
-        .map_err(|e| Status::internal(format!("denoising task failed: {e}")))??;
-        let commit_started = Instant::now();
-        let outcome = self
-            .store
-            .commit(&work.record, record.committed_blocks, work.blobs)
-            .await
-            .map_err(store_status)?;
-        let store_ms = ms(commit_started.elapsed());
-        match outcome {
-            CommitOutcome::Committed => {
-                let end = work.record.committed_blocks * bs;
-                let token_ids = work.record.tokens[work.first_block * bs..end].to_vec();
-                let committed_blocks = work.record.committed_blocks as u32;
-                self.sessions.put(record.id.clone(), work.held);
-                tracing::debug!(
-                    source = source.name(),
-                    cache_ms,
-                    denoise_ms = work.denoise_ms,
-                    "block committed"
-                );
-                Ok(Response::new(DenoiseBlockResponse {
-                    block_index: work.first_block as u32,
-                    token_ids,
-                    committed_blocks,
-                    forward_passes: work.forward_passes as u32,
-                    steps: work.steps as u32,
-                    cache_ms,
-                    denoise_ms: work.denoise_ms,
-                    commit_ms: work.commit_ms + store_ms,
-                    cache_source: source.name().into(),
-                    already_committed: false,
-                }))
-            }
-            CommitOutcome::Superseded(current) => {
-                tracing::info!(session = %record.id, block, "block committed by another worker first");
-                Ok(Response::new(committed_answer(&current, block, bs)))
-            }
+        if let Some(held) = held {
+            return Found::Memory(held);
+        }
+        if block == 0 {
+            return Found::Nothing;
+        }
+        match cache::from_store(&self.store, loaded, record, block, &self.rejected).await {
+            Some(c) => Found::Store(c),
+            None => Found::Nothing,
         }
     }
 }
@@ -419,7 +158,10 @@ impl DenoiseWorker for WorkerService {
         let span = tracing::info_span!("denoise_block", session = %req.session_id, block = req.block_index);
         // A child of the coordinator's request span when it sent its trace context.
         bd3lm_telemetry::adopt(&span, request.metadata());
-        self.denoise(request.into_inner()).instrument(span).await
+        self.denoise(request.into_inner())
+            .instrument(span)
+            .await
+            .map(Response::new)
     }
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -430,7 +172,7 @@ impl DenoiseWorker for WorkerService {
             weights_fingerprint: loaded.fingerprint.clone(),
             block_size: cfg.block_size as u32,
             dtype: format!("{:?}", loaded.model.dtype()).to_lowercase(),
-            capacity: self.capacity as u32,
+            capacity: self.capacity,
             in_flight: self.in_flight.load(Ordering::Relaxed) as u32,
             vocab_size: cfg.vocab_size as u32,
             mask_id: cfg.mask_id(),
@@ -460,7 +202,8 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bd3lm_kvstore::StoreConfig;
+    use bd3lm_diffusion::{Filter, Sampler, SamplingParams};
+    use bd3lm_kvstore::{SessionRecord, StoreConfig};
     use bd3lm_model::{Config, checkpoint};
     use candle_core::{DType, Device};
 
@@ -474,12 +217,16 @@ mod tests {
         })
     }
 
-    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: usize) -> WorkerService {
+    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: u32) -> WorkerService {
         let cell = Arc::new(OnceLock::new());
         if let Some(l) = loaded {
             let _ = cell.set(l);
         }
-        WorkerService::new(cell, store.clone(), capacity, 1 << 20)
+        let settings = WorkerSettings {
+            capacity,
+            cache_bytes: 1 << 20,
+        };
+        WorkerService::new(cell, store.clone(), &settings)
     }
 
     async fn session(store: &Store, id: &str) {
@@ -490,14 +237,10 @@ mod tests {
             prompt_len: 6,
             committed_blocks: 0,
             seed: 3,
-            sampling: SamplingRecord {
-                sampler: "ddpm".into(),
-                steps: 4,
-                threshold: 0.9,
-                temperature: 1.0,
-                top_p: 1.0,
-                top_k: None,
-                greedy: false,
+            sampling: SamplingParams {
+                sampler: Sampler::Ddpm,
+                filter: Filter::default(),
+                ..SamplingParams::new(4)
             },
             returned: 6,
         };
@@ -596,5 +339,22 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(info.kv_blobs_rejected, 1);
+    }
+
+    /// Only the request's own faults are client errors; a compute failure is INTERNAL
+    /// (retried elsewhere by the coordinator) and keeps its detail out of the answer.
+    #[test]
+    fn work_failures_say_whose_fault_they_are() {
+        let request = bd3lm_diffusion::Error::Param {
+            name: "prompt",
+            reason: "token id 70000 is outside the vocabulary".into(),
+        };
+        assert_eq!(work_status(request).code(), tonic::Code::InvalidArgument);
+        let compute = bd3lm_diffusion::Error::Candle(candle_core::Error::Msg(
+            "CUDA_ERROR_OUT_OF_MEMORY at 0x7f00".into(),
+        ));
+        let status = work_status(compute);
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(!status.message().contains("0x7f00"));
     }
 }

@@ -1,5 +1,6 @@
 //! Recent sessions' KV caches kept in memory, least recently used first out, within a
-//! byte budget.
+//! byte budget that counts what the caches' buffers occupy (up to about twice their live
+//! keys and values), not only what they hold.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -58,7 +59,7 @@ impl SessionCaches {
 
     /// Keeps a session's state, evicting the least recently used ones beyond the budget.
     pub fn put(&self, session: String, held: Held) {
-        let bytes = held.cache.live_bytes() + 4 * held.tokens.len();
+        let bytes = held.cache.allocated_bytes() + 4 * held.tokens.capacity();
         if bytes > self.budget {
             return;
         }
@@ -93,28 +94,60 @@ impl SessionCaches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bd3lm_model::Config;
-    use candle_core::{DType, Device};
+    use bd3lm_model::{Config, checkpoint};
+    use candle_core::{DType, Device, Tensor};
 
-    fn held() -> Held {
+    /// A session state after committing `tokens` tokens, and the bytes it occupies.
+    fn held(tokens: usize) -> (Held, usize) {
         let cfg = Config::new(64, 32, 4, 2, 16, 32, 4);
-        Held {
-            tokens: vec![1; 8],
-            committed: 0,
-            cache: KvCache::new(&cfg, 1, DType::F32, &Device::Cpu).unwrap(),
+        let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
+        let mut cache = model.new_cache(1).unwrap();
+        // Block by block, as generation commits: the buffers grow ahead of the tokens.
+        let zero = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        for block in 0..tokens / 4 {
+            let ids: Vec<u32> = (0..4).map(|i| (block * 4 + i) as u32 % 60).collect();
+            let x = Tensor::from_slice(&ids, (1, 4), &Device::Cpu).unwrap();
+            model.commit(&x, &zero, &mut cache).unwrap();
         }
+        let ids = vec![1; tokens];
+        let bytes = cache.allocated_bytes() + 4 * ids.capacity();
+        let held = Held {
+            tokens: ids,
+            committed: tokens,
+            cache,
+        };
+        (held, bytes)
     }
 
     #[test]
     fn evicts_least_recently_used_beyond_the_budget() {
-        let caches = SessionCaches::new(80);
-        caches.put("a".into(), held());
-        caches.put("b".into(), held());
-        assert_eq!(caches.bytes(), 64);
-        caches.put("c".into(), held());
+        let (_, one) = held(8);
+        let caches = SessionCaches::new(2 * one + one / 2);
+        caches.put("a".into(), held(8).0);
+        caches.put("b".into(), held(8).0);
+        assert_eq!(caches.bytes(), 2 * one);
+        caches.put("c".into(), held(8).0);
         assert!(caches.take("a").is_none(), "oldest evicted");
         assert!(caches.take("b").is_some());
         assert!(caches.take("c").is_some());
         assert_eq!(caches.bytes(), 0);
+    }
+
+    /// The budget counts the buffers a cache occupies, which exceed its live keys and
+    /// values once it has grown.
+    #[test]
+    fn the_budget_counts_allocated_buffers() {
+        let (state, bytes) = held(12);
+        let (live, allocated) = (state.cache.live_bytes(), state.cache.allocated_bytes());
+        assert!(
+            live > 0 && allocated > live,
+            "live {live}, allocated {allocated}"
+        );
+        let caches = SessionCaches::new(bytes);
+        caches.put("a".into(), state);
+        assert_eq!(caches.bytes(), bytes);
+        let tight = SessionCaches::new(bytes - 1);
+        tight.put("a".into(), held(12).0);
+        assert_eq!(tight.bytes(), 0, "a state over the budget is not kept");
     }
 }

@@ -10,7 +10,8 @@ use crate::{Error, Result};
 /// File name of the index in a shard directory.
 pub const INDEX_FILE: &str = "index.json";
 /// Value of [`ShardIndex::format`].
-pub const FORMAT: &str = "bd3lm-shards/1";
+/// Version 2: shard checksums are `bd3lm_bytes::checksum` (version 1 used byte-wise FNV-1a).
+pub const FORMAT: &str = "bd3lm-shards/2";
 
 /// The two splits of prepared data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -92,7 +93,7 @@ pub struct ShardEntry {
     pub split: Split,
     /// Rows of `row_length` ids.
     pub rows: usize,
-    /// FNV-1a 64 of the file's bytes, hex.
+    /// [`checksum`] of the file's bytes.
     pub checksum: String,
 }
 
@@ -231,12 +232,7 @@ pub fn read_shard(dir: &Path, index: &ShardIndex, entry: &ShardEntry) -> Result<
     Ok(ids)
 }
 
-/// FNV-1a 64 of `bytes`, as 16 hex digits.
+/// The checksum of `bytes` ([`bd3lm_bytes::checksum`]), as 16 hex digits.
 pub fn checksum(bytes: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{h:016x}")
+    format!("{:016x}", bd3lm_bytes::checksum(bytes))
 }

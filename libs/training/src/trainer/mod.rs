@@ -464,10 +464,18 @@ fn check_data(config: &Config, loader: &Loader, data: &Path) -> Result<()> {
             index.row_length, config.model_length
         )));
     }
-    if index.vocab_size > config.vocab_size || config.mask_id() as usize >= config.vocab_size {
+    // `Config::validate` already keeps the model's mask inside its vocabulary.
+    if index.vocab_size > config.vocab_size {
         return Err(bad(format!(
             "ids below {}, the model's vocabulary is {}",
             index.vocab_size, config.vocab_size
+        )));
+    }
+    if index.mask_id != config.mask_id() {
+        return Err(bad(format!(
+            "mask id {}, the model's is {}",
+            index.mask_id,
+            config.mask_id()
         )));
     }
     Ok(())
@@ -616,5 +624,21 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    /// Data prepared for another mask id is refused: its rows may hold the model's mask.
+    #[test]
+    fn data_of_another_mask_id_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let err = Trainer::new(
+            &dir.path().join("run"),
+            options(&data, 1),
+            Init::Scratch(Config::new(13, 32, 2, 2, 16, 16, 4)),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("mask id 11, the model's is 12"), "{err}");
     }
 }

@@ -1,0 +1,92 @@
+//! The coordinator's settings: one flag group shared by the deployment binary and
+//! `bd3lm serve`, every flag also an environment variable.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bd3lm_telemetry::cli::positive_secs;
+
+use crate::validation::Limits;
+
+/// How blocks of a session are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Routing {
+    /// To the worker that holds the session's cache when it is healthy, else the least
+    /// loaded one.
+    Affinity,
+    /// Never to the worker of the session's previous block (when another is healthy):
+    /// exercises cache transfer through the store.
+    Rotate,
+}
+
+/// Settings of the coordinator.
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+pub struct CoordinatorSettings {
+    /// Request limits.
+    #[command(flatten)]
+    pub limits: Limits,
+    /// Seconds to wait for one block from one worker before trying another.
+    #[arg(long = "block-timeout-secs", env = "BD3LM_BLOCK_TIMEOUT_SECS", value_name = "SECS",
+          default_value = "120", value_parser = positive_secs)]
+    pub block_timeout: Duration,
+    /// Attempts per block, all workers together.
+    #[arg(long, env = "BD3LM_MAX_ATTEMPTS", default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// Routing of blocks to workers.
+    #[arg(long, env = "BD3LM_ROUTING", value_enum, default_value_t = Routing::Affinity)]
+    pub routing: Routing,
+    /// Seconds between worker discovery and health checks.
+    #[arg(long = "health-interval-secs", env = "BD3LM_HEALTH_INTERVAL_SECS", value_name = "SECS",
+          default_value = "1", value_parser = positive_secs)]
+    pub health_interval: Duration,
+    /// Sessions whose worker is remembered for routing; the least recently used beyond
+    /// this are forgotten (their next block goes to the least loaded worker).
+    #[arg(long, env = "BD3LM_AFFINITY_SESSIONS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub affinity_sessions: u64,
+    /// tokenizer.json for text prompts; without it prompts must be token ids.
+    #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// First pause between attempts at a block; it doubles with each attempt.
+    #[arg(skip = Duration::from_millis(50))]
+    pub retry_backoff: Duration,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            block_timeout: Duration::from_secs(120),
+            max_attempts: 6,
+            routing: Routing::Affinity,
+            health_interval: Duration::from_secs(1),
+            affinity_sessions: 100_000,
+            tokenizer: None,
+            retry_backoff: Duration::from_millis(50),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: CoordinatorSettings,
+    }
+
+    /// The flags' defaults and `Default` agree, and bad durations are refused by clap.
+    #[test]
+    fn flag_defaults_are_the_defaults() {
+        let parsed = Cli::try_parse_from(["c"]).unwrap().settings;
+        assert_eq!(parsed, CoordinatorSettings::default());
+        for bad in ["0", "-1", "nan"] {
+            assert!(Cli::try_parse_from(["c", "--health-interval-secs", bad]).is_err());
+            assert!(Cli::try_parse_from(["c", "--block-timeout-secs", bad]).is_err());
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Driving a planned generation: block after block through the dispatcher, each committed
+//! block checked against the stop rules, decoded and streamed, until a stop or until the
+//! client goes away.
+
+use std::time::Instant;
+
+use bd3lm_kvstore::{SessionRecord, Store};
+use bd3lm_proto::v1::{BlockTiming, GenerateStreamResponse, StopReason as ProtoStop};
+use bd3lm_text::{Decoder, StopReason};
+use tokio::sync::mpsc;
+use tonic::{Code, Status};
+
+use crate::dispatch::{BlockAnswer, Dispatcher};
+use crate::plan::Plan;
+
+/// Where the messages of one generation go.
+pub type Sender = mpsc::Sender<Result<GenerateStreamResponse, Status>>;
+
+/// A generation in progress: the session's tokens as this request has seen them.
+struct Progress {
+    tokens: Vec<u32>,
+    committed: usize,
+    /// Tokens of this request's output already sent.
+    shown: usize,
+    forward_passes: u32,
+}
+
+/// Drives `plan` block by block, sending each block and a final message to `tx`. Stops
+/// as soon as the receiver is gone (the client cancelled or disconnected).
+#[tracing::instrument(skip_all, fields(session = %plan.record.id))]
+pub async fn drive(store: &Store, dispatch: &Dispatcher, mut plan: Plan, tx: Sender) {
+    let mut progress = Progress {
+        tokens: plan.record.tokens.clone(),
+        committed: plan.record.committed_blocks,
+        shown: 0,
+        forward_passes: 0,
+    };
+    let model = plan.model.clone();
+    let mut decoder = Decoder::new(&model.text);
+    let stop = loop {
+        if tx.is_closed() {
+            break StopReason::Cancelled;
+        }
+        let started = Instant::now();
+        let answer = match next_block(store, dispatch, &plan.record, &progress).await {
+            Ok(a) => a,
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        };
+        let (message, stop) = commit(&mut plan, &mut progress, &mut decoder, answer, started);
+        if tx.send(Ok(message)).await.is_err() {
+            break StopReason::Cancelled;
+        }
+        if let Some(stop) = stop {
+            break stop;
+        }
+    };
+    if stop == StopReason::Cancelled {
+        tracing::info!("client went away; generation stopped");
+    }
+    record_returned(store, &plan.record, plan.start + progress.shown).await;
+    let last = GenerateStreamResponse {
+        session_id: plan.record.id.clone(),
+        stop_reason: proto_stop(stop) as i32,
+        forward_passes: progress.forward_passes,
+        seed: plan.record.seed,
+        ..Default::default()
+    };
+    let _ = tx.send(Ok(last)).await;
+}
+
+/// The next block from the workers. When the store lost the session (flushed, evicted),
+/// this request holds every committed token: it puts the record back and asks again, and
+/// the workers rebuild the KV state from the tokens.
+async fn next_block(
+    store: &Store,
+    dispatch: &Dispatcher,
+    planned: &SessionRecord,
+    progress: &Progress,
+) -> Result<BlockAnswer, Status> {
+    let session = &planned.id;
+    match dispatch.denoise_block(session, progress.committed).await {
+        Err(s) if s.code() == Code::NotFound => {
+            tracing::warn!(
+                committed = progress.committed,
+                "session missing from the store; restoring it"
+            );
+            let mut record = planned.clone();
+            record.tokens.clone_from(&progress.tokens);
+            record.committed_blocks = progress.committed;
+            store.put_session(&record).await?;
+            dispatch.denoise_block(session, progress.committed).await
+        }
+        other => other,
+    }
+}
+
+/// Takes a worker's answer into `progress`; returns the block's message and the stop, if
+/// the block ended the generation.
+fn commit(
+    plan: &mut Plan,
+    progress: &mut Progress,
+    decoder: &mut Decoder<'_>,
+    answer: BlockAnswer,
+    started: Instant,
+) -> (GenerateStreamResponse, Option<StopReason>) {
+    let r = &answer.response;
+    let bs = plan.model.info.block_size as usize;
+    let first = r.block_index as usize * bs;
+    let end = first + r.token_ids.len();
+    if progress.tokens.len() < end {
+        progress.tokens.resize(end, 0);
+    }
+    progress.tokens[first..end].copy_from_slice(&r.token_ids);
+    progress.committed = r.committed_blocks as usize;
+    progress.forward_passes += r.forward_passes;
+    let done = (progress.committed * bs).min(progress.tokens.len());
+    let generated = &progress.tokens[plan.start.min(done)..done];
+    let (visible, stop) = plan.rules.check(generated, &progress.tokens[..done]);
+    let new = generated[progress.shown.min(visible)..visible].to_vec();
+    progress.shown = progress.shown.max(visible);
+    let text = decoder.push(&new);
+    let block = BlockTiming {
+        index: r.block_index,
+        forward_passes: r.forward_passes,
+        steps: r.steps,
+        cache_ms: r.cache_ms,
+        denoise_ms: r.denoise_ms,
+        commit_ms: r.commit_ms,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        cache_source: r.cache_source.clone(),
+        worker: answer.worker,
+    };
+    let message = GenerateStreamResponse {
+        session_id: plan.record.id.clone(),
+        token_ids: new,
+        text,
+        block: Some(block),
+        seed: plan.record.seed,
+        ..Default::default()
+    };
+    (message, stop)
+}
+
+/// Stores how far the client has seen the session, so a continuation starts there.
+async fn record_returned(store: &Store, record: &SessionRecord, returned: usize) {
+    let result = match store.get_session(&record.model_id, &record.id).await {
+        Ok(Some(mut current)) => {
+            current.returned = returned;
+            store.put_session(&current).await
+        }
+        Ok(None) => Ok(()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, "recording the returned tokens failed");
+    }
+}
+
+/// The wire's stop reason.
+pub fn proto_stop(stop: StopReason) -> ProtoStop {
+    match stop {
+        StopReason::MaxTokens => ProtoStop::MaxTokens,
+        StopReason::Eos => ProtoStop::Eos,
+        StopReason::LowEntropy => ProtoStop::LowEntropy,
+        StopReason::StopSequence => ProtoStop::StopSequence,
+        StopReason::Cancelled => ProtoStop::Cancelled,
+    }
+}

@@ -1,0 +1,324 @@
+//! The coordinator's routing, retry, timeout and restore paths against fake denoise
+//! workers served in this process over real gRPC: each fault is scripted, so every test
+//! is deterministic and none waits on a guess of how long something takes.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bd3lm_kvstore::{CommitOutcome, Store, StoreConfig};
+use bd3lm_proto::v1::denoise_worker_server::{DenoiseWorker, DenoiseWorkerServer};
+use bd3lm_proto::v1::generate_request::Prompt;
+use bd3lm_proto::v1::generation_server::Generation;
+use bd3lm_proto::v1::{
+    DenoiseBlockRequest, DenoiseBlockResponse, GenerateRequest, GenerateResponse, InfoRequest,
+    InfoResponse, TokenIds,
+};
+use tokio::sync::oneshot;
+use tonic::{Code, Request, Response, Status};
+
+use crate::{Coordinator, CoordinatorSettings, Pool, Routing, WorkerSource};
+
+const BLOCK: usize = 4;
+
+/// What a fake worker does with its next call.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    /// Denoise and commit the block.
+    Serve,
+    /// Answer with this code.
+    Fail(Code),
+    /// Never answer.
+    Hang,
+    /// Lose the session from the store (a flush), then serve (and so find nothing).
+    Flush,
+}
+
+/// A denoise worker whose tokens are a function of (seed, block, position) and whose
+/// faults follow a script; it reads and commits sessions in the real store.
+struct Fake {
+    store: Store,
+    script: Mutex<VecDeque<Act>>,
+    calls: AtomicUsize,
+}
+
+impl Fake {
+    fn next_act(&self) -> Act {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let mut script = self.script.lock().unwrap();
+        script.pop_front().unwrap_or(Act::Serve)
+    }
+
+    async fn serve(&self, req: &DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
+        let record = self.store.get_session("fake", &req.session_id).await?;
+        let record = record.ok_or_else(|| Status::not_found("session_id: no session"))?;
+        let b = req.block_index as usize;
+        if b != record.committed_blocks {
+            return Err(Status::failed_precondition(
+                "block_index: not the next block",
+            ));
+        }
+        let mut next = record.clone();
+        let fixed = next.tokens.len().saturating_sub(b * BLOCK).min(BLOCK);
+        next.tokens.truncate(b * BLOCK + fixed);
+        for i in fixed..BLOCK {
+            next.tokens
+                .push(((record.seed as usize + 31 * b + 7 * i) % 90 + 1) as u32);
+        }
+        next.committed_blocks = b + 1;
+        let outcome = self.store.commit(&next, b, vec![]).await?;
+        assert_eq!(outcome, CommitOutcome::Committed);
+        Ok(DenoiseBlockResponse {
+            block_index: b as u32,
+            token_ids: next.tokens[b * BLOCK..].to_vec(),
+            committed_blocks: next.committed_blocks as u32,
+            forward_passes: 1,
+            cache_source: "fake".into(),
+            ..Default::default()
+        })
+    }
+}
+
+/// The gRPC face of a shared [`Fake`].
+struct FakeService(Arc<Fake>);
+
+#[tonic::async_trait]
+impl DenoiseWorker for FakeService {
+    async fn denoise_block(
+        &self,
+        request: Request<DenoiseBlockRequest>,
+    ) -> Result<Response<DenoiseBlockResponse>, Status> {
+        let req = request.into_inner();
+        let fake = &self.0;
+        match fake.next_act() {
+            Act::Serve => fake.serve(&req).await.map(Response::new),
+            Act::Fail(code) => Err(Status::new(code, "scripted failure")),
+            Act::Hang => std::future::pending().await,
+            Act::Flush => {
+                fake.store
+                    .delete_session("fake", &req.session_id, 0)
+                    .await?;
+                fake.serve(&req).await.map(Response::new)
+            }
+        }
+    }
+
+    async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
+        Ok(Response::new(InfoResponse {
+            model_id: "fake".into(),
+            block_size: BLOCK as u32,
+            vocab_size: 100,
+            mask_id: 99,
+            model_length: 64,
+            capacity: 1,
+            ..Default::default()
+        }))
+    }
+}
+
+/// A fake worker on a loopback port, stopped when `stop` is sent or dropped.
+struct Running {
+    fake: Arc<Fake>,
+    addr: String,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+async fn start(store: &Store) -> Running {
+    let fake = Arc::new(Fake {
+        store: store.clone(),
+        script: Mutex::default(),
+        calls: AtomicUsize::new(0),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let service = DenoiseWorkerServer::new(FakeService(fake.clone()));
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stopped.await;
+                },
+            )
+            .await
+            .unwrap();
+    });
+    Running {
+        fake,
+        addr,
+        stop: Some(stop),
+    }
+}
+
+struct Cluster {
+    coordinator: Coordinator,
+    workers: Vec<Running>,
+    store: Store,
+    pool: Arc<Pool>,
+}
+
+async fn cluster(n: usize, routing: Routing) -> Cluster {
+    let store = Store::memory(StoreConfig::default());
+    let mut workers = Vec::new();
+    for _ in 0..n {
+        workers.push(start(&store).await);
+    }
+    let pool = Arc::new(Pool::new(routing, 1000));
+    let addrs = workers.iter().map(|w| w.addr.clone()).collect();
+    assert_eq!(pool.refresh(&WorkerSource::Static(addrs)).await, n);
+    let settings = CoordinatorSettings {
+        block_timeout: Duration::from_millis(300),
+        max_attempts: 4,
+        retry_backoff: Duration::from_millis(1),
+        ..CoordinatorSettings::default()
+    };
+    Cluster {
+        coordinator: Coordinator::new(pool.clone(), store.clone(), settings),
+        workers,
+        store,
+        pool,
+    }
+}
+
+impl Cluster {
+    fn script(&self, worker: usize, acts: &[Act]) {
+        self.workers[worker]
+            .fake
+            .script
+            .lock()
+            .unwrap()
+            .extend(acts.iter().copied());
+    }
+
+    fn calls(&self, worker: usize) -> usize {
+        self.workers[worker].fake.calls.load(Ordering::SeqCst)
+    }
+
+    fn addr(&self, worker: usize) -> &str {
+        &self.workers[worker].addr
+    }
+
+    async fn generate(&self) -> Result<GenerateResponse, Status> {
+        let request = GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds {
+                ids: vec![1, 2, 3, 4, 5],
+            })),
+            max_new_tokens: 11,
+            seed: Some(5),
+            ..Default::default()
+        };
+        self.coordinator
+            .generate(Request::new(request))
+            .await
+            .map(Response::into_inner)
+    }
+}
+
+fn workers_of(out: &GenerateResponse) -> Vec<&str> {
+    out.blocks.iter().map(|b| b.worker.as_str()).collect()
+}
+
+/// The tokens of the scripted-fault tests, from a run without faults.
+async fn reference_tokens() -> Vec<u32> {
+    let out = cluster(1, Routing::Affinity)
+        .await
+        .generate()
+        .await
+        .unwrap();
+    assert_eq!(out.token_ids.len(), 11);
+    out.token_ids
+}
+
+#[tokio::test]
+async fn affinity_keeps_a_session_on_one_worker_and_rotate_moves_it() {
+    let c = cluster(2, Routing::Affinity).await;
+    let out = c.generate().await.unwrap();
+    let served = workers_of(&out);
+    assert_eq!(served.len(), 4);
+    assert!(served.iter().all(|w| *w == served[0]), "{served:?}");
+
+    let c = cluster(2, Routing::Rotate).await;
+    let out = c.generate().await.unwrap();
+    let served = workers_of(&out);
+    assert!(served.windows(2).all(|w| w[0] != w[1]), "{served:?}");
+    assert_eq!(out.token_ids, reference_tokens().await);
+}
+
+#[tokio::test]
+async fn a_failed_block_is_retried_on_another_worker_with_the_same_tokens() {
+    let c = cluster(2, Routing::Affinity).await;
+    c.script(0, &[Act::Fail(Code::Internal)]);
+    c.script(1, &[Act::Serve, Act::Fail(Code::ResourceExhausted)]);
+    let out = c.generate().await.unwrap();
+    assert_eq!(out.token_ids, reference_tokens().await);
+    let served = workers_of(&out);
+    assert_eq!(served[0], c.addr(1), "block 0 after worker 0 failed");
+    assert_eq!(served[1], c.addr(0), "block 1 after worker 1 was full");
+    assert_eq!(c.calls(0) + c.calls(1), out.blocks.len() + 2);
+}
+
+#[tokio::test]
+async fn a_request_fault_is_returned_without_trying_another_worker() {
+    let c = cluster(2, Routing::Affinity).await;
+    c.script(0, &[Act::Fail(Code::InvalidArgument)]);
+    let err = c.generate().await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!((c.calls(0), c.calls(1)), (1, 0));
+}
+
+#[tokio::test]
+async fn a_worker_that_never_answers_times_out_and_another_serves() {
+    let c = cluster(2, Routing::Affinity).await;
+    c.script(0, &[Act::Hang]);
+    let out = c.generate().await.unwrap();
+    assert_eq!(out.token_ids, reference_tokens().await);
+    assert!(workers_of(&out).iter().all(|w| *w == c.addr(1)));
+}
+
+#[tokio::test]
+async fn attempts_run_out_with_the_last_error() {
+    let c = cluster(2, Routing::Affinity).await;
+    let failures = [Act::Fail(Code::Unavailable); 8];
+    c.script(0, &failures);
+    c.script(1, &failures);
+    let err = c.generate().await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert_eq!(c.calls(0) + c.calls(1), 4, "max_attempts");
+}
+
+/// The store loses the session between blocks: the coordinator puts back the record it
+/// holds and the generation ends with the tokens it would have had.
+#[tokio::test]
+async fn a_session_lost_by_the_store_is_restored_from_the_request() {
+    let c = cluster(1, Routing::Affinity).await;
+    c.script(0, &[Act::Serve, Act::Flush]);
+    let out = c.generate().await.unwrap();
+    assert_eq!(out.token_ids, reference_tokens().await);
+    let record = c.store.get_session("fake", &out.session_id).await.unwrap();
+    let record = record.expect("restored");
+    assert_eq!(record.committed_blocks, 4);
+    assert_eq!(&record.tokens[..5], &[1, 2, 3, 4, 5]);
+}
+
+/// A worker whose server has gone is marked down by the failed call itself (the
+/// transport error), and the block is served elsewhere.
+#[tokio::test]
+async fn an_unreachable_worker_is_marked_down_and_skipped() {
+    let mut c = cluster(2, Routing::Affinity).await;
+    let _ = c.workers[0].stop.take().unwrap().send(());
+    // The server is gone once its port refuses connections.
+    while tokio::net::TcpStream::connect(c.addr(0)).await.is_ok() {
+        tokio::task::yield_now().await;
+    }
+    let out = c.generate().await.unwrap();
+    assert!(workers_of(&out).iter().all(|w| *w == c.addr(1)));
+    assert_eq!(c.pool.healthy_count(), 1);
+}

@@ -1,0 +1,78 @@
+//! The commit to the store: the block's KV blobs, then the session record by
+//! compare-and-set (the commit point), then the answer. A block another worker committed
+//! first is answered as stored, so a retried block is idempotent.
+
+use std::time::{Duration, Instant};
+
+use bd3lm_kvstore::{CommitOutcome, SessionRecord, Store};
+use bd3lm_proto::v1::DenoiseBlockResponse;
+use tonic::Status;
+
+use crate::block::BlockWork;
+use crate::sessions::SessionCaches;
+
+/// Commits `work` (computed from a record with `expected` committed blocks), keeps its
+/// state in `sessions` when it won, and returns the answer.
+pub async fn commit(
+    store: &Store,
+    sessions: &SessionCaches,
+    work: BlockWork,
+    expected: usize,
+    block_size: usize,
+    cache_time: Duration,
+) -> Result<DenoiseBlockResponse, Status> {
+    let started = Instant::now();
+    let outcome = store.commit(&work.record, expected, work.blobs).await?;
+    let store_time = started.elapsed();
+    let record = work.record;
+    match outcome {
+        CommitOutcome::Committed => {
+            let end = record.committed_blocks * block_size;
+            let answer = DenoiseBlockResponse {
+                block_index: work.first_block as u32,
+                token_ids: record.tokens[work.first_block * block_size..end].to_vec(),
+                committed_blocks: record.committed_blocks as u32,
+                forward_passes: work.forward_passes as u32,
+                steps: work.steps as u32,
+                cache_ms: ms(cache_time),
+                denoise_ms: ms(work.denoise),
+                commit_ms: ms(work.commit + store_time),
+                cache_source: work.source.name().into(),
+                already_committed: false,
+            };
+            tracing::debug!(
+                source = work.source.name(),
+                cache_ms = answer.cache_ms,
+                denoise_ms = answer.denoise_ms,
+                "block committed"
+            );
+            sessions.put(record.id, work.held);
+            Ok(answer)
+        }
+        CommitOutcome::Superseded(current) => {
+            tracing::info!(block = expected, "block committed by another worker first");
+            Ok(committed_answer(&current, expected, block_size))
+        }
+    }
+}
+
+/// The committed block `block` of `record`, as an answer.
+pub fn committed_answer(
+    record: &SessionRecord,
+    block: usize,
+    block_size: usize,
+) -> DenoiseBlockResponse {
+    let end = ((block + 1) * block_size).min(record.tokens.len());
+    DenoiseBlockResponse {
+        block_index: block as u32,
+        token_ids: record.tokens[block * block_size..end].to_vec(),
+        committed_blocks: record.committed_blocks as u32,
+        already_committed: true,
+        cache_source: "none".into(),
+        ..Default::default()
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
