@@ -2,6 +2,8 @@
 //! binaries as separate processes, real gRPC over TCP. Every generation is compared with
 //! a local one of the same checkpoint and seed.
 
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bd3lm_kvstore::{Store, StoreConfig};
@@ -95,20 +97,45 @@ fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     assert_eq!(more.ids, long[120..]);
 }
 
-/// Runs a remote generation with `args` and, `after` it started and while it still
-/// runs, the `fault`.
-fn during(addr: &str, args: &[&'static str], after: Duration, fault: impl FnOnce()) -> Generated {
-    let addr = addr.to_string();
-    let args = args.to_vec();
-    let client = std::thread::spawn(move || {
-        let mut all = vec!["generate", "--addr", addr.as_str()];
-        all.extend_from_slice(&args);
-        Generated::from(bd3lm(&all))
-    });
-    std::thread::sleep(after);
-    assert!(!client.is_finished(), "the fault must come mid-generation");
+/// Starts `bd3lm generate --addr` with `args`, its output piped.
+fn spawn_client(addr: &str, args: &[&str]) -> Child {
+    Command::new(crate::bin("bd3lm"))
+        .args(["generate", "--addr", addr])
+        .args(args)
+        .env("BD3LM_THREADS", "2")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Reads the client's streamed output until it holds `count` tokens; panics when the
+/// stream ends first.
+fn read_tokens(stdout: &mut impl Read, seen: &mut Vec<u8>, count: usize) {
+    let mut buf = [0u8; 4096];
+    while String::from_utf8_lossy(seen).split_whitespace().count() < count {
+        let n = stdout.read(&mut buf).unwrap();
+        assert!(n > 0, "the generation ended before {count} tokens");
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Runs a remote generation with `args` and, once it has streamed 40 tokens and while it
+/// still runs, the `fault`.
+fn during(addr: &str, args: &[&str], fault: impl FnOnce()) -> Generated {
+    let mut child = spawn_client(addr, args);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    read_tokens(&mut stdout, &mut seen, 40);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the fault must come mid-generation"
+    );
     fault();
-    client.join().unwrap()
+    stdout.read_to_end(&mut seen).unwrap();
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = seen;
+    Generated::from(out)
 }
 
 #[test]
@@ -124,9 +151,7 @@ fn a_worker_killed_mid_generation_loses_nothing() {
     ];
     let expected = local(&args);
     let addr = cluster.addr.clone();
-    let out = during(&addr, &args, Duration::from_millis(400), || {
-        cluster.workers[0].kill()
-    });
+    let out = during(&addr, &args, || cluster.workers[0].kill());
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
 }
@@ -147,7 +172,7 @@ fn store_faults_are_survived_or_reported() {
     // Flushed mid-generation: the coordinator restores the record, workers rebuild the
     // KV state from tokens.
     let addr = cluster.addr.clone();
-    let out = during(&addr, &args, Duration::from_millis(300), || {
+    let out = during(&addr, &args, || {
         cluster.redis.command(&[b"FLUSHALL"]).unwrap();
     });
     assert_eq!(out.code, 0, "{}", out.stderr);
@@ -277,21 +302,12 @@ fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
         out.stderr
     );
     // A client that goes away stops the work.
-    let mut client = std::process::Command::new(crate::bin("bd3lm"))
-        .args([
-            "generate",
-            "--addr",
-            cluster.addr.as_str(),
-            "--prompt-ids",
-            "1022",
-            "--max-tokens",
-            "8000",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let mut client = spawn_client(
+        &cluster.addr,
+        &["--prompt-ids", "1022", "--max-tokens", "8000"],
+    );
+    // Gone once it has seen its first tokens: the generation is under way.
+    read_tokens(client.stdout.as_mut().unwrap(), &mut Vec::new(), 4);
     client.kill().unwrap();
     client.wait().unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -137,23 +137,34 @@ fn tokenizer_data_train_resume_eval_and_generate() {
 #[test]
 fn training_inputs_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("missing");
-    let missing = missing.to_str().unwrap();
-    fails_with(&["train", "--data", missing, "--out", missing], "missing");
-    fails_with(&["train", "--out", missing, "--resume"], "missing");
+    let absent = dir.path().join("absent");
+    let absent = absent.to_str().unwrap();
+    // Each error names the file it could not read and why.
+    let not_found = |file: &str| format!("{absent}{file}: No such file or directory");
+    fails_with(
+        &["train", "--data", absent, "--out", absent],
+        &not_found("/index.json"),
+    );
+    fails_with(
+        &["train", "--out", absent, "--resume"],
+        &not_found("/resume/state.json"),
+    );
     fails_with(
         &[
             "prepare-data",
-            missing,
+            absent,
             "--tokenizer",
-            missing,
+            absent,
             "--out",
-            missing,
+            absent,
         ],
-        "missing",
+        &not_found(""),
     );
-    fails_with(&["train-tokenizer", missing, "--out", missing], "missing");
-    fails_with(&["eval", "--checkpoint", missing], "nothing to evaluate");
+    fails_with(
+        &["train-tokenizer", absent, "--out", absent],
+        &not_found(""),
+    );
+    fails_with(&["eval", "--checkpoint", absent], "nothing to evaluate");
 }
 
 /// Without --checkpoint, generation uses the bundled demo model and its tokenizer.
