@@ -212,39 +212,36 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench(BenchCommand::Serve {
+        Command::Bench(command) => {
+            bench(command, runtime)?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
+    match command {
+        BenchCommand::Serve {
             store,
             contexts,
             reps,
-        }) => {
-            runtime.block_on(bench_serve::run(store.open()?, &contexts, reps))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Generate {
+        } => runtime.block_on(bench_serve::run(store.open()?, &contexts, reps)),
+        BenchCommand::Generate {
             block_sizes,
             tokens,
             threshold,
             seed,
-        }) => {
-            bench::run_generate(&block_sizes, tokens, threshold, seed)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Train {
+        } => bench::run_generate(&block_sizes, tokens, threshold, seed),
+        BenchCommand::Train {
             steps,
             warmup,
             seed,
-        }) => {
-            bench_train::run(steps, warmup, seed)?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench(BenchCommand::Model {
+        } => bench_train::run(steps, warmup, seed),
+        BenchCommand::Model {
             block_sizes,
             tokens,
             context,
             seed,
-        }) => {
-            bench::run(&block_sizes, tokens, context, seed)?;
-            Ok(ExitCode::SUCCESS)
-        }
+        } => bench::run(&block_sizes, tokens, context, seed),
     }
 }
