@@ -110,20 +110,24 @@ pub struct GenerateArgs {
     pub generation: GenerationArgs,
 }
 
+/// The generation flags `flags` parse to, for tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
+pub fn parse(flags: &[&str]) -> GenerationArgs {
+    #[derive(clap::Parser)]
     struct Cli {
         #[command(flatten)]
         args: GenerationArgs,
     }
+    let argv = std::iter::once("bd3lm").chain(flags.iter().copied());
+    <Cli as clap::Parser>::try_parse_from(argv).unwrap().args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
 
     fn sampling(flags: &[&str]) -> SamplingOverrides {
-        let argv = std::iter::once("bd3lm").chain(flags.iter().copied());
-        Cli::try_parse_from(argv).unwrap().args.sampling()
+        parse(flags).sampling()
     }
 
     /// Only the flags given become overrides, so a continued greedy session stays greedy

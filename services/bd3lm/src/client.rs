@@ -96,25 +96,15 @@ fn status(s: tonic::Status) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        args: GenerationArgs,
-    }
+    use crate::args::parse;
 
     /// A continuation without sampling flags sends no sampling parameters, so the session
     /// keeps its own (a greedy session stays greedy).
     #[test]
     fn a_continuation_sends_only_the_flags_given() {
-        let args = Cli::try_parse_from(["bd3lm", "--max-tokens", "8"])
-            .unwrap()
-            .args;
-        let req = request(&args, Some("s1".into()));
+        let req = request(&parse(&["--max-tokens", "8"]), Some("s1".into()));
         assert_eq!((req.session_id.as_str(), req.sampling), ("s1", None));
-        let args = Cli::try_parse_from(["bd3lm", "--top-k", "0"]).unwrap().args;
-        let sent = request(&args, None).sampling.unwrap();
+        let sent = request(&parse(&["--top-k", "0"]), None).sampling.unwrap();
         assert_eq!(
             (sent.top_k, sent.greedy, sent.temperature),
             (Some(0), None, None)
