@@ -175,7 +175,8 @@ async fn cluster(n: usize, routing: Routing) -> Cluster {
     let addrs = workers.iter().map(|w| w.addr.clone()).collect();
     assert_eq!(pool.refresh(&WorkerSource::Static(addrs)).await, n);
     let settings = CoordinatorSettings {
-        block_timeout: Duration::from_millis(300),
+        // Long enough that only a scripted hang ever reaches it, even on a busy machine.
+        block_timeout: Duration::from_secs(2),
         max_attempts: 4,
         retry_backoff: Duration::from_millis(1),
         ..CoordinatorSettings::default()
