@@ -269,18 +269,27 @@ impl Cluster {
         }
     }
 
-    /// Calls the coordinator's `Generate` directly, for what the command line does not
-    /// print (each block's worker and timings).
-    pub fn generate_grpc(&self, request: GenerateRequest) -> Result<GenerateResponse, Status> {
+    /// Calls the coordinator's `Generate` directly, all `requests` at once, for what the
+    /// command line does not print (each block's worker and timings).
+    pub fn generate_grpc(
+        &self,
+        requests: Vec<GenerateRequest>,
+    ) -> Vec<Result<GenerateResponse, Status>> {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async {
-            let mut client = GenerationClient::connect(format!("http://{}", self.addr))
+            let client = GenerationClient::connect(format!("http://{}", self.addr))
                 .await
                 .unwrap();
-            client
-                .generate(request)
-                .await
-                .map(tonic::Response::into_inner)
+            let calls = requests.into_iter().map(|request| {
+                let mut client = client.clone();
+                async move {
+                    client
+                        .generate(request)
+                        .await
+                        .map(tonic::Response::into_inner)
+                }
+            });
+            futures::future::join_all(calls).await
         })
     }
 

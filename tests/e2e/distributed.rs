@@ -67,6 +67,32 @@ fn the_redis_store_keeps_the_store_contract() {
     });
 }
 
+/// Far more concurrent streams than one worker takes at once: the coordinator queues their
+/// blocks, and every stream finishes with the tokens a local run gives.
+#[test]
+fn concurrent_streams_beyond_one_workers_capacity_all_finish() {
+    let cluster = Cluster::start(&checkpoint(), 1, "affinity");
+    let args = [
+        "--prompt-ids",
+        "1022,7",
+        "--max-tokens",
+        "16",
+        "--seed",
+        "4",
+    ];
+    let expected = local(&args);
+    let request = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![1022, 7] })),
+        max_new_tokens: 16,
+        seed: Some(4),
+        ..Default::default()
+    };
+    let outs = cluster.generate_grpc(vec![request; 48]);
+    for out in outs {
+        assert_eq!(out.unwrap().token_ids, expected);
+    }
+}
+
 #[test]
 fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     let cluster = Cluster::start(&checkpoint(), 2, "rotate");
@@ -74,7 +100,10 @@ fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     let remote = cluster.generate(&RUN);
     assert_eq!(remote.code, 0, "{}", remote.stderr);
     assert_eq!(remote.ids, expected);
-    let direct = cluster.generate_grpc(run_request()).unwrap();
+    let direct = cluster
+        .generate_grpc(vec![run_request()])
+        .remove(0)
+        .unwrap();
     assert_eq!(direct.token_ids, expected);
     let served: Vec<&str> = direct.blocks.iter().map(|b| b.worker.as_str()).collect();
     assert!(

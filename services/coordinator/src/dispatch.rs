@@ -2,12 +2,13 @@
 //! on an error, a timeout or a disconnect, until one answers or the attempts run out.
 //! The same seed gives the same tokens wherever the block runs, so a retry is safe.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse};
 use tonic::{Code, Request, Status};
 
+use crate::admission::Admission;
 use crate::pool::{Pool, Worker};
 
 /// A worker's answer for a block.
@@ -17,64 +18,89 @@ pub struct BlockAnswer {
     pub response: DenoiseBlockResponse,
     /// The worker's address.
     pub worker: String,
+    /// Time the block waited for a slot.
+    pub queued: Duration,
 }
 
-/// Sends blocks to the pool's workers with retries.
+/// Sends blocks to the pool's workers, one admission slot per block, with retries.
 pub struct Dispatcher {
     pool: Arc<Pool>,
+    admission: Arc<Admission>,
+    budget: RetryBudget,
     timeout: Duration,
     max_attempts: u32,
     backoff: Duration,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `pool`: at most `max_attempts` tries per block, each waiting up to
-    /// `timeout`, pausing `backoff` (doubled per attempt, at most 32x) in between.
-    pub fn new(pool: Arc<Pool>, timeout: Duration, max_attempts: u32, backoff: Duration) -> Self {
+    /// A dispatcher over `pool` and its `admission`: at most `max_attempts` faulty tries
+    /// per block, each waiting up to `timeout`, pausing about `backoff` (doubled per
+    /// fault, at most 32x, jittered) in between.
+    pub fn new(
+        pool: Arc<Pool>,
+        admission: Arc<Admission>,
+        timeout: Duration,
+        max_attempts: u32,
+        backoff: Duration,
+    ) -> Self {
         Self {
             pool,
+            admission,
+            budget: RetryBudget::default(),
             timeout,
             max_attempts,
             backoff,
         }
     }
 
-    /// Asks workers for block `block` of `session` until one answers. A request fault
-    /// (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE) is returned at
-    /// once; anything else is tried on another worker.
-    #[tracing::instrument(skip(self))]
+    /// Waits for a slot, then asks workers for block `block` of `session` until one
+    /// answers. A request fault (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
+    /// OUT_OF_RANGE) is returned at once; a busy worker (RESOURCE_EXHAUSTED, when other
+    /// coordinators share it) is waited for without counting as a fault; any other
+    /// failure is tried again elsewhere while the attempts and the retry budget last.
+    #[tracing::instrument(skip(self), fields(queue_ms))]
     pub async fn denoise_block(&self, session: &str, block: usize) -> Result<BlockAnswer, Status> {
+        let started = Instant::now();
+        let _slot = self.admission.acquire(self.timeout).await?;
+        let queued = started.elapsed();
+        tracing::Span::current().record("queue_ms", queued.as_secs_f64() * 1e3);
         let mut tried: Vec<String> = Vec::new();
-        let mut last = Status::unavailable("no healthy denoise worker");
-        for attempt in 0..self.max_attempts {
-            if attempt > 0 {
-                tokio::time::sleep(self.backoff * (1u32 << attempt.min(5))).await;
-            }
-            // Once every worker has failed, they all get another chance.
+        let mut faults = 0;
+        loop {
+            // Once every worker has been tried, they all get another chance.
             let worker = self.pool.pick(session, &tried).or_else(|| {
                 tried.clear();
                 self.pool.pick(session, &tried)
             });
-            let Some(worker) = worker else {
-                continue; // none is healthy (yet)
+            let status = match worker {
+                None => Status::unavailable("no healthy denoise worker"),
+                Some(worker) => match self.attempt(&worker, session, block).await {
+                    Ok(response) => {
+                        self.pool.remember(session, &worker.addr);
+                        self.budget.deposit();
+                        let worker = worker.addr.clone();
+                        return Ok(BlockAnswer {
+                            response,
+                            worker,
+                            queued,
+                        });
+                    }
+                    Err(status) if is_request_fault(status.code()) => return Err(status),
+                    Err(status) => {
+                        tried.push(worker.addr.clone());
+                        tracing::warn!(worker = %worker.addr, code = ?status.code(), "block failed; retrying");
+                        status
+                    }
+                },
             };
-            match self.attempt(&worker, session, block).await {
-                Ok(response) => {
-                    self.pool.remember(session, &worker.addr);
-                    return Ok(BlockAnswer {
-                        response,
-                        worker: worker.addr.clone(),
-                    });
-                }
-                Err(status) if is_request_fault(status.code()) => return Err(status),
-                Err(status) => {
-                    tracing::warn!(worker = %worker.addr, code = ?status.code(), "block failed; retrying elsewhere");
-                    last = status;
+            if status.code() != Code::ResourceExhausted {
+                faults += 1;
+                if faults >= self.max_attempts || !self.budget.withdraw() {
+                    return Err(status);
                 }
             }
-            tried.push(worker.addr.clone());
+            tokio::time::sleep(jittered(self.backoff * (1u32 << faults.min(5)))).await;
         }
-        Err(last)
     }
 
     /// One call to one worker, bounded by the timeout; a worker that cannot be reached is
@@ -108,6 +134,49 @@ impl Dispatcher {
                     self.timeout
                 )))
             }
+        }
+    }
+}
+
+/// `pause` scaled by a random factor in [0.5, 1.5), so that retries of many blocks do not
+/// arrive together.
+fn jittered(pause: Duration) -> Duration {
+    pause.mul_f64(rand::random_range(0.5..1.5))
+}
+
+/// Retries allowed across all blocks: each success earns a fifth of a retry (up to 100
+/// saved), each retry spends one, so that retries stay a small share of the traffic when
+/// workers fail together instead of multiplying it.
+struct RetryBudget {
+    balance: Mutex<f64>,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            balance: Mutex::new(20.0),
+        }
+    }
+}
+
+impl RetryBudget {
+    fn lock(&self) -> std::sync::MutexGuard<'_, f64> {
+        self.balance.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn deposit(&self) {
+        let mut b = self.lock();
+        *b = (*b + 0.2).min(100.0);
+    }
+
+    fn withdraw(&self) -> bool {
+        let mut b = self.lock();
+        if *b >= 1.0 {
+            *b -= 1.0;
+            true
+        } else {
+            tracing::warn!("retry budget spent; failing the block");
+            false
         }
     }
 }

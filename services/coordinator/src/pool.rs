@@ -33,6 +33,8 @@ pub struct Worker {
     health: HealthClient<Channel>,
     healthy: AtomicBool,
     in_flight: AtomicUsize,
+    /// Blocks it takes at once, from its Info.
+    capacity: AtomicUsize,
 }
 
 impl Worker {
@@ -47,6 +49,7 @@ impl Worker {
             health: HealthClient::new(channel),
             healthy: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
+            capacity: AtomicUsize::new(1),
         })
     }
 
@@ -73,8 +76,20 @@ impl Worker {
         let answer =
             tokio::time::timeout(Duration::from_secs(2), self.health.clone().check(request)).await;
         let ok = matches!(answer, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32);
+        if ok {
+            let mut client = self.client();
+            let info = tokio::time::timeout(Duration::from_secs(2), client.info(InfoRequest {}));
+            if let Ok(Ok(info)) = info.await {
+                let capacity = info.get_ref().capacity.max(1) as usize;
+                self.capacity.store(capacity, Ordering::Relaxed);
+            }
+        }
         self.healthy.store(ok, Ordering::Relaxed);
         ok
+    }
+
+    fn has_room(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) < self.capacity.load(Ordering::Relaxed)
     }
 }
 
@@ -197,15 +212,19 @@ impl Pool {
             .filter(|w| w.healthy.load(Ordering::Relaxed) && !exclude.contains(&w.addr))
             .collect();
         let last = self.affinity().get(session);
+        // The fewest blocks in flight per unit of capacity.
         let least_loaded = |ws: &[Arc<Worker>]| {
             ws.iter()
-                .min_by_key(|w| w.in_flight.load(Ordering::Relaxed))
+                .min_by_key(|w| {
+                    let load = w.in_flight.load(Ordering::Relaxed) * 1024;
+                    load / w.capacity.load(Ordering::Relaxed).max(1)
+                })
                 .cloned()
         };
         match (self.routing, last) {
             (Routing::Affinity, Some(last)) => healthy
                 .iter()
-                .find(|w| w.addr == last)
+                .find(|w| w.addr == last && w.has_room())
                 .cloned()
                 .or_else(|| least_loaded(&healthy)),
             (Routing::Rotate, Some(last)) => {
@@ -246,6 +265,15 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// Blocks the healthy workers take at once, all together.
+    pub fn capacity(&self) -> usize {
+        self.workers()
+            .iter()
+            .filter(|w| w.healthy.load(Ordering::Relaxed))
+            .map(|w| w.capacity.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Number of healthy workers.

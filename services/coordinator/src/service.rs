@@ -14,12 +14,19 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use crate::admission::Admission;
 use crate::dispatch::Dispatcher;
 use crate::plan::{self, ModelInfo, Plan};
 use crate::pool::Pool;
 use crate::settings::CoordinatorSettings;
-use crate::stream;
+use crate::stream::{self, Active};
 use crate::validation;
+
+/// Longest wait of DeleteSession for the session's generations to stop.
+const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How often the admission's slots are matched to the workers' capacity.
+const CAPACITY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The coordinator's state, shared by its requests.
 #[derive(Clone)]
@@ -32,27 +39,47 @@ struct Inner {
     store: Store,
     settings: CoordinatorSettings,
     dispatch: Dispatcher,
+    admission: Arc<Admission>,
+    active: Arc<Active>,
     model: OnceLock<Arc<ModelInfo>>,
 }
 
 impl Coordinator {
     /// A coordinator over `pool` and `store`.
+    /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
+    /// capacity from a task that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: Store, settings: CoordinatorSettings) -> Self {
+        let admission = Arc::new(Admission::new(settings.max_queue));
         let dispatch = Dispatcher::new(
             pool.clone(),
+            admission.clone(),
             settings.block_timeout,
             settings.max_attempts,
             settings.retry_backoff,
         );
-        Self {
-            inner: Arc::new(Inner {
-                pool,
-                store,
-                settings,
-                dispatch,
-                model: OnceLock::new(),
-            }),
-        }
+        let inner = Arc::new(Inner {
+            pool,
+            store,
+            settings,
+            dispatch,
+            admission,
+            active: Arc::default(),
+            model: OnceLock::new(),
+        });
+        let watched = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Some(inner) = watched.upgrade() {
+                inner.admission.set_capacity(inner.pool.capacity());
+                drop(inner);
+                tokio::time::sleep(CAPACITY_INTERVAL).await;
+            }
+        });
+        Self { inner }
+    }
+
+    /// Blocks waiting for a worker slot now.
+    pub fn queued_blocks(&self) -> usize {
+        self.inner.admission.waiting()
     }
 
     /// The model served, asked of a healthy worker once.
@@ -80,6 +107,7 @@ impl Coordinator {
 
     /// Validates and plans `req`: its session is stored and ready to be driven.
     async fn prepare(&self, req: GenerateRequest) -> Result<Plan, Status> {
+        self.inner.admission.admit()?;
         let model = self.model().await?;
         let limits = &self.inner.settings.limits;
         let valid = validation::validate(req, limits, &model.vocabulary())?;
@@ -90,9 +118,11 @@ impl Coordinator {
     /// next block.
     fn spawn_drive(&self, plan: Plan) -> mpsc::Receiver<Result<GenerateStreamResponse, Status>> {
         let (tx, rx) = mpsc::channel(16);
+        let running = self.inner.active.enter(&plan.record.id);
         let this = self.clone();
         tokio::spawn(async move {
-            stream::drive(&this.inner.store, &this.inner.dispatch, plan, tx).await
+            let inner = &this.inner;
+            stream::drive(&inner.store, &inner.dispatch, plan, tx, running).await
         });
         rx
     }
@@ -176,6 +206,9 @@ impl Generation for Coordinator {
             }
             Err(s) => return Err(s),
         };
+        // Its generations in progress stop first, so none writes the session back.
+        self.inner.active.stop(id, STOP_WAIT).await;
+        let record = self.record(id).await.unwrap_or(record);
         let deleted = self
             .inner
             .store

@@ -29,7 +29,11 @@ pub struct CoordinatorSettings {
     #[arg(long = "block-timeout-secs", env = "BD3LM_BLOCK_TIMEOUT_SECS", value_name = "SECS",
           default_value = "120", value_parser = positive_secs)]
     pub block_timeout: Duration,
-    /// Attempts per block, all workers together.
+    /// Blocks that may wait for a worker slot; new requests beyond it are refused with
+    /// RESOURCE_EXHAUSTED (admitted generations always wait their turn).
+    #[arg(long, env = "BD3LM_MAX_QUEUE", default_value_t = 256)]
+    pub max_queue: usize,
+    /// Faulty attempts per block, all workers together (a busy worker is waited for).
     #[arg(long, env = "BD3LM_MAX_ATTEMPTS", default_value_t = 6,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
@@ -58,6 +62,7 @@ impl Default for CoordinatorSettings {
         Self {
             limits: Limits::default(),
             block_timeout: Duration::from_secs(120),
+            max_queue: 256,
             max_attempts: 6,
             routing: Routing::Affinity,
             health_interval: Duration::from_secs(1),

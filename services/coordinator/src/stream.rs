@@ -2,12 +2,14 @@
 //! block checked against the stop rules, decoded and streamed, until a stop or until the
 //! client goes away.
 
-use std::time::Instant;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::{SessionRecord, Store};
 use bd3lm_proto::v1::{BlockTiming, GenerateStreamResponse, StopReason as ProtoStop};
 use bd3lm_text::{Decoder, StopReason};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use crate::dispatch::{BlockAnswer, Dispatcher};
@@ -25,10 +27,83 @@ struct Progress {
     forward_passes: u32,
 }
 
+/// The generations in progress, by session, so that DeleteSession can stop them.
+#[derive(Default)]
+pub struct Active {
+    sessions: Mutex<HashMap<String, Arc<watch::Sender<bool>>>>,
+}
+
+/// One generation in progress; its flag turns true when its session is deleted.
+pub struct Running {
+    active: Arc<Active>,
+    session: String,
+    deleted: watch::Receiver<bool>,
+}
+
+impl Active {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<watch::Sender<bool>>>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a generation of `session`.
+    pub fn enter(self: &Arc<Self>, session: &str) -> Running {
+        let mut sessions = self.lock();
+        let sender = sessions
+            .entry(session.to_string())
+            .or_insert_with(|| Arc::new(watch::channel(false).0));
+        Running {
+            deleted: sender.subscribe(),
+            active: self.clone(),
+            session: session.to_string(),
+        }
+    }
+
+    /// Stops every generation of `session` (their blocks are dropped, which stops the
+    /// workers' compute at the next step) and waits, at most `wait`, until they ended.
+    pub async fn stop(&self, session: &str, wait: Duration) {
+        let sender = self.lock().get(session).cloned();
+        if let Some(sender) = sender {
+            sender.send_replace(true);
+            let _ = tokio::time::timeout(wait, sender.closed()).await;
+        }
+    }
+}
+
+impl Running {
+    /// Resolves once the session is deleted.
+    async fn deleted(&mut self) {
+        let _ = self.deleted.wait_for(|deleted| *deleted).await;
+    }
+
+    fn is_deleted(&self) -> bool {
+        *self.deleted.borrow()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut sessions = self.active.lock();
+        // This generation's receiver is still counted until the fields drop.
+        if sessions
+            .get(&self.session)
+            .is_some_and(|s| s.receiver_count() <= 1)
+        {
+            sessions.remove(&self.session);
+        }
+    }
+}
+
 /// Drives `plan` block by block, sending each block and a final message to `tx`. Stops
-/// as soon as the receiver is gone (the client cancelled or disconnected).
+/// as soon as the receiver is gone (the client cancelled or disconnected) or the session
+/// is deleted, without waiting for the block in flight: dropping it stops the worker.
 #[tracing::instrument(skip_all, fields(session = %plan.record.id))]
-pub async fn drive(store: &Store, dispatch: &Dispatcher, mut plan: Plan, tx: Sender) {
+pub async fn drive(
+    store: &Store,
+    dispatch: &Dispatcher,
+    mut plan: Plan,
+    tx: Sender,
+    mut running: Running,
+) {
     let mut progress = Progress {
         tokens: plan.record.tokens.clone(),
         committed: plan.record.committed_blocks,
@@ -42,7 +117,12 @@ pub async fn drive(store: &Store, dispatch: &Dispatcher, mut plan: Plan, tx: Sen
             break StopReason::Cancelled;
         }
         let started = Instant::now();
-        let answer = match next_block(store, dispatch, &plan.record, &progress).await {
+        let answer = tokio::select! {
+            answer = next_block(store, dispatch, &plan.record, &progress) => answer,
+            () = tx.closed() => break StopReason::Cancelled,
+            () = running.deleted() => break StopReason::Cancelled,
+        };
+        let answer = match answer {
             Ok(a) => a,
             Err(status) => {
                 let _ = tx.send(Err(status)).await;
@@ -57,10 +137,14 @@ pub async fn drive(store: &Store, dispatch: &Dispatcher, mut plan: Plan, tx: Sen
             break stop;
         }
     };
-    if stop == StopReason::Cancelled {
-        tracing::info!("client went away; generation stopped");
+    if running.is_deleted() {
+        tracing::info!("session deleted; generation stopped");
+    } else {
+        if stop == StopReason::Cancelled {
+            tracing::info!("client went away; generation stopped");
+        }
+        record_returned(store, &plan.record, plan.start + progress.shown).await;
     }
-    record_returned(store, &plan.record, plan.start + progress.shown).await;
     let last = GenerateStreamResponse {
         session_id: plan.record.id.clone(),
         stop_reason: proto_stop(stop) as i32,
@@ -130,6 +214,7 @@ fn commit(
         denoise_ms: r.denoise_ms,
         commit_ms: r.commit_ms,
         total_ms: started.elapsed().as_secs_f64() * 1e3,
+        queue_ms: answer.queued.as_secs_f64() * 1e3,
         cache_source: r.cache_source.clone(),
         worker: answer.worker,
     };

@@ -12,10 +12,11 @@ use bd3lm_proto::v1::denoise_worker_server::{DenoiseWorker, DenoiseWorkerServer}
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
-    DenoiseBlockRequest, DenoiseBlockResponse, GenerateRequest, GenerateResponse, InfoRequest,
-    InfoResponse, TokenIds,
+    DeleteSessionRequest, DenoiseBlockRequest, DenoiseBlockResponse, GenerateRequest,
+    GenerateResponse, GenerateStreamResponse, InfoRequest, InfoResponse, StopReason, TokenIds,
 };
 use tokio::sync::oneshot;
+use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
 use crate::{Coordinator, CoordinatorSettings, Pool, Routing, WorkerSource};
@@ -41,6 +42,20 @@ struct Fake {
     store: Store,
     script: Mutex<VecDeque<Act>>,
     calls: AtomicUsize,
+    /// Calls being answered now, and the most at once.
+    active: AtomicUsize,
+    most_active: AtomicUsize,
+    /// Hanging calls whose request was dropped by the coordinator.
+    dropped: AtomicUsize,
+}
+
+/// Counts a hanging call dropped before it answered.
+struct DropCount<'a>(&'a AtomicUsize);
+
+impl Drop for DropCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 impl Fake {
@@ -80,6 +95,15 @@ impl Fake {
     }
 }
 
+/// Decrements its counter when dropped.
+struct Leave<'a>(&'a AtomicUsize);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The gRPC face of a shared [`Fake`].
 struct FakeService(Arc<Fake>);
 
@@ -91,10 +115,16 @@ impl DenoiseWorker for FakeService {
     ) -> Result<Response<DenoiseBlockResponse>, Status> {
         let req = request.into_inner();
         let fake = &self.0;
+        let now = fake.active.fetch_add(1, Ordering::SeqCst) + 1;
+        fake.most_active.fetch_max(now, Ordering::SeqCst);
+        let _active = Leave(&fake.active);
         match fake.next_act() {
             Act::Serve => fake.serve(&req).await.map(Response::new),
             Act::Fail(code) => Err(Status::new(code, "scripted failure")),
-            Act::Hang => std::future::pending().await,
+            Act::Hang => {
+                let _dropped = DropCount(&fake.dropped);
+                std::future::pending().await
+            }
             Act::Flush => {
                 fake.store
                     .delete_session("fake", &req.session_id, 0)
@@ -129,6 +159,9 @@ async fn start(store: &Store) -> Running {
         store: store.clone(),
         script: Mutex::default(),
         calls: AtomicUsize::new(0),
+        active: AtomicUsize::new(0),
+        most_active: AtomicUsize::new(0),
+        dropped: AtomicUsize::new(0),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -166,6 +199,10 @@ struct Cluster {
 }
 
 async fn cluster(n: usize, routing: Routing) -> Cluster {
+    cluster_with(n, routing, CoordinatorSettings::default()).await
+}
+
+async fn cluster_with(n: usize, routing: Routing, settings: CoordinatorSettings) -> Cluster {
     let store = Store::memory(StoreConfig::default());
     let mut workers = Vec::new();
     for _ in 0..n {
@@ -179,7 +216,7 @@ async fn cluster(n: usize, routing: Routing) -> Cluster {
         block_timeout: Duration::from_secs(2),
         max_attempts: 4,
         retry_backoff: Duration::from_millis(1),
-        ..CoordinatorSettings::default()
+        ..settings
     };
     Cluster {
         coordinator: Coordinator::new(pool.clone(), store.clone(), settings),
@@ -208,18 +245,44 @@ impl Cluster {
     }
 
     async fn generate(&self) -> Result<GenerateResponse, Status> {
-        let request = GenerateRequest {
-            prompt: Some(Prompt::TokenIds(TokenIds {
-                ids: vec![1, 2, 3, 4, 5],
-            })),
-            max_new_tokens: 11,
-            seed: Some(5),
-            ..Default::default()
-        };
         self.coordinator
-            .generate(Request::new(request))
+            .generate(Request::new(request()))
             .await
             .map(Response::into_inner)
+    }
+
+    /// Starts a stream, waits for its first block, then until worker 0 holds a block it
+    /// never answers; returns the stream and the session id.
+    async fn stream_until_a_block_hangs(&self) -> (Messages, String) {
+        self.script(0, &[Act::Serve, Act::Hang]);
+        let response = self.coordinator.generate_stream(Request::new(request()));
+        let mut stream = response.await.unwrap().into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        until(|| self.calls(0) == 2).await;
+        (stream, first.session_id)
+    }
+}
+
+type Messages = tokio_stream::wrappers::ReceiverStream<Result<GenerateStreamResponse, Status>>;
+
+/// Five prompt tokens (one whole block), eleven new tokens, seed 5.
+fn request() -> GenerateRequest {
+    GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds {
+            ids: vec![1, 2, 3, 4, 5],
+        })),
+        max_new_tokens: 11,
+        seed: Some(5),
+        ..Default::default()
+    }
+}
+
+/// Waits until `done` holds (a deadline only against a hang: the tests wait on events).
+async fn until(done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "never happened");
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
 
@@ -322,4 +385,87 @@ async fn an_unreachable_worker_is_marked_down_and_skipped() {
     let out = c.generate().await.unwrap();
     assert!(workers_of(&out).iter().all(|w| *w == c.addr(1)));
     assert_eq!(c.pool.healthy_count(), 1);
+}
+
+/// A client that goes away mid-block: the coordinator drops the block at once, which
+/// cancels the worker's call (and so its compute), instead of waiting for the answer.
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_the_block_in_flight() {
+    let c = cluster(1, Routing::Affinity).await;
+    let (stream, _) = c.stream_until_a_block_hangs().await;
+    drop(stream);
+    until(|| c.workers[0].fake.dropped.load(Ordering::SeqCst) == 1).await;
+}
+
+/// DeleteSession stops the session's generation mid-block, then deletes it: the stream
+/// ends as cancelled and nothing writes the session back.
+#[tokio::test]
+async fn delete_session_stops_its_generation_first() {
+    let c = cluster(1, Routing::Affinity).await;
+    let (mut stream, session_id) = c.stream_until_a_block_hangs().await;
+    let request = Request::new(DeleteSessionRequest {
+        session_id: session_id.clone(),
+    });
+    let deleted = c.coordinator.delete_session(request).await.unwrap();
+    assert!(deleted.into_inner().deleted);
+    until(|| c.workers[0].fake.dropped.load(Ordering::SeqCst) == 1).await;
+    let mut last = None;
+    while let Some(message) = stream.next().await {
+        last = Some(message.unwrap());
+    }
+    assert_eq!(last.unwrap().stop_reason, StopReason::Cancelled as i32);
+    assert_eq!(
+        c.store.get_session("fake", &session_id).await.unwrap(),
+        None
+    );
+}
+
+/// The queue is bounded for new requests only: while one generation holds the only slot
+/// and another waits, a third request is refused before any token; the waiting one goes on
+/// when the slot frees up, and reports how long it queued.
+#[tokio::test]
+async fn beyond_the_queue_bound_new_requests_are_refused_and_the_admitted_wait() {
+    let settings = CoordinatorSettings {
+        max_queue: 1,
+        ..CoordinatorSettings::default()
+    };
+    let c = cluster_with(1, Routing::Affinity, settings).await;
+    let (holder, _) = c.stream_until_a_block_hangs().await;
+    let waiting = c.coordinator.generate_stream(Request::new(request()));
+    let mut waiting = waiting.await.unwrap().into_inner();
+    until(|| c.coordinator.queued_blocks() == 1).await;
+    let refused = c.generate().await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    drop(holder);
+    let first = waiting.next().await.unwrap().unwrap();
+    assert!(first.block.unwrap().queue_ms > 0.0);
+    let mut tokens = first.token_ids;
+    while let Some(message) = waiting.next().await {
+        tokens.extend(message.unwrap().token_ids);
+    }
+    assert_eq!(tokens, reference_tokens().await);
+}
+
+/// Many more generations than the worker's capacity: every one finishes with its own
+/// tokens, and the worker never has more blocks than its capacity at once.
+#[tokio::test]
+async fn streams_beyond_the_capacity_wait_their_turn_and_all_finish() {
+    let c = cluster(1, Routing::Affinity).await;
+    let expected = reference_tokens().await;
+    let runs = (0..48).map(|_| c.generate());
+    for out in futures::future::join_all(runs).await {
+        assert_eq!(out.unwrap().token_ids, expected);
+    }
+    assert_eq!(c.workers[0].fake.most_active.load(Ordering::SeqCst), 1);
+}
+
+/// A worker busy with another coordinator's blocks is waited for: load never uses up the
+/// attempts that faults do.
+#[tokio::test]
+async fn a_busy_worker_is_waited_for_not_failed() {
+    let c = cluster(1, Routing::Affinity).await;
+    c.script(0, &[Act::Fail(Code::ResourceExhausted); 10]);
+    let out = c.generate().await.unwrap();
+    assert_eq!(out.token_ids, reference_tokens().await);
+    assert_eq!(c.calls(0), out.blocks.len() + 10);
 }

@@ -2,6 +2,7 @@
 //! blocks committed at once for a new session, else one block denoised and committed,
 //! and the KV blobs of what was committed.
 
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
@@ -32,11 +33,13 @@ pub struct BlockWork {
     pub commit: Duration,
 }
 
-/// Denoises (or prefills) the next block of `record` on the cache `found`.
+/// Denoises (or prefills) the next block of `record` on the cache `found`; `cancel` is
+/// checked between denoising steps.
 pub fn run(
     loaded: &Loaded,
     record: &SessionRecord,
     found: Found,
+    cancel: &AtomicBool,
 ) -> bd3lm_diffusion::Result<BlockWork> {
     let bs = loaded.model.config().block_size;
     let (mut session, source) = cache::open(loaded, record, found)?;
@@ -45,7 +48,7 @@ pub fn run(
     let (blocks, denoised) = match session.prefill()? {
         0 => (
             1,
-            Some(session.next_block(&record.sampling, record.seed, None)?),
+            Some(session.next_block(&record.sampling, record.seed, Some(cancel))?),
         ),
         n => (n, None),
     };

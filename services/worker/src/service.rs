@@ -2,7 +2,7 @@
 //! session's record, its cache (see [`crate::cache`]), the block's work on a blocking
 //! thread ([`crate::block`]) and the commit ([`crate::commit`]).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -36,7 +36,7 @@ pub struct WorkerService {
     sessions: Arc<SessionCaches>,
     permits: Arc<Semaphore>,
     capacity: u32,
-    in_flight: AtomicUsize,
+    in_flight: Arc<AtomicUsize>,
     /// KV blobs refused (corrupt or of other weights) since start.
     rejected: AtomicU64,
 }
@@ -47,6 +47,10 @@ pub struct WorkerService {
 fn work_status(e: bd3lm_diffusion::Error) -> Status {
     if e.is_request_fault() {
         return Status::invalid_argument(e.to_string());
+    }
+    if matches!(e, bd3lm_diffusion::Error::Cancelled) {
+        tracing::info!("block cancelled: its request went away");
+        return Status::cancelled("the block was cancelled");
     }
     tracing::error!(error = %e, "denoising failed");
     Status::internal("denoising failed on this worker")
@@ -65,7 +69,7 @@ impl WorkerService {
             sessions: Arc::new(SessionCaches::new(settings.cache_bytes)),
             permits: Arc::new(Semaphore::new(settings.capacity as usize)),
             capacity: settings.capacity,
-            in_flight: AtomicUsize::new(0),
+            in_flight: Arc::default(),
             rejected: AtomicU64::new(0),
         }
     }
@@ -80,13 +84,13 @@ impl WorkerService {
     /// Denoises and commits the requested block (see the service's documentation).
     async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
         let loaded = self.loaded()?;
-        let _permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+        let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "worker at capacity ({} blocks in flight)",
                 self.capacity
             ))
         })?;
-        let _in_flight = InFlight::enter(&self.in_flight);
+        let in_flight = InFlight::enter(&self.in_flight);
         if req.session_id.is_empty() {
             return Err(Status::invalid_argument("session_id: required"));
         }
@@ -111,8 +115,14 @@ impl WorkerService {
         let cache_time = started.elapsed();
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
         let span = tracing::info_span!("denoise", block);
+        // Dropping this request (the caller went away or timed out) stops the work at its
+        // next step. The capacity and the in-flight count go with the work, so they are
+        // free again only once the compute has stopped.
+        let cancel = CancelOnDrop::default();
+        let flag = cancel.0.clone();
         let work = tokio::task::spawn_blocking(move || {
-            span.in_scope(|| crate::block::run(&task_loaded, &task_record, found))
+            let _held = (permit, in_flight);
+            span.in_scope(|| crate::block::run(&task_loaded, &task_record, found, &flag))
         })
         .await
         .map_err(|e| {
@@ -183,19 +193,29 @@ impl DenoiseWorker for WorkerService {
     }
 }
 
-/// Counts a request in flight for as long as it lives.
-struct InFlight<'a>(&'a AtomicUsize);
+/// Counts a block in flight for as long as it lives.
+struct InFlight(Arc<AtomicUsize>);
 
-impl<'a> InFlight<'a> {
-    fn enter(counter: &'a AtomicUsize) -> Self {
+impl InFlight {
+    fn enter(counter: &Arc<AtomicUsize>) -> Self {
         counter.fetch_add(1, Ordering::Relaxed);
-        Self(counter)
+        Self(counter.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Raises its flag when dropped: the request that owns it is gone.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 
@@ -356,5 +376,50 @@ mod tests {
         let status = work_status(compute);
         assert_eq!(status.code(), tonic::Code::Internal);
         assert!(!status.message().contains("0x7f00"));
+    }
+
+    /// A request dropped mid-block (its caller went away or timed out) stops the compute
+    /// at the next step: nothing is committed, and the in-flight count and the capacity
+    /// come back.
+    #[tokio::test]
+    async fn a_dropped_request_stops_its_block_and_frees_the_capacity() {
+        // One block of 1024 positions, one position per pass: seconds of work to cut.
+        let cfg = Config::new(64, 32, 4, 2, 16, 2048, 1024);
+        let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
+        let loaded = Arc::new(Loaded {
+            model,
+            model_id: "m".into(),
+            fingerprint: "f".into(),
+        });
+        let store = Store::memory(StoreConfig::default());
+        let record = SessionRecord {
+            id: "long".into(),
+            model_id: "m".into(),
+            tokens: vec![62],
+            prompt_len: 1,
+            committed_blocks: 0,
+            seed: 1,
+            sampling: SamplingParams::new(1024),
+            returned: 1,
+        };
+        store.create_session(&record).await.unwrap();
+        let worker = Arc::new(service(Some(loaded), &store, 1));
+        let caller = worker.clone();
+        let call = tokio::spawn(async move { block(&caller, "long", 0).await });
+        while worker.in_flight.load(Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        call.abort();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while worker.in_flight.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the block ran on");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!(worker.permits.available_permits(), 1);
+        let stored = store.get_session("m", "long").await.unwrap().unwrap();
+        assert_eq!(
+            stored.committed_blocks, 0,
+            "the cancelled block was committed"
+        );
     }
 }
