@@ -14,5 +14,5 @@ pub mod subs;
 
 pub use error::{Error, Result};
 pub use generate::{BlockReport, Generation, Session, StopReason, StopRules, generate};
-pub use sampler::{Filter, Sampler, SamplingParams};
+pub use sampler::{BlockDenoiser, Filter, Sampler, SamplingParams, Step};
 pub use schedule::NoiseSchedule;

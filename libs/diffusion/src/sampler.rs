@@ -43,7 +43,7 @@ pub struct BlockOutcome {
     pub steps: usize,
 }
 
-/// Denoises `block` (prompt tokens in place, `[MASK]` elsewhere) to completion.
+/// Denoises `block` (prompt tokens in place, `[MASK]` elsewhere) to completion with `net`.
 ///
 /// All randomness comes from `rng`; `cancel` is checked between steps.
 pub fn denoise_block(
@@ -53,38 +53,191 @@ pub fn denoise_block(
     rng: &mut impl Rng,
     cancel: Option<&AtomicBool>,
 ) -> Result<BlockOutcome> {
-    params.validate()?;
-    let mask = net.mask_id();
-    if block.len() != net.block_size() {
-        return Err(Error::Param {
-            name: "block",
-            reason: format!(
-                "expected {} tokens, found {}",
-                net.block_size(),
-                block.len()
-            ),
-        });
-    }
-    let mut state = State {
-        tokens: block.to_vec(),
-        dists: BTreeMap::new(),
-        passes: 0,
-    };
-    let mut steps = 0;
-    let mut t = 1.0f64;
-    while state.tokens.contains(&mask) {
+    let mut denoiser = BlockDenoiser::new(
+        block,
+        params,
+        net.block_size(),
+        net.mask_id(),
+        net.time_conditioned(),
+    )?;
+    loop {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Cancelled);
         }
-        let masked: Vec<u32> = (0..state.tokens.len() as u32)
-            .filter(|&i| state.tokens[i as usize] == mask)
+        match denoiser.advance(rng) {
+            Step::Done => return Ok(denoiser.outcome()),
+            Step::Logits { rows, t } => {
+                let logits = net.logits(denoiser.tokens(), t, &rows)?;
+                denoiser.supply(&rows, &logits);
+            }
+        }
+    }
+}
+
+/// What a block being denoised needs next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The logits of `rows` of the block's current tokens at noise level `t`.
+    Logits {
+        /// Block positions, ascending.
+        rows: Vec<u32>,
+        /// The noise level.
+        t: f64,
+    },
+    /// The block is finished.
+    Done,
+}
+
+/// One block being denoised, as a machine that stops wherever it needs a forward pass:
+/// [`BlockDenoiser::advance`] runs the sampler until it needs logits or is done, and
+/// [`BlockDenoiser::supply`] gives it the logits. A scheduler can so advance many
+/// sessions' blocks and compute their passes together; the random draws and their order
+/// are those of [`denoise_block`], whatever the interleaving.
+pub struct BlockDenoiser {
+    params: SamplingParams,
+    mask: u32,
+    time_conditioned: bool,
+    tokens: Vec<u32>,
+    /// Distributions by position, valid while `tokens` is unchanged.
+    dists: BTreeMap<u32, TokenDist>,
+    passes: usize,
+    steps: usize,
+    t: f64,
+    phase: Phase,
+}
+
+/// Where a step stands. `asked` is set once the step's distributions were asked for, so
+/// that supplying them resumes the step instead of asking again.
+enum Phase {
+    /// Choosing the positions to unmask (the confidence sampler first needs the
+    /// distributions of every masked position).
+    Choose { asked: bool },
+    /// Drawing tokens at `unmask`.
+    Draw { unmask: Vec<u32>, asked: bool },
+}
+
+impl BlockDenoiser {
+    /// A block of `block_size` tokens (prompt tokens in place, `mask` elsewhere) for a
+    /// network whose logits depend on `t` when `time_conditioned`.
+    pub fn new(
+        block: &[u32],
+        params: &SamplingParams,
+        block_size: usize,
+        mask: u32,
+        time_conditioned: bool,
+    ) -> Result<Self> {
+        params.validate()?;
+        if block.len() != block_size {
+            return Err(Error::Param {
+                name: "block",
+                reason: format!("expected {block_size} tokens, found {}", block.len()),
+            });
+        }
+        Ok(Self {
+            params: *params,
+            mask,
+            time_conditioned,
+            tokens: block.to_vec(),
+            dists: BTreeMap::new(),
+            passes: 0,
+            steps: 0,
+            t: 1.0,
+            phase: Phase::Choose { asked: false },
+        })
+    }
+
+    /// The block's current tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// Runs the sampler until it needs logits or the block is finished.
+    pub fn advance(&mut self, rng: &mut impl Rng) -> Step {
+        loop {
+            match std::mem::replace(&mut self.phase, Phase::Choose { asked: false }) {
+                Phase::Choose { asked } => {
+                    let masked: Vec<u32> = (0..self.tokens.len() as u32)
+                        .filter(|&i| self.tokens[i as usize] == self.mask)
+                        .collect();
+                    if masked.is_empty() {
+                        return Step::Done;
+                    }
+                    let ranks = matches!(self.params.sampler, Sampler::Confidence { .. });
+                    if ranks
+                        && !asked
+                        && let Some(rows) = self.missing(&masked)
+                    {
+                        self.phase = Phase::Choose { asked: true };
+                        return Step::Logits { rows, t: self.t };
+                    }
+                    let unmask = self.choose(&masked, rng);
+                    self.steps += 1;
+                    if !unmask.is_empty() {
+                        self.phase = Phase::Draw {
+                            unmask,
+                            asked: false,
+                        };
+                    }
+                }
+                Phase::Draw { unmask, asked } => {
+                    if !asked && let Some(rows) = self.missing(&unmask) {
+                        self.phase = Phase::Draw {
+                            unmask,
+                            asked: true,
+                        };
+                        return Step::Logits { rows, t: self.t };
+                    }
+                    for &i in &unmask {
+                        self.tokens[i as usize] = self.dists[&i].draw(rng, self.params.greedy);
+                    }
+                    self.dists.clear();
+                }
+            }
+        }
+    }
+
+    /// The logits asked for by the last [`Step::Logits`], one row each: one forward pass.
+    pub fn supply(&mut self, rows: &[u32], logits: &[Vec<f32>]) {
+        self.passes += 1;
+        for (&row, l) in rows.iter().zip(logits) {
+            let dist = TokenDist::new(l, self.mask, &self.params.filter);
+            self.dists.insert(row, dist);
+        }
+    }
+
+    /// The finished block and what it took.
+    pub fn outcome(self) -> BlockOutcome {
+        BlockOutcome {
+            tokens: self.tokens,
+            forward_passes: self.passes,
+            steps: self.steps,
+        }
+    }
+
+    /// The rows of `rows` without a distribution for the current tokens (all of them
+    /// when the network is time conditioned: its output changes with `t`); `None` when
+    /// every one has one.
+    fn missing(&mut self, rows: &[u32]) -> Option<Vec<u32>> {
+        if self.time_conditioned {
+            self.dists.clear();
+        }
+        let missing: Vec<u32> = rows
+            .iter()
+            .copied()
+            .filter(|r| !self.dists.contains_key(r))
             .collect();
-        let unmask: Vec<u32> = match params.sampler {
+        (!missing.is_empty()).then_some(missing)
+    }
+
+    /// The positions the next step unmasks, among `masked`, and the step's noise level.
+    fn choose(&mut self, masked: &[u32], rng: &mut impl Rng) -> Vec<u32> {
+        let (steps, total) = (self.steps, self.params.steps);
+        match self.params.sampler {
             Sampler::Ddpm => {
-                let s = (1.0 - (steps + 1) as f64 / params.steps as f64).max(0.0);
-                t = (1.0 - steps as f64 / params.steps as f64).max(s);
-                let (pt, ps) = (SCHEDULE.move_chance(t), SCHEDULE.move_chance(s));
-                let chance = if steps + 1 >= params.steps || pt <= 0.0 {
+                let s = (1.0 - (steps + 1) as f64 / total as f64).max(0.0);
+                self.t = (1.0 - steps as f64 / total as f64).max(s);
+                let (pt, ps) = (SCHEDULE.move_chance(self.t), SCHEDULE.move_chance(s));
+                let chance = if steps + 1 >= total || pt <= 0.0 {
                     1.0
                 } else {
                     (pt - ps) / pt
@@ -96,16 +249,15 @@ pub fn denoise_block(
                     .collect()
             }
             Sampler::FirstHitting => {
-                t *= rng.random::<f64>().powf(1.0 / masked.len() as f64);
+                self.t *= rng.random::<f64>().powf(1.0 / masked.len() as f64);
                 vec![masked[rng.random_range(0..masked.len())]]
             }
             Sampler::Confidence { threshold } => {
-                state.ensure(net, &masked, t, &params.filter)?;
-                let left = params.steps.saturating_sub(steps).max(1);
+                let left = total.saturating_sub(steps).max(1);
                 let at_least = masked.len().div_ceil(left);
                 let mut ranked: Vec<(f32, u32)> = masked
                     .iter()
-                    .map(|&i| (state.dists[&i].top().1, i))
+                    .map(|&i| (self.dists[&i].top().1, i))
                     .collect();
                 ranked.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
                 let sure = ranked
@@ -118,68 +270,10 @@ pub fn denoise_block(
                     .map(|&(_, i)| i)
                     .collect();
                 chosen.sort_unstable();
-                t = (t - 1.0 / params.steps as f64).max(0.0);
+                self.t = (self.t - 1.0 / total as f64).max(0.0);
                 chosen
             }
-        };
-        steps += 1;
-        if unmask.is_empty() {
-            continue;
         }
-        state.ensure(net, &unmask, t, &params.filter)?;
-        let drawn: Vec<(u32, u32)> = unmask
-            .iter()
-            .map(|&i| (i, state.dists[&i].draw(rng, params.greedy)))
-            .collect();
-        for (i, token) in drawn {
-            state.tokens[i as usize] = token;
-        }
-        state.dists.clear();
-    }
-    Ok(BlockOutcome {
-        tokens: state.tokens,
-        forward_passes: state.passes,
-        steps,
-    })
-}
-
-/// The block being denoised and the distributions computed for its current content.
-struct State {
-    tokens: Vec<u32>,
-    /// Distributions by position, valid while `tokens` is unchanged.
-    dists: BTreeMap<u32, TokenDist>,
-    passes: usize,
-}
-
-impl State {
-    /// Makes sure distributions of `rows` exist for the current tokens, running one pass
-    /// for the missing rows (all of them again when the network is time conditioned, as
-    /// its output changes with `t`).
-    fn ensure(
-        &mut self,
-        net: &mut impl Denoiser,
-        rows: &[u32],
-        t: f64,
-        filter: &Filter,
-    ) -> Result<()> {
-        if net.time_conditioned() {
-            self.dists.clear();
-        }
-        let missing: Vec<u32> = rows
-            .iter()
-            .copied()
-            .filter(|r| !self.dists.contains_key(r))
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        let logits = net.logits(&self.tokens, t, &missing)?;
-        self.passes += 1;
-        let mask = net.mask_id();
-        for (row, l) in missing.into_iter().zip(logits) {
-            self.dists.insert(row, TokenDist::new(&l, mask, filter));
-        }
-        Ok(())
     }
 }
 
@@ -376,5 +470,52 @@ mod tests {
         assert!(err.to_string().contains("steps"), "{err}");
         assert!(err.is_request_fault());
         assert!(net.calls.is_empty());
+    }
+
+    /// Blocks advanced together, their passes computed round by round, get exactly the
+    /// tokens, passes and steps each gets alone: what a batching scheduler relies on.
+    #[test]
+    fn interleaved_blocks_get_what_they_get_alone() {
+        let samplers = [
+            Sampler::Ddpm,
+            Sampler::FirstHitting,
+            Sampler::Confidence { threshold: 0.3 },
+            Sampler::Confidence { threshold: 0.9 },
+        ];
+        let rng = |i: usize| ChaCha8Rng::seed_from_u64(i as u64);
+        let alone: Vec<BlockOutcome> = samplers
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                let p = params(s, 8);
+                denoise_block(&mut stub(8), &[4; 8], &p, &mut rng(i), None).unwrap()
+            })
+            .collect();
+        let mut net = stub(8);
+        let mut blocks: Vec<BlockDenoiser> = samplers
+            .iter()
+            .map(|&s| BlockDenoiser::new(&[4; 8], &params(s, 8), 8, 4, false).unwrap())
+            .collect();
+        let mut rngs: Vec<ChaCha8Rng> = (0..samplers.len()).map(rng).collect();
+        let mut done = vec![false; samplers.len()];
+        while done.contains(&false) {
+            let mut wanted = Vec::new();
+            for (i, block) in blocks.iter_mut().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                match block.advance(&mut rngs[i]) {
+                    Step::Done => done[i] = true,
+                    Step::Logits { rows, t } => wanted.push((i, rows, t)),
+                }
+            }
+            for (i, rows, t) in wanted {
+                let logits = net.logits(blocks[i].tokens(), t, &rows).unwrap();
+                blocks[i].supply(&rows, &logits);
+            }
+        }
+        for (block, expected) in blocks.into_iter().zip(alone) {
+            assert_eq!(block.outcome(), expected);
+        }
     }
 }
