@@ -28,8 +28,9 @@ struct CacheLatency {
     block_ms: f64,
 }
 
-/// Runs the benchmark; one JSON line per figure.
-pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+/// The random-weight "tiny" model (block size 4) as a worker loads it: saved to a
+/// temporary checkpoint and loaded back, so it has a fingerprint like any other.
+pub async fn tiny_model() -> anyhow::Result<Arc<Loaded>> {
     let cfg = Config::tiny(4);
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
     checkpoint::save(
@@ -38,13 +39,18 @@ pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Resul
         &checkpoint::random_weights(&cfg, 0.02, 0)?,
         DType::F32,
     )?;
-    let loaded = Arc::new(
-        tokio::task::spawn_blocking({
-            let dir = dir.clone();
-            move || bd3lm_worker::load(&dir, Some("bench"), DType::F32, &Device::Cpu)
-        })
-        .await??,
-    );
+    let loaded = tokio::task::spawn_blocking({
+        let dir = dir.clone();
+        move || bd3lm_worker::load(&dir, Some("bench"), DType::F32, &Device::Cpu)
+    })
+    .await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(Arc::new(loaded?))
+}
+
+/// Runs the benchmark; one JSON line per figure.
+pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+    let loaded = tiny_model().await?;
     store.ping().await.context("the store does not answer")?;
     for &context in contexts {
         for source in ["memory", "store", "rebuilt"] {
@@ -66,7 +72,6 @@ pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Resul
     }
     blob_throughput(&loaded)?;
     coordinator_overhead(loaded.clone(), store.clone()).await?;
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
 

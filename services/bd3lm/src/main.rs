@@ -2,6 +2,7 @@
 
 mod args;
 mod bench;
+mod bench_load;
 mod bench_serve;
 mod bench_train;
 mod check_reference;
@@ -15,6 +16,9 @@ mod train;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
 use clap::{Parser, Subcommand};
 
 /// Block diffusion language models: conformance checks, benchmarks and generation.
@@ -87,6 +91,19 @@ enum BenchCommand {
     /// Serving costs: per-block latency with the KV cache in memory, from the store, or
     /// rebuilt from tokens; KV blob encode/decode GB/s; coordinator overhead per block.
     Serve {
+        /// Instead of the cost figures: aggregate tokens/s, block and first-block
+        /// latency and queue time of this many concurrent streams (a list), through the
+        /// coordinator and one worker.
+        #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
+        concurrency: Option<Vec<usize>>,
+        /// With --concurrency: the random-weight tiny shape, or the bundled demo model.
+        #[arg(long, value_enum, default_value_t = BenchModel::Tiny)]
+        model: BenchModel,
+        /// With --concurrency: new tokens per stream.
+        #[arg(long, default_value_t = 64)]
+        tokens: u32,
+        #[command(flatten)]
+        worker: bd3lm_worker::WorkerSettings,
         /// The store: a local redis-server with --redis, else in memory.
         #[command(flatten)]
         store: bd3lm_kvstore::StoreArgs,
@@ -126,6 +143,15 @@ enum BenchCommand {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+}
+
+/// The model of `bench serve --concurrency`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BenchModel {
+    /// Random weights, d 256, 8 layers, vocabulary 50258, block size 4.
+    Tiny,
+    /// The bundled demo model.
+    Demo,
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -222,9 +248,27 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
 fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
     match command {
         BenchCommand::Serve {
+            concurrency: Some(levels),
+            model,
+            tokens,
+            worker,
+            ..
+        } => runtime.block_on(async {
+            let (loaded, name) = match model {
+                BenchModel::Tiny => (bench_serve::tiny_model().await?, "tiny"),
+                BenchModel::Demo => {
+                    let dir = demo::checkpoint_or_demo(None)?;
+                    let load = move || bd3lm_worker::load(&dir, None, DType::F32, &Device::Cpu);
+                    (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
+                }
+            };
+            bench_load::run(loaded, name, worker, &levels, tokens).await
+        }),
+        BenchCommand::Serve {
             store,
             contexts,
             reps,
+            ..
         } => runtime.block_on(bench_serve::run(store.open()?, &contexts, reps)),
         BenchCommand::Generate {
             block_sizes,

@@ -1,0 +1,173 @@
+//! `bd3lm bench serve --concurrency 1,8,32`: the system under load. One worker and the
+//! coordinator in this process, real gRPC over loopback; at each concurrency that many
+//! streams generate at once, and the client measures what a user sees.
+
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
+use bd3lm_kvstore::Store;
+use bd3lm_proto::v1::generate_request::Prompt;
+use bd3lm_proto::v1::generation_client::GenerationClient;
+use bd3lm_proto::v1::{GenerateRequest, TokenIds};
+use bd3lm_worker::{Loaded, WorkerSettings};
+use serde::Serialize;
+use tonic::transport::Channel;
+
+/// What one concurrency level gave.
+#[derive(Debug, Serialize)]
+struct LoadFigures {
+    model: String,
+    concurrency: usize,
+    worker_capacity: u32,
+    tokens: usize,
+    wall_s: f64,
+    /// Generated tokens per second, all streams together.
+    tokens_per_s: f64,
+    /// Milliseconds between a stream's consecutive blocks, as the client sees them.
+    block_ms_p50: f64,
+    block_ms_p99: f64,
+    /// Milliseconds from a request to its first block.
+    first_block_ms_p50: f64,
+    first_block_ms_p99: f64,
+    /// Milliseconds a block waited for a worker slot at the coordinator, on average.
+    queue_ms_mean: f64,
+}
+
+/// One stream's view: the gaps between its blocks, its first block's delay, its queue
+/// times and its tokens.
+#[derive(Default)]
+struct StreamTimes {
+    gaps_ms: Vec<f64>,
+    first_ms: f64,
+    queue_ms: Vec<f64>,
+    tokens: usize,
+}
+
+/// Serves `loaded` from one worker with `settings` behind the coordinator, then runs
+/// `tokens`-token streams at each of `levels`; one JSON line per level.
+pub async fn run(
+    loaded: Arc<Loaded>,
+    name: &str,
+    settings: WorkerSettings,
+    levels: &[usize],
+    tokens: u32,
+) -> anyhow::Result<()> {
+    let client = start(loaded.clone(), settings.clone()).await?;
+    let bos = loaded.model.config().vocab_size as u32 - 2;
+    for &concurrency in levels {
+        let started = Instant::now();
+        let streams = (0..concurrency).map(|i| {
+            let request = GenerateRequest {
+                prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![bos] })),
+                max_new_tokens: tokens,
+                seed: Some(i as u64),
+                ..Default::default()
+            };
+            stream(client.clone(), request)
+        });
+        let times = futures::future::try_join_all(streams).await?;
+        let wall = started.elapsed().as_secs_f64();
+        let mut gaps: Vec<f64> = times.iter().flat_map(|t| t.gaps_ms.clone()).collect();
+        let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
+        let queues: Vec<f64> = times.iter().flat_map(|t| t.queue_ms.clone()).collect();
+        let total: usize = times.iter().map(|t| t.tokens).sum();
+        let figures = LoadFigures {
+            model: name.to_string(),
+            concurrency,
+            worker_capacity: settings.capacity,
+            tokens: total,
+            wall_s: wall,
+            tokens_per_s: total as f64 / wall,
+            block_ms_p50: percentile(&mut gaps, 0.5),
+            block_ms_p99: percentile(&mut gaps, 0.99),
+            first_block_ms_p50: percentile(&mut firsts, 0.5),
+            first_block_ms_p99: percentile(&mut firsts, 0.99),
+            queue_ms_mean: queues.iter().sum::<f64>() / queues.len().max(1) as f64,
+        };
+        println!("{}", serde_json::to_string(&figures)?);
+    }
+    Ok(())
+}
+
+/// A worker and a coordinator on loopback ports, and a client of the coordinator.
+async fn start(
+    loaded: Arc<Loaded>,
+    settings: WorkerSettings,
+) -> anyhow::Result<GenerationClient<Channel>> {
+    let store = Store::memory(Default::default());
+    let cell = Arc::new(OnceLock::new());
+    let _ = cell.set(loaded);
+    let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let worker_addr = worker.local_addr()?.to_string();
+    let worker_store = store.clone();
+    tokio::spawn(async move {
+        let serving = bd3lm_worker::serve(
+            worker,
+            cell,
+            worker_store,
+            &settings,
+            std::future::pending(),
+        );
+        if let Err(e) = serving.await {
+            tracing::error!(error = %e, "bench worker stopped");
+        }
+    });
+    let coordinator = CoordinatorSettings {
+        max_queue: usize::MAX,
+        ..CoordinatorSettings::default()
+    };
+    let pool = Arc::new(Pool::new(coordinator.routing, 1 << 16));
+    let source = WorkerSource::Static(vec![worker_addr]);
+    while pool.refresh(&source).await == 0 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bd3lm_coordinator::spawn_discovery(pool.clone(), source, coordinator.health_interval);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(bd3lm_coordinator::serve(
+        listener,
+        pool,
+        store,
+        coordinator,
+        std::future::pending(),
+    ));
+    Ok(GenerationClient::connect(format!("http://{addr}")).await?)
+}
+
+/// Runs one stream to its end and times it.
+async fn stream(
+    mut client: GenerationClient<Channel>,
+    request: GenerateRequest,
+) -> anyhow::Result<StreamTimes> {
+    let started = Instant::now();
+    let mut stream = client.generate_stream(request).await?.into_inner();
+    let mut times = StreamTimes::default();
+    let mut last: Option<Instant> = None;
+    while let Some(message) = stream.message().await? {
+        let Some(block) = message.block else { continue };
+        let now = Instant::now();
+        match last {
+            None => times.first_ms = ms(now - started),
+            Some(prev) => times.gaps_ms.push(ms(now - prev)),
+        }
+        last = Some(now);
+        times.queue_ms.push(block.queue_ms);
+        times.tokens += message.token_ids.len();
+    }
+    Ok(times)
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The `q` quantile of `values` (nearest rank); 0 when empty.
+fn percentile(values: &mut [f64], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    values[rank - 1]
+}
