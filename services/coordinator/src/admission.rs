@@ -75,10 +75,11 @@ impl Admission {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Admits a new request, or refuses it with RESOURCE_EXHAUSTED while the queue is full.
+    /// Admits a new request, or refuses it with RESOURCE_EXHAUSTED while the queue is full
+    /// and no slot is free (with a bound of 0, only a free slot admits).
     pub fn admit(&self) -> Result<(), Status> {
         let waiting = self.waiting();
-        if waiting >= self.max_waiting {
+        if waiting >= self.max_waiting && self.slots.available_permits() == 0 {
             tracing::warn!(waiting, "request refused: the queue is full");
             return Err(Status::resource_exhausted(format!(
                 "the server is at capacity: {waiting} blocks are queued (limit {})",
@@ -170,6 +171,18 @@ mod tests {
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2]);
         assert_eq!(admission.slots.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_a_queue_only_a_free_slot_admits() {
+        let admission = Arc::new(Admission::new(0));
+        assert!(admission.admit().is_err(), "no capacity yet");
+        admission.set_capacity(1);
+        assert!(admission.admit().is_ok());
+        let slot = admission.acquire(IDLE).await.unwrap();
+        assert!(admission.admit().is_err());
+        drop(slot);
+        assert!(admission.admit().is_ok());
     }
 
     #[tokio::test]
