@@ -45,7 +45,6 @@ struct Inner {
 }
 
 impl Coordinator {
-    /// A coordinator over `pool` and `store`.
     /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
     /// capacity from a task that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: Store, settings: CoordinatorSettings) -> Self {
