@@ -53,7 +53,8 @@ pub async fn run(
     levels: &[usize],
     tokens: u32,
 ) -> anyhow::Result<()> {
-    let client = start(loaded.clone(), settings.clone()).await?;
+    let store = Store::memory(Default::default());
+    let client = one_worker(loaded.clone(), settings.clone(), store).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     for &concurrency in levels {
         let started = Instant::now();
@@ -90,12 +91,13 @@ pub async fn run(
     Ok(())
 }
 
-/// A worker and a coordinator on loopback ports, and a client of the coordinator.
-async fn start(
+/// One worker of `loaded` and a coordinator on loopback ports over `store`, for the
+/// benchmarks, and a client of the coordinator.
+pub async fn one_worker(
     loaded: Arc<Loaded>,
     settings: WorkerSettings,
+    store: Store,
 ) -> anyhow::Result<GenerationClient<Channel>> {
-    let store = Store::memory(Default::default());
     let cell = Arc::new(OnceLock::new());
     let _ = cell.set(loaded);
     let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -6,12 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use bd3lm_coordinator::{CoordinatorSettings, Pool, Routing, WorkerSource};
 use bd3lm_diffusion::SamplingParams;
 use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
-use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
 use bd3lm_worker::{Loaded, WorkerService, WorkerSettings};
 use candle_core::{DType, Device, Tensor};
@@ -222,38 +220,8 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
 /// Milliseconds per block between the coordinator's request and the worker's answer,
 /// beyond the worker's own time: gRPC, routing, the session record.
 async fn coordinator_overhead(loaded: Arc<Loaded>, store: Store) -> anyhow::Result<()> {
-    let cell = Arc::new(OnceLock::new());
-    let _ = cell.set(loaded.clone());
-    let worker_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let worker_addr = worker_listener.local_addr()?.to_string();
-    let (worker_store, settings) = (store.clone(), WorkerSettings::default());
-    tokio::spawn(async move {
-        let serving = bd3lm_worker::serve(
-            worker_listener,
-            cell,
-            worker_store,
-            &settings,
-            std::future::pending(),
-        );
-        if let Err(e) = serving.await {
-            tracing::error!(error = %e, "bench worker stopped");
-        }
-    });
-    let pool = Arc::new(Pool::new(Routing::Affinity, 1000));
-    let source = WorkerSource::Static(vec![worker_addr]);
-    while pool.refresh(&source).await == 0 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(bd3lm_coordinator::serve(
-        listener,
-        pool,
-        store,
-        CoordinatorSettings::default(),
-        std::future::pending(),
-    ));
-    let mut client = GenerationClient::connect(format!("http://{addr}")).await?;
+    let settings = WorkerSettings::default();
+    let mut client = crate::bench_load::one_worker(loaded.clone(), settings, store).await?;
     let vocab = loaded.model.config().vocab_size as u32;
     let request = GenerateRequest {
         prompt: Some(bd3lm_proto::v1::generate_request::Prompt::TokenIds(
