@@ -68,13 +68,20 @@ impl Module for Linear {
         let mut dims = x.dims().to_vec();
         let in_dim = dims.pop().unwrap_or(1);
         let rows: usize = dims.iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
+        let mut x2 = x.reshape((rows, in_dim))?;
+        // One row is computed as two: the matrix-vector kernel sums in another order than
+        // the matrix kernel, and a row's result must not depend on how many rows share the
+        // product (a session's tokens must not depend on its batch).
+        if rows == 1 {
+            x2 = Tensor::cat(&[&x2, &x2], 0)?;
+        }
         let y = match &self.weight {
             Weight::Trainable(w) => x2.matmul(&w.t()?)?,
             Weight::Transposed(wt) => x2.matmul(wt)?,
             Weight::Wide(w) if rows <= FEW_ROWS => w.matmul(&x2.t()?)?.t()?.contiguous()?,
             Weight::Wide(w) => x2.matmul(&w.t()?)?,
         };
+        let y = if rows == 1 { y.narrow(0, 0, 1)? } else { y };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -201,16 +208,19 @@ fn modulation(ada_ln: &Linear, c: &Tensor, n: usize) -> Result<Vec<Tensor>> {
 }
 
 /// What one pass's attention needs beyond the layer's input: rotary tables for the new
-/// tokens' positions, an optional additive mask, and the KV cache of earlier blocks.
+/// tokens' positions, an optional additive mask, and the KV caches of earlier blocks.
 pub struct AttentionContext<'a> {
-    /// Cosine table (new tokens, head_dim / 2).
+    /// Cosine table (new tokens, head_dim / 2), or (batch, new tokens, head_dim / 2) when
+    /// the sequences are at different positions.
     pub cos: Tensor,
-    /// Sine table (new tokens, head_dim / 2).
+    /// Sine table, shaped as `cos`.
     pub sin: Tensor,
     /// Additive mask (0 or -inf) of shape (new tokens, keys), broadcast over batch and heads.
     pub mask: Option<Tensor>,
-    /// Cached keys and values that the new tokens attend to besides themselves.
-    pub cache: Option<&'a KvCache>,
+    /// Cached keys and values that the new tokens attend to besides themselves: the caches
+    /// of consecutive runs of the batch's sequences, in order, each covering its own batch.
+    /// Empty: no cache.
+    pub caches: Vec<&'a KvCache>,
 }
 
 /// One transformer layer (`blocks.{i}`).
@@ -266,26 +276,24 @@ impl DitBlock {
     }
 
     /// Runs the layer on `x` (batch, seq, d) with its modulation `m` (see
-    /// [`DitBlock::modulation`]).
-    ///
-    /// Returns the layer's output and the keys (rotated) and values of the new tokens,
-    /// shaped (batch, heads, seq, head_dim), for the caller to commit to a cache. With
-    /// `keys_only`, the attention and MLP are skipped and the output is `x` unchanged: a
-    /// commit pass needs nothing else from the last layer.
+    /// [`DitBlock::modulation`]); the new tokens' keys (rotated) and values go to the
+    /// context's caches, if any. With `keys_only`, the attention and MLP are skipped and
+    /// the output is `x` unchanged: a commit pass needs nothing else from the last layer.
     pub fn forward(
         &self,
         x: &Tensor,
         m: Option<&[Tensor]>,
         ctx: &AttentionContext,
         keys_only: bool,
-    ) -> Result<(Tensor, Tensor, Tensor)> {
+    ) -> Result<Tensor> {
         let mut u = x.apply(&self.norm1)?;
         if let Some(m) = m {
             u = modulate(&u, &m[0], &m[1])?;
         }
         let (q, k, v) = self.qkv(&u, ctx)?;
         if keys_only {
-            return Ok((x.clone(), k, v));
+            self.for_each_cache(ctx, &k, &v, |_, _| Ok(()))?;
+            return Ok(x.clone());
         }
         let attn = self.attend(&q, &k, &v, ctx)?.apply(&self.attn_out)?;
         let x = match m {
@@ -297,11 +305,10 @@ impl DitBlock {
             u = modulate(&u, &m[3], &m[4])?;
         }
         let mlp = u.apply(&self.mlp_in)?.gelu()?.apply(&self.mlp_out)?;
-        let x = match m {
-            Some(m) => (x + mlp.broadcast_mul(&m[5])?)?,
-            None => (x + mlp)?,
-        };
-        Ok((x, k, v))
+        match m {
+            Some(m) => x + mlp.broadcast_mul(&m[5])?,
+            None => x + mlp,
+        }
     }
 
     /// Projects to rotated queries and keys and plain values, each (batch, heads, seq, r).
@@ -318,24 +325,60 @@ impl DitBlock {
     }
 
     /// Scaled dot-product attention of the new queries over cached plus new keys.
+    ///
+    /// With several caches the attention is ragged: each run of sequences attends over its
+    /// own cache, whatever its length, exactly as it would alone.
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, ctx: &AttentionContext) -> Result<Tensor> {
         let (b, _, s, _) = q.dims4()?;
-        let (keys, values) = match ctx.cache {
-            Some(cache) => {
-                cache.write_pending(self.index, k, v)?;
-                cache.keys_values(self.index, s)?
-            }
-            None => (k.clone(), v.clone()),
+        let out = if ctx.caches.is_empty() {
+            self.scaled_attention(q, k, v, ctx.mask.as_ref())?
+        } else {
+            let mut outs = Vec::with_capacity(ctx.caches.len());
+            self.for_each_cache(ctx, k, v, |run, (keys, values)| {
+                let q = q.narrow(0, run.0, run.1)?;
+                outs.push(self.scaled_attention(&q, &keys, &values, ctx.mask.as_ref())?);
+                Ok(())
+            })?;
+            Tensor::cat(&outs, 0)?
         };
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
-        if let Some(mask) = &ctx.mask {
-            scores = scores.broadcast_add(mask)?;
-        }
-        let probs = ops::softmax_last_dim(&scores)?;
-        let out = probs.matmul(&values)?;
         out.transpose(1, 2)?
             .reshape((b, s, self.n_heads * self.head_dim))
+    }
+
+    /// Writes the new keys and values (batch, heads, new, r) of each run of sequences into
+    /// its cache, then calls `f` with the run (first sequence, count) and the cached plus
+    /// new keys and values it attends over.
+    fn for_each_cache(
+        &self,
+        ctx: &AttentionContext,
+        k: &Tensor,
+        v: &Tensor,
+        mut f: impl FnMut((usize, usize), (Tensor, Tensor)) -> Result<()>,
+    ) -> Result<()> {
+        let new = k.dim(2)?;
+        let mut at = 0;
+        for cache in &ctx.caches {
+            let n = cache.batch();
+            cache.write_pending(self.index, &k.narrow(0, at, n)?, &v.narrow(0, at, n)?)?;
+            f((at, n), cache.keys_values(self.index, new)?)?;
+            at += n;
+        }
+        Ok(())
+    }
+
+    fn scaled_attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut scores = (q.matmul(&keys.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            scores = scores.broadcast_add(mask)?;
+        }
+        ops::softmax_last_dim(&scores)?.matmul(values)
     }
 }
 

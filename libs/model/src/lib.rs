@@ -24,7 +24,7 @@ mod ops;
 pub use config::{Config, FREQUENCY_EMBEDDING_SIZE};
 pub use error::{Error, Result};
 pub use kv_cache::KvCache;
-pub use model::Bd3lm;
+pub use model::{Bd3lm, BlockInput};
 
 #[cfg(test)]
 pub(crate) mod test_util {

@@ -31,6 +31,17 @@ pub struct Bd3lm {
     device: Device,
 }
 
+/// One sequence's block in a batched pass ([`Bd3lm::denoise_batch`],
+/// [`Bd3lm::commit_batch`]).
+pub struct BlockInput<'a> {
+    /// The block's tokens: `block_size` of them.
+    pub tokens: &'a [u32],
+    /// The noise level the network is conditioned on (ignored without time conditioning).
+    pub sigma: f32,
+    /// The sequence's KV cache, of batch 1.
+    pub cache: &'a mut KvCache,
+}
+
 /// The adaLN modulation of every layer and of the output layer for one sigma.
 #[derive(Debug, Clone)]
 struct Conditioning {
@@ -163,7 +174,7 @@ impl Bd3lm {
             cos,
             sin,
             mask: Some(self.train_mask(n)?),
-            cache: None,
+            caches: Vec::new(),
         };
         let cond = self.conditioning(sigma)?;
         let x = self.layers(x, &cond, &ctx, false, hidden.map(|h| (h, n)))?;
@@ -203,17 +214,107 @@ impl Bd3lm {
         rows: &[u32],
     ) -> Result<Tensor> {
         let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
-        if let Some(&bad) = rows.iter().find(|&&r| r as usize >= x.dim(1).unwrap_or(0)) {
+        let b = x.dim(0)?;
+        let picks: Vec<(usize, u32)> = (0..b)
+            .flat_map(|i| rows.iter().map(move |&r| (i, r)))
+            .collect();
+        let logits = self.logits_at(&x, &cond, &picks)?;
+        Ok(logits.reshape((b, rows.len(), self.cfg.vocab_size))?)
+    }
+
+    /// One denoise pass over the blocks of many sequences, each after its own KV cache
+    /// (of batch 1, at any position and length): the logits of `rows[i]` of block `i`, one
+    /// (rows, vocab) tensor per block. The caches are not changed.
+    ///
+    /// Everything but attention is one product over all blocks' rows; attention runs per
+    /// sequence over its own cache. A sequence's logits are bit for bit those it gets alone
+    /// on the CPU (see the batch-invariance tests).
+    pub fn denoise_batch(&self, blocks: &mut [BlockInput], rows: &[&[u32]]) -> Result<Vec<Tensor>> {
+        if rows.len() != blocks.len() {
             return Err(Error::Input(format!(
-                "row {bad} is outside the block of {}",
-                x.dim(1)?
+                "{} blocks but rows for {}",
+                blocks.len(),
+                rows.len()
             )));
         }
-        let idx = Tensor::new(rows, &self.device)?;
-        let x = x.index_select(&idx, 1)?;
-        self.output_layer
-            .forward(&x, cond.output.as_deref())
-            .map_err(Error::from)
+        let (tokens, sigma) = self.stack(blocks)?;
+        let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
+        let (x, cond) = self.cached_pass(&tokens, &sigma, &mut caches, false)?;
+        let picks: Vec<(usize, u32)> = rows
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.iter().map(move |&r| (i, r)))
+            .collect();
+        let logits = self.logits_at(&x, &cond, &picks)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(logits.narrow(0, at, r.len())?);
+            at += r.len();
+        }
+        Ok(out)
+    }
+
+    /// Commits one finished block per sequence to its own cache, in one pass: what
+    /// [`Bd3lm::commit`] does to each, bit for bit on the CPU.
+    pub fn commit_batch(&self, blocks: &mut [BlockInput]) -> Result<()> {
+        let (tokens, sigma) = self.stack(blocks)?;
+        let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
+        self.cached_pass(&tokens, &sigma, &mut caches, true)?;
+        Ok(())
+    }
+
+    /// The blocks' tokens (batch, block_size) and noise levels (batch,).
+    fn stack(&self, blocks: &[BlockInput]) -> Result<(Tensor, Tensor)> {
+        let bs = self.cfg.block_size;
+        let mut ids = Vec::with_capacity(blocks.len() * bs);
+        for b in blocks {
+            if b.tokens.len() != bs || b.cache.batch() != 1 {
+                return Err(Error::Input(format!(
+                    "a batched block has {bs} tokens and a cache of batch 1, found {} and {}",
+                    b.tokens.len(),
+                    b.cache.batch()
+                )));
+            }
+            ids.extend_from_slice(b.tokens);
+        }
+        let sigma: Vec<f32> = blocks.iter().map(|b| b.sigma).collect();
+        Ok((
+            Tensor::from_vec(ids, (blocks.len(), bs), &self.device)?,
+            Tensor::from_vec(sigma, blocks.len(), &self.device)?,
+        ))
+    }
+
+    /// Logits (picks, vocab) of the hidden states `x` (batch, seq, d) at the picked
+    /// (sequence, position) pairs, each with its sequence's output modulation.
+    fn logits_at(&self, x: &Tensor, cond: &Conditioning, picks: &[(usize, u32)]) -> Result<Tensor> {
+        let (b, s, d) = x.dims3()?;
+        if let Some(&(_, bad)) = picks.iter().find(|&&(_, r)| r as usize >= s) {
+            return Err(Error::Input(format!(
+                "row {bad} is outside the block of {s}"
+            )));
+        }
+        if picks.is_empty() {
+            let shape = (0, self.cfg.vocab_size);
+            return Ok(Tensor::zeros(shape, self.dtype, &self.device)?);
+        }
+        let flat: Vec<u32> = picks.iter().map(|&(i, r)| (i * s) as u32 + r).collect();
+        let idx = Tensor::from_vec(flat, picks.len(), &self.device)?;
+        let rows = x.reshape((b * s, d))?.index_select(&idx, 0)?.unsqueeze(1)?;
+        // Per-sequence modulation (time conditioning) follows its rows.
+        let m = match &cond.output {
+            Some(m) if m[0].dim(0)? > 1 => {
+                let seq: Vec<u32> = picks.iter().map(|&(i, _)| i as u32).collect();
+                let seq = Tensor::from_vec(seq, picks.len(), &self.device)?;
+                Some(
+                    m.iter()
+                        .map(|t| t.contiguous()?.index_select(&seq, 0))
+                        .collect::<candle_core::Result<Vec<_>>>()?,
+                )
+            }
+            other => other.clone(),
+        };
+        Ok(self.output_layer.forward(&rows, m.as_deref())?.squeeze(1)?)
     }
 
     fn denoise_hidden(
@@ -222,14 +323,14 @@ impl Bd3lm {
         sigma: &Tensor,
         cache: &mut KvCache,
     ) -> Result<(Tensor, Conditioning)> {
-        let (b, s) = self.check_tokens(block)?;
+        let (_, s) = self.check_tokens(block)?;
         if s != self.cfg.block_size {
             return Err(Error::Input(format!(
                 "a denoised block has {} tokens, found {s}",
                 self.cfg.block_size
             )));
         }
-        self.cached_pass(block, sigma, cache, b, false)
+        self.cached_pass(block, sigma, &mut [cache], false)
     }
 
     /// Commit pass: appends the keys and values of finished blocks (batch, k * block_size)
@@ -239,7 +340,7 @@ impl Bd3lm {
     /// window each block sees identical to committing them one by one; this also rebuilds
     /// a cache from a session's tokens.
     pub fn commit(&self, blocks: &Tensor, sigma: &Tensor, cache: &mut KvCache) -> Result<()> {
-        let (b, s) = self.check_tokens(blocks)?;
+        let (_, s) = self.check_tokens(blocks)?;
         if s == 0 || s % self.cfg.block_size != 0 {
             return Err(Error::Input(format!(
                 "committed tokens must be whole blocks of {}, found {s}",
@@ -249,57 +350,83 @@ impl Bd3lm {
         let mut done = 0;
         while done < s {
             let take = cache.max_commit_tokens().min(s - done);
-            self.cached_pass(&blocks.narrow(1, done, take)?, sigma, cache, b, true)?;
+            let part = blocks.narrow(1, done, take)?;
+            self.cached_pass(&part, sigma, &mut [&mut *cache], true)?;
             done += take;
         }
         Ok(())
     }
 
-    /// One pass of new tokens after the cache; returns the last hidden states and the
-    /// conditioning they were computed with.
+    /// One pass of new tokens (batch, s) after the caches, whose batches add up to the
+    /// tokens' (one cache per sequence in a batched pass); returns the last hidden states
+    /// and the conditioning they were computed with.
     fn cached_pass(
         &self,
         tokens: &Tensor,
         sigma: &Tensor,
-        cache: &mut KvCache,
-        b: usize,
+        caches: &mut [&mut KvCache],
         commit: bool,
     ) -> Result<(Tensor, Conditioning)> {
-        cache.check_fits(&self.cfg, self.dtype)?;
-        if cache.batch() != b {
+        let (b, s) = self.check_tokens(tokens)?;
+        let batch: usize = caches.iter().map(|c| c.batch()).sum();
+        if batch != b {
             return Err(Error::Input(format!(
-                "tokens have batch {b}, the KV cache {}",
-                cache.batch()
+                "tokens have batch {b}, the KV caches {batch}"
             )));
         }
         self.check_sigma(sigma, b)?;
-        let s = tokens.dim(1)?;
-        cache.reserve(s)?;
-        let p0 = cache.next_position();
-        let (cos, sin) = self.rotary.tables(p0..p0 + s, self.dtype, &self.device)?;
-        let mask = if s > self.cfg.block_size {
-            Some(mask::block_causal_mask(
+        for cache in caches.iter_mut() {
+            cache.check_fits(&self.cfg, self.dtype)?;
+            cache.reserve(s)?;
+        }
+        let mask = match &caches[..] {
+            _ if s <= self.cfg.block_size => None,
+            [cache] => Some(mask::block_causal_mask(
                 cache.len(),
                 s,
                 self.cfg.block_size,
                 self.dtype,
                 &self.device,
-            )?)
-        } else {
-            None
+            )?),
+            _ => {
+                return Err(Error::Input(
+                    "several caches advance by one block per pass".into(),
+                ));
+            }
         };
+        let (cos, sin) = self.rotary_for(caches, s)?;
         let ctx = AttentionContext {
             cos,
             sin,
             mask,
-            cache: Some(&*cache),
+            caches: caches.iter().map(|c| &**c).collect(),
         };
         let cond = self.conditioning(sigma)?;
         let x = self.layers(tokens, &cond, &ctx, commit, None)?;
+        drop(ctx);
         if commit {
-            cache.commit_pending(s);
+            for cache in caches.iter_mut() {
+                cache.commit_pending(s);
+            }
         }
         Ok((x, cond))
+    }
+
+    /// Rotary tables for `s` new tokens after each cache: shared (s, r / 2) when every
+    /// sequence is at the same position, else per sequence (batch, s, r / 2).
+    fn rotary_for(&self, caches: &[&mut KvCache], s: usize) -> Result<(Tensor, Tensor)> {
+        let p0 = caches.first().map_or(0, |c| c.next_position());
+        if caches.iter().all(|c| c.next_position() == p0) {
+            return Ok(self.rotary.tables(p0..p0 + s, self.dtype, &self.device)?);
+        }
+        let positions = caches.iter().flat_map(|c| {
+            let p = c.next_position();
+            (0..c.batch()).flat_map(move |_| p..p + s)
+        });
+        let (cos, sin) = self.rotary.tables(positions, self.dtype, &self.device)?;
+        let half = cos.dim(1)?;
+        let b: usize = caches.iter().map(|c| c.batch()).sum();
+        Ok((cos.reshape((b, s, half))?, sin.reshape((b, s, half))?))
     }
 
     /// Uncached pass over a window of tokens (batch, s) at positions `0..s` with the
@@ -320,7 +447,7 @@ impl Bd3lm {
             cos,
             sin,
             mask: Some(mask),
-            cache: None,
+            caches: Vec::new(),
         };
         let cond = self.conditioning(sigma)?;
         let x = self.layers(tokens, &cond, &ctx, false, None)?;
@@ -351,11 +478,7 @@ impl Bd3lm {
         let last = self.blocks.len() - 1;
         for (i, block) in self.blocks.iter().enumerate() {
             let keys_only = commit && i == last;
-            let (out, k, v) = block.forward(&x, cond.layers[i].as_deref(), ctx, keys_only)?;
-            if keys_only && let Some(cache) = ctx.cache {
-                cache.write_pending(i, &k, &v)?;
-            }
-            x = out;
+            x = block.forward(&x, cond.layers[i].as_deref(), ctx, keys_only)?;
             if let Some((h, n)) = hidden.as_mut() {
                 h.push(x.narrow(1, 0, *n)?);
             }
@@ -582,6 +705,68 @@ mod tests {
                 .denoise_rows(&block, &zeros(1), &mut cache, &[4])
                 .is_err()
         );
+    }
+
+    /// A batched pass gives each sequence, bit for bit, the logits and the committed cache
+    /// it gets alone: sequences at different positions (one past the window), different
+    /// rows (one row, and more than 64 rows in all, which switch the vocabulary product's
+    /// orientation), different noise levels under time conditioning.
+    #[test]
+    fn batched_passes_are_batch_invariant() {
+        for time_conditioning in [false, true] {
+            let mut cfg = crate::Config::new(300, 32, 4, 2, 16, 24, 4);
+            cfg.time_conditioning = time_conditioning;
+            let model = small_model(&cfg);
+            let n = 20;
+            let prefix = |i: usize| 4 * (i % 11);
+            let cache = |i: usize| {
+                let mut c = model.new_cache(1).unwrap();
+                if prefix(i) > 0 {
+                    let t = tokens(1, prefix(i), cfg.vocab_size, i);
+                    model.commit(&t, &zeros(1), &mut c).unwrap();
+                }
+                c
+            };
+            let mut alone: Vec<_> = (0..n).map(cache).collect();
+            let mut together: Vec<_> = (0..n).map(cache).collect();
+            let blocks: Vec<Vec<u32>> = tokens(n, 4, cfg.vocab_size, 77).to_vec2().unwrap();
+            let rows: Vec<Vec<u32>> = (0..n as u32).map(|i| (i % 4..4).collect()).collect();
+            let sigma = |i: usize| 0.1 + i as f32 / 7.0;
+            let mut inputs: Vec<_> = together
+                .iter_mut()
+                .enumerate()
+                .map(|(i, cache)| crate::BlockInput {
+                    tokens: &blocks[i],
+                    sigma: sigma(i),
+                    cache,
+                })
+                .collect();
+            let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
+            let batched = model.denoise_batch(&mut inputs, &row_refs).unwrap();
+            model.commit_batch(&mut inputs).unwrap();
+            drop(inputs);
+            for i in 0..n {
+                let block = Tensor::new(&blocks[i][..], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let s = Tensor::new(&[sigma(i)], &Device::Cpu).unwrap();
+                let own = model
+                    .denoise_rows(&block, &s, &mut alone[i], &rows[i])
+                    .unwrap();
+                assert_eq!(
+                    max_diff(&own.squeeze(0).unwrap(), &batched[i]),
+                    0.0,
+                    "sequence {i}"
+                );
+                model.commit(&block, &s, &mut alone[i]).unwrap();
+                assert_eq!(
+                    alone[i].to_bytes().unwrap(),
+                    together[i].to_bytes().unwrap(),
+                    "cache {i}"
+                );
+            }
+        }
     }
 
     /// Time conditioning feeds sigma through; without it sigma is ignored. Without adaLN
