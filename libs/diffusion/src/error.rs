@@ -23,6 +23,9 @@ pub enum Error {
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A batched pass this work shared failed; the message is the pass's error.
+    #[error("batched pass failed: {0}")]
+    Batch(String),
 }
 
 impl Error {
@@ -31,7 +34,7 @@ impl Error {
     pub fn is_request_fault(&self) -> bool {
         match self {
             Self::Param { .. } | Self::Sampling(_) => true,
-            Self::Cancelled | Self::Model(_) | Self::Candle(_) => false,
+            Self::Cancelled | Self::Model(_) | Self::Candle(_) | Self::Batch(_) => false,
         }
     }
 }

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bd3lm_model::{Bd3lm, KvCache};
+use bd3lm_model::{Bd3lm, BlockInput, KvCache};
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -18,19 +18,22 @@ pub use bd3lm_text::stop::{
     ENTROPY_FLOOR, ENTROPY_WINDOW, StopHook, StopReason, StopRules, low_entropy,
 };
 
-use crate::sampler::{Denoiser, SamplingParams, denoise_block};
+use crate::sampler::{BlockDenoiser, Denoiser, SamplingParams, drive};
 use crate::{Error, Result};
+
+/// The random stream of one block's sampling.
+pub type BlockRng = ChaCha8Rng;
 
 /// The random stream of block `block` of a request seeded with `seed`: a ChaCha8 stream,
 /// identical on every platform.
-pub fn block_rng(seed: u64, block: usize) -> ChaCha8Rng {
+pub fn block_rng(seed: u64, block: usize) -> BlockRng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(block as u64);
     rng
 }
 
 /// Sigma fed to a time-conditioned network at noise level `t`: `-ln(1 - t)`, bounded.
-fn sigma(t: f64) -> f32 {
+pub fn sigma(t: f64) -> f32 {
     (-(1.0 - t).max(1e-4).ln()) as f32
 }
 
@@ -293,26 +296,19 @@ impl<'m> Session<'m> {
         seed: u64,
         cancel: Option<&AtomicBool>,
     ) -> Result<BlockReport> {
-        let bs = self.model.config().block_size;
         let index = self.next_block_index();
-        let fixed = (self.tokens.len() - self.committed).min(bs);
-        let mut block: Vec<u32> = self.tokens[self.committed..self.committed + fixed].to_vec();
-        block.resize(bs, self.model.config().mask_id());
+        let denoiser = self.begin_block(params)?;
         let started = Instant::now();
-        let outcome = denoise_block(
+        let outcome = drive(
             &mut Net::cached(self.model, &mut self.cache),
-            &block,
-            params,
+            denoiser,
             &mut block_rng(seed, index),
             cancel,
         )?;
         let denoise = started.elapsed();
-        // The block replaces its fixed tokens; fixed tokens of later blocks stay.
-        self.tokens.splice(
-            self.committed..self.committed + fixed,
-            outcome.tokens.iter().copied(),
-        );
+        self.place_block(&outcome.tokens);
         let started = Instant::now();
+        let bs = self.model.config().block_size;
         self.commit_range(self.committed, self.committed + bs)?;
         Ok(BlockReport {
             index,
@@ -323,6 +319,62 @@ impl<'m> Session<'m> {
             commit: started.elapsed(),
         })
     }
+
+    /// The sampler of the next block: its fixed tokens (the prompt's tail) in place,
+    /// `[MASK]` elsewhere. Drive it with the random stream [`block_rng`] of (seed, block
+    /// index), then [`Session::place_block`] and commit.
+    pub fn begin_block(&self, params: &SamplingParams) -> Result<BlockDenoiser> {
+        let cfg = self.model.config();
+        let bs = cfg.block_size;
+        let fixed = (self.tokens.len() - self.committed).min(bs);
+        let mut block: Vec<u32> = self.tokens[self.committed..self.committed + fixed].to_vec();
+        block.resize(bs, cfg.mask_id());
+        BlockDenoiser::new(
+            &block,
+            params,
+            bs,
+            cfg.mask_id(),
+            cfg.time_conditioning,
+        )
+    }
+
+    /// Puts a denoised block in place of its fixed tokens (fixed tokens of later blocks
+    /// stay), before its commit.
+    pub fn place_block(&mut self, block: &[u32]) {
+        let fixed = (self.tokens.len() - self.committed).min(block.len());
+        self.tokens.splice(
+            self.committed..self.committed + fixed,
+            block.iter().copied(),
+        );
+    }
+
+    /// The KV cache, for a batched denoise pass over the next block (which reads it and
+    /// leaves its committed state as it was).
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// The cache and the placed block of a session for a batched commit.
+    fn placed(&mut self) -> BlockInput<'_> {
+        let bs = self.model.config().block_size;
+        BlockInput {
+            tokens: &self.tokens[self.committed..self.committed + bs],
+            sigma: 0.0,
+            cache: &mut self.cache,
+        }
+    }
+}
+
+/// Commits the placed block of each session in one batched pass: what committing them
+/// one by one gives, bit for bit on the CPU.
+pub fn commit_placed(model: &Bd3lm, sessions: &mut [&mut Session]) -> Result<()> {
+    let mut inputs: Vec<BlockInput> = sessions.iter_mut().map(|s| s.placed()).collect();
+    model.commit_batch(&mut inputs)?;
+    let bs = model.config().block_size;
+    for s in sessions.iter_mut() {
+        s.committed += bs;
+    }
+    Ok(())
 }
 
 /// The result of a generation.
@@ -387,7 +439,7 @@ pub fn generate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sampler::Sampler;
+    use crate::sampler::{Sampler, denoise_block};
     use bd3lm_model::{Config, checkpoint};
     use candle_core::Device;
 

@@ -13,6 +13,8 @@ pub mod schedule;
 pub mod subs;
 
 pub use error::{Error, Result};
-pub use generate::{BlockReport, Generation, Session, StopReason, StopRules, generate};
-pub use sampler::{BlockDenoiser, Filter, Sampler, SamplingParams, Step};
+pub use generate::{
+    BlockReport, BlockRng, Generation, Session, StopReason, StopRules, block_rng, commit_placed, generate, sigma,
+};
+pub use sampler::{BlockDenoiser, BlockOutcome, Filter, Sampler, SamplingParams, Step};
 pub use schedule::NoiseSchedule;

@@ -53,13 +53,23 @@ pub fn denoise_block(
     rng: &mut impl Rng,
     cancel: Option<&AtomicBool>,
 ) -> Result<BlockOutcome> {
-    let mut denoiser = BlockDenoiser::new(
+    let denoiser = BlockDenoiser::new(
         block,
         params,
         net.block_size(),
         net.mask_id(),
         net.time_conditioned(),
     )?;
+    drive(net, denoiser, rng, cancel)
+}
+
+/// Runs `denoiser` to completion with `net`, one forward pass per [`Step::Logits`].
+pub fn drive(
+    net: &mut impl Denoiser,
+    mut denoiser: BlockDenoiser,
+    rng: &mut impl Rng,
+    cancel: Option<&AtomicBool>,
+) -> Result<BlockOutcome> {
     loop {
         if cancel.is_some_and(|c| c.load(Ordering::Relaxed)) {
             return Err(Error::Cancelled);
@@ -206,9 +216,9 @@ impl BlockDenoiser {
     }
 
     /// The finished block and what it took.
-    pub fn outcome(self) -> BlockOutcome {
+    pub fn outcome(&self) -> BlockOutcome {
         BlockOutcome {
-            tokens: self.tokens,
+            tokens: self.tokens.clone(),
             forward_passes: self.passes,
             steps: self.steps,
         }

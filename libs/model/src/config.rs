@@ -118,6 +118,12 @@ impl Config {
         Self::new(50258, 256, 8, 8, 64, 1024, block_size)
     }
 
+    /// The paper's "small" shape with the GPT-2 vocabulary: d 768, 12 heads, 12 layers,
+    /// context 1024.
+    pub fn small(block_size: usize) -> Self {
+        Self::new(50258, 768, 12, 12, 128, 1024, block_size)
+    }
+
     /// Parses and validates a `config.json` text.
     pub fn from_json(text: &str) -> Result<Self> {
         let cfg: Self = serde_json::from_str(text).map_err(Error::ConfigJson)?;

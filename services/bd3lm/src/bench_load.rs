@@ -9,8 +9,9 @@ use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::Store;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
-use bd3lm_proto::v1::{GenerateRequest, TokenIds};
-use bd3lm_worker::{Loaded, WorkerSettings};
+use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
+use bd3lm_proto::v1::{GenerateRequest, InfoRequest, TokenIds};
+use bd3lm_worker::{Loaded, WorkerLimits};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -18,8 +19,11 @@ use tonic::transport::Channel;
 #[derive(Debug, Serialize)]
 struct LoadFigures {
     model: String,
+    device: String,
+    dtype: String,
     concurrency: usize,
-    worker_capacity: u32,
+    /// The worker's batch limit (sessions).
+    max_batch: usize,
     tokens: usize,
     wall_s: f64,
     /// Generated tokens per second, all streams together.
@@ -32,6 +36,8 @@ struct LoadFigures {
     first_block_ms_p99: f64,
     /// Milliseconds a block waited for a worker slot at the coordinator, on average.
     queue_ms_mean: f64,
+    /// Blocks per batched denoise pass, on average (the worker's count).
+    batch_size_mean: f64,
 }
 
 /// One stream's view: the gaps between its blocks, its first block's delay, its queue
@@ -44,19 +50,21 @@ struct StreamTimes {
     tokens: usize,
 }
 
-/// Serves `loaded` from one worker with `settings` behind the coordinator, then runs
+/// Serves `loaded` from one worker with `limits` behind the coordinator, then runs
 /// `tokens`-token streams at each of `levels`; one JSON line per level.
 pub async fn run(
     loaded: Arc<Loaded>,
     name: &str,
-    settings: WorkerSettings,
+    limits: WorkerLimits,
     levels: &[usize],
     tokens: u32,
 ) -> anyhow::Result<()> {
     let store = Store::memory(Default::default());
-    let client = one_worker(loaded.clone(), settings.clone(), store).await?;
+    let bench = one_worker(loaded.clone(), limits, store).await?;
+    let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     for &concurrency in levels {
+        let before = worker.info(InfoRequest {}).await?.into_inner();
         let started = Instant::now();
         let streams = (0..concurrency).map(|i| {
             let request = GenerateRequest {
@@ -65,18 +73,23 @@ pub async fn run(
                 seed: Some(i as u64),
                 ..Default::default()
             };
-            stream(client.clone(), request)
+            stream(bench.client.clone(), request)
         });
         let times = futures::future::try_join_all(streams).await?;
         let wall = started.elapsed().as_secs_f64();
+        let after = worker.info(InfoRequest {}).await?.into_inner();
+        let passes = after.denoise_passes - before.denoise_passes;
+        let batched = after.batched_blocks - before.batched_blocks;
         let mut gaps: Vec<f64> = times.iter().flat_map(|t| t.gaps_ms.clone()).collect();
         let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
         let queues: Vec<f64> = times.iter().flat_map(|t| t.queue_ms.clone()).collect();
         let total: usize = times.iter().map(|t| t.tokens).sum();
         let figures = LoadFigures {
             model: name.to_string(),
+            device: format!("{:?}", loaded.model.device().location()).to_lowercase(),
+            dtype: after.dtype.clone(),
             concurrency,
-            worker_capacity: settings.capacity,
+            max_batch: limits.max_batch,
             tokens: total,
             wall_s: wall,
             tokens_per_s: total as f64 / wall,
@@ -85,19 +98,27 @@ pub async fn run(
             first_block_ms_p50: percentile(&mut firsts, 0.5),
             first_block_ms_p99: percentile(&mut firsts, 0.99),
             queue_ms_mean: queues.iter().sum::<f64>() / queues.len().max(1) as f64,
+            batch_size_mean: batched as f64 / passes.max(1) as f64,
         };
         println!("{}", serde_json::to_string(&figures)?);
     }
     Ok(())
 }
 
-/// One worker of `loaded` and a coordinator on loopback ports over `store`, for the
-/// benchmarks, and a client of the coordinator.
+/// A worker and the coordinator in front of it, for the benchmarks.
+pub struct OneWorker {
+    /// A client of the coordinator.
+    pub client: GenerationClient<Channel>,
+    /// The worker's address.
+    pub worker_addr: String,
+}
+
+/// One worker of `loaded` and a coordinator on loopback ports over `store`.
 pub async fn one_worker(
     loaded: Arc<Loaded>,
-    settings: WorkerSettings,
+    limits: WorkerLimits,
     store: Store,
-) -> anyhow::Result<GenerationClient<Channel>> {
+) -> anyhow::Result<OneWorker> {
     let cell = Arc::new(OnceLock::new());
     let _ = cell.set(loaded);
     let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -108,7 +129,7 @@ pub async fn one_worker(
             worker,
             cell,
             worker_store,
-            &settings,
+            limits,
             std::future::pending(),
         );
         if let Err(e) = serving.await {
@@ -120,7 +141,7 @@ pub async fn one_worker(
         ..CoordinatorSettings::default()
     };
     let pool = Arc::new(Pool::new(coordinator.routing, 1 << 16));
-    let source = WorkerSource::Static(vec![worker_addr]);
+    let source = WorkerSource::Static(vec![worker_addr.clone()]);
     while pool.refresh(&source).await == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -134,7 +155,11 @@ pub async fn one_worker(
         coordinator,
         std::future::pending(),
     ));
-    Ok(GenerationClient::connect(format!("http://{addr}")).await?)
+    let client = GenerationClient::connect(format!("http://{addr}")).await?;
+    Ok(OneWorker {
+        client,
+        worker_addr,
+    })
 }
 
 /// Runs one stream to its end and times it.

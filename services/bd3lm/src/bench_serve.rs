@@ -11,7 +11,7 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
-use bd3lm_worker::{Loaded, WorkerService, WorkerSettings};
+use bd3lm_worker::{Loaded, WorkerLimits, WorkerService};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -26,20 +26,20 @@ struct CacheLatency {
     block_ms: f64,
 }
 
-/// The random-weight "tiny" model (block size 4) as a worker loads it: saved to a
-/// temporary checkpoint and loaded back, so it has a fingerprint like any other.
+/// The random-weight "tiny" model (block size 4) on the CPU in f32.
 pub async fn tiny_model() -> anyhow::Result<Arc<Loaded>> {
-    let cfg = Config::tiny(4);
+    random_model(Config::tiny(4), DType::F32, Device::Cpu).await
+}
+
+/// A random-weight model of shape `cfg` as a worker loads it: saved to a temporary
+/// checkpoint and loaded back, so it has a fingerprint like any other.
+pub async fn random_model(cfg: Config, dtype: DType, device: Device) -> anyhow::Result<Arc<Loaded>> {
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
-    checkpoint::save(
-        &dir,
-        &cfg,
-        &checkpoint::random_weights(&cfg, 0.02, 0)?,
-        DType::F32,
-    )?;
+    let weights = checkpoint::random_weights(&cfg, 0.02, 0)?;
+    checkpoint::save(&dir, &cfg, &weights, dtype)?;
     let loaded = tokio::task::spawn_blocking({
         let dir = dir.clone();
-        move || bd3lm_worker::load(&dir, Some("bench"), DType::F32, &Device::Cpu)
+        move || bd3lm_worker::load(&dir, Some("bench"), dtype, &device)
     })
     .await?;
     let _ = std::fs::remove_dir_all(&dir);
@@ -76,11 +76,11 @@ pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Resul
 fn worker(loaded: &Arc<Loaded>, store: &Store) -> WorkerService {
     let cell = Arc::new(OnceLock::new());
     let _ = cell.set(loaded.clone());
-    let settings = WorkerSettings {
-        capacity: 1,
-        ..WorkerSettings::default()
+    let limits = WorkerLimits {
+        max_batch: 1,
+        ..WorkerLimits::default()
     };
-    WorkerService::new(cell, store.clone(), &settings)
+    WorkerService::new(cell, store.clone(), limits)
 }
 
 /// A new session with a `context`-token prompt, prefilled by a first worker whose cache
@@ -220,8 +220,9 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
 /// Milliseconds per block between the coordinator's request and the worker's answer,
 /// beyond the worker's own time: gRPC, routing, the session record.
 async fn coordinator_overhead(loaded: Arc<Loaded>, store: Store) -> anyhow::Result<()> {
-    let settings = WorkerSettings::default();
-    let mut client = crate::bench_load::one_worker(loaded.clone(), settings, store).await?;
+    let mut client = crate::bench_load::one_worker(loaded.clone(), WorkerLimits::default(), store)
+        .await?
+        .client;
     let vocab = loaded.model.config().vocab_size as u32;
     let request = GenerateRequest {
         prompt: Some(bd3lm_proto::v1::generate_request::Prompt::TokenIds(

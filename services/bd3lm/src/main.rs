@@ -18,7 +18,7 @@ use std::process::ExitCode;
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use bd3lm_model::Config;
 use clap::{Parser, Subcommand};
 
 /// Block diffusion language models: conformance checks, benchmarks and generation.
@@ -96,12 +96,16 @@ enum BenchCommand {
         /// coordinator and one worker.
         #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
         concurrency: Option<Vec<usize>>,
-        /// With --concurrency: the random-weight tiny shape, or the bundled demo model.
+        /// With --concurrency: the random-weight tiny or small shape, or the bundled demo
+        /// model.
         #[arg(long, value_enum, default_value_t = BenchModel::Tiny)]
         model: BenchModel,
         /// With --concurrency: new tokens per stream.
         #[arg(long, default_value_t = 64)]
         tokens: u32,
+        /// With --concurrency: where the model runs and in what precision.
+        #[command(flatten)]
+        device: bd3lm_worker::DeviceArgs,
         #[command(flatten)]
         worker: bd3lm_worker::WorkerSettings,
         /// The store: a local redis-server with --redis, else in memory.
@@ -150,6 +154,9 @@ enum BenchCommand {
 enum BenchModel {
     /// Random weights, d 256, 8 layers, vocabulary 50258, block size 4.
     Tiny,
+    /// Random weights, d 768, 12 layers, 12 heads, vocabulary 50258, context 1024, block
+    /// size 4: the paper's small shape.
+    Small,
     /// The bundled demo model.
     Demo,
 }
@@ -251,18 +258,22 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             concurrency: Some(levels),
             model,
             tokens,
+            device,
             worker,
             ..
         } => runtime.block_on(async {
+            let (dev, dtype) = (device.device()?, device.dtype());
             let (loaded, name) = match model {
-                BenchModel::Tiny => (bench_serve::tiny_model().await?, "tiny"),
+                BenchModel::Tiny => (bench_serve::random_model(Config::tiny(4), dtype, dev).await?, "tiny"),
+                BenchModel::Small => (bench_serve::random_model(Config::small(4), dtype, dev).await?, "small"),
                 BenchModel::Demo => {
                     let dir = demo::checkpoint_or_demo(None)?;
-                    let load = move || bd3lm_worker::load(&dir, None, DType::F32, &Device::Cpu);
+                    let load = move || bd3lm_worker::load(&dir, None, dtype, &dev);
                     (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
                 }
             };
-            bench_load::run(loaded, name, worker, &levels, tokens).await
+            let limits = worker.limits(device.device);
+            bench_load::run(loaded, name, limits, &levels, tokens).await
         }),
         BenchCommand::Serve {
             store,

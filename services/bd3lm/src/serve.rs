@@ -46,10 +46,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for _ in 0..args.workers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addrs.push(listener.local_addr()?.to_string());
-        let (loaded, store, settings) = (loaded.clone(), store.clone(), args.worker.clone());
+        let (loaded, store) = (loaded.clone(), store.clone());
+        let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
             let serving =
-                bd3lm_worker::serve(listener, loaded, store, &settings, std::future::pending());
+                bd3lm_worker::serve(listener, loaded, store, limits, std::future::pending());
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }

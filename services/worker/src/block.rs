@@ -1,10 +1,10 @@
-//! The block's work, CPU- or GPU-bound (run on a blocking thread): the prompt's whole
-//! blocks committed at once for a new session, else one block denoised and committed,
-//! and the KV blobs of what was committed.
+//! The block's work outside the batch (run on a blocking thread): opening the session
+//! (a rebuild from tokens is compute) and, for a new session, committing the prompt's
+//! whole blocks; then, once blocks are committed, the KV blobs and the record to store.
 
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use bd3lm_diffusion::Session;
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
 
 use crate::Loaded;
@@ -19,6 +19,13 @@ pub struct BlockWork {
     pub record: SessionRecord,
     /// KV blobs of the committed blocks still inside the window: (block index, bytes).
     pub blobs: Vec<(usize, Vec<u8>)>,
+    /// What it took.
+    pub effort: Effort,
+}
+
+/// What a block's work took.
+#[derive(Debug, Clone, Copy)]
+pub struct Effort {
     /// First block committed.
     pub first_block: usize,
     /// Where the cache came from.
@@ -27,33 +34,61 @@ pub struct BlockWork {
     pub forward_passes: usize,
     /// Denoising steps.
     pub steps: usize,
-    /// Time spent denoising.
+    /// Time from joining the batch to the block's last denoising step.
     pub denoise: Duration,
     /// Time of the commit pass (or of the prefill).
     pub commit: Duration,
 }
 
-/// Denoises (or prefills) the next block of `record` on the cache `found`; `cancel` is
-/// checked between denoising steps.
-pub fn run(
+/// A session opened for its next block.
+pub enum Prepared {
+    /// A new session's prompt held whole blocks, now committed: the request's work.
+    Prefilled(BlockWork),
+    /// The cache holds every committed block; the next block is to be denoised.
+    Ready(Held, CacheSource),
+}
+
+/// Opens the session of `record` on the cache `found` (rebuilding it from tokens when
+/// nothing was found) and commits a new session's whole prompt blocks.
+pub fn prepare(
     loaded: &Loaded,
     record: &SessionRecord,
     found: Found,
-    cancel: &AtomicBool,
-) -> bd3lm_diffusion::Result<BlockWork> {
-    let bs = loaded.model.config().block_size;
+) -> bd3lm_diffusion::Result<Prepared> {
     let (mut session, source) = cache::open(loaded, record, found)?;
     let first_block = session.next_block_index();
     let started = Instant::now();
-    let (blocks, denoised) = match session.prefill()? {
-        0 => (
-            1,
-            Some(session.next_block(&record.sampling, record.seed, Some(cancel))?),
-        ),
-        n => (n, None),
+    if session.prefill()? == 0 {
+        let (tokens, _, committed, cache) = session.into_parts();
+        let held = Held {
+            tokens,
+            committed,
+            cache,
+        };
+        return Ok(Prepared::Ready(held, source));
+    }
+    let effort = Effort {
+        first_block,
+        source,
+        forward_passes: 0,
+        steps: 0,
+        denoise: Duration::ZERO,
+        commit: started.elapsed(),
     };
-    let prefill = started.elapsed();
-    let blobs = blobs(loaded, session.cache(), first_block..first_block + blocks)?;
+    finish(loaded, record, session, effort).map(Prepared::Prefilled)
+}
+
+/// The work of `session` after it committed the blocks from `effort.first_block` on: the
+/// record to store and the blobs of those blocks.
+pub fn finish(
+    loaded: &Loaded,
+    record: &SessionRecord,
+    session: Session,
+    effort: Effort,
+) -> bd3lm_diffusion::Result<BlockWork> {
+    let bs = loaded.model.config().block_size;
+    let end = session.next_block_index();
+    let blobs = blobs(loaded, session.cache(), effort.first_block..end)?;
     let (tokens, _, committed, cache) = session.into_parts();
     let mut next = record.clone();
     next.tokens = tokens.clone();
@@ -66,12 +101,7 @@ pub fn run(
         },
         record: next,
         blobs,
-        first_block,
-        source,
-        forward_passes: denoised.as_ref().map_or(0, |r| r.forward_passes),
-        steps: denoised.as_ref().map_or(0, |r| r.steps),
-        denoise: denoised.as_ref().map_or(Duration::ZERO, |r| r.denoise),
-        commit: denoised.map_or(prefill, |r| r.commit),
+        effort,
     })
 }
 

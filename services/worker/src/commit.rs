@@ -27,21 +27,22 @@ pub async fn commit(
     let record = work.record;
     match outcome {
         CommitOutcome::Committed => {
+            let effort = work.effort;
             let end = record.committed_blocks * block_size;
             let answer = DenoiseBlockResponse {
-                block_index: work.first_block as u32,
-                token_ids: record.tokens[work.first_block * block_size..end].to_vec(),
+                block_index: effort.first_block as u32,
+                token_ids: record.tokens[effort.first_block * block_size..end].to_vec(),
                 committed_blocks: record.committed_blocks as u32,
-                forward_passes: work.forward_passes as u32,
-                steps: work.steps as u32,
+                forward_passes: effort.forward_passes as u32,
+                steps: effort.steps as u32,
                 cache_ms: ms(cache_time),
-                denoise_ms: ms(work.denoise),
-                commit_ms: ms(work.commit + store_time),
-                cache_source: work.source.name().into(),
+                denoise_ms: ms(effort.denoise),
+                commit_ms: ms(effort.commit + store_time),
+                cache_source: effort.source.name().into(),
                 already_committed: false,
             };
             tracing::debug!(
-                source = work.source.name(),
+                source = effort.source.name(),
                 cache_ms = answer.cache_ms,
                 denoise_ms = answer.denoise_ms,
                 "block committed"

@@ -3,13 +3,16 @@
 //!
 //! One block goes through one module per job: [`service`] (the gRPC surface and
 //! admission) → [`cache`] (memory, else the store's KV blobs, else a rebuild from tokens)
-//! → [`block`] (the denoising and commit passes, the new KV blobs) → [`commit`] (blobs,
-//! then the record by compare-and-set: the commit point). [`sessions`] keeps recent
+//! → [`block`] (the session opened, a new one's prompt prefilled) → [`scheduler`] (the
+//! block denoised and committed in the running batch with other sessions' blocks) →
+//! [`block`] (the new KV blobs) → [`commit`] (blobs, then the record by compare-and-set:
+//! the commit point). [`sessions`] keeps recent
 //! caches in memory; [`settings`] holds the flags.
 
 pub mod block;
 pub mod cache;
 pub mod commit;
+pub mod scheduler;
 pub mod service;
 pub mod sessions;
 pub mod settings;
@@ -28,7 +31,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use service::{Loaded, WorkerService};
-pub use settings::{DeviceArgs, WorkerSettings};
+pub use settings::{DeviceArgs, WorkerLimits, WorkerSettings};
 
 /// Loads the checkpoint in `dir` (blocking: seconds for large models). A model id that
 /// KV blobs cannot hold is refused before anything is read.
@@ -81,7 +84,7 @@ pub async fn serve(
     listener: TcpListener,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
     store: Store,
-    settings: &WorkerSettings,
+    limits: WorkerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -108,7 +111,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let service = WorkerService::new(loaded, store, settings);
+    let service = WorkerService::new(loaded, store, limits);
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)

@@ -68,5 +68,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    bd3lm_worker::serve(listener, loaded, store, &args.settings, shutdown).await
+    let limits = args.settings.limits(args.device.device);
+    bd3lm_worker::serve(listener, loaded, store, limits, shutdown).await
 }

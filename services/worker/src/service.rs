@@ -1,8 +1,9 @@
 //! The `DenoiseWorker` gRPC surface: admission within the worker's capacity, the
-//! session's record, its cache (see [`crate::cache`]), the block's work on a blocking
-//! thread ([`crate::block`]) and the commit ([`crate::commit`]).
+//! session's record, its cache (see [`crate::cache`]), the session opened on a blocking
+//! thread ([`crate::block`]), its block denoised in the running batch
+//! ([`crate::scheduler`]) and the commit ([`crate::commit`]).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -10,14 +11,16 @@ use bd3lm_kvstore::Store;
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::block::{self, BlockWork, Prepared};
 use crate::cache::{self, Found};
 use crate::commit::{commit, committed_answer};
+use crate::scheduler::{Job, Scheduler};
 use crate::sessions::SessionCaches;
-use crate::settings::WorkerSettings;
+use crate::settings::WorkerLimits;
 
 /// The loaded model and what identifies it.
 pub struct Loaded {
@@ -35,8 +38,10 @@ pub struct WorkerService {
     store: Store,
     sessions: Arc<SessionCaches>,
     permits: Arc<Semaphore>,
-    capacity: u32,
+    limits: WorkerLimits,
     in_flight: Arc<AtomicUsize>,
+    /// The batch, started with the first block once the model is loaded.
+    scheduler: OnceLock<Result<Scheduler, String>>,
     /// KV blobs refused (corrupt or of other weights) since start.
     rejected: AtomicU64,
 }
@@ -53,23 +58,30 @@ fn work_status(e: bd3lm_diffusion::Error) -> Status {
         return Status::cancelled("the block was cancelled");
     }
     tracing::error!(error = %e, "denoising failed");
+    internal()
+}
+
+fn internal() -> Status {
     Status::internal("denoising failed on this worker")
+}
+
+/// A block's hold on the worker's capacity, released when its work ends.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    _in_flight: InFlight,
 }
 
 impl WorkerService {
     /// A service that answers UNAVAILABLE until `loaded` is set.
-    pub fn new(
-        loaded: Arc<OnceLock<Arc<Loaded>>>,
-        store: Store,
-        settings: &WorkerSettings,
-    ) -> Self {
+    pub fn new(loaded: Arc<OnceLock<Arc<Loaded>>>, store: Store, limits: WorkerLimits) -> Self {
         Self {
             loaded,
             store,
-            sessions: Arc::new(SessionCaches::new(settings.cache_bytes)),
-            permits: Arc::new(Semaphore::new(settings.capacity as usize)),
-            capacity: settings.capacity,
+            sessions: Arc::new(SessionCaches::new(limits.cache_bytes)),
+            permits: Arc::new(Semaphore::new(limits.max_batch)),
+            limits,
             in_flight: Arc::default(),
+            scheduler: OnceLock::new(),
             rejected: AtomicU64::new(0),
         }
     }
@@ -81,16 +93,33 @@ impl WorkerService {
             .ok_or_else(|| Status::unavailable("the model is still loading"))
     }
 
-    /// Denoises and commits the requested block (see the service's documentation).
-    async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
-        let loaded = self.loaded()?;
+    fn slot(&self) -> Result<Slot, Status> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
                 "worker at capacity ({} blocks in flight)",
-                self.capacity
+                self.limits.max_batch
             ))
         })?;
-        let in_flight = InFlight::enter(&self.in_flight);
+        Ok(Slot {
+            _permit: permit,
+            _in_flight: InFlight::enter(&self.in_flight),
+        })
+    }
+
+    fn scheduler(&self, loaded: &Arc<Loaded>) -> Result<&Scheduler, Status> {
+        self.scheduler
+            .get_or_init(|| Scheduler::start(loaded.clone(), self.limits).map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| {
+                tracing::error!(error = %e, "starting the batch thread failed");
+                internal()
+            })
+    }
+
+    /// Denoises and commits the requested block (see the service's documentation).
+    async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
+        let loaded = self.loaded()?;
+        let slot = self.slot()?;
         if req.session_id.is_empty() {
             return Err(Status::invalid_argument("session_id: required"));
         }
@@ -112,25 +141,54 @@ impl WorkerService {
         }
         let started = Instant::now();
         let found = self.find_cache(&loaded, &record, block).await;
-        let cache_time = started.elapsed();
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
-        let span = tracing::info_span!("denoise", block);
-        // Dropping this request (the caller went away or timed out) stops the work at its
-        // next step. The capacity and the in-flight count go with the work, so they are
-        // free again only once the compute has stopped.
-        let cancel = CancelOnDrop::default();
-        let flag = cancel.0.clone();
-        let work = tokio::task::spawn_blocking(move || {
-            let _held = (permit, in_flight);
-            span.in_scope(|| crate::block::run(&task_loaded, &task_record, found, &flag))
+        let span = tracing::info_span!("open_session", block);
+        // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
+        // thread, beside the batch rather than in it. The slot goes with the compute.
+        let (prepared, slot) = tokio::task::spawn_blocking(move || {
+            let prepared = span.in_scope(|| block::prepare(&task_loaded, &task_record, found));
+            (prepared, slot)
         })
         .await
         .map_err(|e| {
-            tracing::error!(error = %e, "denoising task failed");
-            Status::internal("denoising failed on this worker")
-        })?
-        .map_err(work_status)?;
+            tracing::error!(error = %e, "opening the session failed");
+            internal()
+        })?;
+        let cache_time = started.elapsed();
+        let work = match prepared.map_err(work_status)? {
+            Prepared::Prefilled(work) => work,
+            Prepared::Ready(held, source) => {
+                let (reply, answer) = oneshot::channel();
+                let job = Job {
+                    record,
+                    held,
+                    source,
+                    reply,
+                    slot: Box::new(slot),
+                };
+                self.batched(&loaded, job, answer).await?
+            }
+        };
         commit(&self.store, &self.sessions, work, block, bs, cache_time).await
+    }
+
+    /// Hands `job` to the batch and waits for its work. Dropping this future (the request
+    /// went away) takes the block out of the batch at its next step.
+    async fn batched(
+        &self,
+        loaded: &Arc<Loaded>,
+        job: Job,
+        answer: oneshot::Receiver<bd3lm_diffusion::Result<BlockWork>>,
+    ) -> Result<BlockWork, Status> {
+        if self.scheduler(loaded)?.submit(job).is_err() {
+            tracing::error!("the batch thread has stopped");
+            return Err(internal());
+        }
+        let work = answer.await.map_err(|_| {
+            tracing::error!("the batch dropped a block");
+            internal()
+        })?;
+        work.map_err(work_status)
     }
 
     /// The session's cache: this worker's own when it ends where the record does, else
@@ -177,13 +235,31 @@ impl DenoiseWorker for WorkerService {
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let loaded = self.loaded()?;
         let cfg = loaded.model.config();
+        let in_flight = self.in_flight.load(Ordering::Relaxed) as u32;
+        let (batch_size, passes, batched) = match self.scheduler.get() {
+            Some(Ok(s)) => {
+                let stats = s.stats();
+                (
+                    stats.batch_size.load(Ordering::Relaxed),
+                    stats.passes.load(Ordering::Relaxed),
+                    stats.batched_blocks.load(Ordering::Relaxed),
+                )
+            }
+            _ => (0, 0, 0),
+        };
         Ok(Response::new(InfoResponse {
             model_id: loaded.model_id.clone(),
             weights_fingerprint: loaded.fingerprint.clone(),
             block_size: cfg.block_size as u32,
             dtype: format!("{:?}", loaded.model.dtype()).to_lowercase(),
-            capacity: self.capacity,
-            in_flight: self.in_flight.load(Ordering::Relaxed) as u32,
+            capacity: self.limits.max_batch as u32,
+            in_flight,
+            batch_size: batch_size as u32,
+            waiting: in_flight.saturating_sub(batch_size as u32),
+            denoise_passes: passes,
+            batched_blocks: batched,
+            max_batch_rows: self.limits.max_rows as u32,
+            kv_budget_bytes: self.limits.kv_budget,
             vocab_size: cfg.vocab_size as u32,
             mask_id: cfg.mask_id(),
             model_length: cfg.model_length as u32,
@@ -209,16 +285,6 @@ impl Drop for InFlight {
     }
 }
 
-/// Raises its flag when dropped: the request that owns it is gone.
-#[derive(Default)]
-struct CancelOnDrop(Arc<AtomicBool>);
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,16 +303,17 @@ mod tests {
         })
     }
 
-    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: u32) -> WorkerService {
+    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: usize) -> WorkerService {
         let cell = Arc::new(OnceLock::new());
         if let Some(l) = loaded {
             let _ = cell.set(l);
         }
-        let settings = WorkerSettings {
-            capacity,
+        let limits = WorkerLimits {
+            max_batch: capacity,
             cache_bytes: 1 << 20,
+            ..WorkerLimits::default()
         };
-        WorkerService::new(cell, store.clone(), &settings)
+        WorkerService::new(cell, store.clone(), limits)
     }
 
     async fn session(store: &Store, id: &str) {

@@ -8,24 +8,90 @@ use candle_core::{DType, Device};
 /// Default memory budget of the session KV caches a worker keeps.
 pub const DEFAULT_CACHE_BYTES: usize = 1 << 30;
 
-/// How much a worker takes on.
-#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+/// How much a worker takes on. Limits left unset are derived from the device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct WorkerSettings {
-    /// Blocks denoised at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(long, env = "BD3LM_WORKER_CAPACITY", default_value_t = 2,
+    /// Sessions denoised together in one batch, which is also the blocks the worker takes
+    /// at once (more are refused with RESOURCE_EXHAUSTED). Default: 16 on the CPU, 128 on
+    /// CUDA.
+    #[arg(long, visible_alias = "capacity", env = "BD3LM_MAX_BATCH",
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub capacity: u32,
-    /// Bytes of session KV caches kept in memory (allocated buffers, not only live keys
-    /// and values).
-    #[arg(long, env = "BD3LM_WORKER_CACHE_BYTES", default_value_t = DEFAULT_CACHE_BYTES)]
+    pub max_batch: Option<u32>,
+    /// Most token rows in one forward pass; a session's block counts its block size.
+    /// Default: 512 on the CPU, 16384 on CUDA.
+    #[arg(long, env = "BD3LM_MAX_BATCH_ROWS",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_batch_rows: Option<u32>,
+    /// Bytes of KV caches in the running batch; a block that would go past it waits for
+    /// room. Default: a quarter of the machine's memory on the CPU, 60% of the GPU's on
+    /// CUDA (8 GiB when it cannot be read).
+    #[arg(long, env = "BD3LM_KV_BUDGET_BYTES")]
+    pub kv_budget_bytes: Option<u64>,
+    /// Bytes of session KV caches kept in memory between blocks (allocated buffers, not
+    /// only live keys and values). Default: 1 GiB.
+    #[arg(long, env = "BD3LM_WORKER_CACHE_BYTES")]
+    pub cache_bytes: Option<usize>,
+}
+
+/// A worker's limits, resolved for its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerLimits {
+    /// Sessions in one batch (and blocks taken at once).
+    pub max_batch: usize,
+    /// Token rows in one forward pass.
+    pub max_rows: usize,
+    /// Bytes of KV caches in the running batch.
+    pub kv_budget: u64,
+    /// Bytes of session caches kept between blocks.
     pub cache_bytes: usize,
 }
 
-impl Default for WorkerSettings {
+impl WorkerSettings {
+    /// The limits on `device`: what was set, else the device's defaults.
+    pub fn limits(&self, device: DeviceSpec) -> WorkerLimits {
+        let (batch, rows, share) = match device {
+            DeviceSpec::Cpu => (16, 512, 0.25),
+            DeviceSpec::Cuda(_) => (128, 16384, 0.6),
+        };
+        let kv_budget = self.kv_budget_bytes.unwrap_or_else(|| {
+            memory_bytes(device).map_or(DEFAULT_KV_BUDGET, |m| (m as f64 * share) as u64)
+        });
+        WorkerLimits {
+            max_batch: self.max_batch.map_or(batch, |b| b as usize),
+            max_rows: self.max_batch_rows.map_or(rows, |r| r as usize),
+            kv_budget,
+            cache_bytes: self.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+        }
+    }
+}
+
+impl Default for WorkerLimits {
     fn default() -> Self {
-        Self {
-            capacity: 2,
-            cache_bytes: DEFAULT_CACHE_BYTES,
+        WorkerSettings::default().limits(DeviceSpec::Cpu)
+    }
+}
+
+/// KV budget when the device's memory cannot be read.
+const DEFAULT_KV_BUDGET: u64 = 8 << 30;
+
+/// The device's memory: `MemTotal` of /proc/meminfo for the CPU, `nvidia-smi`'s total for
+/// a GPU; `None` when it cannot be read.
+fn memory_bytes(device: DeviceSpec) -> Option<u64> {
+    match device {
+        DeviceSpec::Cpu => {
+            let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+            let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        }
+        DeviceSpec::Cuda(n) => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits"])
+                .arg(format!("--id={n}"))
+                .output()
+                .ok()?;
+            let mib: u64 = String::from_utf8(out.stdout).ok()?.trim().parse().ok()?;
+            Some(mib << 20)
         }
     }
 }
@@ -102,6 +168,24 @@ impl DeviceArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn limits_come_from_the_flags_else_the_device() {
+        let cpu = WorkerSettings::default().limits(DeviceSpec::Cpu);
+        assert_eq!((cpu.max_batch, cpu.max_rows), (16, 512));
+        assert!(cpu.kv_budget > 0);
+        let set = WorkerSettings {
+            max_batch: Some(3),
+            max_batch_rows: Some(40),
+            kv_budget_bytes: Some(1000),
+            cache_bytes: Some(10),
+        };
+        let limits = set.limits(DeviceSpec::Cuda(0));
+        assert_eq!(
+            (limits.max_batch, limits.max_rows, limits.kv_budget, limits.cache_bytes),
+            (3, 40, 1000, 10)
+        );
+    }
 
     #[test]
     fn devices_parse_or_name_what_was_wrong() {

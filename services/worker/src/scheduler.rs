@@ -1,0 +1,307 @@
+//! Continuous batching: one thread owns the running batch of blocks, each of another
+//! session, and steps it. A step advances every block's sampler to its next forward
+//! pass, commits the finished blocks together in one pass, and runs one denoise pass over
+//! the rows every other block asked for. Blocks join between steps (within the batch
+//! limits, first come first served) and leave when committed, or at the next step once
+//! their request went away; their capacity slot goes with them.
+//!
+//! Opening a session (a store decode, a rebuild from tokens, a prefill) happens before a
+//! block is handed here, so it never stalls the batch.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bd3lm_diffusion::{BlockDenoiser, BlockOutcome, BlockRng, Error, Session, Step};
+use bd3lm_kvstore::SessionRecord;
+use bd3lm_model::BlockInput;
+use candle_core::DType;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::Loaded;
+use crate::block::{self, BlockWork, Effort};
+use crate::cache::CacheSource;
+use crate::sessions::Held;
+use crate::settings::WorkerLimits;
+
+/// A block handed to the scheduler.
+pub struct Job {
+    /// The session's record as read before the block.
+    pub record: SessionRecord,
+    /// Its state: every committed block in the cache.
+    pub held: Held,
+    /// Where the cache came from.
+    pub source: CacheSource,
+    /// Where the work goes; dropping the receiver cancels the block.
+    pub reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
+    /// Held until the block leaves the batch: the worker's capacity slot.
+    pub slot: Box<dyn Send>,
+}
+
+/// Counters of the running batch, read by `Info`.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    /// Blocks in the running batch.
+    pub batch_size: AtomicUsize,
+    /// Denoise passes run.
+    pub passes: AtomicU64,
+    /// Blocks in those passes, summed: divided by `passes`, the mean batch size.
+    pub batched_blocks: AtomicU64,
+}
+
+/// The handle on the scheduler thread; dropping it ends the thread once its batch is done.
+pub struct Scheduler {
+    jobs: mpsc::UnboundedSender<Job>,
+    stats: Arc<BatchStats>,
+}
+
+impl Scheduler {
+    /// Starts the thread that batches blocks of `loaded` within `limits`.
+    pub fn start(loaded: Arc<Loaded>, limits: WorkerLimits) -> std::io::Result<Self> {
+        let (jobs, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(BatchStats::default());
+        let shared = stats.clone();
+        std::thread::Builder::new()
+            .name("bd3lm-batch".into())
+            .spawn(move || Batch::new(&loaded, limits, shared).run(rx))?;
+        Ok(Self { jobs, stats })
+    }
+
+    /// Hands `job` over; gives it back when the thread has stopped.
+    pub fn submit(&self, job: Job) -> Result<(), Job> {
+        self.jobs.send(job).map_err(|e| e.0)
+    }
+
+    /// The batch's counters.
+    pub fn stats(&self) -> &BatchStats {
+        &self.stats
+    }
+}
+
+/// One block in the batch.
+struct Entry<'m> {
+    record: SessionRecord,
+    source: CacheSource,
+    reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
+    _slot: Box<dyn Send>,
+    session: Session<'m>,
+    denoiser: BlockDenoiser,
+    rng: BlockRng,
+    first_block: usize,
+    /// The rows and noise level of the pass the sampler waits for.
+    asked: Option<(Vec<u32>, f64)>,
+    joined: Instant,
+    /// Set once the sampler is done.
+    outcome: Option<(BlockOutcome, Duration)>,
+}
+
+/// The scheduler thread's state.
+struct Batch<'m> {
+    loaded: &'m Loaded,
+    limits: WorkerLimits,
+    stats: Arc<BatchStats>,
+    waiting: VecDeque<Job>,
+    running: Vec<Entry<'m>>,
+}
+
+impl<'m> Batch<'m> {
+    fn new(loaded: &'m Loaded, limits: WorkerLimits, stats: Arc<BatchStats>) -> Self {
+        Self {
+            loaded,
+            limits,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    /// Steps the batch until the handle is dropped and nothing is left.
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.blocking_recv() {
+                    Some(job) => self.waiting.push_back(job),
+                    None => return,
+                }
+            }
+            while let Ok(job) = rx.try_recv() {
+                self.waiting.push_back(job);
+            }
+            self.admit();
+            self.step();
+            self.stats
+                .batch_size
+                .store(self.running.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// Moves waiting blocks into the batch, oldest first, while the limits allow; an
+    /// empty batch always takes one.
+    fn admit(&mut self) {
+        let bs = self.loaded.model.config().block_size;
+        let mut kv: u64 = self.running.iter().map(|e| kv_bytes(&e.session)).sum();
+        while let Some(job) = self.waiting.front() {
+            let n = self.running.len();
+            let cost = job.held.cache.allocated_bytes() as u64;
+            let fits = n < self.limits.max_batch
+                && (n + 1) * bs <= self.limits.max_rows
+                && kv + cost <= self.limits.kv_budget;
+            if n > 0 && !fits {
+                break;
+            }
+            let job = self.waiting.pop_front().expect("a front");
+            kv += cost;
+            if let Some(entry) = self.open(job) {
+                self.running.push(entry);
+            }
+        }
+    }
+
+    /// The batch entry of `job`; `None` (the error answered) when its state is unusable.
+    fn open(&self, job: Job) -> Option<Entry<'m>> {
+        let Job {
+            record,
+            held,
+            source,
+            reply,
+            slot,
+        } = job;
+        let model = &self.loaded.model;
+        let opened = Session::with_cache(
+            model,
+            held.cache,
+            &held.tokens,
+            record.prompt_len,
+            held.committed,
+        )
+        .and_then(|s| s.begin_block(&record.sampling).map(|d| (s, d)));
+        let (session, denoiser) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return None;
+            }
+        };
+        let first_block = session.next_block_index();
+        Some(Entry {
+            rng: bd3lm_diffusion::block_rng(record.seed, first_block),
+            record,
+            source,
+            reply,
+            _slot: slot,
+            session,
+            denoiser,
+            first_block,
+            asked: None,
+            joined: Instant::now(),
+            outcome: None,
+        })
+    }
+
+    /// One step: cancelled blocks leave, every sampler advances, finished blocks are
+    /// committed together and the others get one denoise pass together.
+    fn step(&mut self) {
+        self.running.retain(|e| {
+            let gone = e.reply.is_closed();
+            if gone {
+                tracing::info!(block = e.first_block, "block cancelled: its request went away");
+            }
+            !gone
+        });
+        for e in &mut self.running {
+            if e.asked.is_some() || e.outcome.is_some() {
+                continue;
+            }
+            match e.denoiser.advance(&mut e.rng) {
+                Step::Logits { rows, t } => e.asked = Some((rows, t)),
+                Step::Done => e.outcome = Some((e.denoiser.outcome(), e.joined.elapsed())),
+            }
+        }
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|e| e.outcome.is_some());
+        self.running = running;
+        if !done.is_empty() {
+            self.commit(done);
+        }
+        if !self.running.is_empty() {
+            self.denoise();
+        }
+    }
+
+    /// One commit pass over the finished blocks, then their answers.
+    fn commit(&self, mut done: Vec<Entry<'m>>) {
+        for e in &mut done {
+            let (outcome, _) = e.outcome.as_ref().expect("finished");
+            e.session.place_block(&outcome.tokens);
+        }
+        let started = Instant::now();
+        let mut sessions: Vec<&mut Session> = done.iter_mut().map(|e| &mut e.session).collect();
+        let committed = bd3lm_diffusion::commit_placed(&self.loaded.model, &mut sessions);
+        let commit = started.elapsed();
+        for e in done {
+            let (outcome, denoise) = e.outcome.expect("finished");
+            let effort = Effort {
+                first_block: e.first_block,
+                source: e.source,
+                forward_passes: outcome.forward_passes,
+                steps: outcome.steps,
+                denoise,
+                commit,
+            };
+            let work = match &committed {
+                Ok(()) => block::finish(self.loaded, &e.record, e.session, effort),
+                Err(err) => Err(Error::Batch(err.to_string())),
+            };
+            let _ = e.reply.send(work);
+        }
+    }
+
+    /// One denoise pass over the rows every running block asked for.
+    fn denoise(&mut self) {
+        let passed = self.pass();
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .batched_blocks
+            .fetch_add(self.running.len() as u64, Ordering::Relaxed);
+        match passed {
+            Ok(rows) => {
+                let mut rows = rows.into_iter();
+                for e in &mut self.running {
+                    let (asked, _) = e.asked.take().expect("asked");
+                    let logits: Vec<Vec<f32>> = rows.by_ref().take(asked.len()).collect();
+                    e.denoiser.supply(&asked, &logits);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, blocks = self.running.len(), "batched denoise pass failed");
+                for e in self.running.drain(..) {
+                    let _ = e.reply.send(Err(Error::Batch(err.to_string())));
+                }
+            }
+        }
+    }
+
+    /// The batched forward pass: every asked row's logits, block after block.
+    fn pass(&mut self) -> bd3lm_diffusion::Result<Vec<Vec<f32>>> {
+        let mut inputs = Vec::with_capacity(self.running.len());
+        let mut rows = Vec::with_capacity(self.running.len());
+        for e in &mut self.running {
+            let (asked, t) = e.asked.as_ref().expect("asked");
+            rows.push(asked.as_slice());
+            inputs.push(BlockInput {
+                tokens: e.denoiser.tokens(),
+                sigma: bd3lm_diffusion::sigma(*t),
+                cache: e.session.cache_mut(),
+            });
+        }
+        let logits = self.loaded.model.denoise_batch(&mut inputs, &rows)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+    }
+}
+
+/// Bytes a session's cache occupies in the batch.
+fn kv_bytes(session: &Session) -> u64 {
+    session.cache().allocated_bytes() as u64
+}
