@@ -329,13 +329,7 @@ impl<'m> Session<'m> {
         let fixed = (self.tokens.len() - self.committed).min(bs);
         let mut block: Vec<u32> = self.tokens[self.committed..self.committed + fixed].to_vec();
         block.resize(bs, cfg.mask_id());
-        BlockDenoiser::new(
-            &block,
-            params,
-            bs,
-            cfg.mask_id(),
-            cfg.time_conditioning,
-        )
+        BlockDenoiser::new(&block, params, bs, cfg.mask_id(), cfg.time_conditioning)
     }
 
     /// Puts a denoised block in place of its fixed tokens (fixed tokens of later blocks
@@ -348,33 +342,33 @@ impl<'m> Session<'m> {
         );
     }
 
-    /// The KV cache, for a batched denoise pass over the next block (which reads it and
-    /// leaves its committed state as it was).
-    pub fn cache_mut(&mut self) -> &mut KvCache {
-        &mut self.cache
+    /// The input of a batched pass ([`Bd3lm::batch_pass`]) that denoises `block`, the
+    /// next block's current tokens, at noise level `t`; the cache stays as it was.
+    pub fn denoise_input<'a>(&'a mut self, block: &'a [u32], t: f64) -> BlockInput<'a> {
+        BlockInput {
+            tokens: block,
+            sigma: sigma(t),
+            cache: &mut self.cache,
+            commit: false,
+        }
     }
 
-    /// The cache and the placed block of a session for a batched commit.
-    fn placed(&mut self) -> BlockInput<'_> {
+    /// The input of a batched pass that commits the placed block (at noise level 0, as
+    /// every commit). Once that pass succeeded, [`Session::mark_committed`].
+    pub fn commit_input(&mut self) -> BlockInput<'_> {
         let bs = self.model.config().block_size;
         BlockInput {
             tokens: &self.tokens[self.committed..self.committed + bs],
             sigma: 0.0,
             cache: &mut self.cache,
+            commit: true,
         }
     }
-}
 
-/// Commits the placed block of each session in one batched pass: what committing them
-/// one by one gives, bit for bit on the CPU.
-pub fn commit_placed(model: &Bd3lm, sessions: &mut [&mut Session]) -> Result<()> {
-    let mut inputs: Vec<BlockInput> = sessions.iter_mut().map(|s| s.placed()).collect();
-    model.commit_batch(&mut inputs)?;
-    let bs = model.config().block_size;
-    for s in sessions.iter_mut() {
-        s.committed += bs;
+    /// Records the commit of the placed block by a pass of [`Session::commit_input`].
+    pub fn mark_committed(&mut self) {
+        self.committed += self.model.config().block_size;
     }
-    Ok(())
 }
 
 /// The result of a generation.

@@ -14,7 +14,7 @@ pub mod subs;
 
 pub use error::{Error, Result};
 pub use generate::{
-    BlockReport, BlockRng, Generation, Session, StopReason, StopRules, block_rng, commit_placed, generate, sigma,
+    BlockReport, BlockRng, Generation, Session, StopReason, StopRules, block_rng, generate, sigma,
 };
 pub use sampler::{BlockDenoiser, BlockOutcome, Filter, Sampler, SamplingParams, Step};
 pub use schedule::NoiseSchedule;

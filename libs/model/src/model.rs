@@ -31,8 +31,7 @@ pub struct Bd3lm {
     device: Device,
 }
 
-/// One sequence's block in a batched pass ([`Bd3lm::denoise_batch`],
-/// [`Bd3lm::commit_batch`]).
+/// One sequence's block in a batched pass ([`Bd3lm::batch_pass`]).
 pub struct BlockInput<'a> {
     /// The block's tokens: `block_size` of them.
     pub tokens: &'a [u32],
@@ -40,6 +39,9 @@ pub struct BlockInput<'a> {
     pub sigma: f32,
     /// The sequence's KV cache, of batch 1.
     pub cache: &'a mut KvCache,
+    /// Commit the block to the cache after the pass (a finished block); else the cache is
+    /// left as it was (a block being denoised).
+    pub commit: bool,
 }
 
 /// The adaLN modulation of every layer and of the output layer for one sigma.
@@ -222,15 +224,16 @@ impl Bd3lm {
         Ok(logits.reshape((b, rows.len(), self.cfg.vocab_size))?)
     }
 
-    /// One denoise pass over the blocks of many sequences, each after its own KV cache
-    /// (of batch 1, at any position and length): the logits of `rows[i]` of block `i`,
-    /// block after block, in one (rows, vocab) tensor (one transfer from the device). The
-    /// caches are not changed.
+    /// One pass over the blocks of many sequences, each after its own KV cache (of batch
+    /// 1, at any position and length): the logits of `rows[i]` of block `i`, block after
+    /// block, in one (rows, vocab) tensor (one transfer from the device). Blocks marked
+    /// `commit` are committed to their caches; the other caches are left as they were.
     ///
     /// Everything but attention is one product over all blocks' rows; attention runs per
-    /// sequence over its own cache. A sequence's logits are bit for bit those it gets alone
-    /// on the CPU (see the batch-invariance tests).
-    pub fn denoise_batch(&self, blocks: &mut [BlockInput], rows: &[&[u32]]) -> Result<Tensor> {
+    /// sequence over its own cache. A sequence's logits and committed keys are bit for bit
+    /// those it gets alone on the CPU (see the batch-invariance tests), so finished blocks
+    /// of some sessions are committed in the same pass that denoises the others.
+    pub fn batch_pass(&self, blocks: &mut [BlockInput], rows: &[&[u32]]) -> Result<Tensor> {
         if rows.len() != blocks.len() {
             return Err(Error::Input(format!(
                 "{} blocks but rows for {}",
@@ -239,23 +242,15 @@ impl Bd3lm {
             )));
         }
         let (tokens, sigma) = self.stack(blocks)?;
+        let commits: Vec<bool> = blocks.iter().map(|b| b.commit).collect();
         let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
-        let (x, cond) = self.cached_pass(&tokens, &sigma, &mut caches, false)?;
+        let (x, cond) = self.cached_pass(&tokens, &sigma, &mut caches, &commits)?;
         let picks: Vec<(usize, u32)> = rows
             .iter()
             .enumerate()
             .flat_map(|(i, r)| r.iter().map(move |&r| (i, r)))
             .collect();
         self.logits_at(&x, &cond, &picks)
-    }
-
-    /// Commits one finished block per sequence to its own cache, in one pass: what
-    /// [`Bd3lm::commit`] does to each, bit for bit on the CPU.
-    pub fn commit_batch(&self, blocks: &mut [BlockInput]) -> Result<()> {
-        let (tokens, sigma) = self.stack(blocks)?;
-        let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
-        self.cached_pass(&tokens, &sigma, &mut caches, true)?;
-        Ok(())
     }
 
     /// The blocks' tokens (batch, block_size) and noise levels (batch,).
@@ -324,7 +319,7 @@ impl Bd3lm {
                 self.cfg.block_size
             )));
         }
-        self.cached_pass(block, sigma, &mut [cache], false)
+        self.cached_pass(block, sigma, &mut [cache], &[false])
     }
 
     /// Commit pass: appends the keys and values of finished blocks (batch, k * block_size)
@@ -345,21 +340,22 @@ impl Bd3lm {
         while done < s {
             let take = cache.max_commit_tokens().min(s - done);
             let part = blocks.narrow(1, done, take)?;
-            self.cached_pass(&part, sigma, &mut [&mut *cache], true)?;
+            self.cached_pass(&part, sigma, &mut [&mut *cache], &[true])?;
             done += take;
         }
         Ok(())
     }
 
     /// One pass of new tokens (batch, s) after the caches, whose batches add up to the
-    /// tokens' (one cache per sequence in a batched pass); returns the last hidden states
-    /// and the conditioning they were computed with.
+    /// tokens' (one cache per sequence in a batched pass); the tokens of the caches marked
+    /// in `commits` are committed. Returns the last hidden states and the conditioning
+    /// they were computed with.
     fn cached_pass(
         &self,
         tokens: &Tensor,
         sigma: &Tensor,
         caches: &mut [&mut KvCache],
-        commit: bool,
+        commits: &[bool],
     ) -> Result<(Tensor, Conditioning)> {
         let (b, s) = self.check_tokens(tokens)?;
         let batch: usize = caches.iter().map(|c| c.batch()).sum();
@@ -396,12 +392,12 @@ impl Bd3lm {
             caches: caches.iter().map(|c| &**c).collect(),
         };
         let cond = self.conditioning(sigma)?;
-        let x = self.layers(tokens, &cond, &ctx, commit, None)?;
+        // When every sequence commits, nothing reads the last layer's output.
+        let keys_only = commits.iter().all(|&c| c);
+        let x = self.layers(tokens, &cond, &ctx, keys_only, None)?;
         drop(ctx);
-        if commit {
-            for cache in caches.iter_mut() {
-                cache.commit_pending(s);
-            }
+        for (cache, _) in caches.iter_mut().zip(commits).filter(|(_, c)| **c) {
+            cache.commit_pending(s);
         }
         Ok((x, cond))
     }
@@ -704,19 +700,19 @@ mod tests {
     /// A batched pass gives each sequence, bit for bit, the logits and the committed cache
     /// it gets alone: sequences at different positions (one past the window), different
     /// rows (one row, and more than 64 rows in all, which switch the vocabulary product's
-    /// orientation), different noise levels under time conditioning.
+    /// orientation), different noise levels under time conditioning, blocks committed in
+    /// the pass that denoises others, then a pass that only commits.
     #[test]
     fn batched_passes_are_batch_invariant() {
         for time_conditioning in [false, true] {
             let mut cfg = crate::Config::new(300, 32, 4, 2, 16, 24, 4);
             cfg.time_conditioning = time_conditioning;
             let model = small_model(&cfg);
-            let n = 20;
-            let prefix = |i: usize| 4 * (i % 11);
+            let n = 24;
             let cache = |i: usize| {
                 let mut c = model.new_cache(1).unwrap();
-                if prefix(i) > 0 {
-                    let t = tokens(1, prefix(i), cfg.vocab_size, i);
+                if !i.is_multiple_of(11) {
+                    let t = tokens(1, 4 * (i % 11), cfg.vocab_size, i);
                     model.commit(&t, &zeros(1), &mut c).unwrap();
                 }
                 c
@@ -724,41 +720,58 @@ mod tests {
             let mut alone: Vec<_> = (0..n).map(cache).collect();
             let mut together: Vec<_> = (0..n).map(cache).collect();
             let blocks: Vec<Vec<u32>> = tokens(n, 4, cfg.vocab_size, 77).to_vec2().unwrap();
-            let rows: Vec<Vec<u32>> = (0..n as u32).map(|i| (i % 4..4).collect()).collect();
-            let sigma = |i: usize| 0.1 + i as f32 / 7.0;
-            let mut inputs: Vec<_> = together
-                .iter_mut()
-                .enumerate()
-                .map(|(i, cache)| crate::BlockInput {
-                    tokens: &blocks[i],
-                    sigma: sigma(i),
-                    cache,
+            let rows: Vec<Vec<u32>> = (0..n as u32)
+                .map(|i| {
+                    if i % 2 == 0 {
+                        vec![]
+                    } else {
+                        (i / 2 % 4..4).collect()
+                    }
                 })
                 .collect();
+            let sigma = |i: usize| 0.1 + i as f32 / 7.0;
             let row_refs: Vec<&[u32]> = rows.iter().map(Vec::as_slice).collect();
-            let batched = model.denoise_batch(&mut inputs, &row_refs).unwrap();
+            let mut pass = |commit: &dyn Fn(usize) -> bool, rows: &[&[u32]]| {
+                let mut inputs: Vec<_> = together
+                    .iter_mut()
+                    .enumerate()
+                    .map(|(i, cache)| crate::BlockInput {
+                        tokens: &blocks[i],
+                        sigma: sigma(i),
+                        cache,
+                        commit: commit(i),
+                    })
+                    .collect();
+                model.batch_pass(&mut inputs, rows).unwrap()
+            };
+            let logits = pass(&|i| i % 2 == 0, &row_refs);
+            let none = vec![&[][..]; n];
+            pass(&|i| i % 2 == 1, &none);
             let mut at = 0;
-            model.commit_batch(&mut inputs).unwrap();
-            drop(inputs);
-            for i in 0..n {
+            for (i, own_cache) in alone.iter_mut().enumerate() {
                 let block = Tensor::new(&blocks[i][..], &Device::Cpu)
                     .unwrap()
                     .unsqueeze(0)
                     .unwrap();
                 let s = Tensor::new(&[sigma(i)], &Device::Cpu).unwrap();
-                let own = model
-                    .denoise_rows(&block, &s, &mut alone[i], &rows[i])
-                    .unwrap();
-                let theirs = batched.narrow(0, at, rows[i].len()).unwrap();
-                at += rows[i].len();
-                assert_eq!(max_diff(&own.squeeze(0).unwrap(), &theirs), 0.0, "sequence {i}");
-                model.commit(&block, &s, &mut alone[i]).unwrap();
-                assert_eq!(
-                    alone[i].to_bytes().unwrap(),
+                if !rows[i].is_empty() {
+                    let own = model.denoise_rows(&block, &s, own_cache, &rows[i]).unwrap();
+                    let theirs = logits.narrow(0, at, rows[i].len()).unwrap();
+                    at += rows[i].len();
+                    assert_eq!(
+                        max_diff(&own.squeeze(0).unwrap(), &theirs),
+                        0.0,
+                        "logits {i}"
+                    );
+                }
+                model.commit(&block, &s, own_cache).unwrap();
+                let (a, b) = (
+                    own_cache.to_bytes().unwrap(),
                     together[i].to_bytes().unwrap(),
-                    "cache {i}"
                 );
+                assert!(a == b, "cache {i}");
             }
+            assert_eq!(at, logits.dim(0).unwrap());
         }
     }
 

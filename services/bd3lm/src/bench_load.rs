@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::Store;
+use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
-use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::{GenerateRequest, InfoRequest, TokenIds};
 use bd3lm_worker::{Loaded, WorkerLimits};
 use serde::Serialize;
@@ -125,13 +125,8 @@ pub async fn one_worker(
     let worker_addr = worker.local_addr()?.to_string();
     let worker_store = store.clone();
     tokio::spawn(async move {
-        let serving = bd3lm_worker::serve(
-            worker,
-            cell,
-            worker_store,
-            limits,
-            std::future::pending(),
-        );
+        let serving =
+            bd3lm_worker::serve(worker, cell, worker_store, limits, std::future::pending());
         if let Err(e) = serving.await {
             tracing::error!(error = %e, "bench worker stopped");
         }

@@ -33,7 +33,11 @@ pub async fn tiny_model() -> anyhow::Result<Arc<Loaded>> {
 
 /// A random-weight model of shape `cfg` as a worker loads it: saved to a temporary
 /// checkpoint and loaded back, so it has a fingerprint like any other.
-pub async fn random_model(cfg: Config, dtype: DType, device: Device) -> anyhow::Result<Arc<Loaded>> {
+pub async fn random_model(
+    cfg: Config,
+    dtype: DType,
+    device: Device,
+) -> anyhow::Result<Arc<Loaded>> {
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
     let weights = checkpoint::random_weights(&cfg, 0.02, 0)?;
     checkpoint::save(&dir, &cfg, &weights, dtype)?;

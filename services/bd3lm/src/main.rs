@@ -264,8 +264,14 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
         } => runtime.block_on(async {
             let (dev, dtype) = (device.device()?, device.dtype());
             let (loaded, name) = match model {
-                BenchModel::Tiny => (bench_serve::random_model(Config::tiny(4), dtype, dev).await?, "tiny"),
-                BenchModel::Small => (bench_serve::random_model(Config::small(4), dtype, dev).await?, "small"),
+                BenchModel::Tiny => (
+                    bench_serve::random_model(Config::tiny(4), dtype, dev).await?,
+                    "tiny",
+                ),
+                BenchModel::Small => (
+                    bench_serve::random_model(Config::small(4), dtype, dev).await?,
+                    "small",
+                ),
                 BenchModel::Demo => {
                     let dir = demo::checkpoint_or_demo(None)?;
                     let load = move || bd3lm_worker::load(&dir, None, dtype, &dev);

@@ -43,7 +43,7 @@ pub struct Effort {
 /// A session opened for its next block.
 pub enum Prepared {
     /// A new session's prompt held whole blocks, now committed: the request's work.
-    Prefilled(BlockWork),
+    Prefilled(Box<BlockWork>),
     /// The cache holds every committed block; the next block is to be denoised.
     Ready(Held, CacheSource),
 }
@@ -75,7 +75,8 @@ pub fn prepare(
         denoise: Duration::ZERO,
         commit: started.elapsed(),
     };
-    finish(loaded, record, session, effort).map(Prepared::Prefilled)
+    let work = finish(loaded, record, session, effort)?;
+    Ok(Prepared::Prefilled(Box::new(work)))
 }
 
 /// The work of `session` after it committed the blocks from `effort.first_block` on: the

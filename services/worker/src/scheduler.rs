@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use bd3lm_diffusion::{BlockDenoiser, BlockOutcome, BlockRng, Error, Session, Step};
 use bd3lm_kvstore::SessionRecord;
-use bd3lm_model::BlockInput;
 use candle_core::DType;
 use tokio::sync::{mpsc, oneshot};
 
@@ -50,6 +49,10 @@ pub struct BatchStats {
     pub batched_blocks: AtomicU64,
 }
 
+/// The scheduler thread is gone (it panicked): no block can be batched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stopped;
+
 /// The handle on the scheduler thread; dropping it ends the thread once its batch is done.
 pub struct Scheduler {
     jobs: mpsc::UnboundedSender<Job>,
@@ -68,9 +71,9 @@ impl Scheduler {
         Ok(Self { jobs, stats })
     }
 
-    /// Hands `job` over; gives it back when the thread has stopped.
-    pub fn submit(&self, job: Job) -> Result<(), Job> {
-        self.jobs.send(job).map_err(|e| e.0)
+    /// Hands `job` over; an error when the thread has stopped (the job is dropped).
+    pub fn submit(&self, job: Job) -> Result<(), Stopped> {
+        self.jobs.send(job).map_err(|_| Stopped)
     }
 
     /// The batch's counters.
@@ -84,7 +87,7 @@ struct Entry<'m> {
     record: SessionRecord,
     source: CacheSource,
     reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
-    _slot: Box<dyn Send>,
+    slot: Box<dyn Send>,
     session: Session<'m>,
     denoiser: BlockDenoiser,
     rng: BlockRng,
@@ -189,7 +192,7 @@ impl<'m> Batch<'m> {
             record,
             source,
             reply,
-            _slot: slot,
+            slot,
             session,
             denoiser,
             first_block,
@@ -199,13 +202,16 @@ impl<'m> Batch<'m> {
         })
     }
 
-    /// One step: cancelled blocks leave, every sampler advances, finished blocks are
-    /// committed together and the others get one denoise pass together.
+    /// One step: cancelled blocks leave, every sampler advances, then one pass denoises
+    /// the rows the samplers asked for and commits the finished blocks.
     fn step(&mut self) {
         self.running.retain(|e| {
             let gone = e.reply.is_closed();
             if gone {
-                tracing::info!(block = e.first_block, "block cancelled: its request went away");
+                tracing::info!(
+                    block = e.first_block,
+                    "block cancelled: its request went away"
+                );
             }
             !gone
         });
@@ -215,89 +221,91 @@ impl<'m> Batch<'m> {
             }
             match e.denoiser.advance(&mut e.rng) {
                 Step::Logits { rows, t } => e.asked = Some((rows, t)),
-                Step::Done => e.outcome = Some((e.denoiser.outcome(), e.joined.elapsed())),
+                Step::Done => {
+                    let outcome = e.denoiser.outcome();
+                    e.session.place_block(&outcome.tokens);
+                    e.outcome = Some((outcome, e.joined.elapsed()));
+                }
             }
         }
-        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.running)
-            .into_iter()
-            .partition(|e| e.outcome.is_some());
-        self.running = running;
-        if !done.is_empty() {
-            self.commit(done);
+        if self.running.is_empty() {
+            return;
         }
-        if !self.running.is_empty() {
-            self.denoise();
+        let started = Instant::now();
+        let passed = self.pass();
+        let took = started.elapsed();
+        self.stats.passes.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .batched_blocks
+            .fetch_add(self.running.len() as u64, Ordering::Relaxed);
+        match passed {
+            Ok(logits) => self.after_pass(logits, took),
+            Err(err) => {
+                tracing::error!(error = %err, blocks = self.running.len(), "batched pass failed");
+                for e in self.running.drain(..) {
+                    let Entry { reply, slot, .. } = e;
+                    drop(slot);
+                    let _ = reply.send(Err(Error::Batch(err.to_string())));
+                }
+            }
         }
     }
 
-    /// One commit pass over the finished blocks, then their answers.
-    fn commit(&self, mut done: Vec<Entry<'m>>) {
-        for e in &mut done {
-            let (outcome, _) = e.outcome.as_ref().expect("finished");
-            e.session.place_block(&outcome.tokens);
+    /// The batched forward pass: every asked row's logits, block after block; finished
+    /// blocks are committed in it.
+    fn pass(&mut self) -> bd3lm_diffusion::Result<Vec<Vec<f32>>> {
+        let mut inputs = Vec::with_capacity(self.running.len());
+        let mut rows: Vec<&[u32]> = Vec::with_capacity(self.running.len());
+        for e in &mut self.running {
+            match (&e.asked, &e.outcome) {
+                (_, Some(_)) => {
+                    rows.push(&[]);
+                    inputs.push(e.session.commit_input());
+                }
+                (Some((asked, t)), None) => {
+                    rows.push(asked);
+                    inputs.push(e.session.denoise_input(e.denoiser.tokens(), *t));
+                }
+                (None, None) => unreachable!("every running block advanced to a pass"),
+            }
         }
-        let started = Instant::now();
-        let mut sessions: Vec<&mut Session> = done.iter_mut().map(|e| &mut e.session).collect();
-        let committed = bd3lm_diffusion::commit_placed(&self.loaded.model, &mut sessions);
-        let commit = started.elapsed();
-        for e in done {
-            let (outcome, denoise) = e.outcome.expect("finished");
+        let logits = self.loaded.model.batch_pass(&mut inputs, &rows)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    /// Gives the samplers their logits and answers the committed blocks.
+    fn after_pass(&mut self, logits: Vec<Vec<f32>>, took: Duration) {
+        let mut logits = logits.into_iter();
+        let mut still = Vec::with_capacity(self.running.len());
+        for mut e in std::mem::take(&mut self.running) {
+            if let Some((asked, _)) = e.asked.take() {
+                let rows: Vec<Vec<f32>> = logits.by_ref().take(asked.len()).collect();
+                e.denoiser.supply(&asked, &rows);
+                still.push(e);
+                continue;
+            }
+            e.session.mark_committed();
+            let (outcome, denoise) = e.outcome.take().expect("finished");
             let effort = Effort {
                 first_block: e.first_block,
                 source: e.source,
                 forward_passes: outcome.forward_passes,
                 steps: outcome.steps,
                 denoise,
-                commit,
+                commit: took,
             };
-            let work = match &committed {
-                Ok(()) => block::finish(self.loaded, &e.record, e.session, effort),
-                Err(err) => Err(Error::Batch(err.to_string())),
-            };
-            let _ = e.reply.send(work);
+            let Entry {
+                record,
+                reply,
+                slot,
+                session,
+                ..
+            } = e;
+            // The slot is free before the answer leaves, so the next block finds room.
+            drop(slot);
+            let _ = reply.send(block::finish(self.loaded, &record, session, effort));
         }
-    }
-
-    /// One denoise pass over the rows every running block asked for.
-    fn denoise(&mut self) {
-        let passed = self.pass();
-        self.stats.passes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .batched_blocks
-            .fetch_add(self.running.len() as u64, Ordering::Relaxed);
-        match passed {
-            Ok(rows) => {
-                let mut rows = rows.into_iter();
-                for e in &mut self.running {
-                    let (asked, _) = e.asked.take().expect("asked");
-                    let logits: Vec<Vec<f32>> = rows.by_ref().take(asked.len()).collect();
-                    e.denoiser.supply(&asked, &logits);
-                }
-            }
-            Err(err) => {
-                tracing::error!(error = %err, blocks = self.running.len(), "batched denoise pass failed");
-                for e in self.running.drain(..) {
-                    let _ = e.reply.send(Err(Error::Batch(err.to_string())));
-                }
-            }
-        }
-    }
-
-    /// The batched forward pass: every asked row's logits, block after block.
-    fn pass(&mut self) -> bd3lm_diffusion::Result<Vec<Vec<f32>>> {
-        let mut inputs = Vec::with_capacity(self.running.len());
-        let mut rows = Vec::with_capacity(self.running.len());
-        for e in &mut self.running {
-            let (asked, t) = e.asked.as_ref().expect("asked");
-            rows.push(asked.as_slice());
-            inputs.push(BlockInput {
-                tokens: e.denoiser.tokens(),
-                sigma: bd3lm_diffusion::sigma(*t),
-                cache: e.session.cache_mut(),
-            });
-        }
-        let logits = self.loaded.model.denoise_batch(&mut inputs, &rows)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+        self.running = still;
     }
 }
 

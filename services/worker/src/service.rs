@@ -108,7 +108,9 @@ impl WorkerService {
 
     fn scheduler(&self, loaded: &Arc<Loaded>) -> Result<&Scheduler, Status> {
         self.scheduler
-            .get_or_init(|| Scheduler::start(loaded.clone(), self.limits).map_err(|e| e.to_string()))
+            .get_or_init(|| {
+                Scheduler::start(loaded.clone(), self.limits).map_err(|e| e.to_string())
+            })
             .as_ref()
             .map_err(|e| {
                 tracing::error!(error = %e, "starting the batch thread failed");
@@ -156,7 +158,7 @@ impl WorkerService {
         })?;
         let cache_time = started.elapsed();
         let work = match prepared.map_err(work_status)? {
-            Prepared::Prefilled(work) => work,
+            Prepared::Prefilled(work) => *work,
             Prepared::Ready(held, source) => {
                 let (reply, answer) = oneshot::channel();
                 let job = Job {
@@ -483,10 +485,95 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         assert_eq!(worker.permits.available_permits(), 1);
+        let passes = info(&worker).await.denoise_passes;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(info(&worker).await.denoise_passes, passes, "passes went on");
         let stored = store.get_session("m", "long").await.unwrap().unwrap();
         assert_eq!(
             stored.committed_blocks, 0,
             "the cancelled block was committed"
         );
+    }
+
+    async fn info(worker: &WorkerService) -> InfoResponse {
+        worker
+            .info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    /// Sessions with different samplers, step counts, prompts and seeds, started at
+    /// different times so that they join and leave a running batch, get exactly the
+    /// tokens each gets alone from the unbatched sampler.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn batched_blocks_get_the_tokens_they_get_alone() {
+        let cfg = Config::new(64, 32, 4, 2, 16, 32, 8);
+        let model = checkpoint::random_model(&cfg, 0.3, 1, DType::F32, &Device::Cpu).unwrap();
+        let loaded = Arc::new(Loaded {
+            model,
+            model_id: "m".into(),
+            fingerprint: "f".into(),
+        });
+        let store = Store::memory(StoreConfig::default());
+        let samplers = [
+            Sampler::Ddpm,
+            Sampler::FirstHitting,
+            Sampler::Confidence { threshold: 0.3 },
+        ];
+        let records: Vec<SessionRecord> = (0..9)
+            .map(|i| SessionRecord {
+                id: format!("s{i}"),
+                model_id: "m".into(),
+                tokens: (1..3 + i as u32 * 2).collect(),
+                prompt_len: 2 + i * 2,
+                committed_blocks: 0,
+                seed: 100 + i as u64,
+                sampling: SamplingParams {
+                    sampler: samplers[i % 3],
+                    steps: 2 + i % 4 * 2,
+                    filter: Filter::default(),
+                    greedy: false,
+                },
+                returned: 0,
+            })
+            .collect();
+        for r in &records {
+            store.create_session(r).await.unwrap();
+        }
+        let worker = Arc::new(service(Some(loaded.clone()), &store, 9));
+        let blocks = 6;
+        let runs: Vec<_> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let (worker, id) = (worker.clone(), r.id.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_millis(3 * i as u64)).await;
+                    for b in 0..blocks {
+                        block(&worker, &id, b).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for run in runs {
+            run.await.unwrap();
+        }
+        for r in &records {
+            let stored = store.get_session("m", &r.id).await.unwrap().unwrap();
+            let mut alone = bd3lm_diffusion::Session::start(&loaded.model, &r.tokens).unwrap();
+            while alone.next_block_index() < blocks as usize {
+                alone.next_block(&r.sampling, r.seed, None).unwrap();
+            }
+            assert_eq!(stored.tokens, alone.tokens(), "session {}", r.id);
+        }
+        let info = info(&worker).await;
+        assert!(
+            info.batched_blocks > info.denoise_passes,
+            "never batched: {} blocks in {} passes",
+            info.batched_blocks,
+            info.denoise_passes
+        );
+        assert_eq!((info.in_flight, info.batch_size), (0, 0));
     }
 }

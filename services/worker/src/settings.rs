@@ -182,7 +182,12 @@ mod tests {
         };
         let limits = set.limits(DeviceSpec::Cuda(0));
         assert_eq!(
-            (limits.max_batch, limits.max_rows, limits.kv_budget, limits.cache_bytes),
+            (
+                limits.max_batch,
+                limits.max_rows,
+                limits.kv_budget,
+                limits.cache_bytes
+            ),
             (3, 40, 1000, 10)
         );
     }
