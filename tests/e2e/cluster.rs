@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generation_client::GenerationClient;
-use bd3lm_proto::v1::{GenerateRequest, GenerateResponse};
+use bd3lm_proto::v1::{GenerateRequest, GenerateResponse, InfoRequest, InfoResponse};
 use tonic::Status;
 
 use crate::bin;
@@ -290,6 +291,17 @@ impl Cluster {
                 }
             });
             futures::future::join_all(calls).await
+        })
+    }
+
+    /// Worker `i`'s `Info`; `None` when it does not answer.
+    pub fn worker_info(&self, i: usize) -> Option<InfoResponse> {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let addr = format!("http://{}", self.worker_addrs[i]);
+            let mut client = DenoiseWorkerClient::connect(addr).await.ok()?;
+            let info = client.info(InfoRequest {}).await.ok()?;
+            Some(info.into_inner())
         })
     }
 

@@ -185,6 +185,51 @@ fn a_worker_killed_mid_generation_loses_nothing() {
     assert_eq!(out.ids, expected);
 }
 
+fn as_refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A worker killed while its batch holds several sessions: every one finishes on the
+/// other worker with the tokens a local run gives.
+#[test]
+fn a_worker_killed_with_several_sessions_in_its_batch_loses_nothing() {
+    let mut cluster = Cluster::start(&checkpoint(), 2, "affinity");
+    let runs: Vec<Vec<String>> = (0..6)
+        .map(|seed| {
+            let args = ["--prompt-ids", "1022", "--max-tokens", "1500", "--seed"];
+            let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+            args.push(seed.to_string());
+            args
+        })
+        .collect();
+    let mut clients: Vec<_> = runs
+        .iter()
+        .map(|args| {
+            let mut child = spawn_client(&cluster.addr, &as_refs(args));
+            let mut stdout = child.stdout.take().unwrap();
+            let mut seen = Vec::new();
+            read_tokens(&mut stdout, &mut seen, 20);
+            (child, stdout, seen)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while cluster.worker_info(0).is_none_or(|i| i.batch_size < 2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker 0 never batched two sessions"
+        );
+    }
+    cluster.workers[0].kill();
+    for (args, (child, mut stdout, mut seen)) in runs.iter().zip(clients.drain(..)) {
+        stdout.read_to_end(&mut seen).unwrap();
+        let mut out = child.wait_with_output().unwrap();
+        out.stdout = seen;
+        let out = Generated::from(out);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(out.ids, local(&as_refs(args)), "seed {}", args[5]);
+    }
+}
+
 #[test]
 fn store_faults_are_survived_or_reported() {
     let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");

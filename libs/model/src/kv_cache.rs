@@ -320,18 +320,21 @@ impl KvCache {
                 "segments hold {len} tokens ending at {next}; window {keep}, block size {block_size}"
             )));
         }
+        // Decoded straight into buffers with room for the next passes (as `reserve` would
+        // grow them), so the first pass after an import copies nothing.
+        let full = keep + block_size;
+        let capacity = ((len + block_size) * 3 / 2)
+            .min(full + full / 2)
+            .max(len + block_size);
+        let shape = [batch, n_heads, capacity, head_dim];
         let mut buffers = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {
-            let mut pair = Vec::with_capacity(2);
-            for part in 0..2 {
-                let pieces = decoded
-                    .iter()
-                    .map(|seg| seg.tensor(2 * layer + part, device))
-                    .collect::<Result<Vec<_>>>()?;
-                pair.push(Tensor::cat(&pieces, 2)?);
-            }
-            let v = pair.pop().expect("two tensors");
-            let k = pair.pop().expect("two tensors");
+            let mut pair = [2 * layer, 2 * layer + 1].into_iter().map(|i| {
+                let bytes = assemble(&decoded, i, batch * n_heads, capacity);
+                Tensor::from_raw_buffer(&bytes, layout.dtype, &shape, device)
+            });
+            let k = pair.next().expect("keys")?;
+            let v = pair.next().expect("values")?;
             buffers.push((k, v));
         }
         Ok(Self {
@@ -422,18 +425,30 @@ impl<'a> Segment<'a> {
         })
     }
 
-    /// Tensor `i` (layer `i / 2`, keys then values), shape (batch, heads, len, head dim).
-    fn tensor(&self, i: usize, device: &Device) -> Result<Tensor> {
+    /// The bytes of tensor `i` (layer `i / 2`, keys then values), laid out (batch, heads,
+    /// len, head dim).
+    fn part(&self, i: usize) -> &[u8] {
         let [_, batch, n_heads, head_dim, _, _] = self.layout.dims;
         let size = batch * n_heads * self.len * head_dim * self.layout.dtype.size_in_bytes();
-        let raw = &self.data[i * size..(i + 1) * size];
-        Ok(Tensor::from_raw_buffer(
-            raw,
-            self.layout.dtype,
-            &[batch, n_heads, self.len, head_dim],
-            device,
-        )?)
+        &self.data[i * size..(i + 1) * size]
     }
+}
+
+/// Tensor `i` of consecutive `segments` as the bytes of one buffer of `capacity` positions
+/// per (batch, head) row, the segments' tokens first and zeros after them.
+fn assemble(segments: &[Segment], i: usize, rows: usize, capacity: usize) -> Vec<u8> {
+    let layout = segments[0].layout;
+    let token = layout.dims[3] * layout.dtype.size_in_bytes();
+    let mut out = vec![0u8; rows * capacity * token];
+    for row in 0..rows {
+        let mut at = row * capacity * token;
+        for seg in segments {
+            let n = seg.len * token;
+            out[at..at + n].copy_from_slice(&seg.part(i)[row * n..(row + 1) * n]);
+            at += n;
+        }
+    }
+    out
 }
 
 fn dtype_code(dtype: DType) -> Result<u8> {

@@ -36,8 +36,11 @@ struct LoadFigures {
     first_block_ms_p99: f64,
     /// Milliseconds a block waited for a worker slot at the coordinator, on average.
     queue_ms_mean: f64,
-    /// Blocks per batched denoise pass, on average (the worker's count).
+    /// Blocks per batched pass, on average (the worker's count).
     batch_size_mean: f64,
+    /// Of the tokens of the seeds the previous level also ran, the share that came out
+    /// identical though batched with other streams (absent at the first level).
+    same_tokens_as_previous_level: Option<f64>,
 }
 
 /// One stream's view: the gaps between its blocks, its first block's delay, its queue
@@ -47,7 +50,7 @@ struct StreamTimes {
     gaps_ms: Vec<f64>,
     first_ms: f64,
     queue_ms: Vec<f64>,
-    tokens: usize,
+    tokens: Vec<u32>,
 }
 
 /// Serves `loaded` from one worker with `limits` behind the coordinator, then runs
@@ -63,6 +66,7 @@ pub async fn run(
     let bench = one_worker(loaded.clone(), limits, store).await?;
     let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
+    let mut previous: Option<Vec<StreamTimes>> = None;
     for &concurrency in levels {
         let before = worker.info(InfoRequest {}).await?.into_inner();
         let started = Instant::now();
@@ -83,7 +87,8 @@ pub async fn run(
         let mut gaps: Vec<f64> = times.iter().flat_map(|t| t.gaps_ms.clone()).collect();
         let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
         let queues: Vec<f64> = times.iter().flat_map(|t| t.queue_ms.clone()).collect();
-        let total: usize = times.iter().map(|t| t.tokens).sum();
+        let total: usize = times.iter().map(|t| t.tokens.len()).sum();
+        let same = previous.as_deref().map(|p| agreement(p, &times));
         let figures = LoadFigures {
             model: name.to_string(),
             device: format!("{:?}", loaded.model.device().location()).to_lowercase(),
@@ -99,8 +104,10 @@ pub async fn run(
             first_block_ms_p99: percentile(&mut firsts, 0.99),
             queue_ms_mean: queues.iter().sum::<f64>() / queues.len().max(1) as f64,
             batch_size_mean: batched as f64 / passes.max(1) as f64,
+            same_tokens_as_previous_level: same,
         };
         println!("{}", serde_json::to_string(&figures)?);
+        previous = Some(times);
     }
     Ok(())
 }
@@ -175,9 +182,25 @@ async fn stream(
         }
         last = Some(now);
         times.queue_ms.push(block.queue_ms);
-        times.tokens += message.token_ids.len();
+        times.tokens.extend_from_slice(&message.token_ids);
     }
     Ok(times)
+}
+
+/// The share of tokens equal in `a` and `b`, stream by stream (stream i has seed i in
+/// both), over the streams both have.
+fn agreement(a: &[StreamTimes], b: &[StreamTimes]) -> f64 {
+    let (mut same, mut all) = (0usize, 0usize);
+    for (x, y) in a.iter().zip(b) {
+        all += x.tokens.len().max(y.tokens.len());
+        same += x
+            .tokens
+            .iter()
+            .zip(&y.tokens)
+            .filter(|(p, q)| p == q)
+            .count();
+    }
+    same as f64 / all.max(1) as f64
 }
 
 fn ms(d: Duration) -> f64 {

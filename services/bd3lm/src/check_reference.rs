@@ -60,10 +60,17 @@ const OUTPUTS: [&str; 15] = [
 ];
 
 /// Runs the check of `fixtures` against the checkpoint in `checkpoint_dir`.
-pub fn run(checkpoint_dir: &Path, fixtures: &Path, tolerance: f64) -> anyhow::Result<Report> {
+/// The model runs on `device` in `dtype`; the differences are taken in f64 on the host.
+pub fn run(
+    checkpoint_dir: &Path,
+    fixtures: &Path,
+    tolerance: f64,
+    device: &Device,
+    dtype: DType,
+) -> anyhow::Result<Report> {
     let ckpt = Checkpoint::open(checkpoint_dir)?;
-    let model = ckpt.load_model(DType::F32, &Device::Cpu)?;
-    let stored = candle_core::safetensors::load(fixtures, &Device::Cpu).with_context(|| {
+    let model = ckpt.load_model(dtype, device)?;
+    let stored = candle_core::safetensors::load(fixtures, device).with_context(|| {
         format!(
             "{}: not a readable safetensors fixture file",
             fixtures.display()
@@ -115,8 +122,8 @@ enum Computed {
 }
 
 fn max_abs_diff(key: &str, ours: &Tensor, reference: &Tensor) -> anyhow::Result<f64> {
-    let reference = reference.to_dtype(DType::F64)?;
-    let ours = ours.to_dtype(DType::F64)?;
+    let reference = reference.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let ours = ours.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
     if ours.elem_count() != reference.elem_count() {
         bail!(
             "{key}: computed {:?} values, the fixture holds {:?}",
@@ -149,10 +156,10 @@ fn ids(stored: &HashMap<String, Tensor>, name: &str) -> anyhow::Result<Option<Te
 }
 
 /// Sigma for a batch: the fixture's value when present, else zeros.
-fn sigma_or_zeros(sigma: Option<&Tensor>, batch: usize) -> anyhow::Result<Tensor> {
+fn sigma_or_zeros(sigma: Option<&Tensor>, batch: usize, dev: &Device) -> anyhow::Result<Tensor> {
     Ok(match sigma {
         Some(s) => s.to_dtype(DType::F32)?,
-        None => Tensor::zeros(batch, DType::F32, &Device::Cpu)?,
+        None => Tensor::zeros(batch, DType::F32, dev)?,
     })
 }
 
@@ -178,12 +185,12 @@ fn compute(
             .collect();
         out.insert(
             "block_mask",
-            Computed::Value(Tensor::from_vec(allowed, (2 * n, 2 * n), &Device::Cpu)?),
+            Computed::Value(Tensor::from_vec(allowed, (2 * n, 2 * n), model.device())?),
         );
     }
     if let Some(input) = &train_input {
         let b = input.dim(0)?;
-        let sigma = sigma_or_zeros(stored.get("train_sigma"), b)?;
+        let sigma = sigma_or_zeros(stored.get("train_sigma"), b, model.device())?;
         out.insert(
             "cond_c",
             match model.cond(&sigma)? {
@@ -198,12 +205,12 @@ fn compute(
             if let (Some(x0), Some(t)) = (&x0, stored.get("t")) {
                 let token_loss = loss::token_loss(&log_probs, x0, t, NoiseSchedule::LogLinear)?;
                 let (b, n) = token_loss.dims2()?;
-                let eval_mask = loss::eval_mask(b, n, &Device::Cpu)?;
+                let eval_mask = loss::eval_mask(b, n, model.device())?;
                 let nlls = (&token_loss * &eval_mask)?;
                 let mean = loss::mean_over(&token_loss, &eval_mask)?;
                 out.insert(
                     "nelbo_token_nll",
-                    Computed::Value(Tensor::new(&[mean as f32], &Device::Cpu)?),
+                    Computed::Value(Tensor::new(&[mean as f32], model.device())?),
                 );
                 out.insert("nelbo_nlls", Computed::Value(nlls));
                 out.insert("nelbo_attention_mask", Computed::Value(eval_mask));
@@ -247,7 +254,11 @@ fn sampling_outputs(
     let (mut cached, mut cached_store, mut idx_before) = (Vec::new(), Vec::new(), Vec::new());
     let (mut uncached, mut uncached_store, mut window_start) = (Vec::new(), Vec::new(), Vec::new());
     for k in 0..k_blocks {
-        let sigma = sigma_or_zeros(seq_sigma.map(|s| s.i(k)).transpose()?.as_ref(), b)?;
+        let sigma = sigma_or_zeros(
+            seq_sigma.map(|s| s.i(k)).transpose()?.as_ref(),
+            b,
+            model.device(),
+        )?;
         let noisy = partial.i(k)?;
         let clean = seq.narrow(1, k * bs, bs)?;
         idx_before.push(cache.len() as f32);
@@ -273,7 +284,7 @@ fn sampling_outputs(
     );
     out.insert(
         "cache_idx_before",
-        Computed::Value(Tensor::new(idx_before, &Device::Cpu)?),
+        Computed::Value(Tensor::new(idx_before, model.device())?),
     );
     out.insert(
         "uncached_logits",
@@ -285,7 +296,7 @@ fn sampling_outputs(
     );
     out.insert(
         "uncached_window_start",
-        Computed::Value(Tensor::new(window_start, &Device::Cpu)?),
+        Computed::Value(Tensor::new(window_start, model.device())?),
     );
     Ok(())
 }

@@ -46,6 +46,9 @@ enum Command {
         /// Largest allowed absolute difference per key.
         #[arg(long, default_value_t = 1e-4, value_parser = positive_f64, allow_hyphen_values = true)]
         tolerance: f64,
+        /// Where the model runs and in what precision.
+        #[command(flatten)]
+        device: bd3lm_worker::DeviceArgs,
     },
     /// Generate text, streaming each block as it is committed: locally with
     /// --checkpoint, or through a server with --addr.
@@ -201,8 +204,10 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
             checkpoint,
             fixtures,
             tolerance,
+            device,
         } => {
-            let report = check_reference::run(&checkpoint, &fixtures, tolerance)?;
+            let (dev, dtype) = (device.device()?, device.dtype());
+            let report = check_reference::run(&checkpoint, &fixtures, tolerance, &dev, dtype)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.pass {
                 ExitCode::SUCCESS
