@@ -47,12 +47,13 @@ impl BlockBlob {
         bd3lm_bytes::seal(out)
     }
 
-    /// Decodes a blob, checking every length against the bytes present and the checksum.
-    pub fn decode(bytes: &[u8]) -> Result<Self> {
+    /// Decodes a blob, checking every length against the bytes present and the checksum;
+    /// the payload reuses `bytes`' allocation.
+    pub fn decode(bytes: Vec<u8>) -> Result<Self> {
         if bytes.len() < MAGIC.len() + 4 + 2 + 2 + 8 + 8 + 8 {
             return Err(Error::Corrupt("KV blob too short".into()));
         }
-        let body = bd3lm_bytes::unseal(bytes)
+        let body = bd3lm_bytes::unseal(&bytes)
             .ok_or_else(|| Error::Corrupt("KV blob checksum mismatch".into()))?;
         let mut r = Reader::new(body);
         if r.take(8).map_err(truncated)? != MAGIC {
@@ -74,7 +75,12 @@ impl BlockBlob {
                 r.remaining()
             )));
         }
-        let payload = r.rest().to_vec();
+        let start = body.len() - r.remaining();
+        let end = body.len();
+        // The payload keeps the blob's allocation: megabytes per session, not copied.
+        let mut payload = bytes;
+        payload.truncate(end);
+        payload.drain(..start);
         Ok(Self {
             model_id,
             fingerprint,
@@ -113,7 +119,7 @@ mod tests {
 
     #[test]
     fn round_trips() {
-        assert_eq!(BlockBlob::decode(&blob().encode()).unwrap(), blob());
+        assert_eq!(BlockBlob::decode(blob().encode()).unwrap(), blob());
     }
 
     /// Every truncation and every single-bit flip is an error, never a panic.
@@ -121,12 +127,12 @@ mod tests {
     fn hostile_bytes_are_errors() {
         let bytes = blob().encode();
         for cut in 0..bytes.len() {
-            assert!(BlockBlob::decode(&bytes[..cut]).is_err(), "cut {cut}");
+            assert!(BlockBlob::decode(bytes[..cut].to_vec()).is_err(), "cut {cut}");
         }
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
-            assert!(BlockBlob::decode(&b).is_err(), "flip {i}");
+            assert!(BlockBlob::decode(b.clone()).is_err(), "flip {i}");
         }
     }
 
@@ -138,7 +144,7 @@ mod tests {
         let at = 8 + 4 + 2 + 4 + 2 + 6 + 8;
         body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(
-            BlockBlob::decode(&bd3lm_bytes::seal(body))
+            BlockBlob::decode(bd3lm_bytes::seal(body))
                 .unwrap_err()
                 .to_string()
                 .contains("payload")

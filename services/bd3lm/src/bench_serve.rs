@@ -206,7 +206,7 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
     let bytes: usize = blobs.iter().map(Vec::len).sum();
     let started = Instant::now();
     let payloads = blobs
-        .iter()
+        .into_iter()
         .map(|b| BlockBlob::decode(b).map(|b| b.payload))
         .collect::<Result<Vec<_>, _>>()?;
     let parts: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();

@@ -102,7 +102,7 @@ pub async fn from_store(
             tracing::info!(block = index, "KV blob missing; rebuilding from tokens");
             return None;
         };
-        match BlockBlob::decode(&bytes) {
+        match BlockBlob::decode(bytes) {
             Ok(blob) if blob_fits(&blob, loaded, index) => payloads.push(blob.payload),
             Ok(blob) => {
                 rejected.fetch_add(1, Ordering::Relaxed);
