@@ -127,7 +127,10 @@ mod tests {
     fn hostile_bytes_are_errors() {
         let bytes = blob().encode();
         for cut in 0..bytes.len() {
-            assert!(BlockBlob::decode(bytes[..cut].to_vec()).is_err(), "cut {cut}");
+            assert!(
+                BlockBlob::decode(bytes[..cut].to_vec()).is_err(),
+                "cut {cut}"
+            );
         }
         for i in 0..bytes.len() {
             let mut b = bytes.clone();

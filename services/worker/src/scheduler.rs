@@ -36,6 +36,8 @@ pub struct Job {
     pub reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
     /// Held until the block leaves the batch: the worker's capacity slot.
     pub slot: Box<dyn Send>,
+    /// The request's span, which the block's events in the batch belong to.
+    pub span: tracing::Span,
 }
 
 /// Counters of the running batch, read by `Info`.
@@ -88,6 +90,7 @@ struct Entry<'m> {
     source: CacheSource,
     reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
     slot: Box<dyn Send>,
+    span: tracing::Span,
     session: Session<'m>,
     denoiser: BlockDenoiser,
     rng: BlockRng,
@@ -142,6 +145,8 @@ impl<'m> Batch<'m> {
     /// Moves waiting blocks into the batch, oldest first, while the limits allow; an
     /// empty batch always takes one.
     fn admit(&mut self) {
+        // A block whose request went away while it waited never joins.
+        self.waiting.retain(|job| !job.reply.is_closed());
         let bs = self.loaded.model.config().block_size;
         let mut kv: u64 = self.running.iter().map(|e| kv_bytes(&e.session)).sum();
         while let Some(job) = self.waiting.front() {
@@ -169,6 +174,7 @@ impl<'m> Batch<'m> {
             source,
             reply,
             slot,
+            span,
         } = job;
         let model = &self.loaded.model;
         let opened = Session::with_cache(
@@ -193,6 +199,7 @@ impl<'m> Batch<'m> {
             source,
             reply,
             slot,
+            span,
             session,
             denoiser,
             first_block,
@@ -232,7 +239,8 @@ impl<'m> Batch<'m> {
             return;
         }
         let started = Instant::now();
-        let passed = self.pass();
+        let passed = tracing::debug_span!("batch_pass", blocks = self.running.len())
+            .in_scope(|| self.pass());
         let took = started.elapsed();
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -298,11 +306,19 @@ impl<'m> Batch<'m> {
                 record,
                 reply,
                 slot,
+                span,
                 session,
                 ..
             } = e;
             // The slot is free before the answer leaves, so the next block finds room.
             drop(slot);
+            span.in_scope(|| {
+                tracing::debug!(
+                    passes = effort.forward_passes,
+                    denoise_ms = effort.denoise.as_secs_f64() * 1e3,
+                    "block denoised and committed in the batch"
+                )
+            });
             let _ = reply.send(block::finish(self.loaded, &record, session, effort));
         }
         self.running = still;

@@ -167,6 +167,7 @@ impl WorkerService {
                     source,
                     reply,
                     slot: Box::new(slot),
+                    span: tracing::Span::current(),
                 };
                 self.batched(&loaded, job, answer).await?
             }
