@@ -6,7 +6,8 @@
 # pointing at its CUDA 13 runtime libraries (libcublas.so.13, libcublasLt.so.13,
 # libcurand.so.10, libcudart.so.13).
 #
-#   scripts/build-cuda.sh            # cargo build --release --features cuda -p bd3lm
+#   scripts/build-cuda.sh            # cargo build --release --features cuda -p bd3lm,
+#                                    # then dist/bd3lm-cuda.gz for the GPU host
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # another GPU generation (default 90: H100)
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,3 +54,10 @@ export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH=$lib:$lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 cd "$root"
 cargo build --release --features cuda -p bd3lm "$@"
+
+# What travels to a GPU host (scripts/gpu-check.sh reads it): the binary stripped of its
+# debug info and compressed, about 34 MB.
+mkdir -p dist
+strip -o dist/bd3lm-cuda target/release/bd3lm
+gzip -9 -f dist/bd3lm-cuda
+echo "dist/bd3lm-cuda.gz: carry it to the GPU host and run scripts/gpu-check.sh there"

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The GPU path, checked in one run on a machine with an NVIDIA GPU. Nothing is built
-# there: build the binary here with scripts/build-cuda.sh and carry target/release/bd3lm
-# (and .cuda/nvidia/cu13/lib, the CUDA 13 runtime libraries, unless the host has them).
+# there: scripts/build-cuda.sh builds the binary here and packs it as dist/bd3lm-cuda.gz
+# (stripped and compressed, about 34 MB), which travels with the working tree. The CUDA 13
+# runtime libraries (libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libcudart.so.13)
+# come from the host: its library path, a PyTorch CUDA 13 install (site-packages/nvidia/
+# cu13/lib), or .cuda/ when present.
 #
-#   scripts/gpu-check.sh [BD3LM_BINARY]        # default target/release/bd3lm
+#   scripts/gpu-check.sh [BD3LM_BINARY]   # default: dist/bd3lm-cuda.gz, unpacked to /tmp
 #
 # It prints, one JSON document or line per step:
 #   1. the device (nvidia-smi);
@@ -22,11 +25,31 @@
 # number of failed steps.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-bin=${1:-$root/target/release/bd3lm}
-lib=$root/.cuda/nvidia/cu13/lib
-if [ -d "$lib" ]; then
-    export LD_LIBRARY_PATH=$lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+if [ $# -ge 1 ]; then
+    bin=$1
+else
+    bin=/tmp/bd3lm-cuda
+    gunzip -c "$root/dist/bd3lm-cuda.gz" > "$bin" && chmod +x "$bin" || exit 100
 fi
+cuda_libs() {
+    if ldconfig -p 2>/dev/null | grep -q libcublas.so.13; then
+        return
+    fi
+    local dir
+    for dir in "$root/.cuda/nvidia/cu13/lib" $(python3 -c \
+        'import site; print(" ".join(p + "/nvidia/cu13/lib" for p in site.getsitepackages()))' \
+        2>/dev/null); do
+        if [ -e "$dir/libcublas.so.13" ]; then
+            export LD_LIBRARY_PATH=$dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+            return
+        fi
+    done
+    dir=$(find / -name libcublas.so.13 -not -path '/proc/*' 2>/dev/null | head -n 1)
+    if [ -n "$dir" ]; then
+        export LD_LIBRARY_PATH=$(dirname "$dir")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    fi
+}
+cuda_libs
 fixture=$root/tests/data/reference-bd3lm-bs4
 failed=0
 
