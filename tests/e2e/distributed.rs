@@ -230,6 +230,36 @@ fn a_worker_killed_with_several_sessions_in_its_batch_loses_nothing() {
     }
 }
 
+/// SIGTERM lets the work in flight finish: a worker stops after its block and the other
+/// worker takes the session over; the coordinator stops accepting, finishes the stream it
+/// serves, and both exit 0.
+#[test]
+fn sigterm_drains_the_work_in_flight_and_exits_0() {
+    let mut cluster = Cluster::start(&checkpoint(), 2, "affinity");
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1500",
+        "--seed",
+        "8",
+    ];
+    let expected = local(&args);
+    let addr = cluster.addr.clone();
+    let mut codes = Vec::new();
+    let out = during(&addr, &args, || {
+        codes.push(cluster.workers[0].terminate(Duration::from_secs(30)));
+        codes.push(cluster.coordinator.terminate(Duration::from_secs(30)));
+    });
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+    assert_eq!(codes, [Some(0), Some(0)], "{}", cluster.coordinator.log());
+    assert!(
+        cluster.generate(&args).code != 0,
+        "a stopped coordinator took a new call"
+    );
+}
+
 #[test]
 fn store_faults_are_survived_or_reported() {
     let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");

@@ -2,9 +2,10 @@
 //! OpenTelemetry backend when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` is set. The W3C
 //! trace context travels in gRPC metadata, so a worker's spans are children of the
 //! coordinator's request span. [`cli`] is the edge every binary shares: arguments,
-//! one-line errors, exit codes.
+//! one-line errors, exit codes; [`shutdown`] the graceful stop every server shares.
 
 pub mod cli;
+pub mod shutdown;
 
 use std::process::ExitCode;
 

@@ -30,6 +30,8 @@ pub struct ServeArgs {
     pub worker: WorkerSettings,
     #[command(flatten)]
     pub coordinator: CoordinatorSettings,
+    #[command(flatten)]
+    pub drain: bd3lm_telemetry::shutdown::DrainArgs,
 }
 
 /// Runs until interrupted.
@@ -76,8 +78,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.workers,
         args.store.describe()
     );
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    bd3lm_coordinator::serve(listener, pool, store, settings, shutdown).await
+    let signal = bd3lm_telemetry::shutdown::signal();
+    bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
+        bd3lm_coordinator::serve(listener, pool, store, settings, stop)
+    })
+    .await
 }

@@ -49,8 +49,9 @@ pub fn spawn_discovery(
     })
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves. Health reports SERVING
-/// while at least one worker is healthy.
+/// Serves the coordinator on `listener` until `shutdown` resolves, then stops accepting
+/// and lets the streams in flight finish. Health reports SERVING while at least one
+/// worker is healthy and no shutdown was asked for.
 pub async fn serve(
     listener: TcpListener,
     pool: Arc<Pool>,
@@ -59,10 +60,17 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
+    let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stopping.clone();
+    let shutdown = async move {
+        shutdown.await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
     let watched = pool.clone();
     tokio::spawn(async move {
         loop {
-            let status = if watched.healthy_count() > 0 {
+            let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
+            let status = if !stopping && watched.healthy_count() > 0 {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing

@@ -31,6 +31,8 @@ struct Args {
     store: StoreArgs,
     #[command(flatten)]
     settings: CoordinatorSettings,
+    #[command(flatten)]
+    drain: bd3lm_telemetry::shutdown::DrainArgs,
 }
 
 #[tokio::main]
@@ -54,8 +56,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     println!("bd3lm-coordinator listening on {}", listener.local_addr()?);
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    bd3lm_coordinator::serve(listener, pool, store, settings, shutdown).await
+    let signal = bd3lm_telemetry::shutdown::signal();
+    bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
+        bd3lm_coordinator::serve(listener, pool, store, settings, stop)
+    })
+    .await
 }

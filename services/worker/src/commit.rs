@@ -29,9 +29,10 @@ pub async fn commit(
         CommitOutcome::Committed => {
             let effort = work.effort;
             let end = record.committed_blocks * block_size;
+            let first = effort.first_block * block_size;
             let answer = DenoiseBlockResponse {
                 block_index: effort.first_block as u32,
-                token_ids: record.tokens[effort.first_block * block_size..end].to_vec(),
+                token_ids: record.tokens.get(first..end).unwrap_or_default().to_vec(),
                 committed_blocks: record.committed_blocks as u32,
                 forward_passes: effort.forward_passes as u32,
                 steps: effort.steps as u32,
@@ -52,26 +53,40 @@ pub async fn commit(
         }
         CommitOutcome::Superseded(current) => {
             tracing::info!(block = expected, "block committed by another worker first");
-            Ok(committed_answer(&current, expected, block_size))
+            committed_answer(&current, expected, block_size)
         }
     }
 }
 
-/// The committed block `block` of `record`, as an answer.
+/// The committed block `block` of `record`, as an answer. A stored record holding fewer
+/// tokens than the block (it went backwards, or was written by something else) is
+/// ABORTED: another worker retries against the record as it is then.
 pub fn committed_answer(
     record: &SessionRecord,
     block: usize,
     block_size: usize,
-) -> DenoiseBlockResponse {
-    let end = ((block + 1) * block_size).min(record.tokens.len());
-    DenoiseBlockResponse {
+) -> Result<DenoiseBlockResponse, Status> {
+    let start = block * block_size;
+    let end = (start + block_size).min(record.tokens.len());
+    let Some(tokens) = record.tokens.get(start..end) else {
+        tracing::warn!(
+            block,
+            committed = record.committed_blocks,
+            tokens = record.tokens.len(),
+            "the stored session holds fewer tokens than its committed blocks"
+        );
+        return Err(Status::aborted(
+            "block_index: the session changed while the block ran",
+        ));
+    };
+    Ok(DenoiseBlockResponse {
         block_index: block as u32,
-        token_ids: record.tokens[block * block_size..end].to_vec(),
+        token_ids: tokens.to_vec(),
         committed_blocks: record.committed_blocks as u32,
         already_committed: true,
         cache_source: "none".into(),
         ..Default::default()
-    }
+    })
 }
 
 fn ms(d: Duration) -> f64 {

@@ -78,8 +78,9 @@ pub fn default_model_id(dir: &Path) -> String {
         .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-/// Serves the worker on `listener` until `shutdown` resolves. Health reports NOT_SERVING
-/// until `loaded` holds the model.
+/// Serves the worker on `listener` until `shutdown` resolves, then reports NOT_SERVING
+/// and lets the blocks in flight finish. Health reports NOT_SERVING until `loaded` holds
+/// the model.
 pub async fn serve(
     listener: TcpListener,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
@@ -94,6 +95,16 @@ pub async fn serve(
     reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    let stopping = reporter.clone();
+    let shutdown = async move {
+        shutdown.await;
+        stopping
+            .set_not_serving::<DenoiseWorkerServer<WorkerService>>()
+            .await;
+        stopping
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+    };
     let watch = loaded.clone();
     tokio::spawn(async move {
         while watch.get().is_none() {

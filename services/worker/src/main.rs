@@ -29,6 +29,8 @@ struct Args {
     device: DeviceArgs,
     #[command(flatten)]
     settings: WorkerSettings,
+    #[command(flatten)]
+    drain: bd3lm_telemetry::shutdown::DrainArgs,
 }
 
 #[tokio::main]
@@ -65,9 +67,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         }
     });
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
     let limits = args.settings.limits(args.device.device);
-    bd3lm_worker::serve(listener, loaded, store, limits, shutdown).await
+    let signal = bd3lm_telemetry::shutdown::signal();
+    bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
+        bd3lm_worker::serve(listener, loaded, store, limits, stop)
+    })
+    .await
 }

@@ -133,7 +133,7 @@ impl WorkerService {
             .await?
             .ok_or_else(|| bd3lm_kvstore::Error::NoSession(req.session_id.clone()))?;
         if block < record.committed_blocks {
-            return Ok(committed_answer(&record, block, bs));
+            return committed_answer(&record, block, bs);
         }
         if block > record.committed_blocks {
             return Err(Status::failed_precondition(format!(
@@ -494,6 +494,21 @@ mod tests {
             stored.committed_blocks, 0,
             "the cancelled block was committed"
         );
+    }
+
+    /// A stored record that went backwards (fewer tokens than its committed blocks say)
+    /// is an error the coordinator retries, not a panic.
+    #[tokio::test]
+    async fn a_record_that_went_backwards_is_aborted_not_a_panic() {
+        let store = Store::memory(StoreConfig::default());
+        session(&store, "s").await;
+        let mut record = store.get_session("m", "s").await.unwrap().unwrap();
+        record.committed_blocks = 3;
+        store.commit(&record, 0, vec![]).await.unwrap();
+        let worker = service(Some(loaded("f")), &store, 1);
+        let status = block(&worker, "s", 2).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert!(status.message().contains("block_index"));
     }
 
     async fn info(worker: &WorkerService) -> InfoResponse {
