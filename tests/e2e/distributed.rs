@@ -260,6 +260,48 @@ fn sigterm_drains_the_work_in_flight_and_exits_0() {
     );
 }
 
+/// Redis holds a long session's record and the KV blobs of its window, not the blobs of
+/// every block it ever committed; those it holds are enough: blocks alternate between two
+/// workers, so each one's cache comes from the blobs.
+#[test]
+fn redis_keeps_only_the_window_of_a_long_session() {
+    let cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1000",
+        "--seed",
+        "2",
+    ];
+    let out = cluster.generate(&args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let keys = cluster.redis.keys(&format!("*{}*", out.session()));
+    // The test model's window: 64 tokens, so the 15 blocks of 4 before a block.
+    assert!(keys.len() <= 15 + 1, "{} keys: {keys:?}", keys.len());
+    assert!(keys.iter().any(|k| k.ends_with(":record")), "{keys:?}");
+    let more = cluster.generate(&["--session", out.session().as_str(), "--max-tokens", "40"]);
+    assert_eq!(more.code, 0, "{}", more.stderr);
+    assert_eq!(
+        more.ids,
+        local(&[
+            "--prompt-ids",
+            "1022",
+            "--max-tokens",
+            "1040",
+            "--seed",
+            "2"
+        ])[1000..]
+    );
+    for worker in &cluster.workers {
+        assert!(
+            !worker.log().contains("KV blob missing"),
+            "a blob the window needs was deleted: {}",
+            worker.log()
+        );
+    }
+}
+
 #[test]
 fn store_faults_are_survived_or_reported() {
     let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");

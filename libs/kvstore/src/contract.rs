@@ -34,21 +34,32 @@ pub async fn check(store: Store) {
     next.committed_blocks = 1;
     next.tokens.push(4);
     let outcome = store
-        .commit(&next, 0, vec![(0, b"blob0".to_vec())])
+        .commit(&next, 0, vec![(0, b"blob0".to_vec())], 0..0)
         .await
         .unwrap();
     assert_eq!(outcome, CommitOutcome::Committed);
-    let stale = store.commit(&next, 0, vec![]).await.unwrap();
+    let stale = store.commit(&next, 0, vec![], 0..1).await.unwrap();
     assert_eq!(stale, CommitOutcome::Superseded(next.clone()));
     assert_eq!(
         store.get_blobs("m", "s1", &[0, 1]).await.unwrap(),
-        vec![Some(b"blob0".to_vec()), None]
+        vec![Some(b"blob0".to_vec()), None],
+        "a superseded commit deletes nothing"
+    );
+    let mut later = next.clone();
+    later.committed_blocks = 2;
+    let blob1 = (1, b"blob1".to_vec());
+    let outcome = store.commit(&later, 1, vec![blob1], 0..1).await.unwrap();
+    assert_eq!(outcome, CommitOutcome::Committed);
+    assert_eq!(
+        store.get_blobs("m", "s1", &[0, 1]).await.unwrap(),
+        vec![None, Some(b"blob1".to_vec())],
+        "the expired blob goes with the commit"
     );
     assert!(matches!(
-        store.commit(&record("nope"), 0, vec![]).await,
+        store.commit(&record("nope"), 0, vec![], 0..0).await,
         Err(Error::NoSession(_))
     ));
-    assert!(store.delete_session("m", "s1", 1).await.unwrap());
-    assert!(!store.delete_session("m", "s1", 1).await.unwrap());
-    assert_eq!(store.get_blobs("m", "s1", &[0]).await.unwrap(), vec![None]);
+    assert!(store.delete_session("m", "s1", 2).await.unwrap());
+    assert!(!store.delete_session("m", "s1", 2).await.unwrap());
+    assert_eq!(store.get_blobs("m", "s1", &[1]).await.unwrap(), vec![None]);
 }

@@ -6,6 +6,7 @@
 //! is deleted with all its blobs.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -116,23 +117,28 @@ impl Store {
     }
 
     /// Replaces a session record when its committed block count is still `expected`
-    /// (the commit point), after writing `blobs` (block index, bytes). Blobs of a
-    /// superseded commit are identical to the stored ones (same seed, same model).
+    /// (the commit point), after writing `blobs` (block index, bytes); with the commit,
+    /// the blobs of the `expired` blocks (slid out of the window: never read again) are
+    /// deleted. Blobs of a superseded commit are identical to the stored ones (same seed,
+    /// same model).
     #[tracing::instrument(skip_all, fields(session = %record.id, expected, blocks = blobs.len()))]
     pub async fn commit(
         &self,
         record: &SessionRecord,
         expected: usize,
         blobs: Vec<(usize, Vec<u8>)>,
+        expired: Range<usize>,
     ) -> Result<CommitOutcome> {
         let key = self.record_key(&record.model_id, &record.id);
+        let blob_key = |b| self.blob_key(&record.model_id, &record.id, b);
         let blobs: Vec<(String, Vec<u8>)> = blobs
             .into_iter()
-            .map(|(b, bytes)| (self.blob_key(&record.model_id, &record.id, b), bytes))
+            .map(|(b, bytes)| (blob_key(b), bytes))
             .collect();
+        let expired: Vec<String> = expired.map(blob_key).collect();
         let stored = match self {
-            Store::Memory(m) => m.commit(&key, record, expected, blobs)?,
-            Store::Redis(r) => r.commit(&key, record, expected, blobs).await?,
+            Store::Memory(m) => m.commit(&key, record, expected, blobs, &expired)?,
+            Store::Redis(r) => r.commit(&key, record, expected, blobs, &expired).await?,
         };
         Ok(match stored {
             None => CommitOutcome::Committed,
@@ -260,6 +266,7 @@ impl MemoryStore {
         record: &SessionRecord,
         expected: usize,
         blobs: Vec<(String, Vec<u8>)>,
+        expired: &[String],
     ) -> Result<Option<SessionRecord>> {
         let mut map = self.map();
         let current = match map.get(key) {
@@ -273,6 +280,9 @@ impl MemoryStore {
             self.insert(&mut map, &k, v);
         }
         self.insert(&mut map, key, record.to_bytes());
+        for k in expired {
+            map.remove(k);
+        }
         Ok(None)
     }
 
@@ -292,13 +302,15 @@ pub struct RedisStore {
     manager: ConnectionManager,
 }
 
-/// Replaces the record (KEYS[1]) with ARGV[2] when its committed block count equals ARGV[1];
-/// returns the stored record otherwise, and false when there is none.
+/// Replaces the record (KEYS[1]) with ARGV[2] when its committed block count equals ARGV[1]
+/// and deletes the expired blobs (KEYS[2..]); returns the stored record otherwise, and
+/// false when there is none.
 const COMMIT_SCRIPT: &str = r#"
 local current = redis.call('GET', KEYS[1])
 if not current then return false end
 if cjson.decode(current).committed_blocks ~= tonumber(ARGV[1]) then return current end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
 return 'OK'
 "#;
 
@@ -336,6 +348,7 @@ impl RedisStore {
         record: &SessionRecord,
         expected: usize,
         blobs: Vec<(String, Vec<u8>)>,
+        expired: &[String],
     ) -> Result<Option<SessionRecord>> {
         let mut con = self.manager.clone();
         if !blobs.is_empty() {
@@ -352,6 +365,7 @@ impl RedisStore {
         }
         let reply: Option<Vec<u8>> = redis::Script::new(COMMIT_SCRIPT)
             .key(key)
+            .key(expired)
             .arg(expected)
             .arg(record.to_bytes())
             .arg(self.ttl_ms())

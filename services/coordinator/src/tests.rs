@@ -82,7 +82,7 @@ impl Fake {
                 .push(((record.seed as usize + 31 * b + 7 * i) % 90 + 1) as u32);
         }
         next.committed_blocks = b + 1;
-        let outcome = self.store.commit(&next, b, vec![]).await?;
+        let outcome = self.store.commit(&next, b, vec![], 0..0).await?;
         assert_eq!(outcome, CommitOutcome::Committed);
         Ok(DenoiseBlockResponse {
             block_index: b as u32,

@@ -19,6 +19,8 @@ pub struct BlockWork {
     pub record: SessionRecord,
     /// KV blobs of the committed blocks still inside the window: (block index, bytes).
     pub blobs: Vec<(usize, Vec<u8>)>,
+    /// Blocks whose blobs slid out of the window with this commit: deleted with it.
+    pub expired: std::ops::Range<usize>,
     /// What it took.
     pub effort: Effort,
 }
@@ -87,9 +89,13 @@ pub fn finish(
     session: Session,
     effort: Effort,
 ) -> bd3lm_diffusion::Result<BlockWork> {
-    let bs = loaded.model.config().block_size;
+    let cfg = loaded.model.config();
+    let bs = cfg.block_size;
     let end = session.next_block_index();
     let blobs = blobs(loaded, session.cache(), effort.first_block..end)?;
+    // A next block reads the blobs of the window's blocks before it, no older ones.
+    let window = (cfg.model_length - bs) / bs;
+    let expired = record.committed_blocks.saturating_sub(window)..end.saturating_sub(window);
     let (tokens, _, committed, cache) = session.into_parts();
     let mut next = record.clone();
     next.tokens = tokens.clone();
@@ -102,6 +108,7 @@ pub fn finish(
         },
         record: next,
         blobs,
+        expired,
         effort,
     })
 }

@@ -22,7 +22,9 @@ pub async fn commit(
     cache_time: Duration,
 ) -> Result<DenoiseBlockResponse, Status> {
     let started = Instant::now();
-    let outcome = store.commit(&work.record, expected, work.blobs).await?;
+    let outcome = store
+        .commit(&work.record, expected, work.blobs, work.expired)
+        .await?;
     let store_time = started.elapsed();
     let record = work.record;
     match outcome {

@@ -504,7 +504,7 @@ mod tests {
         session(&store, "s").await;
         let mut record = store.get_session("m", "s").await.unwrap().unwrap();
         record.committed_blocks = 3;
-        store.commit(&record, 0, vec![]).await.unwrap();
+        store.commit(&record, 0, vec![], 0..0).await.unwrap();
         let worker = service(Some(loaded("f")), &store, 1);
         let status = block(&worker, "s", 2).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Aborted);
