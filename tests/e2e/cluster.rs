@@ -323,6 +323,43 @@ impl Cluster {
         })
     }
 
+    /// Whether the coordinator's health (readiness) says SERVING.
+    pub fn ready(&self) -> bool {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let endpoint = format!("http://{}", self.addr);
+            let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint)
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            let mut client = HealthClient::new(channel);
+            let request = HealthCheckRequest {
+                service: String::new(),
+            };
+            client
+                .check(request)
+                .await
+                .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
+        })
+    }
+
+    /// Waits up to `within` for readiness to become `ready`; whether it did.
+    pub fn wait_ready_is(&self, ready: bool, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.ready() == ready {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
     /// Runs `bd3lm generate --addr` with `args`.
     pub fn generate(&self, args: &[&str]) -> Generated {
         let mut all = vec!["generate", "--addr", self.addr.as_str()];

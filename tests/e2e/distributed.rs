@@ -357,7 +357,15 @@ fn store_faults_are_survived_or_reported() {
     assert_eq!(down.code, 2, "{}", down.stderr);
     assert!(down.stderr.contains("Unavailable"), "{}", down.stderr);
     assert!(started.elapsed() < Duration::from_secs(30), "no hang");
+    assert!(
+        cluster.wait_ready_is(false, Duration::from_secs(10)),
+        "readiness ignores a store that does not answer"
+    );
     cluster.redis.restart();
+    assert!(
+        cluster.wait_ready_is(true, Duration::from_secs(10)),
+        "readiness did not come back with the store"
+    );
     let back = cluster.generate(&[
         "--prompt-ids",
         "1022,5",

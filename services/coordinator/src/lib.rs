@@ -50,8 +50,8 @@ pub fn spawn_discovery(
 }
 
 /// Serves the coordinator on `listener` until `shutdown` resolves, then stops accepting
-/// and lets the streams in flight finish. Health reports SERVING while at least one
-/// worker is healthy and no shutdown was asked for.
+/// and lets the streams in flight finish. Health (readiness) reports SERVING while at
+/// least one worker is healthy, the store answers and no shutdown was asked for.
 pub async fn serve(
     listener: TcpListener,
     pool: Arc<Pool>,
@@ -67,10 +67,16 @@ pub async fn serve(
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     };
     let watched = pool.clone();
+    let probe = store.clone();
     tokio::spawn(async move {
         loop {
             let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
-            let status = if !stopping && watched.healthy_count() > 0 {
+            // Ready: not shutting down, a worker to send blocks to, a store that answers.
+            let store_ok = matches!(
+                tokio::time::timeout(Duration::from_secs(1), probe.ping()).await,
+                Ok(Ok(()))
+            );
+            let status = if !stopping && store_ok && watched.healthy_count() > 0 {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
