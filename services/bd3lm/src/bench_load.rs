@@ -142,7 +142,11 @@ pub async fn one_worker(
         max_queue: usize::MAX,
         ..CoordinatorSettings::default()
     };
-    let pool = Arc::new(Pool::new(coordinator.routing, 1 << 16));
+    let pool = Arc::new(Pool::new(
+        coordinator.routing,
+        1 << 16,
+        coordinator.down_after_failures,
+    ));
     let source = WorkerSource::Static(vec![worker_addr.clone()]);
     while pool.refresh(&source).await == 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;

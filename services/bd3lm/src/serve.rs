@@ -65,6 +65,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let pool = Arc::new(Pool::new(
         settings.routing,
         settings.affinity_sessions as usize,
+        settings.down_after_failures,
     ));
     let source = WorkerSource::Static(addrs);
     pool.refresh(&source).await;

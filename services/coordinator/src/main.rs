@@ -50,6 +50,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pool = Arc::new(Pool::new(
         settings.routing,
         settings.affinity_sessions as usize,
+        settings.down_after_failures,
     ));
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
     let listener = tokio::net::TcpListener::bind(&args.addr)

@@ -2,7 +2,7 @@
 //! checks, load, and session affinity.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -32,6 +32,8 @@ pub struct Worker {
     client: DenoiseWorkerClient<Channel>,
     health: HealthClient<Channel>,
     healthy: AtomicBool,
+    /// Health checks in a row without an answer.
+    failures: AtomicU32,
     in_flight: AtomicUsize,
     /// Blocks it takes at once, from its Info.
     capacity: AtomicUsize,
@@ -48,6 +50,7 @@ impl Worker {
             client: DenoiseWorkerClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             health: HealthClient::new(channel),
             healthy: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             capacity: AtomicUsize::new(1),
         })
@@ -69,14 +72,20 @@ impl Worker {
         InFlight(self.clone())
     }
 
-    async fn check(&self) -> bool {
+    /// Checks the worker's health (and reads its capacity): see [`judge`].
+    async fn check(&self, down_after: u32) -> bool {
         let request = HealthCheckRequest {
             service: String::new(),
         };
         let answer =
             tokio::time::timeout(Duration::from_secs(2), self.health.clone().check(request)).await;
-        let ok = matches!(answer, Ok(Ok(r)) if r.get_ref().status == ServingStatus::Serving as i32);
-        if ok {
+        let serving = match answer {
+            Ok(Ok(r)) => Some(r.get_ref().status == ServingStatus::Serving as i32),
+            _ => None,
+        };
+        let was = self.healthy.load(Ordering::Relaxed);
+        let ok = judge(was, serving, &self.failures, down_after);
+        if serving == Some(true) {
             let mut client = self.client();
             let info = tokio::time::timeout(Duration::from_secs(2), client.info(InfoRequest {}));
             if let Ok(Ok(info)) = info.await {
@@ -90,6 +99,22 @@ impl Worker {
 
     fn has_room(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) < self.capacity.load(Ordering::Relaxed)
+    }
+}
+
+/// Whether a worker is healthy after a check: an answer decides (SERVING or not: a worker
+/// loading or draining says so); no answer is a failure, and only `down_after` failures in
+/// a row mark a healthy worker down, so one slow check under load does not.
+fn judge(was_healthy: bool, serving: Option<bool>, failures: &AtomicU32, down_after: u32) -> bool {
+    match serving {
+        Some(serving) => {
+            failures.store(0, Ordering::Relaxed);
+            serving
+        }
+        None => {
+            let failed = failures.fetch_add(1, Ordering::Relaxed) + 1;
+            was_healthy && failed < down_after
+        }
     }
 }
 
@@ -143,13 +168,19 @@ pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
     affinity: Mutex<Affinity>,
     routing: Routing,
+    down_after: u32,
 }
+
+/// How long resolving `--workers-dns` may take before the known workers are kept.
+const DNS_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Pool {
     /// An empty pool remembering the workers of at most `affinity_sessions` sessions;
-    /// [`Pool::refresh`] fills it.
-    pub fn new(routing: Routing, affinity_sessions: usize) -> Self {
+    /// [`Pool::refresh`] fills it; a worker is marked down after `down_after` health checks
+    /// in a row without an answer.
+    pub fn new(routing: Routing, affinity_sessions: usize, down_after: u32) -> Self {
         Self {
+            down_after: down_after.max(1),
             workers: RwLock::default(),
             affinity: Mutex::new(Affinity {
                 capacity: affinity_sessions.max(1),
@@ -176,13 +207,20 @@ impl Pool {
     pub async fn refresh(&self, source: &WorkerSource) -> usize {
         let addrs = match source {
             WorkerSource::Static(list) => list.clone(),
-            WorkerSource::Dns(name) => match tokio::net::lookup_host(name.as_str()).await {
-                Ok(found) => found.map(|a| a.to_string()).collect(),
-                Err(e) => {
-                    tracing::warn!(%name, error = %e, "resolving workers failed");
-                    self.workers().iter().map(|w| w.addr.clone()).collect()
+            WorkerSource::Dns(name) => {
+                let lookup = tokio::net::lookup_host(name.as_str());
+                match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+                    Ok(Ok(found)) => found.map(|a| a.to_string()).collect(),
+                    failed => {
+                        let error = match failed {
+                            Ok(Err(e)) => e.to_string(),
+                            _ => "timed out".to_string(),
+                        };
+                        tracing::warn!(%name, %error, "resolving workers failed; keeping the known ones");
+                        self.workers().iter().map(|w| w.addr.clone()).collect()
+                    }
                 }
-            },
+            }
         };
         let current = self.workers();
         let mut next = Vec::with_capacity(addrs.len());
@@ -196,7 +234,7 @@ impl Pool {
             }
         }
         *self.workers.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
-        let checks = next.iter().map(|w| w.check());
+        let checks = next.iter().map(|w| w.check(self.down_after));
         futures::future::join_all(checks)
             .await
             .into_iter()
@@ -289,11 +327,31 @@ impl Pool {
 mod tests {
     use super::*;
 
+    /// An answer decides at once; silence marks a healthy worker down only after
+    /// `down_after` checks in a row, and a worker never seen healthy stays down.
+    #[test]
+    fn workers_go_down_after_consecutive_silent_checks() {
+        let failures = AtomicU32::new(0);
+        assert!(judge(false, Some(true), &failures, 3));
+        assert!(judge(true, None, &failures, 3));
+        assert!(judge(true, None, &failures, 3));
+        assert!(!judge(true, None, &failures, 3), "third silent check");
+        assert!(judge(false, Some(true), &failures, 3), "an answer resets");
+        assert!(judge(true, None, &failures, 3));
+        assert!(
+            !judge(true, Some(false), &failures, 3),
+            "draining: down at once"
+        );
+        assert!(!judge(false, None, &failures, 1));
+        let fresh = AtomicU32::new(0);
+        assert!(!judge(false, None, &fresh, 3), "never healthy stays down");
+    }
+
     /// However many sessions pass, the map holds at most its capacity, and the sessions
     /// used recently are the ones kept.
     #[test]
     fn affinity_is_bounded_and_keeps_the_recent_sessions() {
-        let pool = Pool::new(Routing::Affinity, 100);
+        let pool = Pool::new(Routing::Affinity, 100, 3);
         pool.remember("hot", "w1");
         for i in 0..10_000 {
             pool.remember(&format!("s{i}"), "w2");

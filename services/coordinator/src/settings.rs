@@ -44,6 +44,11 @@ pub struct CoordinatorSettings {
     #[arg(long = "health-interval-secs", env = "BD3LM_HEALTH_INTERVAL_SECS", value_name = "SECS",
           default_value = "1", value_parser = positive_secs)]
     pub health_interval: Duration,
+    /// Health checks in a row without an answer before a worker is marked down (an answer
+    /// other than SERVING, a worker loading or draining, marks it down at once).
+    #[arg(long, env = "BD3LM_DOWN_AFTER_FAILURES", default_value_t = 3,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub down_after_failures: u32,
     /// Sessions whose worker is remembered for routing; the least recently used beyond
     /// this are forgotten (their next block goes to the least loaded worker).
     #[arg(long, env = "BD3LM_AFFINITY_SESSIONS", default_value_t = 100_000,
@@ -66,6 +71,7 @@ impl Default for CoordinatorSettings {
             max_attempts: 6,
             routing: Routing::Affinity,
             health_interval: Duration::from_secs(1),
+            down_after_failures: 3,
             affinity_sessions: 100_000,
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),

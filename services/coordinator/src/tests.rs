@@ -208,7 +208,7 @@ async fn cluster_with(n: usize, routing: Routing, settings: CoordinatorSettings)
     for _ in 0..n {
         workers.push(start(&store).await);
     }
-    let pool = Arc::new(Pool::new(routing, 1000));
+    let pool = Arc::new(Pool::new(routing, 1000, 3));
     let addrs = workers.iter().map(|w| w.addr.clone()).collect();
     assert_eq!(pool.refresh(&WorkerSource::Static(addrs)).await, n);
     let settings = CoordinatorSettings {
