@@ -89,21 +89,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_not_serving::<DenoiseWorkerServer<WorkerService>>()
-        .await;
-    reporter
-        .set_service_status("", tonic_health::ServingStatus::NotServing)
-        .await;
+    not_serving(&reporter).await;
     let stopping = reporter.clone();
     let shutdown = async move {
         shutdown.await;
-        stopping
-            .set_not_serving::<DenoiseWorkerServer<WorkerService>>()
-            .await;
-        stopping
-            .set_service_status("", tonic_health::ServingStatus::NotServing)
-            .await;
+        not_serving(&stopping).await;
     };
     let watch = loaded.clone();
     tokio::spawn(async move {
@@ -130,6 +120,16 @@ pub async fn serve(
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("worker server")
+}
+
+/// Reports the worker NOT_SERVING (loading, or draining).
+async fn not_serving(reporter: &tonic_health::server::HealthReporter) {
+    reporter
+        .set_not_serving::<DenoiseWorkerServer<WorkerService>>()
+        .await;
+    reporter
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
 }
 
 #[cfg(test)]

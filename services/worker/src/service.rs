@@ -297,8 +297,12 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn loaded(fingerprint: &str) -> Arc<Loaded> {
-        let cfg = Config::new(64, 32, 4, 2, 16, 16, 4);
-        let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
+        random_loaded(&Config::new(64, 32, 4, 2, 16, 16, 4), 0.1, fingerprint)
+    }
+
+    /// A random model of shape `cfg` (weights drawn with scale `std`), as loaded.
+    fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<Loaded> {
+        let model = checkpoint::random_model(cfg, std, 1, DType::F32, &Device::Cpu).unwrap();
         Arc::new(Loaded {
             model,
             model_id: "m".into(),
@@ -454,13 +458,7 @@ mod tests {
     #[tokio::test]
     async fn a_dropped_request_stops_its_block_and_frees_the_capacity() {
         // One block of 1024 positions, one position per pass: seconds of work to cut.
-        let cfg = Config::new(64, 32, 4, 2, 16, 2048, 1024);
-        let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
-        let loaded = Arc::new(Loaded {
-            model,
-            model_id: "m".into(),
-            fingerprint: "f".into(),
-        });
+        let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 2048, 1024), 0.1, "f");
         let store = Store::memory(StoreConfig::default());
         let record = SessionRecord {
             id: "long".into(),
@@ -524,13 +522,7 @@ mod tests {
     /// tokens each gets alone from the unbatched sampler.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batched_blocks_get_the_tokens_they_get_alone() {
-        let cfg = Config::new(64, 32, 4, 2, 16, 32, 8);
-        let model = checkpoint::random_model(&cfg, 0.3, 1, DType::F32, &Device::Cpu).unwrap();
-        let loaded = Arc::new(Loaded {
-            model,
-            model_id: "m".into(),
-            fingerprint: "f".into(),
-        });
+        let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 32, 8), 0.3, "f");
         let store = Store::memory(StoreConfig::default());
         let samplers = [
             Sampler::Ddpm,
