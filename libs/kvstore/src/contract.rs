@@ -15,51 +15,92 @@ pub fn record(id: &str) -> SessionRecord {
         seed: 9,
         sampling: SamplingParams::new(4),
         returned: 3,
+        version: 0,
     }
 }
 
 /// Exercises `store` (which must not hold session `s1` of model `m`) and panics on the
-/// first broken promise: create once, read per model, compare-and-set commit with its
-/// blobs, superseded commits, missing sessions, deletion with the blobs.
+/// first broken promise: create once, read per model, compare-and-set writes with their
+/// blobs, stale writers, appended tokens, leases, missing sessions, deletion with the
+/// blobs and its tombstone.
 pub async fn check(store: Store) {
     let r = record("s1");
-    store.create_session(&r).await.unwrap();
+    assert_eq!(store.create_session(&r).await.unwrap(), 1);
     assert!(matches!(
         store.create_session(&r).await,
         Err(Error::SessionExists(_))
     ));
-    assert_eq!(store.get_session("m", "s1").await.unwrap(), Some(r.clone()));
+    let stored = store.get_session("m", "s1").await.unwrap().unwrap();
+    assert_eq!((stored.version, &stored.tokens), (1, &r.tokens));
     assert_eq!(store.get_session("other-model", "s1").await.unwrap(), None);
-    let mut next = r.clone();
+
+    let mut next = stored.clone();
     next.committed_blocks = 1;
     next.tokens.push(4);
     let outcome = store
-        .commit(&next, 0, vec![(0, b"blob0".to_vec())], 0..0)
+        .commit(&next, stored.base(), vec![(0, b"blob0".to_vec())], 0..0)
         .await
         .unwrap();
-    assert_eq!(outcome, CommitOutcome::Committed);
-    let stale = store.commit(&next, 0, vec![], 0..1).await.unwrap();
-    assert_eq!(stale, CommitOutcome::Superseded(next.clone()));
+    assert_eq!(outcome, CommitOutcome::Committed(2));
+    let mut current = store.get_session("m", "s1").await.unwrap().unwrap();
+    next.version = 2;
+    assert_eq!(current, next, "the appended token is stored");
+
+    // A writer that read version 1 (a stale block, a stale prompt) changes nothing.
+    let mut stale = stored.clone();
+    stale.tokens.extend([7, 7]);
+    let lost = store.commit(&stale, stored.base(), vec![(1, b"stale".to_vec())], 0..1);
+    assert_eq!(lost.await.unwrap(), CommitOutcome::Superseded(next.clone()));
     assert_eq!(
         store.get_blobs("m", "s1", &[0, 1]).await.unwrap(),
         vec![Some(b"blob0".to_vec()), None],
-        "a superseded commit deletes nothing"
+        "a superseded commit writes and deletes nothing"
     );
-    let mut later = next.clone();
-    later.committed_blocks = 2;
+
+    current.committed_blocks = 2;
+    current.returned = 4;
     let blob1 = (1, b"blob1".to_vec());
-    let outcome = store.commit(&later, 1, vec![blob1], 0..1).await.unwrap();
-    assert_eq!(outcome, CommitOutcome::Committed);
+    let outcome = store.commit(&current, next.base(), vec![blob1], 0..1).await;
+    assert_eq!(outcome.unwrap(), CommitOutcome::Committed(3));
     assert_eq!(
         store.get_blobs("m", "s1", &[0, 1]).await.unwrap(),
         vec![None, Some(b"blob1".to_vec())],
         "the expired blob goes with the commit"
     );
+    let stored = store.get_session("m", "s1").await.unwrap().unwrap();
+    assert_eq!((stored.version, stored.returned), (3, 4));
     assert!(matches!(
-        store.commit(&record("nope"), 0, vec![], 0..0).await,
+        store
+            .update_session(&record("nope"), record("nope").base())
+            .await,
         Err(Error::NoSession(_))
     ));
+
+    let ttl = std::time::Duration::from_secs(5);
+    assert!(store.lease("m", "s1", "a", ttl).await.unwrap());
+    assert!(store.lease("m", "s1", "a", ttl).await.unwrap(), "renewed");
+    assert!(!store.lease("m", "s1", "b", ttl).await.unwrap());
+    store.release("m", "s1", "b").await.unwrap();
+    assert!(
+        !store.lease("m", "s1", "b", ttl).await.unwrap(),
+        "not b's to give up"
+    );
+    store.release("m", "s1", "a").await.unwrap();
+    assert!(store.lease("m", "s1", "b", ttl).await.unwrap());
+
     assert!(store.delete_session("m", "s1", 2).await.unwrap());
     assert!(!store.delete_session("m", "s1", 2).await.unwrap());
     assert_eq!(store.get_blobs("m", "s1", &[1]).await.unwrap(), vec![None]);
+    assert!(
+        store.lease("m", "s1", "c", ttl).await.unwrap(),
+        "the lease went too"
+    );
+    assert!(
+        matches!(store.create_session(&r).await, Err(Error::Deleted(_))),
+        "a deleted session is never put back"
+    );
+    assert!(matches!(
+        store.update_session(&stored, stored.base()).await,
+        Err(Error::NoSession(_))
+    ));
 }

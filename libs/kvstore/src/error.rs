@@ -15,6 +15,9 @@ pub enum Error {
     /// A session that must not exist already does.
     #[error("session {0} already exists")]
     SessionExists(String),
+    /// The session was deleted: it is never written or restored again.
+    #[error("session {0} was deleted")]
+    Deleted(String),
 }
 
 impl From<redis::RedisError> for Error {

@@ -9,6 +9,7 @@ impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         match e {
             Error::NoSession(id) => Self::not_found(format!("session_id: no session {id}")),
+            Error::Deleted(id) => Self::not_found(format!("session_id: session {id} was deleted")),
             Error::SessionExists(id) => {
                 Self::already_exists(format!("session_id: session {id} already exists"))
             }

@@ -1,18 +1,25 @@
 //! The store of session records and KV blobs: in memory (one process) or in Redis (any
 //! number of coordinators and workers).
 //!
-//! Keys live under one prefix, per model and session: `{prefix}:{model}:{session}:record`
-//! and `{prefix}:{model}:{session}:kv:{block}`. Every write sets the key's TTL; a session
-//! is deleted with all its blobs.
+//! Keys live under one prefix, per model and session (`{prefix}:{model}:{{session}}:...`;
+//! the braces keep a session's keys in one Redis Cluster slot): `record` (a hash of the
+//! version and the metadata), `tokens` (appended to, never rewritten), `kv:{block}` (the
+//! KV blobs of the window's blocks), `lease` (the generation that owns the session) and
+//! `deleted` (a tombstone). Every write sets the keys' TTL.
+//!
+//! Every write of a record is a compare-and-set on the version its writer read, in one
+//! server-side script with the blobs it commits and the blobs it expires: a stale writer
+//! changes nothing.
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
 
+use crate::record::{Base, encode_tokens};
 use crate::{Error, Result, SessionRecord};
 
 /// Settings common to every store.
@@ -33,12 +40,12 @@ impl Default for StoreConfig {
     }
 }
 
-/// The outcome of committing blocks.
+/// The outcome of a write of a session record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum CommitOutcome {
-    /// The record now holds the new blocks.
-    Committed,
-    /// Another writer committed first; this is the record as stored.
+    /// The record now holds the write; its new version.
+    Committed(u64),
+    /// Another writer wrote first; this is the record as stored.
     Superseded(SessionRecord),
 }
 
@@ -49,6 +56,22 @@ pub enum Store {
     Memory(MemoryStore),
     /// A Redis server.
     Redis(RedisStore),
+}
+
+/// The keys of one session.
+struct Keys {
+    record: String,
+    tokens: String,
+    lease: String,
+    tombstone: String,
+    /// Prefix of the blob keys (`{prefix}:{model}:{{session}}:kv:`).
+    kv: String,
+}
+
+impl Keys {
+    fn blob(&self, block: usize) -> String {
+        format!("{}{block}", self.kv)
+    }
 }
 
 impl Store {
@@ -82,84 +105,92 @@ impl Store {
         }
     }
 
-    fn record_key(&self, model: &str, session: &str) -> String {
-        format!("{}:{model}:{session}:record", self.config().prefix)
-    }
-
-    fn blob_key(&self, model: &str, session: &str, block: usize) -> String {
-        format!("{}:{model}:{session}:kv:{block}", self.config().prefix)
-    }
-
-    /// Stores a new session; an existing id is an error.
-    #[tracing::instrument(skip_all, fields(session = %record.id))]
-    pub async fn create_session(&self, record: &SessionRecord) -> Result<()> {
-        let key = self.record_key(&record.model_id, &record.id);
-        let created = match self {
-            Store::Memory(m) => m.set_if_absent(&key, record.to_bytes()),
-            Store::Redis(r) => r.set_if_absent(&key, record.to_bytes()).await?,
-        };
-        if created {
-            Ok(())
-        } else {
-            Err(Error::SessionExists(record.id.clone()))
+    fn keys(&self, model: &str, session: &str) -> Keys {
+        let base = format!("{}:{model}:{{{session}}}:", self.config().prefix);
+        Keys {
+            record: format!("{base}record"),
+            tokens: format!("{base}tokens"),
+            lease: format!("{base}lease"),
+            tombstone: format!("{base}deleted"),
+            kv: format!("{base}kv:"),
         }
     }
 
-    /// Reads a session record.
-    #[tracing::instrument(skip(self))]
-    pub async fn get_session(&self, model: &str, session: &str) -> Result<Option<SessionRecord>> {
-        let key = self.record_key(model, session);
-        let bytes = match self {
-            Store::Memory(m) => m.get(&key),
-            Store::Redis(r) => r.manager.clone().get::<_, Option<Vec<u8>>>(&key).await?,
-        };
-        bytes.map(|b| SessionRecord::from_bytes(&b)).transpose()
+    /// Stores a new session at version 1, or at `record.version` when it is set (a
+    /// session put back after the store lost it); returns the version stored. An
+    /// existing id is [`Error::SessionExists`], a deleted one [`Error::Deleted`].
+    #[tracing::instrument(skip_all)]
+    pub async fn create_session(&self, record: &SessionRecord) -> Result<u64> {
+        let keys = self.keys(&record.model_id, &record.id);
+        let version = record.version.max(1);
+        match self {
+            Store::Memory(m) => m.create(&keys, record, version)?,
+            Store::Redis(r) => r.create(&keys, record, version).await?,
+        }
+        Ok(version)
     }
 
-    /// Replaces a session record when its committed block count is still `expected`
-    /// (the commit point), after writing `blobs` (block index, bytes); with the commit,
-    /// the blobs of the `expired` blocks (slid out of the window: never read again) are
-    /// deleted. Blobs of a superseded commit are identical to the stored ones (same seed,
-    /// same model).
-    #[tracing::instrument(skip_all, fields(session = %record.id, expected, blocks = blobs.len()))]
+    /// Reads a session record, tokens and version in one atomic read.
+    #[tracing::instrument(skip_all)]
+    pub async fn get_session(&self, model: &str, session: &str) -> Result<Option<SessionRecord>> {
+        let keys = self.keys(model, session);
+        match self {
+            Store::Memory(m) => Ok(m.record(&keys.record)),
+            Store::Redis(r) => r.get_record(&keys).await,
+        }
+    }
+
+    /// Writes `record` if the stored one is still at `base` (the commit point): its
+    /// tokens past `base.tokens` are appended, the `blobs` (block index, bytes) are
+    /// written and the blobs of the `expired` blocks (slid out of the window: never read
+    /// again) deleted, all or nothing. A stale base changes nothing and returns the
+    /// stored record.
+    #[tracing::instrument(skip_all, fields(version = base.version, blocks = blobs.len()))]
     pub async fn commit(
         &self,
         record: &SessionRecord,
-        expected: usize,
+        base: Base,
         blobs: Vec<(usize, Vec<u8>)>,
         expired: Range<usize>,
     ) -> Result<CommitOutcome> {
-        let key = self.record_key(&record.model_id, &record.id);
-        let blob_key = |b| self.blob_key(&record.model_id, &record.id, b);
-        let blobs: Vec<(String, Vec<u8>)> = blobs
-            .into_iter()
-            .map(|(b, bytes)| (blob_key(b), bytes))
-            .collect();
-        let expired: Vec<String> = expired.map(blob_key).collect();
-        let stored = match self {
-            Store::Memory(m) => m.commit(&key, record, expected, blobs, &expired)?,
-            Store::Redis(r) => r.commit(&key, record, expected, blobs, &expired).await?,
+        if record.tokens.len() < base.tokens {
+            return Err(Error::Corrupt(format!(
+                "a write of {} tokens over {} stored ones",
+                record.tokens.len(),
+                base.tokens
+            )));
+        }
+        let keys = self.keys(&record.model_id, &record.id);
+        let write = Write {
+            record,
+            base,
+            blobs: blobs.into_iter().map(|(b, v)| (keys.blob(b), v)).collect(),
+            expired: expired.map(|b| keys.blob(b)).collect(),
         };
-        Ok(match stored {
-            None => CommitOutcome::Committed,
-            Some(current) => CommitOutcome::Superseded(current),
-        })
+        let stored = match self {
+            Store::Memory(m) => m.commit(&keys, write)?,
+            Store::Redis(r) => r.commit(&keys, write).await?,
+        };
+        match stored {
+            Ok(version) => Ok(CommitOutcome::Committed(version)),
+            Err(None) => Err(Error::NoSession(record.id.clone())),
+            Err(Some(current)) => Ok(CommitOutcome::Superseded(current)),
+        }
     }
 
-    /// Replaces a session record unconditionally (new prompt tokens, returned count).
-    #[tracing::instrument(skip_all, fields(session = %record.id))]
-    pub async fn put_session(&self, record: &SessionRecord) -> Result<()> {
-        let key = self.record_key(&record.model_id, &record.id);
-        match self {
-            Store::Memory(m) => m.set(&key, record.to_bytes()),
-            Store::Redis(r) => r.set(&key, record.to_bytes()).await?,
-        }
-        Ok(())
+    /// Writes `record` (new prompt tokens, parameters, returned count) if the stored one
+    /// is still at `base`: [`Store::commit`] without blobs.
+    pub async fn update_session(
+        &self,
+        record: &SessionRecord,
+        base: Base,
+    ) -> Result<CommitOutcome> {
+        self.commit(record, base, Vec::new(), 0..0).await
     }
 
     /// Reads the KV blobs of `blocks` of a session in one round trip; missing ones are
     /// `None`.
-    #[tracing::instrument(skip(self, blocks), fields(count = blocks.len()))]
+    #[tracing::instrument(skip(self, session, blocks), fields(count = blocks.len()))]
     pub async fn get_blobs(
         &self,
         model: &str,
@@ -169,27 +200,62 @@ impl Store {
         if blocks.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<String> = blocks
-            .iter()
-            .map(|&b| self.blob_key(model, session, b))
-            .collect();
+        let keys = self.keys(model, session);
+        let keys: Vec<String> = blocks.iter().map(|&b| keys.blob(b)).collect();
         match self {
-            Store::Memory(m) => Ok(keys.iter().map(|k| m.get(k)).collect()),
+            Store::Memory(m) => Ok(keys.iter().map(|k| m.bytes(k)).collect()),
             Store::Redis(r) => Ok(r.manager.clone().mget(&keys).await?),
         }
     }
 
-    /// Deletes a session and its `blocks` KV blobs; false when it did not exist.
-    #[tracing::instrument(skip(self))]
+    /// Deletes a session, its lease and the KV blobs of its first `blocks`, and leaves a
+    /// tombstone (for the store's TTL) that refuses any later write or re-creation of
+    /// it; false when it did not exist.
+    #[tracing::instrument(skip(self, session))]
     pub async fn delete_session(&self, model: &str, session: &str, blocks: usize) -> Result<bool> {
-        let mut keys = vec![self.record_key(model, session)];
-        keys.extend((0..blocks).map(|b| self.blob_key(model, session, b)));
+        let keys = self.keys(model, session);
+        let mut doomed = vec![keys.record.clone(), keys.tokens.clone(), keys.lease.clone()];
+        doomed.extend((0..blocks).map(|b| keys.blob(b)));
         match self {
-            Store::Memory(m) => Ok(m.delete(&keys)),
-            Store::Redis(r) => {
-                let deleted: usize = r.manager.clone().del(&keys).await?;
-                Ok(deleted > 0)
-            }
+            Store::Memory(m) => Ok(m.delete(&keys.tombstone, &doomed)),
+            Store::Redis(r) => r.delete(&keys.tombstone, &doomed).await,
+        }
+    }
+
+    /// Takes or renews the lease on a session for `owner`, for `ttl`: true when `owner`
+    /// holds it now, false when another owner does.
+    #[tracing::instrument(skip_all)]
+    pub async fn lease(
+        &self,
+        model: &str,
+        session: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<bool> {
+        let key = self.keys(model, session).lease;
+        match self {
+            Store::Memory(m) => Ok(m.lease(&key, owner, ttl)),
+            Store::Redis(r) => r.lease(&key, owner, ttl).await,
+        }
+    }
+
+    /// Gives up `owner`'s lease on a session (nothing when another owner holds it).
+    #[tracing::instrument(skip_all)]
+    pub async fn release(&self, model: &str, session: &str, owner: &str) -> Result<()> {
+        let key = self.keys(model, session).lease;
+        match self {
+            Store::Memory(m) => m.release(&key, owner),
+            Store::Redis(r) => r.release(&key, owner).await?,
+        }
+        Ok(())
+    }
+
+    /// Drops every key of the in-memory store, as a Redis `FLUSHALL` or an eviction
+    /// would, for tests of what survives that (a Redis store is flushed by its server).
+    #[cfg(any(test, feature = "contract"))]
+    pub fn flush_memory(&self) {
+        if let Store::Memory(m) = self {
+            m.map().clear();
         }
     }
 
@@ -207,14 +273,40 @@ impl Store {
     }
 }
 
-/// Values by key, each with its expiry.
-type Entries = HashMap<String, (Vec<u8>, Instant)>;
+/// One compare-and-set write, its keys resolved.
+struct Write<'a> {
+    record: &'a SessionRecord,
+    base: Base,
+    blobs: Vec<(String, Vec<u8>)>,
+    expired: Vec<String>,
+}
 
-/// The in-memory store: a map with per-key expiry.
+/// The result of a write: the new version, or the stored record it lost to (`None` when
+/// there is none).
+type Written = std::result::Result<u64, Option<SessionRecord>>;
+
+/// A stored value.
+enum Value {
+    Bytes(Vec<u8>),
+    Record(SessionRecord),
+}
+
+/// Values by key, each with its expiry.
+type Entries = HashMap<String, (Value, Instant)>;
+
+/// The in-memory store: a map with per-key expiry, under one lock (so every operation is
+/// atomic, as the Redis scripts are).
 #[derive(Clone)]
 pub struct MemoryStore {
     config: StoreConfig,
     entries: Arc<Mutex<Entries>>,
+}
+
+/// The live value at `key`.
+fn live<'m>(map: &'m Entries, key: &str) -> Option<&'m Value> {
+    map.get(key)
+        .filter(|(_, expiry)| *expiry > Instant::now())
+        .map(|(v, _)| v)
 }
 
 impl MemoryStore {
@@ -222,76 +314,102 @@ impl MemoryStore {
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn get(&self, key: &str) -> Option<Vec<u8>> {
-        let mut map = self.map();
-        match map.get(key) {
-            Some((v, expiry)) if *expiry > Instant::now() => Some(v.clone()),
-            Some(_) => {
-                map.remove(key);
-                None
-            }
-            None => None,
-        }
-    }
-
-    fn insert(&self, map: &mut Entries, key: &str, value: Vec<u8>) {
+    fn insert(&self, map: &mut Entries, key: &str, value: Value, ttl: Duration) {
         let now = Instant::now();
         // Expired entries are dropped as writes go by, so memory follows the live set.
         if map.len().is_multiple_of(64) {
             map.retain(|_, (_, expiry)| *expiry > now);
         }
-        map.insert(key.to_string(), (value, now + self.config.ttl));
+        map.insert(key.to_string(), (value, now + ttl));
     }
 
-    fn set(&self, key: &str, value: Vec<u8>) {
-        let mut map = self.map();
-        self.insert(&mut map, key, value);
-    }
-
-    fn set_if_absent(&self, key: &str, value: Vec<u8>) -> bool {
-        let mut map = self.map();
-        if map
-            .get(key)
-            .is_some_and(|(_, expiry)| *expiry > Instant::now())
-        {
-            return false;
+    fn bytes(&self, key: &str) -> Option<Vec<u8>> {
+        match live(&self.map(), key) {
+            Some(Value::Bytes(b)) => Some(b.clone()),
+            _ => None,
         }
-        self.insert(&mut map, key, value);
-        true
     }
 
-    fn commit(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        expected: usize,
-        blobs: Vec<(String, Vec<u8>)>,
-        expired: &[String],
-    ) -> Result<Option<SessionRecord>> {
+    fn record(&self, key: &str) -> Option<SessionRecord> {
+        match live(&self.map(), key) {
+            Some(Value::Record(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn create(&self, keys: &Keys, record: &SessionRecord, version: u64) -> Result<()> {
         let mut map = self.map();
-        let current = match map.get(key) {
-            Some((bytes, expiry)) if *expiry > Instant::now() => SessionRecord::from_bytes(bytes)?,
-            _ => return Err(Error::NoSession(record.id.clone())),
+        if live(&map, &keys.tombstone).is_some() {
+            return Err(Error::Deleted(record.id.clone()));
+        }
+        if live(&map, &keys.record).is_some() {
+            return Err(Error::SessionExists(record.id.clone()));
+        }
+        let mut stored = record.clone();
+        stored.version = version;
+        self.insert(
+            &mut map,
+            &keys.record,
+            Value::Record(stored),
+            self.config.ttl,
+        );
+        Ok(())
+    }
+
+    fn commit(&self, keys: &Keys, write: Write<'_>) -> Result<Written> {
+        let mut map = self.map();
+        let current = match live(&map, &keys.record) {
+            Some(Value::Record(r)) => r.clone(),
+            _ => return Ok(Err(None)),
         };
-        if current.committed_blocks != expected {
-            return Ok(Some(current));
+        if current.base() != write.base {
+            return Ok(Err(Some(current)));
         }
-        for (k, v) in blobs {
-            self.insert(&mut map, &k, v);
+        let mut next = write.record.clone();
+        next.version = current.version + 1;
+        let version = next.version;
+        let ttl = self.config.ttl;
+        for (k, v) in write.blobs {
+            self.insert(&mut map, &k, Value::Bytes(v), ttl);
         }
-        self.insert(&mut map, key, record.to_bytes());
-        for k in expired {
+        self.insert(&mut map, &keys.record, Value::Record(next), ttl);
+        for k in &write.expired {
             map.remove(k);
         }
-        Ok(None)
+        Ok(Ok(version))
     }
 
-    fn delete(&self, keys: &[String]) -> bool {
+    fn delete(&self, tombstone: &str, doomed: &[String]) -> bool {
         let mut map = self.map();
-        keys.iter()
-            .filter(|k| map.remove(k.as_str()).is_some())
-            .count()
-            > 0
+        let existed = live(&map, &doomed[0]).is_some();
+        for k in doomed {
+            map.remove(k);
+        }
+        self.insert(
+            &mut map,
+            tombstone,
+            Value::Bytes(Vec::new()),
+            self.config.ttl,
+        );
+        existed
+    }
+
+    fn lease(&self, key: &str, owner: &str, ttl: Duration) -> bool {
+        let mut map = self.map();
+        match live(&map, key) {
+            Some(Value::Bytes(held)) if held != owner.as_bytes() => false,
+            _ => {
+                self.insert(&mut map, key, Value::Bytes(owner.as_bytes().to_vec()), ttl);
+                true
+            }
+        }
+    }
+
+    fn release(&self, key: &str, owner: &str) {
+        let mut map = self.map();
+        if matches!(live(&map, key), Some(Value::Bytes(held)) if held == owner.as_bytes()) {
+            map.remove(key);
+        }
     }
 }
 
@@ -302,80 +420,180 @@ pub struct RedisStore {
     manager: ConnectionManager,
 }
 
-/// Replaces the record (KEYS[1]) with ARGV[2] when its committed block count equals ARGV[1]
-/// and deletes the expired blobs (KEYS[2..]); returns the stored record otherwise, and
-/// false when there is none.
-const COMMIT_SCRIPT: &str = r#"
-local current = redis.call('GET', KEYS[1])
-if not current then return false end
-if cjson.decode(current).committed_blocks ~= tonumber(ARGV[1]) then return current end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
-return 'OK'
+/// Creates a session: KEYS = record, tokens, tombstone; ARGV = version, meta, tokens,
+/// TTL in ms. Returns 'deleted', 'exists' or 'ok'.
+const CREATE_SCRIPT: &str = r#"
+if redis.call('EXISTS', KEYS[3]) == 1 then return 'deleted' end
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'exists' end
+redis.call('HSET', KEYS[1], 'v', ARGV[1], 'meta', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
+return 'ok'
 "#;
+
+/// The compare-and-set write. KEYS = record, tokens, then ARGV[6] blob keys, then the
+/// expired blob keys; ARGV = version read, token bytes then, meta, appended token bytes,
+/// TTL in ms, blob count, the blobs. Returns the new version; when the stored version or
+/// token length differs, {version, meta, tokens} as stored; false without a record.
+const COMMIT_SCRIPT: &str = r#"
+local v = redis.call('HGET', KEYS[1], 'v')
+if not v then return false end
+local tokens = redis.call('GET', KEYS[2]) or ''
+if v ~= ARGV[1] or #tokens ~= tonumber(ARGV[2]) then
+  return {v, redis.call('HGET', KEYS[1], 'meta'), tokens}
+end
+local next = tostring(tonumber(v) + 1)
+redis.call('APPEND', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[1], 'v', next, 'meta', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local n = tonumber(ARGV[6])
+for i = 1, n do redis.call('SET', KEYS[2 + i], ARGV[6 + i], 'PX', ARGV[5]) end
+for i = 3 + n, #KEYS do redis.call('UNLINK', KEYS[i]) end
+return next
+"#;
+
+/// Deletes a session: KEYS = tombstone, then the doomed keys (the record first); ARGV =
+/// TTL in ms. Returns whether the record existed.
+const DELETE_SCRIPT: &str = r#"
+local existed = redis.call('EXISTS', KEYS[2])
+redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
+for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
+return existed
+"#;
+
+/// Takes or renews a lease: KEYS = lease; ARGV = owner, TTL in ms. Returns 1 when the
+/// owner holds it now.
+const LEASE_SCRIPT: &str = r#"
+local held = redis.call('GET', KEYS[1])
+if held and held ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"#;
+
+/// Gives a lease up: KEYS = lease; ARGV = owner.
+const RELEASE_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// A reply of a script that is not what the script returns.
+fn corrupt(e: redis::ParsingError) -> Error {
+    Error::Corrupt(format!("store reply: {e}"))
+}
+
+static CREATE: LazyLock<Script> = LazyLock::new(|| Script::new(CREATE_SCRIPT));
+static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT_SCRIPT));
+static DELETE: LazyLock<Script> = LazyLock::new(|| Script::new(DELETE_SCRIPT));
+static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_SCRIPT));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SCRIPT));
 
 impl RedisStore {
     fn ttl_ms(&self) -> u64 {
         self.config.ttl.as_millis() as u64
     }
 
-    async fn set(&self, key: &str, value: Vec<u8>) -> Result<()> {
-        let _: () = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("PX")
+    async fn create(&self, keys: &Keys, record: &SessionRecord, version: u64) -> Result<()> {
+        let reply: String = CREATE
+            .key(&keys.record)
+            .key(&keys.tokens)
+            .key(&keys.tombstone)
+            .arg(version)
+            .arg(record.meta_bytes())
+            .arg(encode_tokens(&record.tokens))
             .arg(self.ttl_ms())
+            .invoke_async(&mut self.manager.clone())
+            .await?;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            "deleted" => Err(Error::Deleted(record.id.clone())),
+            _ => Err(Error::SessionExists(record.id.clone())),
+        }
+    }
+
+    async fn get_record(&self, keys: &Keys) -> Result<Option<SessionRecord>> {
+        type Parts = (Option<u64>, Option<Vec<u8>>);
+        let ((version, meta), tokens): (Parts, Option<Vec<u8>>) = redis::pipe()
+            .atomic()
+            .cmd("HMGET")
+            .arg(&keys.record)
+            .arg("v")
+            .arg("meta")
+            .cmd("GET")
+            .arg(&keys.tokens)
             .query_async(&mut self.manager.clone())
+            .await?;
+        match (version, meta) {
+            (Some(v), Some(meta)) => {
+                let tokens = tokens.unwrap_or_default();
+                SessionRecord::from_parts(&meta, &tokens, v).map(Some)
+            }
+            (None, None) => Ok(None),
+            _ => Err(Error::Corrupt(
+                "session record without a version or metadata".into(),
+            )),
+        }
+    }
+
+    async fn commit(&self, keys: &Keys, write: Write<'_>) -> Result<Written> {
+        let record = write.record;
+        let mut script = COMMIT.prepare_invoke();
+        script.key(&keys.record).key(&keys.tokens);
+        for (k, _) in &write.blobs {
+            script.key(k);
+        }
+        script
+            .key(&write.expired)
+            .arg(write.base.version)
+            .arg(write.base.tokens * 4)
+            .arg(record.meta_bytes())
+            .arg(encode_tokens(&record.tokens[write.base.tokens..]))
+            .arg(self.ttl_ms())
+            .arg(write.blobs.len());
+        for (_, v) in &write.blobs {
+            script.arg(v.as_slice());
+        }
+        let reply: redis::Value = script.invoke_async(&mut self.manager.clone()).await?;
+        match reply {
+            redis::Value::Nil => Ok(Err(None)),
+            redis::Value::Array(parts) => {
+                let (version, meta, tokens): (u64, Vec<u8>, Vec<u8>) =
+                    redis::from_redis_value(redis::Value::Array(parts)).map_err(corrupt)?;
+                Ok(Err(Some(SessionRecord::from_parts(
+                    &meta, &tokens, version,
+                )?)))
+            }
+            other => Ok(Ok(redis::from_redis_value(other).map_err(corrupt)?)),
+        }
+    }
+
+    async fn delete(&self, tombstone: &str, doomed: &[String]) -> Result<bool> {
+        let existed: i64 = DELETE
+            .key(tombstone)
+            .key(doomed)
+            .arg(self.ttl_ms())
+            .invoke_async(&mut self.manager.clone())
+            .await?;
+        Ok(existed == 1)
+    }
+
+    async fn lease(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
+        let held: i64 = LEASE
+            .key(key)
+            .arg(owner)
+            .arg(ttl.as_millis() as u64)
+            .invoke_async(&mut self.manager.clone())
+            .await?;
+        Ok(held == 1)
+    }
+
+    async fn release(&self, key: &str, owner: &str) -> Result<()> {
+        let _: i64 = RELEASE
+            .key(key)
+            .arg(owner)
+            .invoke_async(&mut self.manager.clone())
             .await?;
         Ok(())
-    }
-
-    async fn set_if_absent(&self, key: &str, value: Vec<u8>) -> Result<bool> {
-        let reply: Option<String> = redis::cmd("SET")
-            .arg(key)
-            .arg(value)
-            .arg("NX")
-            .arg("PX")
-            .arg(self.ttl_ms())
-            .query_async(&mut self.manager.clone())
-            .await?;
-        Ok(reply.is_some())
-    }
-
-    async fn commit(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        expected: usize,
-        blobs: Vec<(String, Vec<u8>)>,
-        expired: &[String],
-    ) -> Result<Option<SessionRecord>> {
-        let mut con = self.manager.clone();
-        if !blobs.is_empty() {
-            let mut pipe = redis::pipe();
-            for (k, v) in &blobs {
-                pipe.cmd("SET")
-                    .arg(k)
-                    .arg(v.as_slice())
-                    .arg("PX")
-                    .arg(self.ttl_ms())
-                    .ignore();
-            }
-            let _: () = pipe.query_async(&mut con).await?;
-        }
-        let reply: Option<Vec<u8>> = redis::Script::new(COMMIT_SCRIPT)
-            .key(key)
-            .key(expired)
-            .arg(expected)
-            .arg(record.to_bytes())
-            .arg(self.ttl_ms())
-            .invoke_async(&mut con)
-            .await?;
-        match reply {
-            None => Err(Error::NoSession(record.id.clone())),
-            Some(bytes) if bytes == b"OK" => Ok(None),
-            Some(bytes) => Ok(Some(SessionRecord::from_bytes(&bytes)?)),
-        }
     }
 }
 

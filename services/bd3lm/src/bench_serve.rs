@@ -96,7 +96,7 @@ async fn prefilled(
     rep: usize,
 ) -> anyhow::Result<(WorkerService, String)> {
     let vocab = loaded.model.config().vocab_size as u32;
-    let id = format!("bench-{context}-{rep}-{}", std::process::id());
+    let id = format!("{:032x}", rand::random::<u128>());
     let record = SessionRecord {
         id: id.clone(),
         model_id: loaded.model_id.clone(),
@@ -108,10 +108,8 @@ async fn prefilled(
         seed: rep as u64,
         sampling: SamplingParams::new(4),
         returned: context,
+        version: 0,
     };
-    let _ = store
-        .delete_session(&record.model_id, &id, context / 4 + 8)
-        .await;
     store.create_session(&record).await?;
     let first = worker(loaded, store);
     first

@@ -3,13 +3,14 @@
 //! One request goes through one module per job:
 //! [`validation`] (a valid request or one error naming the field) → [`plan`] (the
 //! session created or continued in the store) → [`stream`] (block after block, stop
-//! rules, decoding, streaming) → [`admission`] (a worker slot, first come first served)
+//! rules, decoding, streaming; the session's [`lease`] held throughout) → [`admission`] (a worker slot, first come first served)
 //! → [`dispatch`] (the worker holding the session's cache,
 //! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
 //! [`service`] is the gRPC surface and [`settings`] the flags.
 
 pub mod admission;
 pub mod dispatch;
+pub mod lease;
 pub mod plan;
 pub mod pool;
 pub mod service;

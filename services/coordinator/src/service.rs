@@ -108,9 +108,10 @@ impl Coordinator {
     async fn prepare(&self, req: GenerateRequest) -> Result<Plan, Status> {
         self.inner.admission.admit()?;
         let model = self.model().await?;
-        let limits = &self.inner.settings.limits;
-        let valid = validation::validate(req, limits, &model.vocabulary())?;
-        plan::plan(valid, model, &self.inner.store, limits).await
+        let settings = &self.inner.settings;
+        let valid = validation::validate(req, &settings.limits, &model.vocabulary())?;
+        let (store, terms) = (&self.inner.store, settings.lease_terms());
+        plan::plan(valid, model, store, &settings.limits, terms).await
     }
 
     /// Starts driving `plan` on its own task; dropping the receiver stops the work at the

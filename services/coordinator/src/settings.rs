@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bd3lm_telemetry::cli::positive_secs;
 
+use crate::lease::LeaseTerms;
 use crate::validation::Limits;
 
 /// How blocks of a session are routed.
@@ -54,12 +55,32 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "BD3LM_AFFINITY_SESSIONS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub affinity_sessions: u64,
+    /// Seconds a session's lease outlives its generation's last renewal (a coordinator
+    /// that dies holds its sessions this long).
+    #[arg(long = "lease-secs", env = "BD3LM_LEASE_SECS", value_name = "SECS",
+          default_value = "30", value_parser = positive_secs)]
+    pub lease_ttl: Duration,
+    /// Seconds a generation waits for a session another generation holds before it is
+    /// refused with ABORTED.
+    #[arg(long = "lease-wait-secs", env = "BD3LM_LEASE_WAIT_SECS", value_name = "SECS",
+          default_value = "2", value_parser = positive_secs)]
+    pub lease_wait: Duration,
     /// tokenizer.json for text prompts; without it prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// First pause between attempts at a block; it doubles with each attempt.
     #[arg(skip = Duration::from_millis(50))]
     pub retry_backoff: Duration,
+}
+
+impl CoordinatorSettings {
+    /// The terms of sessions' leases.
+    pub fn lease_terms(&self) -> LeaseTerms {
+        LeaseTerms {
+            ttl: self.lease_ttl,
+            wait: self.lease_wait,
+        }
+    }
 }
 
 impl Default for CoordinatorSettings {
@@ -73,6 +94,8 @@ impl Default for CoordinatorSettings {
             health_interval: Duration::from_secs(1),
             down_after_failures: 3,
             affinity_sessions: 100_000,
+            lease_ttl: Duration::from_secs(30),
+            lease_wait: Duration::from_secs(2),
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),
         }

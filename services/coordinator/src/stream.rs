@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use crate::dispatch::{BlockAnswer, Dispatcher};
-use crate::plan::Plan;
+use crate::plan::{Plan, update};
 
 /// Where the messages of one generation go.
 pub type Sender = mpsc::Sender<Result<GenerateStreamResponse, Status>>;
@@ -96,7 +96,8 @@ impl Drop for Running {
 /// Drives `plan` block by block, sending each block and a final message to `tx`. Stops
 /// as soon as the receiver is gone (the client cancelled or disconnected) or the session
 /// is deleted, without waiting for the block in flight: dropping it stops the worker.
-#[tracing::instrument(skip_all, fields(session = %plan.record.id))]
+/// The session's lease is given up once the returned tokens are stored.
+#[tracing::instrument(skip_all, fields(session = %short_id(&plan.record.id)))]
 pub async fn drive(
     store: &Store,
     dispatch: &Dispatcher,
@@ -110,54 +111,69 @@ pub async fn drive(
         shown: 0,
         forward_passes: 0,
     };
+    let stop = blocks(store, dispatch, &mut plan, &mut progress, &tx, &mut running).await;
+    if let Ok(stop) = stop {
+        if running.is_deleted() {
+            tracing::info!("session deleted; generation stopped");
+        } else {
+            if stop == StopReason::Cancelled {
+                tracing::info!("client went away; generation stopped");
+            }
+            record_returned(store, &plan.record, plan.start + progress.shown).await;
+        }
+    }
+    plan.lease.release().await;
+    let last = match stop {
+        Ok(stop) => Ok(GenerateStreamResponse {
+            session_id: plan.record.id.clone(),
+            stop_reason: proto_stop(stop) as i32,
+            forward_passes: progress.forward_passes,
+            seed: plan.record.seed,
+            ..Default::default()
+        }),
+        Err(status) => Err(status),
+    };
+    let _ = tx.send(last).await;
+}
+
+/// The generation's blocks, each sent to `tx`, until a stop or an error.
+async fn blocks(
+    store: &Store,
+    dispatch: &Dispatcher,
+    plan: &mut Plan,
+    progress: &mut Progress,
+    tx: &Sender,
+    running: &mut Running,
+) -> Result<StopReason, Status> {
     let model = plan.model.clone();
     let mut decoder = Decoder::new(&model.text);
-    let stop = loop {
+    loop {
         if tx.is_closed() {
-            break StopReason::Cancelled;
+            return Ok(StopReason::Cancelled);
         }
         let started = Instant::now();
         let answer = tokio::select! {
-            answer = next_block(store, dispatch, &plan.record, &progress) => answer,
-            () = tx.closed() => break StopReason::Cancelled,
-            () = running.deleted() => break StopReason::Cancelled,
+            answer = next_block(store, dispatch, &plan.record, progress) => answer?,
+            () = tx.closed() => return Ok(StopReason::Cancelled),
+            () = running.deleted() => return Ok(StopReason::Cancelled),
+            () = plan.lease.lost() => return Err(Status::aborted(
+                "session_id: another request took the session over",
+            )),
         };
-        let answer = match answer {
-            Ok(a) => a,
-            Err(status) => {
-                let _ = tx.send(Err(status)).await;
-                return;
-            }
-        };
-        let (message, stop) = commit(&mut plan, &mut progress, &mut decoder, answer, started);
+        let (message, stop) = commit(plan, progress, &mut decoder, answer, started);
         if tx.send(Ok(message)).await.is_err() {
-            break StopReason::Cancelled;
+            return Ok(StopReason::Cancelled);
         }
         if let Some(stop) = stop {
-            break stop;
+            return Ok(stop);
         }
-    };
-    if running.is_deleted() {
-        tracing::info!("session deleted; generation stopped");
-    } else {
-        if stop == StopReason::Cancelled {
-            tracing::info!("client went away; generation stopped");
-        }
-        record_returned(store, &plan.record, plan.start + progress.shown).await;
     }
-    let last = GenerateStreamResponse {
-        session_id: plan.record.id.clone(),
-        stop_reason: proto_stop(stop) as i32,
-        forward_passes: progress.forward_passes,
-        seed: plan.record.seed,
-        ..Default::default()
-    };
-    let _ = tx.send(Ok(last)).await;
 }
 
 /// The next block from the workers. When the store lost the session (flushed, evicted),
-/// this request holds every committed token: it puts the record back and asks again, and
-/// the workers rebuild the KV state from the tokens.
+/// this request holds every committed token: it puts the record back (unless the session
+/// was deleted: its tombstone refuses that) and asks again, and the workers rebuild the
+/// KV state from the tokens.
 async fn next_block(
     store: &Store,
     dispatch: &Dispatcher,
@@ -174,7 +190,12 @@ async fn next_block(
             let mut record = planned.clone();
             record.tokens.clone_from(&progress.tokens);
             record.committed_blocks = progress.committed;
-            store.put_session(&record).await?;
+            // A fresh version: no writer that read the lost record can match it.
+            record.version = 2 + u64::from(rand::random::<u32>());
+            match store.create_session(&record).await {
+                Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
             dispatch.denoise_block(session, progress.committed).await
         }
         other => other,
@@ -231,17 +252,21 @@ fn commit(
 
 /// Stores how far the client has seen the session, so a continuation starts there.
 async fn record_returned(store: &Store, record: &SessionRecord, returned: usize) {
-    let result = match store.get_session(&record.model_id, &record.id).await {
-        Ok(Some(mut current)) => {
-            current.returned = returned;
-            store.put_session(&current).await
-        }
-        Ok(None) => Ok(()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = result {
-        tracing::warn!(error = %e, "recording the returned tokens failed");
+    let result = update(store, &record.model_id, &record.id, |current| {
+        current.returned = returned.min(current.tokens.len());
+        Ok(())
+    });
+    match result.await {
+        Ok(_) => {}
+        Err(s) if s.code() == Code::NotFound => {}
+        Err(s) => tracing::warn!(code = ?s.code(), "recording the returned tokens failed"),
     }
+}
+
+/// A session id as logs and spans show it: its first 8 hex digits, enough to follow one
+/// session through the logs, too few to act on it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
 }
 
 /// The wire's stop reason.

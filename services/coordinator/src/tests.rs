@@ -76,17 +76,16 @@ impl Fake {
         }
         let mut next = record.clone();
         let fixed = next.tokens.len().saturating_sub(b * BLOCK).min(BLOCK);
-        next.tokens.truncate(b * BLOCK + fixed);
         for i in fixed..BLOCK {
             next.tokens
                 .push(((record.seed as usize + 31 * b + 7 * i) % 90 + 1) as u32);
         }
         next.committed_blocks = b + 1;
-        let outcome = self.store.commit(&next, b, vec![], 0..0).await?;
-        assert_eq!(outcome, CommitOutcome::Committed);
+        let outcome = self.store.update_session(&next, record.base()).await?;
+        assert!(matches!(outcome, CommitOutcome::Committed(_)));
         Ok(DenoiseBlockResponse {
             block_index: b as u32,
-            token_ids: next.tokens[b * BLOCK..].to_vec(),
+            token_ids: next.tokens[b * BLOCK..(b + 1) * BLOCK].to_vec(),
             committed_blocks: next.committed_blocks as u32,
             forward_passes: 1,
             cache_source: "fake".into(),
@@ -126,9 +125,7 @@ impl DenoiseWorker for FakeService {
                 std::future::pending().await
             }
             Act::Flush => {
-                fake.store
-                    .delete_session("fake", &req.session_id, 0)
-                    .await?;
+                fake.store.flush_memory();
                 fake.serve(&req).await.map(Response::new)
             }
         }

@@ -53,9 +53,6 @@ impl Default for Limits {
     }
 }
 
-/// Longest session id accepted.
-pub const MAX_SESSION_ID: usize = 128;
-
 /// Why a request was refused; the message starts with the field at fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ValidationError {
@@ -127,7 +124,7 @@ pub enum ValidationError {
     PromptRequired,
     /// A session id of the wrong length or characters.
     #[error(
-        "session_id: must be 1 to {MAX_SESSION_ID} characters of A-Z, a-z, 0-9, '-' and '_', found {found} characters"
+        "session_id: must be 32 lowercase hex digits, as the server gave it, found {found} characters"
     )]
     BadSessionId {
         /// Its length.
@@ -296,11 +293,7 @@ pub fn session_length(
 
 /// Checks a session id: what the server generates (hex) and what a client may name.
 pub fn check_session_id(id: &str) -> Result<(), ValidationError> {
-    let ok = (1..=MAX_SESSION_ID).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if ok {
+    if bd3lm_kvstore::record::is_session_id(id) {
         Ok(())
     } else {
         Err(ValidationError::BadSessionId {

@@ -1,9 +1,12 @@
-//! The commit to the store: the block's KV blobs, then the session record by
-//! compare-and-set (the commit point), then the answer. A block another worker committed
-//! first is answered as stored, so a retried block is idempotent.
+//! The commit to the store: the session record and the block's KV blobs in one
+//! compare-and-set on the version the block was computed from (the commit point), then
+//! the answer. A block another worker committed first is answered as stored, so a
+//! retried block is idempotent; a session that changed otherwise while the block ran
+//! (a new prompt, a restore) is ABORTED, and the coordinator asks again.
 
 use std::time::{Duration, Instant};
 
+use bd3lm_kvstore::record::Base;
 use bd3lm_kvstore::{CommitOutcome, SessionRecord, Store};
 use bd3lm_proto::v1::DenoiseBlockResponse;
 use tonic::Status;
@@ -11,24 +14,25 @@ use tonic::Status;
 use crate::block::BlockWork;
 use crate::sessions::SessionCaches;
 
-/// Commits `work` (computed from a record with `expected` committed blocks), keeps its
-/// state in `sessions` when it won, and returns the answer.
+/// Commits `work` (block `block`, computed from the record at `base`), keeps its state
+/// in `sessions` when it won, and returns the answer.
 pub async fn commit(
     store: &Store,
     sessions: &SessionCaches,
     work: BlockWork,
-    expected: usize,
+    (block, base): (usize, Base),
     block_size: usize,
     cache_time: Duration,
 ) -> Result<DenoiseBlockResponse, Status> {
     let started = Instant::now();
     let outcome = store
-        .commit(&work.record, expected, work.blobs, work.expired)
+        .commit(&work.record, base, work.blobs, work.expired)
         .await?;
     let store_time = started.elapsed();
-    let record = work.record;
+    let mut record = work.record;
     match outcome {
-        CommitOutcome::Committed => {
+        CommitOutcome::Committed(version) => {
+            record.version = version;
             let effort = work.effort;
             let end = record.committed_blocks * block_size;
             let first = effort.first_block * block_size;
@@ -53,9 +57,13 @@ pub async fn commit(
             sessions.put(record.id, work.held);
             Ok(answer)
         }
-        CommitOutcome::Superseded(current) => {
-            tracing::info!(block = expected, "block committed by another worker first");
-            committed_answer(&current, expected, block_size)
+        CommitOutcome::Superseded(current) if current.committed_blocks > block => {
+            tracing::info!(block, "block committed by another worker first");
+            committed_answer(&current, block, block_size)
+        }
+        CommitOutcome::Superseded(_) => {
+            tracing::info!(block, "the session changed while the block ran");
+            Err(changed())
         }
     }
 }
@@ -77,9 +85,7 @@ pub fn committed_answer(
             tokens = record.tokens.len(),
             "the stored session holds fewer tokens than its committed blocks"
         );
-        return Err(Status::aborted(
-            "block_index: the session changed while the block ran",
-        ));
+        return Err(changed());
     };
     Ok(DenoiseBlockResponse {
         block_index: block as u32,
@@ -89,6 +95,11 @@ pub fn committed_answer(
         cache_source: "none".into(),
         ..Default::default()
     })
+}
+
+/// The block's base is gone: the coordinator asks again, against the record as it is.
+fn changed() -> Status {
+    Status::aborted("block_index: the session changed while the block ran")
 }
 
 fn ms(d: Duration) -> f64 {

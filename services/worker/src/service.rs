@@ -122,8 +122,10 @@ impl WorkerService {
     async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
         let loaded = self.loaded()?;
         let slot = self.slot()?;
-        if req.session_id.is_empty() {
-            return Err(Status::invalid_argument("session_id: required"));
+        if !bd3lm_kvstore::record::is_session_id(&req.session_id) {
+            return Err(Status::invalid_argument(
+                "session_id: must be 32 lowercase hex digits",
+            ));
         }
         let bs = loaded.model.config().block_size;
         let block = req.block_index as usize;
@@ -141,6 +143,7 @@ impl WorkerService {
                 record.committed_blocks
             )));
         }
+        let base = record.base();
         let started = Instant::now();
         let found = self.find_cache(&loaded, &record, block).await;
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
@@ -172,7 +175,8 @@ impl WorkerService {
                 self.batched(&loaded, job, answer).await?
             }
         };
-        commit(&self.store, &self.sessions, work, block, bs, cache_time).await
+        let at = (block, base);
+        commit(&self.store, &self.sessions, work, at, bs, cache_time).await
     }
 
     /// Hands `job` to the batch and waits for its work. Dropping this future (the request
@@ -296,6 +300,12 @@ mod tests {
     use bd3lm_model::{Config, checkpoint};
     use candle_core::{DType, Device};
 
+    /// The session id of a test's session `name`: its bytes in hex, zero-padded.
+    fn sid(name: &str) -> String {
+        let hex: String = name.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("{hex:0>32}")
+    }
+
     fn loaded(fingerprint: &str) -> Arc<Loaded> {
         random_loaded(&Config::new(64, 32, 4, 2, 16, 16, 4), 0.1, fingerprint)
     }
@@ -337,6 +347,7 @@ mod tests {
                 ..SamplingParams::new(4)
             },
             returned: 6,
+            version: 0,
         };
         store.create_session(&record).await.unwrap();
     }
@@ -359,16 +370,16 @@ mod tests {
     #[tokio::test]
     async fn refuses_when_loading_or_full_and_names_what_is_wrong() {
         let store = Store::memory(StoreConfig::default());
-        session(&store, "s").await;
+        session(&store, &sid("s")).await;
         assert_eq!(
-            block(&service(None, &store, 1), "s", 0)
+            block(&service(None, &store, 1), &sid("s"), 0)
                 .await
                 .unwrap_err()
                 .code(),
             tonic::Code::Unavailable
         );
         assert_eq!(
-            block(&service(Some(loaded("f")), &store, 0), "s", 0)
+            block(&service(Some(loaded("f")), &store, 0), &sid("s"), 0)
                 .await
                 .unwrap_err()
                 .code(),
@@ -376,17 +387,19 @@ mod tests {
         );
         let worker = service(Some(loaded("f")), &store, 1);
         assert_eq!(
-            block(&worker, "nope", 0).await.unwrap_err().code(),
+            block(&worker, &sid("nope"), 0).await.unwrap_err().code(),
             tonic::Code::NotFound
         );
         assert_eq!(
-            block(&worker, "s", 5).await.unwrap_err().code(),
+            block(&worker, &sid("s"), 5).await.unwrap_err().code(),
             tonic::Code::FailedPrecondition
         );
-        assert_eq!(
-            block(&worker, "", 0).await.unwrap_err().code(),
-            tonic::Code::InvalidArgument
-        );
+        for bad in ["", "S", "../../etc", &sid("zz").to_uppercase()] {
+            assert_eq!(
+                block(&worker, bad, 0).await.unwrap_err().code(),
+                tonic::Code::InvalidArgument
+            );
+        }
     }
 
     /// Prefill, then blocks from memory, from the store and rebuilt after corrupt blobs:
@@ -394,37 +407,37 @@ mod tests {
     #[tokio::test]
     async fn every_cache_source_gives_the_same_tokens() {
         let store = Store::memory(StoreConfig::default());
-        session(&store, "a").await;
+        session(&store, &sid("a")).await;
         let first = service(Some(loaded("f")), &store, 1);
-        let prefill = block(&first, "a", 0).await.unwrap();
+        let prefill = block(&first, &sid("a"), 0).await.unwrap();
         assert_eq!(
             (prefill.token_ids, prefill.committed_blocks),
             (vec![62, 1, 2, 3], 1)
         );
-        let again = block(&first, "a", 0).await.unwrap();
+        let again = block(&first, &sid("a"), 0).await.unwrap();
         assert!(again.already_committed);
-        let memory = block(&first, "a", 1).await.unwrap();
+        let memory = block(&first, &sid("a"), 1).await.unwrap();
         assert_eq!(
             (memory.cache_source.as_str(), &memory.token_ids[..2]),
             ("memory", &[4, 5][..])
         );
 
-        session(&store, "b").await;
-        block(&service(Some(loaded("f")), &store, 1), "b", 0)
+        session(&store, &sid("b")).await;
+        block(&service(Some(loaded("f")), &store, 1), &sid("b"), 0)
             .await
             .unwrap();
-        let from_store = block(&service(Some(loaded("f")), &store, 1), "b", 1)
+        let from_store = block(&service(Some(loaded("f")), &store, 1), &sid("b"), 1)
             .await
             .unwrap();
         assert_eq!(from_store.cache_source, "store");
         assert_eq!(from_store.token_ids, memory.token_ids);
 
-        session(&store, "c").await;
-        block(&service(Some(loaded("other")), &store, 1), "c", 0)
+        session(&store, &sid("c")).await;
+        block(&service(Some(loaded("other")), &store, 1), &sid("c"), 0)
             .await
             .unwrap();
         let fresh = service(Some(loaded("f")), &store, 1);
-        let rebuilt = block(&fresh, "c", 1).await.unwrap();
+        let rebuilt = block(&fresh, &sid("c"), 1).await.unwrap();
         assert_eq!(rebuilt.cache_source, "rebuilt");
         assert_eq!(rebuilt.token_ids, memory.token_ids);
         let info = fresh
@@ -461,7 +474,7 @@ mod tests {
         let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 2048, 1024), 0.1, "f");
         let store = Store::memory(StoreConfig::default());
         let record = SessionRecord {
-            id: "long".into(),
+            id: sid("long"),
             model_id: "m".into(),
             tokens: vec![62],
             prompt_len: 1,
@@ -469,11 +482,12 @@ mod tests {
             seed: 1,
             sampling: SamplingParams::new(1024),
             returned: 1,
+            version: 0,
         };
         store.create_session(&record).await.unwrap();
         let worker = Arc::new(service(Some(loaded), &store, 1));
         let caller = worker.clone();
-        let call = tokio::spawn(async move { block(&caller, "long", 0).await });
+        let call = tokio::spawn(async move { block(&caller, &sid("long"), 0).await });
         while worker.in_flight.load(Ordering::Relaxed) == 0 {
             tokio::task::yield_now().await;
         }
@@ -487,7 +501,7 @@ mod tests {
         let passes = info(&worker).await.denoise_passes;
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         assert_eq!(info(&worker).await.denoise_passes, passes, "passes went on");
-        let stored = store.get_session("m", "long").await.unwrap().unwrap();
+        let stored = store.get_session("m", &sid("long")).await.unwrap().unwrap();
         assert_eq!(
             stored.committed_blocks, 0,
             "the cancelled block was committed"
@@ -499,12 +513,13 @@ mod tests {
     #[tokio::test]
     async fn a_record_that_went_backwards_is_aborted_not_a_panic() {
         let store = Store::memory(StoreConfig::default());
-        session(&store, "s").await;
-        let mut record = store.get_session("m", "s").await.unwrap().unwrap();
+        session(&store, &sid("s")).await;
+        let mut record = store.get_session("m", &sid("s")).await.unwrap().unwrap();
         record.committed_blocks = 3;
-        store.commit(&record, 0, vec![], 0..0).await.unwrap();
+        let base = record.base();
+        store.update_session(&record, base).await.unwrap();
         let worker = service(Some(loaded("f")), &store, 1);
-        let status = block(&worker, "s", 2).await.unwrap_err();
+        let status = block(&worker, &sid("s"), 2).await.unwrap_err();
         assert_eq!(status.code(), tonic::Code::Aborted);
         assert!(status.message().contains("block_index"));
     }
@@ -531,7 +546,7 @@ mod tests {
         ];
         let records: Vec<SessionRecord> = (0..9)
             .map(|i| SessionRecord {
-                id: format!("s{i}"),
+                id: sid(&format!("s{i}")),
                 model_id: "m".into(),
                 tokens: (1..3 + i as u32 * 2).collect(),
                 prompt_len: 2 + i * 2,
@@ -544,6 +559,7 @@ mod tests {
                     greedy: false,
                 },
                 returned: 0,
+                version: 0,
             })
             .collect();
         for r in &records {

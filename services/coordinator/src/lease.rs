@@ -1,0 +1,182 @@
+//! One generation per session at a time: a generation holds the session's lease in the
+//! store (an owner token with a TTL, renewed in the background while it runs) from its
+//! plan to its last write. A second generation of the same session waits briefly (a
+//! cancelled stream hands over within milliseconds), then is refused with ABORTED. A
+//! coordinator that dies leaves a lease that expires after its TTL.
+
+use std::time::{Duration, Instant};
+
+use bd3lm_kvstore::Store;
+use tokio::sync::watch;
+use tonic::Status;
+
+/// How long a lease lasts and how long a generation waits for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTerms {
+    /// Lifetime of a lease after its last renewal (renewed every third of it).
+    pub ttl: Duration,
+    /// Longest wait for a lease another generation holds.
+    pub wait: Duration,
+}
+
+/// Pause between attempts at a held lease.
+const POLL: Duration = Duration::from_millis(20);
+
+/// A session's lease, held by this generation until [`Lease::release`] (or until it is
+/// dropped and expires).
+pub struct Lease {
+    store: Store,
+    model: String,
+    session: String,
+    owner: String,
+    lost: watch::Receiver<bool>,
+    keeper: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Takes the lease of `session`, waiting up to `terms.wait` while another generation
+    /// holds it; ABORTED after that.
+    pub async fn take(
+        store: &Store,
+        model: &str,
+        session: &str,
+        terms: LeaseTerms,
+    ) -> Result<Lease, Status> {
+        let owner = format!("{:032x}", rand::random::<u128>());
+        let deadline = Instant::now() + terms.wait;
+        while !store.lease(model, session, &owner, terms.ttl).await? {
+            if Instant::now() >= deadline {
+                return Err(Status::aborted(
+                    "session_id: the session is generating in another request; retry when it ends",
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        let (lost_tx, lost) = watch::channel(false);
+        let keeper = tokio::spawn(keep(
+            store.clone(),
+            [model.to_string(), session.to_string(), owner.clone()],
+            terms.ttl,
+            lost_tx,
+        ));
+        Ok(Lease {
+            store: store.clone(),
+            model: model.to_string(),
+            session: session.to_string(),
+            owner,
+            lost,
+            keeper,
+        })
+    }
+
+    /// Resolves when another owner took the lease (this one expired unrenewed).
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|lost| *lost).await;
+    }
+
+    /// Gives the lease up.
+    pub async fn release(self) {
+        self.keeper.abort();
+        if let Err(e) = self
+            .store
+            .release(&self.model, &self.session, &self.owner)
+            .await
+        {
+            tracing::warn!(error = %e, "releasing the session's lease failed; it expires");
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.keeper.abort();
+    }
+}
+
+/// Renews the lease every third of `ttl` until another owner holds it. A store that does
+/// not answer is tried again: the generation cannot commit meanwhile either.
+async fn keep(
+    store: Store,
+    [model, session, owner]: [String; 3],
+    ttl: Duration,
+    lost: watch::Sender<bool>,
+) {
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        match store.lease(&model, &session, &owner, ttl).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!("the session's lease went to another generation");
+                lost.send_replace(true);
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "renewing the session's lease failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bd3lm_kvstore::StoreConfig;
+
+    fn terms(ttl_ms: u64, wait_ms: u64) -> LeaseTerms {
+        LeaseTerms {
+            ttl: Duration::from_millis(ttl_ms),
+            wait: Duration::from_millis(wait_ms),
+        }
+    }
+
+    /// A held lease refuses a second generation after the wait, and hands over as soon
+    /// as it is released.
+    #[tokio::test]
+    async fn a_held_lease_refuses_then_hands_over() {
+        let store = Store::memory(StoreConfig::default());
+        let first = Lease::take(&store, "m", "s", terms(10_000, 0))
+            .await
+            .unwrap();
+        let refused = Lease::take(&store, "m", "s", terms(10_000, 50)).await;
+        assert_eq!(refused.err().unwrap().code(), tonic::Code::Aborted);
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move { Lease::take(&store, "m", "s", terms(10_000, 5_000)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        first.release().await;
+        assert!(waiter.await.unwrap().is_ok());
+    }
+
+    /// The keeper renews a lease past its TTL; a lease taken over is reported lost.
+    #[tokio::test]
+    async fn leases_are_renewed_and_losses_reported() {
+        let store = Store::memory(StoreConfig::default());
+        let mut lease = Lease::take(&store, "m", "s", terms(90, 0)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(
+            !store
+                .lease("m", "s", "thief", Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        lease.keeper.abort();
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        assert!(
+            store
+                .lease("m", "s", "thief", Duration::from_secs(5))
+                .await
+                .unwrap()
+        );
+        let (tx, rx) = watch::channel(false);
+        lease.lost = rx;
+        let keeper = tokio::spawn(keep(
+            store.clone(),
+            ["m".into(), "s".into(), lease.owner.clone()],
+            Duration::from_millis(30),
+            tx,
+        ));
+        tokio::time::timeout(Duration::from_secs(2), lease.lost())
+            .await
+            .expect("the loss is reported");
+        keeper.abort();
+    }
+}
