@@ -197,6 +197,59 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Starts a coordinator of `workers` on `redis` with `routing` and `extra` flags; returns
+/// it and its address.
+fn start_coordinator(
+    dir: &Path,
+    workers: &[String],
+    redis: &Redis,
+    routing: &str,
+    extra: &[&str],
+) -> (Proc, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--addr",
+        &addr,
+        "--workers",
+        &workers.join(","),
+        "--redis",
+        &redis.url(),
+        "--routing",
+        routing,
+        "--health-interval-secs",
+        "0.2",
+        "--block-timeout-secs",
+        "20",
+    ];
+    let args: Vec<String> = args.iter().chain(extra).map(|s| s.to_string()).collect();
+    let name = format!("coordinator-{}", addr.replace([':', '.'], "-"));
+    (spawn(&bin("bd3lm-coordinator"), &args, dir, &name), addr)
+}
+
+/// Whether the server at `addr` answers its health check with SERVING.
+fn serving(addr: &str) -> bool {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let endpoint = format!("http://{addr}");
+        let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint)
+            .unwrap()
+            .connect()
+            .await
+        else {
+            return false;
+        };
+        let request = HealthCheckRequest {
+            service: String::new(),
+        };
+        HealthClient::new(channel)
+            .check(request)
+            .await
+            .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
+    })
+}
+
 /// A coordinator and its workers on one Redis.
 pub struct Cluster {
     /// Holds the logs and Redis' files; removed with the cluster.
@@ -239,26 +292,7 @@ impl Cluster {
             ));
             addrs.push(addr);
         }
-        let addr = format!("127.0.0.1:{}", free_port());
-        let args = vec![
-            "--addr".into(),
-            addr.clone(),
-            "--workers".into(),
-            addrs.join(","),
-            "--redis".into(),
-            redis.url(),
-            "--routing".into(),
-            routing.into(),
-            "--health-interval-secs".into(),
-            "0.2".into(),
-            "--block-timeout-secs".into(),
-            "20".into(),
-        ];
-        let args: Vec<String> = args
-            .into_iter()
-            .chain(extra.iter().map(|s| s.to_string()))
-            .collect();
-        let coordinator = spawn(&bin("bd3lm-coordinator"), &args, dir.path(), "coordinator");
+        let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &redis, routing, extra);
         let cluster = Self {
             _dir: dir,
             redis,
@@ -269,6 +303,22 @@ impl Cluster {
         };
         cluster.wait_ready();
         cluster
+    }
+
+    /// Another coordinator of the same workers and Redis, with `extra` flags; returns it
+    /// and its address once it reports SERVING.
+    pub fn add_coordinator(&self, extra: &[&str]) -> (Proc, String) {
+        let dir = self._dir.path();
+        let started = start_coordinator(dir, &self.worker_addrs, &self.redis, "affinity", extra);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !serving(&started.1) {
+            assert!(
+                Instant::now() < deadline,
+                "the second coordinator is not ready"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        started
     }
 
     /// Waits until a generation succeeds (workers loaded and healthy).
@@ -325,27 +375,7 @@ impl Cluster {
 
     /// Whether the coordinator's health (readiness) says SERVING.
     pub fn ready(&self) -> bool {
-        use tonic_health::pb::health_check_response::ServingStatus;
-        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
-        let runtime = tokio::runtime::Runtime::new().unwrap();
-        runtime.block_on(async {
-            let endpoint = format!("http://{}", self.addr);
-            let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint)
-                .unwrap()
-                .connect()
-                .await
-            else {
-                return false;
-            };
-            let mut client = HealthClient::new(channel);
-            let request = HealthCheckRequest {
-                service: String::new(),
-            };
-            client
-                .check(request)
-                .await
-                .is_ok_and(|r| r.get_ref().status == ServingStatus::Serving as i32)
-        })
+        serving(&self.addr)
     }
 
     /// Waits up to `within` for readiness to become `ready`; whether it did.

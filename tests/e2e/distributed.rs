@@ -13,12 +13,12 @@ use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, TokenIds};
 use crate::cluster::{Cluster, Generated};
 use crate::{bd3lm, data_dir};
 
-fn checkpoint() -> std::path::PathBuf {
+pub fn checkpoint() -> std::path::PathBuf {
     data_dir().join("reference-bd3lm-bs4")
 }
 
 /// Local generation with the same flags.
-fn local(args: &[&str]) -> Vec<u32> {
+pub fn local(args: &[&str]) -> Vec<u32> {
     let ckpt = checkpoint();
     let mut all = vec!["generate", "--checkpoint", ckpt.to_str().unwrap()];
     all.extend_from_slice(args);
@@ -277,8 +277,9 @@ fn redis_keeps_only_the_window_of_a_long_session() {
     let out = cluster.generate(&args);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let keys = cluster.redis.keys(&format!("*{}*", out.session()));
-    // The test model's window: 64 tokens, so the 15 blocks of 4 before a block.
-    assert!(keys.len() <= 15 + 1, "{} keys: {keys:?}", keys.len());
+    // The test model's window: 64 tokens, so the 15 blocks of 4 before a block; the
+    // record and its tokens.
+    assert!(keys.len() <= 15 + 2, "{} keys: {keys:?}", keys.len());
     assert!(keys.iter().any(|k| k.ends_with(":record")), "{keys:?}");
     let more = cluster.generate(&["--session", out.session().as_str(), "--max-tokens", "40"]);
     assert_eq!(more.code, 0, "{}", more.stderr);

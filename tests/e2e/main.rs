@@ -4,6 +4,7 @@ mod check_reference;
 mod cluster;
 mod distributed;
 mod generate;
+mod integrity;
 mod training;
 
 use std::path::{Path, PathBuf};

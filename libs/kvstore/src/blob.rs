@@ -1,17 +1,21 @@
 //! The KV blob of one committed block.
 //!
 //! Layout (little endian): magic `BD3KVBLK`, version u32, model id (u16 length + UTF-8),
-//! weights fingerprint (u16 length + UTF-8), block index u64, payload (u64 length +
-//! bytes), and a checksum u64 ([`bd3lm_bytes::checksum`]) of everything before it. The payload
-//! is the model library's own self-describing KV segment (dtype, layers, heads, head dim,
-//! positions, its checksum).
+//! fingerprint (u16 length + UTF-8), block index u64, prefix hash u64, payload (u64
+//! length + bytes), and a checksum u64 ([`bd3lm_bytes::checksum`]) of everything before
+//! it. The payload is the model library's own self-describing KV segment (dtype, layers,
+//! heads, head dim, positions, its checksum).
+//!
+//! A blob is used only for the session tokens it was computed from: its prefix hash is
+//! the [`prefix_hashes`] of the tokens up to the end of its block, compared with the
+//! record's before use.
 
 use bd3lm_bytes::Reader;
 
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"BD3KVBLK";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Longest model id or fingerprint a blob holds, in bytes: a worker refuses a longer
 /// model id at start-up, since none of its blobs could be read back.
 pub const MAX_NAME: usize = 1024;
@@ -21,10 +25,12 @@ pub const MAX_NAME: usize = 1024;
 pub struct BlockBlob {
     /// Model that computed them.
     pub model_id: String,
-    /// Hash of that model's weights.
+    /// Hash of that model's weights, dtype and configuration: the state's layout.
     pub fingerprint: String,
     /// Index of the block in its session.
     pub block_index: u64,
+    /// Hash of the session's tokens up to the end of the block.
+    pub prefix_hash: u64,
     /// The model's serialised KV segment.
     pub payload: Vec<u8>,
 }
@@ -42,6 +48,7 @@ impl BlockBlob {
             out.extend_from_slice(name.as_bytes());
         }
         out.extend_from_slice(&self.block_index.to_le_bytes());
+        out.extend_from_slice(&self.prefix_hash.to_le_bytes());
         out.extend_from_slice(&(self.payload.len() as u64).to_le_bytes());
         out.extend_from_slice(&self.payload);
         bd3lm_bytes::seal(out)
@@ -50,7 +57,7 @@ impl BlockBlob {
     /// Decodes a blob, checking every length against the bytes present and the checksum;
     /// the payload reuses `bytes`' allocation.
     pub fn decode(bytes: Vec<u8>) -> Result<Self> {
-        if bytes.len() < MAGIC.len() + 4 + 2 + 2 + 8 + 8 + 8 {
+        if bytes.len() < MAGIC.len() + 4 + 2 + 2 + 8 + 8 + 8 + 8 {
             return Err(Error::Corrupt("KV blob too short".into()));
         }
         let body = bd3lm_bytes::unseal(&bytes)
@@ -68,6 +75,7 @@ impl BlockBlob {
         let model_id = name(&mut r)?;
         let fingerprint = name(&mut r)?;
         let block_index = r.u64().map_err(truncated)?;
+        let prefix_hash = r.u64().map_err(truncated)?;
         let len = r.u64().map_err(truncated)?;
         if len != r.remaining() as u64 {
             return Err(Error::Corrupt(format!(
@@ -85,9 +93,31 @@ impl BlockBlob {
             model_id,
             fingerprint,
             block_index,
+            prefix_hash,
             payload,
         })
     }
+}
+
+/// For each block of `blocks`, the hash of `tokens` up to its end (`block_size` tokens
+/// per block), in one pass; `None` when `tokens` ends before the last of them.
+pub fn prefix_hashes(
+    tokens: &[u32],
+    block_size: usize,
+    blocks: std::ops::Range<usize>,
+) -> Option<Vec<u64>> {
+    let end = blocks.end.checked_mul(block_size)?;
+    let tokens = tokens.get(..end)?;
+    let mut sum = bd3lm_bytes::Checksum::new();
+    let mut hashes = Vec::with_capacity(blocks.len());
+    for (b, chunk) in tokens.chunks(block_size.max(1)).enumerate() {
+        let bytes: Vec<u8> = chunk.iter().flat_map(|t| t.to_le_bytes()).collect();
+        sum.update(&bytes);
+        if blocks.contains(&b) {
+            hashes.push(sum.finish());
+        }
+    }
+    Some(hashes)
 }
 
 fn truncated(e: bd3lm_bytes::Truncated) -> Error {
@@ -113,6 +143,7 @@ mod tests {
             model_id: "demo".into(),
             fingerprint: "abc123".into(),
             block_index: 7,
+            prefix_hash: 0xfeed,
             payload: (0..200u8).collect(),
         }
     }
@@ -139,12 +170,27 @@ mod tests {
         }
     }
 
+    /// A block's prefix hash covers every token before its end and none after.
+    #[test]
+    fn prefix_hashes_follow_the_tokens_up_to_each_block() {
+        let tokens: Vec<u32> = (0..12).collect();
+        let all = prefix_hashes(&tokens, 4, 0..3).unwrap();
+        assert_eq!(prefix_hashes(&tokens, 4, 1..3).unwrap(), all[1..]);
+        assert_eq!(prefix_hashes(&tokens[..8], 4, 0..2).unwrap(), all[..2]);
+        assert_eq!(prefix_hashes(&tokens, 4, 0..4), None);
+        let mut changed = tokens.clone();
+        changed[5] = 99;
+        let other = prefix_hashes(&changed, 4, 0..3).unwrap();
+        assert_eq!(other[0], all[0]);
+        assert!(other[1] != all[1] && other[2] != all[2]);
+    }
+
     /// A huge declared length with a valid checksum is refused without allocating it.
     #[test]
     fn lying_lengths_are_refused() {
         let mut body = blob().encode();
         body.truncate(body.len() - 8);
-        let at = 8 + 4 + 2 + 4 + 2 + 6 + 8;
+        let at = 8 + 4 + 2 + 4 + 2 + 6 + 8 + 8;
         body[at..at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(
             BlockBlob::decode(bd3lm_bytes::seal(body))

@@ -195,6 +195,7 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
                 model_id: "bench".into(),
                 fingerprint: "x".into(),
                 block_index: b as u64,
+                prefix_hash: 0,
                 payload,
             }
             .encode(),

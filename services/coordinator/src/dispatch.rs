@@ -54,8 +54,8 @@ impl Dispatcher {
     }
 
     /// Waits for a slot, then asks workers for block `block` of `session` until one
-    /// answers. A request fault (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
-    /// OUT_OF_RANGE) is returned at once; a busy worker (RESOURCE_EXHAUSTED, when other
+    /// answers. A fault of the request or its stored session (INVALID_ARGUMENT,
+    /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once; a busy worker (RESOURCE_EXHAUSTED, when other
     /// coordinators share it) is waited for without counting as a fault; any other
     /// failure is tried again elsewhere while the attempts and the retry budget last.
     #[tracing::instrument(skip(self), fields(queue_ms))]
@@ -185,7 +185,11 @@ impl RetryBudget {
 fn is_request_fault(code: Code) -> bool {
     matches!(
         code,
-        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition | Code::OutOfRange
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::DataLoss
     )
 }
 

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use bd3lm_diffusion::Session;
+use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
 
 use crate::Loaded;
@@ -92,7 +93,7 @@ pub fn finish(
     let cfg = loaded.model.config();
     let bs = cfg.block_size;
     let end = session.next_block_index();
-    let blobs = blobs(loaded, session.cache(), effort.first_block..end)?;
+    let blobs = blobs(loaded, &session, effort.first_block..end)?;
     // A next block reads the blobs of the window's blocks before it, no older ones.
     let window = (cfg.model_length - bs) / bs;
     let expired = record.committed_blocks.saturating_sub(window)..end.saturating_sub(window);
@@ -113,20 +114,27 @@ pub fn finish(
     })
 }
 
-/// The KV blobs of `blocks`, skipping those that slid out of the window during a long
-/// prefill (they are never needed again).
+/// The KV blobs of `session`'s committed `blocks`, skipping those that slid out of the
+/// window during a long prefill (they are never needed again).
 fn blobs(
     loaded: &Loaded,
-    cache: &bd3lm_model::KvCache,
+    session: &Session,
     blocks: std::ops::Range<usize>,
 ) -> bd3lm_diffusion::Result<Vec<(usize, Vec<u8>)>> {
     let bs = loaded.model.config().block_size;
+    let cache = session.cache();
+    let hashes = prefix_hashes(session.tokens(), bs, blocks.clone())
+        .ok_or_else(|| bd3lm_diffusion::Error::Batch("a committed block past the tokens".into()))?;
     let mut out = Vec::new();
-    for b in blocks.filter(|b| b * bs >= cache.first_position()) {
+    for (b, prefix_hash) in blocks.zip(hashes) {
+        if b * bs < cache.first_position() {
+            continue;
+        }
         let blob = BlockBlob {
             model_id: loaded.model_id.clone(),
             fingerprint: loaded.fingerprint.clone(),
             block_index: b as u64,
+            prefix_hash,
             payload: cache.export(b * bs, bs)?,
         };
         out.push((b, blob.encode()));

@@ -1,10 +1,12 @@
 //! Where a session's KV cache comes from: the worker's memory, else the store's per-block
-//! KV blobs, else a rebuild from the session's tokens. A blob that fails its checksum or
-//! belongs to other weights is a miss (logged and counted), never data.
+//! KV blobs, else a rebuild from the session's tokens. A blob that fails its checksum,
+//! belongs to another model state (weights, dtype, configuration) or to other tokens is
+//! a miss (logged and counted), never data.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bd3lm_diffusion::Session;
+use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::KvCache;
 
@@ -89,6 +91,10 @@ pub async fn from_store(
     let bs = cfg.block_size;
     let live = (block * bs).min(cfg.model_length - bs) / bs;
     let wanted: Vec<usize> = (block - live..block).collect();
+    let Some(hashes) = prefix_hashes(&record.tokens, bs, block - live..block) else {
+        tracing::warn!("the record holds fewer tokens than its committed blocks; rebuilding");
+        return None;
+    };
     let blobs = match store.get_blobs(&loaded.model_id, &record.id, &wanted).await {
         Ok(b) => b,
         Err(e) => {
@@ -97,16 +103,16 @@ pub async fn from_store(
         }
     };
     let mut payloads = Vec::with_capacity(blobs.len());
-    for (&index, bytes) in wanted.iter().zip(blobs) {
+    for ((&index, bytes), prefix_hash) in wanted.iter().zip(blobs).zip(hashes) {
         let Some(bytes) = bytes else {
             tracing::info!(block = index, "KV blob missing; rebuilding from tokens");
             return None;
         };
         match BlockBlob::decode(bytes) {
-            Ok(blob) if blob_fits(&blob, loaded, index) => payloads.push(blob.payload),
+            Ok(blob) if blob_fits(&blob, loaded, index, prefix_hash) => payloads.push(blob.payload),
             Ok(blob) => {
                 rejected.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model or block; rebuilding");
+                tracing::warn!(block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model state, block or tokens; rebuilding");
                 return None;
             }
             Err(e) => {
@@ -119,10 +125,11 @@ pub async fn from_store(
     import(loaded, &payloads, block * bs)
 }
 
-fn blob_fits(blob: &BlockBlob, loaded: &Loaded, index: usize) -> bool {
+fn blob_fits(blob: &BlockBlob, loaded: &Loaded, index: usize, prefix_hash: u64) -> bool {
     blob.model_id == loaded.model_id
         && blob.fingerprint == loaded.fingerprint
         && blob.block_index == index as u64
+        && blob.prefix_hash == prefix_hash
 }
 
 /// The cache of the decoded `payloads`, which must end at position `end`.

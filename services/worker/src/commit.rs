@@ -77,8 +77,8 @@ pub fn committed_answer(
     block_size: usize,
 ) -> Result<DenoiseBlockResponse, Status> {
     let start = block * block_size;
-    let end = (start + block_size).min(record.tokens.len());
-    let Some(tokens) = record.tokens.get(start..end) else {
+    // A committed block is whole: a record holding less of it is broken, not short.
+    let Some(tokens) = record.tokens.get(start..start + block_size) else {
         tracing::warn!(
             block,
             committed = record.committed_blocks,

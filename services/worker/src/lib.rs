@@ -47,7 +47,7 @@ pub fn load(
     };
     check_model_id(&model_id)?;
     let ckpt = Checkpoint::open(dir)?;
-    let fingerprint = ckpt.fingerprint()?;
+    let fingerprint = state_fingerprint(&ckpt.fingerprint()?, dtype, &ckpt.config);
     let model = ckpt.load_model(dtype, device)?;
     tracing::info!(%model_id, %fingerprint, dir = %dir.display(), "model loaded");
     Ok(Loaded {
@@ -55,6 +55,13 @@ pub fn load(
         model_id,
         fingerprint,
     })
+}
+
+/// The fingerprint of the KV state a worker computes: its weights' fingerprint, dtype and
+/// configuration (16 hex digits). Workers that differ in any of them never share blobs.
+pub fn state_fingerprint(weights: &str, dtype: DType, config: &bd3lm_model::Config) -> String {
+    let described = format!("{weights}|{dtype:?}|{config:?}");
+    format!("{:016x}", bd3lm_bytes::checksum(described.as_bytes()))
 }
 
 /// Checks that `id` fits in KV blobs and store keys: 1 to [`bd3lm_kvstore::blob::MAX_NAME`]

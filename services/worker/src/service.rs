@@ -134,6 +134,16 @@ impl WorkerService {
             .get_session(&loaded.model_id, &req.session_id)
             .await?
             .ok_or_else(|| bd3lm_kvstore::Error::NoSession(req.session_id.clone()))?;
+        if record.tokens.len() < record.committed_blocks * bs {
+            tracing::error!(
+                committed = record.committed_blocks,
+                tokens = record.tokens.len(),
+                "the stored session holds fewer tokens than its committed blocks"
+            );
+            return Err(Status::data_loss(
+                "session_id: the stored session is inconsistent",
+            ));
+        }
         if block < record.committed_blocks {
             return committed_answer(&record, block, bs);
         }
@@ -509,9 +519,9 @@ mod tests {
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)
-    /// is an error the coordinator retries, not a panic.
+    /// is DATA_LOSS, not a panic.
     #[tokio::test]
-    async fn a_record_that_went_backwards_is_aborted_not_a_panic() {
+    async fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
         let store = Store::memory(StoreConfig::default());
         session(&store, &sid("s")).await;
         let mut record = store.get_session("m", &sid("s")).await.unwrap().unwrap();
@@ -520,8 +530,8 @@ mod tests {
         store.update_session(&record, base).await.unwrap();
         let worker = service(Some(loaded("f")), &store, 1);
         let status = block(&worker, &sid("s"), 2).await.unwrap_err();
-        assert_eq!(status.code(), tonic::Code::Aborted);
-        assert!(status.message().contains("block_index"));
+        assert_eq!(status.code(), tonic::Code::DataLoss);
+        assert!(status.message().starts_with("session_id"));
     }
 
     async fn info(worker: &WorkerService) -> InfoResponse {
