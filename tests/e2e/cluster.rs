@@ -41,11 +41,7 @@ impl Proc {
     /// Sends SIGTERM (what Kubernetes sends first) and waits up to `within` for the
     /// process to exit; its exit code, or `None` when it is still running.
     pub fn terminate(&mut self, within: Duration) -> Option<i32> {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", pid.as_str()])
-            .status()
-            .unwrap();
+        self.signal("TERM");
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -54,6 +50,16 @@ impl Proc {
             std::thread::sleep(Duration::from_millis(20));
         }
         None
+    }
+
+    /// Sends the signal named `name` (`HUP`, `TERM`, `STOP`, ...).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill")
+            .args([format!("-{name}").as_str(), pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -{name} {pid}");
     }
 
     /// What it wrote to stderr so far.
@@ -207,23 +213,32 @@ fn start_coordinator(
     extra: &[&str],
 ) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let args = [
-        "--addr",
-        &addr,
-        "--workers",
-        &workers.join(","),
-        "--redis",
-        &redis.url(),
-        "--routing",
-        routing,
-        "--health-interval-secs",
-        "0.2",
-        "--block-timeout-secs",
-        "20",
+    let workers = workers.join(",");
+    let url = redis.url();
+    let base = [
+        ("--addr", addr.as_str()),
+        ("--workers", &workers),
+        ("--redis", &url),
+        ("--routing", routing),
+        ("--health-interval-secs", "0.2"),
+        ("--block-timeout-secs", "20"),
     ];
-    let args: Vec<String> = args.iter().chain(extra).map(|s| s.to_string()).collect();
+    // A flag in `extra` replaces the default one.
+    let args: Vec<String> = base
+        .iter()
+        .filter(|(flag, _)| !extra.contains(flag))
+        .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
     let name = format!("coordinator-{}", addr.replace([':', '.'], "-"));
     (spawn(&bin("bd3lm-coordinator"), &args, dir, &name), addr)
+}
+
+/// A tag that differs between calls.
+fn rand_tag() -> u32 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Whether the server at `addr` answers its health check with SERVING.
@@ -260,7 +275,17 @@ pub struct Cluster {
     pub worker_addrs: Vec<String>,
     pub coordinator: Proc,
     pub addr: String,
+    /// The API key of the cluster's own calls, when it takes keys.
+    pub api_key: Option<String>,
+    /// Each worker's command line, to restart it.
+    worker_args: Vec<Vec<String>>,
 }
+
+/// The API keys of [`Cluster::start_secured`].
+pub const API_KEYS: [&str; 2] = ["key-alpha-0123456789", "key-beta-9876543210"];
+
+/// The workers' internal token of [`Cluster::start_secured`].
+pub const INTERNAL_TOKEN: &str = "internal-5f2e9c";
 
 impl Cluster {
     /// Starts Redis, `workers` workers on `checkpoint` and a coordinator with `routing`.
@@ -271,12 +296,37 @@ impl Cluster {
     /// [`Cluster::start`] with `extra` coordinator flags.
     pub fn start_with(checkpoint: &Path, workers: usize, routing: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, checkpoint, workers, routing, extra, None)
+    }
+
+    /// A cluster whose coordinator takes API keys [`API_KEYS`] (file `api-keys` in its
+    /// directory) and whose workers take only the internal token [`INTERNAL_TOKEN`]; its
+    /// own calls use the first key.
+    pub fn start_secured(checkpoint: &Path, workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("api-keys"), API_KEYS.join("\n")).unwrap();
+        std::fs::write(dir.path().join("internal-token"), INTERNAL_TOKEN).unwrap();
+        let keys = dir.path().join("api-keys").display().to_string();
+        let token = dir.path().join("internal-token").display().to_string();
+        let extra = ["--api-keys", &keys, "--internal-token-file", &token];
+        Self::start_in(dir, checkpoint, workers, "affinity", &extra, Some(&token))
+    }
+
+    fn start_in(
+        dir: tempfile::TempDir,
+        checkpoint: &Path,
+        workers: usize,
+        routing: &str,
+        extra: &[&str],
+        internal_token_file: Option<&str>,
+    ) -> Self {
         let redis = Redis::start(dir.path());
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
+        let mut worker_args = Vec::new();
         for i in 0..workers {
             let addr = format!("127.0.0.1:{}", free_port());
-            let args = vec![
+            let mut args = vec![
                 "--addr".into(),
                 addr.clone(),
                 "--checkpoint".into(),
@@ -284,6 +334,9 @@ impl Cluster {
                 "--redis".into(),
                 redis.url(),
             ];
+            if let Some(file) = internal_token_file {
+                args.extend(["--internal-token-file".into(), file.to_string()]);
+            }
             procs.push(spawn(
                 &bin("bd3lm-worker"),
                 &args,
@@ -291,18 +344,53 @@ impl Cluster {
                 &format!("worker{i}"),
             ));
             addrs.push(addr);
+            worker_args.push(args);
         }
         let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &redis, routing, extra);
         let cluster = Self {
+            api_key: internal_token_file.map(|_| API_KEYS[0].to_string()),
             _dir: dir,
             redis,
             workers: procs,
             worker_addrs: addrs,
             coordinator,
             addr,
+            worker_args,
         };
         cluster.wait_ready();
         cluster
+    }
+
+    /// Starts worker `i` again, at its address, after it was killed (its old log is
+    /// kept under another name).
+    pub fn restart_worker(&mut self, i: usize) {
+        self.workers[i].kill();
+        let log = self.dir().join(format!("worker{i}.log"));
+        let kept = self.dir().join(format!("worker{i}.{}.log", rand_tag()));
+        let _ = std::fs::rename(&log, kept);
+        self.workers[i] = spawn(
+            &bin("bd3lm-worker"),
+            &self.worker_args[i],
+            self.dir(),
+            &format!("worker{i}"),
+        );
+    }
+
+    /// Every worker log, the restarted workers' earlier ones included.
+    pub fn worker_logs(&self) -> String {
+        let mut all = String::new();
+        for entry in std::fs::read_dir(self.dir()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().to_string();
+            if name.starts_with("worker") && name.ends_with(".log") {
+                all.push_str(&std::fs::read_to_string(entry.path()).unwrap_or_default());
+            }
+        }
+        all
+    }
+
+    /// The cluster's directory (logs, Redis' files, key files).
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// Another coordinator of the same workers and Redis, with `extra` flags; returns it
@@ -378,6 +466,11 @@ impl Cluster {
         serving(&self.addr)
     }
 
+    /// Whether worker `i`'s health says SERVING.
+    pub fn worker_ready(&self, i: usize) -> bool {
+        serving(&self.worker_addrs[i])
+    }
+
     /// Waits up to `within` for readiness to become `ready`; whether it did.
     pub fn wait_ready_is(&self, ready: bool, within: Duration) -> bool {
         let deadline = Instant::now() + within;
@@ -393,6 +486,9 @@ impl Cluster {
     /// Runs `bd3lm generate --addr` with `args`.
     pub fn generate(&self, args: &[&str]) -> Generated {
         let mut all = vec!["generate", "--addr", self.addr.as_str()];
+        if let Some(key) = &self.api_key {
+            all.extend(["--api-key", key.as_str()]);
+        }
         all.extend_from_slice(args);
         Generated::from(crate::bd3lm(&all))
     }

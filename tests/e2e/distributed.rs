@@ -339,7 +339,10 @@ fn store_faults_are_survived_or_reported() {
         "8",
     ]);
     assert_eq!(short.code, 0, "{}", short.stderr);
-    for key in cluster.redis.keys(&format!("*{}:kv:*", short.session())) {
+    for key in cluster
+        .redis
+        .keys(&format!("*{{{}}}:kv:*", short.session()))
+    {
         cluster
             .redis
             .command(&[b"SET", key.as_bytes(), b"not a blob"])
@@ -416,7 +419,12 @@ fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
             "prompt.text",
         ),
         (
-            &["--session", "0123456789abcdef", "--max-tokens", "4"],
+            &[
+                "--session",
+                "0123456789abcdef0123456789abcdef",
+                "--max-tokens",
+                "4",
+            ],
             "NotFound",
             "session_id",
         ),

@@ -20,7 +20,7 @@ use crate::distributed::{checkpoint, local};
 
 /// A generation of `max_new_tokens` with seed 11: a new session of `prompt`, or a
 /// continuation of `session` with `prompt` appended.
-fn request(session: Option<&str>, prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
+pub fn request(session: Option<&str>, prompt: Vec<u32>, max_new_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         session_id: session.unwrap_or_default().to_string(),
         prompt: (!prompt.is_empty()).then_some(Prompt::TokenIds(TokenIds { ids: prompt })),
@@ -61,7 +61,7 @@ fn find(tokens: &[u32], from: usize, needle: &[u32]) -> Option<usize> {
     Some(from + at)
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
 }
 
@@ -235,6 +235,7 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
             sampling: bd3lm_sampling::SamplingParams::new(4),
             returned: 5,
             version: 0,
+            owner: None,
         };
         store.create_session(&record).await.unwrap();
         let mut c = client(&cluster.addr).await;

@@ -1,10 +1,12 @@
 //! End-to-end tests: the workspace's binaries run as separate processes.
 
+mod chaos;
 mod check_reference;
 mod cluster;
 mod distributed;
 mod generate;
 mod integrity;
+mod security;
 mod training;
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,10 @@
 //! Byte utilities shared by every binary format of the system: one checksum and one
 //! bounds-checked reader. No dependencies, so the model, the store and the training data
-//! formats can all use it.
+//! formats can all use it. With the `fuzz` feature, [`fuzz`]: the mutation fuzzer their
+//! decoders' tests run.
+
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
 
 /// A 64-bit FNV-1a-style checksum over 8-byte little-endian words, against corruption in
 /// transit and at rest (not an authenticator).

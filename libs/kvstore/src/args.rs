@@ -5,11 +5,17 @@ use std::time::Duration;
 use crate::{Result, Store, StoreConfig};
 
 /// Where sessions are stored: `--redis` (else the in-memory store), the key prefix and
-/// the TTL.
-#[derive(Debug, Clone, clap::Args)]
+/// the TTL. Its `Debug` and `--help` never show the URL, which may hold a password.
+#[derive(Clone, clap::Args)]
 pub struct StoreArgs {
-    /// Redis URL of the shared store (`redis://host:port/db`); default: in memory.
-    #[arg(long, env = "BD3LM_REDIS_URL", value_name = "URL")]
+    /// Redis URL of the shared store (`redis://[user:password@]host:port/db`); default: in
+    /// memory. Prefer the environment variable: a flag shows in the process list.
+    #[arg(
+        long,
+        env = "BD3LM_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
     /// Prefix of every store key.
     #[arg(long, env = "BD3LM_STORE_PREFIX", default_value = "bd3lm")]
@@ -18,6 +24,16 @@ pub struct StoreArgs {
     #[arg(long, env = "BD3LM_STORE_TTL_SECS", default_value_t = 86_400,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub store_ttl_secs: u64,
+}
+
+impl std::fmt::Debug for StoreArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreArgs")
+            .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
+            .field("store_prefix", &self.store_prefix)
+            .field("store_ttl_secs", &self.store_ttl_secs)
+            .finish()
+    }
 }
 
 impl StoreArgs {
@@ -56,5 +72,35 @@ impl StoreArgs {
         } else {
             "memory"
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        store: StoreArgs,
+    }
+
+    /// A password in the URL shows neither in `Debug` nor in `--help`.
+    #[test]
+    fn the_url_never_shows() {
+        let url = "redis://app:s3cret-pw@10.0.0.7:6379/0";
+        let args = Cli::try_parse_from(["x", "--redis", url]).unwrap().store;
+        assert!(!format!("{args:?}").contains("s3cret"));
+        // SAFETY: this test alone reads or writes the variable.
+        unsafe { std::env::set_var("BD3LM_REDIS_URL", url) };
+        let help = Cli::try_parse_from(["x", "--help"])
+            .unwrap_err()
+            .to_string();
+        unsafe { std::env::remove_var("BD3LM_REDIS_URL") };
+        assert!(
+            help.contains("BD3LM_REDIS_URL") && !help.contains("s3cret"),
+            "{help}"
+        );
     }
 }

@@ -170,6 +170,23 @@ mod tests {
         }
     }
 
+    /// Mutated blobs, sealed again so that the parser behind the checksum meets them,
+    /// decode as errors or blobs, never panics.
+    #[test]
+    fn fuzzed_blobs_never_panic() {
+        let mut empty = blob();
+        empty.payload.clear();
+        let bodies: Vec<Vec<u8>> = [blob().encode(), empty.encode()]
+            .into_iter()
+            .map(|b| b[..b.len() - 8].to_vec())
+            .collect();
+        let budget = std::time::Duration::from_secs(2);
+        bd3lm_bytes::fuzz::fuzz("kv blob decode", &bodies, budget, |body| {
+            let _ = BlockBlob::decode(bd3lm_bytes::seal(body.to_vec()));
+            let _ = BlockBlob::decode(body.to_vec());
+        });
+    }
+
     /// A block's prefix hash covers every token before its end and none after.
     #[test]
     fn prefix_hashes_follow_the_tokens_up_to_each_block() {

@@ -16,6 +16,7 @@ pub fn record(id: &str) -> SessionRecord {
         sampling: SamplingParams::new(4),
         returned: 3,
         version: 0,
+        owner: None,
     }
 }
 

@@ -31,6 +31,10 @@ pub struct SessionRecord {
     pub sampling: SamplingParams,
     /// Tokens returned to the client so far (prompts included); a continuation starts here.
     pub returned: usize,
+    /// The id of the API key that created the session (a hash, never the key); `None`
+    /// when the API was open. Only that key reads, continues or deletes the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// The stored version this record was read at (0 before it is first stored).
     #[serde(skip)]
     pub version: u64,
@@ -122,6 +126,32 @@ mod tests {
         assert_ne!(unknown, text);
         let err = SessionRecord::from_parts(unknown.as_bytes(), &tokens, 5).unwrap_err();
         assert!(matches!(err, Error::Corrupt(_)), "{err}");
+    }
+
+    /// Mutated metadata and tokens decode as errors or records, never panics.
+    #[test]
+    fn fuzzed_records_never_panic() {
+        let mut record = crate::contract::record("s");
+        record.owner = Some("0123456789abcdef".into());
+        let meta = record.meta_bytes();
+        let tokens = encode_tokens(&record.tokens);
+        let budget = std::time::Duration::from_secs(1);
+        bd3lm_bytes::fuzz::fuzz(
+            "session record meta",
+            std::slice::from_ref(&meta),
+            budget,
+            |m| {
+                let _ = SessionRecord::from_parts(m, &tokens, 1);
+            },
+        );
+        bd3lm_bytes::fuzz::fuzz(
+            "session record tokens",
+            std::slice::from_ref(&tokens),
+            budget,
+            |t| {
+                let _ = SessionRecord::from_parts(&meta, t, 1);
+            },
+        );
     }
 
     /// Tokens that are not whole u32s, or fewer than the prompt, are corrupt.

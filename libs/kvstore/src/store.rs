@@ -204,7 +204,7 @@ impl Store {
         let keys: Vec<String> = blocks.iter().map(|&b| keys.blob(b)).collect();
         match self {
             Store::Memory(m) => Ok(keys.iter().map(|k| m.bytes(k)).collect()),
-            Store::Redis(r) => Ok(r.manager.clone().mget(&keys).await?),
+            Store::Redis(r) => r.get_blobs(&keys).await,
         }
     }
 
@@ -263,12 +263,7 @@ impl Store {
     pub async fn ping(&self) -> Result<()> {
         match self {
             Store::Memory(_) => Ok(()),
-            Store::Redis(r) => {
-                let _: String = redis::cmd("PING")
-                    .query_async(&mut r.manager.clone())
-                    .await?;
-                Ok(())
-            }
+            Store::Redis(r) => r.ping().await,
         }
     }
 }
@@ -494,15 +489,23 @@ impl RedisStore {
     }
 
     async fn create(&self, keys: &Keys, record: &SessionRecord, version: u64) -> Result<()> {
-        let reply: String = CREATE
-            .key(&keys.record)
-            .key(&keys.tokens)
-            .key(&keys.tombstone)
-            .arg(version)
-            .arg(record.meta_bytes())
-            .arg(encode_tokens(&record.tokens))
-            .arg(self.ttl_ms())
-            .invoke_async(&mut self.manager.clone())
+        let (meta, tokens) = (record.meta_bytes(), encode_tokens(&record.tokens));
+        let reply: String = self
+            .retried(|mut con| {
+                let (meta, tokens) = (&meta, &tokens);
+                async move {
+                    CREATE
+                        .key(&keys.record)
+                        .key(&keys.tokens)
+                        .key(&keys.tombstone)
+                        .arg(version)
+                        .arg(meta)
+                        .arg(tokens)
+                        .arg(self.ttl_ms())
+                        .invoke_async(&mut con)
+                        .await
+                }
+            })
             .await?;
         match reply.as_str() {
             "ok" => Ok(()),
@@ -513,7 +516,7 @@ impl RedisStore {
 
     async fn get_record(&self, keys: &Keys) -> Result<Option<SessionRecord>> {
         type Parts = (Option<u64>, Option<Vec<u8>>);
-        let ((version, meta), tokens): (Parts, Option<Vec<u8>>) = redis::pipe()
+        let read = redis::pipe()
             .atomic()
             .cmd("HMGET")
             .arg(&keys.record)
@@ -521,7 +524,12 @@ impl RedisStore {
             .arg("meta")
             .cmd("GET")
             .arg(&keys.tokens)
-            .query_async(&mut self.manager.clone())
+            .clone();
+        let ((version, meta), tokens): (Parts, Option<Vec<u8>>) = self
+            .retried(|mut con| {
+                let read = &read;
+                async move { read.query_async(&mut con).await }
+            })
             .await?;
         match (version, meta) {
             (Some(v), Some(meta)) => {
@@ -553,7 +561,12 @@ impl RedisStore {
         for (_, v) in &write.blobs {
             script.arg(v.as_slice());
         }
-        let reply: redis::Value = script.invoke_async(&mut self.manager.clone()).await?;
+        let reply: redis::Value = self
+            .retried(|mut con| {
+                let script = &script;
+                async move { script.invoke_async(&mut con).await }
+            })
+            .await?;
         match reply {
             redis::Value::Nil => Ok(Err(None)),
             redis::Value::Array(parts) => {
@@ -568,33 +581,86 @@ impl RedisStore {
     }
 
     async fn delete(&self, tombstone: &str, doomed: &[String]) -> Result<bool> {
-        let existed: i64 = DELETE
-            .key(tombstone)
-            .key(doomed)
-            .arg(self.ttl_ms())
-            .invoke_async(&mut self.manager.clone())
+        let existed: i64 = self
+            .retried(|mut con| async move {
+                DELETE
+                    .key(tombstone)
+                    .key(doomed)
+                    .arg(self.ttl_ms())
+                    .invoke_async(&mut con)
+                    .await
+            })
             .await?;
         Ok(existed == 1)
     }
 
     async fn lease(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        let held: i64 = LEASE
-            .key(key)
-            .arg(owner)
-            .arg(ttl.as_millis() as u64)
-            .invoke_async(&mut self.manager.clone())
+        let held: i64 = self
+            .retried(|mut con| async move {
+                LEASE
+                    .key(key)
+                    .arg(owner)
+                    .arg(ttl.as_millis() as u64)
+                    .invoke_async(&mut con)
+                    .await
+            })
             .await?;
         Ok(held == 1)
     }
 
     async fn release(&self, key: &str, owner: &str) -> Result<()> {
-        let _: i64 = RELEASE
-            .key(key)
-            .arg(owner)
-            .invoke_async(&mut self.manager.clone())
+        let _: i64 = self
+            .retried(
+                |mut con| async move { RELEASE.key(key).arg(owner).invoke_async(&mut con).await },
+            )
             .await?;
         Ok(())
     }
+
+    async fn get_blobs(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+        let blobs = self
+            .retried(|mut con| async move { con.mget(keys).await })
+            .await?;
+        Ok(blobs)
+    }
+
+    async fn ping(&self) -> Result<()> {
+        let _: String = self
+            .retried(|mut con| async move { redis::cmd("PING").query_async(&mut con).await })
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `call` on the shared connection, and again (twice at most, after 50 then
+    /// 200 ms) when the connection broke: after a Redis restart the first command on
+    /// the old connection fails while the manager reconnects. Every call here may run
+    /// twice: reads, and scripts that compare before they write (a repeated commit finds
+    /// its own write as the stored record: [`Store::commit`]'s callers treat that as
+    /// committed by another writer, with the same tokens).
+    async fn retried<T, F, Fut>(&self, call: F) -> redis::RedisResult<T>
+    where
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let mut pause = Duration::from_millis(50);
+        let mut attempt = 0;
+        loop {
+            match call(self.manager.clone()).await {
+                Err(e) if attempt < 2 && broken_connection(&e) => {
+                    tracing::info!(error = %e, "Redis connection broke; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Whether `e` is a lost or refused connection, rather than an answer.
+fn broken_connection(e: &redis::RedisError) -> bool {
+    e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()
 }
 
 #[cfg(test)]

@@ -549,4 +549,32 @@ mod tests {
         body[len_offset..len_offset + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         assert!(KvCache::from_bytes(&bd3lm_bytes::seal(body), &Device::Cpu).is_err());
     }
+
+    /// Segments whose bytes were mutated, then sealed again (so that the header parser,
+    /// not the checksum, meets them), import as errors or caches, never panics; alone or
+    /// after a valid segment.
+    #[test]
+    fn fuzzed_segments_never_panic() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let mut cache = model.new_cache(1).unwrap();
+        model
+            .commit(&tokens(1, 8, cfg.vocab_size, 1), &zeros(1), &mut cache)
+            .unwrap();
+        let first = cache.export(0, 4).unwrap();
+        let bodies: Vec<Vec<u8>> = [cache.export(0, 4), cache.export(4, 4)]
+            .into_iter()
+            .map(|s| {
+                let s = s.unwrap();
+                s[..s.len() - 8].to_vec()
+            })
+            .collect();
+        let budget = std::time::Duration::from_secs(2);
+        bd3lm_bytes::fuzz::fuzz("kv segment import", &bodies, budget, |body| {
+            let sealed = bd3lm_bytes::seal(body.to_vec());
+            let _ = KvCache::import(&[&sealed], &Device::Cpu);
+            let _ = KvCache::import(&[&first, &sealed], &Device::Cpu);
+            let _ = KvCache::import(&[body], &Device::Cpu);
+        });
+    }
 }

@@ -1,7 +1,9 @@
 //! Generated code of the `bd3lm.v1` gRPC contracts: the public `Generation` service of the
 //! coordinator and the internal `DenoiseWorker` service, and the conversions between the
-//! wire's sampling parameters and the typed ones of `bd3lm-sampling`.
+//! wire's sampling parameters and the typed ones of `bd3lm-sampling`; [`auth`], the
+//! bearer tokens servers check and clients attach.
 
+pub mod auth;
 mod sampling;
 
 /// Package `bd3lm.v1`.

@@ -32,6 +32,22 @@ pub async fn signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// Calls `reload` on every SIGHUP (the usual signal to re-read credentials), from a task
+/// that lives as long as the runtime.
+pub fn on_hangup(reload: impl Fn() + Send + 'static) {
+    #[cfg(unix)]
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!("SIGHUP cannot be watched; reloading needs a restart");
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            reload();
+        }
+    });
+}
+
 /// The future a server is handed: it resolves when the server is to stop accepting.
 pub type Stop = Pin<Box<dyn Future<Output = ()> + Send>>;
 

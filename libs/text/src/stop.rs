@@ -34,8 +34,10 @@ impl StopReason {
     }
 }
 
-/// A caller-supplied stop rule (text-level stop sequences): given the generated tokens,
-/// the number of them to keep when generation must stop.
+/// A caller-supplied stop rule (text-level stop sequences): given the generated tokens
+/// (each call sees those of the last one and more), the number of them to keep when
+/// generation must stop. It should look at the new tokens only (and a bounded lookback),
+/// so that its cost per block does not grow with the generation.
 pub type StopHook = Box<dyn FnMut(&[u32]) -> Option<usize> + Send>;
 
 /// When a generation stops.
@@ -48,22 +50,42 @@ pub struct StopRules {
     pub stop_sequences: Vec<Vec<u32>>,
     /// Further stop rule, e.g. text stop sequences.
     pub hook: Option<StopHook>,
+    /// Generated tokens already searched: each check looks at the new ones only (and
+    /// the last stop sequence's length before them).
+    scanned: usize,
 }
 
 impl StopRules {
-    /// Stop after `max_new_tokens` only.
-    pub fn max_tokens(max_new_tokens: usize) -> Self {
+    /// The rules of a generation.
+    pub fn new(
+        max_new_tokens: usize,
+        eos: Option<u32>,
+        stop_sequences: Vec<Vec<u32>>,
+        hook: Option<StopHook>,
+    ) -> Self {
         Self {
             max_new_tokens,
-            eos: None,
-            stop_sequences: Vec::new(),
-            hook: None,
+            eos,
+            stop_sequences,
+            hook,
+            scanned: 0,
         }
     }
 
+    /// Stop after `max_new_tokens` only.
+    pub fn max_tokens(max_new_tokens: usize) -> Self {
+        Self::new(max_new_tokens, None, Vec::new(), None)
+    }
+
     /// How many of `generated` to return, and whether to stop, given the whole sequence
-    /// `all` (prompt included).
+    /// `all` (prompt included). Each call is given the tokens of the last one and more;
+    /// its cost grows with the new tokens, not with all of them.
     pub fn check(&mut self, generated: &[u32], all: &[u32]) -> (usize, Option<StopReason>) {
+        if generated.len() < self.scanned {
+            self.scanned = 0;
+        }
+        let scanned = self.scanned;
+        self.scanned = generated.len();
         let mut stop = (generated.len().min(self.max_new_tokens), None);
         let mut earlier = |keep: usize, reason: StopReason| {
             if stop.1.is_none() || keep < stop.0 {
@@ -71,16 +93,18 @@ impl StopRules {
             }
         };
         if let Some(eos) = self.eos
-            && let Some(pos) = generated.iter().position(|&t| t == eos)
+            && let Some(pos) = generated[scanned..].iter().position(|&t| t == eos)
         {
-            earlier(pos + 1, StopReason::Eos);
+            earlier(scanned + pos + 1, StopReason::Eos);
         }
         for seq in self.stop_sequences.iter().filter(|s| !s.is_empty()) {
-            if let Some(pos) = generated
+            // A sequence may end in the new tokens and begin before them.
+            let from = scanned.saturating_sub(seq.len() - 1);
+            if let Some(pos) = generated[from..]
                 .windows(seq.len())
                 .position(|w| w == seq.as_slice())
             {
-                earlier(pos, StopReason::StopSequence);
+                earlier(from + pos, StopReason::StopSequence);
             }
         }
         if let Some(keep) = self.hook.as_mut().and_then(|h| h(generated)) {
@@ -151,6 +175,32 @@ mod tests {
             StopRules::max_tokens(100).check(&all[2..], &all),
             (18, None)
         );
+    }
+
+    /// Checked block by block (each check seeing only the new tokens and a lookback), the
+    /// rules stop where one check of the whole output stops: sequences that straddle two
+    /// blocks included.
+    #[test]
+    fn block_by_block_checks_find_what_a_full_scan_finds() {
+        let rules = || StopRules::new(10_000, Some(61), vec![vec![13, 14, 15], vec![40]], None);
+        for seed in 0..200u32 {
+            let all: Vec<u32> = (0..400u32)
+                .map(|i| (i.wrapping_mul(2_654_435_761) ^ seed.wrapping_mul(97)) % 64)
+                .collect();
+            let full = rules().check(&all, &all);
+            let mut incremental = rules();
+            let mut found = (all.len(), None);
+            for end in (4..=all.len()).step_by(4) {
+                found = incremental.check(&all[..end], &all[..end]);
+                if found.1.is_some() {
+                    break;
+                }
+            }
+            assert_eq!(found.1, full.1, "seed {seed}");
+            if found.1.is_some() {
+                assert_eq!(found.0, full.0, "seed {seed}");
+            }
+        }
     }
 
     #[test]

@@ -131,29 +131,44 @@ impl Text {
             return None;
         }
         let text = self.clone();
+        // A stop string ends in the new tokens and spans at most this many before them
+        // (a token decodes to at least one byte, save for rare special ones: the margin).
+        let lookback = 2 * stops.iter().map(String::len).max().unwrap_or(0) + 8;
+        let mut scanned = 0;
         Some(Box::new(move |generated: &[u32]| {
+            if generated.len() < scanned {
+                scanned = 0;
+            }
+            let start = scanned.saturating_sub(lookback);
+            scanned = generated.len();
             let contains = |ids: &[u32]| {
                 let s = text.decode(ids);
                 stops.iter().any(|stop| s.contains(stop.as_str()))
             };
-            if !contains(generated) {
+            if !contains(&generated[start..]) {
                 return None;
             }
-            let keep = (0..generated.len())
-                .rev()
-                .find(|&k| !contains(&generated[..k]))
-                .unwrap_or(0);
-            Some(keep)
+            // Kept: everything before the token that completes the first stop string.
+            let end = (start + 1..=generated.len())
+                .find(|&k| contains(&generated[start..k]))
+                .unwrap_or(generated.len());
+            Some(end - 1)
         }))
     }
 }
 
 /// Turns a stream of token ids into a stream of text pieces: a character may span the
-/// tokens of two blocks, so each piece is what the whole text gained.
+/// tokens of two blocks, so a piece is held back while its text ends in an incomplete
+/// character. Each push decodes only the tokens since the last complete piece (and the
+/// piece before them, for tokenizers whose decoding depends on the previous token), so
+/// its cost does not grow with the generation.
 pub struct Decoder<'a> {
     text: &'a Text,
     ids: Vec<u32>,
-    printed: String,
+    /// Start of the tokens decoded for context.
+    prefix: usize,
+    /// End of the tokens whose text was returned.
+    read: usize,
 }
 
 impl<'a> Decoder<'a> {
@@ -162,20 +177,34 @@ impl<'a> Decoder<'a> {
         Self {
             text,
             ids: Vec::new(),
-            printed: String::new(),
+            prefix: 0,
+            read: 0,
         }
     }
 
     /// Adds `ids` and returns the new text.
     pub fn push(&mut self, ids: &[u32]) -> String {
         self.ids.extend_from_slice(ids);
-        let now = self.text.decode(&self.ids);
-        let piece = match now.strip_prefix(self.printed.as_str()) {
+        let before = self.text.decode(&self.ids[self.prefix..self.read]);
+        let now = self.text.decode(&self.ids[self.prefix..]);
+        if now.len() <= before.len() || now.ends_with('\u{FFFD}') {
+            return String::new();
+        }
+        let piece = match now.strip_prefix(before.as_str()) {
             Some(suffix) => suffix.to_string(),
-            None => self.text.decode(ids),
+            None => self.text.decode(&self.ids[self.read..]),
         };
-        self.printed = now;
+        self.prefix = self.read;
+        self.read = self.ids.len();
         piece
+    }
+
+    /// The text held back at the end (an incomplete character), once no token follows.
+    pub fn finish(&mut self) -> String {
+        let rest = self.text.decode(&self.ids[self.read..]);
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        rest
     }
 }
 
@@ -212,6 +241,33 @@ mod tests {
                 .to_string()
                 .contains("bad.json")
         );
+    }
+
+    /// Streamed in blocks of any size, a byte-level BPE output's pieces add up to its
+    /// whole text, characters split across blocks included; text stops checked block by
+    /// block stop where a check of the whole output does.
+    #[test]
+    fn streamed_pieces_and_stops_match_the_whole_text() {
+        const DEMO: &str = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../services/bd3lm/demo-model/tokenizer.json"
+        );
+        let text = Text::load(Some(Path::new(DEMO)), 8192).unwrap();
+        let sample = "Héllo wörld — 日本語 and 🎉, again: naïve café. ".repeat(8);
+        let ids = text.encode(&sample).unwrap();
+        for block in 1..6 {
+            let mut decoder = Decoder::new(&text);
+            let mut streamed: String = ids.chunks(block).map(|b| decoder.push(b)).collect();
+            streamed.push_str(&decoder.finish());
+            assert_eq!(streamed, text.decode(&ids), "blocks of {block}");
+            let whole = text.stop_hook(vec!["café. Héllo".into()]).unwrap()(&ids);
+            let mut hook = text.stop_hook(vec!["café. Héllo".into()]).unwrap();
+            let streamed = (block..ids.len() + block)
+                .step_by(block)
+                .find_map(|end| hook(&ids[..end.min(ids.len())]));
+            assert_eq!(streamed, whole, "blocks of {block}");
+            assert!(whole.is_some());
+        }
     }
 
     #[test]

@@ -97,6 +97,16 @@ pub struct GenerateArgs {
     /// With --addr: continue this session.
     #[arg(long, value_name = "ID", requires = "addr")]
     pub session: Option<String>,
+    /// With --addr: the API key, sent as `authorization: Bearer <key>` (prefer the
+    /// environment variable: a flag shows in the process list).
+    #[arg(
+        long,
+        env = "BD3LM_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true,
+        requires = "addr"
+    )]
+    pub api_key: Option<String>,
     /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
     /// model.
     #[arg(long, value_name = "DIR")]

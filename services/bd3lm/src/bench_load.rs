@@ -132,8 +132,9 @@ pub async fn one_worker(
     let worker_addr = worker.local_addr()?.to_string();
     let worker_store = store.clone();
     tokio::spawn(async move {
-        let serving =
-            bd3lm_worker::serve(worker, cell, worker_store, limits, std::future::pending());
+        let open = Arc::new(bd3lm_proto::auth::Tokens::open());
+        let never = std::future::pending();
+        let serving = bd3lm_worker::serve(worker, cell, worker_store, limits, open, never);
         if let Err(e) = serving.await {
             tracing::error!(error = %e, "bench worker stopped");
         }

@@ -109,6 +109,7 @@ async fn prefilled(
         sampling: SamplingParams::new(4),
         returned: context,
         version: 0,
+        owner: None,
     };
     store.create_session(&record).await?;
     let first = worker(loaded, store);

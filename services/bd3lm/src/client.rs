@@ -4,6 +4,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use anyhow::Context;
+use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GenerateRequest, SamplingParameters, StopReason, TokenIds};
@@ -38,10 +39,12 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
     }
 }
 
-/// Streams a generation from the server at `addr` to stdout, with a summary on stderr.
+/// Streams a generation from the server at `addr` (with `api_key`, when given) to stdout,
+/// with a summary on stderr.
 pub async fn generate(
     addr: &str,
     session: Option<String>,
+    api_key: Option<&str>,
     args: &GenerationArgs,
 ) -> anyhow::Result<()> {
     let url = if addr.contains("://") {
@@ -49,9 +52,13 @@ pub async fn generate(
     } else {
         format!("http://{addr}")
     };
-    let mut client = GenerationClient::connect(url)
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .with_context(|| format!("the address {addr}"))?
+        .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))?;
+    let bearer = Bearer::new(api_key).context("--api-key: printable ASCII without spaces")?;
+    let mut client = GenerationClient::with_interceptor(channel, bearer);
     let started = Instant::now();
     let mut stream = client
         .generate_stream(request(args, session))

@@ -32,12 +32,12 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     if !flags.stop.is_empty() && !text.has_tokenizer() {
         bail!("--stop needs a tokenizer");
     }
-    let mut rules = StopRules {
-        eos: flags.var_length.then_some(text.eos),
-        stop_sequences: flags.stop_ids.clone(),
-        hook: text.stop_hook(flags.stop.clone()),
-        ..StopRules::max_tokens(flags.max_tokens)
-    };
+    let mut rules = StopRules::new(
+        flags.max_tokens,
+        flags.var_length.then_some(text.eos),
+        flags.stop_ids.clone(),
+        text.stop_hook(flags.stop.clone()),
+    );
     let seed = flags.seed.unwrap_or_else(rand::random);
     let started = Instant::now();
     let mut session = Session::start(&model, &prompt)?;
@@ -47,7 +47,7 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         let _ = write!(stdout, "{}", decoder.push(new));
         let _ = stdout.flush();
     })?;
-    let _ = writeln!(stdout);
+    let _ = writeln!(stdout, "{}", decoder.finish());
     let secs = started.elapsed().as_secs_f64();
     let n = out.tokens.len();
     eprintln!(

@@ -244,6 +244,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
                 Some(addr) => runtime.block_on(client::generate(
                     addr,
                     args.session.clone(),
+                    args.api_key.as_deref(),
                     &args.generation,
                 ))?,
                 None => generate::run(&args)?,

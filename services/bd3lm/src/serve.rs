@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
+use bd3lm_proto::auth::{Bearer, Tokens};
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Args;
 
@@ -44,15 +45,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await??;
     let loaded = Arc::new(OnceLock::new());
     let _ = loaded.set(Arc::new(model));
+    // The workers listen on loopback ports any local user reaches: they take calls
+    // carrying this process's own token only.
+    let token = format!("{:032x}", rand::random::<u128>());
+    let internal = Arc::new(Tokens::of(vec![token.clone()]));
     let mut addrs = Vec::new();
     for _ in 0..args.workers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addrs.push(listener.local_addr()?.to_string());
-        let (loaded, store) = (loaded.clone(), store.clone());
+        let (loaded, store, internal) = (loaded.clone(), store.clone(), internal.clone());
         let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
-            let serving =
-                bd3lm_worker::serve(listener, loaded, store, limits, std::future::pending());
+            let never = std::future::pending();
+            let serving = bd3lm_worker::serve(listener, loaded, store, limits, internal, never);
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }
@@ -62,11 +67,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if settings.tokenizer.is_none() {
         settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
     }
-    let pool = Arc::new(Pool::new(
+    let pool = Pool::new(
         settings.routing,
         settings.affinity_sessions as usize,
         settings.down_after_failures,
-    ));
+    );
+    let pool = Arc::new(pool.with_bearer(Bearer::new(Some(&token))?));
     let source = WorkerSource::Static(addrs);
     pool.refresh(&source).await;
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);

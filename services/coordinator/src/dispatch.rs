@@ -121,12 +121,7 @@ impl Dispatcher {
         let call = client.denoise_block(request);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => {
-                if is_transport_failure(&status) {
-                    worker.mark_down();
-                }
-                Err(status)
-            }
+            Ok(Err(status)) => Err(from_worker(status, worker)),
             Err(_) => {
                 tracing::warn!(worker = %worker.addr, timeout = ?self.timeout, "block timed out");
                 Err(Status::deadline_exceeded(format!(
@@ -136,6 +131,23 @@ impl Dispatcher {
             }
         }
     }
+}
+
+/// A worker's failure as the client may see it. The worker's own statuses name only the
+/// request's fields; a transport failure (which may name hosts) is logged here and
+/// becomes a plain UNAVAILABLE (and marks the worker down), and a refused internal
+/// credential is this deployment's fault, not the caller's: INTERNAL.
+fn from_worker(status: Status, worker: &Worker) -> Status {
+    if is_transport_failure(&status) {
+        worker.mark_down();
+        tracing::warn!(worker = %worker.addr, error = %status, "a denoise worker could not be reached");
+        return Status::unavailable("a denoise worker could not be reached");
+    }
+    if status.code() == Code::Unauthenticated {
+        tracing::error!(worker = %worker.addr, "a worker refused the internal token (--internal-token-file)");
+        return Status::internal("a denoise worker refused this coordinator");
+    }
+    status
 }
 
 /// `pause` scaled by a random factor in [0.5, 1.5), so that retries of many blocks do not

@@ -26,14 +26,31 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bd3lm_kvstore::Store;
+use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
 
 pub use pool::{Pool, WorkerSource};
 pub use service::Coordinator;
 pub use settings::{CoordinatorSettings, Routing};
 pub use validation::Limits;
+
+/// The public API's keys from `--api-keys`, re-read on SIGHUP; an open set without it.
+fn api_keys(settings: &CoordinatorSettings) -> anyhow::Result<Arc<Tokens>> {
+    let Some(path) = &settings.api_keys else {
+        tracing::warn!("no --api-keys: the public API is open to every caller");
+        return Ok(Arc::new(Tokens::open()));
+    };
+    let keys = Arc::new(Tokens::from_file(path)?);
+    let reloaded = keys.clone();
+    bd3lm_telemetry::shutdown::on_hangup(move || match reloaded.reload() {
+        Ok(count) => tracing::info!(count, "API keys reloaded"),
+        Err(e) => tracing::error!(error = %e, "reloading the API keys failed; the old ones stay"),
+    });
+    Ok(keys)
+}
 
 /// Keeps the pool's addresses and health current, every `interval`.
 pub fn spawn_discovery(
@@ -89,17 +106,24 @@ pub async fn serve(
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(bd3lm_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    let keys = api_keys(&settings)?;
+    let reflection = settings
+        .reflection
+        .then(|| {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(bd3lm_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .build_v1()
+        })
+        .transpose()
         .context("building the reflection service")?;
     let max_request = settings.limits.max_request_bytes;
     let coordinator = Coordinator::new(pool, store, settings);
+    let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
     tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(GenerationServer::new(coordinator).max_decoding_message_size(max_request))
+        .add_optional_service(reflection)
+        .add_service(InterceptedService::new(generation, keys.interceptor()))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("coordinator server")

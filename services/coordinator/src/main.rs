@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
+use bd3lm_proto::auth::Bearer;
 use clap::Parser;
 
 /// The BD3-LM coordinator.
@@ -27,6 +28,9 @@ struct Args {
     /// A DNS name and port resolving to every worker (a Kubernetes headless service).
     #[arg(long, env = "BD3LM_WORKERS_DNS", conflicts_with = "workers")]
     workers_dns: Option<String>,
+    /// File whose first line is the workers' internal token, sent on every call to them.
+    #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
+    internal_token_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -47,11 +51,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => WorkerSource::Static(args.workers),
     };
     let settings = args.settings;
-    let pool = Arc::new(Pool::new(
+    let bearer = match &args.internal_token_file {
+        Some(path) => Bearer::from_file(path)?,
+        None => Bearer::default(),
+    };
+    let pool = Pool::new(
         settings.routing,
         settings.affinity_sessions as usize,
         settings.down_after_failures,
-    ));
+    );
+    let pool = Arc::new(pool.with_bearer(bearer));
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await

@@ -61,22 +61,30 @@ pub async fn plan(
     store: &Store,
     limits: &Limits,
     terms: LeaseTerms,
+    owner: Option<String>,
 ) -> Result<Plan, Status> {
     let model_id = model.info.model_id.clone();
     let id = match &valid.target {
         Target::New { .. } => format!("{:032x}", rand::random::<u128>()),
         Target::Continue { session_id, .. } => {
-            validation::check_session_id(session_id)?;
+            // Another key's session is refused before its lease is touched.
+            load(store, &model_id, session_id, owner.as_deref()).await?;
             session_id.clone()
         }
     };
     let lease = Lease::take(store, &model_id, &id, terms).await?;
     let stored = match &valid.target {
         Target::New { prompt, seed } => {
-            create(&valid, &model, store, limits, (id, prompt, *seed)).await
+            let new = NewSession {
+                id,
+                prompt,
+                seed: *seed,
+                owner,
+            };
+            create(&valid, &model, store, limits, new).await
         }
         Target::Continue { appended, .. } => {
-            update(store, &model_id, &id, |record| {
+            update(store, &model_id, &id, owner.as_deref(), |record| {
                 record.sampling = validation::sampling(
                     &valid.sampling,
                     Some(&record.sampling),
@@ -105,12 +113,12 @@ pub async fn plan(
             return Err(status);
         }
     };
-    let rules = StopRules {
-        max_new_tokens: valid.max_new_tokens,
-        eos: valid.stop_on_eos.then_some(model.text.eos),
-        stop_sequences: valid.stop_token_ids,
-        hook: model.text.stop_hook(valid.stop),
-    };
+    let rules = StopRules::new(
+        valid.max_new_tokens,
+        valid.stop_on_eos.then_some(model.text.eos),
+        valid.stop_token_ids,
+        model.text.stop_hook(valid.stop),
+    );
     Ok(Plan {
         start: record.returned,
         record,
@@ -120,14 +128,28 @@ pub async fn plan(
     })
 }
 
-/// Stores the new session `id` of `prompt` and `seed`.
+/// What a new session starts from.
+struct NewSession<'a> {
+    id: String,
+    prompt: &'a [u32],
+    seed: u64,
+    owner: Option<String>,
+}
+
+/// Stores `new` session.
 async fn create(
     valid: &ValidRequest,
     model: &ModelInfo,
     store: &Store,
     limits: &Limits,
-    (id, prompt, seed): (String, &Vec<u32>, u64),
+    new: NewSession<'_>,
 ) -> Result<SessionRecord, Status> {
+    let NewSession {
+        id,
+        prompt,
+        seed,
+        owner,
+    } = new;
     let sampling = validation::sampling(&valid.sampling, None, model.block_size(), limits)?;
     validation::session_length(prompt.len(), valid.max_new_tokens, limits)?;
     let mut record = SessionRecord {
@@ -135,27 +157,29 @@ async fn create(
         model_id: model.info.model_id.clone(),
         prompt_len: prompt.len(),
         returned: prompt.len(),
-        tokens: prompt.clone(),
+        tokens: prompt.to_vec(),
         committed_blocks: 0,
         seed,
         sampling,
         version: 0,
+        owner,
     };
     record.version = store.create_session(&record).await?;
     Ok(record)
 }
 
-/// Applies `change` to session `id` as stored, by compare-and-set: a write that lost
-/// to another (a block of an ended generation landing meanwhile) is redone on the
-/// record as it is then. Returns the record as written.
+/// Applies `change` to session `id` as stored (of `owner`, when given), by
+/// compare-and-set: a write that lost to another (a block of an ended generation landing
+/// meanwhile) is redone on the record as it is then. Returns the record as written.
 pub async fn update(
     store: &Store,
     model_id: &str,
     id: &str,
+    owner: Option<&str>,
     mut change: impl FnMut(&mut SessionRecord) -> Result<(), Status>,
 ) -> Result<SessionRecord, Status> {
     for _ in 0..WRITE_TRIES {
-        let mut record = load(store, model_id, id).await?;
+        let mut record = load(store, model_id, id, owner).await?;
         let base = record.base();
         change(&mut record)?;
         match store.update_session(&record, base).await? {
@@ -173,11 +197,20 @@ pub async fn update(
     ))
 }
 
-/// Reads session `id` of `model_id`; NOT_FOUND naming it when there is none.
-pub async fn load(store: &Store, model_id: &str, id: &str) -> Result<SessionRecord, Status> {
+/// Reads session `id` of `model_id`; NOT_FOUND naming it when there is none, or when
+/// `owner` is given and the session belongs to another API key (whose sessions are not
+/// even said to exist).
+pub async fn load(
+    store: &Store,
+    model_id: &str,
+    id: &str,
+    owner: Option<&str>,
+) -> Result<SessionRecord, Status> {
     validation::check_session_id(id)?;
-    store
-        .get_session(model_id, id)
-        .await?
-        .ok_or_else(|| bd3lm_kvstore::Error::NoSession(id.to_string()).into())
+    let missing = || Status::from(bd3lm_kvstore::Error::NoSession(id.to_string()));
+    let record = store.get_session(model_id, id).await?.ok_or_else(missing)?;
+    match owner {
+        Some(key) if record.owner.as_deref() != Some(key) => Err(missing()),
+        _ => Ok(record),
+    }
 }

@@ -6,8 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::{InfoRequest, InfoResponse};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -25,11 +27,14 @@ pub enum WorkerSource {
     Dns(String),
 }
 
+/// A worker's client: every call carries the internal credential.
+pub type WorkerClient = DenoiseWorkerClient<InterceptedService<Channel, Bearer>>;
+
 /// One denoise worker.
 pub struct Worker {
     /// Its `host:port`.
     pub addr: String,
-    client: DenoiseWorkerClient<Channel>,
+    client: WorkerClient,
     health: HealthClient<Channel>,
     healthy: AtomicBool,
     /// Health checks in a row without an answer.
@@ -40,14 +45,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn new(addr: &str) -> anyhow::Result<Self> {
+    fn new(addr: &str, bearer: Bearer) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(Self {
             addr: addr.to_string(),
-            client: DenoiseWorkerClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            client: DenoiseWorkerClient::with_interceptor(channel.clone(), bearer)
+                .max_decoding_message_size(64 << 20),
             health: HealthClient::new(channel),
             healthy: AtomicBool::new(false),
             failures: AtomicU32::new(0),
@@ -56,8 +62,8 @@ impl Worker {
         })
     }
 
-    /// A client for one call.
-    pub fn client(&self) -> DenoiseWorkerClient<Channel> {
+    /// A client for one call, with the internal credential.
+    pub fn client(&self) -> WorkerClient {
         self.client.clone()
     }
 
@@ -169,6 +175,7 @@ pub struct Pool {
     affinity: Mutex<Affinity>,
     routing: Routing,
     down_after: u32,
+    bearer: Bearer,
 }
 
 /// How long resolving `--workers-dns` may take before the known workers are kept.
@@ -188,7 +195,14 @@ impl Pool {
                 entries: HashMap::new(),
             }),
             routing,
+            bearer: Bearer::default(),
         }
+    }
+
+    /// The pool whose calls to workers carry `bearer` (the workers' internal token).
+    pub fn with_bearer(mut self, bearer: Bearer) -> Self {
+        self.bearer = bearer;
+        self
     }
 
     fn affinity(&self) -> std::sync::MutexGuard<'_, Affinity> {
@@ -227,7 +241,7 @@ impl Pool {
         for addr in addrs {
             match current.iter().find(|w| w.addr == addr) {
                 Some(w) => next.push(w.clone()),
-                None => match Worker::new(&addr) {
+                None => match Worker::new(&addr, self.bearer.clone()) {
                     Ok(w) => next.push(Arc::new(w)),
                     Err(e) => tracing::warn!(%addr, error = %e, "bad worker address"),
                 },

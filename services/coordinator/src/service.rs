@@ -4,6 +4,7 @@
 use std::sync::{Arc, OnceLock};
 
 use bd3lm_kvstore::Store;
+use bd3lm_proto::auth::Caller;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
     DeleteSessionRequest, DeleteSessionResponse, GenerateRequest, GenerateResponse,
@@ -12,7 +13,9 @@ use bd3lm_proto::v1::{
 use bd3lm_text::Text;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::dispatch::Dispatcher;
@@ -104,14 +107,15 @@ impl Coordinator {
         Ok(self.inner.model.get_or_init(|| model).clone())
     }
 
-    /// Validates and plans `req`: its session is stored and ready to be driven.
-    async fn prepare(&self, req: GenerateRequest) -> Result<Plan, Status> {
+    /// Validates and plans `req` of the key `owner`: its session is stored and ready to
+    /// be driven.
+    async fn prepare(&self, req: GenerateRequest, owner: Option<String>) -> Result<Plan, Status> {
         self.inner.admission.admit()?;
         let model = self.model().await?;
         let settings = &self.inner.settings;
         let valid = validation::validate(req, &settings.limits, &model.vocabulary())?;
         let (store, terms) = (&self.inner.store, settings.lease_terms());
-        plan::plan(valid, model, store, &settings.limits, terms).await
+        plan::plan(valid, model, store, &settings.limits, terms, owner).await
     }
 
     /// Starts driving `plan` on its own task; dropping the receiver stops the work at the
@@ -120,29 +124,41 @@ impl Coordinator {
         let (tx, rx) = mpsc::channel(16);
         let running = self.inner.active.enter(&plan.record.id);
         let this = self.clone();
-        tokio::spawn(async move {
+        let drive = async move {
             let inner = &this.inner;
             stream::drive(&inner.store, &inner.dispatch, plan, tx, running).await
-        });
+        };
+        // The generation's span is the call's child: it carries the request id.
+        tokio::spawn(drive.in_current_span());
         rx
     }
 
-    async fn record(&self, session: &str) -> Result<bd3lm_kvstore::SessionRecord, Status> {
+    async fn record(
+        &self,
+        session: &str,
+        owner: Option<&str>,
+    ) -> Result<bd3lm_kvstore::SessionRecord, Status> {
         let model = self.model().await?;
-        plan::load(&self.inner.store, &model.info.model_id, session).await
+        plan::load(&self.inner.store, &model.info.model_id, session, owner).await
     }
 }
 
-#[tonic::async_trait]
-impl Generation for Coordinator {
-    type GenerateStreamStream = ReceiverStream<Result<GenerateStreamResponse, Status>>;
+/// The id of the caller's API key (`None` on an open API), as the key check left it.
+fn caller<T>(request: &Request<T>) -> Option<String> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .and_then(|c| c.key_id.clone())
+}
 
-    #[tracing::instrument(skip_all)]
-    async fn generate(
+/// The calls' bodies, each run in its call's span.
+impl Coordinator {
+    async fn generate_call(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let plan = self.prepare(request.into_inner()).await?;
+        let owner = caller(&request);
+        let plan = self.prepare(request.into_inner(), owner).await?;
         let mut rx = self.spawn_drive(plan);
         let mut out = GenerateResponse::default();
         while let Some(message) = rx.recv().await {
@@ -160,21 +176,23 @@ impl Generation for Coordinator {
         Ok(Response::new(out))
     }
 
-    #[tracing::instrument(skip_all)]
-    async fn generate_stream(
+    async fn generate_stream_call(
         &self,
         request: Request<GenerateRequest>,
-    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
-        let plan = self.prepare(request.into_inner()).await?;
+    ) -> Result<Response<Stream>, Status> {
+        let owner = caller(&request);
+        let plan = self.prepare(request.into_inner(), owner).await?;
         Ok(Response::new(ReceiverStream::new(self.spawn_drive(plan))))
     }
 
-    #[tracing::instrument(skip_all)]
-    async fn get_session(
+    async fn get_session_call(
         &self,
         request: Request<GetSessionRequest>,
     ) -> Result<Response<SessionInfo>, Status> {
-        let record = self.record(&request.get_ref().session_id).await?;
+        let owner = caller(&request);
+        let record = self
+            .record(&request.get_ref().session_id, owner.as_deref())
+            .await?;
         let model = self.model().await?;
         let text = if model.text.has_tokenizer() {
             model.text.decode(&record.tokens)
@@ -193,13 +211,13 @@ impl Generation for Coordinator {
         }))
     }
 
-    #[tracing::instrument(skip_all)]
-    async fn delete_session(
+    async fn delete_session_call(
         &self,
         request: Request<DeleteSessionRequest>,
     ) -> Result<Response<DeleteSessionResponse>, Status> {
+        let owner = caller(&request);
         let id = &request.get_ref().session_id;
-        let record = match self.record(id).await {
+        let record = match self.record(id, owner.as_deref()).await {
             Ok(r) => r,
             Err(s) if s.code() == Code::NotFound => {
                 return Ok(Response::new(DeleteSessionResponse { deleted: false }));
@@ -208,7 +226,7 @@ impl Generation for Coordinator {
         };
         // Its generations in progress stop first, so none writes the session back.
         self.inner.active.stop(id, STOP_WAIT).await;
-        let record = self.record(id).await.unwrap_or(record);
+        let record = self.record(id, None).await.unwrap_or(record);
         let deleted = self
             .inner
             .store
@@ -216,5 +234,85 @@ impl Generation for Coordinator {
             .await?;
         self.inner.pool.forget(id);
         Ok(Response::new(DeleteSessionResponse { deleted }))
+    }
+}
+
+/// The stream of a `GenerateStream` call.
+type Stream = ReceiverStream<Result<GenerateStreamResponse, Status>>;
+
+#[tonic::async_trait]
+impl Generation for Coordinator {
+    type GenerateStreamStream = Stream;
+
+    async fn generate(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<GenerateResponse>, Status> {
+        let id = RequestId::new();
+        id.answer(
+            self.generate_call(request)
+                .instrument(id.span("generate"))
+                .await,
+        )
+    }
+
+    async fn generate_stream(
+        &self,
+        request: Request<GenerateRequest>,
+    ) -> Result<Response<Stream>, Status> {
+        let id = RequestId::new();
+        let call = self.generate_stream_call(request);
+        id.answer(call.instrument(id.span("generate_stream")).await)
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<GetSessionRequest>,
+    ) -> Result<Response<SessionInfo>, Status> {
+        let id = RequestId::new();
+        id.answer(
+            self.get_session_call(request)
+                .instrument(id.span("get_session"))
+                .await,
+        )
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<DeleteSessionRequest>,
+    ) -> Result<Response<DeleteSessionResponse>, Status> {
+        let id = RequestId::new();
+        let call = self.delete_session_call(request);
+        id.answer(call.instrument(id.span("delete_session")).await)
+    }
+}
+
+/// The id of one call: in its span (so in every log line and trace of it) and in the
+/// `x-request-id` metadata of its answer, an error's included, so that what a client
+/// reports finds the server's log lines. Details of server-side failures stay in the log.
+struct RequestId(String);
+
+impl RequestId {
+    fn new() -> Self {
+        Self(format!("{:016x}", rand::random::<u64>()))
+    }
+
+    fn span(&self, call: &'static str) -> tracing::Span {
+        tracing::info_span!("call", call, request_id = %self.0)
+    }
+
+    fn answer<T>(&self, result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+        let value: AsciiMetadataValue = self.0.parse().expect("hex is valid metadata");
+        match result {
+            Ok(mut response) => {
+                response.metadata_mut().insert("x-request-id", value);
+                Ok(response)
+            }
+            Err(mut status) => {
+                tracing::info!(request_id = %self.0, code = ?status.code(), "call refused");
+                status.metadata_mut().insert("x-request-id", value);
+                Err(status)
+            }
+        }
     }
 }

@@ -65,6 +65,14 @@ pub struct CoordinatorSettings {
     #[arg(long = "lease-wait-secs", env = "BD3LM_LEASE_WAIT_SECS", value_name = "SECS",
           default_value = "2", value_parser = positive_secs)]
     pub lease_wait: Duration,
+    /// File of the public API's keys, one per line (`authorization: Bearer <key>`),
+    /// re-read on SIGHUP; a session belongs to the key that created it. Without it the
+    /// API is open to every caller.
+    #[arg(long = "api-keys", env = "BD3LM_API_KEYS_FILE", value_name = "FILE")]
+    pub api_keys: Option<PathBuf>,
+    /// Serve gRPC reflection (grpcurl's discovery) on the public port.
+    #[arg(long, env = "BD3LM_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub reflection: bool,
     /// tokenizer.json for text prompts; without it prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -96,6 +104,8 @@ impl Default for CoordinatorSettings {
             affinity_sessions: 100_000,
             lease_ttl: Duration::from_secs(30),
             lease_wait: Duration::from_secs(2),
+            api_keys: None,
+            reflection: true,
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),
         }

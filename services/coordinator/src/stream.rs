@@ -111,7 +111,21 @@ pub async fn drive(
         shown: 0,
         forward_passes: 0,
     };
-    let stop = blocks(store, dispatch, &mut plan, &mut progress, &tx, &mut running).await;
+    let model = plan.model.clone();
+    let mut decoder = Decoder::new(&model.text);
+    let stop = blocks(
+        store,
+        dispatch,
+        &mut plan,
+        &mut progress,
+        &mut decoder,
+        &tx,
+        &mut running,
+    )
+    .await;
+    if let Err(status) = &stop {
+        tracing::warn!(code = ?status.code(), error = status.message(), "generation failed");
+    }
     if let Ok(stop) = stop {
         if running.is_deleted() {
             tracing::info!("session deleted; generation stopped");
@@ -129,6 +143,7 @@ pub async fn drive(
             stop_reason: proto_stop(stop) as i32,
             forward_passes: progress.forward_passes,
             seed: plan.record.seed,
+            text: decoder.finish(),
             ..Default::default()
         }),
         Err(status) => Err(status),
@@ -142,11 +157,10 @@ async fn blocks(
     dispatch: &Dispatcher,
     plan: &mut Plan,
     progress: &mut Progress,
+    decoder: &mut Decoder<'_>,
     tx: &Sender,
     running: &mut Running,
 ) -> Result<StopReason, Status> {
-    let model = plan.model.clone();
-    let mut decoder = Decoder::new(&model.text);
     loop {
         if tx.is_closed() {
             return Ok(StopReason::Cancelled);
@@ -160,7 +174,7 @@ async fn blocks(
                 "session_id: another request took the session over",
             )),
         };
-        let (message, stop) = commit(plan, progress, &mut decoder, answer, started);
+        let (message, stop) = commit(plan, progress, decoder, answer, started);
         if tx.send(Ok(message)).await.is_err() {
             return Ok(StopReason::Cancelled);
         }
@@ -252,7 +266,7 @@ fn commit(
 
 /// Stores how far the client has seen the session, so a continuation starts there.
 async fn record_returned(store: &Store, record: &SessionRecord, returned: usize) {
-    let result = update(store, &record.model_id, &record.id, |current| {
+    let result = update(store, &record.model_id, &record.id, None, |current| {
         current.returned = returned.min(current.tokens.len());
         Ok(())
     });

@@ -395,6 +395,48 @@ mod tests {
         }
     }
 
+    /// Mutated wire bytes of requests decode or not; those that decode are validated and
+    /// their sampling merged, never with a panic.
+    #[test]
+    fn fuzzed_requests_never_panic() {
+        use prost::Message;
+        let seeds: Vec<Vec<u8>> = [
+            request(),
+            sampling_request(SamplingParameters {
+                sampler: bd3lm_proto::v1::Sampler::Confidence as i32,
+                steps: Some(4),
+                top_p: Some(0.9),
+                threshold: Some(0.5),
+                temperature: Some(0.7),
+                top_k: Some(5),
+                greedy: Some(false),
+            }),
+            GenerateRequest {
+                stop: vec!["ab".into()],
+                stop_token_ids: vec![TokenIds { ids: vec![3, 4] }],
+                session_id: format!("{:032x}", 7),
+                prompt: Some(Prompt::Text("hi".into())),
+                seed: Some(3),
+                ..request()
+            },
+        ]
+        .iter()
+        .map(Message::encode_to_vec)
+        .collect();
+        let base = bd3lm_sampling::SamplingParams::new(4);
+        let budget = std::time::Duration::from_secs(2);
+        bd3lm_bytes::fuzz::fuzz("request validation", &seeds, budget, |bytes| {
+            let Ok(req) = GenerateRequest::decode(bytes) else {
+                return;
+            };
+            if let Ok(valid) = check(req) {
+                let limits = Limits::default();
+                let _ = sampling(&valid.sampling, None, 16, &limits);
+                let _ = sampling(&valid.sampling, Some(&base), 4, &limits);
+            }
+        });
+    }
+
     #[test]
     fn every_refusal_names_its_field() {
         let ids = |ids: Vec<u32>| Some(Prompt::TokenIds(TokenIds { ids }));

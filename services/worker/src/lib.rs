@@ -25,6 +25,7 @@ use std::time::Duration;
 use anyhow::Context;
 use bd3lm_kvstore::Store;
 use bd3lm_model::checkpoint::Checkpoint;
+use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
 use candle_core::{DType, Device};
 use tokio::net::TcpListener;
@@ -87,12 +88,14 @@ pub fn default_model_id(dir: &Path) -> String {
 
 /// Serves the worker on `listener` until `shutdown` resolves, then reports NOT_SERVING
 /// and lets the blocks in flight finish. Health reports NOT_SERVING until `loaded` holds
-/// the model.
+/// the model. `DenoiseWorker` calls need one of the `internal` tokens (health and
+/// reflection are open, for probes).
 pub async fn serve(
     listener: TcpListener,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
     store: Store,
     limits: WorkerLimits,
+    internal: Arc<Tokens>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -123,7 +126,10 @@ pub async fn serve(
     tonic::transport::Server::builder()
         .add_service(health)
         .add_service(reflection)
-        .add_service(DenoiseWorkerServer::new(service))
+        .add_service(DenoiseWorkerServer::with_interceptor(
+            service,
+            internal.interceptor(),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await
         .context("worker server")

@@ -7,6 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use bd3lm_kvstore::StoreArgs;
+use bd3lm_proto::auth::Tokens;
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Parser;
 
@@ -23,6 +24,11 @@ struct Args {
     /// Model id in store keys; default: the checkpoint directory's name.
     #[arg(long, env = "BD3LM_MODEL_ID")]
     model_id: Option<String>,
+    /// File of the internal tokens the coordinators send (`authorization: Bearer`), one per
+    /// line, re-read on SIGHUP; calls without one are UNAUTHENTICATED. Without it any
+    /// caller that reaches this port is served.
+    #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
+    internal_token_file: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -43,6 +49,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bd3lm_worker::check_model_id(id)?;
     }
     let store = args.store.open_shared()?;
+    let internal = internal_tokens(args.internal_token_file.as_deref())?;
     let device = args.device.device()?;
     let dtype = args.device.dtype();
     let listener = tokio::net::TcpListener::bind(&args.addr)
@@ -70,7 +77,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(listener, loaded, store, limits, stop)
+        bd3lm_worker::serve(listener, loaded, store, limits, internal, stop)
     })
     .await
+}
+
+/// The internal tokens of `path`, re-read on SIGHUP; an open set without it.
+fn internal_tokens(path: Option<&std::path::Path>) -> anyhow::Result<Arc<Tokens>> {
+    let Some(path) = path else {
+        tracing::warn!("no --internal-token-file: any caller that reaches this port is served");
+        return Ok(Arc::new(Tokens::open()));
+    };
+    let tokens = Arc::new(Tokens::from_file(path)?);
+    let reloaded = tokens.clone();
+    bd3lm_telemetry::shutdown::on_hangup(move || match reloaded.reload() {
+        Ok(count) => tracing::info!(count, "internal tokens reloaded"),
+        Err(e) => {
+            tracing::error!(error = %e, "reloading the internal tokens failed; the old ones stay")
+        }
+    });
+    Ok(tokens)
 }

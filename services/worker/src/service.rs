@@ -358,6 +358,7 @@ mod tests {
             },
             returned: 6,
             version: 0,
+            owner: None,
         };
         store.create_session(&record).await.unwrap();
     }
@@ -493,6 +494,7 @@ mod tests {
             sampling: SamplingParams::new(1024),
             returned: 1,
             version: 0,
+            owner: None,
         };
         store.create_session(&record).await.unwrap();
         let worker = Arc::new(service(Some(loaded), &store, 1));
@@ -570,6 +572,7 @@ mod tests {
                 },
                 returned: 0,
                 version: 0,
+                owner: None,
             })
             .collect();
         for r in &records {

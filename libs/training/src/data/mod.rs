@@ -97,6 +97,25 @@ mod tests {
         assert!(err.contains(INDEX_FILE), "{err}");
     }
 
+    /// A mutated index.json is refused or read, and the shards it then names are read or
+    /// refused, never with a panic (lengths that overflow included).
+    #[test]
+    fn fuzzed_shard_indexes_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = crate::test_util::counting_docs(4, 30);
+        let (out, _) = shards(dir.path(), &docs, 8, 2);
+        let seed = std::fs::read(out.join(INDEX_FILE)).unwrap();
+        let budget = std::time::Duration::from_secs(2);
+        bd3lm_bytes::fuzz::fuzz("shard index", &[seed], budget, |text| {
+            std::fs::write(out.join(INDEX_FILE), text).unwrap();
+            if let Ok(index) = ShardIndex::open(&out) {
+                for entry in &index.shards {
+                    let _ = read_shard(&out, &index, entry);
+                }
+            }
+        });
+    }
+
     #[test]
     fn a_shuffled_loader_resumes_from_its_position() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,237 @@
+//! The chaos test: concurrent generations through a coordinator, three workers and a real
+//! `redis-server` while a schedule of faults runs: workers SIGKILLed and restarted, one
+//! SIGSTOPped for longer than the block timeout, Redis restarted (its data lost: it keeps
+//! none on disk), KV blobs corrupted, clients cancelled. Every generation that was not
+//! cancelled must end with the tokens a fault-free run of its seed gives; a cancelled one
+//! leaves a session whose tokens are a prefix of them (or none, when a Redis restart took
+//! it). It prints `lost`, `mismatched`, `panics` (all must be 0) and the p99 block latency.
+//!
+//! Short form by default (CI, under 3 minutes); `BD3LM_CHAOS_LONG=1` runs the long form.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bd3lm_proto::v1::generation_client::GenerationClient;
+use bd3lm_proto::v1::{GetSessionRequest, StopReason};
+use tonic::Code;
+
+use crate::cluster::Cluster;
+use crate::distributed::{checkpoint, local};
+use crate::integrity::request;
+
+/// How much chaos.
+struct Form {
+    generations: usize,
+    tokens: u32,
+}
+
+/// What one generation got.
+#[derive(Debug, Default)]
+struct Outcome {
+    session: String,
+    tokens: Vec<u32>,
+    block_ms: Vec<f64>,
+    cancelled: bool,
+    error: Option<String>,
+}
+
+/// Generation `i`'s prompt and seed, as the local run's flags.
+fn flags(i: usize, tokens: u32) -> Vec<String> {
+    let prompt = format!("1022,{}", 7 + i);
+    let (tokens, seed) = (tokens.to_string(), (100 + i).to_string());
+    [
+        "--prompt-ids",
+        &prompt,
+        "--max-tokens",
+        &tokens,
+        "--seed",
+        &seed,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// Runs generation `i` (cancelled after `cancel_after` blocks, when given).
+async fn run(addr: String, i: usize, tokens: u32, cancel_after: Option<usize>) -> Outcome {
+    let mut out = Outcome {
+        cancelled: cancel_after.is_some(),
+        ..Outcome::default()
+    };
+    let mut client = GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut req = request(None, vec![1022, 7 + i as u32], tokens);
+    req.seed = Some(100 + i as u64);
+    let mut stream = match client.generate_stream(req).await {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            out.error = Some(s.to_string());
+            return out;
+        }
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                out.session = m.session_id;
+                out.tokens.extend_from_slice(&m.token_ids);
+                out.block_ms.extend(m.block.map(|b| b.total_ms));
+                if m.stop_reason != StopReason::Unspecified as i32 {
+                    return out;
+                }
+                if cancel_after.is_some_and(|n| out.block_ms.len() >= n) {
+                    return out;
+                }
+            }
+            Ok(None) => return out,
+            Err(s) => {
+                out.error = Some(s.to_string());
+                return out;
+            }
+        }
+    }
+}
+
+/// One fault of the schedule, by its round.
+fn fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+    let worker = round % 3;
+    match round % 4 {
+        0 => {
+            cluster.restart_worker(worker);
+            "worker SIGKILLed and restarted"
+        }
+        1 => {
+            cluster.workers[worker].signal("STOP");
+            std::thread::sleep(block_timeout + Duration::from_millis(500));
+            cluster.workers[worker].signal("CONT");
+            "worker SIGSTOPped past the block timeout"
+        }
+        2 => {
+            cluster.redis.stop();
+            cluster.redis.restart();
+            "redis restarted empty"
+        }
+        _ => {
+            for key in cluster.redis.keys("*:kv:*").iter().step_by(2) {
+                let _ = cluster
+                    .redis
+                    .command(&[b"SETRANGE", key.as_bytes(), b"40", b"\xde\xad"]);
+            }
+            "KV blobs corrupted"
+        }
+    }
+}
+
+#[test]
+fn chaos_loses_nothing() {
+    let long = std::env::var_os("BD3LM_CHAOS_LONG").is_some();
+    let form = if long {
+        Form {
+            generations: 24,
+            tokens: 6000,
+        }
+    } else {
+        Form {
+            generations: 8,
+            tokens: 2000,
+        }
+    };
+    let block_timeout = Duration::from_secs(2);
+    let extra = ["--block-timeout-secs", "2", "--max-attempts", "12"];
+    let mut cluster = Cluster::start_with(&checkpoint(), 3, "affinity", &extra);
+    let expected: Vec<Vec<u32>> = (0..form.generations)
+        .map(|i| {
+            let f = flags(i, form.tokens);
+            local(&f.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .collect();
+
+    let done = Arc::new(AtomicBool::new(false));
+    let (addr, finished) = (cluster.addr.clone(), done.clone());
+    let tokens = form.tokens;
+    let generations = form.generations;
+    let clients = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let outcomes = runtime.block_on(async {
+            let runs = (0..generations).map(|i| {
+                // Every fourth generation is cancelled by its client partway.
+                let cancel = (i % 4 == 3).then_some(5 + i * 3);
+                tokio::spawn(run(addr.clone(), i, tokens, cancel))
+            });
+            let all = futures::future::join_all(runs).await;
+            all.into_iter().map(Result::unwrap).collect::<Vec<_>>()
+        });
+        finished.store(true, Ordering::SeqCst);
+        outcomes
+    });
+    let started = Instant::now();
+    let mut applied = Vec::new();
+    while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(150) {
+        std::thread::sleep(Duration::from_millis(600));
+        applied.push(fault(&mut cluster, applied.len(), block_timeout));
+    }
+    let outcomes = clients.join().unwrap();
+
+    let mut lost = Vec::new();
+    let mut mismatched = Vec::new();
+    for (i, (out, want)) in outcomes.iter().zip(&expected).enumerate() {
+        match (&out.error, out.cancelled) {
+            (Some(e), _) => lost.push(format!("generation {i}: {e}")),
+            (None, false) if out.tokens != *want => mismatched.push(i),
+            (None, true) if !want.starts_with(&out.tokens) => mismatched.push(i),
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = GenerationClient::connect(format!("http://{}", cluster.addr))
+            .await
+            .unwrap();
+        for (i, out) in outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.cancelled && !o.session.is_empty())
+        {
+            let get = GetSessionRequest {
+                session_id: out.session.clone(),
+            };
+            match client.get_session(get).await {
+                Ok(info) => {
+                    let stored = &info.get_ref().token_ids;
+                    if stored.len() < 2 || !expected[i].starts_with(&stored[2..]) {
+                        mismatched.push(i);
+                    }
+                }
+                Err(s) if s.code() == Code::NotFound => {}
+                Err(s) => lost.push(format!("session of generation {i}: {s}")),
+            }
+        }
+    });
+    let logs = cluster.worker_logs() + &cluster.coordinator.log();
+    let panics = logs.matches("panicked").count();
+    let mut block_ms: Vec<f64> = outcomes
+        .iter()
+        .flat_map(|o| o.block_ms.iter().copied())
+        .collect();
+    block_ms.sort_by(f64::total_cmp);
+    let p99 = block_ms
+        .get(block_ms.len() * 99 / 100)
+        .copied()
+        .unwrap_or(0.0);
+    println!(
+        "chaos: {} generations ({} cancelled), {} faults in {:.0} s, lost {}, mismatched {}, panics {}, p99 block {:.0} ms",
+        outcomes.len(),
+        outcomes.iter().filter(|o| o.cancelled).count(),
+        applied.len(),
+        started.elapsed().as_secs_f64(),
+        lost.len(),
+        mismatched.len(),
+        panics,
+        p99
+    );
+    let kinds: std::collections::HashSet<_> = applied.iter().collect();
+    assert_eq!(kinds.len(), 4, "not every kind of fault ran: {applied:?}");
+    assert!(lost.is_empty(), "lost: {lost:#?}");
+    assert!(mismatched.is_empty(), "mismatched: {mismatched:?}");
+    assert_eq!(panics, 0, "{logs}");
+}
