@@ -107,18 +107,45 @@ pub struct Redis {
     pub port: u16,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// Flags beyond the defaults.
+    extra: Vec<String>,
 }
 
 impl Redis {
     /// Starts a server on a free port with its files in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, Vec::new())
+    }
+
+    fn start_with(dir: &Path, extra: Vec<String>) -> Self {
         let mut redis = Self {
             port: free_port(),
             dir: dir.to_path_buf(),
             proc: None,
+            extra,
         };
         redis.restart();
         redis
+    }
+
+    /// A server that also listens with TLS on `tls_port` (the certificates of
+    /// [`make_certificates`] in `dir`, no client certificates) and requires `password`.
+    pub fn start_tls(dir: &Path, tls_port: u16, password: &str) -> Self {
+        make_certificates(dir);
+        let file = |name: &str| dir.join(name).display().to_string();
+        let extra = [
+            ("--tls-port", tls_port.to_string()),
+            ("--tls-cert-file", file("coordinator.pem")),
+            ("--tls-key-file", file("coordinator.key")),
+            ("--tls-ca-cert-file", file("ca.pem")),
+            ("--tls-auth-clients", "no".into()),
+            ("--requirepass", password.into()),
+        ];
+        let extra = extra
+            .into_iter()
+            .flat_map(|(f, v)| [f.to_string(), v])
+            .collect();
+        Self::start_with(dir, extra)
     }
 
     /// The URL of the server.
@@ -143,6 +170,7 @@ impl Redis {
         ];
         let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         args.push(self.dir.display().to_string());
+        args.extend(self.extra.iter().cloned());
         let log = self.dir.join("redis.log");
         let child = Command::new(program)
             .args(&args)
@@ -182,6 +210,16 @@ impl Redis {
         let n = stream.read(&mut reply)?;
         reply.truncate(n);
         Ok(reply)
+    }
+
+    /// The integer reply of one command.
+    pub fn integer(&self, args: &[&[u8]]) -> i64 {
+        let reply = self.command(args).unwrap();
+        let text = String::from_utf8_lossy(&reply);
+        text.trim()
+            .strip_prefix(':')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("not an integer reply: {text}"))
     }
 
     /// Every key matching `pattern`.
@@ -277,8 +315,144 @@ pub struct Cluster {
     pub addr: String,
     /// The API key of the cluster's own calls, when it takes keys.
     pub api_key: Option<String>,
+    /// The CA of the coordinator's certificate, when it speaks TLS.
+    pub tls_ca: Option<String>,
     /// Each worker's command line, to restart it.
     worker_args: Vec<Vec<String>>,
+}
+
+/// The flags of a cluster's processes beyond the defaults, and what its own calls need.
+#[derive(Debug, Clone, Default)]
+struct Secured {
+    coordinator: Vec<String>,
+    worker: Vec<String>,
+    api_key: Option<String>,
+    tls_ca: Option<String>,
+}
+
+impl Secured {
+    /// API keys, the internal token and (with `tls`) certificates, written into `dir`.
+    fn write(dir: &Path, tls: bool) -> Self {
+        std::fs::write(dir.join("api-keys"), API_KEYS.join("\n")).unwrap();
+        std::fs::write(dir.join("internal-token"), INTERNAL_TOKEN).unwrap();
+        let file = |name: &str| dir.join(name).display().to_string();
+        let mut coordinator = vec![
+            "--max-sessions-per-key".to_string(),
+            "4".into(),
+            "--api-keys".to_string(),
+            file("api-keys"),
+            "--internal-token-file".into(),
+            file("internal-token"),
+        ];
+        let mut worker = vec!["--internal-token-file".to_string(), file("internal-token")];
+        if tls {
+            make_certificates(dir);
+            coordinator.extend(
+                ["--tls-cert", "--tls-key", "--tls-ca"]
+                    .into_iter()
+                    .map(String::from)
+                    .zip([
+                        file("coordinator.pem"),
+                        file("coordinator.key"),
+                        file("ca.pem"),
+                    ])
+                    .flat_map(|(f, v)| [f, v]),
+            );
+            worker.extend(
+                ["--tls-cert", "--tls-key", "--tls-client-ca"]
+                    .into_iter()
+                    .map(String::from)
+                    .zip([file("worker.pem"), file("worker.key"), file("ca.pem")])
+                    .flat_map(|(f, v)| [f, v]),
+            );
+        }
+        Self {
+            coordinator,
+            worker,
+            api_key: Some(API_KEYS[0].to_string()),
+            tls_ca: tls.then(|| file("ca.pem")),
+        }
+    }
+}
+
+/// Writes a test CA (`ca.pem`, `ca.key`) and certificates it signed into `dir`:
+/// `worker.pem`/`.key` (name `bd3lm-worker`), `coordinator.pem`/`.key` (127.0.0.1 and
+/// `localhost`, server and client usage), `stranger.pem`/`.key` (signed by another CA).
+pub fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl is installed (apt-get install -y openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    for ca in ["ca", "other-ca"] {
+        let subject = format!("/CN=bd3lm test {ca}");
+        let (keyout, out) = (format!("{ca}.key"), format!("{ca}.pem"));
+        let mut args = vec![
+            "req", "-x509", "-days", "2", "-subj", &subject, "-keyout", &keyout, "-out", &out,
+        ];
+        args.extend(key);
+        args.extend([
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ]);
+        openssl(&args);
+    }
+    let leaves = [
+        ("worker", "ca", "DNS:bd3lm-worker"),
+        ("coordinator", "ca", "IP:127.0.0.1,DNS:localhost"),
+        ("stranger", "other-ca", "DNS:bd3lm-worker,IP:127.0.0.1"),
+    ];
+    for (name, ca, names) in leaves {
+        let ext = format!("{name}.ext");
+        std::fs::write(
+            dir.join(&ext),
+            format!("subjectAltName={names}\nextendedKeyUsage=serverAuth,clientAuth\nbasicConstraints=CA:FALSE\n"),
+        )
+        .unwrap();
+        let (keyout, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        let subject = format!("/CN={name}");
+        let mut args = vec!["req", "-subj", &subject, "-keyout", &keyout, "-out", &csr];
+        args.extend(key);
+        openssl(&args);
+        let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "2",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-extfile",
+            &ext,
+        ]);
+    }
 }
 
 /// The API keys of [`Cluster::start_secured`].
@@ -296,7 +470,11 @@ impl Cluster {
     /// [`Cluster::start`] with `extra` coordinator flags.
     pub fn start_with(checkpoint: &Path, workers: usize, routing: &str, extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        Self::start_in(dir, checkpoint, workers, routing, extra, None)
+        let plain = Secured {
+            coordinator: extra.iter().map(|s| s.to_string()).collect(),
+            ..Secured::default()
+        };
+        Self::start_in(dir, checkpoint, workers, routing, Some(&plain))
     }
 
     /// A cluster whose coordinator takes API keys [`API_KEYS`] (file `api-keys` in its
@@ -304,12 +482,17 @@ impl Cluster {
     /// own calls use the first key.
     pub fn start_secured(checkpoint: &Path, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("api-keys"), API_KEYS.join("\n")).unwrap();
-        std::fs::write(dir.path().join("internal-token"), INTERNAL_TOKEN).unwrap();
-        let keys = dir.path().join("api-keys").display().to_string();
-        let token = dir.path().join("internal-token").display().to_string();
-        let extra = ["--api-keys", &keys, "--internal-token-file", &token];
-        Self::start_in(dir, checkpoint, workers, "affinity", &extra, Some(&token))
+        let secured = Secured::write(dir.path(), false);
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
+    }
+
+    /// [`Cluster::start_secured`] with TLS everywhere: the coordinator's public port
+    /// (certificate for 127.0.0.1), mutual TLS between it and the workers (certificates
+    /// of [`make_certificates`]).
+    pub fn start_tls(checkpoint: &Path, workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secured = Secured::write(dir.path(), true);
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
     }
 
     fn start_in(
@@ -317,9 +500,10 @@ impl Cluster {
         checkpoint: &Path,
         workers: usize,
         routing: &str,
-        extra: &[&str],
-        internal_token_file: Option<&str>,
+        secured: Option<&Secured>,
     ) -> Self {
+        let secured = secured.cloned().unwrap_or_default();
+        let extra: Vec<&str> = secured.coordinator.iter().map(String::as_str).collect();
         let redis = Redis::start(dir.path());
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
@@ -334,9 +518,7 @@ impl Cluster {
                 "--redis".into(),
                 redis.url(),
             ];
-            if let Some(file) = internal_token_file {
-                args.extend(["--internal-token-file".into(), file.to_string()]);
-            }
+            args.extend(secured.worker.iter().cloned());
             procs.push(spawn(
                 &bin("bd3lm-worker"),
                 &args,
@@ -346,9 +528,10 @@ impl Cluster {
             addrs.push(addr);
             worker_args.push(args);
         }
-        let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &redis, routing, extra);
+        let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &redis, routing, &extra);
         let cluster = Self {
-            api_key: internal_token_file.map(|_| API_KEYS[0].to_string()),
+            api_key: secured.api_key,
+            tls_ca: secured.tls_ca,
             _dir: dir,
             redis,
             workers: procs,
@@ -488,6 +671,9 @@ impl Cluster {
         let mut all = vec!["generate", "--addr", self.addr.as_str()];
         if let Some(key) = &self.api_key {
             all.extend(["--api-key", key.as_str()]);
+        }
+        if let Some(ca) = &self.tls_ca {
+            all.extend(["--tls-ca", ca.as_str()]);
         }
         all.extend_from_slice(args);
         Generated::from(crate::bd3lm(&all))

@@ -260,9 +260,10 @@ fn sigterm_drains_the_work_in_flight_and_exits_0() {
     );
 }
 
-/// Redis holds a long session's record and the KV blobs of its window, not the blobs of
-/// every block it ever committed; those it holds are enough: blocks alternate between two
-/// workers, so each one's cache comes from the blobs.
+/// Redis holds a long session's record, its tokens and the KV blobs of its window, not the
+/// blobs of every block it ever committed; those it holds are enough: blocks alternate
+/// between two workers, so each one's cache comes from the blobs. After 8,192 tokens the
+/// session's keys and bytes are the window's blobs, the tokens and a little more.
 #[test]
 fn redis_keeps_only_the_window_of_a_long_session() {
     let cluster = Cluster::start(&checkpoint(), 2, "rotate");
@@ -270,7 +271,7 @@ fn redis_keeps_only_the_window_of_a_long_session() {
         "--prompt-ids",
         "1022",
         "--max-tokens",
-        "1000",
+        "8192",
         "--seed",
         "2",
     ];
@@ -281,6 +282,21 @@ fn redis_keeps_only_the_window_of_a_long_session() {
     // record and its tokens.
     assert!(keys.len() <= 15 + 2, "{} keys: {keys:?}", keys.len());
     assert!(keys.iter().any(|k| k.ends_with(":record")), "{keys:?}");
+    let usage = |key: &str| {
+        cluster
+            .redis
+            .integer(&[b"MEMORY", b"USAGE", key.as_bytes()])
+    };
+    let bytes: i64 = keys.iter().map(|k| usage(k)).sum();
+    let blob = keys.iter().find(|k| k.contains(":kv:")).unwrap();
+    let blob_bytes = cluster.redis.integer(&[b"STRLEN", blob.as_bytes()]);
+    // Redis counts its allocator's size classes: a quarter more, and 1 KiB per key.
+    let bound = (15 * blob_bytes + 4 * 8193) * 5 / 4 + 17 * 1024;
+    println!(
+        "{} keys, {bytes} bytes for 8,193 tokens (bound {bound})",
+        keys.len()
+    );
+    assert!(bytes <= bound, "{bytes} bytes over {bound}: {keys:?}");
     let more = cluster.generate(&["--session", out.session().as_str(), "--max-tokens", "40"]);
     assert_eq!(more.code, 0, "{}", more.stderr);
     assert_eq!(
@@ -289,10 +305,10 @@ fn redis_keeps_only_the_window_of_a_long_session() {
             "--prompt-ids",
             "1022",
             "--max-tokens",
-            "1040",
+            "8232",
             "--seed",
             "2"
-        ])[1000..]
+        ])[8192..]
     );
     for worker in &cluster.workers {
         assert!(

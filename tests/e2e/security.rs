@@ -3,7 +3,9 @@
 
 use std::time::{Duration, Instant};
 
+use bd3lm_kvstore::{RedisSecrets, Store, StoreConfig};
 use bd3lm_proto::auth::Bearer;
+use bd3lm_proto::tls::TlsFiles;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{DeleteSessionRequest, DenoiseBlockRequest, GetSessionRequest, InfoRequest};
@@ -84,6 +86,30 @@ fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
             .unwrap();
         assert!(alpha.get_session(get(&id)).await.is_ok());
 
+        // Beta's live sessions stop at the cluster's limit of 4, until one is deleted.
+        let mut betas = Vec::new();
+        for _ in 0..4 {
+            let out = beta.generate(request(None, vec![1022], 4)).await.unwrap();
+            betas.push(out.into_inner().session_id);
+        }
+        let over = beta
+            .generate(request(None, vec![1022], 4))
+            .await
+            .unwrap_err();
+        assert_eq!(over.code(), Code::ResourceExhausted, "{over}");
+        assert!(over.message().starts_with("session_id"), "{over}");
+        let delete = DeleteSessionRequest {
+            session_id: betas[0].clone(),
+        };
+        assert!(
+            beta.delete_session(delete)
+                .await
+                .unwrap()
+                .into_inner()
+                .deleted
+        );
+        beta.generate(request(None, vec![1022], 4)).await.unwrap();
+
         std::fs::write(cluster.dir().join("api-keys"), API_KEYS[1]).unwrap();
         cluster.coordinator.signal("HUP");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -93,7 +119,7 @@ fn api_keys_guard_the_api_and_sessions_belong_to_their_key() {
             assert!(Instant::now() < deadline, "the removed key still works");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        beta.generate(request(None, vec![1022], 4)).await.unwrap();
+        beta.get_session(get(&betas[1])).await.unwrap();
     });
     let log = cluster.coordinator.log();
     for key in API_KEYS {
@@ -131,4 +157,111 @@ fn workers_refuse_calls_without_the_internal_token() {
     });
     assert!(cluster.worker_ready(0), "health is open");
     assert!(!cluster.workers[0].log().contains(INTERNAL_TOKEN));
+}
+
+/// Whether a call through `files`' TLS (plain text without a CA) to `addr`, named
+/// `name`, is refused: at the handshake or at the call.
+async fn refused(addr: &str, name: &str, files: &TlsFiles) -> bool {
+    let tls = files.client(name).unwrap();
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).unwrap();
+    }
+    let Ok(channel) = endpoint.connect().await else {
+        return true;
+    };
+    let bearer = Bearer::new(Some(INTERNAL_TOKEN)).unwrap();
+    let mut worker = DenoiseWorkerClient::with_interceptor(channel, bearer);
+    worker.info(InfoRequest {}).await.is_err()
+}
+
+/// TLS everywhere: generations go through (the client verifies the coordinator, the
+/// coordinator and the workers verify each other); plain text is refused on both ports;
+/// a worker refuses a caller without a client certificate, or with one another CA signed.
+#[test]
+fn tls_ports_refuse_plain_text_and_workers_require_a_known_client_certificate() {
+    let cluster = Cluster::start_tls(&checkpoint(), 1);
+    let args = [
+        "--prompt-ids",
+        "1022,7",
+        "--max-tokens",
+        "12",
+        "--seed",
+        "5",
+    ];
+    let out = cluster.generate(&args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, crate::distributed::local(&args));
+    let file = |name: &str| Some(cluster.dir().join(name));
+    let ca = file("ca.pem");
+    let coordinator = TlsFiles {
+        cert: file("coordinator.pem"),
+        key: file("coordinator.key"),
+        ca: ca.clone(),
+        client_ca: None,
+    };
+    let stranger = TlsFiles {
+        cert: file("stranger.pem"),
+        key: file("stranger.key"),
+        ..coordinator.clone()
+    };
+    let anonymous = TlsFiles {
+        ca: ca.clone(),
+        ..TlsFiles::default()
+    };
+    runtime().block_on(async {
+        let worker = &cluster.worker_addrs[0];
+        assert!(
+            !refused(worker, "bd3lm-worker", &coordinator).await,
+            "the coordinator's certificate"
+        );
+        assert!(
+            refused(worker, "bd3lm-worker", &anonymous).await,
+            "no client certificate"
+        );
+        assert!(
+            refused(worker, "bd3lm-worker", &stranger).await,
+            "another CA's certificate"
+        );
+        assert!(
+            refused(worker, "bd3lm-worker", &TlsFiles::default()).await,
+            "plain text"
+        );
+        assert!(
+            refused(&cluster.addr, "127.0.0.1", &TlsFiles::default()).await,
+            "plain text"
+        );
+    });
+}
+
+/// The store over `rediss://`: the server's certificate verified against a given CA, the
+/// password kept out of the URL. The store contract holds; without the CA, or with a wrong
+/// password, the store does not answer.
+#[test]
+fn the_store_speaks_tls_to_redis_with_the_password_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls_port = crate::cluster::free_port();
+    let _redis = crate::cluster::Redis::start_tls(dir.path(), tls_port, "pw-7c1f-test");
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let secrets = |password: &str, ca: Option<&Vec<u8>>| RedisSecrets {
+        password: Some(password.into()),
+        ca_pem: ca.cloned(),
+    };
+    runtime().block_on(async {
+        let config = StoreConfig::default();
+        let store =
+            Store::redis_with(&url, secrets("pw-7c1f-test", Some(&ca)), config.clone()).unwrap();
+        bd3lm_kvstore::contract::check(store).await;
+        let unknown_ca =
+            Store::redis_with(&url, secrets("pw-7c1f-test", None), config.clone()).unwrap();
+        assert!(
+            unknown_ca.ping().await.is_err(),
+            "a certificate of an unknown CA was accepted"
+        );
+        let wrong = Store::redis_with(&url, secrets("wrong", Some(&ca)), config).unwrap();
+        let err = wrong.ping().await.unwrap_err().to_string();
+        assert!(!err.contains("pw-7c1f-test"), "{err}");
+    });
 }

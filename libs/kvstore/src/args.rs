@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{Result, Store, StoreConfig};
+use crate::{RedisSecrets, Result, Store, StoreConfig};
 
 /// Where sessions are stored: `--redis` (else the in-memory store), the key prefix and
 /// the TTL. Its `Debug` and `--help` never show the URL, which may hold a password.
@@ -17,6 +17,18 @@ pub struct StoreArgs {
         hide_env_values = true
     )]
     pub redis: Option<String>,
+    /// File holding the Redis password (ACL user: in the URL), so that neither the URL
+    /// nor the process list shows it.
+    #[arg(
+        long,
+        env = "BD3LM_REDIS_PASSWORD_FILE",
+        value_name = "FILE",
+        requires = "redis"
+    )]
+    pub redis_password_file: Option<std::path::PathBuf>,
+    /// PEM CA certificate of a `rediss://` server (default: the system's roots).
+    #[arg(long, env = "BD3LM_REDIS_CA", value_name = "FILE", requires = "redis")]
+    pub redis_ca: Option<std::path::PathBuf>,
     /// Prefix of every store key.
     #[arg(long, env = "BD3LM_STORE_PREFIX", default_value = "bd3lm")]
     pub store_prefix: String,
@@ -30,6 +42,8 @@ impl std::fmt::Debug for StoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreArgs")
             .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
+            .field("redis_password_file", &self.redis_password_file)
+            .field("redis_ca", &self.redis_ca)
             .field("store_prefix", &self.store_prefix)
             .field("store_ttl_secs", &self.store_ttl_secs)
             .finish()
@@ -48,15 +62,29 @@ impl StoreArgs {
     /// The Redis store when `--redis` is given, else an in-memory one.
     pub fn open(&self) -> Result<Store> {
         match &self.redis {
-            Some(url) => Store::redis(url, self.config()),
+            Some(url) => Store::redis_with(url, self.secrets()?, self.config()),
             None => Ok(Store::memory(self.config())),
         }
+    }
+
+    /// The password and CA files, read.
+    fn secrets(&self) -> Result<RedisSecrets> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path)
+                .map_err(|e| crate::Error::Unavailable(format!("reading {}: {e}", path.display())))
+        };
+        let password = match &self.redis_password_file {
+            Some(path) => Some(String::from_utf8_lossy(&read(path)?).trim().to_string()),
+            None => None,
+        };
+        let ca_pem = self.redis_ca.as_deref().map(read).transpose()?;
+        Ok(RedisSecrets { password, ca_pem })
     }
 
     /// A store shared between processes: `--redis` is required.
     pub fn open_shared(&self) -> Result<Store> {
         match &self.redis {
-            Some(url) => Store::redis(url, self.config()),
+            Some(_) => self.open(),
             None => Err(crate::Error::Unavailable(
                 "--redis (or BD3LM_REDIS_URL) is required: separate processes share \
                  sessions through Redis"

@@ -22,8 +22,8 @@ pub fn record(id: &str) -> SessionRecord {
 
 /// Exercises `store` (which must not hold session `s1` of model `m`) and panics on the
 /// first broken promise: create once, read per model, compare-and-set writes with their
-/// blobs, stale writers, appended tokens, leases, missing sessions, deletion with the
-/// blobs and its tombstone.
+/// blobs, stale writers, appended tokens, leases, per-key session counts, missing
+/// sessions, deletion with the blobs and its tombstone.
 pub async fn check(store: Store) {
     let r = record("s1");
     assert_eq!(store.create_session(&r).await.unwrap(), 1);
@@ -88,6 +88,23 @@ pub async fn check(store: Store) {
     );
     store.release("m", "s1", "a").await.unwrap();
     assert!(store.lease("m", "s1", "b", ttl).await.unwrap());
+
+    assert!(store.claim_slot("m", "k1", "a", 2).await.unwrap());
+    assert!(store.claim_slot("m", "k1", "b", 2).await.unwrap());
+    assert!(
+        store.claim_slot("m", "k1", "a", 2).await.unwrap(),
+        "a is counted already"
+    );
+    assert!(
+        !store.claim_slot("m", "k1", "c", 2).await.unwrap(),
+        "over the limit"
+    );
+    assert!(
+        store.claim_slot("m", "k2", "c", 2).await.unwrap(),
+        "another key's count"
+    );
+    store.release_slot("m", "k1", "b").await.unwrap();
+    assert!(store.claim_slot("m", "k1", "c", 2).await.unwrap());
 
     assert!(store.delete_session("m", "s1", 2).await.unwrap());
     assert!(!store.delete_session("m", "s1", 2).await.unwrap());

@@ -26,4 +26,4 @@ pub use args::StoreArgs;
 pub use blob::BlockBlob;
 pub use error::{Error, Result};
 pub use record::SessionRecord;
-pub use store::{CommitOutcome, Store, StoreConfig};
+pub use store::{CommitOutcome, RedisSecrets, Store, StoreConfig};

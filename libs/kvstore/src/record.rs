@@ -89,6 +89,12 @@ pub fn is_session_id(id: &str) -> bool {
     id.len() == 32 && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A session id as logs and spans show it: its first 8 hex digits, enough to follow one
+/// session through the logs, too few to act on it.
+pub fn short_id(id: &str) -> &str {
+    id.get(..8).unwrap_or(id)
+}
+
 /// Tokens as stored: little-endian u32s.
 pub fn encode_tokens(tokens: &[u32]) -> Vec<u8> {
     tokens.iter().flat_map(|t| t.to_le_bytes()).collect()

@@ -17,7 +17,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
 use crate::record::{Base, encode_tokens};
 use crate::{Error, Result, SessionRecord};
@@ -38,6 +38,15 @@ impl Default for StoreConfig {
             ttl: Duration::from_secs(24 * 3600),
         }
     }
+}
+
+/// What a Redis connection needs beyond its URL.
+#[derive(Default)]
+pub struct RedisSecrets {
+    /// The password (with the URL's user, if any), read from a file or the environment.
+    pub password: Option<String>,
+    /// PEM CA certificate of a `rediss://` server, instead of the system's roots.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 /// The outcome of a write of a session record.
@@ -83,12 +92,36 @@ impl Store {
         })
     }
 
-    /// A Redis store at `url` (`redis://host:port/db`). Connects lazily and reconnects on
-    /// connection loss; each command times out instead of hanging.
+    /// A Redis store at `url` (`redis://host:port/db`, or `rediss://` for TLS with the
+    /// system's roots). Connects lazily and reconnects on connection loss; each command
+    /// times out instead of hanging.
     pub fn redis(url: &str, config: StoreConfig) -> Result<Self> {
-        let client = redis::Client::open(url)
-            // The URL may carry a password: the error names neither.
-            .map_err(|e| Error::Unavailable(format!("invalid Redis URL ({:?})", e.kind())))?;
+        Self::redis_with(url, RedisSecrets::default(), config)
+    }
+
+    /// [`Store::redis`] with a password kept out of the URL and, for `rediss://`, the CA
+    /// the server's certificate must chain to.
+    pub fn redis_with(url: &str, secrets: RedisSecrets, config: StoreConfig) -> Result<Self> {
+        // The URL may carry a password: errors name neither.
+        let invalid = |e: redis::RedisError| {
+            Error::Unavailable(format!("invalid Redis URL ({:?})", e.kind()))
+        };
+        let mut info = url.into_connection_info().map_err(invalid)?;
+        if let Some(password) = secrets.password {
+            let settings = info.redis_settings().clone().set_password(password);
+            info = info.set_redis_settings(settings);
+        }
+        let client = match secrets.ca_pem {
+            Some(root_cert) => {
+                let certs = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(info, certs)
+            }
+            None => redis::Client::open(info),
+        }
+        .map_err(invalid)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
@@ -259,6 +292,39 @@ impl Store {
         }
     }
 
+    /// Counts `session` among the live sessions of the API key `owner` (until the store's
+    /// TTL from now, renewed by every claim): false, counting nothing, when `owner` already
+    /// holds `limit` other live sessions.
+    #[tracing::instrument(skip_all)]
+    pub async fn claim_slot(
+        &self,
+        model: &str,
+        owner: &str,
+        session: &str,
+        limit: usize,
+    ) -> Result<bool> {
+        let key = self.owner_key(model, owner);
+        match self {
+            Store::Memory(m) => Ok(m.claim_slot(&key, session, limit)),
+            Store::Redis(r) => r.claim_slot(&key, session, limit).await,
+        }
+    }
+
+    /// Stops counting `session` among `owner`'s live sessions.
+    #[tracing::instrument(skip_all)]
+    pub async fn release_slot(&self, model: &str, owner: &str, session: &str) -> Result<()> {
+        let key = self.owner_key(model, owner);
+        match self {
+            Store::Memory(m) => m.release_slot(&key, session),
+            Store::Redis(r) => r.release_slot(&key, session).await?,
+        }
+        Ok(())
+    }
+
+    fn owner_key(&self, model: &str, owner: &str) -> String {
+        format!("{}:{model}:owner:{owner}", self.config().prefix)
+    }
+
     /// Checks that the store answers.
     pub async fn ping(&self) -> Result<()> {
         match self {
@@ -284,6 +350,8 @@ type Written = std::result::Result<u64, Option<SessionRecord>>;
 enum Value {
     Bytes(Vec<u8>),
     Record(SessionRecord),
+    /// Sessions counted for an API key, each until its expiry.
+    Slots(HashMap<String, Instant>),
 }
 
 /// Values by key, each with its expiry.
@@ -389,6 +457,29 @@ impl MemoryStore {
         existed
     }
 
+    fn claim_slot(&self, key: &str, session: &str, limit: usize) -> bool {
+        let mut map = self.map();
+        let now = Instant::now();
+        let mut slots = match live(&map, key) {
+            Some(Value::Slots(s)) => s.clone(),
+            _ => HashMap::new(),
+        };
+        slots.retain(|_, expiry| *expiry > now);
+        if !slots.contains_key(session) && slots.len() >= limit {
+            return false;
+        }
+        slots.insert(session.to_string(), now + self.config.ttl);
+        self.insert(&mut map, key, Value::Slots(slots), self.config.ttl);
+        true
+    }
+
+    fn release_slot(&self, key: &str, session: &str) {
+        let mut map = self.map();
+        if let Some((Value::Slots(slots), _)) = map.get_mut(key) {
+            slots.remove(session);
+        }
+    }
+
     fn lease(&self, key: &str, owner: &str, ttl: Duration) -> bool {
         let mut map = self.map();
         match live(&map, key) {
@@ -466,6 +557,20 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 "#;
 
+/// Counts a session for an API key: KEYS = the key's sorted set (session -> expiry, ms of
+/// the server's clock); ARGV = session, TTL in ms, limit. Returns 1 when counted.
+const CLAIM_SCRIPT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[3]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"#;
+
 /// Gives a lease up: KEYS = lease; ARGV = owner.
 const RELEASE_SCRIPT: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
@@ -482,6 +587,7 @@ static COMMIT: LazyLock<Script> = LazyLock::new(|| Script::new(COMMIT_SCRIPT));
 static DELETE: LazyLock<Script> = LazyLock::new(|| Script::new(DELETE_SCRIPT));
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(LEASE_SCRIPT));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_SCRIPT));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(CLAIM_SCRIPT));
 
 impl RedisStore {
     fn ttl_ms(&self) -> u64 {
@@ -613,6 +719,28 @@ impl RedisStore {
             .retried(
                 |mut con| async move { RELEASE.key(key).arg(owner).invoke_async(&mut con).await },
             )
+            .await?;
+        Ok(())
+    }
+
+    async fn claim_slot(&self, key: &str, session: &str, limit: usize) -> Result<bool> {
+        let counted: i64 = self
+            .retried(|mut con| async move {
+                CLAIM
+                    .key(key)
+                    .arg(session)
+                    .arg(self.ttl_ms())
+                    .arg(limit)
+                    .invoke_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(counted == 1)
+    }
+
+    async fn release_slot(&self, key: &str, session: &str) -> Result<()> {
+        let _: i64 = self
+            .retried(|mut con| async move { con.zrem(key, session).await })
             .await?;
         Ok(())
     }

@@ -315,6 +315,12 @@ impl KvCache {
         }
         let [n_layers, batch, n_heads, head_dim, block_size, keep] = layout.dims;
         let len = next - first.first;
+        // With no position, nothing bounds the room reserved for the next passes (a
+        // block's worth, of a size the header alone claims): found by the fuzzer, as an
+        // allocation that killed the process. With some, the room is at most twice them.
+        if len == 0 {
+            return Err(Error::CacheDecode("segments hold no position".into()));
+        }
         if len > keep || !len.is_multiple_of(block_size) || !next.is_multiple_of(block_size) {
             return Err(Error::CacheDecode(format!(
                 "segments hold {len} tokens ending at {next}; window {keep}, block size {block_size}"
@@ -548,6 +554,25 @@ mod tests {
         let mut body = bytes[..bytes.len() - 8].to_vec();
         body[len_offset..len_offset + 8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
         assert!(KvCache::from_bytes(&bd3lm_bytes::seal(body), &Device::Cpu).is_err());
+    }
+
+    /// The fuzzer's crasher, kept: a sealed segment of no positions whose header claims a
+    /// huge block size is refused, not imported with a block's worth of room reserved.
+    #[test]
+    fn an_empty_segment_claiming_a_huge_block_is_refused() {
+        let segment = |block_size: u32| {
+            let mut body = MAGIC.to_vec();
+            body.extend_from_slice(&VERSION.to_le_bytes());
+            body.push(dtype_code(DType::F32).unwrap());
+            for d in [2, 1, 2, 8, block_size, block_size] {
+                body.extend_from_slice(&d.to_le_bytes());
+            }
+            body.extend_from_slice(&0u64.to_le_bytes());
+            body.extend_from_slice(&0u64.to_le_bytes());
+            bd3lm_bytes::seal(body)
+        };
+        let err = KvCache::import(&[&segment(1 << 30)], &Device::Cpu).unwrap_err();
+        assert!(err.to_string().contains("no position"), "{err}");
     }
 
     /// Segments whose bytes were mutated, then sealed again (so that the header parser,

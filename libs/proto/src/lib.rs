@@ -1,10 +1,11 @@
 //! Generated code of the `bd3lm.v1` gRPC contracts: the public `Generation` service of the
 //! coordinator and the internal `DenoiseWorker` service, and the conversions between the
 //! wire's sampling parameters and the typed ones of `bd3lm-sampling`; [`auth`], the
-//! bearer tokens servers check and clients attach.
+//! bearer tokens servers check and clients attach; [`tls`], the servers' and clients' TLS.
 
 pub mod auth;
 mod sampling;
+pub mod tls;
 
 /// Package `bd3lm.v1`.
 #[allow(missing_docs, clippy::all)]

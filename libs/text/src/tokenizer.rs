@@ -270,6 +270,50 @@ mod tests {
         }
     }
 
+    /// Over a 16,384-token generation in blocks of 4, the stop rules (EOS, a token stop
+    /// sequence, a text stop string) and the streaming decoder cost as much per block at
+    /// the end as at the start: it prints both (a figure, not a timed assertion).
+    #[test]
+    fn per_block_stop_checks_stay_flat_over_16384_tokens() {
+        const DEMO: &str = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../services/bd3lm/demo-model/tokenizer.json"
+        );
+        let text = Text::load(Some(Path::new(DEMO)), 8192).unwrap();
+        // Varied ids (the low-entropy rule would stop a repeated text).
+        let ids: Vec<u32> = (0..16_384u32)
+            .map(|i| 256 + i.wrapping_mul(2_654_435_761) % 7000)
+            .collect();
+        let mut rules = crate::StopRules::new(
+            1 << 20,
+            Some(8192),
+            vec![vec![8191, 8191]],
+            text.stop_hook(vec!["never said".into()]),
+        );
+        let mut decoder = Decoder::new(&text);
+        let mut per_block = Vec::new();
+        for end in (4..=ids.len()).step_by(4) {
+            let started = std::time::Instant::now();
+            let (kept, stop) = rules.check(&ids[..end], &ids[..end]);
+            decoder.push(&ids[end - 4..end]);
+            per_block.push(started.elapsed().as_secs_f64() * 1e6);
+            assert_eq!((kept, stop), (end, None));
+        }
+        // Medians: a busy machine's pauses would swamp a mean.
+        let median = |xs: &[f64]| {
+            let mut xs = xs.to_vec();
+            xs.sort_by(f64::total_cmp);
+            xs[xs.len() / 2]
+        };
+        let (first, last) = (&per_block[..512], &per_block[per_block.len() - 512..]);
+        eprintln!(
+            "stop check + decode per block of 4 (median): first 512 blocks {:.1} us, last 512 blocks {:.1} us ({} tokens)",
+            median(first),
+            median(last),
+            ids.len()
+        );
+    }
+
     #[test]
     fn text_stops_keep_the_longest_clean_prefix_and_decoding_streams() {
         let dir = tempfile::tempdir().unwrap();

@@ -107,6 +107,10 @@ pub struct GenerateArgs {
         requires = "addr"
     )]
     pub api_key: Option<String>,
+    /// With --addr: TLS towards the server (its CA; a certificate and key when it asks for
+    /// one).
+    #[command(flatten)]
+    pub tls: bd3lm_proto::tls::TlsFiles,
     /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
     /// model.
     #[arg(long, value_name = "DIR")]

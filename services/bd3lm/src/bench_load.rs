@@ -134,7 +134,7 @@ pub async fn one_worker(
     tokio::spawn(async move {
         let open = Arc::new(bd3lm_proto::auth::Tokens::open());
         let never = std::future::pending();
-        let serving = bd3lm_worker::serve(worker, cell, worker_store, limits, open, never);
+        let serving = bd3lm_worker::serve(worker, cell, worker_store, limits, open, None, never);
         if let Err(e) = serving.await {
             tracing::error!(error = %e, "bench worker stopped");
         }
@@ -160,6 +160,7 @@ pub async fn one_worker(
         pool,
         store,
         coordinator,
+        None,
         std::future::pending(),
     ));
     let client = GenerationClient::connect(format!("http://{addr}")).await?;

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use bd3lm_proto::auth::Bearer;
+use bd3lm_proto::tls::TlsFiles;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GenerateRequest, SamplingParameters, StopReason, TokenIds};
@@ -39,21 +40,25 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
     }
 }
 
-/// Streams a generation from the server at `addr` (with `api_key`, when given) to stdout,
-/// with a summary on stderr.
+/// Streams a generation from the server at `addr` (with `api_key` and `tls`, when given)
+/// to stdout, with a summary on stderr.
 pub async fn generate(
     addr: &str,
     session: Option<String>,
     api_key: Option<&str>,
+    tls: &TlsFiles,
     args: &GenerationArgs,
 ) -> anyhow::Result<()> {
-    let url = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .with_context(|| format!("the address {addr}"))?
+    let host = addr.rsplit_once("://").map_or(addr, |(_, rest)| rest);
+    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
+    let tls = tls.client(name)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host}"))
+        .with_context(|| format!("the address {addr}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("connecting to {addr}"))?;

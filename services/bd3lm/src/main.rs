@@ -245,6 +245,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
                     addr,
                     args.session.clone(),
                     args.api_key.as_deref(),
+                    &args.tls,
                     &args.generation,
                 ))?,
                 None => generate::run(&args)?,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::{Bearer, Tokens};
+use bd3lm_proto::tls::TlsFiles;
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Args;
 
@@ -23,6 +24,9 @@ pub struct ServeArgs {
     /// Checkpoint directory; default: the bundled demo model.
     #[arg(long, env = "BD3LM_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
+    /// TLS on the public port (the workers inside stay on loopback).
+    #[command(flatten)]
+    pub tls: TlsFiles,
     #[command(flatten)]
     pub store: StoreArgs,
     #[command(flatten)]
@@ -57,7 +61,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
             let never = std::future::pending();
-            let serving = bd3lm_worker::serve(listener, loaded, store, limits, internal, never);
+            let serving =
+                bd3lm_worker::serve(listener, loaded, store, limits, internal, None, never);
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }
@@ -85,9 +90,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.workers,
         args.store.describe()
     );
+    let tls = args.tls.server()?;
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(listener, pool, store, settings, stop)
+        bd3lm_coordinator::serve(listener, pool, store, settings, tls, stop)
     })
     .await
 }

@@ -31,6 +31,7 @@ use bd3lm_proto::v1::generation_server::GenerationServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
 
 pub use pool::{Pool, WorkerSource};
 pub use service::Coordinator;
@@ -67,7 +68,7 @@ pub fn spawn_discovery(
     })
 }
 
-/// Serves the coordinator on `listener` until `shutdown` resolves, then stops accepting
+/// Serves the coordinator on `listener` (with `tls`, when given) until `shutdown` resolves, then stops accepting
 /// and lets the streams in flight finish. Health (readiness) reports SERVING while at
 /// least one worker is healthy, the store answers and no shutdown was asked for.
 pub async fn serve(
@@ -75,6 +76,7 @@ pub async fn serve(
     pool: Arc<Pool>,
     store: Store,
     settings: CoordinatorSettings,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -120,7 +122,11 @@ pub async fn serve(
     let max_request = settings.limits.max_request_bytes;
     let coordinator = Coordinator::new(pool, store, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("the TLS certificate")?;
+    }
+    server
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(InterceptedService::new(generation, keys.interceptor()))

@@ -8,6 +8,7 @@ use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Bearer;
+use bd3lm_proto::tls::TlsFiles;
 use clap::Parser;
 
 /// The BD3-LM coordinator.
@@ -31,6 +32,11 @@ struct Args {
     /// File whose first line is the workers' internal token, sent on every call to them.
     #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
     internal_token_file: Option<std::path::PathBuf>,
+    /// Name the workers' certificates carry (with --tls-ca, calls to workers use TLS).
+    #[arg(long, env = "BD3LM_TLS_WORKER_NAME", default_value = "bd3lm-worker")]
+    tls_worker_name: String,
+    #[command(flatten)]
+    tls: TlsFiles,
     #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
@@ -60,7 +66,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         settings.affinity_sessions as usize,
         settings.down_after_failures,
     );
-    let pool = Arc::new(pool.with_bearer(bearer));
+    let worker_tls = args.tls.client(&args.tls_worker_name)?;
+    let pool = Arc::new(pool.with_bearer(bearer).with_tls(worker_tls));
+    let tls = args.tls.server()?;
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
@@ -68,7 +76,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("bd3lm-coordinator listening on {}", listener.local_addr()?);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(listener, pool, store, settings, stop)
+        bd3lm_coordinator::serve(listener, pool, store, settings, tls, stop)
     })
     .await
 }

@@ -73,6 +73,12 @@ pub async fn plan(
         }
     };
     let lease = Lease::take(store, &model_id, &id, terms).await?;
+    if let Some(key) = &owner
+        && let Err(status) = claim_slot(store, &model_id, key, &id, limits).await
+    {
+        lease.release().await;
+        return Err(status);
+    }
     let stored = match &valid.target {
         Target::New { prompt, seed } => {
             let new = NewSession {
@@ -126,6 +132,25 @@ pub async fn plan(
         model,
         lease,
     })
+}
+
+/// Counts session `id` among the live sessions of the API key `key` (a continuation
+/// renews its count); RESOURCE_EXHAUSTED when the key holds its limit of others.
+async fn claim_slot(
+    store: &Store,
+    model_id: &str,
+    key: &str,
+    id: &str,
+    limits: &Limits,
+) -> Result<(), Status> {
+    let limit = limits.max_sessions_per_key;
+    if store.claim_slot(model_id, key, id, limit).await? {
+        return Ok(());
+    }
+    tracing::info!(limit, "an API key's live sessions are at their limit");
+    Err(Status::resource_exhausted(format!(
+        "session_id: this API key holds {limit} live sessions, its limit; delete one or wait for one to expire"
+    )))
 }
 
 /// What a new session starts from.

@@ -10,7 +10,7 @@ use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::{InfoRequest, InfoResponse};
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -45,11 +45,15 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn new(addr: &str, bearer: Bearer) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    fn new(addr: &str, bearer: Bearer, tls: Option<&ClientTlsConfig>) -> anyhow::Result<Self> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
             .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls.clone())?;
+        }
+        let channel = endpoint.connect_lazy();
         Ok(Self {
             addr: addr.to_string(),
             client: DenoiseWorkerClient::with_interceptor(channel.clone(), bearer)
@@ -176,6 +180,7 @@ pub struct Pool {
     routing: Routing,
     down_after: u32,
     bearer: Bearer,
+    tls: Option<ClientTlsConfig>,
 }
 
 /// How long resolving `--workers-dns` may take before the known workers are kept.
@@ -196,7 +201,14 @@ impl Pool {
             }),
             routing,
             bearer: Bearer::default(),
+            tls: None,
         }
+    }
+
+    /// The pool whose connections to workers use `tls` (plain text when `None`).
+    pub fn with_tls(mut self, tls: Option<ClientTlsConfig>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// The pool whose calls to workers carry `bearer` (the workers' internal token).
@@ -241,7 +253,7 @@ impl Pool {
         for addr in addrs {
             match current.iter().find(|w| w.addr == addr) {
                 Some(w) => next.push(w.clone()),
-                None => match Worker::new(&addr, self.bearer.clone()) {
+                None => match Worker::new(&addr, self.bearer.clone(), self.tls.as_ref()) {
                     Ok(w) => next.push(Arc::new(w)),
                     Err(e) => tracing::warn!(%addr, error = %e, "bad worker address"),
                 },

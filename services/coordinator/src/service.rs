@@ -113,7 +113,13 @@ impl Coordinator {
         self.inner.admission.admit()?;
         let model = self.model().await?;
         let settings = &self.inner.settings;
-        let valid = validation::validate(req, &settings.limits, &model.vocabulary())?;
+        // Tokenizing a long prompt is compute: off the async threads.
+        let (limits, text) = (settings.limits.clone(), model.clone());
+        let valid = tokio::task::spawn_blocking(move || {
+            validation::validate(req, &limits, &text.vocabulary())
+        })
+        .await
+        .map_err(|_| Status::internal("validating the request failed"))??;
         let (store, terms) = (&self.inner.store, settings.lease_terms());
         plan::plan(valid, model, store, &settings.limits, terms, owner).await
     }
@@ -232,6 +238,10 @@ impl Coordinator {
             .store
             .delete_session(&record.model_id, id, record.committed_blocks)
             .await?;
+        if let Some(key) = &record.owner {
+            let store = &self.inner.store;
+            store.release_slot(&record.model_id, key, id).await?;
+        }
         self.inner.pool.forget(id);
         Ok(Response::new(DeleteSessionResponse { deleted }))
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bd3lm_kvstore::record::short_id;
 use bd3lm_kvstore::{SessionRecord, Store};
 use bd3lm_proto::v1::{BlockTiming, GenerateStreamResponse, StopReason as ProtoStop};
 use bd3lm_text::{Decoder, StopReason};
@@ -275,12 +276,6 @@ async fn record_returned(store: &Store, record: &SessionRecord, returned: usize)
         Err(s) if s.code() == Code::NotFound => {}
         Err(s) => tracing::warn!(code = ?s.code(), "recording the returned tokens failed"),
     }
-}
-
-/// A session id as logs and spans show it: its first 8 hex digits, enough to follow one
-/// session through the logs, too few to act on it.
-pub fn short_id(id: &str) -> &str {
-    id.get(..8).unwrap_or(id)
 }
 
 /// The wire's stop reason.

@@ -32,6 +32,10 @@ pub struct Limits {
     /// Largest request message, in bytes.
     #[arg(long, env = "BD3LM_MAX_REQUEST_BYTES", default_value_t = Limits::DEFAULT.max_request_bytes)]
     pub max_request_bytes: usize,
+    /// Most live sessions one API key holds (with --api-keys); a new session beyond it is
+    /// RESOURCE_EXHAUSTED until one is deleted or expires.
+    #[arg(long, env = "BD3LM_MAX_SESSIONS_PER_KEY", default_value_t = Limits::DEFAULT.max_sessions_per_key)]
+    pub max_sessions_per_key: usize,
 }
 
 impl Limits {
@@ -44,6 +48,7 @@ impl Limits {
         max_stop_length: 256,
         max_steps: 1024,
         max_request_bytes: 1 << 20,
+        max_sessions_per_key: 10_000,
     };
 }
 

@@ -30,6 +30,7 @@ use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
 use candle_core::{DType, Device};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::ServerTlsConfig;
 
 pub use service::{Loaded, WorkerService};
 pub use settings::{DeviceArgs, WorkerLimits, WorkerSettings};
@@ -89,13 +90,14 @@ pub fn default_model_id(dir: &Path) -> String {
 /// Serves the worker on `listener` until `shutdown` resolves, then reports NOT_SERVING
 /// and lets the blocks in flight finish. Health reports NOT_SERVING until `loaded` holds
 /// the model. `DenoiseWorker` calls need one of the `internal` tokens (health and
-/// reflection are open, for probes).
+/// reflection are open, for probes); with `tls`, the port speaks TLS only.
 pub async fn serve(
     listener: TcpListener,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
     store: Store,
     limits: WorkerLimits,
     internal: Arc<Tokens>,
+    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -123,7 +125,11 @@ pub async fn serve(
         .build_v1()
         .context("building the reflection service")?;
     let service = WorkerService::new(loaded, store, limits);
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls).context("the TLS certificate")?;
+    }
+    server
         .add_service(health)
         .add_service(reflection)
         .add_service(DenoiseWorkerServer::with_interceptor(

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use anyhow::Context;
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Tokens;
+use bd3lm_proto::tls::TlsFiles;
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Parser;
 
@@ -30,6 +31,8 @@ struct Args {
     #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
     internal_token_file: Option<PathBuf>,
     #[command(flatten)]
+    tls: TlsFiles,
+    #[command(flatten)]
     store: StoreArgs,
     #[command(flatten)]
     device: DeviceArgs,
@@ -50,6 +53,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let store = args.store.open_shared()?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
+    let tls = args.tls.server()?;
     let device = args.device.device()?;
     let dtype = args.device.dtype();
     let listener = tokio::net::TcpListener::bind(&args.addr)
@@ -77,7 +81,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(listener, loaded, store, limits, internal, stop)
+        bd3lm_worker::serve(listener, loaded, store, limits, internal, tls, stop)
     })
     .await
 }

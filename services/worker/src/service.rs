@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bd3lm_kvstore::Store;
+use bd3lm_kvstore::record::short_id;
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
@@ -240,7 +241,7 @@ impl DenoiseWorker for WorkerService {
         request: Request<DenoiseBlockRequest>,
     ) -> Result<Response<DenoiseBlockResponse>, Status> {
         let req = request.get_ref();
-        let span = tracing::info_span!("denoise_block", session = %req.session_id, block = req.block_index);
+        let span = tracing::info_span!("denoise_block", session = %short_id(&req.session_id), block = req.block_index);
         // A child of the coordinator's request span when it sent its trace context.
         bd3lm_telemetry::adopt(&span, request.metadata());
         self.denoise(request.into_inner())

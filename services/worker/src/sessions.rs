@@ -81,7 +81,7 @@ impl SessionCaches {
             };
             let evicted = inner.entries.remove(&oldest).expect("present");
             inner.bytes -= evicted.bytes;
-            tracing::debug!(session = %oldest, bytes = evicted.bytes, "evicted KV cache");
+            tracing::debug!(session = %bd3lm_kvstore::record::short_id(&oldest), bytes = evicted.bytes, "evicted KV cache");
         }
     }
 
