@@ -24,6 +24,9 @@ use crate::integrity::request;
 struct Form {
     generations: usize,
     tokens: u32,
+    /// The coordinator's block timeout: long enough for a block of the survivors' load on
+    /// this machine (2 cores), so that what times out is a stopped worker.
+    block_timeout: Duration,
 }
 
 /// What one generation got.
@@ -127,17 +130,20 @@ fn chaos_loses_nothing() {
     let long = std::env::var_os("BD3LM_CHAOS_LONG").is_some();
     let form = if long {
         Form {
-            generations: 24,
-            tokens: 6000,
+            generations: 16,
+            tokens: 4000,
+            block_timeout: Duration::from_secs(6),
         }
     } else {
         Form {
             generations: 8,
             tokens: 2000,
+            block_timeout: Duration::from_secs(2),
         }
     };
-    let block_timeout = Duration::from_secs(2);
-    let extra = ["--block-timeout-secs", "2", "--max-attempts", "12"];
+    let block_timeout = form.block_timeout;
+    let secs = block_timeout.as_secs().to_string();
+    let extra = ["--block-timeout-secs", &secs, "--max-attempts", "12"];
     let mut cluster = Cluster::start_with(&checkpoint(), 3, "affinity", &extra);
     let expected: Vec<Vec<u32>> = (0..form.generations)
         .map(|i| {
@@ -231,6 +237,15 @@ fn chaos_loses_nothing() {
     );
     let kinds: std::collections::HashSet<_> = applied.iter().collect();
     assert_eq!(kinds.len(), 4, "not every kind of fault ran: {applied:?}");
+    if !lost.is_empty() {
+        // What the coordinator saw of the failures, for the report.
+        let log = cluster.coordinator.log();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .collect();
+        eprintln!("{}", lines[lines.len().saturating_sub(80)..].join("\n"));
+    }
     assert!(lost.is_empty(), "lost: {lost:#?}");
     assert!(mismatched.is_empty(), "mismatched: {mismatched:?}");
     assert_eq!(panics, 0, "{logs}");

@@ -185,10 +185,16 @@ async fn blocks(
     }
 }
 
-/// The next block from the workers. When the store lost the session (flushed, evicted),
-/// this request holds every committed token: it puts the record back (unless the session
-/// was deleted: its tombstone refuses that) and asks again, and the workers rebuild the
-/// KV state from the tokens.
+/// Times one block may put its session back into a store that keeps losing it (a block
+/// that waits out worker faults can span several store restarts); beyond it the store is
+/// taken to be misconfigured (workers reading other keys) and the block fails.
+const MAX_RESTORES: usize = 16;
+
+/// The next block from the workers. When the store lost the session (flushed, evicted,
+/// restarted), this request holds every committed token: it puts the record back (unless
+/// the session was deleted: its tombstone refuses that) and asks again, and the workers
+/// rebuild the KV state from the tokens. The store may lose it again meanwhile (a second
+/// restart): so again, a few times.
 async fn next_block(
     store: &Store,
     dispatch: &Dispatcher,
@@ -196,24 +202,44 @@ async fn next_block(
     progress: &Progress,
 ) -> Result<BlockAnswer, Status> {
     let session = &planned.id;
-    match dispatch.denoise_block(session, progress.committed).await {
-        Err(s) if s.code() == Code::NotFound => {
-            tracing::warn!(
-                committed = progress.committed,
-                "session missing from the store; restoring it"
-            );
-            let mut record = planned.clone();
-            record.tokens.clone_from(&progress.tokens);
-            record.committed_blocks = progress.committed;
-            // A fresh version: no writer that read the lost record can match it.
-            record.version = 2 + u64::from(rand::random::<u32>());
-            match store.create_session(&record).await {
-                Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => {}
-                Err(e) => return Err(e.into()),
+    let mut restores = 0;
+    loop {
+        match dispatch.denoise_block(session, progress.committed).await {
+            Err(s) if s.code() == Code::NotFound && restores == MAX_RESTORES => {
+                tracing::error!(
+                    restores,
+                    "the store lost the session after every restore; giving up"
+                );
+                return Err(s);
             }
-            dispatch.denoise_block(session, progress.committed).await
+            Err(s) if s.code() == Code::NotFound => {
+                restores += 1;
+                tracing::warn!(
+                    committed = progress.committed,
+                    restores,
+                    "session missing from the store; restoring it"
+                );
+                restore(store, planned, progress).await?;
+            }
+            other => return other,
         }
-        other => other,
+    }
+}
+
+/// Puts the session as `progress` holds it back into the store, under a fresh version
+/// (no writer that read the lost record can match it).
+async fn restore(
+    store: &Store,
+    planned: &SessionRecord,
+    progress: &Progress,
+) -> Result<(), Status> {
+    let mut record = planned.clone();
+    record.tokens.clone_from(&progress.tokens);
+    record.committed_blocks = progress.committed;
+    record.version = 2 + u64::from(rand::random::<u32>());
+    match store.create_session(&record).await {
+        Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
