@@ -460,17 +460,18 @@ impl MemoryStore {
     fn claim_slot(&self, key: &str, session: &str, limit: usize) -> bool {
         let mut map = self.map();
         let now = Instant::now();
-        let mut slots = match live(&map, key) {
-            Some(Value::Slots(s)) => s.clone(),
+        // Taken out and put back, not copied: a key may count thousands of sessions.
+        let mut slots = match map.remove(key) {
+            Some((Value::Slots(s), expiry)) if expiry > now => s,
             _ => HashMap::new(),
         };
         slots.retain(|_, expiry| *expiry > now);
-        if !slots.contains_key(session) && slots.len() >= limit {
-            return false;
+        let counted = slots.contains_key(session) || slots.len() < limit;
+        if counted {
+            slots.insert(session.to_string(), now + self.config.ttl);
         }
-        slots.insert(session.to_string(), now + self.config.ttl);
         self.insert(&mut map, key, Value::Slots(slots), self.config.ttl);
-        true
+        counted
     }
 
     fn release_slot(&self, key: &str, session: &str) {

@@ -515,14 +515,19 @@ mod tests {
     use super::*;
     use crate::test_util::{small_config, small_model, tokens, zeros};
 
-    fn filled_cache_bytes() -> Vec<u8> {
+    /// A cache holding two committed blocks of 4.
+    fn filled_cache() -> KvCache {
         let cfg = small_config(4);
         let model = small_model(&cfg);
         let mut cache = model.new_cache(1).unwrap();
         model
             .commit(&tokens(1, 8, cfg.vocab_size, 1), &zeros(1), &mut cache)
             .unwrap();
-        cache.to_bytes().unwrap()
+        cache
+    }
+
+    fn filled_cache_bytes() -> Vec<u8> {
+        filled_cache().to_bytes().unwrap()
     }
 
     #[test]
@@ -580,12 +585,7 @@ mod tests {
     /// after a valid segment.
     #[test]
     fn fuzzed_segments_never_panic() {
-        let cfg = small_config(4);
-        let model = small_model(&cfg);
-        let mut cache = model.new_cache(1).unwrap();
-        model
-            .commit(&tokens(1, 8, cfg.vocab_size, 1), &zeros(1), &mut cache)
-            .unwrap();
+        let cache = filled_cache();
         let first = cache.export(0, 4).unwrap();
         let bodies: Vec<Vec<u8>> = [cache.export(0, 4), cache.export(4, 4)]
             .into_iter()

@@ -219,6 +219,15 @@ mod tests {
         path
     }
 
+    /// The bundled demo model's byte-level BPE tokenizer.
+    fn demo() -> Text {
+        const DEMO: &str = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../services/bd3lm/demo-model/tokenizer.json"
+        );
+        Text::load(Some(Path::new(DEMO)), 8192).unwrap()
+    }
+
     const WORDS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/data/words-tokenizer.json"
@@ -248,11 +257,7 @@ mod tests {
     /// block stop where a check of the whole output does.
     #[test]
     fn streamed_pieces_and_stops_match_the_whole_text() {
-        const DEMO: &str = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../services/bd3lm/demo-model/tokenizer.json"
-        );
-        let text = Text::load(Some(Path::new(DEMO)), 8192).unwrap();
+        let text = demo();
         let sample = "Héllo wörld — 日本語 and 🎉, again: naïve café. ".repeat(8);
         let ids = text.encode(&sample).unwrap();
         for block in 1..6 {
@@ -275,11 +280,7 @@ mod tests {
     /// the end as at the start: it prints both (a figure, not a timed assertion).
     #[test]
     fn per_block_stop_checks_stay_flat_over_16384_tokens() {
-        const DEMO: &str = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../services/bd3lm/demo-model/tokenizer.json"
-        );
-        let text = Text::load(Some(Path::new(DEMO)), 8192).unwrap();
+        let text = demo();
         // Varied ids (the low-entropy rule would stop a repeated text).
         let ids: Vec<u32> = (0..16_384u32)
             .map(|i| 256 + i.wrapping_mul(2_654_435_761) % 7000)

@@ -67,8 +67,11 @@ pub async fn plan(
     let id = match &valid.target {
         Target::New { .. } => format!("{:032x}", rand::random::<u128>()),
         Target::Continue { session_id, .. } => {
+            validation::check_session_id(session_id)?;
             // Another key's session is refused before its lease is touched.
-            load(store, &model_id, session_id, owner.as_deref()).await?;
+            if owner.is_some() {
+                load(store, &model_id, session_id, owner.as_deref()).await?;
+            }
             session_id.clone()
         }
     };
