@@ -279,8 +279,13 @@ fn rand_tag() -> u32 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Whether the server at `addr` answers its health check with SERVING.
+/// Whether the server at `addr` answers its health check (readiness) with SERVING.
 fn serving(addr: &str) -> bool {
+    health_is_serving(addr, "")
+}
+
+/// Whether the plain-text health service at `addr` reports `service` SERVING.
+pub fn health_is_serving(addr: &str, service: &str) -> bool {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -294,7 +299,7 @@ fn serving(addr: &str) -> bool {
             return false;
         };
         let request = HealthCheckRequest {
-            service: String::new(),
+            service: service.to_string(),
         };
         HealthClient::new(channel)
             .check(request)
@@ -319,6 +324,53 @@ pub struct Cluster {
     pub tls_ca: Option<String>,
     /// Each worker's command line, to restart it.
     worker_args: Vec<Vec<String>>,
+    /// The coordinator's metrics and health ports, when observed.
+    pub coordinator_ports: Option<Observed>,
+    /// The workers' metrics and health ports, when observed.
+    pub worker_ports: Vec<Observed>,
+}
+
+/// The plain-text ports of a process of an observed cluster.
+#[derive(Debug, Clone)]
+pub struct Observed {
+    /// `host:port` of its Prometheus metrics.
+    pub metrics: String,
+    /// `host:port` of its plain-text health service.
+    pub health: String,
+}
+
+impl Observed {
+    /// Two free ports, and the flags that serve them.
+    fn new() -> (Self, Vec<String>) {
+        let ports = Self {
+            metrics: format!("127.0.0.1:{}", free_port()),
+            health: format!("127.0.0.1:{}", free_port()),
+        };
+        let flags = vec![
+            "--metrics-addr".into(),
+            ports.metrics.clone(),
+            "--health-addr".into(),
+            ports.health.clone(),
+        ];
+        (ports, flags)
+    }
+
+    /// The Prometheus text served now.
+    pub fn scrape(&self) -> String {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&self.metrics).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_string()
+    }
 }
 
 /// The flags of a cluster's processes beyond the defaults, and what its own calls need.
@@ -328,6 +380,8 @@ struct Secured {
     worker: Vec<String>,
     api_key: Option<String>,
     tls_ca: Option<String>,
+    /// Whether every process serves metrics and plain-text health on ports of its own.
+    observed: bool,
 }
 
 impl Secured {
@@ -371,6 +425,7 @@ impl Secured {
             worker,
             api_key: Some(API_KEYS[0].to_string()),
             tls_ca: tls.then(|| file("ca.pem")),
+            observed: false,
         }
     }
 }
@@ -495,6 +550,18 @@ impl Cluster {
         Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
     }
 
+    /// [`Cluster::start_tls`] with every process serving metrics and plain-text health
+    /// on ports of its own ([`Cluster::coordinator_ports`], [`Cluster::worker_ports`]),
+    /// as the Helm chart runs them.
+    pub fn start_observed(checkpoint: &Path, workers: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let secured = Secured {
+            observed: true,
+            ..Secured::write(dir.path(), true)
+        };
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
+    }
+
     fn start_in(
         dir: tempfile::TempDir,
         checkpoint: &Path,
@@ -502,7 +569,13 @@ impl Cluster {
         routing: &str,
         secured: Option<&Secured>,
     ) -> Self {
-        let secured = secured.cloned().unwrap_or_default();
+        let mut secured = secured.cloned().unwrap_or_default();
+        let coordinator_ports = secured.observed.then(|| {
+            let (ports, flags) = Observed::new();
+            secured.coordinator.extend(flags);
+            ports
+        });
+        let mut worker_ports = Vec::new();
         let extra: Vec<&str> = secured.coordinator.iter().map(String::as_str).collect();
         let redis = Redis::start(dir.path());
         let mut procs = Vec::new();
@@ -519,6 +592,11 @@ impl Cluster {
                 redis.url(),
             ];
             args.extend(secured.worker.iter().cloned());
+            if secured.observed {
+                let (ports, flags) = Observed::new();
+                args.extend(flags);
+                worker_ports.push(ports);
+            }
             procs.push(spawn(
                 &bin("bd3lm-worker"),
                 &args,
@@ -539,6 +617,8 @@ impl Cluster {
             coordinator,
             addr,
             worker_args,
+            coordinator_ports,
+            worker_ports,
         };
         cluster.wait_ready();
         cluster

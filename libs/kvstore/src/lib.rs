@@ -15,6 +15,7 @@ pub mod blob;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod error;
+pub mod metrics;
 pub mod record;
 #[cfg(feature = "grpc")]
 mod status;

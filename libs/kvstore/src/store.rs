@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, IntoConnectionInfo, Script};
 
+use crate::metrics;
 use crate::record::{Base, encode_tokens};
 use crate::{Error, Result, SessionRecord};
 
@@ -598,7 +599,7 @@ impl RedisStore {
     async fn create(&self, keys: &Keys, record: &SessionRecord, version: u64) -> Result<()> {
         let (meta, tokens) = (record.meta_bytes(), encode_tokens(&record.tokens));
         let reply: String = self
-            .retried(|mut con| {
+            .retried("create", |mut con| {
                 let (meta, tokens) = (&meta, &tokens);
                 async move {
                     CREATE
@@ -633,7 +634,7 @@ impl RedisStore {
             .arg(&keys.tokens)
             .clone();
         let ((version, meta), tokens): (Parts, Option<Vec<u8>>) = self
-            .retried(|mut con| {
+            .retried("get_session", |mut con| {
                 let read = &read;
                 async move { read.query_async(&mut con).await }
             })
@@ -669,7 +670,7 @@ impl RedisStore {
             script.arg(v.as_slice());
         }
         let reply: redis::Value = self
-            .retried(|mut con| {
+            .retried("commit", |mut con| {
                 let script = &script;
                 async move { script.invoke_async(&mut con).await }
             })
@@ -689,7 +690,7 @@ impl RedisStore {
 
     async fn delete(&self, tombstone: &str, doomed: &[String]) -> Result<bool> {
         let existed: i64 = self
-            .retried(|mut con| async move {
+            .retried("delete", |mut con| async move {
                 DELETE
                     .key(tombstone)
                     .key(doomed)
@@ -703,7 +704,7 @@ impl RedisStore {
 
     async fn lease(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
         let held: i64 = self
-            .retried(|mut con| async move {
+            .retried("lease", |mut con| async move {
                 LEASE
                     .key(key)
                     .arg(owner)
@@ -717,16 +718,16 @@ impl RedisStore {
 
     async fn release(&self, key: &str, owner: &str) -> Result<()> {
         let _: i64 = self
-            .retried(
-                |mut con| async move { RELEASE.key(key).arg(owner).invoke_async(&mut con).await },
-            )
+            .retried("release", |mut con| async move {
+                RELEASE.key(key).arg(owner).invoke_async(&mut con).await
+            })
             .await?;
         Ok(())
     }
 
     async fn claim_slot(&self, key: &str, session: &str, limit: usize) -> Result<bool> {
         let counted: i64 = self
-            .retried(|mut con| async move {
+            .retried("claim_slot", |mut con| async move {
                 CLAIM
                     .key(key)
                     .arg(session)
@@ -741,21 +742,25 @@ impl RedisStore {
 
     async fn release_slot(&self, key: &str, session: &str) -> Result<()> {
         let _: i64 = self
-            .retried(|mut con| async move { con.zrem(key, session).await })
+            .retried("release_slot", |mut con| async move {
+                con.zrem(key, session).await
+            })
             .await?;
         Ok(())
     }
 
     async fn get_blobs(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
         let blobs = self
-            .retried(|mut con| async move { con.mget(keys).await })
+            .retried("get_blobs", |mut con| async move { con.mget(keys).await })
             .await?;
         Ok(blobs)
     }
 
     async fn ping(&self) -> Result<()> {
         let _: String = self
-            .retried(|mut con| async move { redis::cmd("PING").query_async(&mut con).await })
+            .retried("ping", |mut con| async move {
+                redis::cmd("PING").query_async(&mut con).await
+            })
             .await?;
         Ok(())
     }
@@ -766,22 +771,27 @@ impl RedisStore {
     /// twice: reads, and scripts that compare before they write (a repeated commit finds
     /// its own write as the stored record: [`Store::commit`]'s callers treat that as
     /// committed by another writer, with the same tokens).
-    async fn retried<T, F, Fut>(&self, call: F) -> redis::RedisResult<T>
+    async fn retried<T, F, Fut>(&self, op: &'static str, call: F) -> redis::RedisResult<T>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        let started = Instant::now();
         let mut pause = Duration::from_millis(50);
         let mut attempt = 0;
         loop {
             match call(self.manager.clone()).await {
                 Err(e) if attempt < 2 && broken_connection(&e) => {
                     tracing::info!(error = %e, "Redis connection broke; trying again");
+                    metrics::retried(op);
                     tokio::time::sleep(pause).await;
                     pause *= 4;
                     attempt += 1;
                 }
-                other => return other,
+                other => {
+                    metrics::operation(op, started, other.is_ok());
+                    return other;
+                }
             }
         }
     }

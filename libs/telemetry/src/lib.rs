@@ -5,6 +5,8 @@
 //! one-line errors, exit codes; [`shutdown`] the graceful stop every server shares.
 
 pub mod cli;
+pub mod metrics;
+pub mod probes;
 pub mod shutdown;
 
 use std::process::ExitCode;

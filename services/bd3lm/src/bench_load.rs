@@ -11,6 +11,7 @@ use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GenerateRequest, InfoRequest, TokenIds};
+use bd3lm_telemetry::probes::Ports;
 use bd3lm_worker::{Loaded, WorkerLimits};
 use serde::Serialize;
 use tonic::transport::Channel;
@@ -134,7 +135,14 @@ pub async fn one_worker(
     tokio::spawn(async move {
         let open = Arc::new(bd3lm_proto::auth::Tokens::open());
         let never = std::future::pending();
-        let serving = bd3lm_worker::serve(worker, cell, worker_store, limits, open, None, never);
+        let serving = bd3lm_worker::serve(
+            Ports::plain(worker),
+            cell,
+            worker_store,
+            limits,
+            open,
+            never,
+        );
         if let Err(e) = serving.await {
             tracing::error!(error = %e, "bench worker stopped");
         }
@@ -156,11 +164,10 @@ pub async fn one_worker(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(bd3lm_coordinator::serve(
-        listener,
+        Ports::plain(listener),
         pool,
         store,
         coordinator,
-        None,
         std::future::pending(),
     ));
     let client = GenerationClient::connect(format!("http://{addr}")).await?;

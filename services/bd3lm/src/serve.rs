@@ -9,6 +9,8 @@ use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::{Bearer, Tokens};
 use bd3lm_proto::tls::TlsFiles;
+use bd3lm_telemetry::metrics::MetricsArgs;
+use bd3lm_telemetry::probes::{HealthArgs, Ports};
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Args;
 
@@ -37,10 +39,18 @@ pub struct ServeArgs {
     pub coordinator: CoordinatorSettings,
     #[command(flatten)]
     pub drain: bd3lm_telemetry::shutdown::DrainArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
+    pub health: HealthArgs,
 }
 
 /// Runs until interrupted.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    args.metrics.install()?;
+    bd3lm_coordinator::metrics::describe();
+    bd3lm_worker::metrics::describe();
+    bd3lm_kvstore::metrics::describe();
     let store = args.store.open()?;
     let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
     let (device, dtype) = (args.device.device()?, args.device.dtype());
@@ -61,8 +71,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
             let never = std::future::pending();
-            let serving =
-                bd3lm_worker::serve(listener, loaded, store, limits, internal, None, never);
+            let ports = Ports::plain(listener);
+            let serving = bd3lm_worker::serve(ports, loaded, store, limits, internal, never);
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }
@@ -90,10 +100,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.workers,
         args.store.describe()
     );
-    let tls = args.tls.server()?;
+    let ports = Ports {
+        grpc: listener,
+        tls: args.tls.server()?,
+        health: args.health.bind().await?,
+    };
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(listener, pool, store, settings, tls, stop)
+        bd3lm_coordinator::serve(ports, pool, store, settings, stop)
     })
     .await
 }

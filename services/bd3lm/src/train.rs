@@ -218,6 +218,9 @@ pub struct TrainArgs {
     /// Dtype of the exported weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub save_dtype: String,
+    /// Prometheus gauges of the run (step, loss, tokens/s, validation).
+    #[command(flatten)]
+    pub metrics: bd3lm_telemetry::metrics::MetricsArgs,
 }
 
 /// Keeps freed memory in the process. A training step allocates and frees many tensors of
@@ -239,6 +242,8 @@ pub fn retain_freed_memory() {
 /// Trains (or resumes) a run, with a progress bar and a one-line summary per validation.
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     retain_freed_memory();
+    args.metrics.install()?;
+    bd3lm_training::trainer::describe_metrics();
     let mut trainer = if args.resume {
         Trainer::resume(&args.out, args.steps)?
     } else {

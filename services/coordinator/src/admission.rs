@@ -63,6 +63,7 @@ impl Admission {
             c.debt += cut - forgotten;
         }
         c.total = total;
+        crate::metrics::slots(total);
     }
 
     /// Slots the workers offer now (some may still be retiring).
@@ -81,6 +82,7 @@ impl Admission {
         let waiting = self.waiting();
         if waiting >= self.max_waiting && self.slots.available_permits() == 0 {
             tracing::warn!(waiting, "request refused: the queue is full");
+            bd3lm_telemetry::metrics::refused("queue");
             return Err(Status::resource_exhausted(format!(
                 "the server is at capacity: {waiting} blocks are queued (limit {})",
                 self.max_waiting
@@ -93,6 +95,7 @@ impl Admission {
     /// had any capacity for `idle` (none healthy), never because the others are busy.
     pub async fn acquire(self: &Arc<Self>, idle: Duration) -> Result<Slot, Status> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::queue(1.0);
         let _queued = Decrement(&self.waiting);
         // One acquisition kept across the checks, so the place in the queue is kept too.
         let acquire = self.slots.clone().acquire_owned();
@@ -130,6 +133,7 @@ struct Decrement<'a>(&'a AtomicUsize);
 impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        crate::metrics::queue(-1.0);
     }
 }
 

@@ -9,6 +9,7 @@ use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse};
 use tonic::{Code, Request, Status};
 
 use crate::admission::Admission;
+use crate::metrics;
 use crate::pool::{Pool, Worker};
 
 /// A worker's answer for a block.
@@ -63,6 +64,7 @@ impl Dispatcher {
         let started = Instant::now();
         let _slot = self.admission.acquire(self.timeout).await?;
         let queued = started.elapsed();
+        metrics::queue_wait(queued);
         tracing::Span::current().record("queue_ms", queued.as_secs_f64() * 1e3);
         let mut tried: Vec<String> = Vec::new();
         let mut faults = 0;
@@ -99,6 +101,7 @@ impl Dispatcher {
                     return Err(status);
                 }
             }
+            metrics::retry(status.code());
             tokio::time::sleep(jittered(self.backoff * (1u32 << faults.min(5)))).await;
         }
     }

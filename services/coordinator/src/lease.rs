@@ -46,6 +46,7 @@ impl Lease {
         let deadline = Instant::now() + terms.wait;
         while !store.lease(model, session, &owner, terms.ttl).await? {
             if Instant::now() >= deadline {
+                bd3lm_telemetry::metrics::refused("session_lease");
                 return Err(Status::aborted(
                     "session_id: the session is generating in another request; retry when it ends",
                 ));

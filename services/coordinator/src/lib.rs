@@ -11,6 +11,7 @@
 pub mod admission;
 pub mod dispatch;
 pub mod lease;
+pub mod metrics;
 pub mod plan;
 pub mod pool;
 pub mod service;
@@ -28,10 +29,8 @@ use anyhow::Context;
 use bd3lm_kvstore::Store;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::generation_server::GenerationServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use bd3lm_telemetry::probes::Ports;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::ServerTlsConfig;
 
 pub use pool::{Pool, WorkerSource};
 pub use service::Coordinator;
@@ -62,24 +61,24 @@ pub fn spawn_discovery(
     tokio::spawn(async move {
         loop {
             let healthy = pool.refresh(&source).await;
+            metrics::workers_healthy(healthy);
             tracing::debug!(healthy, "worker health checked");
             tokio::time::sleep(interval).await;
         }
     })
 }
 
-/// Serves the coordinator on `listener` (with `tls`, when given) until `shutdown` resolves, then stops accepting
-/// and lets the streams in flight finish. Health (readiness) reports SERVING while at
-/// least one worker is healthy, the store answers and no shutdown was asked for.
+/// Serves the coordinator on `ports` until `shutdown` resolves, then stops accepting and lets the streams in flight finish. Health
+/// (readiness) reports SERVING while at least one worker is healthy, the store answers
+/// and no shutdown was asked for; it is also served on the plain health port, if any.
 pub async fn serve(
-    listener: TcpListener,
+    ports: Ports,
     pool: Arc<Pool>,
     store: Store,
     settings: CoordinatorSettings,
-    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = bd3lm_telemetry::probes::health().await;
     let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let flag = stopping.clone();
     let shutdown = async move {
@@ -122,15 +121,12 @@ pub async fn serve(
     let max_request = settings.limits.max_request_bytes;
     let coordinator = Coordinator::new(pool, store, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("the TLS certificate")?;
-    }
+    let (mut server, incoming) = ports.start(&health)?;
     server
         .add_service(health)
         .add_optional_service(reflection)
         .add_service(InterceptedService::new(generation, keys.interceptor()))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("coordinator server")
 }

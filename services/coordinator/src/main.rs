@@ -9,6 +9,8 @@ use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::tls::TlsFiles;
+use bd3lm_telemetry::metrics::MetricsArgs;
+use bd3lm_telemetry::probes::{HealthArgs, Ports};
 use clap::Parser;
 
 /// The BD3-LM coordinator.
@@ -43,6 +45,10 @@ struct Args {
     settings: CoordinatorSettings,
     #[command(flatten)]
     drain: bd3lm_telemetry::shutdown::DrainArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 #[tokio::main]
@@ -51,6 +57,9 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    args.metrics.install()?;
+    bd3lm_coordinator::metrics::describe();
+    bd3lm_kvstore::metrics::describe();
     let store = args.store.open_shared()?;
     let source = match args.workers_dns {
         Some(name) => WorkerSource::Dns(name),
@@ -68,15 +77,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let worker_tls = args.tls.client(&args.tls_worker_name)?;
     let pool = Arc::new(pool.with_bearer(bearer).with_tls(worker_tls));
-    let tls = args.tls.server()?;
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     println!("bd3lm-coordinator listening on {}", listener.local_addr()?);
+    let ports = Ports {
+        grpc: listener,
+        tls: args.tls.server()?,
+        health: args.health.bind().await?,
+    };
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(listener, pool, store, settings, tls, stop)
+        bd3lm_coordinator::serve(ports, pool, store, settings, stop)
     })
     .await
 }

@@ -151,6 +151,7 @@ async fn claim_slot(
         return Ok(());
     }
     tracing::info!(limit, "an API key's live sessions are at their limit");
+    bd3lm_telemetry::metrics::refused("sessions_per_key");
     Err(Status::resource_exhausted(format!(
         "session_id: this API key holds {limit} live sessions, its limit; delete one or wait for one to expire"
     )))

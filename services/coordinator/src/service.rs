@@ -2,6 +2,7 @@
 //! and streaming.
 
 use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use bd3lm_kvstore::Store;
 use bd3lm_proto::auth::Caller;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::dispatch::Dispatcher;
+use crate::metrics;
 use crate::plan::{self, ModelInfo, Plan};
 use crate::pool::Pool;
 use crate::settings::CoordinatorSettings;
@@ -258,7 +260,7 @@ impl Generation for Coordinator {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let id = RequestId::new();
+        let id = RequestId::new("Generate");
         id.answer(
             self.generate_call(request)
                 .instrument(id.span("generate"))
@@ -270,7 +272,7 @@ impl Generation for Coordinator {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Stream>, Status> {
-        let id = RequestId::new();
+        let id = RequestId::new("GenerateStream");
         let call = self.generate_stream_call(request);
         id.answer(call.instrument(id.span("generate_stream")).await)
     }
@@ -279,7 +281,7 @@ impl Generation for Coordinator {
         &self,
         request: Request<GetSessionRequest>,
     ) -> Result<Response<SessionInfo>, Status> {
-        let id = RequestId::new();
+        let id = RequestId::new("GetSession");
         id.answer(
             self.get_session_call(request)
                 .instrument(id.span("get_session"))
@@ -291,7 +293,7 @@ impl Generation for Coordinator {
         &self,
         request: Request<DeleteSessionRequest>,
     ) -> Result<Response<DeleteSessionResponse>, Status> {
-        let id = RequestId::new();
+        let id = RequestId::new("DeleteSession");
         let call = self.delete_session_call(request);
         id.answer(call.instrument(id.span("delete_session")).await)
     }
@@ -300,26 +302,37 @@ impl Generation for Coordinator {
 /// The id of one call: in its span (so in every log line and trace of it) and in the
 /// `x-request-id` metadata of its answer, an error's included, so that what a client
 /// reports finds the server's log lines. Details of server-side failures stay in the log.
-struct RequestId(String);
+/// The answer is counted in the request metrics of its method.
+struct RequestId {
+    id: String,
+    method: &'static str,
+    started: Instant,
+}
 
 impl RequestId {
-    fn new() -> Self {
-        Self(format!("{:016x}", rand::random::<u64>()))
+    fn new(method: &'static str) -> Self {
+        Self {
+            id: format!("{:016x}", rand::random::<u64>()),
+            method,
+            started: Instant::now(),
+        }
     }
 
     fn span(&self, call: &'static str) -> tracing::Span {
-        tracing::info_span!("call", call, request_id = %self.0)
+        tracing::info_span!("call", call, request_id = %self.id)
     }
 
     fn answer<T>(&self, result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
-        let value: AsciiMetadataValue = self.0.parse().expect("hex is valid metadata");
+        let value: AsciiMetadataValue = self.id.parse().expect("hex is valid metadata");
         match result {
             Ok(mut response) => {
+                metrics::request(self.method, self.started, Code::Ok);
                 response.metadata_mut().insert("x-request-id", value);
                 Ok(response)
             }
             Err(mut status) => {
-                tracing::info!(request_id = %self.0, code = ?status.code(), "call refused");
+                metrics::request(self.method, self.started, status.code());
+                tracing::info!(request_id = %self.id, code = ?status.code(), "call refused");
                 status.metadata_mut().insert("x-request-id", value);
                 Err(status)
             }

@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Code, Status};
 
 use crate::dispatch::{BlockAnswer, Dispatcher};
+use crate::metrics;
 use crate::plan::{Plan, update};
 
 /// Where the messages of one generation go.
@@ -26,6 +27,9 @@ struct Progress {
     /// Tokens of this request's output already sent.
     shown: usize,
     forward_passes: u32,
+    /// When the generation began, and whether a block has arrived since.
+    began: Instant,
+    answered: bool,
 }
 
 /// The generations in progress, by session, so that DeleteSession can stop them.
@@ -111,6 +115,8 @@ pub async fn drive(
         committed: plan.record.committed_blocks,
         shown: 0,
         forward_passes: 0,
+        began: Instant::now(),
+        answered: false,
     };
     let model = plan.model.clone();
     let mut decoder = Decoder::new(&model.text);
@@ -127,6 +133,12 @@ pub async fn drive(
     if let Err(status) = &stop {
         tracing::warn!(code = ?status.code(), error = status.message(), "generation failed");
     }
+    let outcome = match &stop {
+        Ok(_) if running.is_deleted() => "deleted",
+        Ok(stop) => stop.name(),
+        Err(status) => metrics::code_name(status.code()),
+    };
+    metrics::generation(outcome, progress.began);
     if let Ok(stop) = stop {
         if running.is_deleted() {
             tracing::info!("session deleted; generation stopped");
@@ -175,6 +187,10 @@ async fn blocks(
                 "session_id: another request took the session over",
             )),
         };
+        if !progress.answered {
+            progress.answered = true;
+            metrics::first_block(progress.began.elapsed());
+        }
         let (message, stop) = commit(plan, progress, decoder, answer, started);
         if tx.send(Ok(message)).await.is_err() {
             return Ok(StopReason::Cancelled);
@@ -214,6 +230,7 @@ async fn next_block(
             }
             Err(s) if s.code() == Code::NotFound => {
                 restores += 1;
+                metrics::restore();
                 tracing::warn!(
                     committed = progress.committed,
                     restores,
@@ -267,6 +284,7 @@ fn commit(
     let (visible, stop) = plan.rules.check(generated, &progress.tokens[..done]);
     let new = generated[progress.shown.min(visible)..visible].to_vec();
     progress.shown = progress.shown.max(visible);
+    metrics::tokens(new.len());
     let text = decoder.push(&new);
     let block = BlockTiming {
         index: r.block_index,

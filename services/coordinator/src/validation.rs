@@ -150,7 +150,9 @@ pub enum ValidationError {
 
 impl From<ValidationError> for Status {
     fn from(e: ValidationError) -> Self {
-        Status::invalid_argument(e.to_string())
+        let message = e.to_string();
+        crate::metrics::invalid(&message);
+        Status::invalid_argument(message)
     }
 }
 

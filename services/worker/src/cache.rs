@@ -11,6 +11,7 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::KvCache;
 
 use crate::Loaded;
+use crate::metrics;
 use crate::sessions::Held;
 
 /// Where the KV cache of a block came from.
@@ -108,15 +109,18 @@ pub async fn from_store(
             tracing::info!(block = index, "KV blob missing; rebuilding from tokens");
             return None;
         };
+        metrics::blob_read(bytes.len());
         match BlockBlob::decode(bytes) {
             Ok(blob) if blob_fits(&blob, loaded, index, prefix_hash) => payloads.push(blob.payload),
             Ok(blob) => {
                 rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::blob_rejected("mismatch");
                 tracing::warn!(block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model state, block or tokens; rebuilding");
                 return None;
             }
             Err(e) => {
                 rejected.fetch_add(1, Ordering::Relaxed);
+                metrics::blob_rejected("corrupt");
                 tracing::warn!(block = index, error = %e, "corrupt KV blob; rebuilding");
                 return None;
             }

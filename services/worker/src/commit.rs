@@ -12,6 +12,7 @@ use bd3lm_proto::v1::DenoiseBlockResponse;
 use tonic::Status;
 
 use crate::block::BlockWork;
+use crate::metrics;
 use crate::sessions::SessionCaches;
 
 /// Commits `work` (block `block`, computed from the record at `base`), keeps its state
@@ -25,6 +26,7 @@ pub async fn commit(
     cache_time: Duration,
 ) -> Result<DenoiseBlockResponse, Status> {
     let started = Instant::now();
+    let written = work.blobs.iter().map(|(_, blob)| blob.len()).sum();
     let outcome = store
         .commit(&work.record, base, work.blobs, work.expired)
         .await?;
@@ -54,7 +56,11 @@ pub async fn commit(
                 denoise_ms = answer.denoise_ms,
                 "block committed"
             );
+            let took = cache_time + effort.denoise + effort.commit + store_time;
+            metrics::block_committed(effort.source, took, effort.forward_passes, end - first);
+            metrics::blob_written(written);
             sessions.put(record.id, work.held);
+            metrics::cache_bytes(sessions.bytes());
             Ok(answer)
         }
         CommitOutcome::Superseded(current) if current.committed_blocks > block => {

@@ -12,6 +12,7 @@
 pub mod block;
 pub mod cache;
 pub mod commit;
+pub mod metrics;
 pub mod scheduler;
 pub mod service;
 pub mod sessions;
@@ -27,10 +28,8 @@ use bd3lm_kvstore::Store;
 use bd3lm_model::checkpoint::Checkpoint;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
+use bd3lm_telemetry::probes::Ports;
 use candle_core::{DType, Device};
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::ServerTlsConfig;
 
 pub use service::{Loaded, WorkerService};
 pub use settings::{DeviceArgs, WorkerLimits, WorkerSettings};
@@ -87,21 +86,21 @@ pub fn default_model_id(dir: &Path) -> String {
         .map_or_else(|| "model".to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-/// Serves the worker on `listener` until `shutdown` resolves, then reports NOT_SERVING
+/// Serves the worker on `ports` until `shutdown` resolves, then reports NOT_SERVING
 /// and lets the blocks in flight finish. Health reports NOT_SERVING until `loaded` holds
 /// the model. `DenoiseWorker` calls need one of the `internal` tokens (health and
-/// reflection are open, for probes); with `tls`, the port speaks TLS only.
+/// reflection are open, for probes). Liveness turns NOT_SERVING if the batch thread dies.
 pub async fn serve(
-    listener: TcpListener,
+    ports: Ports,
     loaded: Arc<OnceLock<Arc<Loaded>>>,
     store: Store,
     limits: WorkerLimits,
     internal: Arc<Tokens>,
-    tls: Option<ServerTlsConfig>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (reporter, health) = tonic_health::server::health_reporter();
+    let (reporter, health) = bd3lm_telemetry::probes::health().await;
     not_serving(&reporter).await;
+    let liveness = reporter.clone();
     let stopping = reporter.clone();
     let shutdown = async move {
         shutdown.await;
@@ -124,11 +123,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let service = WorkerService::new(loaded, store, limits);
-    let mut server = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        server = server.tls_config(tls).context("the TLS certificate")?;
-    }
+    let service = WorkerService::new(loaded, store, limits).with_liveness(liveness);
+    let (mut server, incoming) = ports.start(&health)?;
     server
         .add_service(health)
         .add_service(reflection)
@@ -136,7 +132,7 @@ pub async fn serve(
             service,
             internal.interceptor(),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("worker server")
 }

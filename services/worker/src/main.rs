@@ -9,6 +9,8 @@ use anyhow::Context;
 use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::tls::TlsFiles;
+use bd3lm_telemetry::metrics::MetricsArgs;
+use bd3lm_telemetry::probes::{HealthArgs, Ports};
 use bd3lm_worker::{DeviceArgs, WorkerSettings};
 use clap::Parser;
 
@@ -40,6 +42,10 @@ struct Args {
     settings: WorkerSettings,
     #[command(flatten)]
     drain: bd3lm_telemetry::shutdown::DrainArgs,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 #[tokio::main]
@@ -53,13 +59,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let store = args.store.open_shared()?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
-    let tls = args.tls.server()?;
+    args.metrics.install()?;
+    bd3lm_worker::metrics::describe();
+    bd3lm_kvstore::metrics::describe();
     let device = args.device.device()?;
     let dtype = args.device.dtype();
     let listener = tokio::net::TcpListener::bind(&args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     println!("bd3lm-worker listening on {}", listener.local_addr()?);
+    let ports = Ports {
+        grpc: listener,
+        tls: args.tls.server()?,
+        health: args.health.bind().await?,
+    };
     let loaded = Arc::new(OnceLock::new());
     let cell = loaded.clone();
     let (dir, id) = (args.checkpoint.clone(), args.model_id.clone());
@@ -81,7 +94,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(listener, loaded, store, limits, internal, tls, stop)
+        bd3lm_worker::serve(ports, loaded, store, limits, internal, stop)
     })
     .await
 }

@@ -242,6 +242,7 @@ impl<'m> Batch<'m> {
         let passed = tracing::debug_span!("batch_pass", blocks = self.running.len())
             .in_scope(|| self.pass());
         let took = started.elapsed();
+        crate::metrics::batch_pass(self.running.len(), took);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats
             .batched_blocks

@@ -12,13 +12,16 @@ use bd3lm_kvstore::record::short_id;
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
+use bd3lm_telemetry::probes::LIVENESS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Request, Response, Status};
+use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
 use crate::block::{self, BlockWork, Prepared};
 use crate::cache::{self, Found};
 use crate::commit::{commit, committed_answer};
+use crate::metrics;
 use crate::scheduler::{Job, Scheduler};
 use crate::sessions::SessionCaches;
 use crate::settings::WorkerLimits;
@@ -45,6 +48,8 @@ pub struct WorkerService {
     scheduler: OnceLock<Result<Scheduler, String>>,
     /// KV blobs refused (corrupt or of other weights) since start.
     rejected: AtomicU64,
+    /// Where liveness is reported: a worker without its batch thread is restarted.
+    liveness: Option<HealthReporter>,
 }
 
 /// A failure of the block's work: a fault of the request (its stored parameters or
@@ -84,7 +89,27 @@ impl WorkerService {
             in_flight: Arc::default(),
             scheduler: OnceLock::new(),
             rejected: AtomicU64::new(0),
+            liveness: None,
         }
+    }
+
+    /// Reports liveness to `reporter`.
+    pub fn with_liveness(self, reporter: HealthReporter) -> Self {
+        Self {
+            liveness: Some(reporter),
+            ..self
+        }
+    }
+
+    /// The batch thread is gone: every block would fail here, so liveness fails too.
+    async fn batch_thread_lost(&self) -> Status {
+        tracing::error!("the batch thread has stopped; reporting not live");
+        if let Some(reporter) = &self.liveness {
+            reporter
+                .set_service_status(LIVENESS, tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        internal()
     }
 
     fn loaded(&self) -> Result<Arc<Loaded>, Status> {
@@ -96,6 +121,7 @@ impl WorkerService {
 
     fn slot(&self) -> Result<Slot, Status> {
         let permit = self.permits.clone().try_acquire_owned().map_err(|_| {
+            bd3lm_telemetry::metrics::refused("worker_capacity");
             Status::resource_exhausted(format!(
                 "worker at capacity ({} blocks in flight)",
                 self.limits.max_batch
@@ -107,16 +133,16 @@ impl WorkerService {
         })
     }
 
-    fn scheduler(&self, loaded: &Arc<Loaded>) -> Result<&Scheduler, Status> {
+    fn scheduler(&self, loaded: &Arc<Loaded>) -> Option<&Scheduler> {
         self.scheduler
             .get_or_init(|| {
-                Scheduler::start(loaded.clone(), self.limits).map_err(|e| e.to_string())
+                Scheduler::start(loaded.clone(), self.limits).map_err(|e| {
+                    tracing::error!(error = %e, "starting the batch thread failed");
+                    e.to_string()
+                })
             })
             .as_ref()
-            .map_err(|e| {
-                tracing::error!(error = %e, "starting the batch thread failed");
-                internal()
-            })
+            .ok()
     }
 
     /// Denoises and commits the requested block (see the service's documentation).
@@ -198,15 +224,15 @@ impl WorkerService {
         job: Job,
         answer: oneshot::Receiver<bd3lm_diffusion::Result<BlockWork>>,
     ) -> Result<BlockWork, Status> {
-        if self.scheduler(loaded)?.submit(job).is_err() {
-            tracing::error!("the batch thread has stopped");
-            return Err(internal());
+        let submitted = self.scheduler(loaded).map(|s| s.submit(job));
+        if !matches!(submitted, Some(Ok(()))) {
+            return Err(self.batch_thread_lost().await);
         }
-        let work = answer.await.map_err(|_| {
-            tracing::error!("the batch dropped a block");
-            internal()
-        })?;
-        work.map_err(work_status)
+        match answer.await {
+            Ok(work) => work.map_err(work_status),
+            // Only a batch thread that died drops its blocks' replies.
+            Err(_) => Err(self.batch_thread_lost().await),
+        }
     }
 
     /// The session's cache: this worker's own when it ends where the record does, else
@@ -222,14 +248,22 @@ impl WorkerService {
             h.committed == block * bs && record.tokens.starts_with(&h.tokens[..h.committed])
         });
         if let Some(held) = held {
+            metrics::cache_lookup("memory");
+            metrics::cache_bytes(self.sessions.bytes());
             return Found::Memory(held);
         }
         if block == 0 {
             return Found::Nothing;
         }
         match cache::from_store(&self.store, loaded, record, block, &self.rejected).await {
-            Some(c) => Found::Store(c),
-            None => Found::Nothing,
+            Some(c) => {
+                metrics::cache_lookup("store");
+                Found::Store(c)
+            }
+            None => {
+                metrics::cache_lookup("miss");
+                Found::Nothing
+            }
         }
     }
 }
@@ -292,14 +326,14 @@ struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     fn enter(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::in_flight(counter.fetch_add(1, Ordering::Relaxed) + 1);
         Self(counter.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::in_flight(self.0.fetch_sub(1, Ordering::Relaxed) - 1);
     }
 }
 

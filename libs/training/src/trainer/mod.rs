@@ -20,6 +20,7 @@ mod metrics;
 mod resume;
 
 use metrics::MetricsLog;
+pub use metrics::describe as describe_metrics;
 
 use crate::bound::{self, BlockLoss, ClipGrid};
 use crate::data::{Loader, Position, Split, write_atomic};
@@ -419,12 +420,14 @@ impl Trainer {
         while self.step() < self.opts.steps {
             let stats = self.train_step()?;
             log.write("train", &stats)?;
+            metrics::export_step(&stats);
             on_event(Event::Step(&stats));
             let step = self.step();
             let last = step == self.opts.steps;
             if last || due(self.opts.val_every, step) {
                 let val = self.validate()?;
                 log.write("validation", &val)?;
+                metrics::export_validation(&val);
                 on_event(Event::Validation(&val));
             }
             if last || due(self.opts.save_every, step) {

@@ -1,0 +1,105 @@
+//! The worker's Prometheus metrics (recorded through the `metrics` facade; see
+//! `bd3lm_telemetry::metrics`).
+
+use std::time::Duration;
+
+use crate::cache::CacheSource;
+
+const BLOCK_SECONDS: &str = "bd3lm_block_duration_seconds";
+const PASSES_PER_TOKEN: &str = "bd3lm_forward_passes_per_token";
+const BATCH_SIZE: &str = "bd3lm_batch_size";
+const PASS_SECONDS: &str = "bd3lm_batch_pass_duration_seconds";
+const IN_FLIGHT: &str = "bd3lm_worker_blocks_in_flight";
+const CACHE_LOOKUPS: &str = "bd3lm_kv_cache_lookups_total";
+const CACHE_BYTES: &str = "bd3lm_kv_cache_bytes";
+const BLOB_READ: &str = "bd3lm_kv_blob_read_bytes_total";
+const BLOB_WRITTEN: &str = "bd3lm_kv_blob_written_bytes_total";
+const BLOBS_REJECTED: &str = "bd3lm_kv_blobs_rejected_total";
+
+/// Describes the worker's metrics to the installed recorder.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_histogram!(
+        BLOCK_SECONDS,
+        Unit::Seconds,
+        "Time of one committed block on the worker (cache, denoising, commit), by the source of its KV cache"
+    );
+    describe_histogram!(
+        PASSES_PER_TOKEN,
+        "Forward passes per token of each committed block"
+    );
+    describe_histogram!(BATCH_SIZE, "Blocks (sessions) in each batched forward pass");
+    describe_histogram!(
+        PASS_SECONDS,
+        Unit::Seconds,
+        "Time of one batched forward pass"
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        "Blocks on this worker: opening, in the batch or waiting for it, committing"
+    );
+    describe_counter!(
+        CACHE_LOOKUPS,
+        "Where blocks found their session's KV cache: memory, store (hits) or miss (rebuilt from tokens)"
+    );
+    describe_gauge!(
+        CACHE_BYTES,
+        Unit::Bytes,
+        "Bytes of the sessions' KV caches the worker keeps in memory"
+    );
+    describe_counter!(BLOB_READ, Unit::Bytes, "KV blob bytes read from the store");
+    describe_counter!(
+        BLOB_WRITTEN,
+        Unit::Bytes,
+        "KV blob bytes written to the store"
+    );
+    describe_counter!(
+        BLOBS_REJECTED,
+        "KV blobs refused: corrupt, or of another model state, block or token prefix"
+    );
+}
+
+/// A block committed after `took`, its cache from `source`, in `passes` forward passes
+/// for `tokens` tokens.
+pub fn block_committed(source: CacheSource, took: Duration, passes: usize, tokens: usize) {
+    metrics::histogram!(BLOCK_SECONDS, "cache" => source.name()).record(took.as_secs_f64());
+    if tokens > 0 {
+        metrics::histogram!(PASSES_PER_TOKEN).record(passes as f64 / tokens as f64);
+    }
+}
+
+/// One batched pass over `blocks` blocks, which took `took`.
+pub fn batch_pass(blocks: usize, took: Duration) {
+    metrics::histogram!(BATCH_SIZE).record(blocks as f64);
+    metrics::histogram!(PASS_SECONDS).record(took.as_secs_f64());
+}
+
+/// Blocks on the worker now.
+pub fn in_flight(blocks: usize) {
+    metrics::gauge!(IN_FLIGHT).set(blocks as f64);
+}
+
+/// Where a block's KV cache was found: `"memory"`, `"store"` or `"miss"`.
+pub fn cache_lookup(result: &'static str) {
+    metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
+}
+
+/// Bytes of the KV caches held in memory now.
+pub fn cache_bytes(bytes: usize) {
+    metrics::gauge!(CACHE_BYTES).set(bytes as f64);
+}
+
+/// KV blob bytes read from the store.
+pub fn blob_read(bytes: usize) {
+    metrics::counter!(BLOB_READ).increment(bytes as u64);
+}
+
+/// KV blob bytes written to the store.
+pub fn blob_written(bytes: usize) {
+    metrics::counter!(BLOB_WRITTEN).increment(bytes as u64);
+}
+
+/// A KV blob refused, for `reason` (`"corrupt"` or `"mismatch"`).
+pub fn blob_rejected(reason: &'static str) {
+    metrics::counter!(BLOBS_REJECTED, "reason" => reason).increment(1);
+}
