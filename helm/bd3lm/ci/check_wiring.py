@@ -1,0 +1,325 @@
+#!/usr/bin/env python3
+"""Checks that a render of the bd3lm chart wires up, beyond what schemas can see.
+
+    check_wiring.py RENDER.yaml [VALUES.yaml ...]   # exit 1, one line per fault
+    check_wiring.py --self-test RENDER.yaml [VALUES.yaml ...]
+
+* the coordinators' BD3LM_WORKERS_DNS names a headless Service (by its cluster DNS
+  name) that selects the worker pods, on a port that reaches their gRPC port;
+* every probe's port is a port of its container;
+* every Secret and ConfigMap a pod reads exists in the render, or is named in the
+  values as one the operator provides (keys ending in Secret/existingSecret);
+* every file a BD3LM_* variable names lies on a volume mounted in the container;
+* every Service, PodDisruptionBudget and ServiceMonitor selects pods or Services that
+  exist, and HorizontalPodAutoscalers scale Deployments that exist;
+* pods get more grace than their drain.
+
+--self-test breaks the render in one place per rule and fails unless each break is
+found, so that the checks cannot pass vacuously.
+"""
+
+import copy
+import sys
+
+import yaml
+
+WORKLOADS = ("Deployment", "StatefulSet")
+
+
+def load(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def provided_secrets(values_files):
+    """Secret names the values say the operator creates."""
+    names = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and value and (
+                    key.endswith("Secret") or key == "existingSecret"
+                ):
+                    names.add(value)
+                walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    for path in values_files:
+        with open(path) as f:
+            walk(yaml.safe_load(f) or {})
+    return names
+
+
+def named(docs, kind):
+    return {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
+
+
+def pods(docs):
+    """(workload, pod template) of every workload."""
+    return [(d, d["spec"]["template"]) for d in docs if d.get("kind") in WORKLOADS]
+
+
+def selects(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def env_of(container, configmaps):
+    """The container's environment: its ConfigMaps' data, then its own values."""
+    env = {}
+    for source in container.get("envFrom", []):
+        ref = source.get("configMapRef")
+        if ref and ref["name"] in configmaps:
+            env.update(configmaps[ref["name"]].get("data") or {})
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = str(var["value"])
+    return env
+
+
+def container_ports(container):
+    ports = container.get("ports", [])
+    return {p["containerPort"] for p in ports} | {p["name"] for p in ports if "name" in p}
+
+
+def check_workers_dns(docs, faults):
+    configmaps = named(docs, "ConfigMap")
+    services = named(docs, "Service")
+    found = False
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            target = env_of(c, configmaps).get("BD3LM_WORKERS_DNS")
+            if target is None:
+                continue
+            found = True
+            host, _, port = target.rpartition(":")
+            name, _, rest = host.partition(".")
+            namespace = rest.split(".")[0]
+            svc = services.get(name)
+            where = f"{workload['metadata']['name']}: BD3LM_WORKERS_DNS {target}"
+            if svc is None:
+                faults.append(f"{where}: no Service {name}")
+                continue
+            if not namespace or not rest.endswith(".svc.cluster.local"):
+                faults.append(f"{where}: not NAME.NAMESPACE.svc.cluster.local")
+            if svc["spec"].get("clusterIP") != "None":
+                faults.append(f"{where}: Service {name} is not headless")
+            selected = [
+                t for _, t in pods(docs) if selects(svc["spec"]["selector"], t["metadata"]["labels"])
+            ]
+            workers = [
+                t for t in selected
+                if any(cc["name"] == "worker" for cc in t["spec"]["containers"])
+            ]
+            if not workers:
+                faults.append(f"{where}: Service {name} selects no worker pods")
+                continue
+            port_entry = next(
+                (p for p in svc["spec"]["ports"] if str(p["port"]) == port), None
+            )
+            if port_entry is None:
+                faults.append(f"{where}: Service {name} has no port {port}")
+                continue
+            worker = next(cc for cc in workers[0]["spec"]["containers"] if cc["name"] == "worker")
+            target_port = port_entry.get("targetPort", port_entry["port"])
+            grpc = next((p for p in worker["ports"] if p.get("name") == "grpc"), None)
+            if grpc is None or target_port not in (grpc["name"], grpc["containerPort"]):
+                faults.append(f"{where}: port {port} does not reach the workers' gRPC port")
+    if not found:
+        faults.append("no coordinator has BD3LM_WORKERS_DNS")
+
+
+def check_probes(docs, faults):
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            ports = container_ports(c)
+            for kind in ("livenessProbe", "readinessProbe", "startupProbe"):
+                probe = c.get(kind)
+                if not probe:
+                    continue
+                for action in ("grpc", "tcpSocket", "httpGet"):
+                    if action in probe and probe[action]["port"] not in ports:
+                        faults.append(
+                            f"{workload['metadata']['name']}/{c['name']}: {kind} port "
+                            f"{probe[action]['port']} is not a container port"
+                        )
+
+
+def check_references(docs, provided, faults):
+    secrets = set(named(docs, "Secret")) | provided
+    configmaps = set(named(docs, "ConfigMap"))
+    for workload, template in pods(docs):
+        where = workload["metadata"]["name"]
+        spec = template["spec"]
+        for volume in spec.get("volumes", []):
+            if "secret" in volume and volume["secret"]["secretName"] not in secrets:
+                faults.append(f"{where}: volume {volume['name']} reads a missing Secret {volume['secret']['secretName']}")
+            if "configMap" in volume and volume["configMap"]["name"] not in configmaps:
+                faults.append(f"{where}: volume {volume['name']} reads a missing ConfigMap")
+        for c in spec["containers"]:
+            for var in c.get("env", []):
+                ref = var.get("valueFrom", {}).get("secretKeyRef")
+                if ref and ref["name"] not in secrets:
+                    faults.append(f"{where}: {var['name']} reads a missing Secret {ref['name']}")
+            for source in c.get("envFrom", []):
+                if "configMapRef" in source and source["configMapRef"]["name"] not in configmaps:
+                    faults.append(f"{where}: envFrom reads a missing ConfigMap {source['configMapRef']['name']}")
+                if "secretRef" in source and source["secretRef"]["name"] not in secrets:
+                    faults.append(f"{where}: envFrom reads a missing Secret {source['secretRef']['name']}")
+
+
+def check_files(docs, faults):
+    """BD3LM_*_FILE, BD3LM_TLS_*, BD3LM_REDIS_CA and BD3LM_TOKENIZER paths are mounted
+    (paths under /opt/bd3lm come with the image)."""
+    configmaps = named(docs, "ConfigMap")
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
+            for var, path in env_of(c, configmaps).items():
+                is_file = var.startswith("BD3LM_") and (
+                    var.endswith("_FILE") or var.startswith("BD3LM_TLS_") and var != "BD3LM_TLS_WORKER_NAME"
+                    or var in ("BD3LM_REDIS_CA", "BD3LM_TOKENIZER", "BD3LM_CHECKPOINT")
+                )
+                if not is_file or path.startswith("/opt/bd3lm/"):
+                    continue
+                if not any((path.rstrip("/") + "/").startswith(m) for m in mounts):
+                    faults.append(f"{workload['metadata']['name']}/{c['name']}: {var}={path} is on no mounted volume")
+
+
+def check_selectors(docs, faults):
+    templates = [t for _, t in pods(docs)]
+    services = named(docs, "Service")
+    for name, svc in services.items():
+        chosen = [t for t in templates if selects(svc["spec"].get("selector"), t["metadata"]["labels"])]
+        if not chosen:
+            faults.append(f"Service {name} selects no pods")
+            continue
+        for port in svc["spec"]["ports"]:
+            target = port.get("targetPort", port["port"])
+            if not any(target in container_ports(c) for t in chosen for c in t["spec"]["containers"]):
+                faults.append(f"Service {name}: targetPort {target} is on none of its pods")
+    for pdb in (d for d in docs if d.get("kind") == "PodDisruptionBudget"):
+        labels = pdb["spec"]["selector"]["matchLabels"]
+        if not any(selects(labels, t["metadata"]["labels"]) for t in templates):
+            faults.append(f"PodDisruptionBudget {pdb['metadata']['name']} selects no pods")
+    deployments = named(docs, "Deployment")
+    for hpa in (d for d in docs if d.get("kind") == "HorizontalPodAutoscaler"):
+        ref = hpa["spec"]["scaleTargetRef"]
+        if ref["kind"] != "Deployment" or ref["name"] not in deployments:
+            faults.append(f"HorizontalPodAutoscaler {hpa['metadata']['name']} scales a missing {ref['kind']} {ref['name']}")
+        elif "replicas" in deployments[ref["name"]]["spec"]:
+            faults.append(f"Deployment {ref['name']} sets replicas under an autoscaler")
+    for monitor in (d for d in docs if d.get("kind") == "ServiceMonitor"):
+        sel = monitor["spec"]["selector"]
+        chosen = [
+            s for s in services.values()
+            if selects(sel.get("matchLabels", {}), s["metadata"]["labels"])
+            and all(s["metadata"]["labels"].get(e["key"]) in e["values"] for e in sel.get("matchExpressions", []))
+        ]
+        for endpoint in monitor["spec"]["endpoints"]:
+            if not chosen or not all(any(p.get("name") == endpoint["port"] for p in s["spec"]["ports"]) for s in chosen):
+                faults.append(f"ServiceMonitor {monitor['metadata']['name']}: port {endpoint['port']} is not on every Service it selects")
+
+
+def check_grace(docs, faults):
+    configmaps = named(docs, "ConfigMap")
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            drain = env_of(c, configmaps).get("BD3LM_DRAIN_SECS")
+            grace = template["spec"].get("terminationGracePeriodSeconds", 30)
+            if drain is not None and grace <= float(drain):
+                faults.append(f"{workload['metadata']['name']}: grace {grace}s is not above the drain {drain}s")
+
+
+def check(docs, provided):
+    faults = []
+    check_workers_dns(docs, faults)
+    check_probes(docs, faults)
+    check_references(docs, provided, faults)
+    check_files(docs, faults)
+    check_selectors(docs, faults)
+    check_grace(docs, faults)
+    return faults
+
+
+def first(docs, kind, name_part):
+    return next(d for d in docs if d.get("kind") == kind and name_part in d["metadata"]["name"])
+
+
+def container(docs, name_part):
+    return first(docs, "Deployment", name_part)["spec"]["template"]["spec"]["containers"][0]
+
+
+def breaks():
+    """One break per rule: (what, how)."""
+
+    def dns(docs):
+        first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_WORKERS_DNS"] = "elsewhere.default.svc.cluster.local:50061"
+
+    def dns_port(docs):
+        cm = first(docs, "ConfigMap", "coordinator")["data"]
+        cm["BD3LM_WORKERS_DNS"] = cm["BD3LM_WORKERS_DNS"].rsplit(":", 1)[0] + ":9999"
+
+    def probe(docs):
+        container(docs, "worker")["readinessProbe"]["grpc"]["port"] = 50099
+
+    def secret(docs):
+        for v in first(docs, "Deployment", "worker")["spec"]["template"]["spec"]["volumes"]:
+            if v["name"] == "internal-token":
+                v["secret"]["secretName"] = "no-such-secret"
+
+    def mount(docs):
+        c = container(docs, "coordinator")
+        c["volumeMounts"] = [m for m in c["volumeMounts"] if m["name"] != "internal-token"]
+
+    def selector(docs):
+        first(docs, "Service", "headless")["spec"]["selector"]["app.kubernetes.io/component"] = "nobody"
+
+    def grace(docs):
+        first(docs, "Deployment", "worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 5
+
+    return [
+        ("workers DNS names another Service", dns),
+        ("workers DNS on a port the workers lack", dns_port),
+        ("a probe on a port the container lacks", probe),
+        ("a Secret that does not exist", secret),
+        ("a token file on no volume", mount),
+        ("a Service selecting no pods", selector),
+        ("a grace period below the drain", grace),
+    ]
+
+
+def main(argv):
+    self_test = argv[:1] == ["--self-test"]
+    if self_test:
+        argv = argv[1:]
+    if not argv:
+        print(__doc__.strip().splitlines()[0], file=sys.stderr)
+        return 2
+    docs, provided = load(argv[0]), provided_secrets(argv[1:])
+    faults = check(docs, provided)
+    for fault in faults:
+        print(f"{argv[0]}: {fault}")
+    if faults:
+        return 1
+    if self_test:
+        missed = []
+        for what, how in breaks():
+            broken = copy.deepcopy(docs)
+            how(broken)
+            if not check(broken, provided):
+                missed.append(what)
+        for what in missed:
+            print(f"{argv[0]}: self-test: not found: {what}")
+        if missed:
+            return 1
+        print(f"{argv[0]}: wiring ok; each of {len(breaks())} breaks is found")
+    else:
+        print(f"{argv[0]}: wiring ok")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
