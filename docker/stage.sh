@@ -33,8 +33,12 @@ if [ "${BUILD:-1}" = 1 ]; then
     fi
 fi
 
+# A release binary's line tables (for backtraces) are five sixths of its size: the
+# image's copies are stripped.
+strip=()
+[ "$profile" = release ] && strip=(--strip)
 for bin in bd3lm bd3lm-worker bd3lm-coordinator; do
-    install -D -m 0755 "target/$out/$bin" "$dest/usr/local/bin/$bin"
+    install -D -m 0755 "${strip[@]}" "target/$out/$bin" "$dest/usr/local/bin/$bin"
 done
 model=$dest/opt/bd3lm/models/demo
 for file in config.json model.safetensors tokenizer.json README.md; do

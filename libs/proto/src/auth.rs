@@ -126,13 +126,16 @@ impl Tokens {
         }
     }
 
-    /// A server interceptor: calls without an accepted token are UNAUTHENTICATED; the
-    /// [`Caller`] of the others is in their extensions.
+    /// A server interceptor: calls without an accepted token are UNAUTHENTICATED (and
+    /// counted in `bd3lm_unauthenticated_total`); the [`Caller`] of the others is in
+    /// their extensions.
     pub fn interceptor(
         self: std::sync::Arc<Self>,
     ) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
         move |mut request: Request<()>| {
-            let caller = self.check(request.metadata())?;
+            let caller = self.check(request.metadata()).inspect_err(|_| {
+                metrics::counter!("bd3lm_unauthenticated_total").increment(1);
+            })?;
             request.extensions_mut().insert(caller);
             Ok(request)
         }

@@ -55,6 +55,10 @@ impl MetricsArgs {
             LIMIT_REFUSALS,
             "Requests refused by a limit (RESOURCE_EXHAUSTED or ABORTED), by limit"
         );
+        metrics::describe_counter!(
+            "bd3lm_unauthenticated_total",
+            "Calls refused for want of an accepted API key or internal token"
+        );
         Ok(())
     }
 }

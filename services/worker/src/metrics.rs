@@ -74,9 +74,10 @@ pub fn batch_pass(blocks: usize, took: Duration) {
     metrics::histogram!(PASS_SECONDS).record(took.as_secs_f64());
 }
 
-/// Blocks on the worker now.
-pub fn in_flight(blocks: usize) {
-    metrics::gauge!(IN_FLIGHT).set(blocks as f64);
+/// One more (`+1`) or one fewer (`-1`) block on the worker (a change, so that workers
+/// sharing a process add up).
+pub fn in_flight(change: f64) {
+    metrics::gauge!(IN_FLIGHT).increment(change);
 }
 
 /// Where a block's KV cache was found: `"memory"`, `"store"` or `"miss"`.

@@ -326,14 +326,16 @@ struct InFlight(Arc<AtomicUsize>);
 
 impl InFlight {
     fn enter(counter: &Arc<AtomicUsize>) -> Self {
-        metrics::in_flight(counter.fetch_add(1, Ordering::Relaxed) + 1);
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::in_flight(1.0);
         Self(counter.clone())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::in_flight(self.0.fetch_sub(1, Ordering::Relaxed) - 1);
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::in_flight(-1.0);
     }
 }
 

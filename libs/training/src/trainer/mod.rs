@@ -543,6 +543,43 @@ mod tests {
         );
     }
 
+    /// The Prometheus gauges show the metrics log's last step and validation.
+    #[test]
+    fn the_gauges_follow_the_metrics_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let mut opts = options(&data, 3);
+        opts.val_every = 3;
+        let run = dir.path().join("run");
+        let recorder = bd3lm_telemetry::metrics::recorder();
+        let handle = recorder.handle();
+        let mut last = None;
+        ::metrics::with_local_recorder(&recorder, || {
+            let mut trainer = Trainer::new(&run, opts, Init::Scratch(tiny())).unwrap();
+            trainer
+                .run(|e| {
+                    if let Event::Step(s) = e {
+                        last = Some(*s);
+                    }
+                })
+                .unwrap();
+        });
+        let (text, last) = (handle.render(), last.unwrap());
+        let gauge = |name: &str| -> f64 {
+            let line = text.lines().find(|l| l.starts_with(&format!("{name} ")));
+            line.unwrap_or_else(|| panic!("{name} missing: {text}"))
+                .rsplit_once(' ')
+                .unwrap()
+                .1
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(gauge("bd3lm_train_step"), 3.0);
+        assert_eq!(gauge("bd3lm_train_loss"), last.loss);
+        assert_eq!(gauge("bd3lm_train_tokens_total"), last.tokens as f64);
+        assert!(gauge("bd3lm_validation_nelbo") > 0.0);
+    }
+
     /// Three steps, a save, a resume and three more steps give the losses and weights of six
     /// uninterrupted steps, bit for bit.
     #[test]
