@@ -58,8 +58,10 @@ def named(docs, kind):
 
 
 def pods(docs):
-    """(workload, pod template) of every workload."""
-    return [(d, d["spec"]["template"]) for d in docs if d.get("kind") in WORKLOADS]
+    """(workload, pod template) of every workload, and (pod, pod) of bare pods (tests)."""
+    return [(d, d["spec"]["template"]) for d in docs if d.get("kind") in WORKLOADS] + [
+        (d, d) for d in docs if d.get("kind") == "Pod"
+    ]
 
 
 def selects(selector, labels):
