@@ -110,8 +110,20 @@ fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
         served.windows(2).all(|w| w[0] != w[1]),
         "blocks alternate between the workers: {served:?}"
     );
+    // Blocks name their worker by its id, never its address.
+    for i in 0..cluster.workers.len() {
+        let id = cluster.worker_info(i).unwrap().worker_id;
+        assert_eq!(id.len(), 16, "{id}");
+        assert!(
+            served.contains(&id.as_str()),
+            "worker {i} ({id}) served: {served:?}"
+        );
+    }
     for addr in &cluster.worker_addrs {
-        assert!(served.contains(&addr.as_str()), "{addr} served: {served:?}");
+        assert!(
+            !served.contains(&addr.as_str()),
+            "an address reached the client"
+        );
     }
 
     // A finished session continued (by whichever worker) goes on as one long generation.

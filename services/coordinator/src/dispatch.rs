@@ -17,7 +17,7 @@ use crate::pool::{Pool, Worker};
 pub struct BlockAnswer {
     /// What the worker returned.
     pub response: DenoiseBlockResponse,
-    /// The worker's address.
+    /// The worker's public id ([`Worker::public_id`]).
     pub worker: String,
     /// Time the block waited for a slot.
     pub queued: Duration,
@@ -80,7 +80,7 @@ impl Dispatcher {
                     Ok(response) => {
                         self.pool.remember(session, &worker.addr);
                         self.budget.deposit();
-                        let worker = worker.addr.clone();
+                        let worker = worker.public_id();
                         return Ok(BlockAnswer {
                             response,
                             worker,

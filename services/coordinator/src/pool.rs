@@ -42,6 +42,8 @@ pub struct Worker {
     in_flight: AtomicUsize,
     /// Blocks it takes at once, from its Info.
     capacity: AtomicUsize,
+    /// Its `Info.worker_id`, once read.
+    id: Mutex<String>,
 }
 
 impl Worker {
@@ -63,6 +65,7 @@ impl Worker {
             failures: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             capacity: AtomicUsize::new(1),
+            id: Mutex::default(),
         })
     }
 
@@ -99,12 +102,19 @@ impl Worker {
             let mut client = self.client();
             let info = tokio::time::timeout(Duration::from_secs(2), client.info(InfoRequest {}));
             if let Ok(Ok(info)) = info.await {
-                let capacity = info.get_ref().capacity.max(1) as usize;
-                self.capacity.store(capacity, Ordering::Relaxed);
+                let info = info.into_inner();
+                self.capacity
+                    .store(info.capacity.max(1) as usize, Ordering::Relaxed);
+                *self.id.lock().unwrap_or_else(|e| e.into_inner()) = info.worker_id;
             }
         }
         self.healthy.store(ok, Ordering::Relaxed);
         ok
+    }
+
+    /// What clients are told of this worker: its own id, never its address.
+    pub fn public_id(&self) -> String {
+        self.id.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn has_room(&self) -> bool {

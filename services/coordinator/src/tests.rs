@@ -39,6 +39,8 @@ enum Act {
 /// A denoise worker whose tokens are a function of (seed, block, position) and whose
 /// faults follow a script; it reads and commits sessions in the real store.
 struct Fake {
+    /// Its `Info.worker_id`.
+    id: String,
     store: Store,
     script: Mutex<VecDeque<Act>>,
     calls: AtomicUsize,
@@ -139,6 +141,7 @@ impl DenoiseWorker for FakeService {
             mask_id: 99,
             model_length: 64,
             capacity: 1,
+            worker_id: self.0.id.clone(),
             ..Default::default()
         }))
     }
@@ -152,7 +155,10 @@ struct Running {
 }
 
 async fn start(store: &Store) -> Running {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
     let fake = Arc::new(Fake {
+        id: format!("fake-{}", listener.local_addr().unwrap().port()),
         store: store.clone(),
         script: Mutex::default(),
         calls: AtomicUsize::new(0),
@@ -160,8 +166,6 @@ async fn start(store: &Store) -> Running {
         most_active: AtomicUsize::new(0),
         dropped: AtomicUsize::new(0),
     });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -239,6 +243,11 @@ impl Cluster {
 
     fn addr(&self, worker: usize) -> &str {
         &self.workers[worker].addr
+    }
+
+    /// The id worker `worker` gives in its Info, which blocks report.
+    fn id(&self, worker: usize) -> &str {
+        &self.workers[worker].fake.id
     }
 
     async fn generate(&self) -> Result<GenerateResponse, Status> {
@@ -321,8 +330,8 @@ async fn a_failed_block_is_retried_on_another_worker_with_the_same_tokens() {
     let out = c.generate().await.unwrap();
     assert_eq!(out.token_ids, reference_tokens().await);
     let served = workers_of(&out);
-    assert_eq!(served[0], c.addr(1), "block 0 after worker 0 failed");
-    assert_eq!(served[1], c.addr(0), "block 1 after worker 1 was full");
+    assert_eq!(served[0], c.id(1), "block 0 after worker 0 failed");
+    assert_eq!(served[1], c.id(0), "block 1 after worker 1 was full");
     assert_eq!(c.calls(0) + c.calls(1), out.blocks.len() + 2);
 }
 
@@ -341,7 +350,7 @@ async fn a_worker_that_never_answers_times_out_and_another_serves() {
     c.script(0, &[Act::Hang]);
     let out = c.generate().await.unwrap();
     assert_eq!(out.token_ids, reference_tokens().await);
-    assert!(workers_of(&out).iter().all(|w| *w == c.addr(1)));
+    assert!(workers_of(&out).iter().all(|w| *w == c.id(1)));
 }
 
 #[tokio::test]
@@ -380,7 +389,7 @@ async fn an_unreachable_worker_is_marked_down_and_skipped() {
         tokio::task::yield_now().await;
     }
     let out = c.generate().await.unwrap();
-    assert!(workers_of(&out).iter().all(|w| *w == c.addr(1)));
+    assert!(workers_of(&out).iter().all(|w| *w == c.id(1)));
     assert_eq!(c.pool.healthy_count(), 1);
 }
 

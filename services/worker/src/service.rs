@@ -50,6 +50,8 @@ pub struct WorkerService {
     rejected: AtomicU64,
     /// Where liveness is reported: a worker without its batch thread is restarted.
     liveness: Option<HealthReporter>,
+    /// This process's id in `Info`, drawn at start.
+    id: String,
 }
 
 /// A failure of the block's work: a fault of the request (its stored parameters or
@@ -90,6 +92,7 @@ impl WorkerService {
             scheduler: OnceLock::new(),
             rejected: AtomicU64::new(0),
             liveness: None,
+            id: format!("{:016x}", rand::random::<u64>()),
         }
     }
 
@@ -317,6 +320,7 @@ impl DenoiseWorker for WorkerService {
             model_length: cfg.model_length as u32,
             kv_blobs_rejected: self.rejected.load(Ordering::Relaxed),
             cache_bytes: self.sessions.bytes() as u64,
+            worker_id: self.id.clone(),
         }))
     }
 }
