@@ -60,7 +60,6 @@ pub async fn commit(
             metrics::block_committed(effort.source, took, effort.forward_passes, end - first);
             metrics::blob_written(written);
             sessions.put(record.id, work.held);
-            metrics::cache_bytes(sessions.bytes());
             Ok(answer)
         }
         CommitOutcome::Superseded(current) if current.committed_blocks > block => {

@@ -12,6 +12,7 @@ const PASS_SECONDS: &str = "bd3lm_batch_pass_duration_seconds";
 const IN_FLIGHT: &str = "bd3lm_worker_blocks_in_flight";
 const CACHE_LOOKUPS: &str = "bd3lm_kv_cache_lookups_total";
 const CACHE_BYTES: &str = "bd3lm_kv_cache_bytes";
+const CACHE_EVICTIONS: &str = "bd3lm_kv_cache_evictions_total";
 const BLOB_READ: &str = "bd3lm_kv_blob_read_bytes_total";
 const BLOB_WRITTEN: &str = "bd3lm_kv_blob_written_bytes_total";
 const BLOBS_REJECTED: &str = "bd3lm_kv_blobs_rejected_total";
@@ -46,6 +47,10 @@ pub fn describe() {
         CACHE_BYTES,
         Unit::Bytes,
         "Bytes of the sessions' KV caches the worker keeps in memory"
+    );
+    describe_counter!(
+        CACHE_EVICTIONS,
+        "Sessions' KV caches evicted from memory to stay within --cache-bytes"
     );
     describe_counter!(BLOB_READ, Unit::Bytes, "KV blob bytes read from the store");
     describe_counter!(
@@ -85,9 +90,15 @@ pub fn cache_lookup(result: &'static str) {
     metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
 }
 
-/// Bytes of the KV caches held in memory now.
-pub fn cache_bytes(bytes: usize) {
-    metrics::gauge!(CACHE_BYTES).set(bytes as f64);
+/// A change of the bytes of KV caches held in memory (a change, so that workers sharing
+/// a process add up).
+pub fn cache_bytes(change: f64) {
+    metrics::gauge!(CACHE_BYTES).increment(change);
+}
+
+/// A session's KV cache evicted from memory to stay within the budget.
+pub fn cache_eviction() {
+    metrics::counter!(CACHE_EVICTIONS).increment(1);
 }
 
 /// KV blob bytes read from the store.

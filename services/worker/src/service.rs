@@ -252,7 +252,6 @@ impl WorkerService {
         });
         if let Some(held) = held {
             metrics::cache_lookup("memory");
-            metrics::cache_bytes(self.sessions.bytes());
             return Found::Memory(held);
         }
         if block == 0 {

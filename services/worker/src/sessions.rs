@@ -7,6 +7,8 @@ use std::sync::Mutex;
 
 use bd3lm_model::KvCache;
 
+use crate::metrics;
+
 /// A session's state between two blocks.
 pub struct Held {
     /// Every token of the session as committed by this worker.
@@ -54,6 +56,7 @@ impl SessionCaches {
         let mut inner = self.lock();
         let entry = inner.entries.remove(session)?;
         inner.bytes -= entry.bytes;
+        metrics::cache_bytes(-(entry.bytes as f64));
         Some(entry.held)
     }
 
@@ -64,6 +67,7 @@ impl SessionCaches {
             return;
         }
         let mut inner = self.lock();
+        let before = inner.bytes;
         inner.clock += 1;
         let used = inner.clock;
         if let Some(old) = inner.entries.insert(session, Entry { held, bytes, used }) {
@@ -81,8 +85,10 @@ impl SessionCaches {
             };
             let evicted = inner.entries.remove(&oldest).expect("present");
             inner.bytes -= evicted.bytes;
+            metrics::cache_eviction();
             tracing::debug!(session = %bd3lm_kvstore::record::short_id(&oldest), bytes = evicted.bytes, "evicted KV cache");
         }
+        metrics::cache_bytes(inner.bytes as f64 - before as f64);
     }
 
     /// Bytes held.
@@ -119,18 +125,37 @@ mod tests {
         (held, bytes)
     }
 
+    /// The oldest state goes first; the bytes gauge and the evictions counter follow.
     #[test]
     fn evicts_least_recently_used_beyond_the_budget() {
+        let recorder = bd3lm_telemetry::metrics::recorder();
+        let handle = recorder.handle();
         let (_, one) = held(8);
         let caches = SessionCaches::new(2 * one + one / 2);
-        caches.put("a".into(), held(8).0);
-        caches.put("b".into(), held(8).0);
-        assert_eq!(caches.bytes(), 2 * one);
-        caches.put("c".into(), held(8).0);
-        assert!(caches.take("a").is_none(), "oldest evicted");
-        assert!(caches.take("b").is_some());
-        assert!(caches.take("c").is_some());
+        let gauge = || {
+            let text = handle.render();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("bd3lm_kv_cache_bytes "));
+            line.map_or(0.0, |l| {
+                l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap()
+            })
+        };
+        ::metrics::with_local_recorder(&recorder, || {
+            caches.put("a".into(), held(8).0);
+            caches.put("b".into(), held(8).0);
+            assert_eq!(caches.bytes(), 2 * one);
+            assert_eq!(gauge(), (2 * one) as f64);
+            caches.put("c".into(), held(8).0);
+            assert_eq!(gauge(), (2 * one) as f64);
+            assert!(caches.take("a").is_none(), "oldest evicted");
+            assert!(caches.take("b").is_some());
+            assert_eq!(gauge(), one as f64);
+            assert!(caches.take("c").is_some());
+        });
         assert_eq!(caches.bytes(), 0);
+        assert_eq!(gauge(), 0.0);
+        assert!(handle.render().contains("bd3lm_kv_cache_evictions_total 1"));
     }
 
     /// The budget counts the buffers a cache occupies, which exceed its live keys and
