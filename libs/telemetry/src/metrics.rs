@@ -77,6 +77,15 @@ pub fn recorder() -> PrometheusRecorder {
         .build_recorder()
 }
 
+/// The value of `series` (its name, with its labels as rendered) in Prometheus `text`,
+/// as a scrape reader (or a test of [`recorder`]) sees it.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .filter_map(|line| line.rsplit_once(' '))
+        .find(|(name, _)| *name == series)
+        .and_then(|(_, value)| value.parse().ok())
+}
+
 fn builder() -> anyhow::Result<PrometheusBuilder> {
     Ok(PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &SECONDS)?
@@ -112,6 +121,12 @@ mod tests {
             text.contains("bd3lm_batch_size_bucket{le=\"4\"} 1"),
             "{text}"
         );
+        assert_eq!(sample(&text, "bd3lm_batch_size_count"), Some(1.0));
+        assert_eq!(
+            sample(&text, "bd3lm_batch_size_bucket{le=\"2\"}"),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "bd3lm_batch_size"), None);
     }
 
     #[test]

@@ -68,9 +68,10 @@ pub fn spawn_discovery(
     })
 }
 
-/// Serves the coordinator on `ports` until `shutdown` resolves, then stops accepting and lets the streams in flight finish. Health
-/// (readiness) reports SERVING while at least one worker is healthy, the store answers
-/// and no shutdown was asked for; it is also served on the plain health port, if any.
+/// Serves the coordinator on `ports` until `shutdown` resolves, then stops accepting and
+/// lets the streams in flight finish. Health (readiness) reports SERVING while at least
+/// one worker is healthy, the store answers and no shutdown was asked for; it is also
+/// served on the plain health port, if any.
 pub async fn serve(
     ports: Ports,
     pool: Arc<Pool>,

@@ -44,8 +44,9 @@ pub struct WorkerService {
     permits: Arc<Semaphore>,
     limits: WorkerLimits,
     in_flight: Arc<AtomicUsize>,
-    /// The batch, started with the first block once the model is loaded.
-    scheduler: OnceLock<Result<Scheduler, String>>,
+    /// The batch, started with the first block once the model is loaded (`None`: its
+    /// thread could not start).
+    scheduler: OnceLock<Option<Scheduler>>,
     /// KV blobs refused (corrupt or of other weights) since start.
     rejected: AtomicU64,
     /// Where liveness is reported: a worker without its batch thread is restarted.
@@ -139,13 +140,13 @@ impl WorkerService {
     fn scheduler(&self, loaded: &Arc<Loaded>) -> Option<&Scheduler> {
         self.scheduler
             .get_or_init(|| {
-                Scheduler::start(loaded.clone(), self.limits).map_err(|e| {
-                    tracing::error!(error = %e, "starting the batch thread failed");
-                    e.to_string()
-                })
+                Scheduler::start(loaded.clone(), self.limits)
+                    .inspect_err(
+                        |e| tracing::error!(error = %e, "starting the batch thread failed"),
+                    )
+                    .ok()
             })
             .as_ref()
-            .ok()
     }
 
     /// Denoises and commits the requested block (see the service's documentation).
@@ -291,7 +292,7 @@ impl DenoiseWorker for WorkerService {
         let cfg = loaded.model.config();
         let in_flight = self.in_flight.load(Ordering::Relaxed) as u32;
         let (batch_size, passes, batched) = match self.scheduler.get() {
-            Some(Ok(s)) => {
+            Some(Some(s)) => {
                 let stats = s.stats();
                 (
                     stats.batch_size.load(Ordering::Relaxed),

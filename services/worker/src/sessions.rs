@@ -134,12 +134,7 @@ mod tests {
         let caches = SessionCaches::new(2 * one + one / 2);
         let gauge = || {
             let text = handle.render();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("bd3lm_kv_cache_bytes "));
-            line.map_or(0.0, |l| {
-                l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap()
-            })
+            bd3lm_telemetry::metrics::sample(&text, "bd3lm_kv_cache_bytes").unwrap_or(0.0)
         };
         ::metrics::with_local_recorder(&recorder, || {
             caches.put("a".into(), held(8).0);
@@ -155,7 +150,9 @@ mod tests {
         });
         assert_eq!(caches.bytes(), 0);
         assert_eq!(gauge(), 0.0);
-        assert!(handle.render().contains("bd3lm_kv_cache_evictions_total 1"));
+        let evictions =
+            bd3lm_telemetry::metrics::sample(&handle.render(), "bd3lm_kv_cache_evictions_total");
+        assert_eq!(evictions, Some(1.0));
     }
 
     /// The budget counts the buffers a cache occupies, which exceed its live keys and

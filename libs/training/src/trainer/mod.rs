@@ -565,14 +565,9 @@ mod tests {
                 .unwrap();
         });
         let (text, last) = (handle.render(), last.unwrap());
-        let gauge = |name: &str| -> f64 {
-            let line = text.lines().find(|l| l.starts_with(&format!("{name} ")));
-            line.unwrap_or_else(|| panic!("{name} missing: {text}"))
-                .rsplit_once(' ')
-                .unwrap()
-                .1
-                .parse()
-                .unwrap()
+        let gauge = |name: &str| {
+            let value = bd3lm_telemetry::metrics::sample(&text, name);
+            value.unwrap_or_else(|| panic!("{name} missing: {text}"))
         };
         assert_eq!(gauge("bd3lm_train_step"), 3.0);
         assert_eq!(gauge("bd3lm_train_loss"), last.loss);
