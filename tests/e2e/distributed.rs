@@ -6,6 +6,7 @@ use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use bd3lm_kvstore::contract::record;
 use bd3lm_kvstore::{Store, StoreConfig};
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, TokenIds};
@@ -65,6 +66,50 @@ fn the_redis_store_keeps_the_store_contract() {
         let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
         bd3lm_kvstore::contract::check(store).await;
     });
+}
+
+/// A delete racing a writer that commits a block (and its blob) as fast as it can, with
+/// the delete landing at a different point of the writer's loop each round: the session
+/// ends with its tombstone only, never an orphaned blob.
+#[test]
+fn a_delete_racing_commits_leaves_only_the_tombstone() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = crate::cluster::Redis::start(dir.path());
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
+        for round in 0..40u64 {
+            let id = format!("race{round}");
+            store.create_session(&record(&id)).await.unwrap();
+            let writer = tokio::spawn(commit_until_deleted(store.clone(), id.clone()));
+            tokio::time::sleep(Duration::from_micros(150 * round)).await;
+            assert!(store.delete_session("m", &id).await.unwrap());
+            let committed = writer.await.unwrap();
+            let keys = redis.keys(&format!("*{{{id}}}*"));
+            assert!(
+                keys.len() == 1 && keys[0].ends_with(":deleted"),
+                "round {round}, {committed} blocks committed: {keys:?}"
+            );
+        }
+    });
+}
+
+/// Commits one block after another to session `id` until it is gone; how many it did.
+async fn commit_until_deleted(store: Store, id: String) -> usize {
+    loop {
+        let Some(read) = store.get_session("m", &id).await.unwrap() else {
+            return 0;
+        };
+        let mut next = read.clone();
+        next.tokens.push(5);
+        next.committed_blocks += 1;
+        let blob = vec![(read.committed_blocks, vec![7; 64])];
+        match store.commit(&next, read.base(), blob, 0..0).await {
+            Ok(_) => {}
+            Err(bd3lm_kvstore::Error::NoSession(_)) => return read.committed_blocks,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 /// Far more concurrent streams than one worker takes at once: the coordinator queues their

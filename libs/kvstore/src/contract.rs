@@ -106,8 +106,8 @@ pub async fn check(store: Store) {
     store.release_slot("m", "k1", "b").await.unwrap();
     assert!(store.claim_slot("m", "k1", "c", 2).await.unwrap());
 
-    assert!(store.delete_session("m", "s1", 2).await.unwrap());
-    assert!(!store.delete_session("m", "s1", 2).await.unwrap());
+    assert!(store.delete_session("m", "s1").await.unwrap());
+    assert!(!store.delete_session("m", "s1").await.unwrap());
     assert_eq!(store.get_blobs("m", "s1", &[1]).await.unwrap(), vec![None]);
     assert!(
         store.lease("m", "s1", "c", ttl).await.unwrap(),

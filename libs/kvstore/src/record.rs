@@ -67,8 +67,7 @@ impl SessionRecord {
     /// The record stored as `meta` and `tokens` at `version`. Anything that does not
     /// decode is [`Error::Corrupt`], never a panic.
     pub fn from_parts(meta: &[u8], tokens: &[u8], version: u64) -> Result<Self> {
-        let mut record: Self = serde_json::from_slice(meta)
-            .map_err(|e| Error::Corrupt(format!("session record: {e}")))?;
+        let mut record = Self::from_meta(meta)?;
         record.tokens = decode_tokens(tokens)?;
         record.version = version;
         if record.prompt_len > record.tokens.len() || record.returned > record.tokens.len() {
@@ -80,6 +79,11 @@ impl SessionRecord {
             )));
         }
         Ok(record)
+    }
+
+    /// The metadata part alone, without tokens or version.
+    pub(crate) fn from_meta(meta: &[u8]) -> Result<Self> {
+        serde_json::from_slice(meta).map_err(|e| Error::Corrupt(format!("session record: {e}")))
     }
 }
 

@@ -242,17 +242,29 @@ impl Store {
         }
     }
 
-    /// Deletes a session, its lease and the KV blobs of its first `blocks`, and leaves a
-    /// tombstone (for the store's TTL) that refuses any later write or re-creation of
-    /// it; false when it did not exist.
+    /// Deletes a session, its lease and its KV blobs, and leaves a tombstone (for the
+    /// store's TTL) that refuses any later write or re-creation of it; false when it did
+    /// not exist. The blobs follow the record as deleted, not as read before: a block
+    /// committed in between (by a generation on another coordinator) loses its blob too.
     #[tracing::instrument(skip(self, session))]
-    pub async fn delete_session(&self, model: &str, session: &str, blocks: usize) -> Result<bool> {
+    pub async fn delete_session(&self, model: &str, session: &str) -> Result<bool> {
         let keys = self.keys(model, session);
+        let blobs = |blocks: Range<usize>| blocks.map(|b| keys.blob(b)).collect::<Vec<_>>();
         let mut doomed = vec![keys.record.clone(), keys.tokens.clone(), keys.lease.clone()];
-        doomed.extend((0..blocks).map(|b| keys.blob(b)));
         match self {
-            Store::Memory(m) => Ok(m.delete(&keys.tombstone, &doomed)),
-            Store::Redis(r) => r.delete(&keys.tombstone, &doomed).await,
+            Store::Memory(m) => Ok(m.delete(&keys, doomed, blobs)),
+            Store::Redis(r) => {
+                let read = r.get_record(&keys).await?;
+                let read_blocks = read.map_or(0, |r| r.committed_blocks);
+                doomed.extend(blobs(0..read_blocks));
+                let Some(deleted) = r.delete(&keys.tombstone, &doomed).await? else {
+                    return Ok(false);
+                };
+                // No commit follows the script (it needs the record), so this is final.
+                r.unlink(&blobs(read_blocks..deleted.committed_blocks))
+                    .await?;
+                Ok(true)
+            }
         }
     }
 
@@ -443,19 +455,27 @@ impl MemoryStore {
         Ok(Ok(version))
     }
 
-    fn delete(&self, tombstone: &str, doomed: &[String]) -> bool {
+    fn delete(
+        &self,
+        keys: &Keys,
+        doomed: Vec<String>,
+        blobs: impl Fn(Range<usize>) -> Vec<String>,
+    ) -> bool {
         let mut map = self.map();
-        let existed = live(&map, &doomed[0]).is_some();
-        for k in doomed {
+        let blocks = match live(&map, &keys.record) {
+            Some(Value::Record(r)) => Some(r.committed_blocks),
+            _ => None,
+        };
+        for k in doomed.iter().chain(&blobs(0..blocks.unwrap_or(0))) {
             map.remove(k);
         }
         self.insert(
             &mut map,
-            tombstone,
+            &keys.tombstone,
             Value::Bytes(Vec::new()),
             self.config.ttl,
         );
-        existed
+        blocks.is_some()
     }
 
     fn claim_slot(&self, key: &str, session: &str, limit: usize) -> bool {
@@ -542,12 +562,12 @@ return next
 "#;
 
 /// Deletes a session: KEYS = tombstone, then the doomed keys (the record first); ARGV =
-/// TTL in ms. Returns whether the record existed.
+/// TTL in ms. Returns the metadata of the record deleted, false when there was none.
 const DELETE_SCRIPT: &str = r#"
-local existed = redis.call('EXISTS', KEYS[2])
+local meta = redis.call('HGET', KEYS[2], 'meta')
 redis.call('SET', KEYS[1], '1', 'PX', ARGV[1])
 for i = 2, #KEYS do redis.call('UNLINK', KEYS[i]) end
-return existed
+return meta
 "#;
 
 /// Takes or renews a lease: KEYS = lease; ARGV = owner, TTL in ms. Returns 1 when the
@@ -688,8 +708,9 @@ impl RedisStore {
         }
     }
 
-    async fn delete(&self, tombstone: &str, doomed: &[String]) -> Result<bool> {
-        let existed: i64 = self
+    /// Runs the delete script: the record deleted, `None` when there was none.
+    async fn delete(&self, tombstone: &str, doomed: &[String]) -> Result<Option<SessionRecord>> {
+        let meta: Option<Vec<u8>> = self
             .retried("delete", |mut con| async move {
                 DELETE
                     .key(tombstone)
@@ -699,7 +720,18 @@ impl RedisStore {
                     .await
             })
             .await?;
-        Ok(existed == 1)
+        meta.map(|m| SessionRecord::from_meta(&m)).transpose()
+    }
+
+    /// Deletes `keys` (nothing when there are none).
+    async fn unlink(&self, keys: &[String]) -> Result<()> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        let _: i64 = self
+            .retried("unlink", |mut con| async move { con.unlink(keys).await })
+            .await?;
+        Ok(())
     }
 
     async fn lease(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {

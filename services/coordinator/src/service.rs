@@ -238,7 +238,7 @@ impl Coordinator {
         let deleted = self
             .inner
             .store
-            .delete_session(&record.model_id, id, record.committed_blocks)
+            .delete_session(&record.model_id, id)
             .await?;
         if let Some(key) = &record.owner {
             let store = &self.inner.store;
