@@ -64,7 +64,8 @@ fn the_redis_store_keeps_the_store_contract() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
-        bd3lm_kvstore::contract::check(store).await;
+        bd3lm_kvstore::contract::check(store.clone()).await;
+        bd3lm_kvstore::contract::check_jobs(store).await;
     });
 }
 

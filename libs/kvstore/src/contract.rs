@@ -122,3 +122,55 @@ pub async fn check(store: Store) {
         Err(Error::NoSession(_))
     ));
 }
+
+/// Exercises the jobs, the queue and the registry of `store` (which must hold none):
+/// records by revision, claims that lapse and move to another trainer, touches that fail
+/// once another trainer holds the entry, and versions written once.
+pub async fn check_jobs(store: Store) {
+    use std::time::Duration;
+    let lease = Duration::from_secs(60);
+    assert!(store.submit_job("j1", b"one").await.unwrap());
+    assert!(
+        !store.submit_job("j1", b"again").await.unwrap(),
+        "ids are unique"
+    );
+    assert!(store.submit_job("j2", b"two").await.unwrap());
+    let listed = store.list_jobs(10).await.unwrap();
+    let bodies: Vec<&[u8]> = listed.iter().map(|r| r.body.as_slice()).collect();
+    assert_eq!(bodies, [b"two".as_slice(), b"one"], "newest first");
+    assert_eq!(store.list_jobs(1).await.unwrap().len(), 1);
+
+    let j1 = store.get_job("j1").await.unwrap().unwrap();
+    assert_eq!((j1.revision, j1.body.as_slice()), (1, b"one".as_slice()));
+    assert_eq!(store.update_job("j1", 1, b"one'").await.unwrap(), Some(2));
+    assert_eq!(store.update_job("j1", 1, b"stale").await.unwrap(), None);
+    assert_eq!(store.update_job("nope", 1, b"x").await.unwrap(), None);
+    assert_eq!(store.get_job("j1").await.unwrap().unwrap().body, b"one'");
+
+    let a = store.claim_job("a", lease).await.unwrap().unwrap();
+    assert_eq!((a.job_id.as_str(), a.deliveries), ("j1", 1), "oldest first");
+    let b = store.claim_job("b", lease).await.unwrap().unwrap();
+    assert_eq!(b.job_id, "j2");
+    assert_eq!(store.claim_job("c", lease).await.unwrap(), None);
+    assert!(store.touch_job(&a, "a").await.unwrap());
+    assert!(!store.touch_job(&a, "b").await.unwrap(), "not b's entry");
+
+    // Trainer a stops touching j1: with the lease lapsed, c takes it over.
+    let c = store.claim_job("c", Duration::ZERO).await.unwrap().unwrap();
+    assert_eq!((c.entry.as_str(), c.deliveries), (a.entry.as_str(), 2));
+    assert!(!store.touch_job(&a, "a").await.unwrap(), "a lost it");
+    assert!(store.touch_job(&c, "c").await.unwrap());
+    store.finish_job(&c).await.unwrap();
+    store.finish_job(&b).await.unwrap();
+    assert_eq!(store.claim_job("d", Duration::ZERO).await.unwrap(), None);
+
+    assert_eq!(store.next_model_version("m").await.unwrap(), 1);
+    assert_eq!(store.next_model_version("m").await.unwrap(), 2);
+    assert!(store.record_model_version("m", 2, b"v2").await.unwrap());
+    assert!(!store.record_model_version("m", 2, b"other").await.unwrap());
+    assert!(store.record_model_version("m", 1, b"v1").await.unwrap());
+    let versions = store.model_versions("m").await.unwrap();
+    assert_eq!(versions, vec![(1, b"v1".to_vec()), (2, b"v2".to_vec())]);
+    assert!(store.model_versions("other").await.unwrap().is_empty());
+    assert_eq!(store.model_names().await.unwrap(), vec!["m".to_string()]);
+}

@@ -4,6 +4,7 @@
 //! * [`blob`]: the container of one committed block's keys and values (model id, weights
 //!   fingerprint, block index, checksum around the model's self-describing payload);
 //! * [`record`]: a session's tokens, seed and parameters: the source of truth;
+//! * [`jobs`]: the training service's job records, job queue and model registry records;
 //! * [`store`]: the [`Store`] with an in-memory implementation (the embedded default) and a
 //!   Redis one (one key prefix, TTL refreshed on write, pipelined reads, reconnection).
 //!
@@ -15,6 +16,7 @@ pub mod blob;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod error;
+pub mod jobs;
 pub mod metrics;
 pub mod record;
 #[cfg(feature = "grpc")]
@@ -26,5 +28,6 @@ pub use args::StoreArgs;
 
 pub use blob::BlockBlob;
 pub use error::{Error, Result};
+pub use jobs::{JobClaim, Revised};
 pub use record::SessionRecord;
 pub use store::{CommitOutcome, RedisSecrets, Store, StoreConfig};

@@ -90,6 +90,7 @@ impl Store {
         Store::Memory(MemoryStore {
             config,
             entries: Arc::default(),
+            jobs: Arc::default(),
         })
     }
 
@@ -132,7 +133,7 @@ impl Store {
         Ok(Store::Redis(RedisStore { config, manager }))
     }
 
-    fn config(&self) -> &StoreConfig {
+    pub(crate) fn config(&self) -> &StoreConfig {
         match self {
             Store::Memory(m) => &m.config,
             Store::Redis(r) => &r.config,
@@ -376,6 +377,8 @@ type Entries = HashMap<String, (Value, Instant)>;
 pub struct MemoryStore {
     config: StoreConfig,
     entries: Arc<Mutex<Entries>>,
+    /// Jobs, their queue and the registry (see [`crate::jobs`]).
+    pub(crate) jobs: Arc<Mutex<crate::jobs::MemoryJobs>>,
 }
 
 /// The live value at `key`.
@@ -803,7 +806,11 @@ impl RedisStore {
     /// twice: reads, and scripts that compare before they write (a repeated commit finds
     /// its own write as the stored record: [`Store::commit`]'s callers treat that as
     /// committed by another writer, with the same tokens).
-    async fn retried<T, F, Fut>(&self, op: &'static str, call: F) -> redis::RedisResult<T>
+    pub(crate) async fn retried<T, F, Fut>(
+        &self,
+        op: &'static str,
+        call: F,
+    ) -> redis::RedisResult<T>
     where
         F: Fn(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
@@ -842,6 +849,7 @@ mod tests {
     #[tokio::test]
     async fn memory_store_keeps_the_contract() {
         crate::contract::check(Store::memory(StoreConfig::default())).await;
+        crate::contract::check_jobs(Store::memory(StoreConfig::default())).await;
     }
 
     #[tokio::test]

@@ -2,6 +2,7 @@
 //! trainer with the paper's optimiser and clipped-schedule search, and evaluation by the
 //! perplexity bound and by a real causal LM judging the model's samples.
 
+mod alloc;
 pub mod bound;
 pub mod data;
 mod error;
@@ -10,8 +11,9 @@ pub mod judge;
 pub mod optim;
 pub mod trainer;
 
+pub use alloc::retain_freed_memory;
 pub use error::{Error, Result};
 pub use trainer::{Event, Init, StepStats, TrainOptions, Trainer, ValStats};
 
-#[cfg(test)]
-mod test_util;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;

@@ -1,4 +1,5 @@
-//! Small corpora, tokenizers and shards for the tests of this crate.
+//! Small corpora, tokenizers and shards for the tests of this crate and of the crates built
+//! on it (feature `test-util`).
 
 use std::path::{Path, PathBuf};
 

@@ -28,7 +28,7 @@ struct TrainBench {
 /// Measures `steps` optimiser steps per shape on random tokens, after `warmup` steps (the
 /// first steps are slower while the allocator's heap grows to its working size).
 pub fn run(steps: usize, warmup: usize, seed: u64) -> anyhow::Result<()> {
-    crate::train::retain_freed_memory();
+    bd3lm_training::retain_freed_memory();
     let shapes = [
         ("demo", Config::new(8193, 256, 4, 4, 128, 256, 4), 8),
         ("tiny", Config::tiny(4), 1),

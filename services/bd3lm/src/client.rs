@@ -3,8 +3,6 @@
 use std::io::Write;
 use std::time::Instant;
 
-use anyhow::Context;
-use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::tls::TlsFiles;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
@@ -49,30 +47,16 @@ pub async fn generate(
     tls: &TlsFiles,
     args: &GenerationArgs,
 ) -> anyhow::Result<()> {
-    let host = addr.rsplit_once("://").map_or(addr, |(_, rest)| rest);
-    let name = host.rsplit_once(':').map_or(host, |(name, _)| name);
-    let tls = tls.client(name)?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{host}"))
-        .with_context(|| format!("the address {addr}"))?;
-    if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls)?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("connecting to {addr}"))?;
-    let bearer = Bearer::new(api_key).context("--api-key: printable ASCII without spaces")?;
-    let mut client = GenerationClient::with_interceptor(channel, bearer);
+    let mut client = GenerationClient::new(crate::remote::connect(addr, api_key, tls).await?);
     let started = Instant::now();
     let mut stream = client
         .generate_stream(request(args, session))
         .await
-        .map_err(status)?
+        .map_err(crate::remote::status)?
         .into_inner();
     let mut stdout = std::io::stdout().lock();
     let (mut tokens, mut blocks) = (0usize, 0usize);
-    while let Some(message) = stream.message().await.map_err(status)? {
+    while let Some(message) = stream.message().await.map_err(crate::remote::status)? {
         if message.text.is_empty() {
             for id in &message.token_ids {
                 let _ = write!(stdout, "{id} ");
@@ -99,10 +83,6 @@ pub async fn generate(
         }
     }
     Ok(())
-}
-
-fn status(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
 #[cfg(test)]

@@ -10,6 +10,8 @@ mod client;
 mod demo;
 mod eval;
 mod generate;
+mod jobs;
+mod remote;
 mod serve;
 mod train;
 
@@ -55,7 +57,7 @@ enum Command {
     Generate(args::GenerateArgs),
     /// Serve the gRPC Generation API: a coordinator and N denoise workers in one process,
     /// with the in-memory store (or --redis).
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Train a byte-level BPE tokenizer on text files.
     TrainTokenizer(train::TokenizerArgs),
     /// Build GPT-2's tokenizer.json from OpenAI's encoder.json and vocab.bpe.
@@ -63,8 +65,15 @@ enum Command {
     /// Tokenize text files into wrapped rows of model_length tokens, as train and
     /// validation shards.
     PrepareData(train::PrepareArgs),
-    /// Train a BD3-LM on prepared shards (or fine-tune a checkpoint, or resume a run).
+    /// Train a BD3-LM on prepared shards (or fine-tune a checkpoint, or resume a run);
+    /// with --addr, as a job of a running system's Training service.
     Train(train::TrainArgs),
+    /// Training jobs of a running system: list, watch, cancel.
+    #[command(subcommand)]
+    Jobs(jobs::JobsCommand),
+    /// The model registry of a running system.
+    #[command(subcommand)]
+    Models(jobs::ModelsCommand),
     /// Evaluate a checkpoint: perplexity bound on held-out shards, generative perplexity
     /// and unigram entropy of its samples under a judge LM. Prints one JSON object.
     Eval(eval::EvalArgs),
@@ -231,12 +240,20 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
             eval::run(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Train(args) => {
-            train::train(&args)?;
+        Command::Train(args) => match &args.addr {
+            Some(addr) => Ok(success(runtime.block_on(jobs::submit(&args, addr))?)),
+            None => {
+                train::train(&args)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        },
+        Command::Jobs(command) => Ok(success(runtime.block_on(jobs::jobs(command))?)),
+        Command::Models(command) => {
+            runtime.block_on(jobs::models(command))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve(args) => {
-            runtime.block_on(serve::run(args))?;
+            runtime.block_on(serve::run(*args))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Generate(args) => {
@@ -256,6 +273,15 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
             bench(command, runtime)?;
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// Exit code 0 for a success, 1 otherwise (a job that failed or was cancelled).
+fn success(ok: bool) -> ExitCode {
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// Checkpoint directory; default: the bundled demo model.
     #[arg(long, env = "BD3LM_CHECKPOINT")]
     pub checkpoint: Option<PathBuf>,
+    /// Directory of the built-in trainer's runs (`runs/`) and of the model registry
+    /// (`registry/`); default: a temporary directory removed at exit.
+    #[arg(long, env = "BD3LM_TRAINING_DIR", value_name = "DIR")]
+    pub training_dir: Option<PathBuf>,
     /// TLS on the public port (the workers inside stay on loopback).
     #[command(flatten)]
     pub tls: TlsFiles,
@@ -51,6 +55,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     bd3lm_coordinator::metrics::describe();
     bd3lm_worker::metrics::describe();
     bd3lm_kvstore::metrics::describe();
+    bd3lm_trainer::describe_metrics();
     let store = args.store.open()?;
     let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
     let (device, dtype) = (args.device.device()?, args.device.dtype());
@@ -105,9 +110,42 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls: args.tls.server()?,
         health: args.health.bind().await?,
     };
+    let _training = spawn_trainer(args.training_dir.as_deref(), &store)?;
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
         bd3lm_coordinator::serve(ports, pool, store, settings, stop)
     })
     .await
+}
+
+/// Starts one trainer over `store`, with its runs and registry under `dir` (a temporary
+/// directory, returned to be kept until exit, when none is given).
+fn spawn_trainer(
+    dir: Option<&std::path::Path>,
+    store: &bd3lm_kvstore::Store,
+) -> anyhow::Result<Option<tempfile::TempDir>> {
+    let temporary = match dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("bd3lm-training-")
+                .tempdir()?,
+        ),
+    };
+    let dir = dir
+        .or(temporary.as_ref().map(|t| t.path()))
+        .expect("one of them is set");
+    let settings = bd3lm_trainer::TrainerSettings {
+        runs_dir: dir.join("runs"),
+        registry_dir: dir.join("registry"),
+        job_lease_secs: 30,
+        max_job_crashes: 3,
+    };
+    for d in [&settings.runs_dir, &settings.registry_dir] {
+        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    }
+    tracing::info!(dir = %dir.display(), "training jobs run here");
+    let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
+    tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));
+    Ok(temporary)
 }

@@ -1,7 +1,7 @@
 //! `bd3lm train-tokenizer`, `gpt2-tokenizer`, `prepare-data` and `train`: the training
 //! path on the command line, with progress bars.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bd3lm_diffusion::NoiseSchedule;
@@ -146,8 +146,36 @@ pub enum DecayArg {
 #[derive(Debug, Args)]
 pub struct TrainArgs {
     /// Run directory: checkpoint/, resume/ and metrics.jsonl.
-    #[arg(long, value_name = "DIR")]
-    pub out: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "addr")]
+    pub out: Option<PathBuf>,
+    /// Submit the run as a job to the Training service at HOST:PORT (`bd3lm serve`, the
+    /// coordinator) instead of training here, and follow it; --data must be on storage
+    /// the server shares.
+    #[arg(long, value_name = "HOST:PORT", conflicts_with_all = ["out", "resume", "init_from"])]
+    pub addr: Option<String>,
+    /// With --addr: the registry name to publish the result under.
+    #[arg(long, requires = "addr")]
+    pub name: Option<String>,
+    /// With --addr: start from a published version's weights (NAME or NAME@VERSION).
+    #[arg(long, value_name = "NAME[@VERSION]", requires = "addr")]
+    pub fine_tune: Option<String>,
+    /// With --addr: also publish a version at every save.
+    #[arg(long, requires = "addr")]
+    pub publish_each_save: bool,
+    /// With --addr: print the job's id and return instead of following it.
+    #[arg(long, requires = "addr")]
+    pub detach: bool,
+    /// With --addr: the API key (prefer the environment variable).
+    #[arg(
+        long,
+        env = "BD3LM_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+    /// With --addr: TLS towards the server.
+    #[command(flatten)]
+    pub tls: bd3lm_proto::tls::TlsFiles,
     /// Continue the run in --out from its resume state (other options are the run's).
     #[arg(long)]
     pub resume: bool,
@@ -223,31 +251,19 @@ pub struct TrainArgs {
     pub metrics: bd3lm_telemetry::metrics::MetricsArgs,
 }
 
-/// Keeps freed memory in the process. A training step allocates and frees many tensors of
-/// megabytes; glibc's default returns each to the kernel and faults it in again, which
-/// doubled the step time on the CPU. Blocks up to 32 MiB (glibc's largest heap threshold)
-/// now come from a heap that is not trimmed; larger ones are still mapped and unmapped,
-/// which keeps the heap from fragmenting without bound.
-pub fn retain_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator thresholds; called before the training threads
-    // allocate.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
-
 /// Trains (or resumes) a run, with a progress bar and a one-line summary per validation.
 pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
-    retain_freed_memory();
+    bd3lm_training::retain_freed_memory();
     args.metrics.install()?;
     bd3lm_training::trainer::describe_metrics();
+    let out = args
+        .out
+        .as_deref()
+        .context("--out is required without --addr")?;
     let mut trainer = if args.resume {
-        Trainer::resume(&args.out, args.steps)?
+        Trainer::resume(out, args.steps)?
     } else {
-        new_trainer(args)?
+        new_trainer(args, out)?
     };
     let opts = trainer.options().clone();
     let cfg = trainer.config();
@@ -280,7 +296,7 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn new_trainer(args: &TrainArgs) -> anyhow::Result<Trainer> {
+fn new_trainer(args: &TrainArgs, out: &Path) -> anyhow::Result<Trainer> {
     let data = args.data.clone().expect("required unless --resume");
     let index = ShardIndex::open(&data)?;
     let mut opts = TrainOptions::new(data);
@@ -302,10 +318,10 @@ fn new_trainer(args: &TrainArgs) -> anyhow::Result<Trainer> {
     opts.clip_search = !args.no_clip_search;
     opts.schedule = args.schedule;
     opts.save_dtype = args.save_dtype.clone();
-    if args.out.join(bd3lm_training::trainer::RESUME_DIR).exists() {
+    if out.join(bd3lm_training::trainer::RESUME_DIR).exists() {
         bail!(
             "{} already holds a run: add --resume to continue it, or choose another --out",
-            args.out.display()
+            out.display()
         );
     }
     let init = match &args.init_from {
@@ -315,24 +331,13 @@ fn new_trainer(args: &TrainArgs) -> anyhow::Result<Trainer> {
         },
         None => Init::Scratch(scratch_config(args, &index)?),
     };
-    Ok(Trainer::new(&args.out, opts, init)?)
+    Ok(Trainer::new(out, opts, init)?)
 }
 
 fn scratch_config(args: &TrainArgs, index: &ShardIndex) -> anyhow::Result<Config> {
-    let mut cfg = Config::new(
-        index.vocab_size,
-        args.hidden_dim,
-        args.n_heads,
-        args.n_blocks,
-        args.cond_dim,
-        index.row_length,
-        args.block_size.unwrap_or(4),
-    );
-    if index.mask_id as usize != index.vocab_size - 1 {
-        cfg.mask_token_id = Some(index.mask_id);
-    }
-    cfg.validate()?;
-    Ok(cfg)
+    let shape = (args.hidden_dim, args.n_heads, args.n_blocks, args.cond_dim);
+    let block_size = args.block_size.unwrap_or(4);
+    Ok(bd3lm_jobs::spec::scratch_config(index, shape, block_size)?)
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {

@@ -6,7 +6,8 @@
 //! rules, decoding, streaming; the session's [`lease`] held throughout) → [`admission`] (a worker slot, first come first served)
 //! → [`dispatch`] (the worker holding the session's cache,
 //! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
-//! [`service`] is the gRPC surface and [`settings`] the flags.
+//! [`service`] is the gRPC surface and [`settings`] the flags. [`training`] serves the
+//! `Training` API: jobs for the trainer workers and the model registry's records.
 
 pub mod admission;
 pub mod dispatch;
@@ -19,6 +20,7 @@ pub mod settings;
 pub mod stream;
 #[cfg(test)]
 mod tests;
+pub mod training;
 pub mod validation;
 
 use std::future::Future;
@@ -29,12 +31,14 @@ use anyhow::Context;
 use bd3lm_kvstore::Store;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::generation_server::GenerationServer;
+use bd3lm_proto::v1::training_server::TrainingServer;
 use bd3lm_telemetry::probes::Ports;
 use tonic::service::interceptor::InterceptedService;
 
 pub use pool::{Pool, WorkerSource};
 pub use service::Coordinator;
 pub use settings::{CoordinatorSettings, Routing};
+pub use training::TrainingService;
 pub use validation::Limits;
 
 /// The public API's keys from `--api-keys`, re-read on SIGHUP; an open set without it.
@@ -105,6 +109,15 @@ pub async fn serve(
             reporter
                 .set_service_status("bd3lm.v1.Generation", status)
                 .await;
+            // Training needs only the store: jobs queue while no trainer runs.
+            let training = if !stopping && store_ok {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter
+                .set_service_status("bd3lm.v1.Training", training)
+                .await;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     });
@@ -120,13 +133,19 @@ pub async fn serve(
         .transpose()
         .context("building the reflection service")?;
     let max_request = settings.limits.max_request_bytes;
+    let training = TrainingService::new(store.clone(), settings.training_data_root.clone());
     let coordinator = Coordinator::new(pool, store, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
+    let training = TrainingServer::new(training);
     let (mut server, incoming) = ports.start(&health)?;
     server
         .add_service(health)
         .add_optional_service(reflection)
-        .add_service(InterceptedService::new(generation, keys.interceptor()))
+        .add_service(InterceptedService::new(
+            generation,
+            keys.clone().interceptor(),
+        ))
+        .add_service(InterceptedService::new(training, keys.interceptor()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .context("coordinator server")

@@ -152,7 +152,7 @@ impl Coordinator {
 }
 
 /// The id of the caller's API key (`None` on an open API), as the key check left it.
-fn caller<T>(request: &Request<T>) -> Option<String> {
+pub(crate) fn caller<T>(request: &Request<T>) -> Option<String> {
     request
         .extensions()
         .get::<Caller>()
@@ -303,14 +303,14 @@ impl Generation for Coordinator {
 /// `x-request-id` metadata of its answer, an error's included, so that what a client
 /// reports finds the server's log lines. Details of server-side failures stay in the log.
 /// The answer is counted in the request metrics of its method.
-struct RequestId {
+pub(crate) struct RequestId {
     id: String,
     method: &'static str,
     started: Instant,
 }
 
 impl RequestId {
-    fn new(method: &'static str) -> Self {
+    pub(crate) fn new(method: &'static str) -> Self {
         Self {
             id: format!("{:016x}", rand::random::<u64>()),
             method,
@@ -318,11 +318,14 @@ impl RequestId {
         }
     }
 
-    fn span(&self, call: &'static str) -> tracing::Span {
+    pub(crate) fn span(&self, call: &'static str) -> tracing::Span {
         tracing::info_span!("call", call, request_id = %self.id)
     }
 
-    fn answer<T>(&self, result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    pub(crate) fn answer<T>(
+        &self,
+        result: Result<Response<T>, Status>,
+    ) -> Result<Response<T>, Status> {
         let value: AsciiMetadataValue = self.id.parse().expect("hex is valid metadata");
         match result {
             Ok(mut response) => {

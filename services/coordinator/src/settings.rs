@@ -73,6 +73,11 @@ pub struct CoordinatorSettings {
     /// Serve gRPC reflection (grpcurl's discovery) on the public port.
     #[arg(long, env = "BD3LM_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
+    /// Directory every training job's data must lie under (relative `data` paths are
+    /// resolved against it); the same storage the trainers mount. Without it any absolute
+    /// path is accepted.
+    #[arg(long, env = "BD3LM_TRAINING_DATA_ROOT", value_name = "DIR")]
+    pub training_data_root: Option<PathBuf>,
     /// tokenizer.json for text prompts; without it prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -106,6 +111,7 @@ impl Default for CoordinatorSettings {
             lease_wait: Duration::from_secs(2),
             api_keys: None,
             reflection: true,
+            training_data_root: None,
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),
         }

@@ -3,6 +3,7 @@
 //! published layout, and an exact resume state.
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -415,27 +416,48 @@ impl Trainer {
     /// Trains to the last step, validating and saving at the configured intervals and at
     /// the end, appending every event to the metrics log and reporting it to `on_event`.
     pub fn run(&mut self, mut on_event: impl FnMut(Event)) -> Result<()> {
+        self.run_until(|event| {
+            on_event(event);
+            ControlFlow::Continue(())
+        })?;
+        Ok(())
+    }
+
+    /// [`Trainer::run`], asking `on_event` after each event whether to go on. A `Break`
+    /// stops the run at once: after a step, before that step is logged, validated or
+    /// saved, so the run directory stays as its last save left it and a resume continues
+    /// the same curve. Returns whether the run reached its last step.
+    pub fn run_until(
+        &mut self,
+        mut on_event: impl FnMut(Event) -> ControlFlow<()>,
+    ) -> Result<bool> {
         let mut log = MetricsLog::open(&self.out.join(METRICS_FILE), self.step())?;
         let due = |every: u64, step: u64| every > 0 && step.is_multiple_of(every);
         while self.step() < self.opts.steps {
             let stats = self.train_step()?;
+            if on_event(Event::Step(&stats)).is_break() {
+                return Ok(false);
+            }
             log.write("train", &stats)?;
             metrics::export_step(&stats);
-            on_event(Event::Step(&stats));
             let step = self.step();
             let last = step == self.opts.steps;
             if last || due(self.opts.val_every, step) {
                 let val = self.validate()?;
                 log.write("validation", &val)?;
                 metrics::export_validation(&val);
-                on_event(Event::Validation(&val));
+                if on_event(Event::Validation(&val)).is_break() {
+                    return Ok(false);
+                }
             }
             if last || due(self.opts.save_every, step) {
                 let dir = self.save()?;
-                on_event(Event::Saved(&dir));
+                if on_event(Event::Saved(&dir)).is_break() {
+                    return Ok(false);
+                }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 

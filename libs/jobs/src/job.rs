@@ -1,0 +1,258 @@
+//! A job's record and [`Jobs`], the records and the queue in the store. Every change of a
+//! record is a compare-and-set on its revision, so the API's cancel and the trainer's
+//! progress never overwrite each other.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bd3lm_kvstore::{JobClaim, Revised, Store};
+use bd3lm_proto::v1 as wire;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, JobSpec, Result};
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a trainer.
+    Queued,
+    /// A trainer works on it.
+    Running,
+    /// Trained and published.
+    Succeeded,
+    /// Ended without a result.
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// How far a job has come.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Steps done.
+    pub step: u64,
+    /// Loss of the last step.
+    pub loss: f64,
+    /// Tokens per second of the last step.
+    pub tokens_per_s: f64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// Seconds to the end at the current speed.
+    pub eta_s: f64,
+    /// The latest validation: step, NELBO, perplexity bound.
+    pub validation: Option<(u64, f64, f64)>,
+}
+
+/// A job's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// 32 hex digits.
+    pub id: String,
+    /// The API key that submitted it (a hash), `None` on an open API: only that key sees
+    /// and cancels it.
+    pub owner: Option<String>,
+    /// What to train.
+    pub spec: JobSpec,
+    /// Where it is.
+    pub state: JobState,
+    /// How far it has come.
+    pub progress: Progress,
+    /// Why it failed.
+    pub error: String,
+    /// Trainers that have taken it.
+    pub attempts: u32,
+    /// Versions it published.
+    pub published: Vec<u64>,
+    /// Submission time, ms since the Unix epoch.
+    pub submitted_ms: u64,
+    /// Time of the last change.
+    pub updated_ms: u64,
+    /// A cancel was asked for.
+    pub cancel_requested: bool,
+    /// The store's revision this record was read at.
+    #[serde(skip)]
+    pub revision: u64,
+}
+
+impl Job {
+    /// The job as the API shows it.
+    pub fn to_wire(&self) -> wire::Job {
+        let state = match self.state {
+            JobState::Queued => wire::JobState::Queued,
+            JobState::Running => wire::JobState::Running,
+            JobState::Succeeded => wire::JobState::Succeeded,
+            JobState::Failed => wire::JobState::Failed,
+            JobState::Cancelled => wire::JobState::Cancelled,
+        };
+        let p = &self.progress;
+        wire::Job {
+            job_id: self.id.clone(),
+            spec: Some(self.spec.to_wire()),
+            state: state as i32,
+            progress: Some(wire::JobProgress {
+                step: p.step,
+                total_steps: self.spec.steps,
+                loss: p.loss,
+                tokens_per_s: p.tokens_per_s,
+                tokens: p.tokens,
+                eta_seconds: p.eta_s,
+                validation: p.validation.map(|(step, nelbo, ppl)| wire::Validation {
+                    step,
+                    nelbo,
+                    perplexity_bound: ppl,
+                }),
+            }),
+            error: self.error.clone(),
+            attempts: self.attempts,
+            published_versions: self.published.clone(),
+            submitted_unix_ms: self.submitted_ms,
+            updated_unix_ms: self.updated_ms,
+            cancel_requested: self.cancel_requested && !self.state.is_terminal(),
+        }
+    }
+
+    fn decode(stored: Revised) -> Result<Self> {
+        let mut job: Job = serde_json::from_slice(&stored.body)
+            .map_err(|e| Error::Corrupt(format!("job record: {e}")))?;
+        job.revision = stored.revision;
+        Ok(job)
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a job serializes")
+    }
+}
+
+/// The jobs in a store.
+#[derive(Clone)]
+pub struct Jobs {
+    store: Store,
+}
+
+/// Most jobs one listing returns.
+pub const MAX_LIST: usize = 1000;
+
+impl Jobs {
+    /// The jobs of `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// The store they live in.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Records a new job of `owner` and queues it.
+    #[tracing::instrument(skip_all)]
+    pub async fn submit(&self, spec: JobSpec, owner: Option<String>) -> Result<Job> {
+        let now = now_ms();
+        let job = Job {
+            id: crate::new_id(),
+            owner,
+            spec,
+            state: JobState::Queued,
+            progress: Progress::default(),
+            error: String::new(),
+            attempts: 0,
+            published: Vec::new(),
+            submitted_ms: now,
+            updated_ms: now,
+            cancel_requested: false,
+            revision: 1,
+        };
+        if !self.store.submit_job(&job.id, &job.encode()).await? {
+            return Err(Error::Corrupt("a new job id was taken".into()));
+        }
+        tracing::info!(job = %job.id, "job queued");
+        Ok(job)
+    }
+
+    /// Reads job `id`.
+    pub async fn get(&self, id: &str) -> Result<Option<Job>> {
+        self.store.get_job(id).await?.map(Job::decode).transpose()
+    }
+
+    /// Reads job `id` for the key `owner`: NOT_FOUND naming it when there is none or it
+    /// is another key's.
+    pub async fn get_owned(&self, id: &str, owner: Option<&str>) -> Result<Job> {
+        let missing = || Error::NotFound(format!("job_id: no job {id}"));
+        if !bd3lm_kvstore::record::is_session_id(id) {
+            return Err(Error::invalid("job_id", "must be 32 lowercase hex digits"));
+        }
+        let job = self.get(id).await?.ok_or_else(missing)?;
+        if owner.is_some() && job.owner.as_deref() != owner {
+            return Err(missing());
+        }
+        Ok(job)
+    }
+
+    /// The latest `limit` jobs of `owner` (all jobs on an open API), newest first.
+    pub async fn list(&self, limit: usize, owner: Option<&str>) -> Result<Vec<Job>> {
+        let stored = self.store.list_jobs(MAX_LIST).await?;
+        let mut jobs = Vec::new();
+        for s in stored {
+            let job = Job::decode(s)?;
+            if owner.is_none() || job.owner.as_deref() == owner {
+                jobs.push(job);
+            }
+            if jobs.len() == limit {
+                break;
+            }
+        }
+        Ok(jobs)
+    }
+
+    /// Applies `change` to job `id` until it is stored over the revision it read (another
+    /// writer in between makes it read again); returns the record as written.
+    pub async fn update(&self, id: &str, mut change: impl FnMut(&mut Job)) -> Result<Job> {
+        loop {
+            let mut job = self
+                .get(id)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("job_id: no job {id}")))?;
+            change(&mut job);
+            job.updated_ms = now_ms();
+            if let Some(revision) = self
+                .store
+                .update_job(id, job.revision, &job.encode())
+                .await?
+            {
+                job.revision = revision;
+                return Ok(job);
+            }
+        }
+    }
+
+    /// Cancels job `id` of `owner`: a queued one ends at once, a running one when its
+    /// trainer next looks (within a step); an ended one stays as it is.
+    #[tracing::instrument(skip(self, owner))]
+    pub async fn cancel(&self, id: &str, owner: Option<&str>) -> Result<Job> {
+        self.get_owned(id, owner).await?;
+        self.update(id, |job| match job.state {
+            JobState::Queued => job.state = JobState::Cancelled,
+            JobState::Running => job.cancel_requested = true,
+            _ => {}
+        })
+        .await
+    }
+
+    /// Takes the next job for trainer `trainer` (see [`Store::claim_job`]).
+    pub async fn claim(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
+        Ok(self.store.claim_job(trainer, lease).await?)
+    }
+}

@@ -1,0 +1,24 @@
+//! The training service's model, shared by the coordinator (which serves the `Training`
+//! API), the trainer workers and the denoise workers that follow a model:
+//!
+//! * [`spec`]: a job's specification, validated from the wire with every default filled
+//!   in, and turned into the trainer's options;
+//! * [`job`]: a job's record (state, progress, attempts, published versions) and
+//!   [`Jobs`], the records and the queue in the store;
+//! * [`registry`]: published model versions: immutable checkpoint directories in the
+//!   registry's storage and their records in the store.
+
+mod error;
+pub mod job;
+pub mod registry;
+pub mod spec;
+
+pub use error::{Error, Result};
+pub use job::{Job, JobState, Jobs, Progress};
+pub use registry::{ModelVersion, Registry};
+pub use spec::JobSpec;
+
+/// A new random id: 32 lowercase hex digits.
+pub fn new_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}

@@ -1,0 +1,291 @@
+//! The model registry: each published version is a checkpoint directory
+//! `{dir}/{name}/{version}` in the registry's storage (a volume the trainers write and the
+//! denoise workers read) and a record in the store. A version's files are complete before
+//! its record exists, and neither is ever written again.
+
+use std::path::{Path, PathBuf};
+
+use bd3lm_kvstore::Store;
+use bd3lm_model::Config;
+use bd3lm_model::checkpoint::Checkpoint;
+use bd3lm_proto::v1 as wire;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result};
+
+/// A published version's record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    /// The model's name.
+    pub name: String,
+    /// The version, from 1.
+    pub version: u64,
+    /// The checkpoint's fingerprint (weights and configuration).
+    pub fingerprint: String,
+    /// The job that made it.
+    pub job_id: String,
+    /// Steps trained.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// The latest validation's NELBO and perplexity bound, if one ran.
+    pub validation: Option<(f64, f64)>,
+    /// The checkpoint's configuration (clipped interval included).
+    pub config: Config,
+    /// Publication time, ms since the Unix epoch.
+    pub published_ms: u64,
+}
+
+impl ModelVersion {
+    /// The version as the API shows it.
+    pub fn to_wire(&self) -> wire::ModelVersion {
+        let (nelbo, perplexity_bound) = self.validation.unwrap_or_default();
+        wire::ModelVersion {
+            name: self.name.clone(),
+            version: self.version,
+            fingerprint: self.fingerprint.clone(),
+            job_id: self.job_id.clone(),
+            step: self.step,
+            tokens: self.tokens,
+            nelbo,
+            perplexity_bound,
+            block_size: self.config.block_size as u32,
+            published_unix_ms: self.published_ms,
+        }
+    }
+}
+
+/// What a publication records besides the checkpoint.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Figures {
+    /// Steps trained.
+    pub step: u64,
+    /// Tokens trained on.
+    pub tokens: u64,
+    /// The latest validation's NELBO and perplexity bound.
+    pub validation: Option<(f64, f64)>,
+}
+
+/// The registry over a store and (for publishing and loading) its storage directory.
+#[derive(Clone)]
+pub struct Registry {
+    store: Store,
+    /// The storage directory; `None` for a reader of the records only (the coordinator).
+    dir: Option<PathBuf>,
+}
+
+/// Checks a model name: 1 to 64 of `[A-Za-z0-9._-]`, not starting with a dot (a name is a
+/// directory of the registry and part of store keys).
+pub fn check_name(field: &'static str, name: &str) -> Result<()> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    if name.is_empty() || name.len() > 64 || name.starts_with('.') || !name.chars().all(allowed) {
+        return Err(Error::invalid(
+            field,
+            "a model name is 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)",
+        ));
+    }
+    Ok(())
+}
+
+impl Registry {
+    /// The registry whose records are in `store` and files under `dir`.
+    pub fn new(store: Store, dir: impl Into<PathBuf>) -> Self {
+        Self {
+            store,
+            dir: Some(dir.into()),
+        }
+    }
+
+    /// The registry's records in `store`, without its files: lists and checks versions,
+    /// neither publishes nor loads them.
+    pub fn records(store: Store) -> Self {
+        Self { store, dir: None }
+    }
+
+    /// The checkpoint directory of a version.
+    pub fn path(&self, name: &str, version: u64) -> Result<PathBuf> {
+        let dir = self.dir.as_ref().ok_or_else(|| {
+            Error::Corrupt("this registry was opened without its storage directory".into())
+        })?;
+        Ok(dir.join(name).join(version.to_string()))
+    }
+
+    /// Publishes the checkpoint in `checkpoint` as the next version of `name`: its files
+    /// are copied into a fresh directory and renamed into place, then recorded.
+    #[tracing::instrument(skip(self, checkpoint, figures))]
+    pub async fn publish(
+        &self,
+        checkpoint: &Path,
+        name: &str,
+        job_id: &str,
+        figures: Figures,
+    ) -> Result<ModelVersion> {
+        check_name("publish_as", name)?;
+        let version = self.store.next_model_version(name).await?;
+        let target = self.path(name, version)?;
+        let (from, to) = (checkpoint.to_path_buf(), target.clone());
+        let (fingerprint, config) =
+            tokio::task::spawn_blocking(move || copy_checkpoint(&from, &to))
+                .await
+                .map_err(|e| Error::Corrupt(format!("publishing stopped: {e}")))??;
+        let record = ModelVersion {
+            name: name.to_string(),
+            version,
+            fingerprint,
+            job_id: job_id.to_string(),
+            step: figures.step,
+            tokens: figures.tokens,
+            validation: figures.validation,
+            config,
+            published_ms: crate::job::now_ms(),
+        };
+        let body = serde_json::to_vec(&record).expect("a version serializes");
+        if !self
+            .store
+            .record_model_version(name, version, &body)
+            .await?
+        {
+            return Err(Error::Corrupt(format!(
+                "{name} version {version} was recorded twice"
+            )));
+        }
+        tracing::info!(name, version, fingerprint = %record.fingerprint, "model version published");
+        Ok(record)
+    }
+
+    /// The versions of `name`, oldest first (none for an unknown name).
+    pub async fn versions(&self, name: &str) -> Result<Vec<ModelVersion>> {
+        let stored = self.store.model_versions(name).await?;
+        stored
+            .iter()
+            .map(|(_, body)| {
+                serde_json::from_slice(body)
+                    .map_err(|e| Error::Corrupt(format!("model version record: {e}")))
+            })
+            .collect()
+    }
+
+    /// The latest version of `name`.
+    pub async fn latest(&self, name: &str) -> Result<Option<ModelVersion>> {
+        Ok(self.versions(name).await?.pop())
+    }
+
+    /// The names with a published version, sorted.
+    pub async fn names(&self) -> Result<Vec<String>> {
+        Ok(self.store.model_names().await?)
+    }
+
+    /// A model as the API shows it; NOT_FOUND naming it when it has no version.
+    pub async fn model(&self, name: &str) -> Result<wire::Model> {
+        check_name("name", name)?;
+        let versions = self.versions(name).await?;
+        if versions.is_empty() {
+            return Err(Error::NotFound(format!(
+                "name: no model {name} in the registry"
+            )));
+        }
+        Ok(wire::Model {
+            name: name.to_string(),
+            versions: versions.iter().map(ModelVersion::to_wire).collect(),
+        })
+    }
+}
+
+/// Copies a checkpoint directory's files into `to` (which must not exist) through a
+/// temporary sibling, and reads its fingerprint and configuration from the copy.
+fn copy_checkpoint(from: &Path, to: &Path) -> Result<(String, Config)> {
+    let parent = to.parent().expect("a version directory has a parent");
+    std::fs::create_dir_all(parent).map_err(Error::io(parent))?;
+    let name = to.file_name().expect("a version directory has a name");
+    let tmp = parent.join(format!(".{}.tmp", name.to_string_lossy()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
+    for entry in std::fs::read_dir(from).map_err(Error::io(from))? {
+        let entry = entry.map_err(Error::io(from))?;
+        if entry
+            .file_type()
+            .map_err(Error::io(entry.path()))?
+            .is_file()
+        {
+            let dest = tmp.join(entry.file_name());
+            std::fs::copy(entry.path(), &dest).map_err(Error::io(&dest))?;
+        }
+    }
+    let ckpt = Checkpoint::open(&tmp).map_err(|e| Error::Corrupt(e.to_string()))?;
+    let fingerprint = ckpt
+        .fingerprint()
+        .map_err(|e| Error::Corrupt(e.to_string()))?;
+    if to.exists() {
+        return Err(Error::Corrupt(format!("{} exists already", to.display())));
+    }
+    std::fs::rename(&tmp, to).map_err(Error::io(to))?;
+    Ok((fingerprint, ckpt.config.clone()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use bd3lm_kvstore::StoreConfig;
+    use candle_core::DType;
+
+    /// The tiny network of the training tests' word corpus (vocabulary 12, rows of 16).
+    pub(crate) fn tiny(block_size: usize) -> Config {
+        Config::new(12, 32, 2, 2, 16, 16, block_size)
+    }
+
+    /// A checkpoint of `config` with seeded random weights in `dir`.
+    pub(crate) fn checkpoint(dir: &Path, config: &Config, seed: u64) -> PathBuf {
+        let weights = bd3lm_model::checkpoint::init_weights(config, seed).unwrap();
+        bd3lm_model::checkpoint::save(dir, config, &weights, DType::F32).unwrap();
+        dir.to_path_buf()
+    }
+
+    /// Versions count up from 1, each a complete copy with its fingerprint; a registry
+    /// without storage reads the records but publishes nothing.
+    #[tokio::test]
+    async fn versions_count_up_and_keep_their_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::memory(StoreConfig::default());
+        let registry = Registry::new(store.clone(), dir.path().join("registry"));
+        let figures = Figures {
+            step: 7,
+            tokens: 700,
+            validation: Some((1.5, 4.48)),
+        };
+        let a = checkpoint(&dir.path().join("a"), &tiny(4), 1);
+        let b = checkpoint(&dir.path().join("b"), &tiny(4), 2);
+        let v1 = registry
+            .publish(&a, "tiny", "job-a", figures)
+            .await
+            .unwrap();
+        let v2 = registry
+            .publish(&b, "tiny", "job-b", figures)
+            .await
+            .unwrap();
+        assert_eq!((v1.version, v2.version), (1, 2));
+        assert_ne!(v1.fingerprint, v2.fingerprint);
+        let stored = Checkpoint::open(registry.path("tiny", 2).unwrap()).unwrap();
+        assert_eq!(stored.fingerprint().unwrap(), v2.fingerprint);
+        assert_eq!(
+            registry.versions("tiny").await.unwrap(),
+            vec![v1, v2.clone()]
+        );
+        assert_eq!(registry.latest("tiny").await.unwrap(), Some(v2));
+        assert_eq!(registry.names().await.unwrap(), vec!["tiny".to_string()]);
+
+        let reader = Registry::records(store);
+        let model = reader.model("tiny").await.unwrap();
+        assert_eq!(model.versions.len(), 2);
+        assert_eq!(model.versions[0].perplexity_bound, 4.48);
+        let missing = reader.model("other").await.unwrap_err();
+        assert!(matches!(missing, Error::NotFound(_)), "{missing}");
+        assert!(reader.publish(&a, "tiny", "job-c", figures).await.is_err());
+        assert!(matches!(
+            registry.publish(&a, "../escape", "j", figures).await,
+            Err(Error::Invalid {
+                field: "publish_as",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,608 @@
+//! A job's specification: validated from the wire once, at submission, with every default
+//! filled in and a fine-tune's "latest" resolved to a version, so the job trains the same
+//! thing however often a trainer resumes it.
+
+use std::path::{Path, PathBuf};
+
+use bd3lm_model::Config;
+use bd3lm_proto::v1 as wire;
+use bd3lm_training::data::ShardIndex;
+use bd3lm_training::optim::Decay;
+use bd3lm_training::{Init as TrainInit, TrainOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::registry::{Registry, check_name};
+use crate::{Error, Result};
+
+/// Where a job's weights start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// A new network of this shape.
+    Shape {
+        /// Hidden width d.
+        hidden_dim: usize,
+        /// Attention heads.
+        n_heads: usize,
+        /// Transformer layers.
+        n_blocks: usize,
+        /// Width of the conditioning vector.
+        cond_dim: usize,
+    },
+    /// A published version's weights.
+    FineTune {
+        /// The model's name.
+        name: String,
+        /// The version, resolved at submission.
+        version: u64,
+    },
+}
+
+/// A validated job specification (see `training.proto` for each field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The prepared shards, as an absolute path on the shared storage.
+    pub data: PathBuf,
+    /// Where the weights start.
+    pub init: Init,
+    /// Block size L' of the trained model.
+    pub block_size: usize,
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Warm-up steps.
+    pub warmup: u64,
+    /// Learning rate after warm-up.
+    pub decay: Decay,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub accumulate: usize,
+    /// Seed of weights, data order and noise.
+    pub seed: u64,
+    /// Steps between validations (0: at the end).
+    pub val_every: u64,
+    /// Held-out batches per validation.
+    pub val_batches: usize,
+    /// Steps between saves of the resume state.
+    pub save_every: u64,
+    /// Registry name of the result.
+    pub publish_as: String,
+    /// Publish at every save too.
+    pub publish_each_save: bool,
+    /// EMA decay.
+    pub ema: f64,
+    /// Largest gradient norm.
+    pub grad_clip: f64,
+    /// Search the clipped noise interval at validations.
+    pub clip_search: bool,
+    /// Data-parallel processes.
+    pub world_size: u32,
+}
+
+/// Largest rows per micro-batch and micro-batches per step a job may ask for.
+const MAX_BATCH: u32 = 4096;
+
+/// The network of a new run on `index`'s data: its vocabulary, mask and row length, with
+/// the given shape and block size.
+pub fn scratch_config(
+    index: &ShardIndex,
+    (hidden_dim, n_heads, n_blocks, cond_dim): (usize, usize, usize, usize),
+    block_size: usize,
+) -> bd3lm_model::Result<Config> {
+    let mut config = Config::new(
+        index.vocab_size,
+        hidden_dim,
+        n_heads,
+        n_blocks,
+        cond_dim,
+        index.row_length,
+        block_size,
+    );
+    if index.mask_id as usize != index.vocab_size - 1 {
+        config.mask_token_id = Some(index.mask_id);
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+impl JobSpec {
+    /// Validates `spec` and fills in its defaults. `data_root`, when set, is where every
+    /// `data` must lie (relative paths are resolved against it); the registry resolves
+    /// the model to fine-tune and the versions already published under `publish_as`.
+    pub async fn validate(
+        spec: wire::JobSpec,
+        data_root: Option<&Path>,
+        registry: &Registry,
+    ) -> Result<Self> {
+        let data = resolve_data(&spec.data, data_root)?;
+        let index = ShardIndex::open(&data).map_err(|e| {
+            tracing::debug!(error = %e, "a job's data did not open");
+            Error::invalid(
+                "data",
+                "not a prepared shard directory (see bd3lm prepare-data)",
+            )
+        })?;
+        let (init, config) = match spec.init {
+            Some(wire::job_spec::Init::Shape(shape)) => {
+                shape_init(&shape, &index, spec.block_size)?
+            }
+            Some(wire::job_spec::Init::FineTune(model)) => {
+                fine_tune_init(&model, &index, spec.block_size, registry).await?
+            }
+            None => return Err(Error::invalid("init", "set shape or fine_tune")),
+        };
+        check_name("publish_as", &spec.publish_as)?;
+        check_successor(&spec.publish_as, &config, registry).await?;
+        let lr = spec.learning_rate.unwrap_or_default();
+        Ok(Self {
+            data,
+            init,
+            block_size: config.block_size,
+            steps: positive("steps", spec.steps)?,
+            lr: checked(
+                "learning_rate.peak",
+                lr.peak.unwrap_or(3e-4),
+                |v| v > 0.0,
+                "must be positive",
+            )?,
+            warmup: lr.warmup_steps.unwrap_or(2500.min(spec.steps / 10)),
+            decay: match wire::Decay::try_from(lr.decay) {
+                Ok(wire::Decay::Unspecified | wire::Decay::Constant) => Decay::Constant,
+                Ok(wire::Decay::Cosine) => Decay::Cosine,
+                Err(_) => return Err(Error::invalid("learning_rate.decay", "unknown decay")),
+            },
+            batch_size: bounded("batch_size", spec.batch_size.unwrap_or(8))?,
+            accumulate: bounded("accumulate", spec.accumulate.unwrap_or(1))?,
+            seed: spec.seed,
+            val_every: spec.val_every,
+            val_batches: bounded("val_batches", spec.val_batches.unwrap_or(8))?,
+            save_every: positive("save_every", spec.save_every.unwrap_or(50))?.min(spec.steps),
+            publish_as: spec.publish_as,
+            publish_each_save: spec.publish_each_save,
+            ema: checked(
+                "ema",
+                spec.ema.unwrap_or(0.9999),
+                |v| (0.0..1.0).contains(&v),
+                "must be in [0, 1)",
+            )?,
+            grad_clip: checked(
+                "grad_clip",
+                spec.grad_clip.unwrap_or(1.0),
+                |v| v > 0.0,
+                "must be positive",
+            )?,
+            clip_search: !spec.no_clip_search,
+            world_size: match spec.world_size.unwrap_or(1) {
+                1 => 1,
+                0 => return Err(Error::invalid("world_size", "must be at least 1")),
+                _ => {
+                    return Err(Error::invalid(
+                        "world_size",
+                        "data-parallel training over NCCL is not built into these trainers; use 1",
+                    ));
+                }
+            },
+        })
+    }
+
+    /// The trainer's options of this job.
+    pub fn train_options(&self) -> TrainOptions {
+        let mut opts = TrainOptions::new(self.data.clone());
+        opts.batch_size = self.batch_size;
+        opts.accumulate = self.accumulate;
+        opts.steps = self.steps;
+        opts.adamw.lr = self.lr;
+        opts.warmup = self.warmup;
+        opts.decay = self.decay;
+        opts.clip = self.grad_clip;
+        opts.ema = self.ema;
+        opts.seed = self.seed;
+        opts.val_every = self.val_every;
+        opts.val_batches = self.val_batches;
+        opts.save_every = self.save_every;
+        opts.clip_search = self.clip_search;
+        opts
+    }
+
+    /// The trainer's starting point of this job: a new network on its data, or the
+    /// version's checkpoint in `registry`.
+    pub fn train_init(&self, registry: &Registry) -> Result<TrainInit> {
+        match &self.init {
+            Init::Shape {
+                hidden_dim,
+                n_heads,
+                n_blocks,
+                cond_dim,
+            } => {
+                let index = ShardIndex::open(&self.data)
+                    .map_err(|e| Error::invalid("data", e.to_string()))?;
+                let shape = (*hidden_dim, *n_heads, *n_blocks, *cond_dim);
+                let config = scratch_config(&index, shape, self.block_size)
+                    .map_err(|e| Error::invalid("shape", e.to_string()))?;
+                Ok(TrainInit::Scratch(config))
+            }
+            Init::FineTune { name, version } => Ok(TrainInit::Checkpoint {
+                dir: registry.path(name, *version)?,
+                block_size: Some(self.block_size),
+            }),
+        }
+    }
+
+    /// The specification as the API shows it.
+    pub fn to_wire(&self) -> wire::JobSpec {
+        let init = match &self.init {
+            Init::Shape {
+                hidden_dim,
+                n_heads,
+                n_blocks,
+                cond_dim,
+            } => wire::job_spec::Init::Shape(wire::ModelShape {
+                hidden_dim: *hidden_dim as u32,
+                n_heads: *n_heads as u32,
+                n_blocks: *n_blocks as u32,
+                cond_dim: *cond_dim as u32,
+            }),
+            Init::FineTune { name, version } => wire::job_spec::Init::FineTune(wire::ModelRef {
+                name: name.clone(),
+                version: Some(*version),
+            }),
+        };
+        let decay = match self.decay {
+            Decay::Constant => wire::Decay::Constant,
+            Decay::Cosine => wire::Decay::Cosine,
+        };
+        wire::JobSpec {
+            data: self.data.display().to_string(),
+            init: Some(init),
+            block_size: Some(self.block_size as u32),
+            steps: self.steps,
+            learning_rate: Some(wire::LearningRate {
+                peak: Some(self.lr),
+                warmup_steps: Some(self.warmup),
+                decay: decay as i32,
+            }),
+            batch_size: Some(self.batch_size as u32),
+            accumulate: Some(self.accumulate as u32),
+            seed: self.seed,
+            val_every: self.val_every,
+            val_batches: Some(self.val_batches as u32),
+            save_every: Some(self.save_every),
+            publish_as: self.publish_as.clone(),
+            publish_each_save: self.publish_each_save,
+            ema: Some(self.ema),
+            grad_clip: Some(self.grad_clip),
+            no_clip_search: !self.clip_search,
+            world_size: Some(self.world_size),
+        }
+    }
+}
+
+/// The data directory of `given` (a path or a `file://` URI), inside `root` when set.
+fn resolve_data(given: &str, root: Option<&Path>) -> Result<PathBuf> {
+    if given.is_empty() {
+        return Err(Error::invalid(
+            "data",
+            "required: a prepared shard directory",
+        ));
+    }
+    let path = match given.split_once("://") {
+        Some(("file", path)) => path,
+        Some(_) => {
+            return Err(Error::invalid(
+                "data",
+                "only paths and file:// URIs are supported",
+            ));
+        }
+        None => given,
+    };
+    let path = Path::new(path);
+    let joined = match root {
+        Some(root) => root.join(path),
+        None if path.is_absolute() => path.to_path_buf(),
+        None => return Err(Error::invalid("data", "must be an absolute path")),
+    };
+    let missing = || Error::invalid("data", "no such directory on the trainers' storage");
+    let resolved = joined.canonicalize().map_err(|_| missing())?;
+    if let Some(root) = root {
+        // Symbolic links and `..` resolved first: no path leaves the root.
+        let root = root.canonicalize().map_err(|_| missing())?;
+        if !resolved.starts_with(&root) {
+            return Err(Error::invalid(
+                "data",
+                "must lie under the training data root",
+            ));
+        }
+    }
+    Ok(resolved)
+}
+
+fn shape_init(
+    shape: &wire::ModelShape,
+    index: &ShardIndex,
+    block_size: Option<u32>,
+) -> Result<(Init, Config)> {
+    let dims = [
+        shape.hidden_dim,
+        shape.n_heads,
+        shape.n_blocks,
+        shape.cond_dim,
+    ];
+    if dims.contains(&0) {
+        return Err(Error::invalid("shape", "every dimension must be positive"));
+    }
+    let init = Init::Shape {
+        hidden_dim: shape.hidden_dim as usize,
+        n_heads: shape.n_heads as usize,
+        n_blocks: shape.n_blocks as usize,
+        cond_dim: shape.cond_dim as usize,
+    };
+    let shape = dims.map(|d| d as usize);
+    let block_size = block_size.unwrap_or(4) as usize;
+    let config = scratch_config(index, (shape[0], shape[1], shape[2], shape[3]), block_size)
+        .map_err(|e| Error::invalid("shape", e.to_string()))?;
+    Ok((init, config))
+}
+
+async fn fine_tune_init(
+    model: &wire::ModelRef,
+    index: &ShardIndex,
+    block_size: Option<u32>,
+    registry: &Registry,
+) -> Result<(Init, Config)> {
+    check_name("fine_tune.name", &model.name)?;
+    let versions = registry.versions(&model.name).await?;
+    let found = match model.version {
+        Some(v) => versions.into_iter().find(|m| m.version == v),
+        None => versions.into_iter().last(),
+    };
+    let Some(from) = found else {
+        let what = match model.version {
+            Some(v) => format!("model {} has no version {v}", model.name),
+            None => format!("no model {} in the registry", model.name),
+        };
+        return Err(Error::invalid("fine_tune", what));
+    };
+    let mut config = from.config.clone();
+    if let Some(bs) = block_size {
+        config.block_size = bs as usize;
+    }
+    config
+        .validate()
+        .map_err(|e| Error::invalid("block_size", e.to_string()))?;
+    let fits = index.row_length == config.model_length
+        && index.vocab_size <= config.vocab_size
+        && index.mask_id == config.mask_id();
+    if !fits {
+        return Err(Error::invalid(
+            "data",
+            format!(
+                "rows of {} tokens over {} ids (mask {}) do not fit {} version {}: {} tokens over {} ids (mask {})",
+                index.row_length,
+                index.vocab_size,
+                index.mask_id,
+                model.name,
+                from.version,
+                config.model_length,
+                config.vocab_size,
+                config.mask_id()
+            ),
+        ));
+    }
+    let init = Init::FineTune {
+        name: model.name.clone(),
+        version: from.version,
+    };
+    Ok((init, config))
+}
+
+/// Versions of one name are interchangeable for the denoise workers that follow it: the
+/// same vocabulary, context length and block size.
+async fn check_successor(name: &str, config: &Config, registry: &Registry) -> Result<()> {
+    let Some(latest) = registry.versions(name).await?.pop() else {
+        return Ok(());
+    };
+    let (a, b) = (&latest.config, config);
+    if (a.vocab_size, a.model_length, a.block_size) != (b.vocab_size, b.model_length, b.block_size)
+    {
+        return Err(Error::invalid(
+            "publish_as",
+            format!(
+                "{name} has vocabulary {}, context {} and block size {}; this job's model has {}, {} and {}",
+                a.vocab_size,
+                a.model_length,
+                a.block_size,
+                b.vocab_size,
+                b.model_length,
+                b.block_size
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn positive(field: &'static str, v: u64) -> Result<u64> {
+    if v == 0 {
+        return Err(Error::invalid(field, "must be at least 1"));
+    }
+    Ok(v)
+}
+
+fn bounded(field: &'static str, v: u32) -> Result<usize> {
+    if !(1..=MAX_BATCH).contains(&v) {
+        return Err(Error::invalid(field, format!("must be 1 to {MAX_BATCH}")));
+    }
+    Ok(v as usize)
+}
+
+fn checked(field: &'static str, v: f64, ok: impl Fn(f64) -> bool, why: &str) -> Result<f64> {
+    if !(v.is_finite() && ok(v)) {
+        return Err(Error::invalid(field, format!("{why}, found {v}")));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::tests::{checkpoint, tiny};
+    use bd3lm_kvstore::{Store, StoreConfig};
+    use bd3lm_training::test_util::{counting_docs, shards};
+
+    fn spec(data: &Path) -> wire::JobSpec {
+        wire::JobSpec {
+            data: data.display().to_string(),
+            init: Some(wire::job_spec::Init::Shape(wire::ModelShape {
+                hidden_dim: 32,
+                n_heads: 2,
+                n_blocks: 2,
+                cond_dim: 16,
+            })),
+            steps: 40,
+            publish_as: "tiny".into(),
+            ..Default::default()
+        }
+    }
+
+    /// A minimal spec gets the documented defaults, and the data path comes back
+    /// absolute and resolved.
+    #[tokio::test]
+    async fn defaults_are_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let registry = Registry::records(Store::memory(StoreConfig::default()));
+        let valid = JobSpec::validate(spec(&data), None, &registry)
+            .await
+            .unwrap();
+        assert_eq!(valid.data, data.canonicalize().unwrap());
+        assert_eq!(
+            (valid.block_size, valid.batch_size, valid.accumulate),
+            (4, 8, 1)
+        );
+        assert_eq!(
+            (valid.warmup, valid.save_every, valid.val_batches),
+            (4, 40, 8)
+        );
+        assert_eq!((valid.lr, valid.ema, valid.grad_clip), (3e-4, 0.9999, 1.0));
+        assert!(valid.clip_search && valid.world_size == 1);
+        let round = JobSpec::validate(valid.to_wire(), None, &registry)
+            .await
+            .unwrap();
+        assert_eq!(round, valid, "the spec as shown submits the same job");
+    }
+
+    /// Each bad field is refused with its name, before anything is queued.
+    #[tokio::test]
+    async fn bad_specs_name_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let store = Store::memory(StoreConfig::default());
+        let registry = Registry::new(store, dir.path().join("registry"));
+        let ckpt = checkpoint(&dir.path().join("bs8"), &tiny(8), 3);
+        registry
+            .publish(&ckpt, "bs8", "j", Default::default())
+            .await
+            .unwrap();
+        type Change = Box<dyn Fn(&mut wire::JobSpec)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("data", Box::new(|s| s.data.clear())),
+            ("data", Box::new(|s| s.data = "/nonexistent/shards".into())),
+            ("data", Box::new(|s| s.data = "relative/shards".into())),
+            ("data", Box::new(|s| s.data = "s3://bucket/shards".into())),
+            ("data", Box::new(|s| s.data = "/tmp".into())),
+            ("init", Box::new(|s| s.init = None)),
+            (
+                "shape",
+                Box::new(|s| {
+                    s.init = Some(wire::job_spec::Init::Shape(wire::ModelShape {
+                        hidden_dim: 30,
+                        n_heads: 4,
+                        n_blocks: 2,
+                        cond_dim: 16,
+                    }))
+                }),
+            ),
+            ("shape", Box::new(|s| s.block_size = Some(5))),
+            (
+                "learning_rate.peak",
+                Box::new(|s| {
+                    s.learning_rate = Some(wire::LearningRate {
+                        peak: Some(-1e-3),
+                        ..Default::default()
+                    })
+                }),
+            ),
+            ("steps", Box::new(|s| s.steps = 0)),
+            ("batch_size", Box::new(|s| s.batch_size = Some(0))),
+            ("ema", Box::new(|s| s.ema = Some(1.0))),
+            (
+                "publish_as",
+                Box::new(|s| s.publish_as = "no/slashes".into()),
+            ),
+            ("publish_as", Box::new(|s| s.publish_as = "bs8".into())),
+            (
+                "fine_tune",
+                Box::new(|s| {
+                    s.init = Some(wire::job_spec::Init::FineTune(wire::ModelRef {
+                        name: "unknown".into(),
+                        version: None,
+                    }))
+                }),
+            ),
+            (
+                "fine_tune",
+                Box::new(|s| {
+                    s.init = Some(wire::job_spec::Init::FineTune(wire::ModelRef {
+                        name: "bs8".into(),
+                        version: Some(2),
+                    }))
+                }),
+            ),
+            ("world_size", Box::new(|s| s.world_size = Some(2))),
+        ];
+        for (field, change) in cases {
+            let mut bad = spec(&data);
+            change(&mut bad);
+            let err = JobSpec::validate(bad, None, &registry).await.unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { field: f, .. } if *f == field),
+                "expected {field}, got {err}"
+            );
+        }
+        let mut tune = spec(&data);
+        tune.init = Some(wire::job_spec::Init::FineTune(wire::ModelRef {
+            name: "bs8".into(),
+            version: None,
+        }));
+        let valid = JobSpec::validate(tune, None, &registry).await.unwrap();
+        assert_eq!(
+            valid.init,
+            Init::FineTune {
+                name: "bs8".into(),
+                version: 1
+            },
+            "latest resolved"
+        );
+    }
+
+    /// With a data root, relative paths resolve inside it and no path leaves it.
+    #[tokio::test]
+    async fn data_stays_under_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let registry = Registry::records(Store::memory(StoreConfig::default()));
+        let root = dir.path();
+        let mut relative = spec(Path::new("shards"));
+        let valid = JobSpec::validate(relative.clone(), Some(root), &registry).await;
+        assert_eq!(valid.unwrap().data, data.canonicalize().unwrap());
+        relative.data = "shards/../../".into();
+        let err = JobSpec::validate(relative, Some(root), &registry)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("under the training data root"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,179 @@
+//! The public `Training` service: job specs validated (their data must be visible here at
+//! the path the trainers see), jobs recorded and queued in the store for the trainer
+//! workers, and the model registry's records. Jobs belong to the API key that submitted
+//! them, as sessions do; the registry is shared.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bd3lm_jobs::job::MAX_LIST;
+use bd3lm_jobs::{JobSpec, Jobs, Registry};
+use bd3lm_kvstore::Store;
+use bd3lm_proto::v1 as wire;
+use bd3lm_proto::v1::training_server::Training;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use crate::service::{RequestId, caller};
+
+/// How often WatchJob reads the job for changes.
+const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The Training service over a store.
+#[derive(Clone)]
+pub struct TrainingService {
+    jobs: Jobs,
+    registry: Registry,
+    data_root: Option<PathBuf>,
+}
+
+impl TrainingService {
+    /// Jobs and registry records in `store`; job data must lie under `data_root` when set.
+    pub fn new(store: Store, data_root: Option<PathBuf>) -> Self {
+        Self {
+            jobs: Jobs::new(store.clone()),
+            registry: Registry::records(store),
+            data_root,
+        }
+    }
+
+    /// Streams job `id` until it ends or the client goes away.
+    async fn watch(jobs: Jobs, id: String, tx: mpsc::Sender<Result<wire::Job, Status>>) {
+        let mut seen = 0;
+        loop {
+            let job = match jobs.get(&id).await {
+                Ok(Some(job)) => job,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            };
+            if job.revision != seen {
+                seen = job.revision;
+                if tx.send(Ok(job.to_wire())).await.is_err() {
+                    return;
+                }
+            }
+            if job.state.is_terminal() {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+/// Runs one call in its span and answers it with its request id.
+macro_rules! call {
+    ($method:literal, $span:literal, $body:expr) => {{
+        let id = RequestId::new($method);
+        id.answer(async { $body }.instrument(id.span($span)).await)
+    }};
+}
+
+#[tonic::async_trait]
+impl Training for TrainingService {
+    type WatchJobStream = ReceiverStream<Result<wire::Job, Status>>;
+
+    async fn submit_job(
+        &self,
+        request: Request<wire::JobSpec>,
+    ) -> Result<Response<wire::Job>, Status> {
+        call!("SubmitJob", "submit_job", {
+            let owner = caller(&request);
+            let root = self.data_root.as_deref();
+            let spec = JobSpec::validate(request.into_inner(), root, &self.registry).await?;
+            let job = self.jobs.submit(spec, owner).await?;
+            Ok(Response::new(job.to_wire()))
+        })
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<wire::GetJobRequest>,
+    ) -> Result<Response<wire::Job>, Status> {
+        call!("GetJob", "get_job", {
+            let owner = caller(&request);
+            let job = self
+                .jobs
+                .get_owned(&request.get_ref().job_id, owner.as_deref())
+                .await?;
+            Ok(Response::new(job.to_wire()))
+        })
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<wire::ListJobsRequest>,
+    ) -> Result<Response<wire::ListJobsResponse>, Status> {
+        call!("ListJobs", "list_jobs", {
+            let owner = caller(&request);
+            let limit = request.get_ref().limit.unwrap_or(50) as usize;
+            if !(1..=MAX_LIST).contains(&limit) {
+                return Err(Status::invalid_argument(format!(
+                    "limit: must be 1 to {MAX_LIST}"
+                )));
+            }
+            let jobs = self.jobs.list(limit, owner.as_deref()).await?;
+            let jobs = jobs.iter().map(|j| j.to_wire()).collect();
+            Ok(Response::new(wire::ListJobsResponse { jobs }))
+        })
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<wire::GetJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        call!("WatchJob", "watch_job", {
+            let owner = caller(&request);
+            let id = request.into_inner().job_id;
+            self.jobs.get_owned(&id, owner.as_deref()).await?;
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(Self::watch(self.jobs.clone(), id, tx).in_current_span());
+            Ok(Response::new(ReceiverStream::new(rx)))
+        })
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<wire::CancelJobRequest>,
+    ) -> Result<Response<wire::Job>, Status> {
+        call!("CancelJob", "cancel_job", {
+            let owner = caller(&request);
+            let job = self
+                .jobs
+                .cancel(&request.get_ref().job_id, owner.as_deref())
+                .await?;
+            Ok(Response::new(job.to_wire()))
+        })
+    }
+
+    async fn list_models(
+        &self,
+        _request: Request<wire::ListModelsRequest>,
+    ) -> Result<Response<wire::ListModelsResponse>, Status> {
+        call!("ListModels", "list_models", {
+            let mut models = Vec::new();
+            for name in self.registry.names().await? {
+                models.push(self.registry.model(&name).await?);
+            }
+            Ok(Response::new(wire::ListModelsResponse { models }))
+        })
+    }
+
+    async fn get_model(
+        &self,
+        request: Request<wire::GetModelRequest>,
+    ) -> Result<Response<wire::Model>, Status> {
+        call!("GetModel", "get_model", {
+            Ok(Response::new(
+                self.registry.model(&request.get_ref().name).await?,
+            ))
+        })
+    }
+}

@@ -1,0 +1,112 @@
+//! The trainer worker: takes jobs from the store's queue one at a time, trains each in its
+//! run directory on the shared storage (`{runs}/{job}`: checkpoint, resume state, metrics
+//! log), and publishes the result to the registry.
+//!
+//! A job survives its trainer: the resume state is saved every `save_every` steps, and a
+//! job whose trainer stops touching its queue entry for the lease is taken by another
+//! trainer, which resumes it from the last save on exactly the curve it was on. A trainer
+//! checks before every step that it still holds the job (so two never train one job at
+//! once) and whether a cancel was asked for (so a cancel takes effect within a step).
+//! [`run_job`] is one job; [`run`] is the loop around it.
+
+mod metrics;
+mod run_job;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bd3lm_jobs::{Jobs, Registry};
+use bd3lm_kvstore::Store;
+
+pub use metrics::describe as describe_metrics;
+pub use run_job::run_job;
+
+/// Where a trainer keeps runs and publishes, and how it holds jobs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainerSettings {
+    /// Directory of the jobs' runs (`{dir}/{job}`), on storage every trainer shares: a job
+    /// resumes from it on another trainer.
+    #[arg(long, env = "BD3LM_RUNS_DIR", value_name = "DIR")]
+    pub runs_dir: PathBuf,
+    /// The model registry's storage: published versions are `{dir}/{name}/{version}`.
+    #[arg(long, env = "BD3LM_REGISTRY_DIR", value_name = "DIR")]
+    pub registry_dir: PathBuf,
+    /// Seconds a trainer may go without touching its job before another takes it over.
+    #[arg(long, env = "BD3LM_JOB_LEASE_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub job_lease_secs: u64,
+    /// Times a job's trainer may stop (die, hang) before the job fails instead of
+    /// resuming again.
+    #[arg(long, env = "BD3LM_MAX_JOB_CRASHES", default_value_t = 3)]
+    pub max_job_crashes: u32,
+}
+
+impl TrainerSettings {
+    /// The lease of a job.
+    pub fn lease(&self) -> Duration {
+        Duration::from_secs(self.job_lease_secs)
+    }
+}
+
+/// A trainer's handles: its id in the queue, the jobs, the registry, its settings.
+#[derive(Clone)]
+pub struct TrainerWorker {
+    /// This trainer's name in the queue's consumer group, drawn at start.
+    pub id: String,
+    jobs: Jobs,
+    registry: Registry,
+    settings: TrainerSettings,
+}
+
+impl TrainerWorker {
+    /// A trainer over `store` with `settings`.
+    pub fn new(store: Store, settings: TrainerSettings) -> Self {
+        Self {
+            id: format!("trainer-{:016x}", rand::random::<u64>()),
+            jobs: Jobs::new(store.clone()),
+            registry: Registry::new(store, settings.registry_dir.clone()),
+            settings,
+        }
+    }
+}
+
+/// How long an idle trainer waits before looking at the queue again.
+const POLL: Duration = Duration::from_millis(500);
+
+/// Takes and trains jobs until `shutdown` resolves; a job in progress then stops at its
+/// next step, and is resumed by another trainer once its lease lapses.
+pub async fn run(trainer: TrainerWorker, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tracing::info!(trainer = %trainer.id, "trainer waiting for jobs");
+    loop {
+        let claimed = tokio::select! {
+            _ = &mut shutdown => break,
+            c = trainer.jobs.claim(&trainer.id, trainer.settings.lease()) => c,
+        };
+        match claimed {
+            Ok(Some(claim)) => {
+                let job = run_job(&trainer, claim, stopped.clone());
+                tokio::pin!(job);
+                tokio::select! {
+                    _ = &mut job => continue,
+                    _ = &mut shutdown => {
+                        let _ = stop.send(true);
+                        job.await;
+                        break;
+                    }
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "reading the job queue failed"),
+        }
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+    }
+    tracing::info!(trainer = %trainer.id, "trainer stopped");
+}

@@ -1,0 +1,41 @@
+//! `bd3lm-trainer`: a trainer worker for deployment. Every setting is a flag or an
+//! environment variable.
+
+use std::process::ExitCode;
+
+use bd3lm_kvstore::StoreArgs;
+use bd3lm_telemetry::metrics::MetricsArgs;
+use bd3lm_trainer::{TrainerSettings, TrainerWorker};
+use clap::Parser;
+
+/// A BD3-LM trainer worker: takes training jobs from the store's queue.
+#[derive(Debug, Parser)]
+#[command(name = "bd3lm-trainer", version, about)]
+struct Args {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[command(flatten)]
+    trainer: TrainerSettings,
+    #[command(flatten)]
+    metrics: MetricsArgs,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    bd3lm_telemetry::run_service("bd3lm-trainer", run).await
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let store = args.store.open_shared()?;
+    args.metrics.install()?;
+    bd3lm_trainer::describe_metrics();
+    bd3lm_kvstore::metrics::describe();
+    for dir in [&args.trainer.runs_dir, &args.trainer.registry_dir] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    }
+    let trainer = TrainerWorker::new(store, args.trainer);
+    println!("bd3lm-trainer {} taking jobs", trainer.id);
+    bd3lm_trainer::run(trainer, bd3lm_telemetry::shutdown::signal()).await;
+    Ok(())
+}
