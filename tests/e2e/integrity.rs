@@ -236,6 +236,7 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
             returned: 5,
             version: 0,
             owner: None,
+            model_version: None,
         };
         store.create_session(&record).await.unwrap();
         let mut c = client(&cluster.addr).await;

@@ -17,6 +17,7 @@ pub fn record(id: &str) -> SessionRecord {
         returned: 3,
         version: 0,
         owner: None,
+        model_version: None,
     }
 }
 
@@ -51,7 +52,10 @@ pub async fn check(store: Store) {
     let mut stale = stored.clone();
     stale.tokens.extend([7, 7]);
     let lost = store.commit(&stale, stored.base(), vec![(1, b"stale".to_vec())], 0..1);
-    assert_eq!(lost.await.unwrap(), CommitOutcome::Superseded(next.clone()));
+    assert_eq!(
+        lost.await.unwrap(),
+        CommitOutcome::Superseded(Box::new(next.clone()))
+    );
     assert_eq!(
         store.get_blobs("m", "s1", &[0, 1]).await.unwrap(),
         vec![Some(b"blob0".to_vec()), None],

@@ -35,6 +35,11 @@ pub struct SessionRecord {
     /// when the API was open. Only that key reads, continues or deletes the session.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The registry version of the model the session's last block ran on (`None` for a
+    /// checkpoint directory's model, or before its first block): the workers keep the
+    /// session on it while they have it loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<u64>,
     /// The stored version this record was read at (0 before it is first stored).
     #[serde(skip)]
     pub version: u64,

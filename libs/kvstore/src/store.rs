@@ -56,7 +56,7 @@ pub enum CommitOutcome {
     /// The record now holds the write; its new version.
     Committed(u64),
     /// Another writer wrote first; this is the record as stored.
-    Superseded(SessionRecord),
+    Superseded(Box<SessionRecord>),
 }
 
 /// A store of sessions and KV blobs. Cloning is cheap and shares the store.
@@ -209,7 +209,7 @@ impl Store {
         match stored {
             Ok(version) => Ok(CommitOutcome::Committed(version)),
             Err(None) => Err(Error::NoSession(record.id.clone())),
-            Err(Some(current)) => Ok(CommitOutcome::Superseded(current)),
+            Err(Some(current)) => Ok(CommitOutcome::Superseded(Box::new(current))),
         }
     }
 

@@ -2,7 +2,7 @@
 //! coordinator in this process, real gRPC over loopback; at each concurrency that many
 //! streams generate at once, and the client measures what a user sees.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
@@ -127,8 +127,7 @@ pub async fn one_worker(
     limits: WorkerLimits,
     store: Store,
 ) -> anyhow::Result<OneWorker> {
-    let cell = Arc::new(OnceLock::new());
-    let _ = cell.set(loaded);
+    let cell = Arc::new(bd3lm_worker::Models::fixed(loaded));
     let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let worker_addr = worker.local_addr()?.to_string();
     let worker_store = store.clone();

@@ -2,7 +2,7 @@
 //! with the KV cache in the worker's memory, loaded from the store, or rebuilt from
 //! tokens; KV blob encode/decode throughput; and the coordinator's overhead per block.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -78,8 +78,7 @@ pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Resul
 }
 
 fn worker(loaded: &Arc<Loaded>, store: &Store) -> WorkerService {
-    let cell = Arc::new(OnceLock::new());
-    let _ = cell.set(loaded.clone());
+    let cell = Arc::new(bd3lm_worker::Models::fixed(loaded.clone()));
     let limits = WorkerLimits {
         max_batch: 1,
         ..WorkerLimits::default()
@@ -110,6 +109,7 @@ async fn prefilled(
         returned: context,
         version: 0,
         owner: None,
+        model_version: None,
     };
     store.create_session(&record).await?;
     let first = worker(loaded, store);
@@ -140,6 +140,7 @@ async fn block_latency(
                 model: clone_model(loaded)?,
                 model_id: loaded.model_id.clone(),
                 fingerprint: "other-weights".into(),
+                version: None,
             };
             worker(&Arc::new(other), store)
         }

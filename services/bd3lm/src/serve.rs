@@ -2,7 +2,7 @@
 //! talking gRPC over loopback, with the in-memory store (or Redis).
 
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
@@ -62,8 +62,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let dir = checkpoint.clone();
     let model = tokio::task::spawn_blocking(move || bd3lm_worker::load(&dir, None, dtype, &device))
         .await??;
-    let loaded = Arc::new(OnceLock::new());
-    let _ = loaded.set(Arc::new(model));
+    let models = Arc::new(bd3lm_worker::Models::fixed(Arc::new(model)));
     // The workers listen on loopback ports any local user reaches: they take calls
     // carrying this process's own token only.
     let token = format!("{:032x}", rand::random::<u128>());
@@ -72,12 +71,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for _ in 0..args.workers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addrs.push(listener.local_addr()?.to_string());
-        let (loaded, store, internal) = (loaded.clone(), store.clone(), internal.clone());
+        let (models, store, internal) = (models.clone(), store.clone(), internal.clone());
         let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
             let never = std::future::pending();
             let ports = Ports::plain(listener);
-            let serving = bd3lm_worker::serve(ports, loaded, store, limits, internal, never);
+            let serving = bd3lm_worker::serve(ports, models, store, limits, internal, never);
             if let Err(e) = serving.await {
                 tracing::error!(error = %e, "worker stopped");
             }

@@ -54,13 +54,19 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for a slot, then asks workers for block `block` of `session` until one
+    /// Waits for a slot, then asks workers for block `block` of `session` (whose last
+    /// block ran on model `version`: workers that have it loaded come first) until one
     /// answers. A fault of the request or its stored session (INVALID_ARGUMENT,
     /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once; a busy worker (RESOURCE_EXHAUSTED, when other
     /// coordinators share it) is waited for without counting as a fault; any other
     /// failure is tried again elsewhere while the attempts and the retry budget last.
     #[tracing::instrument(skip(self), fields(queue_ms))]
-    pub async fn denoise_block(&self, session: &str, block: usize) -> Result<BlockAnswer, Status> {
+    pub async fn denoise_block(
+        &self,
+        session: &str,
+        block: usize,
+        version: Option<u64>,
+    ) -> Result<BlockAnswer, Status> {
         let started = Instant::now();
         let _slot = self.admission.acquire(self.timeout).await?;
         let queued = started.elapsed();
@@ -70,9 +76,9 @@ impl Dispatcher {
         let mut faults = 0;
         loop {
             // Once every worker has been tried, they all get another chance.
-            let worker = self.pool.pick(session, &tried).or_else(|| {
+            let worker = self.pool.pick(session, &tried, version).or_else(|| {
                 tried.clear();
-                self.pool.pick(session, &tried)
+                self.pool.pick(session, &tried, version)
             });
             let status = match worker {
                 None => Status::unavailable("no healthy denoise worker"),

@@ -192,6 +192,7 @@ async fn create(
         sampling,
         version: 0,
         owner,
+        model_version: None,
     };
     record.version = store.create_session(&record).await?;
     Ok(record)

@@ -44,6 +44,8 @@ pub struct Worker {
     capacity: AtomicUsize,
     /// Its `Info.worker_id`, once read.
     id: Mutex<String>,
+    /// The model versions it has loaded, the latest last, from its Info.
+    versions: Mutex<Vec<u64>>,
 }
 
 impl Worker {
@@ -66,6 +68,7 @@ impl Worker {
             in_flight: AtomicUsize::new(0),
             capacity: AtomicUsize::new(1),
             id: Mutex::default(),
+            versions: Mutex::default(),
         })
     }
 
@@ -106,6 +109,9 @@ impl Worker {
                 self.capacity
                     .store(info.capacity.max(1) as usize, Ordering::Relaxed);
                 *self.id.lock().unwrap_or_else(|e| e.into_inner()) = info.worker_id;
+                let mut versions = info.loaded_versions;
+                versions.sort_unstable();
+                *self.versions() = versions;
             }
         }
         self.healthy.store(ok, Ordering::Relaxed);
@@ -117,8 +123,35 @@ impl Worker {
         self.id.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    fn versions(&self) -> std::sync::MutexGuard<'_, Vec<u64>> {
+        self.versions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest model version it serves (`None` for a checkpoint directory's model).
+    fn latest_version(&self) -> Option<u64> {
+        self.versions().last().copied()
+    }
+
     fn has_room(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) < self.capacity.load(Ordering::Relaxed)
+    }
+}
+
+/// The workers of `workers` that serve `version`, or, for a new session (`None`), the
+/// newest version any of them serves; all of them when none does.
+fn serving(workers: Vec<Arc<Worker>>, version: Option<u64>) -> Vec<Arc<Worker>> {
+    let wanted = version.or_else(|| workers.iter().filter_map(|w| w.latest_version()).max());
+    let Some(wanted) = wanted else {
+        return workers;
+    };
+    let has = |w: &Arc<Worker>| match version {
+        Some(v) => w.versions().contains(&v),
+        None => w.latest_version() == Some(wanted),
+    };
+    if workers.iter().any(has) {
+        workers.into_iter().filter(has).collect()
+    } else {
+        workers
     }
 }
 
@@ -278,13 +311,22 @@ impl Pool {
             .count()
     }
 
-    /// The worker for the next block of `session`, skipping `exclude`d addresses.
-    pub fn pick(&self, session: &str, exclude: &[String]) -> Option<Arc<Worker>> {
+    /// The worker for the next block of `session`, skipping `exclude`d addresses. Only
+    /// workers serving the session's model `version` are candidates when any is (a new
+    /// session: those serving the newest version), so sessions stay on their version
+    /// during a rollout.
+    pub fn pick(
+        &self,
+        session: &str,
+        exclude: &[String],
+        version: Option<u64>,
+    ) -> Option<Arc<Worker>> {
         let healthy: Vec<Arc<Worker>> = self
             .workers()
             .into_iter()
             .filter(|w| w.healthy.load(Ordering::Relaxed) && !exclude.contains(&w.addr))
             .collect();
+        let healthy = serving(healthy, version);
         let last = self.affinity().get(session);
         // The fewest blocks in flight per unit of capacity.
         let least_loaded = |ws: &[Arc<Worker>]| {
@@ -381,6 +423,37 @@ mod tests {
         assert!(!judge(false, None, &failures, 1));
         let fresh = AtomicU32::new(0);
         assert!(!judge(false, None, &fresh, 3), "never healthy stays down");
+    }
+
+    /// During a rollout a session's blocks go to the workers that still serve its
+    /// version, new sessions to those serving the newest; any worker when none does.
+    #[tokio::test]
+    async fn blocks_go_to_workers_serving_the_session_version() {
+        let worker = |addr: &str, versions: &[u64]| {
+            let w = Worker::new(addr, Bearer::default(), None).unwrap();
+            *w.versions() = versions.to_vec();
+            Arc::new(w)
+        };
+        let workers = vec![
+            worker("old", &[1]),
+            worker("both", &[1, 2]),
+            worker("new", &[2]),
+        ];
+        let addrs = |ws: Vec<Arc<Worker>>| ws.iter().map(|w| w.addr.clone()).collect::<Vec<_>>();
+        assert_eq!(addrs(serving(workers.clone(), Some(1))), ["old", "both"]);
+        assert_eq!(addrs(serving(workers.clone(), Some(2))), ["both", "new"]);
+        assert_eq!(addrs(serving(workers.clone(), None)), ["both", "new"]);
+        assert_eq!(
+            addrs(serving(workers.clone(), Some(9))).len(),
+            3,
+            "moved on anywhere"
+        );
+        let plain = vec![worker("a", &[]), worker("b", &[])];
+        assert_eq!(
+            addrs(serving(plain, None)),
+            ["a", "b"],
+            "checkpoint workers"
+        );
     }
 
     /// However many sessions pass, the map holds at most its capacity, and the sessions

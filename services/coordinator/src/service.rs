@@ -216,6 +216,7 @@ impl Coordinator {
             prompt_tokens: record.prompt_len as u32,
             committed_blocks: record.committed_blocks as u32,
             seed: record.seed,
+            model_version: record.model_version,
         }))
     }
 

@@ -27,6 +27,9 @@ struct Progress {
     /// Tokens of this request's output already sent.
     shown: usize,
     forward_passes: u32,
+    /// The model version of the session's last block: its next goes to a worker that has
+    /// it loaded.
+    model_version: Option<u64>,
     /// When the generation began, and whether a block has arrived since.
     began: Instant,
     answered: bool,
@@ -115,6 +118,7 @@ pub async fn drive(
         committed: plan.record.committed_blocks,
         shown: 0,
         forward_passes: 0,
+        model_version: plan.record.model_version,
         began: Instant::now(),
         answered: false,
     };
@@ -220,7 +224,11 @@ async fn next_block(
     let session = &planned.id;
     let mut restores = 0;
     loop {
-        match dispatch.denoise_block(session, progress.committed).await {
+        let version = progress.model_version;
+        match dispatch
+            .denoise_block(session, progress.committed, version)
+            .await
+        {
             Err(s) if s.code() == Code::NotFound && restores == MAX_RESTORES => {
                 tracing::error!(
                     restores,
@@ -279,6 +287,7 @@ fn commit(
     progress.tokens[first..end].copy_from_slice(&r.token_ids);
     progress.committed = r.committed_blocks as usize;
     progress.forward_passes += r.forward_passes;
+    progress.model_version = r.model_version.or(progress.model_version);
     let done = (progress.committed * bs).min(progress.tokens.len());
     let generated = &progress.tokens[plan.start.min(done)..done];
     let (visible, stop) = plan.rules.check(generated, &progress.tokens[..done]);
@@ -297,6 +306,7 @@ fn commit(
         queue_ms: answer.queued.as_secs_f64() * 1e3,
         cache_source: r.cache_source.clone(),
         worker: answer.worker,
+        model_version: r.model_version,
     };
     let message = GenerateStreamResponse {
         session_id: plan.record.id.clone(),

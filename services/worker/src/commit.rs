@@ -16,10 +16,10 @@ use crate::metrics;
 use crate::sessions::SessionCaches;
 
 /// Commits `work` (block `block`, computed from the record at `base`), keeps its state
-/// in `sessions` when it won, and returns the answer.
+/// in `sessions` under `key` when it won, and returns the answer.
 pub async fn commit(
     store: &Store,
-    sessions: &SessionCaches,
+    (sessions, key): (&SessionCaches, String),
     work: BlockWork,
     (block, base): (usize, Base),
     block_size: usize,
@@ -49,6 +49,7 @@ pub async fn commit(
                 commit_ms: ms(effort.commit + store_time),
                 cache_source: effort.source.name().into(),
                 already_committed: false,
+                model_version: record.model_version,
             };
             tracing::debug!(
                 source = effort.source.name(),
@@ -59,7 +60,7 @@ pub async fn commit(
             let took = cache_time + effort.denoise + effort.commit + store_time;
             metrics::block_committed(effort.source, took, effort.forward_passes, end - first);
             metrics::blob_written(written);
-            sessions.put(record.id, work.held);
+            sessions.put(key, work.held);
             Ok(answer)
         }
         CommitOutcome::Superseded(current) if current.committed_blocks > block => {
@@ -98,6 +99,7 @@ pub fn committed_answer(
         committed_blocks: record.committed_blocks as u32,
         already_committed: true,
         cache_source: "none".into(),
+        model_version: record.model_version,
         ..Default::default()
     })
 }

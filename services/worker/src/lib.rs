@@ -7,12 +7,14 @@
 //! block denoised and committed in the running batch with other sessions' blocks) →
 //! [`block`] (the new KV blobs) → [`commit`] (blobs, then the record by compare-and-set:
 //! the commit point). [`sessions`] keeps recent
-//! caches in memory; [`settings`] holds the flags.
+//! caches in memory; [`models`] holds the model versions served (following the registry
+//! with `--model`); [`settings`] holds the flags.
 
 pub mod block;
 pub mod cache;
 pub mod commit;
 pub mod metrics;
+pub mod models;
 pub mod scheduler;
 pub mod service;
 pub mod sessions;
@@ -20,7 +22,7 @@ pub mod settings;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -31,8 +33,9 @@ use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
 use bd3lm_telemetry::probes::Ports;
 use candle_core::{DType, Device};
 
+pub use models::{Models, Rollout};
 pub use service::{Loaded, WorkerService};
-pub use settings::{DeviceArgs, WorkerLimits, WorkerSettings};
+pub use settings::{DeviceArgs, FollowSettings, WorkerLimits, WorkerSettings};
 
 /// Loads the checkpoint in `dir` (blocking: seconds for large models). A model id that
 /// KV blobs cannot hold is refused before anything is read.
@@ -55,6 +58,7 @@ pub fn load(
         model,
         model_id,
         fingerprint,
+        version: None,
     })
 }
 
@@ -87,12 +91,12 @@ pub fn default_model_id(dir: &Path) -> String {
 }
 
 /// Serves the worker on `ports` until `shutdown` resolves, then reports NOT_SERVING
-/// and lets the blocks in flight finish. Health reports NOT_SERVING until `loaded` holds
-/// the model. `DenoiseWorker` calls need one of the `internal` tokens (health and
+/// and lets the blocks in flight finish. Health reports NOT_SERVING until `models` holds
+/// a model. `DenoiseWorker` calls need one of the `internal` tokens (health and
 /// reflection are open, for probes). Liveness turns NOT_SERVING if the batch thread dies.
 pub async fn serve(
     ports: Ports,
-    loaded: Arc<OnceLock<Arc<Loaded>>>,
+    models: Arc<Models>,
     store: Store,
     limits: WorkerLimits,
     internal: Arc<Tokens>,
@@ -106,9 +110,9 @@ pub async fn serve(
         shutdown.await;
         not_serving(&stopping).await;
     };
-    let watch = loaded.clone();
+    let watch = models.clone();
     tokio::spawn(async move {
-        while watch.get().is_none() {
+        while watch.latest().is_none() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         reporter
@@ -123,7 +127,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .context("building the reflection service")?;
-    let service = WorkerService::new(loaded, store, limits).with_liveness(liveness);
+    let service = WorkerService::new(models, store, limits).with_liveness(liveness);
     let (mut server, incoming) = ports.start(&health)?;
     server
         .add_service(health)

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use anyhow::Context;
 use bd3lm_kvstore::StoreArgs;
@@ -11,7 +11,7 @@ use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::tls::TlsFiles;
 use bd3lm_telemetry::metrics::MetricsArgs;
 use bd3lm_telemetry::probes::{HealthArgs, Ports};
-use bd3lm_worker::{DeviceArgs, WorkerSettings};
+use bd3lm_worker::{DeviceArgs, FollowSettings, Models, WorkerSettings};
 use clap::Parser;
 
 /// A BD3-LM denoise worker.
@@ -22,11 +22,14 @@ struct Args {
     #[arg(long, env = "BD3LM_WORKER_ADDR", default_value = "0.0.0.0:50061")]
     addr: String,
     /// Checkpoint directory (config.json + model.safetensors).
-    #[arg(long, env = "BD3LM_CHECKPOINT")]
-    checkpoint: PathBuf,
-    /// Model id in store keys; default: the checkpoint directory's name.
-    #[arg(long, env = "BD3LM_MODEL_ID")]
+    #[arg(long, env = "BD3LM_CHECKPOINT", required_unless_present = "model")]
+    checkpoint: Option<PathBuf>,
+    /// Model id in store keys; default: the checkpoint directory's name (with --model,
+    /// the model's name).
+    #[arg(long, env = "BD3LM_MODEL_ID", conflicts_with = "model")]
     model_id: Option<String>,
+    #[command(flatten)]
+    follow: FollowSettings,
     /// File of the internal tokens the coordinators send (`authorization: Bearer`), one per
     /// line, re-read on SIGHUP; calls without one are UNAUTHENTICATED. Without it any
     /// caller that reaches this port is served.
@@ -73,28 +76,41 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls: args.tls.server()?,
         health: args.health.bind().await?,
     };
-    let loaded = Arc::new(OnceLock::new());
-    let cell = loaded.clone();
-    let (dir, id) = (args.checkpoint.clone(), args.model_id.clone());
-    tokio::task::spawn_blocking(move || {
-        match bd3lm_worker::load(&dir, id.as_deref(), dtype, &device) {
-            Ok(l) => {
-                let _ = cell.set(Arc::new(l));
-            }
-            Err(e) => {
-                eprintln!(
-                    "error: loading {}: {}",
-                    dir.display(),
-                    bd3lm_telemetry::cli::one_line(&e)
-                );
-                std::process::exit(2);
-            }
+    let models = Arc::new(Models::loading());
+    let load =
+        move |dir: &std::path::Path, id: Option<&str>| bd3lm_worker::load(dir, id, dtype, &device);
+    match (&args.follow.model, &args.checkpoint) {
+        (Some(name), _) => {
+            bd3lm_worker::check_model_id(name)?;
+            let dir = args.follow.registry_dir.clone().expect("clap requires it");
+            let registry = bd3lm_jobs::Registry::new(store.clone(), dir);
+            let owned = name.clone();
+            let load = move |dir: &std::path::Path| load(dir, Some(&owned));
+            let timing = (args.follow.rollout(), args.follow.poll);
+            let follow =
+                bd3lm_worker::models::follow(models.clone(), registry, name.clone(), load, timing);
+            tokio::spawn(follow);
         }
-    });
+        (None, Some(dir)) => {
+            let (dir, id, models) = (dir.clone(), args.model_id.clone(), models.clone());
+            tokio::task::spawn_blocking(move || match load(&dir, id.as_deref()) {
+                Ok(l) => models.add(Arc::new(l)),
+                Err(e) => {
+                    eprintln!(
+                        "error: loading {}: {}",
+                        dir.display(),
+                        bd3lm_telemetry::cli::one_line(&e)
+                    );
+                    std::process::exit(2);
+                }
+            });
+        }
+        (None, None) => unreachable!("clap requires --checkpoint or --model"),
+    }
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(ports, loaded, store, limits, internal, stop)
+        bd3lm_worker::serve(ports, models, store, limits, internal, stop)
     })
     .await
 }

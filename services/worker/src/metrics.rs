@@ -16,6 +16,9 @@ const CACHE_EVICTIONS: &str = "bd3lm_kv_cache_evictions_total";
 const BLOB_READ: &str = "bd3lm_kv_blob_read_bytes_total";
 const BLOB_WRITTEN: &str = "bd3lm_kv_blob_written_bytes_total";
 const BLOBS_REJECTED: &str = "bd3lm_kv_blobs_rejected_total";
+const MODEL_VERSION: &str = "bd3lm_model_version";
+const VERSIONS_LOADED: &str = "bd3lm_model_versions_loaded";
+const SESSIONS_MOVED: &str = "bd3lm_sessions_moved_total";
 
 /// Describes the worker's metrics to the installed recorder.
 pub fn describe() {
@@ -62,6 +65,29 @@ pub fn describe() {
         BLOBS_REJECTED,
         "KV blobs refused: corrupt, or of another model state, block or token prefix"
     );
+    describe_gauge!(
+        MODEL_VERSION,
+        "The registry version new sessions get (0 for a checkpoint directory)"
+    );
+    describe_gauge!(
+        VERSIONS_LOADED,
+        "Model versions loaded: the latest, and superseded ones still serving their sessions"
+    );
+    describe_counter!(
+        SESSIONS_MOVED,
+        "Blocks of sessions whose model version was no longer loaded, run on the latest (KV state rebuilt)"
+    );
+}
+
+/// The latest version is `latest`, with `loaded` versions in memory.
+pub fn model_versions(latest: Option<u64>, loaded: usize) {
+    metrics::gauge!(MODEL_VERSION).set(latest.unwrap_or(0) as f64);
+    metrics::gauge!(VERSIONS_LOADED).set(loaded as f64);
+}
+
+/// A session moved to the latest version.
+pub fn session_moved() {
+    metrics::counter!(SESSIONS_MOVED).increment(1);
 }
 
 /// A block committed after `took`, its cache from `source`, in `passes` forward passes

@@ -3,8 +3,8 @@
 //! thread ([`crate::block`]), its block denoised in the running batch
 //! ([`crate::scheduler`]) and the commit ([`crate::commit`]).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bd3lm_kvstore::Store;
@@ -22,7 +22,8 @@ use crate::block::{self, BlockWork, Prepared};
 use crate::cache::{self, Found};
 use crate::commit::{commit, committed_answer};
 use crate::metrics;
-use crate::scheduler::{Job, Scheduler};
+use crate::models::{Models, Served};
+use crate::scheduler::Job;
 use crate::sessions::SessionCaches;
 use crate::settings::WorkerLimits;
 
@@ -34,19 +35,18 @@ pub struct Loaded {
     pub model_id: String,
     /// Hash of the weights.
     pub fingerprint: String,
+    /// Its version in the registry (`None`: a checkpoint directory).
+    pub version: Option<u64>,
 }
 
 /// The worker's state, shared by its requests.
 pub struct WorkerService {
-    loaded: Arc<OnceLock<Arc<Loaded>>>,
+    models: Arc<Models>,
     store: Store,
     sessions: Arc<SessionCaches>,
     permits: Arc<Semaphore>,
     limits: WorkerLimits,
     in_flight: Arc<AtomicUsize>,
-    /// The batch, started with the first block once the model is loaded (`None`: its
-    /// thread could not start).
-    scheduler: OnceLock<Option<Scheduler>>,
     /// KV blobs refused (corrupt or of other weights) since start.
     rejected: AtomicU64,
     /// Where liveness is reported: a worker without its batch thread is restarted.
@@ -81,16 +81,15 @@ struct Slot {
 }
 
 impl WorkerService {
-    /// A service that answers UNAVAILABLE until `loaded` is set.
-    pub fn new(loaded: Arc<OnceLock<Arc<Loaded>>>, store: Store, limits: WorkerLimits) -> Self {
+    /// A service over `models`: UNAVAILABLE until one is loaded.
+    pub fn new(models: Arc<Models>, store: Store, limits: WorkerLimits) -> Self {
         Self {
-            loaded,
+            models,
             store,
             sessions: Arc::new(SessionCaches::new(limits.cache_bytes)),
             permits: Arc::new(Semaphore::new(limits.max_batch)),
             limits,
             in_flight: Arc::default(),
-            scheduler: OnceLock::new(),
             rejected: AtomicU64::new(0),
             liveness: None,
             id: format!("{:016x}", rand::random::<u64>()),
@@ -116,11 +115,8 @@ impl WorkerService {
         internal()
     }
 
-    fn loaded(&self) -> Result<Arc<Loaded>, Status> {
-        self.loaded
-            .get()
-            .cloned()
-            .ok_or_else(|| Status::unavailable("the model is still loading"))
+    fn loading() -> Status {
+        Status::unavailable("the model is still loading")
     }
 
     fn slot(&self) -> Result<Slot, Status> {
@@ -137,32 +133,21 @@ impl WorkerService {
         })
     }
 
-    fn scheduler(&self, loaded: &Arc<Loaded>) -> Option<&Scheduler> {
-        self.scheduler
-            .get_or_init(|| {
-                Scheduler::start(loaded.clone(), self.limits)
-                    .inspect_err(
-                        |e| tracing::error!(error = %e, "starting the batch thread failed"),
-                    )
-                    .ok()
-            })
-            .as_ref()
-    }
-
     /// Denoises and commits the requested block (see the service's documentation).
     async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
-        let loaded = self.loaded()?;
+        let latest = self.models.latest().ok_or_else(Self::loading)?;
         let slot = self.slot()?;
         if !bd3lm_kvstore::record::is_session_id(&req.session_id) {
             return Err(Status::invalid_argument(
                 "session_id: must be 32 lowercase hex digits",
             ));
         }
-        let bs = loaded.model.config().block_size;
+        // Versions of one model share its id, vocabulary and block size.
+        let bs = latest.loaded.model.config().block_size;
         let block = req.block_index as usize;
-        let record = self
+        let mut record = self
             .store
-            .get_session(&loaded.model_id, &req.session_id)
+            .get_session(&latest.loaded.model_id, &req.session_id)
             .await?
             .ok_or_else(|| bd3lm_kvstore::Error::NoSession(req.session_id.clone()))?;
         if record.tokens.len() < record.committed_blocks * bs {
@@ -184,6 +169,16 @@ impl WorkerService {
                 record.committed_blocks
             )));
         }
+        let served = self
+            .models
+            .for_session(record.model_version)
+            .ok_or_else(Self::loading)?;
+        let loaded = served.loaded.clone();
+        if record.model_version.is_some() && record.model_version != loaded.version {
+            tracing::info!(from = ?record.model_version, to = ?loaded.version, "session moved to another model version");
+            metrics::session_moved();
+        }
+        record.model_version = loaded.version;
         let base = record.base();
         let started = Instant::now();
         let found = self.find_cache(&loaded, &record, block).await;
@@ -213,22 +208,23 @@ impl WorkerService {
                     slot: Box::new(slot),
                     span: tracing::Span::current(),
                 };
-                self.batched(&loaded, job, answer).await?
+                self.batched(&served, job, answer).await?
             }
         };
         let at = (block, base);
-        commit(&self.store, &self.sessions, work, at, bs, cache_time).await
+        let cache = (&*self.sessions, cache_key(&req.session_id, &loaded));
+        commit(&self.store, cache, work, at, bs, cache_time).await
     }
 
     /// Hands `job` to the batch and waits for its work. Dropping this future (the request
     /// went away) takes the block out of the batch at its next step.
     async fn batched(
         &self,
-        loaded: &Arc<Loaded>,
+        served: &Served,
         job: Job,
         answer: oneshot::Receiver<bd3lm_diffusion::Result<BlockWork>>,
     ) -> Result<BlockWork, Status> {
-        let submitted = self.scheduler(loaded).map(|s| s.submit(job));
+        let submitted = served.scheduler(self.limits).map(|s| s.submit(job));
         if !matches!(submitted, Some(Ok(()))) {
             return Err(self.batch_thread_lost().await);
         }
@@ -248,9 +244,12 @@ impl WorkerService {
         block: usize,
     ) -> Found {
         let bs = loaded.model.config().block_size;
-        let held = self.sessions.take(&record.id).filter(|h| {
-            h.committed == block * bs && record.tokens.starts_with(&h.tokens[..h.committed])
-        });
+        let held = self
+            .sessions
+            .take(&cache_key(&record.id, loaded))
+            .filter(|h| {
+                h.committed == block * bs && record.tokens.starts_with(&h.tokens[..h.committed])
+            });
         if let Some(held) = held {
             metrics::cache_lookup("memory");
             return Found::Memory(held);
@@ -288,20 +287,19 @@ impl DenoiseWorker for WorkerService {
     }
 
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let loaded = self.loaded()?;
+        let latest = self.models.latest().ok_or_else(Self::loading)?;
+        let loaded = &latest.loaded;
         let cfg = loaded.model.config();
         let in_flight = self.in_flight.load(Ordering::Relaxed) as u32;
-        let (batch_size, passes, batched) = match self.scheduler.get() {
-            Some(Some(s)) => {
+        let (mut batch_size, mut passes, mut batched) = (0, 0, 0);
+        for served in self.models.all() {
+            if let Some(s) = served.started() {
                 let stats = s.stats();
-                (
-                    stats.batch_size.load(Ordering::Relaxed),
-                    stats.passes.load(Ordering::Relaxed),
-                    stats.batched_blocks.load(Ordering::Relaxed),
-                )
+                batch_size += stats.batch_size.load(Ordering::Relaxed);
+                passes += stats.passes.load(Ordering::Relaxed);
+                batched += stats.batched_blocks.load(Ordering::Relaxed);
             }
-            _ => (0, 0, 0),
-        };
+        }
         Ok(Response::new(InfoResponse {
             model_id: loaded.model_id.clone(),
             weights_fingerprint: loaded.fingerprint.clone(),
@@ -321,8 +319,16 @@ impl DenoiseWorker for WorkerService {
             kv_blobs_rejected: self.rejected.load(Ordering::Relaxed),
             cache_bytes: self.sessions.bytes() as u64,
             worker_id: self.id.clone(),
+            model_version: loaded.version,
+            loaded_versions: self.models.versions(),
         }))
     }
+}
+
+/// The key of a session's cache in memory: per weights, so a session that moves to
+/// another version never picks up state computed with the old one.
+pub(crate) fn cache_key(session: &str, loaded: &Loaded) -> String {
+    format!("{session}@{}", loaded.fingerprint)
 }
 
 /// Counts a block in flight for as long as it lives.
@@ -344,7 +350,7 @@ impl Drop for InFlight {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use bd3lm_diffusion::{Filter, Sampler, SamplingParams};
     use bd3lm_kvstore::{SessionRecord, StoreConfig};
@@ -362,26 +368,27 @@ mod tests {
     }
 
     /// A random model of shape `cfg` (weights drawn with scale `std`), as loaded.
-    fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<Loaded> {
+    pub(crate) fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<Loaded> {
         let model = checkpoint::random_model(cfg, std, 1, DType::F32, &Device::Cpu).unwrap();
         Arc::new(Loaded {
             model,
             model_id: "m".into(),
             fingerprint: fingerprint.into(),
+            version: None,
         })
     }
 
     fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: usize) -> WorkerService {
-        let cell = Arc::new(OnceLock::new());
-        if let Some(l) = loaded {
-            let _ = cell.set(l);
-        }
+        let models = Arc::new(match loaded {
+            Some(l) => Models::fixed(l),
+            None => Models::loading(),
+        });
         let limits = WorkerLimits {
             max_batch: capacity,
             cache_bytes: 1 << 20,
             ..WorkerLimits::default()
         };
-        WorkerService::new(cell, store.clone(), limits)
+        WorkerService::new(models, store.clone(), limits)
     }
 
     async fn session(store: &Store, id: &str) {
@@ -400,6 +407,7 @@ mod tests {
             returned: 6,
             version: 0,
             owner: None,
+            model_version: None,
         };
         store.create_session(&record).await.unwrap();
     }
@@ -452,6 +460,71 @@ mod tests {
                 tonic::Code::InvalidArgument
             );
         }
+    }
+
+    /// A session keeps the version it began on after a new one is added, while new
+    /// sessions get the new one; once its version is retired it moves to the latest, its
+    /// KV state rebuilt (the old version's blobs refused), and its record says so.
+    #[tokio::test]
+    async fn sessions_stay_on_their_version_until_it_is_retired() {
+        let store = Store::memory(StoreConfig::default());
+        let version = |v: u64| {
+            let mut l = loaded(&format!("f{v}"));
+            Arc::get_mut(&mut l).unwrap().version = Some(v);
+            l
+        };
+        let models = Arc::new(Models::fixed(version(1)));
+        let limits = WorkerLimits {
+            max_batch: 2,
+            cache_bytes: 1 << 20,
+            ..WorkerLimits::default()
+        };
+        let worker = WorkerService::new(models.clone(), store.clone(), limits);
+        session(&store, &sid("old")).await;
+        assert_eq!(
+            block(&worker, &sid("old"), 0).await.unwrap().model_version,
+            Some(1)
+        );
+        models.add(version(2));
+        let on_old = block(&worker, &sid("old"), 1).await.unwrap();
+        assert_eq!(
+            (on_old.model_version, on_old.cache_source.as_str()),
+            (Some(1), "memory")
+        );
+        session(&store, &sid("new")).await;
+        assert_eq!(
+            block(&worker, &sid("new"), 0).await.unwrap().model_version,
+            Some(2)
+        );
+        let info = worker
+            .info(Request::new(InfoRequest {}))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (info.model_version, info.loaded_versions),
+            (Some(2), vec![1, 2])
+        );
+
+        let retire = crate::Rollout {
+            grace: std::time::Duration::ZERO,
+            idle: std::time::Duration::ZERO,
+        };
+        assert_eq!(models.retire(retire), 1);
+        let moved = block(&worker, &sid("old"), 2).await.unwrap();
+        assert_eq!(
+            (moved.model_version, moved.cache_source.as_str()),
+            (Some(2), "rebuilt")
+        );
+        let record = store.get_session("m", &sid("old")).await.unwrap().unwrap();
+        assert_eq!(
+            (record.model_version, record.committed_blocks),
+            (Some(2), 3)
+        );
+        assert_eq!(
+            block(&worker, &sid("old"), 1).await.unwrap().model_version,
+            Some(2)
+        );
     }
 
     /// Prefill, then blocks from memory, from the store and rebuilt after corrupt blobs:
@@ -536,6 +609,7 @@ mod tests {
             returned: 1,
             version: 0,
             owner: None,
+            model_version: None,
         };
         store.create_session(&record).await.unwrap();
         let worker = Arc::new(service(Some(loaded), &store, 1));
@@ -614,6 +688,7 @@ mod tests {
                 returned: 0,
                 version: 0,
                 owner: None,
+                model_version: None,
             })
             .collect();
         for r in &records {

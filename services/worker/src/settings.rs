@@ -33,6 +33,47 @@ pub struct WorkerSettings {
     pub cache_bytes: Option<usize>,
 }
 
+/// Where a worker's model comes from when it follows the registry.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct FollowSettings {
+    /// Serve the latest published version of this registry model, and each new one as it
+    /// is published (instead of --checkpoint).
+    #[arg(
+        long,
+        env = "BD3LM_MODEL",
+        value_name = "NAME",
+        conflicts_with = "checkpoint",
+        requires = "registry_dir"
+    )]
+    pub model: Option<String>,
+    /// The model registry's storage (published versions are `{dir}/{name}/{version}`).
+    #[arg(long, env = "BD3LM_REGISTRY_DIR", value_name = "DIR")]
+    pub registry_dir: Option<std::path::PathBuf>,
+    /// Seconds a superseded version stays loaded for the sessions that began on it; they
+    /// move to the latest version (their KV state rebuilt) after it.
+    #[arg(long = "rollout-grace-secs", env = "BD3LM_ROLLOUT_GRACE_SECS", value_name = "SECS",
+          default_value = "600", value_parser = bd3lm_telemetry::cli::positive_secs)]
+    pub grace: std::time::Duration,
+    /// A superseded version that served no block for this many seconds goes earlier.
+    #[arg(long = "rollout-idle-secs", env = "BD3LM_ROLLOUT_IDLE_SECS", value_name = "SECS",
+          default_value = "60", value_parser = bd3lm_telemetry::cli::positive_secs)]
+    pub idle: std::time::Duration,
+    /// Seconds between looks at the registry for a new version.
+    #[arg(long = "registry-poll-secs", env = "BD3LM_REGISTRY_POLL_SECS", value_name = "SECS",
+          default_value = "5", value_parser = bd3lm_telemetry::cli::positive_secs)]
+    pub poll: std::time::Duration,
+}
+
+impl FollowSettings {
+    /// How long superseded versions stay.
+    pub fn rollout(&self) -> crate::Rollout {
+        crate::Rollout {
+            grace: self.grace,
+            idle: self.idle,
+        }
+    }
+}
+
 /// A worker's limits, resolved for its device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkerLimits {
