@@ -76,7 +76,7 @@ impl Drop for Proc {
 
 /// Starts `program` with its stderr in `dir`, and waits for the line on stdout that says it
 /// listens.
-fn spawn(program: &Path, args: &[String], dir: &Path, name: &str) -> Proc {
+pub fn spawn(program: &Path, args: &[String], dir: &Path, name: &str) -> Proc {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(program)
         .args(args)
@@ -243,7 +243,7 @@ fn which(name: &str) -> Option<PathBuf> {
 
 /// Starts a coordinator of `workers` on `redis` with `routing` and `extra` flags; returns
 /// it and its address.
-fn start_coordinator(
+pub fn start_coordinator(
     dir: &Path,
     workers: &[String],
     redis: &Redis,

@@ -6,6 +6,7 @@ mod cluster;
 mod distributed;
 mod generate;
 mod integrity;
+mod jobs;
 mod operations;
 mod security;
 mod training;

@@ -5,8 +5,10 @@
 //! A job survives its trainer: the resume state is saved every `save_every` steps, and a
 //! job whose trainer stops touching its queue entry for the lease is taken by another
 //! trainer, which resumes it from the last save on exactly the curve it was on. A trainer
-//! checks before every step that it still holds the job (so two never train one job at
-//! once) and whether a cancel was asked for (so a cancel takes effect within a step).
+//! checks before every step that it still holds the job and whether a cancel was asked
+//! for (so a cancel takes effect within a step), and trains only while it holds the run
+//! directory's lock: one stalled past its lease stops at its next step, and its
+//! successor waits for the lock, so two never write one run at once.
 //! [`run_job`] is one job; [`run`] is the loop around it.
 
 mod metrics;

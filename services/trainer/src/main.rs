@@ -35,7 +35,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     }
     let trainer = TrainerWorker::new(store, args.trainer);
-    println!("bd3lm-trainer {} taking jobs", trainer.id);
+    println!("bd3lm-trainer {} listening for jobs", trainer.id);
     bd3lm_trainer::run(trainer, bd3lm_telemetry::shutdown::signal()).await;
     Ok(())
 }

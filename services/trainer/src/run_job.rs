@@ -345,6 +345,9 @@ fn train(
 ) -> Result<Trained, Failure> {
     bd3lm_training::retain_freed_memory();
     let run = trainer.settings.runs_dir.join(&job.id);
+    let Some(_lock) = lock_run(&run, flags)? else {
+        return Ok(Trained::Stopped);
+    };
     let spec = &job.spec;
     let mut run_trainer = if run.join(RESUME_DIR).is_dir() {
         Trainer::resume(&run, None)?
@@ -426,4 +429,33 @@ async fn publish(
         return Ok(v);
     }
     trainer.registry.publish(dir, name, &job.id, figures).await
+}
+
+/// Takes the run directory's lock, waiting while another trainer holds it: one whose
+/// claim lapsed (stopped, or cut off from the store) keeps writing until it notices, and
+/// the lock keeps the two from ever writing at once. A trainer that dies drops its lock
+/// with its process. `None` when the run is to stop meanwhile.
+fn lock_run(run: &std::path::Path, flags: &Flags) -> Result<Option<std::fs::File>, Failure> {
+    let io = |e: std::io::Error| Failure {
+        reason: format!("{}: {e}", run.display()),
+        retry: false,
+    };
+    std::fs::create_dir_all(run).map_err(io)?;
+    let file = std::fs::File::create(run.join(".lock")).map_err(io)?;
+    let mut waited = false;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        if flags.stopping() {
+            return Ok(None);
+        }
+        if !waited {
+            tracing::info!("waiting for the job's previous trainer to let go of its run");
+            waited = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -1,0 +1,488 @@
+//! The training service as deployed: jobs submitted to the coordinator over gRPC (and
+//! with `bd3lm train --addr`), `bd3lm-trainer` processes on a real `redis-server` that
+//! are stopped, killed and replaced mid-job, the registry, and a denoise worker that
+//! follows the published model.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
+use bd3lm_proto::v1::generate_request::Prompt;
+use bd3lm_proto::v1::generation_client::GenerationClient;
+use bd3lm_proto::v1::training_client::TrainingClient;
+use bd3lm_proto::v1::{
+    CancelJobRequest, GenerateRequest, GetJobRequest, GetSessionRequest, InfoRequest, Job, JobSpec,
+    JobState, LearningRate, ListModelsRequest, ModelRef, ModelShape, TokenIds, job_spec::Init,
+};
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::cluster::{Proc, Redis, free_port, spawn, start_coordinator};
+use crate::{bd3lm, bin, data_dir};
+
+/// The model trained: tiny, but slow enough per step to stop and kill trainers mid-job.
+const SHAPE: [&str; 8] = [
+    "--hidden-dim",
+    "64",
+    "--n-heads",
+    "4",
+    "--n-blocks",
+    "2",
+    "--cond-dim",
+    "32",
+];
+
+/// Optimiser flags shared by the job and the local reference run.
+const RUN: [&str; 20] = [
+    "--block-size",
+    "4",
+    "--batch-size",
+    "16",
+    "--lr",
+    "3e-3",
+    "--warmup",
+    "10",
+    "--ema",
+    "0.9",
+    "--val-every",
+    "100",
+    "--val-batches",
+    "2",
+    "--save-every",
+    "25",
+    "--seed",
+    "7",
+    "--steps",
+    "400",
+];
+
+/// Word-level shards of a counting corpus (vocabulary 12 with the mask; rows of 16).
+fn shards(dir: &Path) -> PathBuf {
+    let text = dir.join("text");
+    std::fs::create_dir_all(&text).unwrap();
+    for d in 0..24 {
+        let words: Vec<String> = (0..60).map(|i| format!("w{}", (d + i) % 10)).collect();
+        std::fs::write(text.join(format!("{d:02}.txt")), words.join(" ")).unwrap();
+    }
+    let out = dir.join("shards");
+    let tokenizer = data_dir().join("words-tokenizer.json");
+    let args = [
+        "prepare-data",
+        text.to_str().unwrap(),
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--model-length",
+        "16",
+        "--val-every",
+        "4",
+        "--shard-rows",
+        "8",
+    ];
+    let made = bd3lm(&args);
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    out
+}
+
+/// Losses of a run directory's metrics log, in step order.
+fn losses(run: &Path) -> Vec<(u64, String)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].to_string()))
+        .collect()
+}
+
+/// A trainer process over `redis`, with a 2 s lease.
+fn trainer(dir: &Path, redis: &Redis, name: &str) -> Proc {
+    let args: Vec<String> = [
+        "--redis",
+        &redis.url(),
+        "--runs-dir",
+        dir.join("runs").to_str().unwrap(),
+        "--registry-dir",
+        dir.join("registry").to_str().unwrap(),
+        "--job-lease-secs",
+        "2",
+    ]
+    .map(String::from)
+    .to_vec();
+    spawn(&bin("bd3lm-trainer"), &args, dir, name)
+}
+
+async fn training(addr: &str) -> TrainingClient<Channel> {
+    TrainingClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+async fn job(client: &mut TrainingClient<Channel>, id: &str) -> Job {
+    let request = GetJobRequest { job_id: id.into() };
+    client.get_job(request).await.unwrap().into_inner()
+}
+
+/// Polls job `id` until `done` holds of it (panics after `within`).
+async fn wait_job(
+    client: &mut TrainingClient<Channel>,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
+    let deadline = Instant::now() + within;
+    loop {
+        let j = job(client, id).await;
+        if done(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job never got there: {j:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn step(j: &Job) -> u64 {
+    j.progress.map_or(0, |p| p.step)
+}
+
+/// Waits until `proc`'s log holds `needle`.
+fn wait_log(proc: &Proc, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !proc.log().contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "{needle:?} not in: {}",
+            proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A generation of 8 tokens, new or continuing `session`; its session and the model
+/// version of each block.
+async fn generate(addr: &str, session: Option<&str>) -> (String, Vec<Option<u64>>) {
+    let mut client = GenerationClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let request = GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds {
+            ids: vec![10, 0, 1],
+        })),
+        session_id: session.unwrap_or_default().into(),
+        max_new_tokens: 8,
+        seed: Some(1),
+        ..Default::default()
+    };
+    let out = client.generate(request).await.unwrap().into_inner();
+    let versions = out.blocks.iter().map(|b| b.model_version).collect();
+    (out.session_id, versions)
+}
+
+/// A job survives its trainers: the one holding it is stopped past its lease (another
+/// takes over; woken, the first stops without writing), then the second is killed and a
+/// third resumes it. Its losses at every step are those of an uninterrupted local run,
+/// it publishes version 1, and a worker following the model serves it. A second job
+/// publishes version 2: the worker switches, a new generation reports 2 while the
+/// session begun before goes on with version 1.
+#[test]
+fn a_job_survives_its_trainers_and_its_model_rolls_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = shards(root);
+    let reference = root.join("reference");
+    let mut local = vec!["train", "--out", reference.to_str().unwrap(), "--data"];
+    local.push(data.to_str().unwrap());
+    local.extend(SHAPE.iter().chain(&RUN));
+    // One kernel thread, as the trainers run (the e2e processes' setting).
+    let made = std::process::Command::new(bin("bd3lm"))
+        .args(&local)
+        .env("BD3LM_THREADS", "1")
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let expected = losses(&reference);
+    assert_eq!(expected.len(), 400);
+
+    let redis = Redis::start(root);
+    let worker_addr = format!("127.0.0.1:{}", free_port());
+    let worker_args: Vec<String> = [
+        "--addr",
+        &worker_addr,
+        "--model",
+        "tiny",
+        "--registry-dir",
+        root.join("registry").to_str().unwrap(),
+        "--registry-poll-secs",
+        "0.2",
+        "--redis",
+        &redis.url(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let _worker = spawn(&bin("bd3lm-worker"), &worker_args, root, "worker");
+    let (_coordinator, addr) =
+        start_coordinator(root, &[worker_addr.clone()], &redis, "affinity", &[]);
+    let mut trainers = vec![
+        trainer(root, &redis, "trainer-a"),
+        trainer(root, &redis, "trainer-b"),
+    ];
+
+    let mut submit = vec![
+        "train", "--addr", &addr, "--detach", "--name", "tiny", "--data",
+    ];
+    submit.push(data.to_str().unwrap());
+    submit.extend(SHAPE.iter().chain(&RUN));
+    let out = bd3lm(&submit);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = training(&addr).await;
+        let minute = Duration::from_secs(60);
+        wait_job(&mut client, &id, minute, |j| step(j) >= 60).await;
+        let holder = trainers
+            .iter()
+            .position(|t| t.log().contains("training"))
+            .unwrap();
+        trainers[holder].signal("STOP");
+        let taken = wait_job(&mut client, &id, minute, |j| j.attempts == 2).await;
+        trainers[holder].signal("CONT");
+        wait_log(
+            &trainers[holder],
+            "another trainer took the job over",
+            minute,
+        );
+        let second = 1 - holder;
+        wait_job(&mut client, &id, minute, |j| step(j) >= step(&taken) + 60).await;
+        trainers[second].kill();
+        trainers.push(trainer(root, &redis, "trainer-c"));
+        let done = wait_job(&mut client, &id, Duration::from_secs(180), |j| {
+            j.state != JobState::Running as i32 && j.state != JobState::Queued as i32
+        })
+        .await;
+        assert_eq!(done.state, JobState::Succeeded as i32, "{}", done.error);
+        assert_eq!(
+            (done.attempts, done.published_versions.clone()),
+            (3, vec![1])
+        );
+        assert_eq!(
+            losses(&root.join("runs").join(&id)),
+            expected,
+            "the curve of one run"
+        );
+
+        let models = client
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        let v1 = &models.models[0].versions[0];
+        assert_eq!((models.models[0].name.as_str(), v1.version), ("tiny", 1));
+        assert_eq!((v1.job_id.as_str(), v1.step), (id.as_str(), 400));
+
+        // The worker following `tiny` loads version 1 and becomes ready.
+        let deadline = Instant::now() + minute;
+        let (session, first) = loop {
+            let mut generation = GenerationClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let probe = GenerateRequest {
+                max_new_tokens: 1,
+                ..Default::default()
+            };
+            match generation.generate(probe).await {
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => break generate(&addr, None).await,
+            }
+        };
+        assert!(first.iter().all(|v| *v == Some(1)), "{first:?}");
+
+        let fine_tune = JobSpec {
+            data: data.display().to_string(),
+            init: Some(Init::FineTune(ModelRef {
+                name: "tiny".into(),
+                version: None,
+            })),
+            steps: 20,
+            batch_size: Some(16),
+            save_every: Some(10),
+            learning_rate: Some(LearningRate {
+                peak: Some(1e-3),
+                ..Default::default()
+            }),
+            publish_as: "tiny".into(),
+            ..Default::default()
+        };
+        let second_job = client.submit_job(fine_tune).await.unwrap().into_inner();
+        let tuned = wait_job(&mut client, &second_job.job_id, minute, |j| {
+            j.state == JobState::Succeeded as i32
+        })
+        .await;
+        assert_eq!(tuned.published_versions, vec![2]);
+        let mut worker = DenoiseWorkerClient::connect(format!("http://{worker_addr}"))
+            .await
+            .unwrap();
+        let deadline = Instant::now() + minute;
+        loop {
+            let info = worker.info(InfoRequest {}).await.unwrap().into_inner();
+            if info.loaded_versions == [1, 2] {
+                assert_eq!(info.model_version, Some(2));
+                break;
+            }
+            assert!(Instant::now() < deadline, "{info:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, continued) = generate(&addr, Some(&session)).await;
+        assert!(
+            continued.iter().all(|v| *v == Some(1)),
+            "the old session: {continued:?}"
+        );
+        let (_, fresh) = generate(&addr, None).await;
+        assert!(
+            fresh.iter().all(|v| *v == Some(2)),
+            "a new session: {fresh:?}"
+        );
+        let mut generation = GenerationClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let info = generation
+            .get_session(GetSessionRequest {
+                session_id: session,
+            })
+            .await
+            .unwrap();
+        assert_eq!(info.into_inner().model_version, Some(1));
+    });
+}
+
+/// Bad specs are INVALID_ARGUMENT naming the field, before anything is queued; a running
+/// job is cancelled within a step, and the command line shows it.
+#[test]
+fn jobs_are_checked_and_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = shards(root);
+    let redis = Redis::start(root);
+    let nowhere = format!("127.0.0.1:{}", free_port());
+    let (_coordinator, addr) = start_coordinator(root, &[nowhere], &redis, "affinity", &[]);
+    let _trainer = trainer(root, &redis, "trainer");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = training(&addr).await;
+        let good = || JobSpec {
+            data: data.display().to_string(),
+            init: Some(Init::Shape(ModelShape {
+                hidden_dim: 64,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 32,
+            })),
+            steps: 1_000_000,
+            batch_size: Some(16),
+            publish_as: "tiny".into(),
+            ..Default::default()
+        };
+        let bad: [(&str, JobSpec); 4] = [
+            (
+                "data",
+                JobSpec {
+                    data: String::new(),
+                    ..good()
+                },
+            ),
+            (
+                "shape",
+                JobSpec {
+                    init: Some(Init::Shape(ModelShape {
+                        hidden_dim: 30,
+                        n_heads: 4,
+                        n_blocks: 2,
+                        cond_dim: 32,
+                    })),
+                    ..good()
+                },
+            ),
+            (
+                "learning_rate.peak",
+                JobSpec {
+                    learning_rate: Some(LearningRate {
+                        peak: Some(-0.01),
+                        ..Default::default()
+                    }),
+                    ..good()
+                },
+            ),
+            (
+                "fine_tune",
+                JobSpec {
+                    init: Some(Init::FineTune(ModelRef {
+                        name: "unknown".into(),
+                        version: None,
+                    })),
+                    ..good()
+                },
+            ),
+        ];
+        for (field, spec) in bad {
+            let status = client.submit_job(spec).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+            assert!(
+                status.message().starts_with(&format!("{field}:")),
+                "{field}: {status}"
+            );
+        }
+        let listed = client
+            .list_jobs(bd3lm_proto::v1::ListJobsRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.jobs.is_empty(), "nothing was queued: {listed:?}");
+
+        let id = client.submit_job(good()).await.unwrap().into_inner().job_id;
+        let running = wait_job(&mut client, &id, Duration::from_secs(60), |j| step(j) >= 3).await;
+        let cancel = CancelJobRequest { job_id: id.clone() };
+        let asked = client.cancel_job(cancel).await.unwrap().into_inner();
+        assert!(asked.cancel_requested);
+        let request = GetJobRequest { job_id: id.clone() };
+        let mut watch = client.watch_job(request).await.unwrap().into_inner();
+        let mut last = None;
+        while let Some(j) = watch.message().await.unwrap() {
+            last = Some(j);
+        }
+        let last = last.unwrap();
+        assert_eq!(last.state, JobState::Cancelled as i32);
+        assert!(
+            step(&last) < step(&running) + 50,
+            "{} -> {}",
+            step(&running),
+            step(&last)
+        );
+        assert!(last.published_versions.is_empty());
+    });
+    let listed = bd3lm(&["jobs", "list", "--addr", &addr]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains("cancelled"), "{text}");
+    let bad = bd3lm(&["jobs", "cancel", "nope", "--addr", &addr]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("job_id: must be 32 lowercase hex digits"),
+        "{err}"
+    );
+}
