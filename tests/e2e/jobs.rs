@@ -229,8 +229,13 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
     .map(String::from)
     .to_vec();
     let _worker = spawn(&bin("bd3lm-worker"), &worker_args, root, "worker");
-    let (_coordinator, addr) =
-        start_coordinator(root, &[worker_addr.clone()], &redis, "affinity", &[]);
+    let (_coordinator, addr) = start_coordinator(
+        root,
+        std::slice::from_ref(&worker_addr),
+        &redis,
+        "affinity",
+        &[],
+    );
     let mut trainers = vec![
         trainer(root, &redis, "trainer-a"),
         trainer(root, &redis, "trainer-b"),
