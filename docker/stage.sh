@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Stages what the images hold under DEST, as the image's root: the three binaries in
+# Stages what the images hold under DEST, as the image's root: the four binaries in
 # usr/local/bin and the demo model (the default checkpoint) in opt/bd3lm/models/demo.
 # The Dockerfiles' build stages run it; CI runs it on its debug build and starts the
 # staged `bd3lm` (no container builder here can pull a base image).
 #
 #   docker/stage.sh DEST                 # cargo build --release, then stage
 #   docker/stage.sh --cuda DEST          # the worker and bd3lm with candle's CUDA backend
-#                                        # (scripts/build-cuda.sh), the coordinator without
+#                                        # (scripts/build-cuda.sh), the coordinator and the
+#                                        # trainer without
 #   PROFILE=dev BUILD=0 docker/stage.sh DEST   # stage an existing debug build
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,11 +26,13 @@ cd "$root"
 
 if [ "${BUILD:-1}" = 1 ]; then
     if [ "$cuda" = 1 ]; then
-        # The coordinator never links candle: it needs no CUDA.
+        # The coordinator never runs the network, and the trainer trains on the CPU: neither
+        # needs CUDA.
         scripts/build-cuda.sh --locked -p bd3lm-worker
-        cargo build --locked --profile "$profile" -p bd3lm-coordinator
+        cargo build --locked --profile "$profile" -p bd3lm-coordinator -p bd3lm-trainer
     else
-        cargo build --locked --profile "$profile" -p bd3lm -p bd3lm-worker -p bd3lm-coordinator
+        cargo build --locked --profile "$profile" -p bd3lm -p bd3lm-worker -p bd3lm-coordinator \
+            -p bd3lm-trainer
     fi
 fi
 
@@ -37,7 +40,7 @@ fi
 # image's copies are stripped.
 strip=()
 [ "$profile" = release ] && strip=(--strip)
-for bin in bd3lm bd3lm-worker bd3lm-coordinator; do
+for bin in bd3lm bd3lm-worker bd3lm-coordinator bd3lm-trainer; do
     install -D -m 0755 "${strip[@]}" "target/$out/$bin" "$dest/usr/local/bin/$bin"
 done
 model=$dest/opt/bd3lm/models/demo

@@ -10,6 +10,8 @@
 * every Secret and ConfigMap a pod reads exists in the render, or is named in the
   values as one the operator provides (keys ending in Secret/existingSecret);
 * every file a BD3LM_* variable names lies on a volume mounted in the container;
+* the trainers, the workers following the registry and the coordinators checking job
+  data see one training claim at the same paths, the trainers read-write;
 * every Service, PodDisruptionBudget and ServiceMonitor selects pods or Services that
   exist, and HorizontalPodAutoscalers scale Deployments that exist;
 * pods get more grace than their drain.
@@ -183,11 +185,53 @@ def check_files(docs, faults):
                 is_file = var.startswith("BD3LM_") and (
                     var.endswith("_FILE") or var.startswith("BD3LM_TLS_") and var != "BD3LM_TLS_WORKER_NAME"
                     or var in ("BD3LM_REDIS_CA", "BD3LM_TOKENIZER", "BD3LM_CHECKPOINT")
+                    or var in TRAINING_PATHS
                 )
                 if not is_file or path.startswith("/opt/bd3lm/"):
                     continue
                 if not any((path.rstrip("/") + "/").startswith(m) for m in mounts):
                     faults.append(f"{workload['metadata']['name']}/{c['name']}: {var}={path} is on no mounted volume")
+
+
+TRAINING_PATHS = ("BD3LM_RUNS_DIR", "BD3LM_REGISTRY_DIR", "BD3LM_TRAINING_DATA_ROOT")
+
+
+def claim_at(template, container, path):
+    """(claim, mount path, read-only) of the volume holding `path` in the container."""
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in template["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    for m in container.get("volumeMounts", []):
+        root = m["mountPath"].rstrip("/") + "/"
+        if (path.rstrip("/") + "/").startswith(root) and m["name"] in claims:
+            return claims[m["name"]], m["mountPath"], bool(m.get("readOnly"))
+    return None
+
+
+def check_training(docs, faults):
+    """Runs, the registry and job data are one claim at one path everywhere; trainers
+    write it."""
+    configmaps = named(docs, "ConfigMap")
+    seen = {}
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            env = env_of(c, configmaps)
+            for var in TRAINING_PATHS:
+                if var not in env:
+                    continue
+                where = f"{workload['metadata']['name']}/{c['name']}: {var}={env[var]}"
+                found = claim_at(template, c, env[var])
+                if found is None:
+                    faults.append(f"{where}: on no claim")
+                    continue
+                claim, mount, read_only = found
+                if var == "BD3LM_RUNS_DIR" and read_only:
+                    faults.append(f"{where}: the trainers' claim is mounted read-only")
+                seen.setdefault((claim, mount), []).append(where)
+    if len(seen) > 1:
+        faults.append(f"training paths on different claims or mount paths: {sorted(seen)}")
 
 
 def check_selectors(docs, faults):
@@ -243,6 +287,7 @@ def check(docs, provided):
     check_files(docs, faults)
     check_selectors(docs, faults)
     check_grace(docs, faults)
+    check_training(docs, faults)
     return faults
 
 
@@ -254,7 +299,7 @@ def container(docs, name_part):
     return first(docs, "Deployment", name_part)["spec"]["template"]["spec"]["containers"][0]
 
 
-def breaks():
+def breaks(docs=()):
     """One break per rule: (what, how)."""
 
     def dns(docs):
@@ -282,6 +327,16 @@ def breaks():
     def grace(docs):
         first(docs, "Deployment", "worker")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 5
 
+    def registry_claim(docs):
+        for v in first(docs, "Deployment", "worker")["spec"]["template"]["spec"]["volumes"]:
+            if v["name"] == "training":
+                v["persistentVolumeClaim"]["claimName"] = "another-claim"
+
+    def trainer_read_only(docs):
+        for m in container(docs, "trainer")["volumeMounts"]:
+            if m["name"] == "training":
+                m["readOnly"] = True
+
     return [
         ("workers DNS names another Service", dns),
         ("workers DNS on a port the workers lack", dns_port),
@@ -290,7 +345,10 @@ def breaks():
         ("a token file on no volume", mount),
         ("a Service selecting no pods", selector),
         ("a grace period below the drain", grace),
-    ]
+    ] + ([
+        ("the workers' registry on another claim", registry_claim),
+        ("the trainers' claim read-only", trainer_read_only),
+    ] if any("trainer" in d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment") else [])
 
 
 def main(argv):
@@ -308,7 +366,7 @@ def main(argv):
         return 1
     if self_test:
         missed = []
-        for what, how in breaks():
+        for what, how in breaks(docs):
             broken = copy.deepcopy(docs)
             how(broken)
             if not check(broken, provided):
@@ -317,7 +375,7 @@ def main(argv):
             print(f"{argv[0]}: self-test: not found: {what}")
         if missed:
             return 1
-        print(f"{argv[0]}: wiring ok; each of {len(breaks())} breaks is found")
+        print(f"{argv[0]}: wiring ok; each of {len(breaks(docs))} breaks is found")
     else:
         print(f"{argv[0]}: wiring ok")
     return 0

@@ -69,8 +69,27 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 {{- end -}}
 
-{{/* The model's volume (none when it is in the container image). */}}
+{{/* Whether the pods share the training volume (trainers, the registry). */}}
+{{- define "bd3lm.trainingVolumeUsed" -}}
+{{- if or .Values.training.enabled (eq .Values.model.source "registry") -}}true{{- end -}}
+{{- end -}}
+
+{{/* The training volume's mount (dict "root" $ "readOnly" bool). */}}
+{{- define "bd3lm.trainingMount" -}}
+{{- if include "bd3lm.trainingVolumeUsed" .root }}
+- name: training
+  mountPath: /training
+  readOnly: {{ .readOnly }}
+{{- end }}
+{{- end -}}
+
+{{/* The model's volume (none when it is in the container image or the registry). */}}
 {{- define "bd3lm.modelVolume" -}}
+{{- if include "bd3lm.trainingVolumeUsed" . }}
+- name: training
+  persistentVolumeClaim:
+    claimName: {{ required "training.storage.claimName is required with training.enabled or model.source registry" .Values.training.storage.claimName }}
+{{- end }}
 {{- if eq .Values.model.source "persistentVolumeClaim" }}
 - name: model
   persistentVolumeClaim:
@@ -85,7 +104,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
 {{- define "bd3lm.modelMount" -}}
-{{- if ne .Values.model.source "image" }}
+{{- if not (has .Values.model.source (list "image" "registry")) }}
 {{- $subPath := ternary .Values.model.persistentVolumeClaim.subPath .Values.model.imageVolume.subPath (eq .Values.model.source "persistentVolumeClaim") }}
 - name: model
   mountPath: /models
