@@ -30,6 +30,10 @@ pub struct ServeArgs {
     /// (`registry/`); default: a temporary directory removed at exit.
     #[arg(long, env = "BD3LM_TRAINING_DIR", value_name = "DIR")]
     pub training_dir: Option<PathBuf>,
+    /// With --model: the workers follow that registry model (in --registry-dir, default
+    /// the training directory's registry/) instead of serving --checkpoint.
+    #[command(flatten)]
+    pub follow: bd3lm_worker::FollowSettings,
     /// TLS on the public port (the workers inside stay on loopback).
     #[command(flatten)]
     pub tls: TlsFiles,
@@ -57,12 +61,21 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     bd3lm_kvstore::metrics::describe();
     bd3lm_trainer::describe_metrics();
     let store = args.store.open()?;
-    let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
-    let (device, dtype) = (args.device.device()?, args.device.dtype());
-    let dir = checkpoint.clone();
-    let model = tokio::task::spawn_blocking(move || bd3lm_worker::load(&dir, None, dtype, &device))
-        .await??;
-    let models = Arc::new(bd3lm_worker::Models::fixed(Arc::new(model)));
+    let training = Training::open(&args)?;
+    let mut settings = args.coordinator.clone();
+    let models = match &args.follow.model {
+        Some(name) => follow(&args, &store, name, &training.registry)?,
+        None => {
+            let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
+            if settings.tokenizer.is_none() {
+                settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
+            }
+            let (device, dtype) = (args.device.device()?, args.device.dtype());
+            let load = move || bd3lm_worker::load(&checkpoint, None, dtype, &device);
+            let model = tokio::task::spawn_blocking(load).await??;
+            Arc::new(bd3lm_worker::Models::fixed(Arc::new(model)))
+        }
+    };
     // The workers listen on loopback ports any local user reaches: they take calls
     // carrying this process's own token only.
     let token = format!("{:032x}", rand::random::<u128>());
@@ -81,10 +94,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 tracing::error!(error = %e, "worker stopped");
             }
         });
-    }
-    let mut settings = args.coordinator;
-    if settings.tokenizer.is_none() {
-        settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
     }
     let pool = Pool::new(
         settings.routing,
@@ -109,7 +118,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls: args.tls.server()?,
         health: args.health.bind().await?,
     };
-    let _training = spawn_trainer(args.training_dir.as_deref(), &store)?;
+    training.spawn_trainer(&store);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
         bd3lm_coordinator::serve(ports, pool, store, settings, stop)
@@ -117,34 +126,78 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     .await
 }
 
-/// Starts one trainer over `store`, with its runs and registry under `dir` (a temporary
-/// directory, returned to be kept until exit, when none is given).
-fn spawn_trainer(
-    dir: Option<&std::path::Path>,
-    store: &bd3lm_kvstore::Store,
-) -> anyhow::Result<Option<tempfile::TempDir>> {
-    let temporary = match dir {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix("bd3lm-training-")
-                .tempdir()?,
-        ),
-    };
-    let dir = dir
-        .or(temporary.as_ref().map(|t| t.path()))
-        .expect("one of them is set");
-    let settings = bd3lm_trainer::TrainerSettings {
-        runs_dir: dir.join("runs"),
-        registry_dir: dir.join("registry"),
-        job_lease_secs: 30,
-        max_job_crashes: 3,
-    };
-    for d in [&settings.runs_dir, &settings.registry_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+/// Where the built-in trainer keeps its runs and publishes.
+struct Training {
+    runs: PathBuf,
+    registry: PathBuf,
+    /// The temporary directory holding them when no --training-dir was given, removed
+    /// when this goes.
+    _temporary: Option<tempfile::TempDir>,
+}
+
+impl Training {
+    /// `--training-dir`'s runs/ and registry/ (the registry `--registry-dir` when set),
+    /// created; under a fresh temporary directory without it.
+    fn open(args: &ServeArgs) -> anyhow::Result<Self> {
+        let temporary = match &args.training_dir {
+            Some(_) => None,
+            None => Some(
+                tempfile::Builder::new()
+                    .prefix("bd3lm-training-")
+                    .tempdir()?,
+            ),
+        };
+        let dir = match (&args.training_dir, &temporary) {
+            (Some(dir), _) => dir.clone(),
+            (None, t) => t.as_ref().expect("made above").path().to_path_buf(),
+        };
+        let registry = args
+            .follow
+            .registry_dir
+            .clone()
+            .unwrap_or(dir.join("registry"));
+        let runs = dir.join("runs");
+        for d in [&runs, &registry] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        tracing::info!(dir = %dir.display(), "training jobs run here");
+        Ok(Self {
+            runs,
+            registry,
+            _temporary: temporary,
+        })
     }
-    tracing::info!(dir = %dir.display(), "training jobs run here");
-    let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
-    tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));
-    Ok(temporary)
+
+    /// Starts one trainer over `store`.
+    fn spawn_trainer(&self, store: &bd3lm_kvstore::Store) {
+        let settings = bd3lm_trainer::TrainerSettings {
+            runs_dir: self.runs.clone(),
+            registry_dir: self.registry.clone(),
+            job_lease_secs: 30,
+            max_job_crashes: 3,
+        };
+        let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
+        tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));
+    }
+}
+
+/// The workers' models when they follow registry model `name`: none until its first
+/// version is published in `registry`, then each new one.
+fn follow(
+    args: &ServeArgs,
+    store: &bd3lm_kvstore::Store,
+    name: &str,
+    registry: &std::path::Path,
+) -> anyhow::Result<Arc<bd3lm_worker::Models>> {
+    bd3lm_worker::check_model_id(name)?;
+    let models = Arc::new(bd3lm_worker::Models::loading());
+    let (device, dtype) = (args.device.device()?, args.device.dtype());
+    let id = name.to_string();
+    let load = move |dir: &std::path::Path| bd3lm_worker::load(dir, Some(&id), dtype, &device);
+    let registry = bd3lm_jobs::Registry::new(store.clone(), registry);
+    let timing = (args.follow.rollout(), args.follow.poll);
+    let following =
+        bd3lm_worker::models::follow(models.clone(), registry, name.into(), load, timing);
+    tokio::spawn(following);
+    Ok(models)
 }

@@ -60,6 +60,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(id) = &args.model_id {
         bd3lm_worker::check_model_id(id)?;
     }
+    let registry_dir = &args.follow.registry_dir;
+    if args.follow.model.is_some() && registry_dir.is_none() {
+        anyhow::bail!("--model needs --registry-dir (or BD3LM_REGISTRY_DIR)");
+    }
     let store = args.store.open_shared()?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
     args.metrics.install()?;
@@ -82,7 +86,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match (&args.follow.model, &args.checkpoint) {
         (Some(name), _) => {
             bd3lm_worker::check_model_id(name)?;
-            let dir = args.follow.registry_dir.clone().expect("clap requires it");
+            let dir = registry_dir.clone().expect("checked at start");
             let registry = bd3lm_jobs::Registry::new(store.clone(), dir);
             let owned = name.clone();
             let load = move |dir: &std::path::Path| load(dir, Some(&owned));

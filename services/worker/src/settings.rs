@@ -42,8 +42,7 @@ pub struct FollowSettings {
         long,
         env = "BD3LM_MODEL",
         value_name = "NAME",
-        conflicts_with = "checkpoint",
-        requires = "registry_dir"
+        conflicts_with = "checkpoint"
     )]
     pub model: Option<String>,
     /// The model registry's storage (published versions are `{dir}/{name}/{version}`).
