@@ -203,7 +203,9 @@ impl Jobs {
 
     /// The latest `limit` jobs of `owner` (all jobs on an open API), newest first.
     pub async fn list(&self, limit: usize, owner: Option<&str>) -> Result<Vec<Job>> {
-        let stored = self.store.list_jobs(MAX_LIST).await?;
+        // Another key's jobs are skipped: read further back for them.
+        let read = if owner.is_some() { MAX_LIST } else { limit };
+        let stored = self.store.list_jobs(read).await?;
         let mut jobs = Vec::new();
         for s in stored {
             let job = Job::decode(s)?;

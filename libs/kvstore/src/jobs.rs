@@ -445,11 +445,27 @@ impl RedisStore {
                 async move { con.zrevrange(index, 0, limit as isize - 1).await }
             })
             .await?;
-        let mut jobs = Vec::with_capacity(ids.len());
-        for id in ids {
-            jobs.extend(self.get_revised(&keys.job(&id)).await?);
+        // One round trip for all of them.
+        let mut read = redis::pipe();
+        for id in &ids {
+            read.cmd("HMGET").arg(keys.job(id)).arg("rev").arg("body");
         }
-        Ok(jobs)
+        type Parts = (Option<u64>, Option<Vec<u8>>);
+        let parts: Vec<Parts> = self
+            .retried("list_jobs", |mut con| {
+                let read = &read;
+                async move { read.query_async(&mut con).await }
+            })
+            .await?;
+        Ok(parts
+            .into_iter()
+            .filter_map(|(revision, body)| {
+                Some(Revised {
+                    revision: revision?,
+                    body: body?,
+                })
+            })
+            .collect())
     }
 
     async fn update_job(&self, key: &str, revision: u64, body: &[u8]) -> Result<Option<u64>> {
