@@ -133,6 +133,7 @@ pub async fn check(store: Store) {
 pub async fn check_jobs(store: Store) {
     use std::time::Duration;
     let lease = Duration::from_secs(60);
+    assert!(store.list_jobs(10).await.unwrap().is_empty());
     assert!(store.submit_job("j1", b"one").await.unwrap());
     assert!(
         !store.submit_job("j1", b"again").await.unwrap(),

@@ -445,6 +445,9 @@ impl RedisStore {
                 async move { con.zrevrange(index, 0, limit as isize - 1).await }
             })
             .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         // One round trip for all of them.
         let mut read = redis::pipe();
         for id in &ids {
