@@ -186,8 +186,8 @@ async fn generate(addr: &str, session: Option<&str>) -> (String, Vec<Option<u64>
 /// A job survives its trainers: the one holding it is stopped past its lease (another
 /// takes over; woken, the first stops without writing), then the second is killed and a
 /// third resumes it. Its losses at every step are those of an uninterrupted local run,
-/// it publishes version 1, and a worker following the model serves it. A second job
-/// publishes version 2: the worker switches, a new generation reports 2 while the
+/// it publishes version 1, and a worker following the model serves it. A second job (a
+/// fine-tune on two data-parallel ranks) publishes version 2: the worker switches, a new generation reports 2 while the
 /// session begun before goes on with version 1.
 #[test]
 fn a_job_survives_its_trainers_and_its_model_rolls_out() {
@@ -332,6 +332,8 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
                 ..Default::default()
             }),
             publish_as: "tiny".into(),
+            // Two data-parallel ranks on the trainer's CPU.
+            world_size: Some(2),
             ..Default::default()
         };
         let second_job = client.submit_job(fine_tune).await.unwrap().into_inner();

@@ -84,6 +84,9 @@ pub struct JobSpec {
 /// Largest rows per micro-batch and micro-batches per step a job may ask for.
 const MAX_BATCH: u32 = 4096;
 
+/// Most data-parallel ranks of one job (the devices of one trainer).
+const MAX_WORLD: u32 = 64;
+
 /// The network of a new run on `index`'s data: its vocabulary, mask and row length, with
 /// the given shape and block size.
 pub fn scratch_config(
@@ -175,12 +178,11 @@ impl JobSpec {
             )?,
             clip_search: !spec.no_clip_search,
             world_size: match spec.world_size.unwrap_or(1) {
-                1 => 1,
-                0 => return Err(Error::invalid("world_size", "must be at least 1")),
+                w @ 1..=MAX_WORLD => w,
                 _ => {
                     return Err(Error::invalid(
                         "world_size",
-                        "data-parallel training over NCCL is not built into these trainers; use 1",
+                        format!("must be 1 to {MAX_WORLD}"),
                     ));
                 }
             },
@@ -203,6 +205,7 @@ impl JobSpec {
         opts.val_batches = self.val_batches;
         opts.save_every = self.save_every;
         opts.clip_search = self.clip_search;
+        opts.world_size = self.world_size as usize;
         opts
     }
 
@@ -559,7 +562,8 @@ mod tests {
                     }))
                 }),
             ),
-            ("world_size", Box::new(|s| s.world_size = Some(2))),
+            ("world_size", Box::new(|s| s.world_size = Some(0))),
+            ("world_size", Box::new(|s| s.world_size = Some(65))),
         ];
         for (field, change) in cases {
             let mut bad = spec(&data);

@@ -207,7 +207,7 @@ fn job_spec(args: &TrainArgs) -> anyhow::Result<wire::JobSpec> {
         ema: Some(args.ema),
         grad_clip: Some(args.clip),
         no_clip_search: args.no_clip_search,
-        world_size: None,
+        world_size: Some(args.world_size),
     })
 }
 

@@ -175,6 +175,7 @@ impl Training {
             registry_dir: self.registry.clone(),
             job_lease_secs: 30,
             max_job_crashes: 3,
+            device: bd3lm_trainer::TrainDevice::Cpu,
         };
         let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
         tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));

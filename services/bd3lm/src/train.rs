@@ -246,6 +246,13 @@ pub struct TrainArgs {
     /// Dtype of the exported weights: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub save_dtype: String,
+    /// Data-parallel ranks, each taking --batch-size rows of every micro-batch on its own
+    /// device.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub world_size: u32,
+    /// Where the ranks train (local runs; a job trains where its trainer does).
+    #[arg(long, value_enum, default_value_t = bd3lm_trainer::TrainDevice::Cpu, conflicts_with = "addr")]
+    pub device: bd3lm_trainer::TrainDevice,
     /// Prometheus gauges of the run (step, loss, tokens/s, validation).
     #[command(flatten)]
     pub metrics: bd3lm_telemetry::metrics::MetricsArgs,
@@ -260,10 +267,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
         .out
         .as_deref()
         .context("--out is required without --addr")?;
+    let devices = args.device.devices(args.world_size as usize)?;
     let mut trainer = if args.resume {
-        Trainer::resume(out, args.steps)?
+        Trainer::resume_on(out, args.steps, &devices)?
     } else {
-        new_trainer(args, out)?
+        new_trainer(args, out, &devices)?
     };
     let opts = trainer.options().clone();
     let cfg = trainer.config();
@@ -296,7 +304,11 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn new_trainer(args: &TrainArgs, out: &Path) -> anyhow::Result<Trainer> {
+fn new_trainer(
+    args: &TrainArgs,
+    out: &Path,
+    devices: &[candle_core::Device],
+) -> anyhow::Result<Trainer> {
     let data = args.data.clone().expect("required unless --resume");
     let index = ShardIndex::open(&data)?;
     let mut opts = TrainOptions::new(data);
@@ -318,6 +330,7 @@ fn new_trainer(args: &TrainArgs, out: &Path) -> anyhow::Result<Trainer> {
     opts.clip_search = !args.no_clip_search;
     opts.schedule = args.schedule;
     opts.save_dtype = args.save_dtype.clone();
+    opts.world_size = args.world_size as usize;
     if out.join(bd3lm_training::trainer::RESUME_DIR).exists() {
         bail!(
             "{} already holds a run: add --resume to continue it, or choose another --out",
@@ -331,7 +344,7 @@ fn new_trainer(args: &TrainArgs, out: &Path) -> anyhow::Result<Trainer> {
         },
         None => Init::Scratch(scratch_config(args, &index)?),
     };
-    Ok(Trainer::new(out, opts, init)?)
+    Ok(Trainer::new_on(out, opts, init, devices)?)
 }
 
 fn scratch_config(args: &TrainArgs, index: &ShardIndex) -> anyhow::Result<Config> {

@@ -44,6 +44,36 @@ pub struct TrainerSettings {
     /// resuming again.
     #[arg(long, env = "BD3LM_MAX_JOB_CRASHES", default_value_t = 3)]
     pub max_job_crashes: u32,
+    /// Where jobs train: the CPU, or this trainer's GPUs (one per rank of a job's
+    /// world_size: cuda:0, cuda:1, ...).
+    #[arg(long = "device", env = "BD3LM_TRAIN_DEVICE", value_enum, default_value_t = TrainDevice::Cpu)]
+    pub device: TrainDevice,
+}
+
+/// Where a run's ranks train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrainDevice {
+    /// Every rank on the CPU.
+    Cpu,
+    /// Rank r on GPU r.
+    Cuda,
+}
+
+impl TrainDevice {
+    /// The devices of a run of `world` ranks; an error naming what is missing when this
+    /// build or machine cannot give them.
+    pub fn devices(self, world: usize) -> anyhow::Result<Vec<candle_core::Device>> {
+        match self {
+            TrainDevice::Cpu => Ok(vec![candle_core::Device::Cpu; world]),
+            TrainDevice::Cuda => (0..world)
+                .map(|r| {
+                    candle_core::Device::new_cuda(r).map_err(|e| {
+                        anyhow::anyhow!("the run needs {world} CUDA devices; cuda:{r}: {e}")
+                    })
+                })
+                .collect(),
+        }
+    }
 }
 
 impl TrainerSettings {

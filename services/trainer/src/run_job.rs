@@ -349,14 +349,19 @@ fn train(
         return Ok(Trained::Stopped);
     };
     let spec = &job.spec;
+    let devices = trainer
+        .settings
+        .device
+        .devices(spec.world_size as usize)
+        .map_err(|e| Failure {
+            reason: e.to_string(),
+            retry: false,
+        })?;
     let mut run_trainer = if run.join(RESUME_DIR).is_dir() {
-        Trainer::resume(&run, None)?
+        Trainer::resume_on(&run, None, &devices)?
     } else {
-        Trainer::new(
-            &run,
-            spec.train_options(),
-            spec.train_init(&trainer.registry)?,
-        )?
+        let init = spec.train_init(&trainer.registry)?;
+        Trainer::new_on(&run, spec.train_options(), init, &devices)?
     };
     let (first, started) = (run_trainer.step(), Instant::now());
     tracing::info!(from_step = first, "run opened");

@@ -29,6 +29,7 @@ fn setup(max_job_crashes: u32) -> Setup {
         registry_dir: dir.path().join("registry"),
         job_lease_secs: 30,
         max_job_crashes,
+        device: crate::TrainDevice::Cpu,
     };
     Setup {
         trainer: TrainerWorker::new(store.clone(), settings),

@@ -18,10 +18,12 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 mod metrics;
+mod parallel;
 mod resume;
 
 use metrics::MetricsLog;
 pub use metrics::describe as describe_metrics;
+use parallel::{Reduce, Replica};
 
 use crate::bound::{self, BlockLoss, ClipGrid};
 use crate::data::{Loader, Position, Split, write_atomic};
@@ -70,6 +72,14 @@ pub struct TrainOptions {
     pub schedule: NoiseSchedule,
     /// Dtype of the exported checkpoint's weights (f32, f16 or bf16).
     pub save_dtype: String,
+    /// Ranks of data-parallel training: each takes `batch_size` rows of every
+    /// micro-batch on its own device.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 impl TrainOptions {
@@ -92,6 +102,7 @@ impl TrainOptions {
             clip_search: true,
             schedule: NoiseSchedule::LogLinear,
             save_dtype: "f32".into(),
+            world_size: 1,
         }
     }
 
@@ -110,6 +121,7 @@ impl TrainOptions {
         positive("accumulate", self.accumulate as u64)?;
         positive("steps", self.steps)?;
         positive("val_batches", self.val_batches as u64)?;
+        positive("world_size", self.world_size as u64)?;
         if !(self.adamw.lr > 0.0 && self.clip > 0.0 && (0.0..1.0).contains(&self.ema)) {
             return Err(Error::Param {
                 name: "lr/clip/ema",
@@ -207,11 +219,20 @@ pub struct Trainer {
     rng: ChaCha8Rng,
     train: Loader,
     elapsed_s: f64,
+    /// Ranks 1.. of a data-parallel run (rank 0 is the fields above).
+    replicas: Vec<Replica>,
+    reduce: Reduce,
 }
 
 impl Trainer {
-    /// A new run in `out` from `init`.
+    /// A new run in `out` from `init`, on the CPU.
     pub fn new(out: &Path, opts: TrainOptions, init: Init) -> Result<Self> {
+        Self::new_on(out, opts, init, &[Device::Cpu])
+    }
+
+    /// A new run in `out` from `init`, rank `r` on `devices[r]` (one device per rank of
+    /// `opts.world_size`).
+    pub fn new_on(out: &Path, opts: TrainOptions, init: Init, devices: &[Device]) -> Result<Self> {
         opts.check()?;
         let (config, weights) = match init {
             Init::Scratch(config) => {
@@ -236,7 +257,7 @@ impl Trainer {
             Some(opts.seed),
             Position::default(),
         )?;
-        Self::assemble(out, opts, config, &weights, train)
+        Self::assemble(out, opts, config, &weights, train, devices)?.with_replicas(devices)
     }
 
     /// The parts common to a new and a resumed run.
@@ -246,16 +267,29 @@ impl Trainer {
         config: Config,
         weights: &HashMap<String, Tensor>,
         train: Loader,
+        devices: &[Device],
     ) -> Result<Self> {
         check_data(&config, &train, &opts.data)?;
+        if devices.len() != opts.world_size {
+            return Err(Error::Param {
+                name: "world_size",
+                reason: format!(
+                    "the run has {} ranks, {} devices were given",
+                    opts.world_size,
+                    devices.len()
+                ),
+            });
+        }
+        let device = &devices[0];
         let mut names = Vec::new();
         let mut vars = Vec::new();
         for (name, _) in checkpoint::tensor_specs(&config) {
-            let w = weights[&name].to_dtype(DType::F32)?;
+            let w = weights[&name].to_device(device)?.to_dtype(DType::F32)?;
             vars.push(Var::from_tensor(&w)?);
             names.push(name);
         }
-        let model = build(&config, &names, vars.iter().map(|v| v.as_tensor().clone()))?;
+        let tensors = vars.iter().map(|v| v.as_tensor().clone());
+        let model = build(&config, &names, tensors, device)?;
         let rng = ChaCha8Rng::seed_from_u64(opts.seed);
         let opt = AdamW::new(&vars, opts.adamw)?;
         let ema = Ema::new(&vars, opts.ema)?;
@@ -276,7 +310,41 @@ impl Trainer {
             rng,
             train,
             elapsed_s: 0.0,
+            replicas: Vec::new(),
+            reduce: Reduce::for_devices(devices)?,
         })
+    }
+
+    /// Ranks 1.. on `devices[1..]`, copies of rank 0 as it is now.
+    fn with_replicas(mut self, devices: &[Device]) -> Result<Self> {
+        self.replicas = devices[1..]
+            .iter()
+            .map(|d| self.replica(d))
+            .collect::<Result<_>>()?;
+        Ok(self)
+    }
+
+    /// A copy of rank 0's weights and optimiser state on `device`.
+    fn replica(&self, device: &Device) -> Result<Replica> {
+        let vars = self
+            .vars
+            .iter()
+            .map(|v| Ok(Var::from_tensor(&v.as_tensor().to_device(device)?)?))
+            .collect::<Result<Vec<_>>>()?;
+        let tensors = vars.iter().map(|v| v.as_tensor().clone());
+        let model = build(&self.config, &self.names, tensors, device)?;
+        let mut opt = AdamW::new(&vars, self.opts.adamw)?;
+        opt.steps = self.opt.steps;
+        for i in 0..vars.len() {
+            opt.m[i] = self.opt.m[i].to_device(device)?;
+            opt.v[i] = self.opt.v[i].to_device(device)?;
+        }
+        Ok(Replica { vars, model, opt })
+    }
+
+    /// Ranks of the run.
+    pub fn world(&self) -> usize {
+        1 + self.replicas.len()
     }
 
     /// Optimiser steps done.
@@ -299,39 +367,45 @@ impl Trainer {
         self.vars.iter().map(|v| v.elem_count()).sum()
     }
 
-    /// Tokens per optimiser step.
+    /// Tokens per optimiser step, all ranks together.
     pub fn tokens_per_step(&self) -> u64 {
-        (self.opts.batch_size * self.opts.accumulate * self.config.model_length) as u64
+        let rows = self.opts.batch_size * self.opts.accumulate * self.world();
+        (rows * self.config.model_length) as u64
     }
 
-    /// One optimiser step: forward and backward over `accumulate` micro-batches, clipping,
-    /// AdamW and the EMA update.
+    /// One optimiser step: forward and backward over `accumulate` micro-batches (each
+    /// shared out between the ranks), the gradients averaged over ranks, clipping, AdamW
+    /// on every rank and the EMA update.
     pub fn train_step(&mut self) -> Result<StepStats> {
         let started = Instant::now();
-        let (b, n) = (self.opts.batch_size, self.config.model_length);
-        let ones = Tensor::ones((b, n), DType::F32, &Device::Cpu)?;
-        let mut grads: Vec<Tensor> = Vec::new();
+        let (b, n, world) = (self.opts.batch_size, self.config.model_length, self.world());
+        let mut grads: Vec<Vec<Tensor>> = vec![Vec::new(); world];
         let mut loss_sum = 0.0;
         for _ in 0..self.opts.accumulate {
-            let ids = self.train.next_batch(b)?;
-            let noised = self.process.corrupt(&ids, b, n, &mut self.rng)?;
-            let x0 = Tensor::from_vec(ids, (b, n), &Device::Cpu)?;
-            let out = loss::nelbo(&self.model, &x0, &noised, self.process.schedule, &ones)?;
-            loss_sum += out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let store = (out.loss / self.opts.accumulate as f64)?.backward()?;
-            for (i, var) in self.vars.iter().enumerate() {
-                let g = match store.get(var.as_tensor()) {
-                    Some(g) => g.detach(),
-                    None => var.zeros_like()?,
+            let ids = self.train.next_batch(b * world)?;
+            let noised = self.process.corrupt(&ids, b * world, n, &mut self.rng)?;
+            for (rank, grads) in grads.iter_mut().enumerate() {
+                let (ids, noised) = parallel::share(&ids, &noised, (rank, world), n);
+                let (model, vars) = match rank {
+                    0 => (&self.model, &self.vars),
+                    r => (&self.replicas[r - 1].model, &self.replicas[r - 1].vars),
                 };
-                if grads.len() <= i {
-                    grads.push(g);
-                } else {
-                    grads[i] = (&grads[i] + g)?;
-                }
+                let part = Part {
+                    model,
+                    vars,
+                    ids,
+                    noised: &noised,
+                };
+                loss_sum += part.backward(&self.process, self.opts.accumulate, grads)?;
             }
         }
-        let grad_norm = clip_grad_norm(&mut grads, self.opts.clip)?;
+        self.reduce.mean(&mut grads)?;
+        // The same averaged gradients on every rank: the same clipping.
+        let norms = grads
+            .iter_mut()
+            .map(|g| clip_grad_norm(g, self.opts.clip))
+            .collect::<Result<Vec<_>>>()?;
+        let grad_norm = norms[0];
         let schedule = LrSchedule {
             peak: self.opts.adamw.lr,
             warmup: self.opts.warmup,
@@ -339,13 +413,16 @@ impl Trainer {
             total: self.opts.steps,
         };
         let lr = schedule.at(self.step());
-        self.opt.step(&self.vars, &grads, lr)?;
+        for (replica, grads) in self.replicas.iter_mut().zip(&grads[1..]) {
+            replica.opt.step(&replica.vars, grads, lr)?;
+        }
+        self.opt.step(&self.vars, &grads[0], lr)?;
         self.ema.update(&self.vars)?;
         let seconds = started.elapsed().as_secs_f64();
         self.elapsed_s += seconds;
         Ok(StepStats {
             step: self.step(),
-            loss: loss_sum / self.opts.accumulate as f64,
+            loss: loss_sum / (self.opts.accumulate * world) as f64,
             grad_norm,
             lr,
             tokens: self.step() * self.tokens_per_step(),
@@ -356,7 +433,13 @@ impl Trainer {
 
     /// The network with the EMA weights: the one evaluated and exported.
     pub fn ema_model(&self) -> Result<Bd3lm> {
-        build(&self.config, &self.names, self.ema.shadow.iter().cloned())
+        let device = self.vars[0].device().clone();
+        build(
+            &self.config,
+            &self.names,
+            self.ema.shadow.iter().cloned(),
+            &device,
+        )
     }
 
     /// The perplexity bound of the EMA weights on held-out rows; with the clipped-schedule
@@ -402,7 +485,8 @@ impl Trainer {
             .iter()
             .cloned()
             .zip(self.ema.shadow.iter().cloned())
-            .collect();
+            .map(|(name, t)| Ok((name, t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
         checkpoint::save(&ckpt, &self.config, &ema, self.opts.save_dtype()?)?;
         let tokenizer = self.opts.data.join("tokenizer.json");
         if tokenizer.is_file() {
@@ -461,19 +545,55 @@ impl Trainer {
     }
 }
 
-/// The network of `config` over `tensors` (in the order of `names`).
+/// One rank's share of a micro-batch: its network, weights, token ids and noise.
+struct Part<'a> {
+    model: &'a Bd3lm,
+    vars: &'a [Var],
+    ids: Vec<u32>,
+    noised: &'a bd3lm_diffusion::loss::Noised,
+}
+
+impl Part<'_> {
+    /// Forward and backward of the share, its gradients (scaled for `accumulate`
+    /// micro-batches) added to `grads`; returns its loss.
+    fn backward(
+        self,
+        process: &NoiseProcess,
+        accumulate: usize,
+        grads: &mut Vec<Tensor>,
+    ) -> Result<f64> {
+        let device = self.model.device();
+        let n = self.noised.xt.len() / self.noised.sigma.len();
+        let b = self.noised.sigma.len();
+        let ones = Tensor::ones((b, n), DType::F32, device)?;
+        let x0 = Tensor::from_vec(self.ids, (b, n), device)?;
+        let out = loss::nelbo(self.model, &x0, self.noised, process.schedule, &ones)?;
+        let value = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let store = (out.loss / accumulate as f64)?.backward()?;
+        for (i, var) in self.vars.iter().enumerate() {
+            let g = match store.get(var.as_tensor()) {
+                Some(g) => g.detach(),
+                None => var.zeros_like()?,
+            };
+            if grads.len() <= i {
+                grads.push(g);
+            } else {
+                grads[i] = (&grads[i] + g)?;
+            }
+        }
+        Ok(value)
+    }
+}
+
+/// The network of `config` over `tensors` (in the order of `names`) on `device`.
 fn build(
     config: &Config,
     names: &[String],
     tensors: impl Iterator<Item = Tensor>,
+    device: &Device,
 ) -> Result<Bd3lm> {
     let map: HashMap<String, Tensor> = names.iter().cloned().zip(tensors).collect();
-    Ok(checkpoint::from_weights(
-        config,
-        map,
-        DType::F32,
-        &Device::Cpu,
-    )?)
+    Ok(checkpoint::from_weights(config, map, DType::F32, device)?)
 }
 
 /// Checks that the shards fit the model: row length, vocabulary and block size.
@@ -633,6 +753,53 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    /// Two ranks of 4 rows take the step one rank of 8 rows takes (the same rows and
+    /// noise, the gradients averaged: the same loss and gradient up to summation order;
+    /// later steps drift apart as AdamW amplifies the rounding of near-zero gradients),
+    /// their replicas stay identical, and a data-parallel run resumes on its own curve
+    /// bit for bit.
+    #[test]
+    fn data_parallel_ranks_match_one_rank_and_resume_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let mut single = options(&data, 6);
+        single.batch_size = 8;
+        single.save_every = 3;
+        let mut split = single.clone();
+        (split.batch_size, split.world_size) = (4, 2);
+        let cpus = [Device::Cpu, Device::Cpu];
+        let start = |opts: &TrainOptions, name: &str, devices: &[Device]| {
+            let out = dir.path().join(name);
+            Trainer::new_on(&out, opts.clone(), Init::Scratch(tiny()), devices).unwrap()
+        };
+        let one = start(&single, "one", &[Device::Cpu]).train_step().unwrap();
+        let mut trainer = start(&split, "two", &cpus);
+        let two = trainer.train_step().unwrap();
+        assert_eq!(trainer.world(), 2);
+        assert_eq!(trainer.tokens_per_step(), 8 * 16);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-5 * a.abs();
+        assert!(
+            close(one.loss, two.loss) && close(one.grad_norm, two.grad_norm),
+            "{one:?} vs {two:?}"
+        );
+
+        trainer.run(|_| {}).unwrap();
+        for (v, r) in trainer.vars.iter().zip(&trainer.replicas[0].vars) {
+            let (x, y) = (v.flatten_all().unwrap(), r.flatten_all().unwrap());
+            assert_eq!(x.to_vec1::<f32>().unwrap(), y.to_vec1::<f32>().unwrap());
+        }
+        start(&split, "whole", &cpus).run(|_| {}).unwrap();
+        let mut half = split.clone();
+        half.steps = 3;
+        start(&half, "resumed", &cpus).run(|_| {}).unwrap();
+        let out = dir.path().join("resumed");
+        let mut resumed = Trainer::resume_on(&out, Some(6), &cpus).unwrap();
+        resumed.run(|_| {}).unwrap();
+        assert_eq!(losses(&out), losses(&dir.path().join("whole")));
+        let one_device = Trainer::resume_on(&out, Some(7), &[Device::Cpu]);
+        assert!(one_device.is_err(), "a two-rank run on one device");
     }
 
     /// The exported checkpoint holds the EMA weights bit for bit, the clipped interval, and

@@ -30,9 +30,14 @@ struct State {
 }
 
 impl Trainer {
-    /// Resumes the run in `out` where its last save left it; `steps` extends or shortens
-    /// the run.
+    /// Resumes the run in `out` where its last save left it, on the CPU; `steps` extends
+    /// or shortens the run.
     pub fn resume(out: &Path, steps: Option<u64>) -> Result<Self> {
+        Self::resume_on(out, steps, &[Device::Cpu])
+    }
+
+    /// [`Trainer::resume`] with rank `r` on `devices[r]` (one per rank of the run).
+    pub fn resume_on(out: &Path, steps: Option<u64>, devices: &[Device]) -> Result<Self> {
         let dir = out.join(RESUME_DIR);
         let path = dir.join(STATE_FILE);
         let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
@@ -71,17 +76,18 @@ impl Trainer {
             weights.insert(name.clone(), take("param", &name)?);
         }
         let train = Loader::open(&opts.data, Split::Train, Some(opts.seed), state.data)?;
-        let mut trainer = Self::assemble(out, opts, state.config, &weights, train)?;
+        let mut trainer = Self::assemble(out, opts, state.config, &weights, train, devices)?;
+        let device = &devices[0];
         for (i, name) in trainer.names.iter().enumerate() {
-            trainer.opt.m[i] = take("m", name)?;
-            trainer.opt.v[i] = take("v", name)?;
-            trainer.ema.shadow[i] = take("ema", name)?;
+            trainer.opt.m[i] = take("m", name)?.to_device(device)?;
+            trainer.opt.v[i] = take("v", name)?.to_device(device)?;
+            trainer.ema.shadow[i] = take("ema", name)?.to_device(device)?;
         }
         trainer.opt.steps = state.step;
         trainer.ema.updates = state.ema_updates;
         trainer.elapsed_s = state.elapsed_s;
         trainer.rng.set_word_pos(word_pos);
-        Ok(trainer)
+        trainer.with_replicas(devices)
     }
 
     /// Writes the resume state to a fresh directory and swaps it in.
@@ -91,10 +97,12 @@ impl Trainer {
         std::fs::create_dir_all(&tmp).map_err(Error::io(&tmp))?;
         let mut tensors = HashMap::new();
         for (i, name) in self.names.iter().enumerate() {
-            tensors.insert(format!("param.{name}"), self.vars[i].as_tensor().clone());
-            tensors.insert(format!("m.{name}"), self.opt.m[i].clone());
-            tensors.insert(format!("v.{name}"), self.opt.v[i].clone());
-            tensors.insert(format!("ema.{name}"), self.ema.shadow[i].clone());
+            // Rank 0's: every rank holds the same.
+            let host = |t: &candle_core::Tensor| t.to_device(&Device::Cpu);
+            tensors.insert(format!("param.{name}"), host(self.vars[i].as_tensor())?);
+            tensors.insert(format!("m.{name}"), host(&self.opt.m[i])?);
+            tensors.insert(format!("v.{name}"), host(&self.opt.v[i])?);
+            tensors.insert(format!("ema.{name}"), host(&self.ema.shadow[i])?);
         }
         let path = tmp.join(TENSORS_FILE);
         candle_core::safetensors::save(&tensors, &path).map_err(|e| Error::Resume {
