@@ -6,8 +6,7 @@
 #
 #   docker/stage.sh DEST                 # cargo build --release, then stage
 #   docker/stage.sh --cuda DEST          # the worker and bd3lm with candle's CUDA backend
-#                                        # (scripts/build-cuda.sh), the coordinator and the
-#                                        # trainer without
+#                                        # (scripts/build-cuda.sh), the coordinator without
 #   PROFILE=dev BUILD=0 docker/stage.sh DEST   # stage an existing debug build
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -26,10 +25,9 @@ cd "$root"
 
 if [ "${BUILD:-1}" = 1 ]; then
     if [ "$cuda" = 1 ]; then
-        # The coordinator never runs the network, and the trainer trains on the CPU: neither
-        # needs CUDA.
-        scripts/build-cuda.sh --locked -p bd3lm-worker
-        cargo build --locked --profile "$profile" -p bd3lm-coordinator -p bd3lm-trainer
+        # The coordinator never runs the network: it needs no CUDA.
+        scripts/build-cuda.sh --locked -p bd3lm-worker -p bd3lm-trainer
+        cargo build --locked --profile "$profile" -p bd3lm-coordinator
     else
         cargo build --locked --profile "$profile" -p bd3lm -p bd3lm-worker -p bd3lm-coordinator \
             -p bd3lm-trainer

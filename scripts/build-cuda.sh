@@ -9,6 +9,9 @@
 #   scripts/build-cuda.sh            # cargo build --release --features cuda -p bd3lm,
 #                                    # then dist/bd3lm-cuda.gz for the GPU host
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # another GPU generation (default 90: H100)
+#   NCCL=1 scripts/build-cuda.sh     # also NCCL (feature nccl: the data-parallel trainer's
+#                                    # all-reduce across GPUs), from NVIDIA's NCCL wheel;
+#                                    # the GPU host then needs libnccl.so.2 too
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 toolkit=${CUDA_WHEELS_DIR:-$root/.cuda}
@@ -29,6 +32,20 @@ if [ ! -x "$cu/bin/nvcc" ]; then
         python3 -m zipfile -e "$wheel" "$toolkit"
     done
     chmod +x "$cu"/bin/* "$cu"/nvvm/bin/* 2>/dev/null || true
+fi
+
+features=cuda
+if [ "${NCCL:-0}" = 1 ]; then
+    nccl=$toolkit/nvidia/nccl/lib
+    if [ ! -f "$nccl/libnccl.so.2" ]; then
+        python3 -m pip download --no-deps --only-binary=:all: --python-version 3.11 \
+            --platform manylinux_2_18_x86_64 --platform manylinux2014_x86_64 \
+            --platform manylinux_2_17_x86_64 -d "$toolkit/nccl-wheel" nvidia-nccl-cu13==2.27.7
+        python3 -m zipfile -e "$toolkit"/nccl-wheel/*.whl "$toolkit"
+    fi
+    ln -sf libnccl.so.2 "$nccl/libnccl.so"
+    export LIBRARY_PATH=$nccl${LIBRARY_PATH:+:$LIBRARY_PATH}
+    features="cuda nccl"
 fi
 
 # Unversioned names for the linker.
@@ -53,7 +70,7 @@ export PATH=$cu/bin:$PATH
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export LIBRARY_PATH=$lib:$lib/stubs${LIBRARY_PATH:+:$LIBRARY_PATH}
 cd "$root"
-cargo build --release --features cuda -p bd3lm "$@"
+cargo build --release --features "$features" -p bd3lm "$@"
 
 # What travels to a GPU host (scripts/gpu-check.sh reads it): the binary stripped of its
 # debug info and compressed, about 34 MB.

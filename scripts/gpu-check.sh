@@ -20,7 +20,10 @@
 #      50258, context 1024, block size 4, random weights) in bf16 at concurrency 1, 16 and
 #      64: tokens/s, block and first-block latency, mean batch size, and the share of
 #      tokens identical to those the same seed got at the previous level (batch
-#      invariance on the GPU).
+#      invariance on the GPU);
+#   5. training on cuda: three steps of the demo shape on this repository's documents,
+#      and the same on the CPU; the first step's loss (same weights, rows and noise) must
+#      agree within 1e-3 (the CUDA trainer; NCCL across GPUs needs NCCL=1 and two GPUs).
 # Each step's failure is reported and the next step still runs; the exit code is the
 # number of failed steps.
 set -uo pipefail
@@ -72,6 +75,27 @@ step reference-bf16 "$bin" check-reference --device cuda --dtype bf16 \
     --checkpoint "$fixture" --fixtures "$fixture/fixtures.safetensors" --tolerance 0.05
 step generate "$bin" generate --device cuda --dtype bf16 \
     --prompt "The state of the Union" --max-tokens 128 --seed 1
+# Three training steps on cuda and on the CPU; their first losses agree.
+train_check() {
+    local dir=/tmp/bd3lm-train-check
+    rm -rf "$dir" && mkdir -p "$dir/text" || return 1
+    cp "$root"/README.md "$root"/docs/*.md "$dir/text/" || return 1
+    "$bin" prepare-data "$dir/text" --extension md --out "$dir/shards" \
+        --tokenizer "$root/services/bd3lm/demo-model/tokenizer.json" \
+        --model-length 128 --val-every 3 || return 1
+    local device first=()
+    for device in cuda cpu; do
+        "$bin" train --device "$device" --data "$dir/shards" --out "$dir/$device" --steps 3 \
+            --batch-size 8 --val-every 3 --save-every 3 --val-batches 1 || return 1
+        first+=("$(grep -m1 '"kind":"train"' "$dir/$device/metrics.jsonl" \
+            | sed 's/.*"loss":\([0-9.e+-]*\).*/\1/')")
+    done
+    echo "first loss: cuda ${first[0]}, cpu ${first[1]}"
+    awk -v a="${first[0]}" -v b="${first[1]}" \
+        'BEGIN { d = a - b; if (d < 0) d = -d; exit !(d <= 1e-3 * b) }'
+}
+
 step bench-small "$bin" bench serve --model small --device cuda --dtype bf16 \
     --concurrency 1,16,64 --tokens 128
+step train-cuda train_check
 exit "$failed"
