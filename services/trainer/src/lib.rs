@@ -8,7 +8,8 @@
 //! checks before every step that it still holds the job and whether a cancel was asked
 //! for (so a cancel takes effect within a step), and trains only while it holds the run
 //! directory's lock: one stalled past its lease stops at its next step, and its
-//! successor waits for the lock, so two never write one run at once.
+//! successor waits for the lock, so two never write one run at once. A job of world size
+//! N trains on N devices of this trainer (`--device`: CPU ranks, or GPUs 0..N).
 //! [`run_job`] is one job; [`run`] is the loop around it.
 
 mod metrics;
