@@ -11,6 +11,7 @@ mod demo;
 mod eval;
 mod generate;
 mod jobs;
+mod plot;
 mod remote;
 mod serve;
 mod train;
@@ -77,6 +78,9 @@ enum Command {
     /// Evaluate a checkpoint: perplexity bound on held-out shards, generative perplexity
     /// and unigram entropy of its samples under a judge LM. Prints one JSON object.
     Eval(eval::EvalArgs),
+    /// Pictures of runs (PNG or SVG): training curves.
+    #[command(subcommand)]
+    Plot(plot::PlotCommand),
     /// Benchmarks on random weights: model passes, generation, serving and training.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -234,6 +238,10 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
         }
         Command::PrepareData(args) => {
             train::prepare_data(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plot(command) => {
+            plot::run(command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Eval(args) => {
