@@ -7,7 +7,7 @@ use bd3lm_proto::v1::training_client::TrainingClient;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::remote::{Authorized, RemoteArgs, connect, status};
+use crate::remote::{Authorized, RemoteArgs, status};
 use crate::train::{DecayArg, TrainArgs};
 
 /// `bd3lm jobs`.
@@ -135,7 +135,7 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
 /// `--detach`); whether it succeeded.
 pub async fn submit(args: &TrainArgs, addr: &str) -> anyhow::Result<bool> {
     let spec = job_spec(args)?;
-    let channel = connect(addr, args.api_key.as_deref(), &args.tls).await?;
+    let channel = args.credentials.connect(addr).await?;
     let mut client = TrainingClient::new(channel);
     let job = client.submit_job(spec).await.map_err(status)?.into_inner();
     println!("{}", job.job_id);

@@ -22,6 +22,20 @@ pub struct RemoteArgs {
         default_value = "127.0.0.1:50051"
     )]
     pub addr: String,
+    #[command(flatten)]
+    pub credentials: Credentials,
+}
+
+impl RemoteArgs {
+    /// Connects to the server.
+    pub async fn connect(&self) -> anyhow::Result<Authorized> {
+        self.credentials.connect(&self.addr).await
+    }
+}
+
+/// What a client shows a server: its API key and TLS.
+#[derive(Debug, Clone, Args)]
+pub struct Credentials {
     /// The API key, sent as `authorization: Bearer <key>` (prefer the environment
     /// variable: a flag shows in the process list).
     #[arg(
@@ -36,10 +50,10 @@ pub struct RemoteArgs {
     pub tls: TlsFiles,
 }
 
-impl RemoteArgs {
-    /// Connects to the server.
-    pub async fn connect(&self) -> anyhow::Result<Authorized> {
-        connect(&self.addr, self.api_key.as_deref(), &self.tls).await
+impl Credentials {
+    /// Connects to the server at `addr` with these credentials.
+    pub async fn connect(&self, addr: &str) -> anyhow::Result<Authorized> {
+        connect(addr, self.api_key.as_deref(), &self.tls).await
     }
 }
 

@@ -64,7 +64,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let training = Training::open(&args)?;
     let mut settings = args.coordinator.clone();
     let models = match &args.follow.model {
-        Some(name) => follow(&args, &store, name, &training.registry)?,
+        Some(name) => {
+            let following = bd3lm_worker::models::Following {
+                name: name.clone(),
+                dir: training.registry.clone(),
+                device: args.device.device()?,
+                dtype: args.device.dtype(),
+            };
+            following.start(&store, &args.follow)?
+        }
         None => {
             let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
             if settings.tokenizer.is_none() {
@@ -180,25 +188,4 @@ impl Training {
         let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
         tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));
     }
-}
-
-/// The workers' models when they follow registry model `name`: none until its first
-/// version is published in `registry`, then each new one.
-fn follow(
-    args: &ServeArgs,
-    store: &bd3lm_kvstore::Store,
-    name: &str,
-    registry: &std::path::Path,
-) -> anyhow::Result<Arc<bd3lm_worker::Models>> {
-    bd3lm_worker::check_model_id(name)?;
-    let models = Arc::new(bd3lm_worker::Models::loading());
-    let (device, dtype) = (args.device.device()?, args.device.dtype());
-    let id = name.to_string();
-    let load = move |dir: &std::path::Path| bd3lm_worker::load(dir, Some(&id), dtype, &device);
-    let registry = bd3lm_jobs::Registry::new(store.clone(), registry);
-    let timing = (args.follow.rollout(), args.follow.poll);
-    let following =
-        bd3lm_worker::models::follow(models.clone(), registry, name.into(), load, timing);
-    tokio::spawn(following);
-    Ok(models)
 }

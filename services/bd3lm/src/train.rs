@@ -165,17 +165,9 @@ pub struct TrainArgs {
     /// With --addr: print the job's id and return instead of following it.
     #[arg(long, requires = "addr")]
     pub detach: bool,
-    /// With --addr: the API key (prefer the environment variable).
-    #[arg(
-        long,
-        env = "BD3LM_API_KEY",
-        value_name = "KEY",
-        hide_env_values = true
-    )]
-    pub api_key: Option<String>,
-    /// With --addr: TLS towards the server.
+    /// With --addr: the API key and TLS towards the server.
     #[command(flatten)]
-    pub tls: bd3lm_proto::tls::TlsFiles,
+    pub credentials: crate::remote::Credentials,
     /// Continue the run in --out from its resume state (other options are the run's).
     #[arg(long)]
     pub resume: bool,

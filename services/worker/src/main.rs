@@ -80,37 +80,33 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tls: args.tls.server()?,
         health: args.health.bind().await?,
     };
-    let models = Arc::new(Models::loading());
-    let load =
-        move |dir: &std::path::Path, id: Option<&str>| bd3lm_worker::load(dir, id, dtype, &device);
-    match (&args.follow.model, &args.checkpoint) {
+    let models = match (&args.follow.model, &args.checkpoint) {
         (Some(name), _) => {
-            bd3lm_worker::check_model_id(name)?;
-            let dir = registry_dir.clone().expect("checked at start");
-            let registry = bd3lm_jobs::Registry::new(store.clone(), dir);
-            let owned = name.clone();
-            let load = move |dir: &std::path::Path| load(dir, Some(&owned));
-            let timing = (args.follow.rollout(), args.follow.poll);
-            let follow =
-                bd3lm_worker::models::follow(models.clone(), registry, name.clone(), load, timing);
-            tokio::spawn(follow);
+            let following = bd3lm_worker::models::Following {
+                name: name.clone(),
+                dir: registry_dir.clone().expect("checked at start"),
+                device,
+                dtype,
+            };
+            following.start(&store, &args.follow)?
         }
         (None, Some(dir)) => {
-            let (dir, id, models) = (dir.clone(), args.model_id.clone(), models.clone());
-            tokio::task::spawn_blocking(move || match load(&dir, id.as_deref()) {
-                Ok(l) => models.add(Arc::new(l)),
-                Err(e) => {
-                    eprintln!(
-                        "error: loading {}: {}",
-                        dir.display(),
-                        bd3lm_telemetry::cli::one_line(&e)
-                    );
-                    std::process::exit(2);
+            let models = Arc::new(Models::loading());
+            let (dir, id, loading) = (dir.clone(), args.model_id.clone(), models.clone());
+            tokio::task::spawn_blocking(move || {
+                match bd3lm_worker::load(&dir, id.as_deref(), dtype, &device) {
+                    Ok(l) => loading.add(Arc::new(l)),
+                    Err(e) => {
+                        let e = bd3lm_telemetry::cli::one_line(&e);
+                        eprintln!("error: loading {}: {e}", dir.display());
+                        std::process::exit(2);
+                    }
                 }
             });
+            models
         }
         (None, None) => unreachable!("clap requires --checkpoint or --model"),
-    }
+    };
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {

@@ -154,53 +154,74 @@ impl Models {
     }
 }
 
-/// Follows model `name` in `registry`: loads each new latest version in the background
-/// (with `load`, off the async threads) and adds it, and retires superseded versions per
-/// `rollout`, checking every `poll`. Runs for as long as the worker.
-pub async fn follow<L>(
-    models: Arc<Models>,
-    registry: bd3lm_jobs::Registry,
-    name: String,
-    load: L,
-    (rollout, poll): (Rollout, Duration),
-) where
-    L: Fn(&std::path::Path) -> anyhow::Result<Loaded> + Clone + Send + 'static,
-{
-    loop {
-        let newest = models.latest().and_then(|s| s.loaded.version);
-        match registry.latest(&name).await {
-            Ok(Some(v)) if newest.is_none_or(|n| v.version > n) => {
-                match load_version(&registry, &name, v.version, load.clone()).await {
-                    Ok(loaded) => models.add(Arc::new(loaded)),
-                    Err(e) => {
-                        tracing::error!(version = v.version, error = %e, "loading a new model version failed; trying again")
-                    }
-                }
-            }
-            Ok(None) if newest.is_none() => {
-                tracing::info!(%name, "waiting for a first published version")
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the registry failed"),
-        }
-        models.retire(rollout);
-        tokio::time::sleep(poll).await;
-    }
+/// Model `name` of the registry whose records are in `store` and files in `dir`, loaded
+/// on `device` in `dtype`: what a worker started with `--model` serves.
+pub struct Following {
+    /// The registry name, also the model id in store keys.
+    pub name: String,
+    /// The registry's storage directory.
+    pub dir: std::path::PathBuf,
+    /// Where versions are loaded, and in what precision.
+    pub device: candle_core::Device,
+    /// Compute dtype.
+    pub dtype: candle_core::DType,
 }
 
-async fn load_version<L>(
-    registry: &bd3lm_jobs::Registry,
-    name: &str,
-    version: u64,
-    load: L,
-) -> anyhow::Result<Loaded>
-where
-    L: Fn(&std::path::Path) -> anyhow::Result<Loaded> + Send + 'static,
-{
-    let dir = registry.path(name, version)?;
-    let mut loaded = tokio::task::spawn_blocking(move || load(&dir)).await??;
-    loaded.version = Some(version);
-    Ok(loaded)
+impl Following {
+    /// Starts following: the models (none until a first version is published), kept
+    /// current by a task that loads each new latest version in the background, adds it,
+    /// and retires superseded versions per `settings`. Runs for as long as the worker.
+    pub fn start(
+        self,
+        store: &bd3lm_kvstore::Store,
+        settings: &crate::FollowSettings,
+    ) -> anyhow::Result<Arc<Models>> {
+        crate::check_model_id(&self.name)?;
+        let models = Arc::new(Models::loading());
+        let registry = bd3lm_jobs::Registry::new(store.clone(), self.dir.clone());
+        let timing = (settings.rollout(), settings.poll);
+        tokio::spawn(self.watch(models.clone(), registry, timing));
+        Ok(models)
+    }
+
+    async fn watch(
+        self,
+        models: Arc<Models>,
+        registry: bd3lm_jobs::Registry,
+        (rollout, poll): (Rollout, Duration),
+    ) {
+        let name = &self.name;
+        loop {
+            let newest = models.latest().and_then(|s| s.loaded.version);
+            match registry.latest(name).await {
+                Ok(Some(v)) if newest.is_none_or(|n| v.version > n) => {
+                    match self.load(&registry, v.version).await {
+                        Ok(loaded) => models.add(Arc::new(loaded)),
+                        Err(e) => {
+                            tracing::error!(version = v.version, error = %e, "loading a new model version failed; trying again")
+                        }
+                    }
+                }
+                Ok(None) if newest.is_none() => {
+                    tracing::info!(%name, "waiting for a first published version")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the registry failed"),
+            }
+            models.retire(rollout);
+            tokio::time::sleep(poll).await;
+        }
+    }
+
+    /// Loads `version` off the async threads.
+    async fn load(&self, registry: &bd3lm_jobs::Registry, version: u64) -> anyhow::Result<Loaded> {
+        let dir = registry.path(&self.name, version)?;
+        let (name, dtype, device) = (self.name.clone(), self.dtype, self.device.clone());
+        let load = move || crate::load(&dir, Some(&name), dtype, &device);
+        let mut loaded = tokio::task::spawn_blocking(load).await??;
+        loaded.version = Some(version);
+        Ok(loaded)
+    }
 }
 
 #[cfg(test)]
