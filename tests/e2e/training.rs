@@ -118,10 +118,26 @@ fn tokenizer_data_train_resume_eval_and_generate() {
         &p("shards"),
         "--batches",
         "2",
+        "--variance-batches",
+        "2",
     ]))
     .unwrap();
     let ppl = report["bound"]["ppl"].as_f64().unwrap();
     assert!(ppl.is_finite() && ppl > 1.0 && ppl < 401.0, "{report}");
+    assert_eq!(report["model"]["trained_steps"], 8, "{report}");
+    let variance = report["objective_variance"][0]["variance"]
+        .as_f64()
+        .unwrap();
+    assert!(variance.is_finite() && variance >= 0.0, "{report}");
+    // The pictures of the study, from this report and this run.
+    std::fs::write(root.join("report.json"), report.to_string()).unwrap();
+    for (plot, out) in [("block-sizes", "b.svg"), ("variance", "v.png")] {
+        let table = ok(&["plot", plot, &p("report.json"), "--out", &p(out)]);
+        assert!(table.contains(&format!("{ppl:.1}")), "{table}");
+    }
+    ok(&["plot", "curve", &p("run"), "--out", &p("curve.svg")]);
+    let svg = std::fs::read_to_string(root.join("curve.svg")).unwrap();
+    assert!(svg.contains("run training loss"), "{svg:.300}");
     let text = ok(&[
         "generate",
         "--checkpoint",
@@ -165,6 +181,22 @@ fn training_inputs_are_checked() {
         &not_found(""),
     );
     fails_with(&["eval", "--checkpoint", absent], "nothing to evaluate");
+    fails_with(
+        &[
+            "eval",
+            "--judge",
+            absent,
+            "--sampler",
+            "ddpm",
+            "--threshold",
+            "0.5",
+        ],
+        "only the confidence sampler takes one",
+    );
+    fails_with(
+        &["plot", "samplers", absent, "--out", absent],
+        &not_found(""),
+    );
 }
 
 /// Without --checkpoint, generation uses the bundled demo model and its tokenizer.

@@ -4,13 +4,13 @@
 use bd3lm_diffusion::{SamplingParams, Session, StopRules, generate};
 use bd3lm_model::Bd3lm;
 use bd3lm_text::Text;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Result;
 use crate::judge::Judge;
 
 /// Figures of a set of samples.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SampleReport {
     /// Samples drawn.
     pub samples: usize,
@@ -22,8 +22,22 @@ pub struct SampleReport {
     pub judged_tokens: usize,
     /// Mean over samples of the entropy (nats) of each sample's token frequencies.
     pub unigram_entropy: f64,
+    /// What drawing the samples took (absent for texts that were not drawn).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<SamplingCost>,
     /// The samples' text.
     pub texts: Vec<String>,
+}
+
+/// What drawing samples took: the speed side of the quality/speed trade-off.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SamplingCost {
+    /// Denoising forward passes per generated token (commit passes excluded, as in the
+    /// paper's NFE).
+    pub forward_passes_per_token: f64,
+    /// Generated tokens per second of sampling (commit passes included; one sample at a
+    /// time).
+    pub tokens_per_s: f64,
 }
 
 /// Draws `samples` samples of `length` tokens from BOS (seeds `seed`, `seed + 1`, ...),
@@ -39,6 +53,7 @@ pub fn sample_quality(
     seed: u64,
 ) -> Result<SampleReport> {
     let mut drawn = Vec::with_capacity(samples);
+    let (started, mut passes) = (std::time::Instant::now(), 0);
     for i in 0..samples {
         let mut session = Session::start(model, &[text.bos])?;
         let mut rules = StopRules::max_tokens(length);
@@ -50,9 +65,17 @@ pub fn sample_quality(
             None,
             |_, _| {},
         )?;
+        passes += out.forward_passes;
         drawn.push(out.tokens);
     }
-    judge_token_texts(text, judge, &drawn)
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens = drawn.iter().map(Vec::len).sum::<usize>().max(1) as f64;
+    let mut report = judge_token_texts(text, judge, &drawn)?;
+    report.cost = Some(SamplingCost {
+        forward_passes_per_token: passes as f64 / tokens,
+        tokens_per_s: tokens / seconds,
+    });
+    Ok(report)
 }
 
 /// Judges texts given as model token ids (EOS dropped): the figures of
@@ -79,6 +102,7 @@ pub fn judge_token_texts(
         gen_ppl: (nll / judged.max(1) as f64).exp(),
         judged_tokens: judged,
         unigram_entropy: entropy / samples.len().max(1) as f64,
+        cost: None,
         texts,
     })
 }

@@ -1,21 +1,14 @@
-//! `bd3lm plot`: pictures of runs, as PNG or SVG (by the output's extension). `curve`
-//! draws training curves from runs' `metrics.jsonl`: the training loss per step (faint)
-//! with its moving mean, and the validation NELBO, one colour per run.
+//! `bd3lm plot curve`: training curves from runs' `metrics.jsonl`: the training loss per
+//! step (faint) with its moving mean, and the validation NELBO, one colour per run.
 
 use std::path::{Path, PathBuf};
-use std::sync::Once;
 
-use anyhow::{Context, anyhow, bail};
-use clap::{Args, Subcommand};
+use anyhow::{anyhow, bail};
+use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-/// `bd3lm plot`.
-#[derive(Debug, Subcommand)]
-pub enum PlotCommand {
-    /// Training curves of runs: loss per step and validation NELBO.
-    Curve(CurveArgs),
-}
+use super::{Picture, PictureArgs, drawing, legend, read_text, render};
 
 /// Arguments of `bd3lm plot curve`.
 #[derive(Debug, Args)]
@@ -23,18 +16,12 @@ pub struct CurveArgs {
     /// Run directories (their metrics.jsonl) or metrics files.
     #[arg(required = true, value_name = "RUN")]
     pub runs: Vec<PathBuf>,
-    /// The picture: a .png or .svg file.
-    #[arg(long, value_name = "FILE")]
-    pub out: PathBuf,
     /// Steps in the moving mean of the training loss (1: none).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub smooth: u32,
-    /// Width and height in pixels.
-    #[arg(long, default_value = "1000x600", value_parser = parse_size)]
-    pub size: (u32, u32),
-    /// Title; default: the runs' names.
-    #[arg(long)]
-    pub title: Option<String>,
+    /// Picture options (the title defaults to the runs' names).
+    #[command(flatten)]
+    pub picture: PictureArgs,
 }
 
 /// One run's figures.
@@ -47,20 +34,14 @@ struct Curve {
     validation: Vec<(f64, f64)>,
 }
 
-/// Runs `bd3lm plot`.
-pub fn run(command: PlotCommand) -> anyhow::Result<()> {
-    match command {
-        PlotCommand::Curve(args) => curve(&args),
-    }
-}
-
-fn curve(args: &CurveArgs) -> anyhow::Result<()> {
+/// Draws `bd3lm plot curve`.
+pub(super) fn curve(args: &CurveArgs) -> anyhow::Result<()> {
     let curves = args
         .runs
         .iter()
         .map(|r| read(r))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let title = args.title.clone().unwrap_or_else(|| {
+    let title = args.picture.title.clone().unwrap_or_else(|| {
         let names: Vec<&str> = curves.iter().map(|c| c.name.as_str()).collect();
         names.join(", ")
     });
@@ -69,33 +50,7 @@ fn curve(args: &CurveArgs) -> anyhow::Result<()> {
         smooth: args.smooth as usize,
         title: &title,
     };
-    render(&args.out, args.size, &figure)
-}
-
-/// Draws `figure` into `out`, PNG or SVG by its extension.
-fn render(out: &Path, size: (u32, u32), figure: &Figure) -> anyhow::Result<()> {
-    register_fonts();
-    let extension = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
-    match extension.to_ascii_lowercase().as_str() {
-        "svg" => figure.draw(&SVGBackend::new(out, size).into_drawing_area()),
-        "png" => figure.draw(&BitMapBackend::new(out, size).into_drawing_area()),
-        _ => bail!(
-            "--out: expected a .png or .svg file, found {}",
-            out.display()
-        ),
-    }
-    .with_context(|| out.display().to_string())
-}
-
-/// Every text is DejaVu Sans, bundled (fonts/, with its licence): pictures look the same
-/// on every machine, fonts installed or not.
-fn register_fonts() {
-    static FONTS: Once = Once::new();
-    FONTS.call_once(|| {
-        let bytes = include_bytes!("../fonts/DejaVuSans.ttf");
-        let registered = plotters::style::register_font("sans-serif", FontStyle::Normal, bytes);
-        assert!(registered.is_ok(), "the bundled font parses");
-    });
+    render(&args.picture, &figure)
 }
 
 /// Reads a run's metrics log (`DIR/metrics.jsonl`, or the file itself); a line that does
@@ -106,7 +61,7 @@ fn read(run: &Path) -> anyhow::Result<Curve> {
     } else {
         run.to_path_buf()
     };
-    let text = std::fs::read_to_string(&file).with_context(|| file.display().to_string())?;
+    let text = read_text(&file)?;
     let name = match run.is_dir() {
         true => run.file_name(),
         false => run.parent().and_then(Path::file_name),
@@ -162,13 +117,12 @@ struct Figure<'a> {
     title: &'a str,
 }
 
-impl Figure<'_> {
+impl Picture for Figure<'_> {
     fn draw<B: DrawingBackend>(&self, root: &DrawingArea<B, Shift>) -> anyhow::Result<()>
     where
         B::ErrorType: 'static,
     {
-        let fail = |e: &dyn std::fmt::Display| anyhow!("drawing: {e}");
-        root.fill(&WHITE).map_err(|e| fail(&e))?;
+        root.fill(&WHITE).map_err(drawing)?;
         let all = || {
             let curves = self.curves.iter();
             curves.flat_map(|c| c.train.iter().chain(&c.validation))
@@ -182,7 +136,7 @@ impl Figure<'_> {
             .x_label_area_size(40)
             .y_label_area_size(60)
             .build_cartesian_2d(0.0..steps, (low - pad)..(high + pad))
-            .map_err(|e| fail(&e))?;
+            .map_err(drawing)?;
         chart
             .configure_mesh()
             .x_desc("step")
@@ -190,18 +144,18 @@ impl Figure<'_> {
             .x_label_formatter(&|x| format!("{x:.0}"))
             .label_style(("sans-serif", 14))
             .draw()
-            .map_err(|e| fail(&e))?;
+            .map_err(drawing)?;
         for (i, curve) in self.curves.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
             let faint = LineSeries::new(curve.train.iter().copied(), color.mix(0.2));
-            chart.draw_series(faint).map_err(|e| fail(&e))?;
+            chart.draw_series(faint).map_err(drawing)?;
             let mean = LineSeries::new(
                 moving_mean(&curve.train, self.smooth),
                 color.stroke_width(2),
             );
             chart
                 .draw_series(mean)
-                .map_err(|e| fail(&e))?
+                .map_err(drawing)?
                 .label(format!("{} training loss", curve.name))
                 .legend(move |(x, y)| {
                     PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
@@ -212,35 +166,18 @@ impl Figure<'_> {
                 .map(|&p| Circle::new(p, 4, color.filled()));
             chart
                 .draw_series(dots)
-                .map_err(|e| fail(&e))?
+                .map_err(drawing)?
                 .label(format!("{} validation NELBO", curve.name))
                 .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
         }
-        chart
-            .configure_series_labels()
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| fail(&e))?;
-        root.present().map_err(|e| fail(&e))
-    }
-}
-
-fn parse_size(s: &str) -> Result<(u32, u32), String> {
-    let parsed = s
-        .split_once('x')
-        .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)));
-    match parsed {
-        Some((w, h)) if (100..=10_000).contains(&w) && (100..=10_000).contains(&h) => Ok((w, h)),
-        _ => Err(format!(
-            "expected WIDTHxHEIGHT in pixels (100 to 10000 each), found {s:?}"
-        )),
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
+        root.present().map_err(drawing)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::{picture, png_size};
     use super::*;
 
     /// A run directory `name` under `dir` with `steps` training lines and a validation
@@ -271,17 +208,12 @@ mod tests {
         for (name, size) in [("curve.png", (640, 400)), ("curve.svg", (800, 500))] {
             let args = CurveArgs {
                 runs: runs.clone(),
-                out: dir.path().join(name),
                 smooth: 5,
-                size,
-                title: None,
+                picture: picture(dir.path().join(name), size),
             };
             curve(&args).unwrap();
         }
-        let png = std::fs::read(dir.path().join("curve.png")).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        let dim = |at: usize| u32::from_be_bytes(png[at..at + 4].try_into().unwrap());
-        assert_eq!((dim(16), dim(20)), (640, 400), "IHDR width and height");
+        assert_eq!(png_size(&dir.path().join("curve.png")), (640, 400));
         let svg = std::fs::read_to_string(dir.path().join("curve.svg")).unwrap();
         assert!(
             svg.starts_with("<svg") && svg.contains("bs4 training loss"),
@@ -306,15 +238,11 @@ mod tests {
         assert!(err.ends_with("bad.jsonl:2: not a metrics record"), "{err}");
         let args = CurveArgs {
             runs: vec![good],
-            out: dir.path().join("curve.pdf"),
             smooth: 1,
-            size: (640, 400),
-            title: None,
+            picture: picture(dir.path().join("curve.pdf"), (640, 400)),
         };
         let err = format!("{:#}", curve(&args).unwrap_err());
         assert!(err.contains("expected a .png or .svg file"), "{err}");
-        assert_eq!(parse_size("640x400"), Ok((640, 400)));
-        assert!(parse_size("640").is_err() && parse_size("10x10").is_err());
     }
 
     /// The moving mean averages the last `window` values (fewer at the start).
