@@ -118,7 +118,7 @@ for steps_per_block in 1 2 $block $((2 * block)) $((4 * block)); do
   evaluate "$out/samplers/ddpm-$steps_per_block.json" "${sample[@]}" --sampler ddpm \
     --steps "$steps_per_block"
 done
-for threshold in 0.3 0.5 0.7 0.9 0.99; do
+for threshold in 0.05 0.1 0.2 0.3 0.5 0.9; do
   evaluate "$out/samplers/confidence-$threshold.json" "${sample[@]}" --sampler confidence \
     --threshold "$threshold"
 done

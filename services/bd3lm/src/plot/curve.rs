@@ -122,7 +122,6 @@ impl Picture for Figure<'_> {
     where
         B::ErrorType: 'static,
     {
-        root.fill(&WHITE).map_err(drawing)?;
         let all = || {
             let curves = self.curves.iter();
             curves.flat_map(|c| c.train.iter().chain(&c.validation))
@@ -171,7 +170,7 @@ impl Picture for Figure<'_> {
                 .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
         }
         legend(&mut chart, SeriesLabelPosition::UpperRight)?;
-        root.present().map_err(drawing)
+        Ok(())
     }
 }
 

@@ -80,14 +80,27 @@ fn render(args: &PictureArgs, picture: &impl Picture) -> anyhow::Result<()> {
     let (out, size) = (&args.out, args.size);
     let extension = out.extension().and_then(|e| e.to_str()).unwrap_or_default();
     match extension.to_ascii_lowercase().as_str() {
-        "svg" => picture.draw(&SVGBackend::new(out, size).into_drawing_area()),
-        "png" => picture.draw(&BitMapBackend::new(out, size).into_drawing_area()),
+        "svg" => draw(picture, SVGBackend::new(out, size).into_drawing_area()),
+        "png" => draw(picture, BitMapBackend::new(out, size).into_drawing_area()),
         _ => bail!(
             "--out: expected a .png or .svg file, found {}",
             out.display()
         ),
     }
     .with_context(|| out.display().to_string())
+}
+
+/// Draws `picture` on a white `root` and writes it out.
+fn draw<B: DrawingBackend>(
+    picture: &impl Picture,
+    root: DrawingArea<B, Shift>,
+) -> anyhow::Result<()>
+where
+    B::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(drawing)?;
+    picture.draw(&root)?;
+    root.present().map_err(drawing)
 }
 
 /// A drawing error, which plotters gives per backend type, as one error.

@@ -114,7 +114,6 @@ impl Picture for BlockSizes<'_> {
     where
         B::ErrorType: 'static,
     {
-        root.fill(&WHITE).map_err(drawing)?;
         let ours: Vec<f64> = self.points.iter().map(|(_, b)| b.ppl).collect();
         let paper: Vec<Option<f64>> = self
             .points
@@ -176,7 +175,7 @@ impl Picture for BlockSizes<'_> {
         let labels = ours_points.iter().map(|(x, y)| {
             EmptyElement::at((x.clone(), *y))
                 + Circle::new((0, 0), 5, BLUE.filled())
-                + Text::new(format!("{y:.1}"), (8, -18), ("sans-serif", 14))
+                + Text::new(format!("{y:.1}"), (8, 6), ("sans-serif", 14))
         });
         chart.draw_series(labels).map_err(drawing)?;
         let paper_points: Vec<_> = paper
@@ -193,11 +192,11 @@ impl Picture for BlockSizes<'_> {
         let marks = paper_points.iter().map(|(x, y)| {
             EmptyElement::at((x.clone(), *y))
                 + TriangleMarker::new((0, 0), 6, RED.filled())
-                + Text::new(format!("{y}"), (8, 4), ("sans-serif", 14))
+                + Text::new(format!("{y}"), (-46, -22), ("sans-serif", 14))
         });
         chart.draw_secondary_series(marks).map_err(drawing)?;
         legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
-        root.present().map_err(drawing)
+        Ok(())
     }
 }
 
@@ -260,7 +259,6 @@ impl Picture for Variance<'_> {
     where
         B::ErrorType: 'static,
     {
-        root.fill(&WHITE).map_err(drawing)?;
         let root = root
             .titled(&self.title, ("sans-serif", 22))
             .map_err(drawing)?;
@@ -314,7 +312,7 @@ impl Picture for Variance<'_> {
                 chart.draw_series([label]).map_err(drawing)?;
             }
         }
-        root.present().map_err(drawing)
+        Ok(())
     }
 }
 
@@ -394,7 +392,6 @@ impl Picture for Samplers<'_> {
     where
         B::ErrorType: 'static,
     {
-        root.fill(&WHITE).map_err(drawing)?;
         let x = |p: &SamplerPoint| p.cost.forward_passes_per_token;
         let y = |p: &SamplerPoint| p.quality.gen_ppl;
         let right = self.points.iter().map(x).fold(0.0, f64::max) * 1.15;
@@ -411,6 +408,7 @@ impl Picture for Samplers<'_> {
             .configure_mesh()
             .x_desc("denoising forward passes per token")
             .y_desc("generative perplexity (SmolLM2-135M), log scale")
+            .y_labels(8)
             .y_label_formatter(&|v| format!("{v:.0}"))
             .label_style(("sans-serif", 14))
             .draw()
@@ -448,7 +446,7 @@ impl Picture for Samplers<'_> {
                 .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey));
         }
         legend(&mut chart, SeriesLabelPosition::LowerRight)?;
-        root.present().map_err(drawing)
+        Ok(())
     }
 }
 
