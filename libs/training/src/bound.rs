@@ -55,7 +55,8 @@ pub fn perplexity_bound(
         total += pass.sum;
         count += pass.tokens;
         if let Some(blocks) = blocks.as_deref_mut() {
-            for (k, chunk) in pass.token_loss.chunks(block_size).enumerate() {
+            let token_loss = pass.token_loss.flatten_all()?.to_vec1::<f32>()?;
+            for (k, chunk) in token_loss.chunks(block_size).enumerate() {
                 blocks.push(BlockLoss {
                     t: pass.t[k * block_size] as f64,
                     loss: chunk.iter().map(|&l| l as f64).sum::<f64>() / block_size as f64,
@@ -129,8 +130,8 @@ struct HeldOut {
 
 /// The losses of one held-out batch.
 struct Pass {
-    /// Per-token loss, row-major, zero at the excluded first token of each row.
-    token_loss: Vec<f32>,
+    /// Per-token loss (batch, n), zero at the excluded first token of each row.
+    token_loss: Tensor,
     /// Noise level of each token.
     t: Vec<f32>,
     /// Sum of `token_loss`.
@@ -183,7 +184,7 @@ impl HeldOut {
                 .to_dtype(DType::F64)?
                 .to_scalar::<f64>()?;
             each(Pass {
-                token_loss: token_loss.flatten_all()?.to_vec1::<f32>()?,
+                token_loss,
                 t: noised.t,
                 sum,
                 tokens: batch * (n - 1),

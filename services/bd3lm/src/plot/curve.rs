@@ -8,7 +8,7 @@ use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use super::{Picture, PictureArgs, drawing, legend, read_text, render};
+use super::{Picture, PictureArgs, drawing, legend, line_key, read_text, render};
 
 /// Arguments of `bd3lm plot curve`.
 #[derive(Debug, Args)]
@@ -41,7 +41,7 @@ pub(super) fn curve(args: &CurveArgs) -> anyhow::Result<()> {
         .iter()
         .map(|r| read(r))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let title = args.picture.title.clone().unwrap_or_else(|| {
+    let title = args.picture.title_or(|| {
         let names: Vec<&str> = curves.iter().map(|c| c.name.as_str()).collect();
         names.join(", ")
     });
@@ -156,9 +156,7 @@ impl Picture for Figure<'_> {
                 .draw_series(mean)
                 .map_err(drawing)?
                 .label(format!("{} training loss", curve.name))
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .legend(line_key(color.stroke_width(2)));
             let dots = curve
                 .validation
                 .iter()

@@ -119,6 +119,18 @@ fn register_fonts() {
     });
 }
 
+/// The legend key of a line series: a short stroke in its style.
+fn line_key(style: ShapeStyle) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 20, y)], style)
+}
+
+impl PictureArgs {
+    /// The title asked for, else `default`.
+    fn title_or(&self, default: impl FnOnce() -> String) -> String {
+        self.title.clone().unwrap_or_else(default)
+    }
+}
+
 /// The legend box every picture uses.
 fn legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
     chart: &mut ChartContext<'a, DB, CT>,

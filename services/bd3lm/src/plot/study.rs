@@ -12,7 +12,7 @@ use plotters::coord::ranged1d::{SegmentValue, SegmentedCoord};
 use plotters::coord::types::RangedCoordi32;
 use plotters::prelude::*;
 
-use super::{Picture, PictureArgs, ReportArgs, drawing, legend, read_text, render};
+use super::{Picture, ReportArgs, drawing, legend, line_key, read_text, render};
 use crate::eval::Report;
 
 /// The paper's OpenWebText test perplexities (bounds for the diffusion models; context
@@ -89,7 +89,9 @@ pub(super) fn block_sizes(args: &ReportArgs) -> anyhow::Result<()> {
     }
     let figure = BlockSizes {
         points: &points,
-        title: title(&args.picture, "Perplexity bound by block size"),
+        title: args
+            .picture
+            .title_or(|| "Perplexity bound by block size".into()),
     };
     render(&args.picture, &figure)
 }
@@ -98,10 +100,6 @@ pub(super) fn block_sizes(args: &ReportArgs) -> anyhow::Result<()> {
 /// their end).
 fn categories(count: usize) -> SegmentedCoord<RangedCoordi32> {
     (0..count as i32 - 1).into_segmented()
-}
-
-fn title(picture: &PictureArgs, default: &str) -> String {
-    picture.title.clone().unwrap_or_else(|| default.into())
 }
 
 struct BlockSizes<'a> {
@@ -171,7 +169,7 @@ impl Picture for BlockSizes<'_> {
             .draw_series(LineSeries::new(ours_points.clone(), blue))
             .map_err(drawing)?
             .label("this study: State of the Union, n = 128")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], blue));
+            .legend(line_key(blue));
         let labels = ours_points.iter().map(|(x, y)| {
             EmptyElement::at((x.clone(), *y))
                 + Circle::new((0, 0), 5, BLUE.filled())
@@ -188,7 +186,7 @@ impl Picture for BlockSizes<'_> {
             .draw_secondary_series(LineSeries::new(paper_points.clone(), red))
             .map_err(drawing)?
             .label("paper: OpenWebText, n = 1024 (right axis)")
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], red));
+            .legend(line_key(red));
         let marks = paper_points.iter().map(|(x, y)| {
             EmptyElement::at((x.clone(), *y))
                 + TriangleMarker::new((0, 0), 6, RED.filled())
@@ -235,7 +233,7 @@ pub(super) fn variance(args: &ReportArgs) -> anyhow::Result<()> {
         .collect();
     let figure = Variance {
         bars: &bars,
-        title: title(&args.picture, "Clipped noise schedules"),
+        title: args.picture.title_or(|| "Clipped noise schedules".into()),
     };
     render(&args.picture, &figure)
 }
@@ -376,7 +374,9 @@ pub(super) fn samplers(args: &ReportArgs) -> anyhow::Result<()> {
     let figure = Samplers {
         points: &points,
         held_out: held_out.map(|r| r.gen_ppl),
-        title: title(&args.picture, "Sample quality against forward passes"),
+        title: args
+            .picture
+            .title_or(|| "Sample quality against forward passes".into()),
     };
     render(&args.picture, &figure)
 }
@@ -427,9 +427,7 @@ impl Picture for Samplers<'_> {
                 .draw_series(LineSeries::new(line, color.stroke_width(2)))
                 .map_err(drawing)?
                 .label(kind)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .legend(line_key(color.stroke_width(2)));
             let marks = self.points.iter().filter(|p| p.sampler == kind).map(|p| {
                 EmptyElement::at((x(p), y(p)))
                     + Circle::new((0, 0), 5, color.filled())
@@ -443,7 +441,7 @@ impl Picture for Samplers<'_> {
                 .draw_series(LineSeries::new([(0.0, real), (right, real)], grey))
                 .map_err(drawing)?
                 .label("held-out real text")
-                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], grey));
+                .legend(line_key(grey));
         }
         legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
