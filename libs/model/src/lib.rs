@@ -15,6 +15,7 @@
 pub mod checkpoint;
 mod config;
 mod error;
+mod host;
 mod kv_cache;
 mod layers;
 pub mod mask;
@@ -23,6 +24,7 @@ mod ops;
 
 pub use config::{Config, FREQUENCY_EMBEDDING_SIZE};
 pub use error::{Error, Result};
+pub use host::{Workload, set_host_threads};
 pub use kv_cache::KvCache;
 pub use model::{Bd3lm, BlockInput};
 

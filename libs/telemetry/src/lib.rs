@@ -64,24 +64,31 @@ pub fn init(service: &'static str, env_filter: &str) -> anyhow::Result<Guard> {
     })
 }
 
-/// The `main` of a service binary: tracing for `service`, then its arguments (a bad one
-/// is one line on stderr and exit code 2), then `run`, whose error is printed as one line
-/// with exit code 2 after the spans are flushed.
-pub async fn run_service<A, F>(service: &'static str, run: impl FnOnce(A) -> F) -> ExitCode
+/// The `main` of a service binary: the async runtime, tracing for `service`, then its
+/// arguments (a bad one is one line on stderr and exit code 2), then `run`, whose error
+/// is printed as one line with exit code 2 after the spans are flushed. The runtime's
+/// threads start here, so whatever must precede every thread comes before the call.
+pub fn run_service<A, F>(service: &'static str, run: impl FnOnce(A) -> F) -> ExitCode
 where
     A: clap::Parser,
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
-    let telemetry = match init(service, "info") {
-        Ok(t) => t,
-        Err(e) => return cli::fail(&e.context("tracing")),
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => return cli::fail(&anyhow::Error::new(e).context("starting the async runtime")),
     };
-    let result = run(cli::parse_args()).await;
-    drop(telemetry);
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => cli::fail(&e),
-    }
+    runtime.block_on(async {
+        let telemetry = match init(service, "info") {
+            Ok(t) => t,
+            Err(e) => return cli::fail(&e.context("tracing")),
+        };
+        let result = run(cli::parse_args()).await;
+        drop(telemetry);
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => cli::fail(&e),
+        }
+    })
 }
 
 /// A tracer provider named after `service`.

@@ -28,7 +28,8 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "bd3lm", version, about)]
 struct Cli {
-    /// CPU threads for tensor kernels (sets RAYON_NUM_THREADS); default: all cores.
+    /// CPU threads for matrix products (sets RAYON_NUM_THREADS); default: the cores this
+    /// process may use.
     #[arg(long, global = true, env = "BD3LM_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     threads: Option<u16>,
     #[command(subcommand)]
@@ -186,11 +187,14 @@ fn positive_f64(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli: Cli = bd3lm_telemetry::cli::parse_args();
-    if let Some(threads) = cli.threads {
-        // SAFETY: no other thread exists yet (the runtime starts below); candle's kernels
-        // read this when they first run.
-        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads.to_string()) };
-    }
+    let workload = match &cli.command {
+        Command::Train(_) | Command::Eval(_) | Command::Bench(BenchCommand::Train { .. }) => {
+            bd3lm_model::Workload::Training
+        }
+        _ => bd3lm_model::Workload::Inference,
+    };
+    // SAFETY: no other thread exists yet (the runtime starts below).
+    unsafe { bd3lm_model::set_host_threads(cli.threads.map(usize::from), workload) };
     // One runtime for the commands that serve or call gRPC, and for span export.
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

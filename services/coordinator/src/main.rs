@@ -51,9 +51,8 @@ struct Args {
     health: HealthArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    bd3lm_telemetry::run_service("bd3lm-coordinator", run).await
+fn main() -> ExitCode {
+    bd3lm_telemetry::run_service("bd3lm-coordinator", run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -20,9 +20,10 @@ struct Args {
     metrics: MetricsArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    bd3lm_telemetry::run_service("bd3lm-trainer", run).await
+fn main() -> ExitCode {
+    // SAFETY: the process has one thread; the runtime's start in `run_service`.
+    unsafe { bd3lm_model::set_host_threads(None, bd3lm_model::Workload::Training) };
+    bd3lm_telemetry::run_service("bd3lm-trainer", run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {

@@ -51,9 +51,10 @@ struct Args {
     health: HealthArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
-    bd3lm_telemetry::run_service("bd3lm-worker", run).await
+fn main() -> ExitCode {
+    // SAFETY: the process has one thread; the runtime's start in `run_service`.
+    unsafe { bd3lm_model::set_host_threads(None, bd3lm_model::Workload::Inference) };
+    bd3lm_telemetry::run_service("bd3lm-worker", run)
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
