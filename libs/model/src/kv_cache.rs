@@ -206,6 +206,13 @@ impl KvCache {
         Ok(())
     }
 
+    /// The key and value buffers of `layer`, each (batch, heads, capacity, head_dim), and
+    /// the offset of the live range in them (pending tokens follow the live ones).
+    pub(crate) fn layer_buffers(&self, layer: usize) -> (&Tensor, &Tensor, usize) {
+        let (k, v) = &self.buffers[layer];
+        (k, v, self.start)
+    }
+
     /// Keys and values of `layer` to attend over: the live range followed by `new` pending
     /// tokens.
     pub(crate) fn keys_values(

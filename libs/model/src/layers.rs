@@ -5,7 +5,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{Config, FREQUENCY_EMBEDDING_SIZE};
 use crate::kv_cache::KvCache;
-use crate::ops;
+use crate::{attention, ops};
 
 /// Outputs at least this many times wider than the input count as a vocabulary
 /// projection, computed as `W x^T`.
@@ -304,7 +304,7 @@ impl DitBlock {
         if let Some(m) = m {
             u = modulate(&u, &m[3], &m[4])?;
         }
-        let mlp = u.apply(&self.mlp_in)?.gelu()?.apply(&self.mlp_out)?;
+        let mlp = ops::gelu(&u.apply(&self.mlp_in)?)?.apply(&self.mlp_out)?;
         match m {
             Some(m) => x + mlp.broadcast_mul(&m[5])?,
             None => x + mlp,
@@ -332,6 +332,8 @@ impl DitBlock {
         let (b, _, s, _) = q.dims4()?;
         let out = if ctx.caches.is_empty() {
             self.scaled_attention(q, k, v, ctx.mask.as_ref())?
+        } else if let Some(out) = self.attend_on_host(q, k, v, ctx)? {
+            out
         } else {
             let mut outs = Vec::with_capacity(ctx.caches.len());
             self.for_each_cache(ctx, k, v, |run, (keys, values)| {
@@ -343,6 +345,24 @@ impl DitBlock {
         };
         out.transpose(1, 2)?
             .reshape((b, s, self.n_heads * self.head_dim))
+    }
+
+    /// The ragged host kernel's attention over the caches (see [`attention::ragged`]), once
+    /// the new keys and values are written to them; `None` where it does not apply (a
+    /// mask, not f32 on the host, or a head dimension it does not divide into lanes).
+    fn attend_on_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &AttentionContext,
+    ) -> Result<Option<Tensor>> {
+        let host = q.device().is_cpu() && q.dtype() == DType::F32;
+        if ctx.mask.is_some() || !host || !self.head_dim.is_multiple_of(attention::LANES) {
+            return Ok(None);
+        }
+        self.for_each_cache(ctx, k, v, |_, _| Ok(()))?;
+        attention::ragged(q, &ctx.caches, self.index).map(Some)
     }
 
     /// Writes the new keys and values (batch, heads, new, r) of each run of sequences into

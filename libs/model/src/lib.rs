@@ -12,6 +12,7 @@
 //! * [`KvCache`]: keys and values of committed blocks, with a sliding window and a
 //!   byte serialisation.
 
+mod attention;
 pub mod checkpoint;
 mod config;
 mod error;

@@ -1,0 +1,165 @@
+//! Attention over the KV caches of many sequences in one call on the host (ragged: every
+//! sequence attends over its own cache, whatever its length).
+//!
+//! candle's ops would take about seven calls per sequence and layer (two products, scale,
+//! softmax, their buffers), and at a batch of eight blocks that was a quarter of a pass;
+//! here a layer is one parallel loop. Each sequence's result is computed by the same
+//! loop in the same order whatever else is in the call, so a sequence gets the same bits
+//! alone or in any batch.
+
+use candle_core::{Device, Result, Tensor};
+use rayon::prelude::*;
+
+use crate::kv_cache::KvCache;
+use crate::ops;
+
+/// Scaled dot-product attention of the new queries `q` (batch, heads, s, head_dim) of each
+/// sequence over the live keys of its cache at `layer` followed by its `s` pending ones
+/// (already written), unmasked: a block sees itself and everything before it. `q` and
+/// the caches hold f32 on the host, and the head dimension is a multiple of [`LANES`].
+pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Tensor> {
+    let (b, heads, s, r) = q.dims4()?;
+    let q = q.contiguous()?;
+    // Every sequence's cache, its index in that cache and its key count.
+    let mut seqs = Vec::with_capacity(b);
+    for cache in caches {
+        for j in 0..cache.batch() {
+            seqs.push((*cache, j, cache.len() + s));
+        }
+    }
+    if seqs.len() != b {
+        candle_core::bail!("queries of {b} sequences for caches of {}", seqs.len());
+    }
+    let scale = 1.0 / (r as f32).sqrt();
+    let mut out = vec![0f32; b * heads * s * r];
+    ops::with_host_f32(&q, |q| {
+        out.par_chunks_mut(s * r)
+            .zip(q.par_chunks(s * r))
+            .enumerate()
+            .try_for_each(|(unit, (out, q))| {
+                let (cache, j, keys) = seqs[unit / heads];
+                let (kb, vb, start) = cache.layer_buffers(layer);
+                let capacity = kb.dim(2)?;
+                let at = ((j * heads + unit % heads) * capacity + start) * r;
+                let span = at..at + keys * r;
+                ops::with_host_f32(kb, |k| {
+                    ops::with_host_f32(vb, |v| head(q, &k[span.clone()], &v[span], r, scale, out))
+                })?
+            })
+    })??;
+    Tensor::from_vec(out, (b, heads, s, r), &Device::Cpu)
+}
+
+/// One head of one sequence: each query row of `q` (s, r) over `keys` and `values`
+/// (t, r), into `out` (s, r); `r` is a multiple of [`LANES`].
+fn head(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+    let mut p = vec![0f32; keys.len() / r];
+    for (q, out) in q.chunks_exact(r).zip(out.chunks_exact_mut(r)) {
+        for (p, k) in p.iter_mut().zip(keys.chunks_exact(r)) {
+            *p = dot(q, k) * scale;
+        }
+        let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        p.iter_mut().for_each(|x| *x = ops::exp(*x - max));
+        let inv = 1.0 / p.iter().sum::<f32>();
+        p.iter_mut().for_each(|x| *x *= inv);
+        // Eight columns of the output at a time, over every value row: the sums stay in
+        // registers.
+        for (c, out) in out.chunks_exact_mut(LANES).enumerate() {
+            let mut acc = [0f32; LANES];
+            for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
+                let v = &v[c * LANES..(c + 1) * LANES];
+                for l in 0..LANES {
+                    acc[l] += p * v[l];
+                }
+            }
+            out.copy_from_slice(&acc);
+        }
+    }
+}
+
+/// Columns one vectorised step of the kernel handles; head dimensions must be multiples.
+pub(crate) const LANES: usize = 8;
+
+/// `a . b` for lengths that are multiples of [`LANES`], summed in that many lanes so that
+/// it vectorises (a float sum in one accumulator cannot be reordered).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::Config;
+    use crate::test_util::max_diff;
+
+    fn normal(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let data: Vec<f32> = (0..n as u64)
+            .map(|i| ((i * 2_654_435_761 + seed * 97) % 1000) as f32 / 500.0 - 1.0)
+            .collect();
+        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+    }
+
+    /// A cache of batch 1 holding `len` committed tokens and `new` pending ones at layer 0.
+    fn cache(cfg: &Config, len: usize, new: usize, seed: u64) -> KvCache {
+        let mut cache = KvCache::new(cfg, 1, DType::F32, &Device::Cpu).unwrap();
+        let (h, r) = (cfg.n_heads, cfg.head_dim());
+        for (i, n) in [(0, len), (1, new)] {
+            cache.reserve(n).unwrap();
+            let (k, v) = (
+                normal((1, h, n, r), seed + i),
+                normal((1, h, n, r), seed + 9 + i),
+            );
+            cache.write_pending(0, &k, &v).unwrap();
+            if i == 0 {
+                cache.commit_pending(n);
+            }
+        }
+        cache
+    }
+
+    /// candle's composite: softmax(q k^T / sqrt(r)) v over the cache's keys and values.
+    fn composite(q: &Tensor, cache: &KvCache, new: usize) -> Tensor {
+        let (k, v) = cache.keys_values(0, new).unwrap();
+        let scale = 1.0 / (q.dim(3).unwrap() as f64).sqrt();
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        crate::ops::softmax_last_dim(&scores)
+            .unwrap()
+            .matmul(&v)
+            .unwrap()
+    }
+
+    /// Sequences with caches of different lengths get candle's attention, and each one's
+    /// result is the same bits alone as in the batch.
+    #[test]
+    fn ragged_attention_matches_candle_and_is_batch_invariant() {
+        let cfg = Config::new(64, 64, 2, 4, 16, 64, 4);
+        let (h, r, s) = (cfg.n_heads, cfg.head_dim(), cfg.block_size);
+        let caches: Vec<KvCache> = [0, 12, 40]
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| cache(&cfg, len, s, i as u64))
+            .collect();
+        let q = normal((3, h, s, r), 5);
+        let refs: Vec<&KvCache> = caches.iter().collect();
+        let batched = ragged(&q, &refs, 0).unwrap();
+        for (i, cache) in caches.iter().enumerate() {
+            let qi = q.narrow(0, i, 1).unwrap();
+            let want = composite(&qi, cache, s);
+            let got = batched.narrow(0, i, 1).unwrap();
+            assert!(max_diff(&got, &want) < 1e-6, "sequence {i}");
+            let alone = ragged(&qi, &[cache], 0).unwrap();
+            assert_eq!(max_diff(&alone, &got), 0.0, "sequence {i} alone");
+        }
+        let too_few = ragged(&q.narrow(0, 0, 2).unwrap(), &refs, 0);
+        assert!(too_few.is_err());
+    }
+}
