@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bd3lm_diffusion::{BlockDenoiser, BlockOutcome, BlockRng, Error, Session, Step};
 use bd3lm_kvstore::SessionRecord;
 use candle_core::DType;
+use rayon::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Loaded;
@@ -239,8 +240,12 @@ impl<'m> Batch<'m> {
             return;
         }
         let started = Instant::now();
+        // The pass runs on a thread of the kernels' pool: its fifty-odd parallel matrix
+        // products then split their work inside the pool, where called from this thread
+        // each would hand its work over and sleep until it is done (a fifth of a
+        // single block's pass went to that).
         let passed = tracing::debug_span!("batch_pass", blocks = self.running.len())
-            .in_scope(|| self.pass());
+            .in_scope(|| rayon::scope(|_| self.pass()));
         let took = started.elapsed();
         crate::metrics::batch_pass(self.running.len(), took);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
@@ -282,14 +287,30 @@ impl<'m> Batch<'m> {
         Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
     }
 
-    /// Gives the samplers their logits and answers the committed blocks.
-    fn after_pass(&mut self, logits: Vec<Vec<f32>>, took: Duration) {
+    /// Hands each block that asked for logits its rows, block after block as the pass
+    /// computed them. The samplers turn them into distributions (a softmax and a nucleus
+    /// over the vocabulary per row) in parallel: each touches only its own block, so the
+    /// order they run in changes nothing.
+    fn supply(&mut self, logits: Vec<Vec<f32>>) {
         let mut logits = logits.into_iter();
-        let mut still = Vec::with_capacity(self.running.len());
-        for mut e in std::mem::take(&mut self.running) {
+        let mut supplies = Vec::with_capacity(self.running.len());
+        for e in &mut self.running {
             if let Some((asked, _)) = e.asked.take() {
                 let rows: Vec<Vec<f32>> = logits.by_ref().take(asked.len()).collect();
-                e.denoiser.supply(&asked, &rows);
+                supplies.push((&mut e.denoiser, asked, rows));
+            }
+        }
+        supplies
+            .into_par_iter()
+            .for_each(|(denoiser, asked, rows)| denoiser.supply(&asked, &rows));
+    }
+
+    /// Gives the samplers their logits and answers the committed blocks.
+    fn after_pass(&mut self, logits: Vec<Vec<f32>>, took: Duration) {
+        self.supply(logits);
+        let mut still = Vec::with_capacity(self.running.len());
+        for mut e in std::mem::take(&mut self.running) {
+            if e.outcome.is_none() {
                 still.push(e);
                 continue;
             }
