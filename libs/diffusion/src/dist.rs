@@ -4,6 +4,7 @@
 //! Draws use one uniform number per token (inverse CDF), so a position costs one random
 //! number rather than a Gumbel sample for every vocabulary entry.
 
+use bd3lm_model::host::exp;
 use bd3lm_sampling::Filter;
 use rand::Rng;
 
@@ -23,36 +24,29 @@ impl TokenDist {
     /// filter's temperature and filtered by its top-k and top-p.
     pub fn new(logits: &[f32], excluded: u32, filter: &Filter) -> Self {
         let inv_t = (1.0 / filter.temperature) as f32;
-        let mut max = f32::NEG_INFINITY;
-        let mut top = 0u32;
-        for (i, &l) in logits.iter().enumerate() {
-            if i as u32 != excluded && l * inv_t > max {
-                max = l * inv_t;
-                top = i as u32;
-            }
+        let allowed = |i: usize| i as u32 != excluded;
+        let cut = (excluded as usize).min(logits.len());
+        let (before, after) = (&logits[..cut], logits.get(cut + 1..).unwrap_or(&[]));
+        let max = max(before).max(max(after)) * inv_t;
+        let top = (0..logits.len())
+            .find(|&i| allowed(i) && logits[i] * inv_t == max)
+            .unwrap_or(0) as u32;
+        // One branch-free loop (it vectorises); the excluded token is zeroed after it.
+        let mut weights: Vec<f32> = logits.iter().map(|&l| exp(l * inv_t - max)).collect();
+        if let Some(w) = weights.get_mut(excluded as usize) {
+            *w = 0.0;
         }
-        let mut weights: Vec<f32> = logits
-            .iter()
-            .enumerate()
-            .map(|(i, &l)| {
-                if i as u32 == excluded {
-                    0.0
-                } else {
-                    (l * inv_t - max).exp()
-                }
-            })
-            .collect();
-        let sum: f64 = weights.iter().map(|&w| w as f64).sum();
-        let top_prob = (1.0 / sum) as f32;
+        let mut total = sum(&weights);
+        let top_prob = (1.0 / total) as f32;
         if let Some(k) = filter.top_k.filter(|&k| k < weights.len()) {
             keep_largest(&mut weights, |ranked, _| ranked >= k);
+            total = sum(&weights);
         }
         if filter.top_p < 1.0 {
-            let total: f64 = weights.iter().map(|&w| w as f64).sum();
             let target = filter.top_p * total;
             keep_largest(&mut weights, |_, mass| mass >= target);
+            total = sum(&weights);
         }
-        let total = weights.iter().map(|&w| w as f64).sum();
         Self {
             weights,
             total,
@@ -94,51 +88,116 @@ impl TokenDist {
     }
 }
 
+/// The largest of `values` (-inf for none), in eight lanes so that it vectorises.
+fn max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// The sum of `weights` in f64, in four lanes so that it vectorises.
+fn sum(weights: &[f32]) -> f64 {
+    let mut lanes = [0f64; 4];
+    let chunks = weights.chunks_exact(4);
+    let tail: f64 = chunks.remainder().iter().map(|&w| w as f64).sum();
+    for c in chunks {
+        for l in 0..4 {
+            lanes[l] += c[l] as f64;
+        }
+    }
+    lanes.iter().sum::<f64>() + tail
+}
+
+/// Bits dropped from a weight's to name its histogram bucket: 32 buckets per octave.
+const BUCKET_SHIFT: u32 = 18;
+
+/// The histogram bucket of a non-negative weight. A positive float's bits grow with its
+/// value, so buckets are ranges of weights in order.
+fn bucket(w: f32) -> usize {
+    (w.to_bits() >> BUCKET_SHIFT) as usize
+}
+
 /// Zeroes every weight outside the smallest prefix of the ranking (weight descending, id
 /// ascending) for which `done(count, mass)` holds, `count` and `mass` being the size and
-/// weight of the prefix. Expected O(n): quickselect narrows to the boundary.
+/// weight of the prefix. Expected O(n): a histogram of the weights finds the bucket where
+/// the prefix ends, and quickselect finds the end inside it.
 fn keep_largest(weights: &mut [f32], done: impl Fn(usize, f64) -> bool) {
-    let mut ranked: Vec<(f32, u32)> = weights
+    let buckets = bucket(f32::MAX) + 1;
+    let (mut counts, mut masses) = (vec![0usize; buckets], vec![0f64; buckets]);
+    for &w in weights.iter().filter(|&&w| w > 0.0) {
+        counts[bucket(w)] += 1;
+        masses[bucket(w)] += w as f64;
+    }
+    let (mut count, mut mass) = (0, 0f64);
+    let Some(edge) = (0..buckets).rev().find(|&b| {
+        let ends = counts[b] > 0 && done(count + counts[b], mass + masses[b]);
+        if !ends {
+            count += counts[b];
+            mass += masses[b];
+        }
+        ends
+    }) else {
+        return; // Every weight is needed.
+    };
+    let mut inside: Vec<(f32, u32)> = weights
         .iter()
         .enumerate()
-        .filter(|&(_, &w)| w > 0.0)
+        .filter(|&(_, &w)| w > 0.0 && bucket(w) == edge)
         .map(|(i, &w)| (w, i as u32))
         .collect();
+    let kept = prefix(&mut inside, count, mass, done);
+    for w in weights.iter_mut().filter(|w| bucket(**w) < edge) {
+        *w = 0.0;
+    }
+    for &(_, i) in &inside[kept..] {
+        weights[i as usize] = 0.0;
+    }
+}
+
+/// Reorders `ranked` so that it starts with the fewest of its items, first in the ranking,
+/// that make `done` hold after a prefix of `count` items of weight `mass`, and returns how
+/// many those are (all when `done` never holds).
+fn prefix(
+    ranked: &mut [(f32, u32)],
+    mut count: usize,
+    mut mass: f64,
+    done: impl Fn(usize, f64) -> bool,
+) -> usize {
     let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     // Invariant: ranked[..lo] precede everything after them and do not satisfy `done`;
-    // the boundary lies in ranked[lo..hi].
-    let (mut lo, mut hi, mut mass) = (0usize, ranked.len(), 0f64);
-    let keep = loop {
+    // the end lies in ranked[lo..hi].
+    let (mut lo, mut hi) = (0, ranked.len());
+    loop {
         if hi - lo <= 64 {
             ranked[lo..hi].sort_unstable_by(order);
-            let mut count = lo;
             for item in &ranked[lo..hi] {
                 if done(count, mass) {
                     break;
                 }
                 mass += item.0 as f64;
                 count += 1;
+                lo += 1;
             }
-            break count;
+            return lo;
         }
         let mid = (hi - lo) / 2;
         ranked[lo..hi].select_nth_unstable_by(mid, order);
         let upper: f64 = ranked[lo..=lo + mid].iter().map(|x| x.0 as f64).sum();
-        if done(lo + mid + 1, mass + upper) {
+        if done(count + mid + 1, mass + upper) {
             hi = lo + mid + 1;
         } else {
             mass += upper;
+            count += mid + 1;
             lo += mid + 1;
-        }
-    };
-    let kept = &ranked[..keep];
-    let mut keep_mask = vec![false; weights.len()];
-    for &(_, i) in kept {
-        keep_mask[i as usize] = true;
-    }
-    for (w, keep) in weights.iter_mut().zip(keep_mask) {
-        if !keep {
-            *w = 0.0;
         }
     }
 }
@@ -203,6 +262,23 @@ mod tests {
                 assert_eq!(kept, expected, "seed {seed} p {p}");
                 let mass: f64 = kept.iter().map(|&i| probs[i as usize]).sum();
                 assert!(mass >= p - 1e-6);
+            }
+            for k in [1, 7, n / 2] {
+                let top_k = Filter {
+                    top_k: Some(k),
+                    ..Filter::default()
+                };
+                let dist = TokenDist::new(&logits, u32::MAX, &top_k);
+                let kept: Vec<u32> = (0..n as u32).filter(|&i| dist.prob(i) > 0.0).collect();
+                let mut expected = naive_nucleus(&probs, 2.0);
+                expected.sort_by(|&a, &b| {
+                    probs[b as usize]
+                        .total_cmp(&probs[a as usize])
+                        .then(a.cmp(&b))
+                });
+                expected.truncate(k);
+                expected.sort();
+                assert_eq!(kept, expected, "seed {seed} k {k}");
             }
         }
     }

@@ -59,7 +59,7 @@ fn head(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut
             *p = dot(q, k) * scale;
         }
         let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-        p.iter_mut().for_each(|x| *x = ops::exp(*x - max));
+        p.iter_mut().for_each(|x| *x = crate::host::exp(*x - max));
         let inv = 1.0 / p.iter().sum::<f32>();
         p.iter_mut().for_each(|x| *x *= inv);
         // Eight columns of the output at a time, over every value row: the sums stay in

@@ -16,7 +16,7 @@ mod attention;
 pub mod checkpoint;
 mod config;
 mod error;
-mod host;
+pub mod host;
 mod kv_cache;
 mod layers;
 pub mod mask;
