@@ -199,10 +199,12 @@ impl Bd3lm {
     /// queries attend to the cache and to the whole block. Returns logits (batch,
     /// block_size, vocab). The cache is not changed.
     pub fn denoise(&self, block: &Tensor, sigma: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
-        self.output_layer
-            .forward(&x, cond.output.as_deref())
-            .map_err(Error::from)
+        in_pool(|| {
+            let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
+            self.output_layer
+                .forward(&x, cond.output.as_deref())
+                .map_err(Error::from)
+        })
     }
 
     /// [`Bd3lm::denoise`] returning logits only at the block positions `rows` (the same for
@@ -215,13 +217,15 @@ impl Bd3lm {
         cache: &mut KvCache,
         rows: &[u32],
     ) -> Result<Tensor> {
-        let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
-        let b = x.dim(0)?;
-        let picks: Vec<(usize, u32)> = (0..b)
-            .flat_map(|i| rows.iter().map(move |&r| (i, r)))
-            .collect();
-        let logits = self.logits_at(&x, &cond, &picks)?;
-        Ok(logits.reshape((b, rows.len(), self.cfg.vocab_size))?)
+        in_pool(|| {
+            let (x, cond) = self.denoise_hidden(block, sigma, cache)?;
+            let b = x.dim(0)?;
+            let picks: Vec<(usize, u32)> = (0..b)
+                .flat_map(|i| rows.iter().map(move |&r| (i, r)))
+                .collect();
+            let logits = self.logits_at(&x, &cond, &picks)?;
+            Ok(logits.reshape((b, rows.len(), self.cfg.vocab_size))?)
+        })
     }
 
     /// One pass over the blocks of many sequences, each after its own KV cache (of batch
@@ -234,23 +238,25 @@ impl Bd3lm {
     /// those it gets alone on the CPU (see the batch-invariance tests), so finished blocks
     /// of some sessions are committed in the same pass that denoises the others.
     pub fn batch_pass(&self, blocks: &mut [BlockInput], rows: &[&[u32]]) -> Result<Tensor> {
-        if rows.len() != blocks.len() {
-            return Err(Error::Input(format!(
-                "{} blocks but rows for {}",
-                blocks.len(),
-                rows.len()
-            )));
-        }
-        let (tokens, sigma) = self.stack(blocks)?;
-        let commits: Vec<bool> = blocks.iter().map(|b| b.commit).collect();
-        let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
-        let (x, cond) = self.cached_pass(&tokens, &sigma, &mut caches, &commits)?;
-        let picks: Vec<(usize, u32)> = rows
-            .iter()
-            .enumerate()
-            .flat_map(|(i, r)| r.iter().map(move |&r| (i, r)))
-            .collect();
-        self.logits_at(&x, &cond, &picks)
+        in_pool(|| {
+            if rows.len() != blocks.len() {
+                return Err(Error::Input(format!(
+                    "{} blocks but rows for {}",
+                    blocks.len(),
+                    rows.len()
+                )));
+            }
+            let (tokens, sigma) = self.stack(blocks)?;
+            let commits: Vec<bool> = blocks.iter().map(|b| b.commit).collect();
+            let mut caches: Vec<&mut KvCache> = blocks.iter_mut().map(|b| &mut *b.cache).collect();
+            let (x, cond) = self.cached_pass(&tokens, &sigma, &mut caches, &commits)?;
+            let picks: Vec<(usize, u32)> = rows
+                .iter()
+                .enumerate()
+                .flat_map(|(i, r)| r.iter().map(move |&r| (i, r)))
+                .collect();
+            self.logits_at(&x, &cond, &picks)
+        })
     }
 
     /// The blocks' tokens (batch, block_size) and noise levels (batch,).
@@ -329,21 +335,23 @@ impl Bd3lm {
     /// window each block sees identical to committing them one by one; this also rebuilds
     /// a cache from a session's tokens.
     pub fn commit(&self, blocks: &Tensor, sigma: &Tensor, cache: &mut KvCache) -> Result<()> {
-        let (_, s) = self.check_tokens(blocks)?;
-        if s == 0 || s % self.cfg.block_size != 0 {
-            return Err(Error::Input(format!(
-                "committed tokens must be whole blocks of {}, found {s}",
-                self.cfg.block_size
-            )));
-        }
-        let mut done = 0;
-        while done < s {
-            let take = cache.max_commit_tokens().min(s - done);
-            let part = blocks.narrow(1, done, take)?;
-            self.cached_pass(&part, sigma, &mut [&mut *cache], &[true])?;
-            done += take;
-        }
-        Ok(())
+        in_pool(|| {
+            let (_, s) = self.check_tokens(blocks)?;
+            if s == 0 || s % self.cfg.block_size != 0 {
+                return Err(Error::Input(format!(
+                    "committed tokens must be whole blocks of {}, found {s}",
+                    self.cfg.block_size
+                )));
+            }
+            let mut done = 0;
+            while done < s {
+                let take = cache.max_commit_tokens().min(s - done);
+                let part = blocks.narrow(1, done, take)?;
+                self.cached_pass(&part, sigma, &mut [&mut *cache], &[true])?;
+                done += take;
+            }
+            Ok(())
+        })
     }
 
     /// One pass of new tokens (batch, s) after the caches, whose batches add up to the
@@ -514,6 +522,14 @@ impl Bd3lm {
         }
         Ok(())
     }
+}
+
+/// Runs a pass on a thread of the kernels' pool (inline when already on one): each of its
+/// fifty-odd parallel matrix products then splits its work inside the pool, where called
+/// from another thread it would hand its work over and sleep until it is done (a fifth of
+/// a single block's pass on two cores went to that).
+fn in_pool<R: Send>(pass: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| pass())
 }
 
 #[cfg(test)]

@@ -240,12 +240,8 @@ impl<'m> Batch<'m> {
             return;
         }
         let started = Instant::now();
-        // The pass runs on a thread of the kernels' pool: its fifty-odd parallel matrix
-        // products then split their work inside the pool, where called from this thread
-        // each would hand its work over and sleep until it is done (a fifth of a
-        // single block's pass went to that).
         let passed = tracing::debug_span!("batch_pass", blocks = self.running.len())
-            .in_scope(|| rayon::scope(|_| self.pass()));
+            .in_scope(|| self.pass());
         let took = started.elapsed();
         crate::metrics::batch_pass(self.running.len(), took);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
