@@ -343,8 +343,17 @@ impl KvCache {
         let mut buffers = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {
             let mut pair = [2 * layer, 2 * layer + 1].into_iter().map(|i| {
-                let bytes = assemble(&decoded, i, batch * n_heads, capacity);
-                Tensor::from_raw_buffer(&bytes, layout.dtype, &shape, device)
+                let buffer = Buffer {
+                    segments: &decoded,
+                    tensor: i,
+                    shape,
+                    device,
+                };
+                match layout.dtype {
+                    DType::F32 => buffer.assemble(f32::from_le_bytes),
+                    DType::BF16 => buffer.assemble(half::bf16::from_le_bytes),
+                    _ => buffer.assemble(half::f16::from_le_bytes),
+                }
             });
             let k = pair.next().expect("keys")?;
             let v = pair.next().expect("values")?;
@@ -447,21 +456,37 @@ impl<'a> Segment<'a> {
     }
 }
 
-/// Tensor `i` of consecutive `segments` as the bytes of one buffer of `capacity` positions
-/// per (batch, head) row, the segments' tokens first and zeros after them.
-fn assemble(segments: &[Segment], i: usize, rows: usize, capacity: usize) -> Vec<u8> {
-    let layout = segments[0].layout;
-    let token = layout.dims[3] * layout.dtype.size_in_bytes();
-    let mut out = vec![0u8; rows * capacity * token];
-    for row in 0..rows {
-        let mut at = row * capacity * token;
-        for seg in segments {
-            let n = seg.len * token;
-            out[at..at + n].copy_from_slice(&seg.part(i)[row * n..(row + 1) * n]);
-            at += n;
+/// One key or value buffer of an imported cache: tensor `tensor` of consecutive
+/// `segments` in a buffer of `shape` (batch, heads, capacity, head dim).
+struct Buffer<'a> {
+    segments: &'a [Segment<'a>],
+    tensor: usize,
+    shape: [usize; 4],
+    device: &'a Device,
+}
+
+impl Buffer<'_> {
+    /// The buffer with each (batch, head) row holding the segments' tokens first and zeros
+    /// after them, decoded from the bytes by `decode` straight into its elements.
+    fn assemble<T: candle_core::WithDType, const N: usize>(
+        &self,
+        decode: fn([u8; N]) -> T,
+    ) -> candle_core::Result<Tensor> {
+        let [batch, heads, capacity, head_dim] = self.shape;
+        let mut out = vec![T::zero(); batch * heads * capacity * head_dim];
+        for (row, dst) in out.chunks_exact_mut(capacity * head_dim).enumerate() {
+            let mut at = 0;
+            for seg in self.segments {
+                let n = seg.len * head_dim;
+                let src = &seg.part(self.tensor)[row * n * N..(row + 1) * n * N];
+                for (d, s) in dst[at..at + n].iter_mut().zip(src.chunks_exact(N)) {
+                    *d = decode(s.try_into().expect("chunks of N bytes"));
+                }
+                at += n;
+            }
         }
+        Tensor::from_vec(out, &self.shape, self.device)
     }
-    out
 }
 
 fn dtype_code(dtype: DType) -> Result<u8> {
