@@ -1,6 +1,7 @@
 //! `bd3lm bench serve --concurrency 1,8,32`: the system under load. One worker and the
-//! coordinator in this process, real gRPC over loopback; at each concurrency that many
-//! streams generate at once, and the client measures what a user sees.
+//! coordinator in this process, real gRPC over loopback; after one unmeasured stream, at
+//! each concurrency that many streams generate at once, and the client measures what a
+//! user sees.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,18 +69,19 @@ pub async fn run(
     let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     let mut previous: Option<Vec<StreamTimes>> = None;
+    let request = |seed: u64| GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![bos] })),
+        max_new_tokens: tokens,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    // Unmeasured: a process's first passes pay for allocations and page faults the
+    // first level would otherwise be charged with.
+    stream(bench.client.clone(), request(u64::MAX)).await?;
     for &concurrency in levels {
         let before = worker.info(InfoRequest {}).await?.into_inner();
         let started = Instant::now();
-        let streams = (0..concurrency).map(|i| {
-            let request = GenerateRequest {
-                prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![bos] })),
-                max_new_tokens: tokens,
-                seed: Some(i as u64),
-                ..Default::default()
-            };
-            stream(bench.client.clone(), request)
-        });
+        let streams = (0..concurrency).map(|i| stream(bench.client.clone(), request(i as u64)));
         let times = futures::future::try_join_all(streams).await?;
         let wall = started.elapsed().as_secs_f64();
         let after = worker.info(InfoRequest {}).await?.into_inner();
