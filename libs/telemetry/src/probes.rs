@@ -155,4 +155,16 @@ mod tests {
         let ready = client.check(status("")).await.unwrap().into_inner();
         assert_eq!(ready.status, Wire::NotServing as i32);
     }
+
+    /// Accepted connections write without Nagle's delay.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        use tokio_stream::StreamExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let server_side = accepted.next().await.unwrap().unwrap();
+        assert!(server_side.nodelay().unwrap());
+    }
 }
