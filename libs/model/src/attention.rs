@@ -52,7 +52,27 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
 
 /// One head of one sequence: each query row of `q` (s, r) over `keys` and `values`
 /// (t, r), into `out` (s, r); `r` is a multiple of [`LANES`].
+///
+/// Compiled twice: for the baseline x86-64 (four-wide registers) and for AVX2 (eight),
+/// chosen at run time. Each of the eight lanes adds in the same order either way, so both
+/// give the same bits: only the register width differs.
 fn head(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above.
+        return unsafe { head_avx2(q, keys, values, r, scale, out) };
+    }
+    head_lanes(q, keys, values, r, scale, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+    head_lanes(q, keys, values, r, scale, out)
+}
+
+#[inline(always)]
+fn head_lanes(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
     let mut p = vec![0f32; keys.len() / r];
     for (q, out) in q.chunks_exact(r).zip(out.chunks_exact_mut(r)) {
         for (p, k) in p.iter_mut().zip(keys.chunks_exact(r)) {
@@ -82,6 +102,7 @@ pub(crate) const LANES: usize = 8;
 
 /// `a . b` for lengths that are multiples of [`LANES`], summed in that many lanes so that
 /// it vectorises (a float sum in one accumulator cannot be reordered).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; LANES];
     for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
@@ -161,5 +182,21 @@ mod tests {
         }
         let too_few = ragged(&q.narrow(0, 0, 2).unwrap(), &refs, 0);
         assert!(too_few.is_err());
+    }
+
+    /// The AVX2 build of the head loop gives the baseline build's bits (on a CPU without
+    /// AVX2 both calls run the baseline).
+    #[test]
+    fn every_build_of_the_head_loop_gives_the_same_bits() {
+        let (r, s, t) = (32, 4, 300);
+        let data = |n: usize, seed: u64| {
+            let x = normal((1, 1, n, r), seed);
+            x.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        };
+        let (q, k, v) = (data(s, 1), data(t, 2), data(t, 3));
+        let (mut dispatched, mut baseline) = (vec![0f32; s * r], vec![0f32; s * r]);
+        head(&q, &k, &v, r, 0.17, &mut dispatched);
+        head_lanes(&q, &k, &v, r, 0.17, &mut baseline);
+        assert_eq!(dispatched, baseline);
     }
 }
