@@ -187,10 +187,13 @@ fn positive_f64(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli: Cli = bd3lm_telemetry::cli::parse_args();
+    // `serve` runs the built-in trainer beside its workers: a training step on the
+    // calling thread's element-wise kernels is 40% slower.
     let workload = match &cli.command {
-        Command::Train(_) | Command::Eval(_) | Command::Bench(BenchCommand::Train { .. }) => {
-            bd3lm_model::Workload::Training
-        }
+        Command::Train(_)
+        | Command::Eval(_)
+        | Command::Serve(_)
+        | Command::Bench(BenchCommand::Train { .. }) => bd3lm_model::Workload::Training,
         _ => bd3lm_model::Workload::Inference,
     };
     // SAFETY: no other thread exists yet (the runtime starts below).
