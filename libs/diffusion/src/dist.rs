@@ -164,27 +164,23 @@ fn keep_largest(weights: &mut [f32], done: impl Fn(usize, f64) -> bool) {
 }
 
 /// Reorders `ranked` so that it starts with the fewest of its items, first in the ranking,
-/// that make `done` hold after a prefix of `count` items of weight `mass`, and returns how
-/// many those are (all when `done` never holds).
+/// that make `done` hold after a prefix of `before` items of weight `mass`, and returns
+/// how many those are (all when `done` never holds).
 fn prefix(
     ranked: &mut [(f32, u32)],
-    mut count: usize,
+    before: usize,
     mut mass: f64,
     done: impl Fn(usize, f64) -> bool,
 ) -> usize {
     let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-    // Invariant: ranked[..lo] precede everything after them and do not satisfy `done`;
-    // the end lies in ranked[lo..hi].
+    // Invariant: ranked[..lo] (of weight `mass` with what came before) precede everything
+    // after them and do not satisfy `done`; the end lies in ranked[lo..hi].
     let (mut lo, mut hi) = (0, ranked.len());
     loop {
         if hi - lo <= 64 {
             ranked[lo..hi].sort_unstable_by(order);
-            for item in &ranked[lo..hi] {
-                if done(count, mass) {
-                    break;
-                }
-                mass += item.0 as f64;
-                count += 1;
+            while lo < hi && !done(before + lo, mass) {
+                mass += ranked[lo].0 as f64;
                 lo += 1;
             }
             return lo;
@@ -192,11 +188,10 @@ fn prefix(
         let mid = (hi - lo) / 2;
         ranked[lo..hi].select_nth_unstable_by(mid, order);
         let upper: f64 = ranked[lo..=lo + mid].iter().map(|x| x.0 as f64).sum();
-        if done(count + mid + 1, mass + upper) {
+        if done(before + lo + mid + 1, mass + upper) {
             hi = lo + mid + 1;
         } else {
             mass += upper;
-            count += mid + 1;
             lo += mid + 1;
         }
     }

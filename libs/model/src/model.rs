@@ -525,7 +525,7 @@ impl Bd3lm {
 }
 
 /// Runs a pass on a thread of the kernels' pool (inline when already on one): each of its
-/// fifty-odd parallel matrix products then splits its work inside the pool, where called
+/// forty-odd parallel matrix products then splits its work inside the pool, where called
 /// from another thread it would hand its work over and sleep until it is done (a fifth of
 /// a single block's pass on two cores went to that).
 fn in_pool<R: Send>(pass: impl FnOnce() -> R + Send) -> R {

@@ -48,7 +48,7 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 ///
 /// On the host in f32 it is one vectorised loop: `0.5 x (1 + tanh(u))` is
 /// `x / (1 + e^(-2u))`, and [`host::exp`] is branch-free, where candle's kernel calls `tanhf`
-/// element by element (a tenth of a batched pass went there).
+/// element by element (a twentieth of a batched pass went there).
 pub fn gelu(x: &Tensor) -> Result<Tensor> {
     const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
     if x.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
