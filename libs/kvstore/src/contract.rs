@@ -21,10 +21,10 @@ pub fn record(id: &str) -> SessionRecord {
     }
 }
 
-/// Exercises `store` (which must not hold session `s1` of model `m`) and panics on the
-/// first broken promise: create once, read per model, compare-and-set writes with their
-/// blobs, stale writers, appended tokens, leases, per-key session counts, missing
-/// sessions, deletion with the blobs and its tombstone.
+/// Exercises `store` (which must not hold sessions `s1` and `s2` of model `m`) and panics
+/// on the first broken promise: create once, read per model, compare-and-set writes with
+/// their blobs, windows read back whole, stale writers, appended tokens, leases, per-key
+/// session counts, missing sessions, deletion with the blobs and its tombstone.
 pub async fn check(store: Store) {
     let r = record("s1");
     assert_eq!(store.create_session(&r).await.unwrap(), 1);
@@ -72,6 +72,20 @@ pub async fn check(store: Store) {
         vec![None, Some(b"blob1".to_vec())],
         "the expired blob goes with the commit"
     );
+
+    // A window wider than one read comes back whole, in the order asked, gaps included.
+    let wide = record("s2");
+    store.create_session(&wide).await.unwrap();
+    let mut grown = store.get_session("m", "s2").await.unwrap().unwrap();
+    grown.committed_blocks = 40;
+    let blob = |b: usize| format!("blob{b}").into_bytes();
+    let blobs = (0..40).map(|b| (b, blob(b))).collect();
+    let outcome = store.commit(&grown, grown.base(), blobs, 0..0).await;
+    assert_eq!(outcome.unwrap(), CommitOutcome::Committed(2));
+    let wanted: Vec<usize> = (0..41).rev().collect();
+    let expected: Vec<_> = wanted.iter().map(|&b| (b < 40).then(|| blob(b))).collect();
+    assert_eq!(store.get_blobs("m", "s2", &wanted).await.unwrap(), expected);
+    assert!(store.delete_session("m", "s2").await.unwrap());
     let stored = store.get_session("m", "s1").await.unwrap().unwrap();
     assert_eq!((stored.version, stored.returned), (3, 4));
     assert!(matches!(

@@ -223,8 +223,8 @@ impl Store {
         self.commit(record, base, Vec::new(), 0..0).await
     }
 
-    /// Reads the KV blobs of `blocks` of a session in one round trip; missing ones are
-    /// `None`.
+    /// Reads the KV blobs of `blocks` of a session (pipelined reads, not one atomic
+    /// read: a blob deleted meanwhile reads as missing); missing ones are `None`.
     #[tracing::instrument(skip(self, session, blocks), fields(count = blocks.len()))]
     pub async fn get_blobs(
         &self,
@@ -531,6 +531,10 @@ pub struct RedisStore {
     manager: ConnectionManager,
 }
 
+/// KV blobs per MGET when reading a session's window (about 1 MB at the tiny shape, 4.7
+/// MB at the paper's small one).
+const BLOBS_PER_READ: usize = 16;
+
 /// Creates a session: KEYS = record, tokens, tombstone; ARGV = version, meta, tokens,
 /// TTL in ms. Returns 'deleted', 'exists' or 'ok'.
 const CREATE_SCRIPT: &str = r#"
@@ -784,11 +788,19 @@ impl RedisStore {
         Ok(())
     }
 
+    /// Reads blobs in MGETs of [`BLOBS_PER_READ`] keys, all sent at once: the server
+    /// then builds a few small replies in turn instead of one of the whole window (16.7
+    /// MB at the tiny shape's 1,024 tokens, which it allocated afresh for every read), and
+    /// the first replies are on their way while it builds the next: 10.5-15 against
+    /// 7.4-11.4 ms (median of 25) for that window on a local server.
     async fn get_blobs(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
-        let blobs = self
-            .retried("get_blobs", |mut con| async move { con.mget(keys).await })
-            .await?;
-        Ok(blobs)
+        let reads = keys.chunks(BLOBS_PER_READ).map(|keys| {
+            self.retried("get_blobs", move |mut con| async move {
+                con.mget::<_, Vec<Option<Vec<u8>>>>(keys).await
+            })
+        });
+        let parts = futures::future::try_join_all(reads).await?;
+        Ok(parts.into_iter().flatten().collect())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -9,6 +9,7 @@
 //! moves the end of the live range. Dropping the oldest block moves its start.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use bd3lm_bytes::Reader;
 
@@ -300,7 +301,7 @@ impl KvCache {
     /// each segment's checksum guards its content: hostile or corrupt bytes give an error.
     pub fn import(segments: &[&[u8]], device: &Device) -> Result<Self> {
         let decoded = segments
-            .iter()
+            .par_iter()
             .map(|s| Segment::decode(s))
             .collect::<Result<Vec<_>>>()?;
         let first = decoded
@@ -340,12 +341,14 @@ impl KvCache {
             .min(full + full / 2)
             .max(len + block_size);
         let shape = [batch, n_heads, capacity, head_dim];
-        let mut buffers = Vec::with_capacity(n_layers);
-        for layer in 0..n_layers {
-            let mut pair = [2 * layer, 2 * layer + 1].into_iter().map(|i| {
+        // Every buffer on its own thread of the pool: a window from the store is megabytes
+        // of fresh pages to fill.
+        let tensors = (0..2 * n_layers)
+            .into_par_iter()
+            .map(|tensor| {
                 let buffer = Buffer {
                     segments: &decoded,
-                    tensor: i,
+                    tensor,
                     shape,
                     device,
                 };
@@ -354,11 +357,10 @@ impl KvCache {
                     DType::BF16 => buffer.assemble(half::bf16::from_le_bytes),
                     _ => buffer.assemble(half::f16::from_le_bytes),
                 }
-            });
-            let k = pair.next().expect("keys")?;
-            let v = pair.next().expect("values")?;
-            buffers.push((k, v));
-        }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut tensors = tensors.into_iter();
+        let buffers = std::iter::from_fn(|| Some((tensors.next()?, tensors.next()?))).collect();
         Ok(Self {
             buffers,
             start: 0,

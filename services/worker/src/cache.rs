@@ -3,12 +3,14 @@
 //! belongs to another model state (weights, dtype, configuration) or to other tokens is
 //! a miss (logged and counted), never data.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
 use bd3lm_model::KvCache;
+use rayon::prelude::*;
 
 use crate::Loaded;
 use crate::metrics;
@@ -43,10 +45,23 @@ impl CacheSource {
 pub enum Found {
     /// The worker's own state after the session's last block.
     Memory(Held),
-    /// Decoded from the store's blobs.
-    Store(KvCache),
+    /// The store's blobs of the live blocks, read but not yet checked or decoded: that is
+    /// compute over megabytes, done where the session is opened.
+    Store(StoredBlobs),
     /// Nothing usable: the session is rebuilt from its tokens (or starts empty).
     Nothing,
+}
+
+/// The KV blobs of a session's live blocks as read from the store.
+pub struct StoredBlobs {
+    /// The blocks, oldest first.
+    blocks: std::ops::Range<usize>,
+    /// The hash of the session's tokens up to the end of each block.
+    prefix_hashes: Vec<u64>,
+    /// Each block's blob.
+    bytes: Vec<Vec<u8>>,
+    /// Where refused blobs are counted.
+    rejected: Arc<AtomicU64>,
 }
 
 /// The session of `record` around the cache `found`, ready for its next block.
@@ -58,75 +73,107 @@ pub fn open<'m>(
     let model = &loaded.model;
     let committed = record.committed_blocks * model.config().block_size;
     let (tokens, prompt_len) = (&record.tokens, record.prompt_len);
-    Ok(match found {
-        Found::Memory(held) => (
-            Session::with_cache(model, held.cache, tokens, prompt_len, committed)?,
-            CacheSource::Memory,
-        ),
-        Found::Store(cache) => (
+    let (cache, source) = match found {
+        Found::Memory(held) => (Some(held.cache), CacheSource::Memory),
+        Found::Store(blobs) => {
+            let cache = decode(loaded, blobs);
+            metrics::cache_lookup(if cache.is_some() { "store" } else { "miss" });
+            (cache, CacheSource::Store)
+        }
+        Found::Nothing => (None, CacheSource::Empty),
+    };
+    Ok(match cache {
+        Some(cache) => (
             Session::with_cache(model, cache, tokens, prompt_len, committed)?,
-            CacheSource::Store,
+            source,
         ),
-        Found::Nothing if committed == 0 => (
+        None if committed == 0 => (
             Session::resume(model, tokens, prompt_len, 0)?,
             CacheSource::Empty,
         ),
-        Found::Nothing => (
+        None => (
             Session::resume(model, tokens, prompt_len, committed)?,
             CacheSource::Rebuilt,
         ),
     })
 }
 
-/// Reads and checks the blobs of the live blocks before `block`; `None` on any miss,
-/// mismatch or corruption (logged; the cache is then rebuilt from tokens). Refused blobs
-/// are counted in `rejected`.
-pub async fn from_store(
+/// Reads the blobs of the live blocks before `block`; `None` when one is missing or the
+/// read fails (logged; the cache is then rebuilt from tokens). Blobs refused later, when
+/// decoded, are counted in `rejected`.
+pub async fn read_store(
     store: &Store,
     loaded: &Loaded,
     record: &SessionRecord,
     block: usize,
-    rejected: &AtomicU64,
-) -> Option<KvCache> {
+    rejected: &Arc<AtomicU64>,
+) -> Option<StoredBlobs> {
     let cfg = loaded.model.config();
     let bs = cfg.block_size;
     let live = (block * bs).min(cfg.model_length - bs) / bs;
-    let wanted: Vec<usize> = (block - live..block).collect();
-    let Some(hashes) = prefix_hashes(&record.tokens, bs, block - live..block) else {
+    let blocks = block - live..block;
+    let Some(prefix_hashes) = prefix_hashes(&record.tokens, bs, blocks.clone()) else {
         tracing::warn!("the record holds fewer tokens than its committed blocks; rebuilding");
         return None;
     };
-    let blobs = match store.get_blobs(&loaded.model_id, &record.id, &wanted).await {
+    let wanted: Vec<usize> = blocks.clone().collect();
+    let read = match store.get_blobs(&loaded.model_id, &record.id, &wanted).await {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "reading KV blobs failed; rebuilding from tokens");
             return None;
         }
     };
-    let mut payloads = Vec::with_capacity(blobs.len());
-    for ((&index, bytes), prefix_hash) in wanted.iter().zip(blobs).zip(hashes) {
-        let Some(bytes) = bytes else {
+    let mut bytes = Vec::with_capacity(read.len());
+    for (index, blob) in blocks.clone().zip(read) {
+        let Some(blob) = blob else {
             tracing::info!(block = index, "KV blob missing; rebuilding from tokens");
             return None;
         };
-        metrics::blob_read(bytes.len());
-        match BlockBlob::decode(bytes) {
-            Ok(blob) if blob_fits(&blob, loaded, index, prefix_hash) => payloads.push(blob.payload),
+        metrics::blob_read(blob.len());
+        bytes.push(blob);
+    }
+    Some(StoredBlobs {
+        blocks,
+        prefix_hashes,
+        bytes,
+        rejected: rejected.clone(),
+    })
+}
+
+/// The cache of `blobs` once each has passed its checksum and belongs to this model
+/// state, block and tokens; `None` otherwise (logged and counted: rebuilt from tokens).
+fn decode(loaded: &Loaded, blobs: StoredBlobs) -> Option<KvCache> {
+    let StoredBlobs {
+        blocks,
+        prefix_hashes,
+        bytes,
+        rejected,
+    } = blobs;
+    let end = blocks.end * loaded.model.config().block_size;
+    // Checksums over megabytes: on the pool's threads, all at once.
+    let decoded: Vec<_> = bytes.into_par_iter().map(BlockBlob::decode).collect();
+    let mut payloads = Vec::with_capacity(decoded.len());
+    for ((index, blob), prefix_hash) in blocks.zip(decoded).zip(prefix_hashes) {
+        let refused = match blob {
+            Ok(blob) if blob_fits(&blob, loaded, index, prefix_hash) => {
+                payloads.push(blob.payload);
+                continue;
+            }
             Ok(blob) => {
-                rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::blob_rejected("mismatch");
                 tracing::warn!(block = index, model = %blob.model_id, fingerprint = %blob.fingerprint, "KV blob of another model state, block or tokens; rebuilding");
-                return None;
+                "mismatch"
             }
             Err(e) => {
-                rejected.fetch_add(1, Ordering::Relaxed);
-                metrics::blob_rejected("corrupt");
                 tracing::warn!(block = index, error = %e, "corrupt KV blob; rebuilding");
-                return None;
+                "corrupt"
             }
-        }
+        };
+        rejected.fetch_add(1, Ordering::Relaxed);
+        metrics::blob_rejected(refused);
+        return None;
     }
-    import(loaded, &payloads, block * bs)
+    import(loaded, &payloads, end)
 }
 
 fn blob_fits(blob: &BlockBlob, loaded: &Loaded, index: usize, prefix_hash: u64) -> bool {

@@ -48,7 +48,7 @@ pub struct WorkerService {
     limits: WorkerLimits,
     in_flight: Arc<AtomicUsize>,
     /// KV blobs refused (corrupt or of other weights) since start.
-    rejected: AtomicU64,
+    rejected: Arc<AtomicU64>,
     /// Where liveness is reported: a worker without its batch thread is restarted.
     liveness: Option<HealthReporter>,
     /// This process's id in `Info`, drawn at start.
@@ -90,7 +90,7 @@ impl WorkerService {
             permits: Arc::new(Semaphore::new(limits.max_batch)),
             limits,
             in_flight: Arc::default(),
-            rejected: AtomicU64::new(0),
+            rejected: Arc::default(),
             liveness: None,
             id: format!("{:016x}", rand::random::<u64>()),
         }
@@ -257,11 +257,8 @@ impl WorkerService {
         if block == 0 {
             return Found::Nothing;
         }
-        match cache::from_store(&self.store, loaded, record, block, &self.rejected).await {
-            Some(c) => {
-                metrics::cache_lookup("store");
-                Found::Store(c)
-            }
+        match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
+            Some(blobs) => Found::Store(blobs),
             None => {
                 metrics::cache_lookup("miss");
                 Found::Nothing
