@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bd3lm_kvstore::contract::record;
-use bd3lm_kvstore::{Store, StoreConfig};
+use bd3lm_kvstore::{RedisConnection, SessionStore, StoreConfig, Stores};
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::{GenerateRequest, Sampler, SamplingParameters, TokenIds};
 
@@ -63,9 +63,10 @@ fn the_redis_store_keeps_the_store_contract() {
     let redis = crate::cluster::Redis::start(dir.path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
-        bd3lm_kvstore::contract::check(store.clone()).await;
-        bd3lm_kvstore::contract::check_jobs(store).await;
+        let connection = RedisConnection::open(&redis.url(), Default::default()).unwrap();
+        let stores = Stores::redis(&connection, StoreConfig::default());
+        bd3lm_kvstore::contract::check(stores.sessions).await;
+        bd3lm_kvstore::contract::check_jobs(stores.jobs).await;
     });
 }
 
@@ -78,7 +79,8 @@ fn a_delete_racing_commits_leaves_only_the_tombstone() {
     let redis = crate::cluster::Redis::start(dir.path());
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let store = Store::redis(&redis.url(), StoreConfig::default()).unwrap();
+        let connection = RedisConnection::open(&redis.url(), Default::default()).unwrap();
+        let store = SessionStore::redis(&connection, StoreConfig::default());
         for round in 0..40u64 {
             let id = format!("race{round}");
             store.create_session(&record(&id)).await.unwrap();
@@ -96,7 +98,7 @@ fn a_delete_racing_commits_leaves_only_the_tombstone() {
 }
 
 /// Commits one block after another to session `id` until it is gone; how many it did.
-async fn commit_until_deleted(store: Store, id: String) -> usize {
+async fn commit_until_deleted(store: SessionStore, id: String) -> usize {
     loop {
         let Some(read) = store.get_session("m", &id).await.unwrap() else {
             return 0;

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bd3lm_kvstore::{SessionRecord, Store, StoreConfig};
+use bd3lm_kvstore::{RedisConnection, SessionRecord, SessionStore, StoreConfig};
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
@@ -223,7 +223,8 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
     let cluster = Cluster::start(&checkpoint(), 2, "affinity");
     let model_id = cluster.worker_info(0).unwrap().model_id;
     runtime().block_on(async {
-        let store = Store::redis(&cluster.redis.url(), StoreConfig::default()).unwrap();
+        let redis = RedisConnection::open(&cluster.redis.url(), Default::default()).unwrap();
+        let store = SessionStore::redis(&redis, StoreConfig::default());
         let id = format!("{:032x}", 0xbac4_u128);
         let record = SessionRecord {
             id: id.clone(),

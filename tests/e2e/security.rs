@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use bd3lm_kvstore::{RedisSecrets, Store, StoreConfig};
+use bd3lm_kvstore::{RedisConnection, RedisSecrets, SessionStore, StoreConfig};
 use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::tls::TlsFiles;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
@@ -250,17 +250,14 @@ fn the_store_speaks_tls_to_redis_with_the_password_apart() {
         ca_pem: ca.cloned(),
     };
     runtime().block_on(async {
-        let config = StoreConfig::default();
-        let store =
-            Store::redis_with(&url, secrets("pw-7c1f-test", Some(&ca)), config.clone()).unwrap();
-        bd3lm_kvstore::contract::check(store).await;
-        let unknown_ca =
-            Store::redis_with(&url, secrets("pw-7c1f-test", None), config.clone()).unwrap();
+        let redis = RedisConnection::open(&url, secrets("pw-7c1f-test", Some(&ca))).unwrap();
+        bd3lm_kvstore::contract::check(SessionStore::redis(&redis, StoreConfig::default())).await;
+        let unknown_ca = RedisConnection::open(&url, secrets("pw-7c1f-test", None)).unwrap();
         assert!(
             unknown_ca.ping().await.is_err(),
             "a certificate of an unknown CA was accepted"
         );
-        let wrong = Store::redis_with(&url, secrets("wrong", Some(&ca)), config).unwrap();
+        let wrong = RedisConnection::open(&url, secrets("wrong", Some(&ca))).unwrap();
         let err = wrong.ping().await.unwrap_err().to_string();
         assert!(!err.contains("pw-7c1f-test"), "{err}");
     });

@@ -35,7 +35,8 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+    /// A request's `field` that cannot be served as given, and why.
+    pub fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Error::Invalid {
             field,
             reason: reason.into(),

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bd3lm_kvstore::{JobClaim, Revised, Store};
+use bd3lm_kvstore::{JobClaim, JobStore, Revised};
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -140,7 +140,7 @@ impl Job {
 /// The jobs in a store.
 #[derive(Clone)]
 pub struct Jobs {
-    store: Store,
+    store: JobStore,
 }
 
 /// Most jobs one listing returns.
@@ -148,12 +148,12 @@ pub const MAX_LIST: usize = 1000;
 
 impl Jobs {
     /// The jobs of `store`.
-    pub fn new(store: Store) -> Self {
+    pub fn new(store: JobStore) -> Self {
         Self { store }
     }
 
     /// The store they live in.
-    pub fn store(&self) -> &Store {
+    pub fn store(&self) -> &JobStore {
         &self.store
     }
 
@@ -253,7 +253,7 @@ impl Jobs {
         .await
     }
 
-    /// Takes the next job for trainer `trainer` (see [`Store::claim_job`]).
+    /// Takes the next job for trainer `trainer` (see [`JobStore::claim_job`]).
     pub async fn claim(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
         Ok(self.store.claim_job(trainer, lease).await?)
     }

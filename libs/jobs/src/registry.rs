@@ -5,9 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use bd3lm_kvstore::Store;
-use bd3lm_model::Config;
-use bd3lm_model::checkpoint::Checkpoint;
+use bd3lm_config::Config;
+use bd3lm_config::checkpoint::{fingerprint, read_config, weight_files};
+use bd3lm_kvstore::JobStore;
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -69,7 +69,7 @@ pub struct Figures {
 /// The registry over a store and (for publishing and loading) its storage directory.
 #[derive(Clone)]
 pub struct Registry {
-    store: Store,
+    store: JobStore,
     /// The storage directory; `None` for a reader of the records only (the coordinator).
     dir: Option<PathBuf>,
 }
@@ -89,7 +89,7 @@ pub fn check_name(field: &'static str, name: &str) -> Result<()> {
 
 impl Registry {
     /// The registry whose records are in `store` and files under `dir`.
-    pub fn new(store: Store, dir: impl Into<PathBuf>) -> Self {
+    pub fn new(store: JobStore, dir: impl Into<PathBuf>) -> Self {
         Self {
             store,
             dir: Some(dir.into()),
@@ -98,7 +98,7 @@ impl Registry {
 
     /// The registry's records in `store`, without its files: lists and checks versions,
     /// neither publishes nor loads them.
-    pub fn records(store: Store) -> Self {
+    pub fn records(store: JobStore) -> Self {
         Self { store, dir: None }
     }
 
@@ -211,21 +211,23 @@ fn copy_checkpoint(from: &Path, to: &Path) -> Result<(String, Config)> {
             std::fs::copy(entry.path(), &dest).map_err(Error::io(&dest))?;
         }
     }
-    let ckpt = Checkpoint::open(&tmp).map_err(|e| Error::Corrupt(e.to_string()))?;
-    let fingerprint = ckpt
-        .fingerprint()
-        .map_err(|e| Error::Corrupt(e.to_string()))?;
+    // The copy is what is fingerprinted: the version's record describes the files served.
+    let corrupt = |e: bd3lm_config::Error| Error::Corrupt(e.to_string());
+    let config = read_config(&tmp).map_err(corrupt)?;
+    let files = weight_files(&tmp).map_err(corrupt)?;
+    let fingerprint = fingerprint(files.iter().map(PathBuf::as_path)).map_err(corrupt)?;
     if to.exists() {
         return Err(Error::Corrupt(format!("{} exists already", to.display())));
     }
     std::fs::rename(&tmp, to).map_err(Error::io(to))?;
-    Ok((fingerprint, ckpt.config.clone()))
+    Ok((fingerprint, config))
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use bd3lm_kvstore::StoreConfig;
+    use bd3lm_model::checkpoint::Checkpoint;
     use candle_core::DType;
 
     /// The tiny network of the training tests' word corpus (vocabulary 12, rows of 16).
@@ -245,7 +247,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn versions_count_up_and_keep_their_files() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::memory(StoreConfig::default());
+        let store = JobStore::memory(StoreConfig::default());
         let registry = Registry::new(store.clone(), dir.path().join("registry"));
         let figures = Figures {
             step: 7,

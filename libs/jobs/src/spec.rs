@@ -1,14 +1,13 @@
 //! A job's specification: validated from the wire once, at submission, with every default
 //! filled in and a fine-tune's "latest" resolved to a version, so the job trains the same
-//! thing however often a trainer resumes it.
+//! thing however often a trainer resumes it. Plain data: the trainer maps it onto its
+//! options.
 
 use std::path::{Path, PathBuf};
 
-use bd3lm_model::Config;
+use bd3lm_config::shards::ShardIndex;
+use bd3lm_config::{Config, Decay};
 use bd3lm_proto::v1 as wire;
-use bd3lm_training::data::ShardIndex;
-use bd3lm_training::optim::Decay;
-use bd3lm_training::{Init as TrainInit, TrainOptions};
 use serde::{Deserialize, Serialize};
 
 use crate::registry::{Registry, check_name};
@@ -93,7 +92,7 @@ pub fn scratch_config(
     index: &ShardIndex,
     (hidden_dim, n_heads, n_blocks, cond_dim): (usize, usize, usize, usize),
     block_size: usize,
-) -> bd3lm_model::Result<Config> {
+) -> bd3lm_config::Result<Config> {
     let mut config = Config::new(
         index.vocab_size,
         hidden_dim,
@@ -187,50 +186,6 @@ impl JobSpec {
                 }
             },
         })
-    }
-
-    /// The trainer's options of this job.
-    pub fn train_options(&self) -> TrainOptions {
-        let mut opts = TrainOptions::new(self.data.clone());
-        opts.batch_size = self.batch_size;
-        opts.accumulate = self.accumulate;
-        opts.steps = self.steps;
-        opts.adamw.lr = self.lr;
-        opts.warmup = self.warmup;
-        opts.decay = self.decay;
-        opts.clip = self.grad_clip;
-        opts.ema = self.ema;
-        opts.seed = self.seed;
-        opts.val_every = self.val_every;
-        opts.val_batches = self.val_batches;
-        opts.save_every = self.save_every;
-        opts.clip_search = self.clip_search;
-        opts.world_size = self.world_size as usize;
-        opts
-    }
-
-    /// The trainer's starting point of this job: a new network on its data, or the
-    /// version's checkpoint in `registry`.
-    pub fn train_init(&self, registry: &Registry) -> Result<TrainInit> {
-        match &self.init {
-            Init::Shape {
-                hidden_dim,
-                n_heads,
-                n_blocks,
-                cond_dim,
-            } => {
-                let index = ShardIndex::open(&self.data)
-                    .map_err(|e| Error::invalid("data", e.to_string()))?;
-                let shape = (*hidden_dim, *n_heads, *n_blocks, *cond_dim);
-                let config = scratch_config(&index, shape, self.block_size)
-                    .map_err(|e| Error::invalid("shape", e.to_string()))?;
-                Ok(TrainInit::Scratch(config))
-            }
-            Init::FineTune { name, version } => Ok(TrainInit::Checkpoint {
-                dir: registry.path(name, *version)?,
-                block_size: Some(self.block_size),
-            }),
-        }
     }
 
     /// The specification as the API shows it.
@@ -450,7 +405,7 @@ fn checked(field: &'static str, v: f64, ok: impl Fn(f64) -> bool, why: &str) -> 
 mod tests {
     use super::*;
     use crate::registry::tests::{checkpoint, tiny};
-    use bd3lm_kvstore::{Store, StoreConfig};
+    use bd3lm_kvstore::{JobStore, StoreConfig};
     use bd3lm_training::test_util::{counting_docs, shards};
 
     fn spec(data: &Path) -> wire::JobSpec {
@@ -474,7 +429,7 @@ mod tests {
     async fn defaults_are_filled_in() {
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
-        let registry = Registry::records(Store::memory(StoreConfig::default()));
+        let registry = Registry::records(JobStore::memory(StoreConfig::default()));
         let valid = JobSpec::validate(spec(&data), None, &registry)
             .await
             .unwrap();
@@ -500,7 +455,7 @@ mod tests {
     async fn bad_specs_name_the_field() {
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
-        let store = Store::memory(StoreConfig::default());
+        let store = JobStore::memory(StoreConfig::default());
         let registry = Registry::new(store, dir.path().join("registry"));
         let ckpt = checkpoint(&dir.path().join("bs8"), &tiny(8), 3);
         registry
@@ -595,7 +550,7 @@ mod tests {
     async fn data_stays_under_the_root() {
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
-        let registry = Registry::records(Store::memory(StoreConfig::default()));
+        let registry = Registry::records(JobStore::memory(StoreConfig::default()));
         let root = dir.path();
         let mut relative = spec(Path::new("shards"));
         let valid = JobSpec::validate(relative.clone(), Some(root), &registry).await;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{RedisSecrets, Result, Store, StoreConfig};
+use crate::{RedisConnection, RedisSecrets, Result, StoreConfig, Stores};
 
 /// Where sessions are stored: `--redis` (else the in-memory store), the key prefix and
 /// the TTL. Its `Debug` and `--help` never show the URL, which may hold a password.
@@ -59,11 +59,14 @@ impl StoreArgs {
         }
     }
 
-    /// The Redis store when `--redis` is given, else an in-memory one.
-    pub fn open(&self) -> Result<Store> {
+    /// The stores on Redis when `--redis` is given, else in memory.
+    pub fn open(&self) -> Result<Stores> {
         match &self.redis {
-            Some(url) => Store::redis_with(url, self.secrets()?, self.config()),
-            None => Ok(Store::memory(self.config())),
+            Some(url) => {
+                let redis = RedisConnection::open(url, self.secrets()?)?;
+                Ok(Stores::redis(&redis, self.config()))
+            }
+            None => Ok(Stores::memory(self.config())),
         }
     }
 
@@ -81,8 +84,8 @@ impl StoreArgs {
         Ok(RedisSecrets { password, ca_pem })
     }
 
-    /// A store shared between processes: `--redis` is required.
-    pub fn open_shared(&self) -> Result<Store> {
+    /// Stores shared between processes: `--redis` is required.
+    pub fn open_shared(&self) -> Result<Stores> {
         match &self.redis {
             Some(_) => self.open(),
             None => Err(crate::Error::Unavailable(

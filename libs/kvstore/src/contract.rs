@@ -1,7 +1,9 @@
-//! The contract every [`Store`] keeps, as one function: the unit tests run it on the
-//! in-memory store and the end-to-end tests on a real `redis-server` (feature `contract`).
+//! The contracts the two stores keep, one function each ([`check`] for a
+//! [`SessionStore`], [`check_jobs`] for a [`JobStore`]): the unit tests run them on the
+//! in-memory backends and the end-to-end tests on a real `redis-server` (feature
+//! `contract`).
 
-use crate::{CommitOutcome, Error, SessionRecord, Store};
+use crate::{CommitOutcome, Error, JobStore, SessionRecord, SessionStore};
 use bd3lm_sampling::SamplingParams;
 
 /// A small session record of model `m`.
@@ -25,7 +27,7 @@ pub fn record(id: &str) -> SessionRecord {
 /// on the first broken promise: create once, read per model, compare-and-set writes with
 /// their blobs, windows read back whole, stale writers, appended tokens, leases, per-key
 /// session counts, missing sessions, deletion with the blobs and its tombstone.
-pub async fn check(store: Store) {
+pub async fn check(store: SessionStore) {
     let r = record("s1");
     assert_eq!(store.create_session(&r).await.unwrap(), 1);
     assert!(matches!(
@@ -144,7 +146,7 @@ pub async fn check(store: Store) {
 /// Exercises the jobs, the queue and the registry of `store` (which must hold none):
 /// records by revision, claims that lapse and move to another trainer, touches that fail
 /// once another trainer holds the entry, and versions written once.
-pub async fn check_jobs(store: Store) {
+pub async fn check_jobs(store: JobStore) {
     use std::time::Duration;
     let lease = Duration::from_secs(60);
     assert!(store.list_jobs(10).await.unwrap().is_empty());

@@ -1,33 +1,88 @@
-//! Where sessions live between blocks: session records, KV blobs, and the stores that
-//! hold them.
+//! Where sessions and training jobs live between requests: two stores over one
+//! connection layer, and the formats they hold.
 //!
+//! * [`SessionStore`] ([`sessions`]): session records, tokens, KV blobs, leases,
+//!   tombstones and per-key session counts;
+//! * [`JobStore`] ([`jobs`]): the training service's job records, job queue and the
+//!   model registry's records;
+//! * each with an in-memory backend (the embedded default) and a Redis one, both over
+//!   [`RedisConnection`], the one place that knows how the process reaches Redis (lazy
+//!   connection, reconnection, retries, metrics);
 //! * [`blob`]: the container of one committed block's keys and values (model id, weights
 //!   fingerprint, block index, checksum around the model's self-describing payload);
-//! * [`record`]: a session's tokens, seed and parameters: the source of truth;
-//! * [`jobs`]: the training service's job records, job queue and model registry records;
-//! * [`store`]: the [`Store`] with an in-memory implementation (the embedded default) and a
-//!   Redis one (one key prefix, TTL refreshed on write, pipelined reads, reconnection).
+//! * [`record`]: a session's tokens, seed and parameters: the source of truth.
 //!
 //! This crate does not link the network: the coordinator uses it too.
+#![warn(missing_docs)]
 
 #[cfg(feature = "clap")]
 mod args;
 pub mod blob;
+mod connection;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod error;
 pub mod jobs;
 pub mod metrics;
 pub mod record;
+pub mod sessions;
 #[cfg(feature = "grpc")]
 mod status;
-pub mod store;
+
+use std::time::Duration;
 
 #[cfg(feature = "clap")]
 pub use args::StoreArgs;
 
 pub use blob::BlockBlob;
+pub use connection::{RedisConnection, RedisSecrets};
 pub use error::{Error, Result};
-pub use jobs::{JobClaim, Revised};
+pub use jobs::{JobClaim, JobStore, Revised};
 pub use record::SessionRecord;
-pub use store::{CommitOutcome, RedisSecrets, Store, StoreConfig};
+pub use sessions::{CommitOutcome, SessionStore};
+
+/// Settings common to both stores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Prefix of every key.
+    pub prefix: String,
+    /// Lifetime of a session's keys after their last write (the job store's keys never
+    /// expire).
+    pub ttl: Duration,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            prefix: "bd3lm".into(),
+            ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Both stores of one deployment, on one backend.
+#[derive(Clone)]
+pub struct Stores {
+    /// Sessions and their KV state.
+    pub sessions: SessionStore,
+    /// Jobs, their queue and the registry's records.
+    pub jobs: JobStore,
+}
+
+impl Stores {
+    /// Both stores in this process's memory.
+    pub fn memory(config: StoreConfig) -> Self {
+        Self {
+            sessions: SessionStore::memory(config.clone()),
+            jobs: JobStore::memory(config),
+        }
+    }
+
+    /// Both stores on the Redis deployment `redis`, sharing its connection.
+    pub fn redis(redis: &RedisConnection, config: StoreConfig) -> Self {
+        Self {
+            sessions: SessionStore::redis(redis, config.clone()),
+            jobs: JobStore::redis(redis, config),
+        }
+    }
+}

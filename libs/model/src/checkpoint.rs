@@ -7,20 +7,18 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
+pub use bd3lm_config::checkpoint::{CONFIG_FILE, INDEX_FILE, WEIGHTS_FILE};
+use bd3lm_config::checkpoint::{read_config, weight_files};
+
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use rand::{Rng, SeedableRng};
 use safetensors::Dtype as StDtype;
 
-use crate::{Bd3lm, Config, Error, FREQUENCY_EMBEDDING_SIZE, Result};
+use crate::layers::FREQUENCY_EMBEDDING_SIZE;
+use crate::{Bd3lm, Config, Error, Result};
 
-/// File name of the config.
-pub const CONFIG_FILE: &str = "config.json";
-/// File name of a single-file checkpoint.
-pub const WEIGHTS_FILE: &str = "model.safetensors";
-/// File name of a sharded checkpoint's index.
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
 /// Names of the top-level scalars holding the learned clipped noise interval.
 pub const EPS_TENSORS: [&str; 2] = ["sampling_eps_min", "sampling_eps_max"];
 /// Buffer of the reference's rotary module: stored by some checkpoints, always recomputed.
@@ -83,12 +81,7 @@ impl Checkpoint {
     /// dtype of every tensor the network needs. Unknown tensors are reported with a warning.
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref().to_path_buf();
-        let config_path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&config_path).map_err(|source| Error::Io {
-            path: config_path,
-            source,
-        })?;
-        let config = Config::from_json(&text)?;
+        let config = read_config(&dir)?;
         let paths = weight_files(&dir)?;
         let mut files = HashMap::new();
         for path in &paths {
@@ -121,30 +114,8 @@ impl Checkpoint {
     /// A hash of the weight files' bytes (16 hex digits): KV state computed by other
     /// weights is never used.
     pub fn fingerprint(&self) -> Result<String> {
-        use std::io::Read;
-        let mut files: Vec<&PathBuf> = self.files.values().collect();
-        files.sort();
-        files.dedup();
-        let mut sum = bd3lm_bytes::Checksum::new();
-        let mut buf = vec![0u8; 1 << 20];
-        for path in files {
-            let mut f = std::fs::File::open(path).map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?;
-            loop {
-                let n = f.read(&mut buf).map_err(|source| Error::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                if n == 0 {
-                    break;
-                }
-                sum.update(&buf[..n]);
-            }
-        }
-        let hash = sum.finish();
-        Ok(format!("{hash:016x}"))
+        let files = self.files.values().map(PathBuf::as_path);
+        Ok(bd3lm_config::checkpoint::fingerprint(files)?)
     }
 
     /// The directory the checkpoint was opened from.
@@ -240,51 +211,6 @@ impl Checkpoint {
     }
 }
 
-/// The safetensors files of the checkpoint in `dir`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let single = dir.join(WEIGHTS_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index_path = dir.join(INDEX_FILE);
-    if !index_path.is_file() {
-        return Err(Error::Checkpoint {
-            path: dir.to_path_buf(),
-            reason: format!("neither {WEIGHTS_FILE} nor {INDEX_FILE} is present"),
-        });
-    }
-    let text = std::fs::read_to_string(&index_path).map_err(|source| Error::Io {
-        path: index_path.clone(),
-        source,
-    })?;
-    let bad = |reason: String| Error::Checkpoint {
-        path: index_path.clone(),
-        reason,
-    };
-    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = index
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("expected an object field `weight_map`".into()))?;
-    let mut files = BTreeSet::new();
-    for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map entry `{name}` is not a file name")))?;
-        if Path::new(file).components().count() != 1 {
-            return Err(bad(format!(
-                "shard `{file}` must be a plain file name in the checkpoint directory"
-            )));
-        }
-        files.insert(file.to_string());
-    }
-    let paths: Vec<PathBuf> = files.into_iter().map(|f| dir.join(f)).collect();
-    if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
-        return Err(bad(format!("shard {} does not exist", missing.display())));
-    }
-    Ok(paths)
-}
-
 fn check_float(name: &str, dtype: StDtype) -> Result<()> {
     match dtype {
         StDtype::F32 | StDtype::BF16 | StDtype::F16 | StDtype::F64 => Ok(()),
@@ -343,7 +269,7 @@ pub fn save(
     rename(&tmp, &weights)?;
     let config = dir.join(CONFIG_FILE);
     let tmp = dir.join(format!(".{CONFIG_FILE}.tmp"));
-    let text = serde_json::to_string_pretty(cfg).map_err(Error::ConfigJson)?;
+    let text = serde_json::to_string_pretty(cfg).map_err(bd3lm_config::Error::ConfigJson)?;
     std::fs::write(&tmp, text).map_err(|source| Error::Io {
         path: tmp.clone(),
         source,

@@ -5,17 +5,9 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, running or serialising a BD3-LM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A configuration field holds a value the network cannot be built with.
-    #[error("config field `{field}`: {reason}")]
-    Config {
-        /// The `config.json` field at fault.
-        field: &'static str,
-        /// What was expected and what was found.
-        reason: String,
-    },
-    /// `config.json` is not valid JSON or lacks a required field.
-    #[error("config.json: {0}")]
-    ConfigJson(#[source] serde_json::Error),
+    /// The configuration or the checkpoint's files: unusable, unreadable or missing.
+    #[error(transparent)]
+    Config(#[from] bd3lm_config::Error),
     /// A checkpoint file could not be read or written.
     #[error("{path}: {source}")]
     Io {

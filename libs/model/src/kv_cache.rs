@@ -59,7 +59,7 @@ impl KvCache {
             n_heads: cfg.n_heads,
             head_dim: cfg.head_dim(),
             block_size: cfg.block_size,
-            keep: cfg.model_length - cfg.block_size,
+            keep: cfg.kv_window(),
             dtype,
             device: device.clone(),
         };
@@ -130,7 +130,7 @@ impl KvCache {
             && self.n_heads == cfg.n_heads
             && self.head_dim == cfg.head_dim()
             && self.block_size == cfg.block_size
-            && self.keep == cfg.model_length - cfg.block_size
+            && self.keep == cfg.kv_window()
             && self.dtype == dtype;
         if ok {
             return Ok(());
@@ -148,7 +148,7 @@ impl KvCache {
             cfg.n_heads,
             cfg.head_dim(),
             cfg.block_size,
-            cfg.model_length - cfg.block_size,
+            cfg.kv_window(),
             dtype
         )))
     }

@@ -3,9 +3,12 @@
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::config::{Config, FREQUENCY_EMBEDDING_SIZE};
+use crate::Config;
 use crate::kv_cache::KvCache;
 use crate::{attention, ops};
+
+/// Width of the sinusoidal timestep features fed to the sigma embedder.
+pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
 
 /// Outputs at least this many times wider than the input count as a vocabulary
 /// projection, computed as `W x^T`.

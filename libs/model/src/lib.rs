@@ -3,7 +3,7 @@
 //! A BD3-LM is autoregressive over blocks of tokens and a masked diffusion model inside
 //! each block. This crate holds the network and nothing of the algorithm around it:
 //!
-//! * [`Config`]: the published `config.json`;
+//! * [`Config`]: the published `config.json` (plain data, from `bd3lm-config`);
 //! * [`checkpoint`]: loading and saving the Hugging Face layout (`model.safetensors`,
 //!   sharded or not, f32/bf16/f16);
 //! * [`Bd3lm`]: the network with its three forward modes: the vectorised training pass
@@ -14,7 +14,6 @@
 
 mod attention;
 pub mod checkpoint;
-mod config;
 mod error;
 pub mod host;
 mod kv_cache;
@@ -23,10 +22,11 @@ pub mod mask;
 mod model;
 mod ops;
 
-pub use config::{Config, FREQUENCY_EMBEDDING_SIZE};
+pub use bd3lm_config::Config;
 pub use error::{Error, Result};
 pub use host::{Workload, set_host_threads};
 pub use kv_cache::KvCache;
+pub use layers::FREQUENCY_EMBEDDING_SIZE;
 pub use model::{Bd3lm, BlockInput};
 
 #[cfg(test)]

@@ -21,6 +21,9 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A model configuration, checkpoint layout or shard index that cannot be used.
+    #[error(transparent)]
+    Config(#[from] bd3lm_config::Error),
     /// A resume state is damaged or does not belong to this run.
     #[error("{}: {reason}", path.display())]
     Resume {

@@ -83,15 +83,7 @@ impl AdamW {
     }
 }
 
-/// How the learning rate moves after warm-up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Decay {
-    /// Stay at the peak (the paper).
-    Constant,
-    /// Cosine down to a tenth of the peak at the last step.
-    Cosine,
-}
+pub use bd3lm_config::Decay;
 
 /// Linear warm-up from 0 to the peak over `warmup` steps, then [`Decay`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::Stores;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
@@ -64,8 +64,7 @@ pub async fn run(
     levels: &[usize],
     tokens: u32,
 ) -> anyhow::Result<()> {
-    let store = Store::memory(Default::default());
-    let bench = one_worker(loaded.clone(), limits, store).await?;
+    let bench = one_worker(loaded.clone(), limits, Stores::memory(Default::default())).await?;
     let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     let mut previous: Option<Vec<StreamTimes>> = None;
@@ -123,16 +122,16 @@ pub struct OneWorker {
     pub worker_addr: String,
 }
 
-/// One worker of `loaded` and a coordinator on loopback ports over `store`.
+/// One worker of `loaded` and a coordinator on loopback ports over `stores`.
 pub async fn one_worker(
     loaded: Arc<Loaded>,
     limits: WorkerLimits,
-    store: Store,
+    stores: Stores,
 ) -> anyhow::Result<OneWorker> {
     let cell = Arc::new(bd3lm_worker::Models::fixed(loaded));
     let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let worker_addr = worker.local_addr()?.to_string();
-    let worker_store = store.clone();
+    let worker_store = stores.sessions.clone();
     tokio::spawn(async move {
         let open = Arc::new(bd3lm_proto::auth::Tokens::open());
         let never = std::future::pending();
@@ -167,7 +166,7 @@ pub async fn one_worker(
     tokio::spawn(bd3lm_coordinator::serve(
         Ports::plain(listener),
         pool,
-        store,
+        stores,
         coordinator,
         std::future::pending(),
     ));

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bd3lm_diffusion::SamplingParams;
-use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
+use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore, Stores};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
@@ -51,7 +51,8 @@ pub async fn random_model(
 }
 
 /// Runs the benchmark; one JSON line per figure.
-pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+pub async fn run(stores: Stores, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+    let store = stores.sessions.clone();
     let loaded = tiny_model().await?;
     store.ping().await.context("the store does not answer")?;
     for &context in contexts {
@@ -73,11 +74,11 @@ pub async fn run(store: Store, contexts: &[usize], reps: usize) -> anyhow::Resul
         }
     }
     blob_throughput(&loaded)?;
-    coordinator_overhead(loaded.clone(), store.clone()).await?;
+    coordinator_overhead(loaded.clone(), stores).await?;
     Ok(())
 }
 
-fn worker(loaded: &Arc<Loaded>, store: &Store) -> WorkerService {
+fn worker(loaded: &Arc<Loaded>, store: &SessionStore) -> WorkerService {
     let cell = Arc::new(bd3lm_worker::Models::fixed(loaded.clone()));
     let limits = WorkerLimits {
         max_batch: 1,
@@ -90,7 +91,7 @@ fn worker(loaded: &Arc<Loaded>, store: &Store) -> WorkerService {
 /// then stays in its memory. Returns the worker and the session id.
 async fn prefilled(
     loaded: &Arc<Loaded>,
-    store: &Store,
+    store: &SessionStore,
     context: usize,
     rep: usize,
 ) -> anyhow::Result<(WorkerService, String)> {
@@ -126,7 +127,7 @@ async fn prefilled(
 /// cache in memory, loaded from the store's blobs, or rebuilt (blobs of other weights).
 async fn block_latency(
     loaded: &Arc<Loaded>,
-    store: &Store,
+    store: &SessionStore,
     context: usize,
     source: &str,
     rep: usize,
@@ -224,8 +225,8 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
 
 /// Milliseconds per block between the coordinator's request and the worker's answer,
 /// beyond the worker's own time: gRPC, routing, the session record.
-async fn coordinator_overhead(loaded: Arc<Loaded>, store: Store) -> anyhow::Result<()> {
-    let mut client = crate::bench_load::one_worker(loaded.clone(), WorkerLimits::default(), store)
+async fn coordinator_overhead(loaded: Arc<Loaded>, stores: Stores) -> anyhow::Result<()> {
+    let mut client = crate::bench_load::one_worker(loaded.clone(), WorkerLimits::default(), stores)
         .await?
         .client;
     let vocab = loaded.model.config().vocab_size as u32;

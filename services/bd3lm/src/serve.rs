@@ -60,7 +60,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     bd3lm_worker::metrics::describe();
     bd3lm_kvstore::metrics::describe();
     bd3lm_trainer::describe_metrics();
-    let store = args.store.open()?;
+    let stores = args.store.open()?;
     let training = Training::open(&args)?;
     let mut settings = args.coordinator.clone();
     let models = match &args.follow.model {
@@ -71,7 +71,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 device: args.device.device()?,
                 dtype: args.device.dtype(),
             };
-            following.start(&store, &args.follow)?
+            following.start(&stores.jobs, &args.follow)?
         }
         None => {
             let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
@@ -92,7 +92,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     for _ in 0..args.workers {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         addrs.push(listener.local_addr()?.to_string());
-        let (models, store, internal) = (models.clone(), store.clone(), internal.clone());
+        let (models, store, internal) = (models.clone(), stores.sessions.clone(), internal.clone());
         let limits = args.worker.limits(args.device.device);
         tokio::spawn(async move {
             let never = std::future::pending();
@@ -126,10 +126,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         tls: args.tls.server()?,
         health: args.health.bind().await?,
     };
-    training.spawn_trainer(&store);
+    training.spawn_trainer(&stores.jobs);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(ports, pool, store, settings, stop)
+        bd3lm_coordinator::serve(ports, pool, stores, settings, stop)
     })
     .await
 }
@@ -177,7 +177,7 @@ impl Training {
     }
 
     /// Starts one trainer over `store`.
-    fn spawn_trainer(&self, store: &bd3lm_kvstore::Store) {
+    fn spawn_trainer(&self, store: &bd3lm_kvstore::JobStore) {
         let settings = bd3lm_trainer::TrainerSettings {
             runs_dir: self.runs.clone(),
             registry_dir: self.registry.clone(),

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, Instant};
 
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::SessionStore;
 use tokio::sync::watch;
 use tonic::Status;
 
@@ -25,7 +25,7 @@ const POLL: Duration = Duration::from_millis(20);
 /// A session's lease, held by this generation until [`Lease::release`] (or until it is
 /// dropped and expires).
 pub struct Lease {
-    store: Store,
+    store: SessionStore,
     model: String,
     session: String,
     owner: String,
@@ -37,7 +37,7 @@ impl Lease {
     /// Takes the lease of `session`, waiting up to `terms.wait` while another generation
     /// holds it; ABORTED after that.
     pub async fn take(
-        store: &Store,
+        store: &SessionStore,
         model: &str,
         session: &str,
         terms: LeaseTerms,
@@ -97,7 +97,7 @@ impl Drop for Lease {
 /// Renews the lease every third of `ttl` until another owner holds it. A store that does
 /// not answer is tried again: the generation cannot commit meanwhile either.
 async fn keep(
-    store: Store,
+    store: SessionStore,
     [model, session, owner]: [String; 3],
     ttl: Duration,
     lost: watch::Sender<bool>,
@@ -132,7 +132,7 @@ mod tests {
     /// as it is released.
     #[tokio::test]
     async fn a_held_lease_refuses_then_hands_over() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         let first = Lease::take(&store, "m", "s", terms(10_000, 0))
             .await
             .unwrap();
@@ -150,7 +150,7 @@ mod tests {
     /// The keeper renews a lease past its TTL; a lease taken over is reported lost.
     #[tokio::test]
     async fn leases_are_renewed_and_losses_reported() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         let mut lease = Lease::take(&store, "m", "s", terms(90, 0)).await.unwrap();
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(

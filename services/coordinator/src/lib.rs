@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::Stores;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::generation_server::GenerationServer;
 use bd3lm_proto::v1::training_server::TrainingServer;
@@ -74,12 +74,12 @@ pub fn spawn_discovery(
 
 /// Serves the coordinator on `ports` until `shutdown` resolves, then stops accepting and
 /// lets the streams in flight finish. Health (readiness) reports SERVING while at least
-/// one worker is healthy, the store answers and no shutdown was asked for; it is also
+/// one worker is healthy, the stores answer and no shutdown was asked for; it is also
 /// served on the plain health port, if any.
 pub async fn serve(
     ports: Ports,
     pool: Arc<Pool>,
-    store: Store,
+    stores: Stores,
     settings: CoordinatorSettings,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -91,7 +91,8 @@ pub async fn serve(
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     };
     let watched = pool.clone();
-    let probe = store.clone();
+    // Both stores share one backend: the session store's answer is both's.
+    let probe = stores.sessions.clone();
     tokio::spawn(async move {
         loop {
             let stopping = stopping.load(std::sync::atomic::Ordering::Relaxed);
@@ -133,8 +134,8 @@ pub async fn serve(
         .transpose()
         .context("building the reflection service")?;
     let max_request = settings.limits.max_request_bytes;
-    let training = TrainingService::new(store.clone(), settings.training_data_root.clone());
-    let coordinator = Coordinator::new(pool, store, settings);
+    let training = TrainingService::new(stores.jobs, settings.training_data_root.clone());
+    let coordinator = Coordinator::new(pool, stores.sessions, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
     let training = TrainingServer::new(training);
     let (mut server, incoming) = ports.start(&health)?;

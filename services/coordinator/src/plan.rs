@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bd3lm_kvstore::{CommitOutcome, SessionRecord, Store};
+use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
 use bd3lm_proto::v1::InfoResponse;
 use bd3lm_text::{StopRules, Text};
 use tonic::Status;
@@ -58,7 +58,7 @@ const WRITE_TRIES: usize = 8;
 pub async fn plan(
     valid: ValidRequest,
     model: Arc<ModelInfo>,
-    store: &Store,
+    store: &SessionStore,
     limits: &Limits,
     terms: LeaseTerms,
     owner: Option<String>,
@@ -140,7 +140,7 @@ pub async fn plan(
 /// Counts session `id` among the live sessions of the API key `key` (a continuation
 /// renews its count); RESOURCE_EXHAUSTED when the key holds its limit of others.
 async fn claim_slot(
-    store: &Store,
+    store: &SessionStore,
     model_id: &str,
     key: &str,
     id: &str,
@@ -169,7 +169,7 @@ struct NewSession<'a> {
 async fn create(
     valid: &ValidRequest,
     model: &ModelInfo,
-    store: &Store,
+    store: &SessionStore,
     limits: &Limits,
     new: NewSession<'_>,
 ) -> Result<SessionRecord, Status> {
@@ -202,7 +202,7 @@ async fn create(
 /// compare-and-set: a write that lost to another (a block of an ended generation landing
 /// meanwhile) is redone on the record as it is then. Returns the record as written.
 pub async fn update(
-    store: &Store,
+    store: &SessionStore,
     model_id: &str,
     id: &str,
     owner: Option<&str>,
@@ -231,7 +231,7 @@ pub async fn update(
 /// `owner` is given and the session belongs to another API key (whose sessions are not
 /// even said to exist).
 pub async fn load(
-    store: &Store,
+    store: &SessionStore,
     model_id: &str,
     id: &str,
     owner: Option<&str>,

@@ -4,7 +4,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::SessionStore;
 use bd3lm_proto::auth::Caller;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
@@ -41,7 +41,7 @@ pub struct Coordinator {
 
 struct Inner {
     pool: Arc<Pool>,
-    store: Store,
+    store: SessionStore,
     settings: CoordinatorSettings,
     dispatch: Dispatcher,
     admission: Arc<Admission>,
@@ -52,7 +52,7 @@ struct Inner {
 impl Coordinator {
     /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
     /// capacity from a task that ends with the coordinator.
-    pub fn new(pool: Arc<Pool>, store: Store, settings: CoordinatorSettings) -> Self {
+    pub fn new(pool: Arc<Pool>, store: SessionStore, settings: CoordinatorSettings) -> Self {
         let admission = Arc::new(Admission::new(settings.max_queue));
         let dispatch = Dispatcher::new(
             pool.clone(),

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::record::short_id;
-use bd3lm_kvstore::{SessionRecord, Store};
+use bd3lm_kvstore::{SessionRecord, SessionStore};
 use bd3lm_proto::v1::{BlockTiming, GenerateStreamResponse, StopReason as ProtoStop};
 use bd3lm_text::{Decoder, StopReason};
 use tokio::sync::{mpsc, watch};
@@ -107,7 +107,7 @@ impl Drop for Running {
 /// The session's lease is given up once the returned tokens are stored.
 #[tracing::instrument(skip_all, fields(session = %short_id(&plan.record.id)))]
 pub async fn drive(
-    store: &Store,
+    store: &SessionStore,
     dispatch: &Dispatcher,
     mut plan: Plan,
     tx: Sender,
@@ -170,7 +170,7 @@ pub async fn drive(
 
 /// The generation's blocks, each sent to `tx`, until a stop or an error.
 async fn blocks(
-    store: &Store,
+    store: &SessionStore,
     dispatch: &Dispatcher,
     plan: &mut Plan,
     progress: &mut Progress,
@@ -216,7 +216,7 @@ const MAX_RESTORES: usize = 16;
 /// rebuild the KV state from the tokens. The store may lose it again meanwhile (a second
 /// restart): so again, a few times.
 async fn next_block(
-    store: &Store,
+    store: &SessionStore,
     dispatch: &Dispatcher,
     planned: &SessionRecord,
     progress: &Progress,
@@ -254,7 +254,7 @@ async fn next_block(
 /// Puts the session as `progress` holds it back into the store, under a fresh version
 /// (no writer that read the lost record can match it).
 async fn restore(
-    store: &Store,
+    store: &SessionStore,
     planned: &SessionRecord,
     progress: &Progress,
 ) -> Result<(), Status> {
@@ -320,7 +320,7 @@ fn commit(
 }
 
 /// Stores how far the client has seen the session, so a continuation starts there.
-async fn record_returned(store: &Store, record: &SessionRecord, returned: usize) {
+async fn record_returned(store: &SessionStore, record: &SessionRecord, returned: usize) {
     let result = update(store, &record.model_id, &record.id, None, |current| {
         current.returned = returned.min(current.tokens.len());
         Ok(())

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bd3lm_kvstore::{CommitOutcome, Store, StoreConfig};
+use bd3lm_kvstore::{CommitOutcome, SessionStore, StoreConfig};
 use bd3lm_proto::v1::denoise_worker_server::{DenoiseWorker, DenoiseWorkerServer};
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_server::Generation;
@@ -41,7 +41,7 @@ enum Act {
 struct Fake {
     /// Its `Info.worker_id`.
     id: String,
-    store: Store,
+    store: SessionStore,
     script: Mutex<VecDeque<Act>>,
     calls: AtomicUsize,
     /// Calls being answered now, and the most at once.
@@ -154,7 +154,7 @@ struct Running {
     stop: Option<oneshot::Sender<()>>,
 }
 
-async fn start(store: &Store) -> Running {
+async fn start(store: &SessionStore) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let fake = Arc::new(Fake {
@@ -195,7 +195,7 @@ async fn start(store: &Store) -> Running {
 struct Cluster {
     coordinator: Coordinator,
     workers: Vec<Running>,
-    store: Store,
+    store: SessionStore,
     pool: Arc<Pool>,
 }
 
@@ -204,7 +204,7 @@ async fn cluster(n: usize, routing: Routing) -> Cluster {
 }
 
 async fn cluster_with(n: usize, routing: Routing, settings: CoordinatorSettings) -> Cluster {
-    let store = Store::memory(StoreConfig::default());
+    let store = SessionStore::memory(StoreConfig::default());
     let mut workers = Vec::new();
     for _ in 0..n {
         workers.push(start(&store).await);

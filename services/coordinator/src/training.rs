@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bd3lm_jobs::job::MAX_LIST;
 use bd3lm_jobs::{JobSpec, Jobs, Registry};
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::JobStore;
 use bd3lm_proto::v1 as wire;
 use bd3lm_proto::v1::training_server::Training;
 use tokio::sync::mpsc;
@@ -31,7 +31,7 @@ pub struct TrainingService {
 
 impl TrainingService {
     /// Jobs and registry records in `store`; job data must lie under `data_root` when set.
-    pub fn new(store: Store, data_root: Option<PathBuf>) -> Self {
+    pub fn new(store: JobStore, data_root: Option<PathBuf>) -> Self {
         Self {
             jobs: Jobs::new(store.clone()),
             registry: Registry::records(store),

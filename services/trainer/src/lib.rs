@@ -13,6 +13,7 @@
 //! [`run_job`] is one job; [`run`] is the loop around it.
 
 mod metrics;
+mod options;
 mod run_job;
 #[cfg(test)]
 mod tests;
@@ -22,7 +23,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bd3lm_jobs::{Jobs, Registry};
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::JobStore;
 
 pub use metrics::describe as describe_metrics;
 pub use run_job::run_job;
@@ -96,7 +97,7 @@ pub struct TrainerWorker {
 
 impl TrainerWorker {
     /// A trainer over `store` with `settings`.
-    pub fn new(store: Store, settings: TrainerSettings) -> Self {
+    pub fn new(store: JobStore, settings: TrainerSettings) -> Self {
         Self {
             id: format!("trainer-{:016x}", rand::random::<u64>()),
             jobs: Jobs::new(store.clone()),

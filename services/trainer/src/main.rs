@@ -27,7 +27,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let store = args.store.open_shared()?;
+    let store = args.store.open_shared()?.jobs;
     args.metrics.install()?;
     bd3lm_trainer::describe_metrics();
     bd3lm_kvstore::metrics::describe();

@@ -16,7 +16,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
-use crate::{TrainerWorker, metrics};
+use crate::{TrainerWorker, metrics, options};
 
 /// Why a run stopped before its end.
 #[derive(Default)]
@@ -360,8 +360,8 @@ fn train(
     let mut run_trainer = if run.join(RESUME_DIR).is_dir() {
         Trainer::resume_on(&run, None, &devices)?
     } else {
-        let init = spec.train_init(&trainer.registry)?;
-        Trainer::new_on(&run, spec.train_options(), init, &devices)?
+        let init = options::train_init(spec, &trainer.registry)?;
+        Trainer::new_on(&run, options::train_options(spec), init, &devices)?
     };
     let (first, started) = (run_trainer.step(), Instant::now());
     tracing::info!(from_step = first, "run opened");

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bd3lm_jobs::{Job, JobSpec, JobState, Jobs, Registry};
-use bd3lm_kvstore::{Store, StoreConfig};
+use bd3lm_kvstore::{JobStore, StoreConfig};
 use bd3lm_proto::v1 as wire;
 use bd3lm_training::test_util::{counting_docs, shards};
 use tokio::sync::watch;
@@ -23,7 +23,7 @@ struct Setup {
 fn setup(max_job_crashes: u32) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
-    let store = Store::memory(StoreConfig::default());
+    let store = JobStore::memory(StoreConfig::default());
     let settings = TrainerSettings {
         runs_dir: dir.path().join("runs"),
         registry_dir: dir.path().join("registry"),

@@ -95,7 +95,7 @@ pub fn finish(
     let end = session.next_block_index();
     let blobs = blobs(loaded, &session, effort.first_block..end)?;
     // A next block reads the blobs of the window's blocks before it, no older ones.
-    let window = (cfg.model_length - bs) / bs;
+    let window = cfg.kv_window() / bs;
     let expired = record.committed_blocks.saturating_sub(window)..end.saturating_sub(window);
     let (tokens, _, committed, cache) = session.into_parts();
     let mut next = record.clone();

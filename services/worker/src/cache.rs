@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::prefix_hashes;
-use bd3lm_kvstore::{BlockBlob, SessionRecord, Store};
+use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore};
 use bd3lm_model::KvCache;
 use rayon::prelude::*;
 
@@ -102,7 +102,7 @@ pub fn open<'m>(
 /// read fails (logged; the cache is then rebuilt from tokens). Blobs refused later, when
 /// decoded, are counted in `rejected`.
 pub async fn read_store(
-    store: &Store,
+    store: &SessionStore,
     loaded: &Loaded,
     record: &SessionRecord,
     block: usize,
@@ -110,7 +110,7 @@ pub async fn read_store(
 ) -> Option<StoredBlobs> {
     let cfg = loaded.model.config();
     let bs = cfg.block_size;
-    let live = (block * bs).min(cfg.model_length - bs) / bs;
+    let live = (block * bs).min(cfg.kv_window()) / bs;
     let blocks = block - live..block;
     let Some(prefix_hashes) = prefix_hashes(&record.tokens, bs, blocks.clone()) else {
         tracing::warn!("the record holds fewer tokens than its committed blocks; rebuilding");

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::record::Base;
-use bd3lm_kvstore::{CommitOutcome, SessionRecord, Store};
+use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
 use bd3lm_proto::v1::DenoiseBlockResponse;
 use tonic::Status;
 
@@ -18,7 +18,7 @@ use crate::sessions::SessionCaches;
 /// Commits `work` (block `block`, computed from the record at `base`), keeps its state
 /// in `sessions` under `key` when it won, and returns the answer.
 pub async fn commit(
-    store: &Store,
+    store: &SessionStore,
     (sessions, key): (&SessionCaches, String),
     work: BlockWork,
     (block, base): (usize, Base),

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::SessionStore;
 use bd3lm_model::checkpoint::Checkpoint;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
@@ -97,7 +97,7 @@ pub fn default_model_id(dir: &Path) -> String {
 pub async fn serve(
     ports: Ports,
     models: Arc<Models>,
-    store: Store,
+    store: SessionStore,
     limits: WorkerLimits,
     internal: Arc<Tokens>,
     shutdown: impl Future<Output = ()> + Send + 'static,

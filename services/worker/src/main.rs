@@ -89,7 +89,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 device,
                 dtype,
             };
-            following.start(&store, &args.follow)?
+            following.start(&store.jobs, &args.follow)?
         }
         (None, Some(dir)) => {
             let models = Arc::new(Models::loading());
@@ -111,7 +111,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let limits = args.settings.limits(args.device.device);
     let signal = bd3lm_telemetry::shutdown::signal();
     bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(ports, models, store, limits, internal, stop)
+        bd3lm_worker::serve(ports, models, store.sessions, limits, internal, stop)
     })
     .await
 }

@@ -173,7 +173,7 @@ impl Following {
     /// and retires superseded versions per `settings`. Runs for as long as the worker.
     pub fn start(
         self,
-        store: &bd3lm_kvstore::Store,
+        store: &bd3lm_kvstore::JobStore,
         settings: &crate::FollowSettings,
     ) -> anyhow::Result<Arc<Models>> {
         crate::check_model_id(&self.name)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
-use bd3lm_kvstore::Store;
+use bd3lm_kvstore::SessionStore;
 use bd3lm_kvstore::record::short_id;
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
@@ -42,7 +42,7 @@ pub struct Loaded {
 /// The worker's state, shared by its requests.
 pub struct WorkerService {
     models: Arc<Models>,
-    store: Store,
+    store: SessionStore,
     sessions: Arc<SessionCaches>,
     permits: Arc<Semaphore>,
     limits: WorkerLimits,
@@ -82,7 +82,7 @@ struct Slot {
 
 impl WorkerService {
     /// A service over `models`: UNAVAILABLE until one is loaded.
-    pub fn new(models: Arc<Models>, store: Store, limits: WorkerLimits) -> Self {
+    pub fn new(models: Arc<Models>, store: SessionStore, limits: WorkerLimits) -> Self {
         Self {
             models,
             store,
@@ -375,7 +375,11 @@ pub(crate) mod tests {
         })
     }
 
-    fn service(loaded: Option<Arc<Loaded>>, store: &Store, capacity: usize) -> WorkerService {
+    fn service(
+        loaded: Option<Arc<Loaded>>,
+        store: &SessionStore,
+        capacity: usize,
+    ) -> WorkerService {
         let models = Arc::new(match loaded {
             Some(l) => Models::fixed(l),
             None => Models::loading(),
@@ -388,7 +392,7 @@ pub(crate) mod tests {
         WorkerService::new(models, store.clone(), limits)
     }
 
-    async fn session(store: &Store, id: &str) {
+    async fn session(store: &SessionStore, id: &str) {
         let record = SessionRecord {
             id: id.into(),
             model_id: "m".into(),
@@ -426,7 +430,7 @@ pub(crate) mod tests {
 
     #[tokio::test]
     async fn refuses_when_loading_or_full_and_names_what_is_wrong() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         session(&store, &sid("s")).await;
         assert_eq!(
             block(&service(None, &store, 1), &sid("s"), 0)
@@ -464,7 +468,7 @@ pub(crate) mod tests {
     /// KV state rebuilt (the old version's blobs refused), and its record says so.
     #[tokio::test]
     async fn sessions_stay_on_their_version_until_it_is_retired() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         let version = |v: u64| {
             let mut l = loaded(&format!("f{v}"));
             Arc::get_mut(&mut l).unwrap().version = Some(v);
@@ -528,7 +532,7 @@ pub(crate) mod tests {
     /// the same tokens every way, a committed block answered as stored, rejections counted.
     #[tokio::test]
     async fn every_cache_source_gives_the_same_tokens() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         session(&store, &sid("a")).await;
         let first = service(Some(loaded("f")), &store, 1);
         let prefill = block(&first, &sid("a"), 0).await.unwrap();
@@ -594,7 +598,7 @@ pub(crate) mod tests {
     async fn a_dropped_request_stops_its_block_and_frees_the_capacity() {
         // One block of 1024 positions, one position per pass: seconds of work to cut.
         let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 2048, 1024), 0.1, "f");
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         let record = SessionRecord {
             id: sid("long"),
             model_id: "m".into(),
@@ -636,7 +640,7 @@ pub(crate) mod tests {
     /// is DATA_LOSS, not a panic.
     #[tokio::test]
     async fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         session(&store, &sid("s")).await;
         let mut record = store.get_session("m", &sid("s")).await.unwrap().unwrap();
         record.committed_blocks = 3;
@@ -662,7 +666,7 @@ pub(crate) mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batched_blocks_get_the_tokens_they_get_alone() {
         let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 32, 8), 0.3, "f");
-        let store = Store::memory(StoreConfig::default());
+        let store = SessionStore::memory(StoreConfig::default());
         let samplers = [
             Sampler::Ddpm,
             Sampler::FirstHitting,

@@ -8,8 +8,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::shards::{ShardEntry, ShardIndex, Split, read_shard};
 use crate::{Error, Result};
+use bd3lm_config::shards::{ShardEntry, ShardIndex, Split, read_shard};
 
 /// Where a loader is in its data: the epoch, the shard (in the epoch's order) and the next
 /// row (in the shard's order).
@@ -49,7 +49,7 @@ impl Loader {
         let shards: Vec<ShardEntry> = index.shards(split).cloned().collect();
         if shards.is_empty() {
             return Err(Error::Shard {
-                path: dir.join(super::shards::INDEX_FILE),
+                path: dir.join(bd3lm_config::shards::INDEX_FILE),
                 reason: format!("no {} rows", split.name()),
             });
         }

@@ -2,14 +2,13 @@
 
 mod loader;
 mod prepare;
-mod shards;
 
+pub use bd3lm_config::shards::{
+    INDEX_FILE, ShardEntry, ShardIndex, Split, SplitStats, TokenWidth, checksum, read_shard,
+};
 pub use loader::{Loader, Position};
 pub(crate) use prepare::write_atomic;
 pub use prepare::{PrepareOptions, ShardWriter, prepare};
-pub use shards::{
-    INDEX_FILE, ShardEntry, ShardIndex, Split, SplitStats, TokenWidth, checksum, read_shard,
-};
 
 #[cfg(test)]
 mod tests {

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use bd3lm_text::Text;
 
-use super::shards::{
+use crate::{Error, Result};
+use bd3lm_config::shards::{
     FORMAT, INDEX_FILE, ShardEntry, ShardIndex, Split, SplitStats, TokenWidth, checksum,
 };
-use crate::{Error, Result};
 
 /// Options of [`prepare`].
 #[derive(Debug, Clone)]

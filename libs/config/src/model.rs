@@ -4,9 +4,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
 
-/// Width of the sinusoidal timestep features fed to the sigma embedder.
-pub const FREQUENCY_EMBEDDING_SIZE: usize = 256;
-
 /// Hyper-parameters of a BD3-LM, with the field names of the published `config.json`.
 ///
 /// Fields this crate does not use (`transformers_version`, `return_dict`, ...) are kept in
@@ -139,6 +136,13 @@ impl Config {
     /// Id of the `[MASK]` token.
     pub fn mask_id(&self) -> u32 {
         self.mask_token_id.unwrap_or(self.vocab_size as u32 - 1)
+    }
+
+    /// Most tokens of KV state a session keeps: a block is denoised attending to at most
+    /// `model_length - block_size` earlier tokens, so that it and its context fit the
+    /// context the model was trained with (the reference's sliding window).
+    pub fn kv_window(&self) -> usize {
+        self.model_length - self.block_size
     }
 
     /// Checks that this configuration describes a network that can be built.

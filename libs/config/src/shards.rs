@@ -1,4 +1,4 @@
-//! Token shards on disk: raw little-endian rows of `row_length` ids (u16 when the
+//! Prepared token shards on disk: raw little-endian rows of `row_length` ids (u16 when the
 //! vocabulary fits, else u32) and an `index.json` describing them.
 
 use std::path::{Path, PathBuf};

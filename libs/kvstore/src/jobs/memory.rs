@@ -1,0 +1,149 @@
+//! The job store in process memory, under one lock (so every operation is atomic, as the
+//! Redis scripts are).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::{JobClaim, Revised};
+
+/// The in-memory jobs, queue and registry. Cloning shares them.
+#[derive(Clone, Default)]
+pub(super) struct MemoryJobs(Arc<Mutex<Jobs>>);
+
+impl MemoryJobs {
+    pub(super) fn lock(&self) -> MutexGuard<'_, Jobs> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A queue entry taken by a trainer.
+struct Pending {
+    job: String,
+    trainer: String,
+    touched: Instant,
+    deliveries: u64,
+}
+
+/// What the store holds.
+#[derive(Default)]
+pub(super) struct Jobs {
+    records: HashMap<String, Revised>,
+    /// Job ids in submission order.
+    order: Vec<String>,
+    /// Entries never taken, oldest first.
+    queue: VecDeque<(String, String)>,
+    /// Taken entries, by entry id.
+    pending: BTreeMap<String, Pending>,
+    entries: u64,
+    next_versions: HashMap<String, u64>,
+    versions: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
+}
+
+impl Jobs {
+    pub(super) fn submit(&mut self, id: &str, body: &[u8]) -> bool {
+        if self.records.contains_key(id) {
+            return false;
+        }
+        let record = Revised {
+            revision: 1,
+            body: body.to_vec(),
+        };
+        self.records.insert(id.to_string(), record);
+        self.order.push(id.to_string());
+        self.entries += 1;
+        // Zero-padded, so the pending map orders entries as they were queued.
+        let entry = format!("{:020}-0", self.entries);
+        self.queue.push_back((entry, id.to_string()));
+        true
+    }
+
+    pub(super) fn get(&self, id: &str) -> Option<Revised> {
+        self.records.get(id).cloned()
+    }
+
+    pub(super) fn newest(&self, limit: usize) -> Vec<Revised> {
+        let newest = self.order.iter().rev().take(limit);
+        newest.filter_map(|id| self.get(id)).collect()
+    }
+
+    pub(super) fn update(&mut self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
+        let record = self
+            .records
+            .get_mut(id)
+            .filter(|r| r.revision == revision)?;
+        record.revision += 1;
+        record.body = body.to_vec();
+        Some(record.revision)
+    }
+
+    pub(super) fn claim(&mut self, trainer: &str, lease: Duration) -> Option<JobClaim> {
+        let now = Instant::now();
+        let lapsed = self
+            .pending
+            .iter_mut()
+            .find(|(_, p)| now.duration_since(p.touched) >= lease);
+        if let Some((entry, p)) = lapsed {
+            p.trainer = trainer.to_string();
+            p.touched = now;
+            p.deliveries += 1;
+            return Some(JobClaim {
+                job_id: p.job.clone(),
+                entry: entry.clone(),
+                deliveries: p.deliveries,
+            });
+        }
+        let (entry, job) = self.queue.pop_front()?;
+        let pending = Pending {
+            job: job.clone(),
+            trainer: trainer.to_string(),
+            touched: now,
+            deliveries: 1,
+        };
+        self.pending.insert(entry.clone(), pending);
+        Some(JobClaim {
+            job_id: job,
+            entry,
+            deliveries: 1,
+        })
+    }
+
+    pub(super) fn touch(&mut self, entry: &str, trainer: &str) -> bool {
+        match self.pending.get_mut(entry) {
+            Some(p) if p.trainer == trainer => {
+                p.touched = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn finish(&mut self, entry: &str) {
+        self.pending.remove(entry);
+    }
+
+    pub(super) fn next_version(&mut self, name: &str) -> u64 {
+        let next = self.next_versions.entry(name.to_string()).or_insert(0);
+        *next += 1;
+        *next
+    }
+
+    pub(super) fn record_version(&mut self, name: &str, version: u64, body: &[u8]) -> bool {
+        let versions = self.versions.entry(name.to_string()).or_default();
+        if versions.contains_key(&version) {
+            return false;
+        }
+        versions.insert(version, body.to_vec());
+        true
+    }
+
+    pub(super) fn versions(&self, name: &str) -> Vec<(u64, Vec<u8>)> {
+        self.versions.get(name).map_or(Vec::new(), |v| {
+            v.iter().map(|(k, b)| (*k, b.clone())).collect()
+        })
+    }
+
+    pub(super) fn names(&self) -> Vec<String> {
+        self.versions.keys().cloned().collect()
+    }
+}

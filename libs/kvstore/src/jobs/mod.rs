@@ -1,0 +1,225 @@
+//! The job store: the training service's durable state, that is job records, the job
+//! queue, and the model registry's version records. Bodies are opaque bytes (the training
+//! service's JSON); the store keeps them, their revisions and the queue's claims.
+//!
+//! In Redis, jobs live under `{prefix}:{jobs}:` (one Cluster slot: a submit writes the
+//! record, the index and the queue in one script): `job:{id}` (a hash of the revision and
+//! the body), `index` (a sorted set by submission time) and `queue` (a stream with the
+//! consumer group `trainers`). A trainer claims an entry with `XREADGROUP`, keeps it by
+//! touching it (`XCLAIM ... JUSTID`, only while it still owns it) and acknowledges it
+//! when the job ends; an entry whose trainer stopped touching it for the lease is taken
+//! by the next claim (`XAUTOCLAIM`), its delivery count telling how many trainers had it.
+//! The registry lives under `{prefix}:{registry}:`: `names` (a set), `{name}:next` (the
+//! last version number handed out) and `{name}` (a hash of version to body, each field
+//! written once). Nothing here expires.
+
+mod memory;
+mod redis;
+
+use std::time::Duration;
+
+use crate::{RedisConnection, Result, StoreConfig};
+
+use self::memory::MemoryJobs;
+use self::redis::RedisJobs;
+
+/// A job taken from the queue by one trainer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobClaim {
+    /// The job's id.
+    pub job_id: String,
+    /// The queue entry: what is touched and acknowledged.
+    pub entry: String,
+    /// Trainers that have taken this entry, this one included: more than one means the
+    /// earlier ones stopped (died, or hung past the lease).
+    pub deliveries: u64,
+}
+
+/// A stored body and its revision (1 for a new record; each write adds one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revised {
+    /// The revision read.
+    pub revision: u64,
+    /// The bytes stored.
+    pub body: Vec<u8>,
+}
+
+/// The store of jobs, their queue and the registry's records. Cloning is cheap and
+/// shares the store.
+#[derive(Clone)]
+pub struct JobStore {
+    keys: JobKeys,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    Memory(MemoryJobs),
+    Redis(RedisJobs),
+}
+
+/// The keys of the jobs and the registry.
+#[derive(Clone)]
+struct JobKeys {
+    base: String,
+    registry: String,
+}
+
+impl JobKeys {
+    fn new(prefix: &str) -> Self {
+        Self {
+            base: format!("{prefix}:{{jobs}}:"),
+            registry: format!("{prefix}:{{registry}}:"),
+        }
+    }
+    fn job(&self, id: &str) -> String {
+        format!("{}job:{id}", self.base)
+    }
+    fn index(&self) -> String {
+        format!("{}index", self.base)
+    }
+    fn queue(&self) -> String {
+        format!("{}queue", self.base)
+    }
+    fn names(&self) -> String {
+        format!("{}names", self.registry)
+    }
+    fn next_version(&self, name: &str) -> String {
+        format!("{}{name}:next", self.registry)
+    }
+    fn versions(&self, name: &str) -> String {
+        format!("{}{name}", self.registry)
+    }
+}
+
+impl JobStore {
+    /// An empty in-memory store: the embedded default.
+    pub fn memory(config: StoreConfig) -> Self {
+        Self {
+            keys: JobKeys::new(&config.prefix),
+            backend: Backend::Memory(MemoryJobs::default()),
+        }
+    }
+
+    /// The jobs and the registry on the Redis deployment `redis`.
+    pub fn redis(redis: &RedisConnection, config: StoreConfig) -> Self {
+        Self {
+            keys: JobKeys::new(&config.prefix),
+            backend: Backend::Redis(RedisJobs::new(redis.clone())),
+        }
+    }
+
+    /// Stores a new job record (revision 1) and queues the job; false, changing nothing,
+    /// when the id exists.
+    #[tracing::instrument(skip_all)]
+    pub async fn submit_job(&self, id: &str, body: &[u8]) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().submit(id, body)),
+            Backend::Redis(r) => r.submit_job(&self.keys, id, body).await,
+        }
+    }
+
+    /// Reads a job record.
+    pub async fn get_job(&self, id: &str) -> Result<Option<Revised>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().get(id)),
+            Backend::Redis(r) => r.get_job(&self.keys.job(id)).await,
+        }
+    }
+
+    /// The most recently submitted `limit` job records, newest first.
+    pub async fn list_jobs(&self, limit: usize) -> Result<Vec<Revised>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().newest(limit)),
+            Backend::Redis(r) => r.list_jobs(&self.keys, limit).await,
+        }
+    }
+
+    /// Writes a job record if it is still at `revision`: the new revision, or `None` when
+    /// another writer moved it (read it again) or it does not exist.
+    pub async fn update_job(&self, id: &str, revision: u64, body: &[u8]) -> Result<Option<u64>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().update(id, revision, body)),
+            Backend::Redis(r) => r.update_job(&self.keys.job(id), revision, body).await,
+        }
+    }
+
+    /// Takes the next job for `trainer`: an entry another trainer stopped touching for
+    /// `lease` first, else the oldest never taken; `None` when there is none.
+    #[tracing::instrument(skip(self))]
+    pub async fn claim_job(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().claim(trainer, lease)),
+            Backend::Redis(r) => r.claim_job(&self.keys.queue(), trainer, lease).await,
+        }
+    }
+
+    /// Renews `trainer`'s hold on `claim`: false when another trainer has taken the entry
+    /// since (the caller must stop working on the job at once).
+    pub async fn touch_job(&self, claim: &JobClaim, trainer: &str) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().touch(&claim.entry, trainer)),
+            Backend::Redis(r) => r.touch_job(&self.keys.queue(), &claim.entry, trainer).await,
+        }
+    }
+
+    /// Removes a claimed entry from the queue: its job has ended.
+    pub async fn finish_job(&self, claim: &JobClaim) -> Result<()> {
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.lock().finish(&claim.entry);
+                Ok(())
+            }
+            Backend::Redis(r) => r.finish_job(&self.keys.queue(), &claim.entry).await,
+        }
+    }
+
+    /// Hands out the next version number of model `name` (1 for its first); numbers are
+    /// never handed out twice, even when a publication that took one never completes.
+    pub async fn next_model_version(&self, name: &str) -> Result<u64> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().next_version(name)),
+            Backend::Redis(r) => r.next_version(&self.keys.next_version(name)).await,
+        }
+    }
+
+    /// Records version `version` of model `name`; false, changing nothing, when that
+    /// version is recorded already (versions are immutable).
+    pub async fn record_model_version(
+        &self,
+        name: &str,
+        version: u64,
+        body: &[u8],
+    ) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().record_version(name, version, body)),
+            Backend::Redis(r) => r.record_version(&self.keys, name, version, body).await,
+        }
+    }
+
+    /// The recorded versions of model `name`, oldest first (none for an unknown name).
+    pub async fn model_versions(&self, name: &str) -> Result<Vec<(u64, Vec<u8>)>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().versions(name)),
+            Backend::Redis(r) => r.versions(&self.keys.versions(name)).await,
+        }
+    }
+
+    /// The names of the models with a recorded version, sorted.
+    pub async fn model_names(&self) -> Result<Vec<String>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().names()),
+            Backend::Redis(r) => r.names(&self.keys.names()).await,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_store_keeps_the_contract() {
+        crate::contract::check_jobs(JobStore::memory(StoreConfig::default())).await;
+    }
+}

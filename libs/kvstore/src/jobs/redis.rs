@@ -1,0 +1,253 @@
+//! The job store in Redis: the queue is a stream with a consumer group, and each write a
+//! server-side script (in `scripts/`) over keys of one Cluster slot.
+
+use std::sync::LazyLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use redis::{AsyncCommands, Script};
+
+use super::{JobClaim, JobKeys, Revised};
+use crate::{Error, RedisConnection, Result};
+
+/// The consumer group of the trainers.
+const GROUP: &str = "trainers";
+
+static SUBMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/submit.lua")));
+static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/update.lua")));
+static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/claim.lua")));
+static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
+static RECORD_VERSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/record_version.lua")));
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The jobs, queue and registry in Redis.
+#[derive(Clone)]
+pub(super) struct RedisJobs {
+    redis: RedisConnection,
+}
+
+impl RedisJobs {
+    pub(super) fn new(redis: RedisConnection) -> Self {
+        Self { redis }
+    }
+
+    pub(super) async fn submit_job(&self, keys: &JobKeys, id: &str, body: &[u8]) -> Result<bool> {
+        self.ensure_group(&keys.queue()).await?;
+        let (job, index, queue) = (keys.job(id), keys.index(), keys.queue());
+        let stored: i64 = self
+            .redis
+            .retried("submit_job", |mut con| {
+                let mut call = SUBMIT.key(&job);
+                call.key(&index).key(&queue).arg(id).arg(body).arg(now_ms());
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(stored == 1)
+    }
+
+    /// Creates the trainers' group (and the stream) unless it exists.
+    async fn ensure_group(&self, queue: &str) -> Result<()> {
+        let created: redis::RedisResult<()> = self
+            .redis
+            .retried("create_group", |mut con| async move {
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(queue)
+                    .arg(GROUP)
+                    .arg("0")
+                    .arg("MKSTREAM")
+                    .query_async(&mut con)
+                    .await
+            })
+            .await;
+        match created {
+            Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    pub(super) async fn get_job(&self, key: &str) -> Result<Option<Revised>> {
+        let (revision, body): (Option<u64>, Option<Vec<u8>>) = self
+            .redis
+            .retried("get_job", |mut con| async move {
+                redis::cmd("HMGET")
+                    .arg(key)
+                    .arg("rev")
+                    .arg("body")
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(revision
+            .zip(body)
+            .map(|(revision, body)| Revised { revision, body }))
+    }
+
+    pub(super) async fn list_jobs(&self, keys: &JobKeys, limit: usize) -> Result<Vec<Revised>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let index = keys.index();
+        let ids: Vec<String> = self
+            .redis
+            .retried("list_jobs", |mut con| {
+                let index = &index;
+                async move { con.zrevrange(index, 0, limit as isize - 1).await }
+            })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        // One round trip for all of them.
+        let mut read = redis::pipe();
+        for id in &ids {
+            read.cmd("HMGET").arg(keys.job(id)).arg("rev").arg("body");
+        }
+        type Parts = (Option<u64>, Option<Vec<u8>>);
+        let parts: Vec<Parts> = self
+            .redis
+            .retried("list_jobs", |mut con| {
+                let read = &read;
+                async move { read.query_async(&mut con).await }
+            })
+            .await?;
+        Ok(parts
+            .into_iter()
+            .filter_map(|(revision, body)| {
+                Some(Revised {
+                    revision: revision?,
+                    body: body?,
+                })
+            })
+            .collect())
+    }
+
+    pub(super) async fn update_job(
+        &self,
+        key: &str,
+        revision: u64,
+        body: &[u8],
+    ) -> Result<Option<u64>> {
+        self.redis
+            .retried("update_job", |mut con| {
+                let mut call = UPDATE.key(key);
+                call.arg(revision).arg(body);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await
+            .map_err(Error::from)
+    }
+
+    pub(super) async fn claim_job(
+        &self,
+        queue: &str,
+        trainer: &str,
+        lease: Duration,
+    ) -> Result<Option<JobClaim>> {
+        self.ensure_group(queue).await?;
+        let claimed: Option<(String, String, u64)> = self
+            .redis
+            .retried("claim_job", |mut con| {
+                let mut call = CLAIM.key(queue);
+                call.arg(GROUP).arg(trainer).arg(lease.as_millis() as u64);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(claimed.map(|(entry, job_id, deliveries)| JobClaim {
+            job_id,
+            entry,
+            deliveries,
+        }))
+    }
+
+    pub(super) async fn touch_job(&self, queue: &str, entry: &str, trainer: &str) -> Result<bool> {
+        let held: i64 = self
+            .redis
+            .retried("touch_job", |mut con| {
+                let mut call = TOUCH.key(queue);
+                call.arg(GROUP).arg(trainer).arg(entry);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(held == 1)
+    }
+
+    pub(super) async fn finish_job(&self, queue: &str, entry: &str) -> Result<()> {
+        let finish = redis::pipe()
+            .atomic()
+            .cmd("XACK")
+            .arg(queue)
+            .arg(GROUP)
+            .arg(entry)
+            .cmd("XDEL")
+            .arg(queue)
+            .arg(entry)
+            .clone();
+        let _: (i64, i64) = self
+            .redis
+            .retried("finish_job", |mut con| {
+                let finish = &finish;
+                async move { finish.query_async(&mut con).await }
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub(super) async fn next_version(&self, key: &str) -> Result<u64> {
+        Ok(self
+            .redis
+            .retried(
+                "next_version",
+                |mut con| async move { con.incr(key, 1).await },
+            )
+            .await?)
+    }
+
+    pub(super) async fn record_version(
+        &self,
+        keys: &JobKeys,
+        name: &str,
+        version: u64,
+        body: &[u8],
+    ) -> Result<bool> {
+        let (names, versions) = (keys.names(), keys.versions(name));
+        let recorded: i64 = self
+            .redis
+            .retried("record_version", |mut con| {
+                let mut call = RECORD_VERSION.key(&names);
+                call.key(&versions).arg(name).arg(version).arg(body);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(recorded == 1)
+    }
+
+    pub(super) async fn versions(&self, key: &str) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut all: Vec<(u64, Vec<u8>)> = self
+            .redis
+            .retried(
+                "model_versions",
+                |mut con| async move { con.hgetall(key).await },
+            )
+            .await?;
+        all.sort_by_key(|(v, _)| *v);
+        Ok(all)
+    }
+
+    pub(super) async fn names(&self, key: &str) -> Result<Vec<String>> {
+        let mut names: Vec<String> = self
+            .redis
+            .retried(
+                "model_names",
+                |mut con| async move { con.smembers(key).await },
+            )
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+}

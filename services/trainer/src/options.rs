@@ -1,0 +1,51 @@
+//! A job's specification onto the trainer's options: the one place where the training
+//! service's plain spec meets the training library.
+
+use bd3lm_config::shards::ShardIndex;
+use bd3lm_jobs::spec::{Init, JobSpec, scratch_config};
+use bd3lm_jobs::{Error, Registry, Result};
+use bd3lm_training::{Init as TrainInit, TrainOptions};
+
+/// The trainer's options of `spec`.
+pub fn train_options(spec: &JobSpec) -> TrainOptions {
+    let mut opts = TrainOptions::new(spec.data.clone());
+    opts.batch_size = spec.batch_size;
+    opts.accumulate = spec.accumulate;
+    opts.steps = spec.steps;
+    opts.adamw.lr = spec.lr;
+    opts.warmup = spec.warmup;
+    opts.decay = spec.decay;
+    opts.clip = spec.grad_clip;
+    opts.ema = spec.ema;
+    opts.seed = spec.seed;
+    opts.val_every = spec.val_every;
+    opts.val_batches = spec.val_batches;
+    opts.save_every = spec.save_every;
+    opts.clip_search = spec.clip_search;
+    opts.world_size = spec.world_size as usize;
+    opts
+}
+
+/// Where `spec`'s weights start: a new network on its data, or the version's checkpoint
+/// in `registry`.
+pub fn train_init(spec: &JobSpec, registry: &Registry) -> Result<TrainInit> {
+    match &spec.init {
+        Init::Shape {
+            hidden_dim,
+            n_heads,
+            n_blocks,
+            cond_dim,
+        } => {
+            let index =
+                ShardIndex::open(&spec.data).map_err(|e| Error::invalid("data", e.to_string()))?;
+            let shape = (*hidden_dim, *n_heads, *n_blocks, *cond_dim);
+            let config = scratch_config(&index, shape, spec.block_size)
+                .map_err(|e| Error::invalid("shape", e.to_string()))?;
+            Ok(TrainInit::Scratch(config))
+        }
+        Init::FineTune { name, version } => Ok(TrainInit::Checkpoint {
+            dir: registry.path(name, *version)?,
+            block_size: Some(spec.block_size),
+        }),
+    }
+}
