@@ -54,7 +54,7 @@ impl From<Error> for Status {
         match e {
             Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(what) => Status::not_found(what),
-            Error::Store(e) => e.into(),
+            Error::Store(e) => bd3lm_proto::status::from_store(e),
             // Paths of the registry's storage stay in the server's log.
             Error::Io { .. } | Error::Corrupt(_) => {
                 tracing::error!(error = %e, "the training service failed");

@@ -12,7 +12,8 @@
 //!   fingerprint, block index, checksum around the model's self-describing payload);
 //! * [`record`]: a session's tokens, seed and parameters: the source of truth.
 //!
-//! This crate does not link the network: the coordinator uses it too.
+//! Its errors are its own ([`Error`]): it knows nothing of gRPC, and each service maps
+//! them to statuses (`bd3lm_proto::status`).
 #![warn(missing_docs)]
 
 #[cfg(feature = "clap")]
@@ -26,8 +27,6 @@ pub mod jobs;
 pub mod metrics;
 pub mod record;
 pub mod sessions;
-#[cfg(feature = "grpc")]
-mod status;
 
 use std::time::Duration;
 

@@ -1,10 +1,12 @@
 //! Generated code of the `bd3lm.v1` gRPC contracts: the public `Generation` service of the
 //! coordinator and the internal `DenoiseWorker` service, and the conversions between the
 //! wire's sampling parameters and the typed ones of `bd3lm-sampling`; [`auth`], the
-//! bearer tokens servers check and clients attach; [`tls`], the servers' and clients' TLS.
+//! bearer tokens servers check and clients attach; [`tls`], the servers' and clients' TLS;
+//! [`status`], the statuses clients are shown for store faults.
 
 pub mod auth;
 mod sampling;
+pub mod status;
 pub mod tls;
 
 /// Package `bd3lm.v1`.

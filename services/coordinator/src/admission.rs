@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tonic::Status;
+
+use crate::error::Error;
 
 /// The slots and the queue in front of them.
 pub struct Admission {
@@ -78,12 +79,12 @@ impl Admission {
 
     /// Admits a new request, or refuses it with RESOURCE_EXHAUSTED while the queue is full
     /// and no slot is free (with a bound of 0, only a free slot admits).
-    pub fn admit(&self) -> Result<(), Status> {
+    pub fn admit(&self) -> Result<(), Error> {
         let waiting = self.waiting();
         if waiting >= self.max_waiting && self.slots.available_permits() == 0 {
             tracing::warn!(waiting, "request refused: the queue is full");
             bd3lm_telemetry::metrics::refused("queue");
-            return Err(Status::resource_exhausted(format!(
+            return Err(Error::Refused(format!(
                 "the server is at capacity: {waiting} blocks are queued (limit {})",
                 self.max_waiting
             )));
@@ -93,7 +94,7 @@ impl Admission {
 
     /// Waits for a slot in arrival order. Fails with UNAVAILABLE only when no worker has
     /// had any capacity for `idle` (none healthy), never because the others are busy.
-    pub async fn acquire(self: &Arc<Self>, idle: Duration) -> Result<Slot, Status> {
+    pub async fn acquire(self: &Arc<Self>, idle: Duration) -> Result<Slot, Error> {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         crate::metrics::queue(1.0);
         let _queued = Decrement(&self.waiting);
@@ -108,7 +109,7 @@ impl Admission {
                 }
                 () = tokio::time::sleep(idle) => {
                     if self.capacity() == 0 {
-                        return Err(Status::unavailable("no healthy denoise worker"));
+                        return Err(Error::NoWorker);
                     }
                 }
             }
@@ -200,9 +201,9 @@ mod tests {
         while admission.waiting() == 0 {
             tokio::task::yield_now().await;
         }
-        let refused = admission.admit().unwrap_err();
+        let refused = admission.admit().unwrap_err().into_status();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
-        let outcome = waiter.await.unwrap();
-        assert_eq!(outcome.err().unwrap().code(), tonic::Code::Unavailable);
+        let outcome = waiter.await.unwrap().err().unwrap().into_status();
+        assert_eq!(outcome.code(), tonic::Code::Unavailable);
     }
 }

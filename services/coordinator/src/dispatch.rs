@@ -9,6 +9,7 @@ use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse};
 use tonic::{Code, Request, Status};
 
 use crate::admission::Admission;
+use crate::error::Error;
 use crate::metrics;
 use crate::pool::{Pool, Worker};
 
@@ -57,16 +58,18 @@ impl Dispatcher {
     /// Waits for a slot, then asks workers for block `block` of `session` (whose last
     /// block ran on model `version`: workers that have it loaded come first) until one
     /// answers. A fault of the request or its stored session (INVALID_ARGUMENT,
-    /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once; a busy worker (RESOURCE_EXHAUSTED, when other
-    /// coordinators share it) is waited for without counting as a fault; any other
-    /// failure is tried again elsewhere while the attempts and the retry budget last.
+    /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once, a
+    /// session the worker did not find as [`Error::NoSession`]; a busy worker
+    /// (RESOURCE_EXHAUSTED, when other coordinators share it) is waited for without
+    /// counting as a fault; any other failure is tried again elsewhere while the attempts
+    /// and the retry budget last.
     #[tracing::instrument(skip(self), fields(queue_ms))]
     pub async fn denoise_block(
         &self,
         session: &str,
         block: usize,
         version: Option<u64>,
-    ) -> Result<BlockAnswer, Status> {
+    ) -> Result<BlockAnswer, Error> {
         let started = Instant::now();
         let _slot = self.admission.acquire(self.timeout).await?;
         let queued = started.elapsed();
@@ -93,7 +96,12 @@ impl Dispatcher {
                             queued,
                         });
                     }
-                    Err(status) if is_request_fault(status.code()) => return Err(status),
+                    Err(status) if status.code() == Code::NotFound => {
+                        return Err(Error::NoSession(session.to_string()));
+                    }
+                    Err(status) if is_request_fault(status.code()) => {
+                        return Err(Error::Worker(status));
+                    }
                     Err(status) => {
                         tried.push(worker.addr.clone());
                         tracing::warn!(worker = %worker.addr, code = ?status.code(), "block failed; retrying");
@@ -104,7 +112,7 @@ impl Dispatcher {
             if status.code() != Code::ResourceExhausted {
                 faults += 1;
                 if faults >= self.max_attempts || !self.budget.withdraw() {
-                    return Err(status);
+                    return Err(Error::Worker(status));
                 }
             }
             metrics::retry(status.code());

@@ -1,14 +1,18 @@
 //! One generation per session at a time: a generation holds the session's lease in the
 //! store (an owner token with a TTL, renewed in the background while it runs) from its
 //! plan to its last write. A second generation of the same session waits briefly (a
-//! cancelled stream hands over within milliseconds), then is refused with ABORTED. A
-//! coordinator that dies leaves a lease that expires after its TTL.
+//! cancelled stream hands over within milliseconds), then is refused with ABORTED. The
+//! lease is given up in one place, whatever ends the generation: when the [`Lease`] is
+//! dropped (or, to wait for it, by [`Lease::release`]). A coordinator that dies leaves a
+//! lease that expires after its TTL.
 
 use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::SessionStore;
 use tokio::sync::watch;
-use tonic::Status;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
 
 /// How long a lease lasts and how long a generation waits for one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,15 +26,15 @@ pub struct LeaseTerms {
 /// Pause between attempts at a held lease.
 const POLL: Duration = Duration::from_millis(20);
 
-/// A session's lease, held by this generation until [`Lease::release`] (or until it is
-/// dropped and expires).
+/// A session's lease, held by this generation until it is dropped or released.
 pub struct Lease {
     store: SessionStore,
     model: String,
     session: String,
-    owner: String,
+    /// This generation's owner token; `None` once given up.
+    owner: Option<String>,
     lost: watch::Receiver<bool>,
-    keeper: tokio::task::JoinHandle<()>,
+    keeper: JoinHandle<()>,
 }
 
 impl Lease {
@@ -41,15 +45,13 @@ impl Lease {
         model: &str,
         session: &str,
         terms: LeaseTerms,
-    ) -> Result<Lease, Status> {
+    ) -> Result<Lease, Error> {
         let owner = format!("{:032x}", rand::random::<u128>());
         let deadline = Instant::now() + terms.wait;
         while !store.lease(model, session, &owner, terms.ttl).await? {
             if Instant::now() >= deadline {
                 bd3lm_telemetry::metrics::refused("session_lease");
-                return Err(Status::aborted(
-                    "session_id: the session is generating in another request; retry when it ends",
-                ));
+                return Err(Error::LeaseHeld);
             }
             tokio::time::sleep(POLL).await;
         }
@@ -64,7 +66,7 @@ impl Lease {
             store: store.clone(),
             model: model.to_string(),
             session: session.to_string(),
-            owner,
+            owner: Some(owner),
             lost,
             keeper,
         })
@@ -75,22 +77,32 @@ impl Lease {
         let _ = self.lost.wait_for(|lost| *lost).await;
     }
 
-    /// Gives the lease up.
-    pub async fn release(self) {
-        self.keeper.abort();
-        if let Err(e) = self
-            .store
-            .release(&self.model, &self.session, &self.owner)
-            .await
-        {
-            tracing::warn!(error = %e, "releasing the session's lease failed; it expires");
+    /// Gives the lease up and waits until the store has it.
+    pub async fn release(mut self) {
+        if let Some(release) = self.give_up() {
+            let _ = release.await;
         }
+    }
+
+    /// Stops renewing and gives the lease up in the background (once): the one place a
+    /// lease ends.
+    fn give_up(&mut self) -> Option<JoinHandle<()>> {
+        self.keeper.abort();
+        let owner = self.owner.take()?;
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let (store, model, session) =
+            (self.store.clone(), self.model.clone(), self.session.clone());
+        Some(runtime.spawn(async move {
+            if let Err(e) = store.release(&model, &session, &owner).await {
+                tracing::warn!(error = %e, "releasing the session's lease failed; it expires");
+            }
+        }))
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.keeper.abort();
+        self.give_up();
     }
 }
 
@@ -137,7 +149,8 @@ mod tests {
             .await
             .unwrap();
         let refused = Lease::take(&store, "m", "s", terms(10_000, 50)).await;
-        assert_eq!(refused.err().unwrap().code(), tonic::Code::Aborted);
+        let refused = refused.err().unwrap().into_status();
+        assert_eq!(refused.code(), tonic::Code::Aborted);
         let waiter = tokio::spawn({
             let store = store.clone();
             async move { Lease::take(&store, "m", "s", terms(10_000, 5_000)).await }
@@ -145,6 +158,19 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(60)).await;
         first.release().await;
         assert!(waiter.await.unwrap().is_ok());
+    }
+
+    /// A lease dropped on any path (an error, a panic, a cancelled task) is given up
+    /// without waiting for its TTL.
+    #[tokio::test]
+    async fn a_dropped_lease_is_given_up() {
+        let store = SessionStore::memory(StoreConfig::default());
+        let lease = Lease::take(&store, "m", "s", terms(60_000, 0))
+            .await
+            .unwrap();
+        drop(lease);
+        let next = Lease::take(&store, "m", "s", terms(60_000, 5_000)).await;
+        assert!(next.is_ok(), "the dropped lease was still held");
     }
 
     /// The keeper renews a lease past its TTL; a lease taken over is reported lost.
@@ -171,7 +197,7 @@ mod tests {
         lease.lost = rx;
         let keeper = tokio::spawn(keep(
             store.clone(),
-            ["m".into(), "s".into(), lease.owner.clone()],
+            ["m".into(), "s".into(), lease.owner.clone().unwrap()],
             Duration::from_millis(30),
             tx,
         ));

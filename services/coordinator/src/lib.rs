@@ -11,6 +11,7 @@
 
 pub mod admission;
 pub mod dispatch;
+pub mod error;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
@@ -35,6 +36,7 @@ use bd3lm_proto::v1::training_server::TrainingServer;
 use bd3lm_telemetry::probes::Ports;
 use tonic::service::interceptor::InterceptedService;
 
+pub use error::Error;
 pub use pool::{Pool, WorkerSource};
 pub use service::Coordinator;
 pub use settings::{CoordinatorSettings, Routing};

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
 use bd3lm_proto::v1::InfoResponse;
 use bd3lm_text::{StopRules, Text};
-use tonic::Status;
 
+use crate::error::Error;
 use crate::lease::{Lease, LeaseTerms};
-use crate::validation::{self, Limits, Target, ValidRequest, Vocabulary};
+use crate::validation::{Limits, Target, ValidRequest, Vocabulary};
 
 /// The model served by the workers, learned from their Info, and its text handling.
 pub struct ModelInfo {
@@ -54,7 +54,7 @@ const WRITE_TRIES: usize = 8;
 
 /// Creates or continues the session of `valid` in `store`, under the session's lease.
 /// Everything is checked before the store is written: a refused request leaves no
-/// session behind and changes none.
+/// session behind and changes none (its lease is given up as it is dropped).
 pub async fn plan(
     valid: ValidRequest,
     model: Arc<ModelInfo>,
@@ -62,12 +62,11 @@ pub async fn plan(
     limits: &Limits,
     terms: LeaseTerms,
     owner: Option<String>,
-) -> Result<Plan, Status> {
+) -> Result<Plan, Error> {
     let model_id = model.info.model_id.clone();
     let id = match &valid.target {
         Target::New { .. } => format!("{:032x}", rand::random::<u128>()),
         Target::Continue { session_id, .. } => {
-            validation::check_session_id(session_id)?;
             // Another key's session is refused before its lease is touched.
             if owner.is_some() {
                 load(store, &model_id, session_id, owner.as_deref()).await?;
@@ -76,13 +75,10 @@ pub async fn plan(
         }
     };
     let lease = Lease::take(store, &model_id, &id, terms).await?;
-    if let Some(key) = &owner
-        && let Err(status) = claim_slot(store, &model_id, key, &id, limits).await
-    {
-        lease.release().await;
-        return Err(status);
+    if let Some(key) = &owner {
+        claim_slot(store, &model_id, key, &id, limits).await?;
     }
-    let stored = match &valid.target {
+    let record = match &valid.target {
         Target::New { prompt, seed } => {
             let new = NewSession {
                 id,
@@ -90,36 +86,20 @@ pub async fn plan(
                 seed: *seed,
                 owner,
             };
-            create(&valid, &model, store, limits, new).await
+            create(&valid, &model, store, limits, new).await?
         }
         Target::Continue { appended, .. } => {
             update(store, &model_id, &id, owner.as_deref(), |record| {
-                record.sampling = validation::sampling(
-                    &valid.sampling,
-                    Some(&record.sampling),
-                    model.block_size(),
-                    limits,
-                )?;
                 if !appended.is_empty() {
                     // Appended after everything committed: tokens held back from the last
                     // response are dropped from view.
                     record.tokens.extend_from_slice(appended);
                     record.returned = record.tokens.len();
                 }
-                Ok(validation::session_length(
-                    record.returned,
-                    valid.max_new_tokens,
-                    limits,
-                )?)
+                record.sampling = valid.continuation(record, limits)?;
+                Ok(())
             })
-            .await
-        }
-    };
-    let record = match stored {
-        Ok(record) => record,
-        Err(status) => {
-            lease.release().await;
-            return Err(status);
+            .await?
         }
     };
     let rules = StopRules::new(
@@ -145,14 +125,14 @@ async fn claim_slot(
     key: &str,
     id: &str,
     limits: &Limits,
-) -> Result<(), Status> {
+) -> Result<(), Error> {
     let limit = limits.max_sessions_per_key;
     if store.claim_slot(model_id, key, id, limit).await? {
         return Ok(());
     }
     tracing::info!(limit, "an API key's live sessions are at their limit");
     bd3lm_telemetry::metrics::refused("sessions_per_key");
-    Err(Status::resource_exhausted(format!(
+    Err(Error::Refused(format!(
         "session_id: this API key holds {limit} live sessions, its limit; delete one or wait for one to expire"
     )))
 }
@@ -172,15 +152,14 @@ async fn create(
     store: &SessionStore,
     limits: &Limits,
     new: NewSession<'_>,
-) -> Result<SessionRecord, Status> {
+) -> Result<SessionRecord, Error> {
     let NewSession {
         id,
         prompt,
         seed,
         owner,
     } = new;
-    let sampling = validation::sampling(&valid.sampling, None, model.block_size(), limits)?;
-    validation::session_length(prompt.len(), valid.max_new_tokens, limits)?;
+    let sampling = valid.new_session(prompt.len(), model.block_size(), limits)?;
     let mut record = SessionRecord {
         id,
         model_id: model.info.model_id.clone(),
@@ -206,8 +185,8 @@ pub async fn update(
     model_id: &str,
     id: &str,
     owner: Option<&str>,
-    mut change: impl FnMut(&mut SessionRecord) -> Result<(), Status>,
-) -> Result<SessionRecord, Status> {
+    mut change: impl FnMut(&mut SessionRecord) -> Result<(), Error>,
+) -> Result<SessionRecord, Error> {
     for _ in 0..WRITE_TRIES {
         let mut record = load(store, model_id, id, owner).await?;
         let base = record.base();
@@ -222,12 +201,10 @@ pub async fn update(
             }
         }
     }
-    Err(Status::aborted(
-        "session_id: the session kept changing; retry",
-    ))
+    Err(Error::Contended)
 }
 
-/// Reads session `id` of `model_id`; NOT_FOUND naming it when there is none, or when
+/// Reads session `id` of `model_id`; [`Error::NoSession`] when there is none, or when
 /// `owner` is given and the session belongs to another API key (whose sessions are not
 /// even said to exist).
 pub async fn load(
@@ -235,9 +212,8 @@ pub async fn load(
     model_id: &str,
     id: &str,
     owner: Option<&str>,
-) -> Result<SessionRecord, Status> {
-    validation::check_session_id(id)?;
-    let missing = || Status::from(bd3lm_kvstore::Error::NoSession(id.to_string()));
+) -> Result<SessionRecord, Error> {
+    let missing = || Error::NoSession(id.to_string());
     let record = store.get_session(model_id, id).await?.ok_or_else(missing)?;
     match owner {
         Some(key) if record.owner.as_deref() != Some(key) => Err(missing()),

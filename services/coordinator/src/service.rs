@@ -20,6 +20,7 @@ use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::dispatch::Dispatcher;
+use crate::error::Error;
 use crate::metrics;
 use crate::plan::{self, ModelInfo, Plan};
 use crate::pool::Pool;
@@ -87,23 +88,18 @@ impl Coordinator {
     }
 
     /// The model served, asked of a healthy worker once.
-    async fn model(&self) -> Result<Arc<ModelInfo>, Status> {
+    async fn model(&self) -> Result<Arc<ModelInfo>, Error> {
         if let Some(m) = self.inner.model.get() {
             return Ok(m.clone());
         }
-        let info = self
-            .inner
-            .pool
-            .model_info()
-            .await
-            .ok_or_else(|| Status::unavailable("no healthy denoise worker"))?;
+        let info = self.inner.pool.model_info().await.ok_or(Error::NoWorker)?;
         let text = Text::load(
             self.inner.settings.tokenizer.as_deref(),
             info.vocab_size as usize,
         )
         .map_err(|e| {
             tracing::error!(error = %e, "loading the tokenizer failed");
-            Status::failed_precondition("the server's tokenizer does not fit its model")
+            Error::Tokenizer
         })?;
         let model = Arc::new(ModelInfo { info, text });
         Ok(self.inner.model.get_or_init(|| model).clone())
@@ -111,7 +107,7 @@ impl Coordinator {
 
     /// Validates and plans `req` of the key `owner`: its session is stored and ready to
     /// be driven.
-    async fn prepare(&self, req: GenerateRequest, owner: Option<String>) -> Result<Plan, Status> {
+    async fn prepare(&self, req: GenerateRequest, owner: Option<String>) -> Result<Plan, Error> {
         self.inner.admission.admit()?;
         let model = self.model().await?;
         let settings = &self.inner.settings;
@@ -121,7 +117,7 @@ impl Coordinator {
             validation::validate(req, &limits, &text.vocabulary())
         })
         .await
-        .map_err(|_| Status::internal("validating the request failed"))??;
+        .map_err(|_| Error::Internal("validating the request failed"))??;
         let (store, terms) = (&self.inner.store, settings.lease_terms());
         plan::plan(valid, model, store, &settings.limits, terms, owner).await
     }
@@ -145,7 +141,8 @@ impl Coordinator {
         &self,
         session: &str,
         owner: Option<&str>,
-    ) -> Result<bd3lm_kvstore::SessionRecord, Status> {
+    ) -> Result<bd3lm_kvstore::SessionRecord, Error> {
+        validation::check_session_id(session)?;
         let model = self.model().await?;
         plan::load(&self.inner.store, &model.info.model_id, session, owner).await
     }
@@ -228,22 +225,22 @@ impl Coordinator {
         let id = &request.get_ref().session_id;
         let record = match self.record(id, owner.as_deref()).await {
             Ok(r) => r,
-            Err(s) if s.code() == Code::NotFound => {
+            Err(e) if e.is_missing() => {
                 return Ok(Response::new(DeleteSessionResponse { deleted: false }));
             }
-            Err(s) => return Err(s),
+            Err(e) => return Err(e.into()),
         };
         // Its generations in progress stop first, so none writes the session back.
         self.inner.active.stop(id, STOP_WAIT).await;
         let record = self.record(id, None).await.unwrap_or(record);
-        let deleted = self
-            .inner
-            .store
+        let store = &self.inner.store;
+        let deleted = store
             .delete_session(&record.model_id, id)
-            .await?;
+            .await
+            .map_err(Error::from)?;
         if let Some(key) = &record.owner {
-            let store = &self.inner.store;
-            store.release_slot(&record.model_id, key, id).await?;
+            let released = store.release_slot(&record.model_id, key, id).await;
+            released.map_err(Error::from)?;
         }
         self.inner.pool.forget(id);
         Ok(Response::new(DeleteSessionResponse { deleted }))

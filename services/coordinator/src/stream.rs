@@ -11,9 +11,10 @@ use bd3lm_kvstore::{SessionRecord, SessionStore};
 use bd3lm_proto::v1::{BlockTiming, GenerateStreamResponse, StopReason as ProtoStop};
 use bd3lm_text::{Decoder, StopReason};
 use tokio::sync::{mpsc, watch};
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::dispatch::{BlockAnswer, Dispatcher};
+use crate::error::Error;
 use crate::metrics;
 use crate::plan::{Plan, update};
 
@@ -101,6 +102,17 @@ impl Drop for Running {
     }
 }
 
+/// One generation as it runs: the plan, what it has produced so far, and where its
+/// messages go.
+struct Generation<'a> {
+    blocks: Blocks<'a>,
+    plan: Plan,
+    progress: Progress,
+    decoder: Decoder<'a>,
+    tx: Sender,
+    running: Running,
+}
+
 /// Drives `plan` block by block, sending each block and a final message to `tx`. Stops
 /// as soon as the receiver is gone (the client cancelled or disconnected) or the session
 /// is deleted, without waiting for the block in flight: dropping it stops the worker.
@@ -109,11 +121,11 @@ impl Drop for Running {
 pub async fn drive(
     store: &SessionStore,
     dispatch: &Dispatcher,
-    mut plan: Plan,
+    plan: Plan,
     tx: Sender,
-    mut running: Running,
+    running: Running,
 ) {
-    let mut progress = Progress {
+    let progress = Progress {
         tokens: plan.record.tokens.clone(),
         committed: plan.record.committed_blocks,
         shown: 0,
@@ -123,84 +135,199 @@ pub async fn drive(
         answered: false,
     };
     let model = plan.model.clone();
-    let mut decoder = Decoder::new(&model.text);
-    let stop = blocks(
-        store,
-        dispatch,
-        &mut plan,
-        &mut progress,
-        &mut decoder,
-        &tx,
-        &mut running,
-    )
-    .await;
-    if let Err(status) = &stop {
-        tracing::warn!(code = ?status.code(), error = status.message(), "generation failed");
-    }
-    let outcome = match &stop {
-        Ok(_) if running.is_deleted() => "deleted",
-        Ok(stop) => stop.name(),
-        Err(status) => metrics::code_name(status.code()),
+    let mut generation = Generation {
+        blocks: Blocks { store, dispatch },
+        plan,
+        progress,
+        decoder: Decoder::new(&model.text),
+        tx,
+        running,
     };
-    metrics::generation(outcome, progress.began);
-    if let Ok(stop) = stop {
-        if running.is_deleted() {
-            tracing::info!("session deleted; generation stopped");
-        } else {
-            if stop == StopReason::Cancelled {
-                tracing::info!("client went away; generation stopped");
-            }
-            record_returned(store, &plan.record, plan.start + progress.shown).await;
-        }
-    }
-    plan.lease.release().await;
-    let last = match stop {
-        Ok(stop) => Ok(GenerateStreamResponse {
-            session_id: plan.record.id.clone(),
-            stop_reason: proto_stop(stop) as i32,
-            forward_passes: progress.forward_passes,
-            seed: plan.record.seed,
-            text: decoder.finish(),
-            ..Default::default()
-        }),
-        Err(status) => Err(status),
-    };
-    let _ = tx.send(last).await;
+    let stop = generation.blocks().await;
+    generation.finish(stop).await;
 }
 
-/// The generation's blocks, each sent to `tx`, until a stop or an error.
-async fn blocks(
-    store: &SessionStore,
-    dispatch: &Dispatcher,
-    plan: &mut Plan,
-    progress: &mut Progress,
-    decoder: &mut Decoder<'_>,
-    tx: &Sender,
-    running: &mut Running,
-) -> Result<StopReason, Status> {
-    loop {
-        if tx.is_closed() {
-            return Ok(StopReason::Cancelled);
+impl Generation<'_> {
+    /// The generation's blocks, each sent to the client, until a stop or an error.
+    async fn blocks(&mut self) -> Result<StopReason, Error> {
+        loop {
+            if self.tx.is_closed() {
+                return Ok(StopReason::Cancelled);
+            }
+            let started = Instant::now();
+            let (plan, progress) = (&mut self.plan, &self.progress);
+            let answer = tokio::select! {
+                answer = self.blocks.next(&plan.record, progress) => answer?,
+                () = self.tx.closed() => return Ok(StopReason::Cancelled),
+                () = self.running.deleted() => return Ok(StopReason::Cancelled),
+                () = plan.lease.lost() => return Err(Error::LeaseLost),
+            };
+            if !self.progress.answered {
+                self.progress.answered = true;
+                metrics::first_block(self.progress.began.elapsed());
+            }
+            let (message, stop) = self.commit(answer, started);
+            if self.tx.send(Ok(message)).await.is_err() {
+                return Ok(StopReason::Cancelled);
+            }
+            if let Some(stop) = stop {
+                return Ok(stop);
+            }
         }
-        let started = Instant::now();
-        let answer = tokio::select! {
-            answer = next_block(store, dispatch, &plan.record, progress) => answer?,
-            () = tx.closed() => return Ok(StopReason::Cancelled),
-            () = running.deleted() => return Ok(StopReason::Cancelled),
-            () = plan.lease.lost() => return Err(Status::aborted(
-                "session_id: another request took the session over",
-            )),
+    }
+
+    /// Ends the generation however it stopped: counted, the returned tokens stored unless
+    /// it failed or its session was deleted, the lease given up, and the last message
+    /// (its summary, or the error as the client sees it) sent.
+    async fn finish(mut self, stop: Result<StopReason, Error>) {
+        let deleted = self.running.is_deleted();
+        if let Err(e) = &stop {
+            tracing::warn!(error = %e, "generation failed");
+        }
+        let last = match stop {
+            Ok(stop) => {
+                metrics::generation(
+                    if deleted { "deleted" } else { stop.name() },
+                    self.progress.began,
+                );
+                if deleted {
+                    tracing::info!("session deleted; generation stopped");
+                } else {
+                    if stop == StopReason::Cancelled {
+                        tracing::info!("client went away; generation stopped");
+                    }
+                    let returned = self.plan.start + self.progress.shown;
+                    record_returned(self.blocks.store, &self.plan.record, returned).await;
+                }
+                Ok(GenerateStreamResponse {
+                    session_id: self.plan.record.id.clone(),
+                    stop_reason: proto_stop(stop) as i32,
+                    forward_passes: self.progress.forward_passes,
+                    seed: self.plan.record.seed,
+                    text: self.decoder.finish(),
+                    ..Default::default()
+                })
+            }
+            Err(e) => {
+                let status = e.into_status();
+                metrics::generation(metrics::code_name(status.code()), self.progress.began);
+                Err(status)
+            }
         };
-        if !progress.answered {
-            progress.answered = true;
-            metrics::first_block(progress.began.elapsed());
+        self.plan.lease.release().await;
+        let _ = self.tx.send(last).await;
+    }
+
+    /// Takes a worker's answer into the progress; returns the block's message and the
+    /// stop, if the block ended the generation.
+    fn commit(
+        &mut self,
+        answer: BlockAnswer,
+        started: Instant,
+    ) -> (GenerateStreamResponse, Option<StopReason>) {
+        let (plan, progress) = (&mut self.plan, &mut self.progress);
+        let r = &answer.response;
+        let bs = plan.model.info.block_size as usize;
+        let first = r.block_index as usize * bs;
+        let end = first + r.token_ids.len();
+        if progress.tokens.len() < end {
+            progress.tokens.resize(end, 0);
         }
-        let (message, stop) = commit(plan, progress, decoder, answer, started);
-        if tx.send(Ok(message)).await.is_err() {
-            return Ok(StopReason::Cancelled);
+        progress.tokens[first..end].copy_from_slice(&r.token_ids);
+        progress.committed = r.committed_blocks as usize;
+        progress.forward_passes += r.forward_passes;
+        progress.model_version = r.model_version.or(progress.model_version);
+        let done = (progress.committed * bs).min(progress.tokens.len());
+        let generated = &progress.tokens[plan.start.min(done)..done];
+        let (visible, stop) = plan.rules.check(generated, &progress.tokens[..done]);
+        let new = generated[progress.shown.min(visible)..visible].to_vec();
+        progress.shown = progress.shown.max(visible);
+        metrics::tokens(new.len());
+        let text = self.decoder.push(&new);
+        let block = BlockTiming {
+            index: r.block_index,
+            forward_passes: r.forward_passes,
+            steps: r.steps,
+            cache_ms: r.cache_ms,
+            denoise_ms: r.denoise_ms,
+            commit_ms: r.commit_ms,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            queue_ms: answer.queued.as_secs_f64() * 1e3,
+            cache_source: r.cache_source.clone(),
+            worker: answer.worker,
+            model_version: r.model_version,
+        };
+        let message = GenerateStreamResponse {
+            session_id: plan.record.id.clone(),
+            token_ids: new,
+            text,
+            block: Some(block),
+            seed: plan.record.seed,
+            ..Default::default()
+        };
+        (message, stop)
+    }
+}
+
+/// Where a generation's blocks come from: the workers through the dispatcher, and the
+/// store to put a lost session back into.
+struct Blocks<'a> {
+    store: &'a SessionStore,
+    dispatch: &'a Dispatcher,
+}
+
+impl Blocks<'_> {
+    /// The next block from the workers. When the store lost the session (flushed,
+    /// evicted, restarted), this request holds every committed token: it puts the record
+    /// back (unless the session was deleted: its tombstone refuses that) and asks again,
+    /// and the workers rebuild the KV state from the tokens. The store may lose it again
+    /// meanwhile (a second restart): so again, a few times.
+    async fn next(
+        &self,
+        planned: &SessionRecord,
+        progress: &Progress,
+    ) -> Result<BlockAnswer, Error> {
+        let session = &planned.id;
+        let mut restores = 0;
+        loop {
+            let (committed, version) = (progress.committed, progress.model_version);
+            match self
+                .dispatch
+                .denoise_block(session, committed, version)
+                .await
+            {
+                Err(e) if e.is_missing() && restores == MAX_RESTORES => {
+                    tracing::error!(
+                        restores,
+                        "the store lost the session after every restore; giving up"
+                    );
+                    return Err(e);
+                }
+                Err(e) if e.is_missing() => {
+                    restores += 1;
+                    metrics::restore();
+                    tracing::warn!(
+                        committed,
+                        restores,
+                        "session missing from the store; restoring it"
+                    );
+                    self.restore(planned, progress).await?;
+                }
+                other => return other,
+            }
         }
-        if let Some(stop) = stop {
-            return Ok(stop);
+    }
+
+    /// Puts the session as `progress` holds it back into the store, under a fresh
+    /// version (no writer that read the lost record can match it).
+    async fn restore(&self, planned: &SessionRecord, progress: &Progress) -> Result<(), Error> {
+        let mut record = planned.clone();
+        record.tokens.clone_from(&progress.tokens);
+        record.committed_blocks = progress.committed;
+        record.version = 2 + u64::from(rand::random::<u32>());
+        match self.store.create_session(&record).await {
+            Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }
@@ -210,115 +337,6 @@ async fn blocks(
 /// taken to be misconfigured (workers reading other keys) and the block fails.
 const MAX_RESTORES: usize = 16;
 
-/// The next block from the workers. When the store lost the session (flushed, evicted,
-/// restarted), this request holds every committed token: it puts the record back (unless
-/// the session was deleted: its tombstone refuses that) and asks again, and the workers
-/// rebuild the KV state from the tokens. The store may lose it again meanwhile (a second
-/// restart): so again, a few times.
-async fn next_block(
-    store: &SessionStore,
-    dispatch: &Dispatcher,
-    planned: &SessionRecord,
-    progress: &Progress,
-) -> Result<BlockAnswer, Status> {
-    let session = &planned.id;
-    let mut restores = 0;
-    loop {
-        let version = progress.model_version;
-        match dispatch
-            .denoise_block(session, progress.committed, version)
-            .await
-        {
-            Err(s) if s.code() == Code::NotFound && restores == MAX_RESTORES => {
-                tracing::error!(
-                    restores,
-                    "the store lost the session after every restore; giving up"
-                );
-                return Err(s);
-            }
-            Err(s) if s.code() == Code::NotFound => {
-                restores += 1;
-                metrics::restore();
-                tracing::warn!(
-                    committed = progress.committed,
-                    restores,
-                    "session missing from the store; restoring it"
-                );
-                restore(store, planned, progress).await?;
-            }
-            other => return other,
-        }
-    }
-}
-
-/// Puts the session as `progress` holds it back into the store, under a fresh version
-/// (no writer that read the lost record can match it).
-async fn restore(
-    store: &SessionStore,
-    planned: &SessionRecord,
-    progress: &Progress,
-) -> Result<(), Status> {
-    let mut record = planned.clone();
-    record.tokens.clone_from(&progress.tokens);
-    record.committed_blocks = progress.committed;
-    record.version = 2 + u64::from(rand::random::<u32>());
-    match store.create_session(&record).await {
-        Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// Takes a worker's answer into `progress`; returns the block's message and the stop, if
-/// the block ended the generation.
-fn commit(
-    plan: &mut Plan,
-    progress: &mut Progress,
-    decoder: &mut Decoder<'_>,
-    answer: BlockAnswer,
-    started: Instant,
-) -> (GenerateStreamResponse, Option<StopReason>) {
-    let r = &answer.response;
-    let bs = plan.model.info.block_size as usize;
-    let first = r.block_index as usize * bs;
-    let end = first + r.token_ids.len();
-    if progress.tokens.len() < end {
-        progress.tokens.resize(end, 0);
-    }
-    progress.tokens[first..end].copy_from_slice(&r.token_ids);
-    progress.committed = r.committed_blocks as usize;
-    progress.forward_passes += r.forward_passes;
-    progress.model_version = r.model_version.or(progress.model_version);
-    let done = (progress.committed * bs).min(progress.tokens.len());
-    let generated = &progress.tokens[plan.start.min(done)..done];
-    let (visible, stop) = plan.rules.check(generated, &progress.tokens[..done]);
-    let new = generated[progress.shown.min(visible)..visible].to_vec();
-    progress.shown = progress.shown.max(visible);
-    metrics::tokens(new.len());
-    let text = decoder.push(&new);
-    let block = BlockTiming {
-        index: r.block_index,
-        forward_passes: r.forward_passes,
-        steps: r.steps,
-        cache_ms: r.cache_ms,
-        denoise_ms: r.denoise_ms,
-        commit_ms: r.commit_ms,
-        total_ms: started.elapsed().as_secs_f64() * 1e3,
-        queue_ms: answer.queued.as_secs_f64() * 1e3,
-        cache_source: r.cache_source.clone(),
-        worker: answer.worker,
-        model_version: r.model_version,
-    };
-    let message = GenerateStreamResponse {
-        session_id: plan.record.id.clone(),
-        token_ids: new,
-        text,
-        block: Some(block),
-        seed: plan.record.seed,
-        ..Default::default()
-    };
-    (message, stop)
-}
-
 /// Stores how far the client has seen the session, so a continuation starts there.
 async fn record_returned(store: &SessionStore, record: &SessionRecord, returned: usize) {
     let result = update(store, &record.model_id, &record.id, None, |current| {
@@ -327,8 +345,8 @@ async fn record_returned(store: &SessionStore, record: &SessionRecord, returned:
     });
     match result.await {
         Ok(_) => {}
-        Err(s) if s.code() == Code::NotFound => {}
-        Err(s) => tracing::warn!(code = ?s.code(), "recording the returned tokens failed"),
+        Err(e) if e.is_missing() => {}
+        Err(e) => tracing::warn!(error = %e, "recording the returned tokens failed"),
     }
 }
 

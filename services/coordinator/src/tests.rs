@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bd3lm_kvstore::{CommitOutcome, SessionStore, StoreConfig};
+use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::{DenoiseWorker, DenoiseWorkerServer};
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_server::Generation;
@@ -68,7 +69,8 @@ impl Fake {
     }
 
     async fn serve(&self, req: &DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
-        let record = self.store.get_session("fake", &req.session_id).await?;
+        let record = self.store.get_session("fake", &req.session_id).await;
+        let record = record.map_err(from_store)?;
         let record = record.ok_or_else(|| Status::not_found("session_id: no session"))?;
         let b = req.block_index as usize;
         if b != record.committed_blocks {
@@ -83,7 +85,8 @@ impl Fake {
                 .push(((record.seed as usize + 31 * b + 7 * i) % 90 + 1) as u32);
         }
         next.committed_blocks = b + 1;
-        let outcome = self.store.update_session(&next, record.base()).await?;
+        let outcome = self.store.update_session(&next, record.base()).await;
+        let outcome = outcome.map_err(from_store)?;
         assert!(matches!(outcome, CommitOutcome::Committed(_)));
         Ok(DenoiseBlockResponse {
             block_index: b as u32,

@@ -1,12 +1,18 @@
-//! Request validation as one stage: a `GenerateRequest` becomes a [`ValidRequest`] or one
+//! Request validation as one stage in two typed phases, each ending in a value or one
 //! [`ValidationError`] naming the field, the limit and the value found. Every limit of
 //! the public API is checked here and nowhere else.
+//!
+//! 1. [`validate`]: a `GenerateRequest` against the limits and the model's vocabulary
+//!    becomes a [`ValidRequest`], before any session is read;
+//! 2. [`ValidRequest::new_session`] and [`ValidRequest::continuation`]: that request
+//!    against the session it starts or continues, giving the session's sampling
+//!    parameters and checking the length it would reach.
 
+use bd3lm_kvstore::SessionRecord;
 use bd3lm_proto::v1::GenerateRequest;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_sampling::{ParamError, SamplingOverrides, SamplingParams};
 use bd3lm_text::Text;
-use tonic::Status;
 
 /// Limits on what one request may ask for.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -148,14 +154,6 @@ pub enum ValidationError {
     Sampling(#[from] ParamError),
 }
 
-impl From<ValidationError> for Status {
-    fn from(e: ValidationError) -> Self {
-        let message = e.to_string();
-        crate::metrics::invalid(&message);
-        Status::invalid_argument(message)
-    }
-}
-
 /// What a new session starts from or a continuation appends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Target {
@@ -266,24 +264,49 @@ pub fn validate(
     })
 }
 
-/// The session's sampling parameters after `overrides`: applied to the session's own
-/// (`base`) or, for a new session, to the defaults of `block_size`.
-pub fn sampling(
+impl ValidRequest {
+    /// The second phase for a new session of `prompt_len` tokens on a model of
+    /// `block_size`: its sampling parameters (the block size's defaults under the
+    /// request's overrides), and the length it would reach checked.
+    pub fn new_session(
+        &self,
+        prompt_len: usize,
+        block_size: usize,
+        limits: &Limits,
+    ) -> Result<SamplingParams, ValidationError> {
+        let defaults = SamplingParams::new(block_size);
+        let sampling = sampling(&self.sampling, &defaults, limits)?;
+        session_length(prompt_len, self.max_new_tokens, limits)?;
+        Ok(sampling)
+    }
+
+    /// The second phase for a continuation, on `record` as it will be written (the
+    /// request's tokens appended): the session's sampling parameters under the request's
+    /// overrides, and the length it would reach checked.
+    pub fn continuation(
+        &self,
+        record: &SessionRecord,
+        limits: &Limits,
+    ) -> Result<SamplingParams, ValidationError> {
+        let sampling = sampling(&self.sampling, &record.sampling, limits)?;
+        session_length(record.returned, self.max_new_tokens, limits)?;
+        Ok(sampling)
+    }
+}
+
+/// The sampling parameters `base` after `overrides`.
+fn sampling(
     overrides: &SamplingOverrides,
-    base: Option<&SamplingParams>,
-    block_size: usize,
+    base: &SamplingParams,
     limits: &Limits,
 ) -> Result<SamplingParams, ValidationError> {
-    let base = base
-        .copied()
-        .unwrap_or_else(|| SamplingParams::new(block_size));
-    let params = overrides.apply(&base)?;
+    let params = overrides.apply(base)?;
     check_steps(params.steps, limits)?;
     Ok(params)
 }
 
 /// Checks that a session holding `returned` tokens may generate `max_new_tokens` more.
-pub fn session_length(
+fn session_length(
     returned: usize,
     max_new_tokens: usize,
     limits: &Limits,
@@ -438,8 +461,8 @@ mod tests {
             };
             if let Ok(valid) = check(req) {
                 let limits = Limits::default();
-                let _ = sampling(&valid.sampling, None, 16, &limits);
-                let _ = sampling(&valid.sampling, Some(&base), 4, &limits);
+                let _ = sampling(&valid.sampling, &SamplingParams::new(16), &limits);
+                let _ = sampling(&valid.sampling, &base, &limits);
             }
         });
     }
@@ -555,9 +578,10 @@ mod tests {
             ),
         ];
         for (req, field) in cases {
-            let e = check(req).map(|v| sampling(&v.sampling, None, 4, &Limits::default()));
+            let e = check(req)
+                .map(|v| sampling(&v.sampling, &SamplingParams::new(4), &Limits::default()));
             let message = match e {
-                Err(e) | Ok(Err(e)) => Status::from(e).message().to_string(),
+                Err(e) | Ok(Err(e)) => crate::Error::from(e).into_status().message().to_string(),
                 Ok(Ok(_)) => panic!("{field}: accepted"),
             };
             assert!(message.starts_with(field), "{field}: {message}");
@@ -568,11 +592,18 @@ mod tests {
     #[test]
     fn sampling_defaults_ranges_and_continuation() {
         let limits = Limits::default();
-        let s = sampling(&SamplingOverrides::default(), None, 4, &limits).unwrap();
+        let s = sampling(
+            &SamplingOverrides::default(),
+            &SamplingParams::new(4),
+            &limits,
+        )
+        .unwrap();
         assert_eq!(s, SamplingParams::new(4));
         let bad = |p: SamplingParameters, field: &str| {
             let o = SamplingOverrides::try_from(&p).unwrap();
-            let e = sampling(&o, None, 4, &limits).unwrap_err().to_string();
+            let e = sampling(&o, &SamplingParams::new(4), &limits)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(field), "{e}");
         };
         bad(
@@ -606,8 +637,7 @@ mod tests {
                 top_k: Some(Some(5)),
                 ..Default::default()
             },
-            Some(&previous),
-            4,
+            &previous,
             &limits,
         )
         .unwrap();

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::record::Base;
 use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
+use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::DenoiseBlockResponse;
 use tonic::Status;
 
@@ -29,7 +30,8 @@ pub async fn commit(
     let written = work.blobs.iter().map(|(_, blob)| blob.len()).sum();
     let outcome = store
         .commit(&work.record, base, work.blobs, work.expired)
-        .await?;
+        .await
+        .map_err(from_store)?;
     let store_time = started.elapsed();
     let mut record = work.record;
     match outcome {

@@ -10,6 +10,7 @@ use std::time::Instant;
 use bd3lm_kvstore::SessionStore;
 use bd3lm_kvstore::record::short_id;
 use bd3lm_model::Bd3lm;
+use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
 use bd3lm_telemetry::probes::LIVENESS;
@@ -148,8 +149,9 @@ impl WorkerService {
         let mut record = self
             .store
             .get_session(&latest.loaded.model_id, &req.session_id)
-            .await?
-            .ok_or_else(|| bd3lm_kvstore::Error::NoSession(req.session_id.clone()))?;
+            .await
+            .map_err(from_store)?
+            .ok_or_else(|| from_store(bd3lm_kvstore::Error::NoSession(req.session_id.clone())))?;
         if record.tokens.len() < record.committed_blocks * bs {
             tracing::error!(
                 committed = record.committed_blocks,
