@@ -257,4 +257,15 @@ impl Jobs {
     pub async fn claim(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
         Ok(self.store.claim_job(trainer, lease).await?)
     }
+
+    /// Takes the next job for `trainer`, waiting up to `wait` for one to be submitted
+    /// (see [`JobStore::wait_for_job`]).
+    pub async fn wait_for(
+        &self,
+        trainer: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<JobClaim>> {
+        Ok(self.store.wait_for_job(trainer, lease, wait).await?)
+    }
 }

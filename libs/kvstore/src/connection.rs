@@ -6,8 +6,8 @@
 
 use std::time::{Duration, Instant};
 
-use redis::IntoConnectionInfo;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{AsyncConnectionConfig, IntoConnectionInfo};
 
 use crate::{Error, Result, metrics};
 
@@ -27,6 +27,7 @@ pub struct RedisSecrets {
 /// connection.
 #[derive(Clone)]
 pub struct RedisConnection {
+    client: redis::Client,
     connection: Connection,
 }
 
@@ -61,8 +62,20 @@ impl RedisConnection {
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let connection = ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Self { connection })
+        let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        Ok(Self { client, connection })
+    }
+
+    /// A connection of its own, for a command that blocks the server's answer for up to
+    /// `block` (on the shared connection it would hold up every other command).
+    pub(crate) async fn dedicated(&self, block: Duration) -> Result<MultiplexedConnection> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(block + Duration::from_secs(5)));
+        let client = &self.client;
+        Ok(client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?)
     }
 
     /// Checks that Redis answers.

@@ -145,7 +145,8 @@ pub async fn check(store: SessionStore) {
 
 /// Exercises the jobs, the queue and the registry of `store` (which must hold none):
 /// records by revision, claims that lapse and move to another trainer, touches that fail
-/// once another trainer holds the entry, and versions written once.
+/// once another trainer holds the entry, a waiting claim woken by a submission, and
+/// versions written once.
 pub async fn check_jobs(store: JobStore) {
     use std::time::Duration;
     let lease = Duration::from_secs(60);
@@ -184,6 +185,30 @@ pub async fn check_jobs(store: JobStore) {
     store.finish_job(&c).await.unwrap();
     store.finish_job(&b).await.unwrap();
     assert_eq!(store.claim_job("d", Duration::ZERO).await.unwrap(), None);
+
+    // A trainer waiting on the empty queue takes a job submitted while it waits, long
+    // before its wait ends; with nothing submitted the wait ends empty.
+    let idle = store.wait_for_job("d", lease, Duration::from_millis(100));
+    assert_eq!(idle.await.unwrap(), None);
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .wait_for_job("d", lease, Duration::from_secs(60))
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store.submit_job("j3", b"three").await.unwrap());
+    let woken = tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .expect("a submission wakes the waiting trainer")
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!((woken.job_id.as_str(), woken.deliveries), ("j3", 1));
+    assert!(store.touch_job(&woken, "d").await.unwrap());
+    store.finish_job(&woken).await.unwrap();
 
     assert_eq!(store.next_model_version("m").await.unwrap(), 1);
     assert_eq!(store.next_model_version("m").await.unwrap(), 2);

@@ -138,7 +138,7 @@ impl Dispatcher {
         let call = client.denoise_block(request);
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
-            Ok(Err(status)) => Err(from_worker(status, worker)),
+            Ok(Err(status)) => Err(from_worker(status, &self.pool, worker)),
             Err(_) => {
                 tracing::warn!(worker = %worker.addr, timeout = ?self.timeout, "block timed out");
                 Err(Status::deadline_exceeded(format!(
@@ -154,9 +154,9 @@ impl Dispatcher {
 /// request's fields; a transport failure (which may name hosts) is logged here and
 /// becomes a plain UNAVAILABLE (and marks the worker down), and a refused internal
 /// credential is this deployment's fault, not the caller's: INTERNAL.
-fn from_worker(status: Status, worker: &Worker) -> Status {
+fn from_worker(status: Status, pool: &Pool, worker: &Worker) -> Status {
     if is_transport_failure(&status) {
-        worker.mark_down();
+        pool.mark_down(worker);
         tracing::warn!(worker = %worker.addr, error = %status, "a denoise worker could not be reached");
         return Status::unavailable("a denoise worker could not be reached");
     }

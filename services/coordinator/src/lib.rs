@@ -8,6 +8,7 @@
 //! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
 //! [`service`] is the gRPC surface and [`settings`] the flags. [`training`] serves the
 //! `Training` API: jobs for the trainer workers and the model registry's records.
+#![warn(missing_docs)]
 
 pub mod admission;
 pub mod dispatch;
@@ -37,7 +38,7 @@ use bd3lm_telemetry::probes::Ports;
 use tonic::service::interceptor::InterceptedService;
 
 pub use error::Error;
-pub use pool::{Pool, WorkerSource};
+pub use pool::{Pool, Serving, WorkerSource};
 pub use service::Coordinator;
 pub use settings::{CoordinatorSettings, Routing};
 pub use training::TrainingService;
@@ -74,6 +75,9 @@ pub fn spawn_discovery(
     })
 }
 
+/// How often readiness asks the store whether it answers.
+const STORE_PROBE: Duration = Duration::from_millis(500);
+
 /// Serves the coordinator on `ports` until `shutdown` resolves, then stops accepting and
 /// lets the streams in flight finish. Health (readiness) reports SERVING while at least
 /// one worker is healthy, the stores answer and no shutdown was asked for; it is also
@@ -92,7 +96,7 @@ pub async fn serve(
         shutdown.await;
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     };
-    let watched = pool.clone();
+    let mut serving = pool.watch();
     // Both stores share one backend: the session store's answer is both's.
     let probe = stores.sessions.clone();
     tokio::spawn(async move {
@@ -103,7 +107,8 @@ pub async fn serve(
                 tokio::time::timeout(Duration::from_secs(1), probe.ping()).await,
                 Ok(Ok(()))
             );
-            let status = if !stopping && store_ok && watched.healthy_count() > 0 {
+            let workers = serving.borrow_and_update().workers;
+            let status = if !stopping && store_ok && workers > 0 {
                 tonic_health::ServingStatus::Serving
             } else {
                 tonic_health::ServingStatus::NotServing
@@ -121,7 +126,11 @@ pub async fn serve(
             reporter
                 .set_service_status("bd3lm.v1.Training", training)
                 .await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Workers' changes are told at once; the store (and a shutdown) is probed.
+            tokio::select! {
+                changed = serving.changed() => if changed.is_err() { break },
+                () = tokio::time::sleep(STORE_PROBE) => {}
+            }
         }
     });
     let keys = api_keys(&settings)?;

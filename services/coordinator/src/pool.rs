@@ -9,6 +9,7 @@ use std::time::Duration;
 use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
 use bd3lm_proto::v1::{InfoRequest, InfoResponse};
+use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
@@ -75,11 +76,6 @@ impl Worker {
     /// A client for one call, with the internal credential.
     pub fn client(&self) -> WorkerClient {
         self.client.clone()
-    }
-
-    /// Marks the worker down until its next successful health check.
-    pub fn mark_down(&self) {
-        self.healthy.store(false, Ordering::Relaxed);
     }
 
     /// Counts a call in flight for as long as the guard lives.
@@ -224,6 +220,17 @@ pub struct Pool {
     down_after: u32,
     bearer: Bearer,
     tls: Option<ClientTlsConfig>,
+    /// What the healthy workers offer, published whenever it changes.
+    serving: watch::Sender<Serving>,
+}
+
+/// What the healthy workers offer together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Serving {
+    /// Healthy workers.
+    pub workers: usize,
+    /// Blocks they take at once.
+    pub capacity: usize,
 }
 
 /// How long resolving `--workers-dns` may take before the known workers are kept.
@@ -245,7 +252,30 @@ impl Pool {
             routing,
             bearer: Bearer::default(),
             tls: None,
+            serving: watch::channel(Serving::default()).0,
         }
+    }
+
+    /// What the healthy workers offer, changed as health checks and failed calls change
+    /// it: admission and readiness follow it instead of polling.
+    pub fn watch(&self) -> watch::Receiver<Serving> {
+        self.serving.subscribe()
+    }
+
+    /// Marks `worker` down until its next successful health check.
+    pub fn mark_down(&self, worker: &Worker) {
+        worker.healthy.store(false, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// Publishes what the healthy workers offer now, if it changed.
+    fn publish(&self) {
+        let now = Serving {
+            workers: self.healthy_count(),
+            capacity: self.capacity(),
+        };
+        self.serving
+            .send_if_modified(|s| std::mem::replace(s, now) != now);
     }
 
     /// The pool whose connections to workers use `tls` (plain text when `None`).
@@ -304,11 +334,13 @@ impl Pool {
         }
         *self.workers.write().unwrap_or_else(|e| e.into_inner()) = next.clone();
         let checks = next.iter().map(|w| w.check(self.down_after));
-        futures::future::join_all(checks)
+        let healthy = futures::future::join_all(checks)
             .await
             .into_iter()
             .filter(|&ok| ok)
-            .count()
+            .count();
+        self.publish();
+        healthy
     }
 
     /// The worker for the next block of `session`, skipping `exclude`d addresses. Only

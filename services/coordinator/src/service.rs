@@ -31,9 +31,6 @@ use crate::validation;
 /// Longest wait of DeleteSession for the session's generations to stop.
 const STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// How often the admission's slots are matched to the workers' capacity.
-const CAPACITY_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
-
 /// The coordinator's state, shared by its requests.
 #[derive(Clone)]
 pub struct Coordinator {
@@ -52,7 +49,7 @@ struct Inner {
 
 impl Coordinator {
     /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
-    /// capacity from a task that ends with the coordinator.
+    /// capacity as the pool publishes it, from a task that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: SessionStore, settings: CoordinatorSettings) -> Self {
         let admission = Arc::new(Admission::new(settings.max_queue));
         let dispatch = Dispatcher::new(
@@ -71,12 +68,18 @@ impl Coordinator {
             active: Arc::default(),
             model: OnceLock::new(),
         });
-        let watched = Arc::downgrade(&inner);
+        let (watched, mut serving) = (Arc::downgrade(&inner), inner.pool.watch());
         tokio::spawn(async move {
-            while let Some(inner) = watched.upgrade() {
-                inner.admission.set_capacity(inner.pool.capacity());
+            loop {
+                let capacity = serving.borrow_and_update().capacity;
+                let Some(inner) = watched.upgrade() else {
+                    break;
+                };
+                inner.admission.set_capacity(capacity);
                 drop(inner);
-                tokio::time::sleep(CAPACITY_INTERVAL).await;
+                if serving.changed().await.is_err() {
+                    break;
+                }
             }
         });
         Self { inner }

@@ -105,7 +105,7 @@ impl Drop for Running {
 /// One generation as it runs: the plan, what it has produced so far, and where its
 /// messages go.
 struct Generation<'a> {
-    blocks: Blocks<'a>,
+    source: Blocks<'a>,
     plan: Plan,
     progress: Progress,
     decoder: Decoder<'a>,
@@ -136,7 +136,7 @@ pub async fn drive(
     };
     let model = plan.model.clone();
     let mut generation = Generation {
-        blocks: Blocks { store, dispatch },
+        source: Blocks { store, dispatch },
         plan,
         progress,
         decoder: Decoder::new(&model.text),
@@ -157,7 +157,7 @@ impl Generation<'_> {
             let started = Instant::now();
             let (plan, progress) = (&mut self.plan, &self.progress);
             let answer = tokio::select! {
-                answer = self.blocks.next(&plan.record, progress) => answer?,
+                answer = self.source.next(&plan.record, progress) => answer?,
                 () = self.tx.closed() => return Ok(StopReason::Cancelled),
                 () = self.running.deleted() => return Ok(StopReason::Cancelled),
                 () = plan.lease.lost() => return Err(Error::LeaseLost),
@@ -197,7 +197,7 @@ impl Generation<'_> {
                         tracing::info!("client went away; generation stopped");
                     }
                     let returned = self.plan.start + self.progress.shown;
-                    record_returned(self.blocks.store, &self.plan.record, returned).await;
+                    record_returned(self.source.store, &self.plan.record, returned).await;
                 }
                 Ok(GenerateStreamResponse {
                     session_id: self.plan.record.id.clone(),

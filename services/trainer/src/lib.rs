@@ -11,6 +11,7 @@
 //! successor waits for the lock, so two never write one run at once. A job of world size
 //! N trains on N devices of this trainer (`--device`: CPU ranks, or GPUs 0..N).
 //! [`run_job`] is one job; [`run`] is the loop around it.
+#![warn(missing_docs)]
 
 mod metrics;
 mod options;
@@ -107,8 +108,12 @@ impl TrainerWorker {
     }
 }
 
-/// How long an idle trainer waits before looking at the queue again.
-const POLL: Duration = Duration::from_millis(500);
+/// Longest wait for a new job before an idle trainer looks again for jobs whose trainers
+/// stopped (their leases lapse without a notification).
+const IDLE_WAIT: Duration = Duration::from_secs(5);
+
+/// Pause after a failed read of the queue (the store unreachable).
+const RETRY: Duration = Duration::from_millis(500);
 
 /// Takes and trains jobs until `shutdown` resolves; a job in progress then stops at its
 /// next step, and is resumed by another trainer once its lease lapses.
@@ -117,9 +122,10 @@ pub async fn run(trainer: TrainerWorker, shutdown: impl Future<Output = ()>) {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tracing::info!(trainer = %trainer.id, "trainer waiting for jobs");
     loop {
+        let lease = trainer.settings.lease();
         let claimed = tokio::select! {
             _ = &mut shutdown => break,
-            c = trainer.jobs.claim(&trainer.id, trainer.settings.lease()) => c,
+            c = trainer.jobs.wait_for(&trainer.id, lease, IDLE_WAIT.min(lease)) => c,
         };
         match claimed {
             Ok(Some(claim)) => {
@@ -135,11 +141,13 @@ pub async fn run(trainer: TrainerWorker, shutdown: impl Future<Output = ()>) {
                 }
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "reading the job queue failed"),
-        }
-        tokio::select! {
-            _ = &mut shutdown => break,
-            _ = tokio::time::sleep(POLL) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the job queue failed");
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
         }
     }
     tracing::info!(trainer = %trainer.id, "trainer stopped");

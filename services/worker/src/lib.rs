@@ -9,6 +9,7 @@
 //! the commit point). [`sessions`] keeps recent
 //! caches in memory; [`models`] holds the model versions served (following the registry
 //! with `--model`); [`settings`] holds the flags.
+#![warn(missing_docs)]
 
 pub mod block;
 pub mod cache;
@@ -23,7 +24,6 @@ pub mod settings;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use bd3lm_kvstore::SessionStore;
@@ -112,9 +112,7 @@ pub async fn serve(
     };
     let watch = models.clone();
     tokio::spawn(async move {
-        while watch.latest().is_none() {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        watch.loaded().await;
         reporter
             .set_serving::<DenoiseWorkerServer<WorkerService>>()
             .await;

@@ -10,6 +10,8 @@
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use crate::scheduler::Scheduler;
 use crate::{Loaded, WorkerLimits, metrics};
 
@@ -65,9 +67,19 @@ pub struct Rollout {
 }
 
 /// The versions, oldest first; empty while the first loads.
-#[derive(Default)]
 pub struct Models {
     served: RwLock<Vec<Arc<Served>>>,
+    /// Turns true when the first version is added.
+    ready: watch::Sender<bool>,
+}
+
+impl Default for Models {
+    fn default() -> Self {
+        Self {
+            served: RwLock::default(),
+            ready: watch::channel(false).0,
+        }
+    }
 }
 
 impl Models {
@@ -96,6 +108,14 @@ impl Models {
         tracing::info!(version = ?loaded.version, fingerprint = %loaded.fingerprint, "serving a new model version");
         metrics::model_versions(loaded.version, served.len() + 1);
         served.push(Arc::new(Served::new(loaded)));
+        self.ready.send_replace(true);
+    }
+
+    /// Resolves once a version is loaded (at once when one is).
+    pub async fn loaded(&self) {
+        let mut ready = self.ready.subscribe();
+        // The sender lives as long as `self`, so the wait ends only when a version is added.
+        let _ = ready.wait_for(|ready| *ready).await;
     }
 
     /// The latest version, if one is loaded.

@@ -5,15 +5,53 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 use super::{JobClaim, Revised};
 
 /// The in-memory jobs, queue and registry. Cloning shares them.
 #[derive(Clone, Default)]
-pub(super) struct MemoryJobs(Arc<Mutex<Jobs>>);
+pub(super) struct MemoryJobs {
+    jobs: Arc<Mutex<Jobs>>,
+    /// Woken by every submission, for trainers waiting on an empty queue.
+    submitted: Arc<Notify>,
+}
 
 impl MemoryJobs {
     pub(super) fn lock(&self) -> MutexGuard<'_, Jobs> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stores and queues a job, waking the trainers that wait.
+    pub(super) fn submit(&self, id: &str, body: &[u8]) -> bool {
+        let stored = self.lock().submit(id, body);
+        if stored {
+            self.submitted.notify_waiters();
+        }
+        stored
+    }
+
+    /// Claims a job for `trainer`, waiting up to `wait` for a submission when there is
+    /// none.
+    pub(super) async fn wait_for_job(
+        &self,
+        trainer: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Option<JobClaim> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the queue is read, so a submission in between still wakes.
+            let submitted = self.submitted.notified();
+            tokio::pin!(submitted);
+            submitted.as_mut().enable();
+            if let Some(claim) = self.lock().claim(trainer, lease) {
+                return Some(claim);
+            }
+            if tokio::time::timeout_at(deadline, submitted).await.is_err() {
+                return None;
+            }
+        }
     }
 }
 
@@ -41,7 +79,7 @@ pub(super) struct Jobs {
 }
 
 impl Jobs {
-    pub(super) fn submit(&mut self, id: &str, body: &[u8]) -> bool {
+    fn submit(&mut self, id: &str, body: &[u8]) -> bool {
         if self.records.contains_key(id) {
             return false;
         }

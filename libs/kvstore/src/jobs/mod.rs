@@ -114,7 +114,7 @@ impl JobStore {
     #[tracing::instrument(skip_all)]
     pub async fn submit_job(&self, id: &str, body: &[u8]) -> Result<bool> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.lock().submit(id, body)),
+            Backend::Memory(m) => Ok(m.submit(id, body)),
             Backend::Redis(r) => r.submit_job(&self.keys, id, body).await,
         }
     }
@@ -151,6 +151,28 @@ impl JobStore {
         match &self.backend {
             Backend::Memory(m) => Ok(m.lock().claim(trainer, lease)),
             Backend::Redis(r) => r.claim_job(&self.keys.queue(), trainer, lease).await,
+        }
+    }
+
+    /// [`JobStore::claim_job`], and when it finds none, a wait of up to `wait` for a new
+    /// job (a blocking read of the queue: one submitted meanwhile is taken at once), so an
+    /// idle trainer neither polls nor lags; `None` when none came.
+    #[tracing::instrument(skip(self))]
+    pub async fn wait_for_job(
+        &self,
+        trainer: &str,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Option<JobClaim>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.wait_for_job(trainer, lease, wait).await),
+            Backend::Redis(r) => {
+                let queue = self.keys.queue();
+                match r.claim_job(&queue, trainer, lease).await? {
+                    Some(claim) => Ok(Some(claim)),
+                    None => r.wait_for_new(&queue, trainer, wait).await,
+                }
+            }
         }
     }
 

@@ -165,6 +165,47 @@ impl RedisJobs {
         }))
     }
 
+    /// Blocks up to `wait` for an entry never taken, on a connection of its own, and takes
+    /// it for `trainer` (`XREADGROUP ... BLOCK`: one added while the call waits is taken
+    /// at once); `None` when none came.
+    pub(super) async fn wait_for_new(
+        &self,
+        queue: &str,
+        trainer: &str,
+        wait: Duration,
+    ) -> Result<Option<JobClaim>> {
+        self.ensure_group(queue).await?;
+        let mut con = self.redis.dedicated(wait).await?;
+        type Entries = Vec<(String, Vec<(String, Vec<String>)>)>;
+        let read: Option<Entries> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(GROUP)
+            .arg(trainer)
+            .arg("COUNT")
+            .arg(1)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(queue)
+            .arg(">")
+            .query_async(&mut con)
+            .await?;
+        let entry = read
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, entries)| entries)
+            .next();
+        Ok(entry.and_then(|(entry, fields)| {
+            // The entry's fields are `job <id>`, as the submit script wrote them.
+            let job_id = fields.get(1)?.clone();
+            Some(JobClaim {
+                job_id,
+                entry,
+                deliveries: 1,
+            })
+        }))
+    }
+
     pub(super) async fn touch_job(&self, queue: &str, entry: &str, trainer: &str) -> Result<bool> {
         let held: i64 = self
             .redis
