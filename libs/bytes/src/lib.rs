@@ -2,6 +2,7 @@
 //! bounds-checked reader. No dependencies, so the model, the store and the training data
 //! formats can all use it. With the `fuzz` feature, [`fuzz`]: the mutation fuzzer their
 //! decoders' tests run.
+#![warn(missing_docs)]
 
 #[cfg(any(test, feature = "fuzz"))]
 pub mod fuzz;

@@ -3,6 +3,7 @@
 //!
 //! Everything here is shared by training and serving; the network itself lives in
 //! [`bd3lm_model`].
+#![warn(missing_docs)]
 
 pub mod dist;
 mod error;

@@ -7,6 +7,7 @@
 //!   [`Jobs`], the records and the queue in the store;
 //! * [`registry`]: published model versions: immutable checkpoint directories in the
 //!   registry's storage and their records in the store.
+#![warn(missing_docs)]
 
 mod error;
 pub mod job;

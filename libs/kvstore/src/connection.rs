@@ -4,6 +4,7 @@
 //! [`RedisConnection::retried`], so this is the one place that knows how the process
 //! reaches Redis.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
@@ -26,7 +27,10 @@ pub struct RedisSecrets {
 /// A Redis deployment as both stores reach it. Cloning is cheap and shares the
 /// connection.
 #[derive(Clone)]
-pub struct RedisConnection {
+pub struct RedisConnection(Arc<Shared>);
+
+/// What every clone of a [`RedisConnection`] shares.
+struct Shared {
     client: redis::Client,
     connection: Connection,
 }
@@ -63,7 +67,7 @@ impl RedisConnection {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(Self { client, connection })
+        Ok(Self(Arc::new(Shared { client, connection })))
     }
 
     /// A connection of its own, for a command that blocks the server's answer for up to
@@ -72,7 +76,7 @@ impl RedisConnection {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(block + Duration::from_secs(5)));
-        let client = &self.client;
+        let client = &self.0.client;
         Ok(client
             .get_multiplexed_async_connection_with_config(&config)
             .await?)
@@ -107,7 +111,7 @@ impl RedisConnection {
         let mut pause = Duration::from_millis(50);
         let mut attempt = 0;
         loop {
-            match call(self.connection.clone()).await {
+            match call(self.0.connection.clone()).await {
                 Err(e) if attempt < 2 && broken_connection(&e) => {
                     tracing::info!(error = %e, "Redis connection broke; trying again");
                     metrics::retried(op);

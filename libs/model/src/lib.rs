@@ -11,6 +11,7 @@
 //!   uncached block-causal pass;
 //! * [`KvCache`]: keys and values of committed blocks, with a sliding window and a
 //!   byte serialisation.
+#![warn(missing_docs)]
 
 mod attention;
 pub mod checkpoint;

@@ -3,6 +3,7 @@
 //! wire's sampling parameters and the typed ones of `bd3lm-sampling`; [`auth`], the
 //! bearer tokens servers check and clients attach; [`tls`], the servers' and clients' TLS;
 //! [`status`], the statuses clients are shown for store faults.
+#![warn(missing_docs)]
 
 pub mod auth;
 mod sampling;

@@ -5,6 +5,7 @@
 //! session record stores it (serde), the coordinator validates and merges requests into
 //! it, and the command line builds it from flags. It links no tensor library, so the
 //! coordinator can use it without candle. The gRPC conversions live in `bd3lm-proto`.
+#![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 

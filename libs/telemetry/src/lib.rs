@@ -3,6 +3,7 @@
 //! trace context travels in gRPC metadata, so a worker's spans are children of the
 //! coordinator's request span. [`cli`] is the edge every binary shares: arguments,
 //! one-line errors, exit codes; [`shutdown`] the graceful stop every server shares.
+#![warn(missing_docs)]
 
 pub mod cli;
 pub mod metrics;

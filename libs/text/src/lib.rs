@@ -2,6 +2,7 @@
 //! GPT-2's files), corpus files, incremental decoding for
 //! streaming, and the stop rules of generation. No network code: the coordinator and the
 //! command line share it.
+#![warn(missing_docs)]
 
 pub mod bpe;
 mod corpus;

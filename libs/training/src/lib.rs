@@ -1,6 +1,7 @@
 //! Training BD3-LMs (docs/model.md, "Training"): token shards prepared from text, the block diffusion
 //! trainer with the paper's optimiser and clipped-schedule search, and evaluation by the
 //! perplexity bound and by a real causal LM judging the model's samples.
+#![warn(missing_docs)]
 
 mod alloc;
 pub mod bound;
