@@ -96,11 +96,8 @@ impl Dispatcher {
                             queued,
                         });
                     }
-                    Err(status) if status.code() == Code::NotFound => {
-                        return Err(Error::NoSession(session.to_string()));
-                    }
                     Err(status) if is_request_fault(status.code()) => {
-                        return Err(Error::Worker(status));
+                        return Err(request_fault(session, status));
                     }
                     Err(status) => {
                         tried.push(worker.addr.clone());
@@ -220,6 +217,15 @@ fn is_request_fault(code: Code) -> bool {
             | Code::OutOfRange
             | Code::DataLoss
     )
+}
+
+/// A request fault as the coordinator decides on it: a session the worker did not find
+/// is [`Error::NoSession`] (the stream restores it); the others are the worker's answer.
+fn request_fault(session: &str, status: Status) -> Error {
+    match status.code() {
+        Code::NotFound => Error::NoSession(session.to_string()),
+        _ => Error::Worker(status),
+    }
 }
 
 /// True when the call failed in the connection (refused, reset, closed), not in the

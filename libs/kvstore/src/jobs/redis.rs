@@ -167,14 +167,14 @@ impl RedisJobs {
 
     /// Blocks up to `wait` for an entry never taken, on a connection of its own, and takes
     /// it for `trainer` (`XREADGROUP ... BLOCK`: one added while the call waits is taken
-    /// at once); `None` when none came.
+    /// at once); `None` when none came. Called right after [`RedisJobs::claim_job`],
+    /// which made sure the group exists.
     pub(super) async fn wait_for_new(
         &self,
         queue: &str,
         trainer: &str,
         wait: Duration,
     ) -> Result<Option<JobClaim>> {
-        self.ensure_group(queue).await?;
         let mut con = self.redis.dedicated(wait).await?;
         type Entries = Vec<(String, Vec<(String, Vec<String>)>)>;
         let read: Option<Entries> = redis::cmd("XREADGROUP")
