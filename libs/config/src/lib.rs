@@ -17,5 +17,5 @@ pub mod shards;
 mod training;
 
 pub use error::{Error, Result};
-pub use model::Config;
+pub use model::{Backbone, Config, Shape};
 pub use training::Decay;

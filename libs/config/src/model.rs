@@ -74,27 +74,51 @@ fn default_eps_max() -> f64 {
     1.0
 }
 
+/// The transformer's size: what a new network chooses; its vocabulary and lengths come
+/// from the data it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backbone {
+    /// Hidden width `d`.
+    pub hidden_dim: usize,
+    /// Attention heads.
+    pub n_heads: usize,
+    /// Transformer layers.
+    pub n_blocks: usize,
+    /// Width of the conditioning vector.
+    pub cond_dim: usize,
+}
+
+/// Everything a config's network is sized by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Number of token ids, `[MASK]` included.
+    pub vocab_size: usize,
+    /// Context length `n` of training.
+    pub model_length: usize,
+    /// Block size `L'`.
+    pub block_size: usize,
+    /// The transformer's size.
+    pub backbone: Backbone,
+}
+
 impl Config {
-    /// A config with the given shape and every other field at its published default.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        vocab_size: usize,
-        hidden_dim: usize,
-        n_heads: usize,
-        n_blocks: usize,
-        cond_dim: usize,
-        model_length: usize,
-        block_size: usize,
-    ) -> Self {
-        Self {
-            model_type: "bd3lm".to_string(),
-            vocab_size,
+    /// A config of `shape` with every other field at its published default.
+    pub fn new(shape: Shape) -> Self {
+        let Backbone {
             hidden_dim,
             n_heads,
             n_blocks,
             cond_dim,
-            model_length,
-            block_size,
+        } = shape.backbone;
+        Self {
+            model_type: "bd3lm".to_string(),
+            vocab_size: shape.vocab_size,
+            hidden_dim,
+            n_heads,
+            n_blocks,
+            cond_dim,
+            model_length: shape.model_length,
+            block_size: shape.block_size,
             adaln: true,
             time_conditioning: false,
             dropout: 0.0,
@@ -112,13 +136,38 @@ impl Config {
     /// The "tiny" benchmark shape: d 256, 8 layers, 8 heads, cond 64, GPT-2 vocabulary
     /// plus `[MASK]`, context 1024.
     pub fn tiny(block_size: usize) -> Self {
-        Self::new(50258, 256, 8, 8, 64, 1024, block_size)
+        Self::gpt2(
+            block_size,
+            Backbone {
+                hidden_dim: 256,
+                n_heads: 8,
+                n_blocks: 8,
+                cond_dim: 64,
+            },
+        )
     }
 
     /// The paper's "small" shape with the GPT-2 vocabulary: d 768, 12 heads, 12 layers,
     /// context 1024.
     pub fn small(block_size: usize) -> Self {
-        Self::new(50258, 768, 12, 12, 128, 1024, block_size)
+        Self::gpt2(
+            block_size,
+            Backbone {
+                hidden_dim: 768,
+                n_heads: 12,
+                n_blocks: 12,
+                cond_dim: 128,
+            },
+        )
+    }
+
+    fn gpt2(block_size: usize, backbone: Backbone) -> Self {
+        Self::new(Shape {
+            vocab_size: 50258,
+            model_length: 1024,
+            block_size,
+            backbone,
+        })
     }
 
     /// Parses and validates a `config.json` text.

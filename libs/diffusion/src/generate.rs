@@ -434,11 +434,21 @@ pub fn generate(
 mod tests {
     use super::*;
     use crate::sampler::{Sampler, denoise_block};
-    use bd3lm_model::{Config, checkpoint};
+    use bd3lm_model::{Backbone, Config, Shape, checkpoint};
     use candle_core::Device;
 
     fn model(block_size: usize) -> Bd3lm {
-        let cfg = Config::new(64, 32, 4, 2, 16, 32, block_size);
+        let cfg = Config::new(Shape {
+            vocab_size: 64,
+            model_length: 32,
+            block_size,
+            backbone: Backbone {
+                hidden_dim: 32,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 16,
+            },
+        });
         checkpoint::random_model(&cfg, 0.1, 11, DType::F32, &Device::Cpu).unwrap()
     }
 

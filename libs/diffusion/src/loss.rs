@@ -329,7 +329,17 @@ mod tests {
 
     #[test]
     fn nelbo_of_a_model_is_finite_and_positive() {
-        let cfg = bd3lm_model::Config::new(64, 32, 4, 2, 16, 16, 4);
+        let cfg = bd3lm_model::Config::new(bd3lm_model::Shape {
+            vocab_size: 64,
+            model_length: 16,
+            block_size: 4,
+            backbone: bd3lm_model::Backbone {
+                hidden_dim: 32,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 16,
+            },
+        });
         let model =
             bd3lm_model::checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
         let x0: Vec<u32> = (0..32).map(|i| (i * 5 % 60) as u32).collect();

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use bd3lm_config::shards::ShardIndex;
-use bd3lm_config::{Config, Decay};
+use bd3lm_config::{Backbone, Config, Decay, Shape};
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -17,17 +17,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Init {
-    /// A new network of this shape.
-    Shape {
-        /// Hidden width d.
-        hidden_dim: usize,
-        /// Attention heads.
-        n_heads: usize,
-        /// Transformer layers.
-        n_blocks: usize,
-        /// Width of the conditioning vector.
-        cond_dim: usize,
-    },
+    /// A new network of this size.
+    Shape(Backbone),
     /// A published version's weights.
     FineTune {
         /// The model's name.
@@ -87,21 +78,18 @@ const MAX_BATCH: u32 = 4096;
 const MAX_WORLD: u32 = 64;
 
 /// The network of a new run on `index`'s data: its vocabulary, mask and row length, with
-/// the given shape and block size.
+/// the given backbone and block size.
 pub fn scratch_config(
     index: &ShardIndex,
-    (hidden_dim, n_heads, n_blocks, cond_dim): (usize, usize, usize, usize),
+    backbone: Backbone,
     block_size: usize,
 ) -> bd3lm_config::Result<Config> {
-    let mut config = Config::new(
-        index.vocab_size,
-        hidden_dim,
-        n_heads,
-        n_blocks,
-        cond_dim,
-        index.row_length,
+    let mut config = Config::new(Shape {
+        vocab_size: index.vocab_size,
+        model_length: index.row_length,
         block_size,
-    );
+        backbone,
+    });
     if index.mask_id as usize != index.vocab_size - 1 {
         config.mask_token_id = Some(index.mask_id);
     }
@@ -191,16 +179,11 @@ impl JobSpec {
     /// The specification as the API shows it.
     pub fn to_wire(&self) -> wire::JobSpec {
         let init = match &self.init {
-            Init::Shape {
-                hidden_dim,
-                n_heads,
-                n_blocks,
-                cond_dim,
-            } => wire::job_spec::Init::Shape(wire::ModelShape {
-                hidden_dim: *hidden_dim as u32,
-                n_heads: *n_heads as u32,
-                n_blocks: *n_blocks as u32,
-                cond_dim: *cond_dim as u32,
+            Init::Shape(backbone) => wire::job_spec::Init::Shape(wire::ModelShape {
+                hidden_dim: backbone.hidden_dim as u32,
+                n_heads: backbone.n_heads as u32,
+                n_blocks: backbone.n_blocks as u32,
+                cond_dim: backbone.cond_dim as u32,
             }),
             Init::FineTune { name, version } => wire::job_spec::Init::FineTune(wire::ModelRef {
                 name: name.clone(),
@@ -290,17 +273,16 @@ fn shape_init(
     if dims.contains(&0) {
         return Err(Error::invalid("shape", "every dimension must be positive"));
     }
-    let init = Init::Shape {
+    let backbone = Backbone {
         hidden_dim: shape.hidden_dim as usize,
         n_heads: shape.n_heads as usize,
         n_blocks: shape.n_blocks as usize,
         cond_dim: shape.cond_dim as usize,
     };
-    let shape = dims.map(|d| d as usize);
     let block_size = block_size.unwrap_or(4) as usize;
-    let config = scratch_config(index, (shape[0], shape[1], shape[2], shape[3]), block_size)
+    let config = scratch_config(index, backbone, block_size)
         .map_err(|e| Error::invalid("shape", e.to_string()))?;
-    Ok((init, config))
+    Ok((Init::Shape(backbone), config))
 }
 
 async fn fine_tune_init(

@@ -118,8 +118,8 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     use super::*;
-    use crate::Config;
     use crate::test_util::max_diff;
+    use crate::{Backbone, Config, Shape};
 
     fn normal(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -162,7 +162,17 @@ mod tests {
     /// result is the same bits alone as in the batch.
     #[test]
     fn ragged_attention_matches_candle_and_is_batch_invariant() {
-        let cfg = Config::new(64, 64, 2, 4, 16, 64, 4);
+        let cfg = Config::new(Shape {
+            vocab_size: 64,
+            model_length: 64,
+            block_size: 4,
+            backbone: Backbone {
+                hidden_dim: 64,
+                n_heads: 2,
+                n_blocks: 4,
+                cond_dim: 16,
+            },
+        });
         let (h, r, s) = (cfg.n_heads, cfg.head_dim(), cfg.block_size);
         let caches: Vec<KvCache> = [0, 12, 40]
             .iter()

@@ -23,7 +23,7 @@ pub mod mask;
 mod model;
 mod ops;
 
-pub use bd3lm_config::Config;
+pub use bd3lm_config::{Backbone, Config, Shape};
 pub use error::{Error, Result};
 pub use host::{Workload, set_host_threads};
 pub use kv_cache::KvCache;
@@ -34,11 +34,21 @@ pub use model::{Bd3lm, BlockInput};
 pub(crate) mod test_util {
     use candle_core::{DType, Device, Tensor};
 
-    use crate::{Bd3lm, Config, checkpoint};
+    use crate::{Backbone, Bd3lm, Config, Shape, checkpoint};
 
     /// A small config whose context (24) is not a power of two.
     pub fn small_config(block_size: usize) -> Config {
-        Config::new(64, 32, 4, 2, 16, 24, block_size)
+        Config::new(Shape {
+            vocab_size: 64,
+            model_length: 24,
+            block_size,
+            backbone: Backbone {
+                hidden_dim: 32,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 16,
+            },
+        })
     }
 
     pub fn small_model(cfg: &Config) -> Bd3lm {

@@ -721,7 +721,17 @@ mod tests {
     #[test]
     fn batched_passes_are_batch_invariant() {
         for time_conditioning in [false, true] {
-            let mut cfg = crate::Config::new(300, 32, 4, 2, 16, 24, 4);
+            let mut cfg = crate::Config::new(crate::Shape {
+                vocab_size: 300,
+                model_length: 24,
+                block_size: 4,
+                backbone: crate::Backbone {
+                    hidden_dim: 32,
+                    n_heads: 4,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            });
             cfg.time_conditioning = time_conditioning;
             let model = small_model(&cfg);
             let n = 24;

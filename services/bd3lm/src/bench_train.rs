@@ -3,7 +3,7 @@
 
 use std::time::Instant;
 
-use bd3lm_model::Config;
+use bd3lm_model::{Backbone, Config, Shape};
 use bd3lm_training::data::{PrepareOptions, ShardWriter, Split};
 use bd3lm_training::{Init, TrainOptions, Trainer};
 use rand::{Rng, SeedableRng};
@@ -30,7 +30,21 @@ struct TrainBench {
 pub fn run(steps: usize, warmup: usize, seed: u64) -> anyhow::Result<()> {
     bd3lm_training::retain_freed_memory();
     let shapes = [
-        ("demo", Config::new(8193, 256, 4, 4, 128, 256, 4), 8),
+        (
+            "demo",
+            Config::new(Shape {
+                vocab_size: 8193,
+                model_length: 256,
+                block_size: 4,
+                backbone: Backbone {
+                    hidden_dim: 256,
+                    n_heads: 4,
+                    n_blocks: 4,
+                    cond_dim: 128,
+                },
+            }),
+            8,
+        ),
         ("tiny", Config::tiny(4), 1),
     ];
     for (shape, cfg, batch) in shapes {

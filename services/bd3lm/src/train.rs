@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use bd3lm_diffusion::NoiseSchedule;
-use bd3lm_model::Config;
+use bd3lm_model::{Backbone, Config};
 use bd3lm_text::{Text, bpe, text_files};
 use bd3lm_training::data::{self, PrepareOptions, ShardIndex};
 use bd3lm_training::optim::Decay;
@@ -340,9 +340,16 @@ fn new_trainer(
 }
 
 fn scratch_config(args: &TrainArgs, index: &ShardIndex) -> anyhow::Result<Config> {
-    let shape = (args.hidden_dim, args.n_heads, args.n_blocks, args.cond_dim);
+    let backbone = Backbone {
+        hidden_dim: args.hidden_dim,
+        n_heads: args.n_heads,
+        n_blocks: args.n_blocks,
+        cond_dim: args.cond_dim,
+    };
     let block_size = args.block_size.unwrap_or(4);
-    Ok(bd3lm_jobs::spec::scratch_config(index, shape, block_size)?)
+    Ok(bd3lm_jobs::spec::scratch_config(
+        index, backbone, block_size,
+    )?)
 }
 
 fn bar(len: u64, template: &str) -> ProgressBar {

@@ -30,16 +30,10 @@ pub fn train_options(spec: &JobSpec) -> TrainOptions {
 /// in `registry`.
 pub fn train_init(spec: &JobSpec, registry: &Registry) -> Result<TrainInit> {
     match &spec.init {
-        Init::Shape {
-            hidden_dim,
-            n_heads,
-            n_blocks,
-            cond_dim,
-        } => {
+        Init::Shape(backbone) => {
             let index =
                 ShardIndex::open(&spec.data).map_err(|e| Error::invalid("data", e.to_string()))?;
-            let shape = (*hidden_dim, *n_heads, *n_blocks, *cond_dim);
-            let config = scratch_config(&index, shape, spec.block_size)
+            let config = scratch_config(&index, *backbone, spec.block_size)
                 .map_err(|e| Error::invalid("shape", e.to_string()))?;
             Ok(TrainInit::Scratch(config))
         }

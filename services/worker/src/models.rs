@@ -248,11 +248,24 @@ impl Following {
 mod tests {
     use super::*;
     use crate::service::tests::random_loaded;
-    use bd3lm_model::Config;
+    use bd3lm_model::{Backbone, Config, Shape};
 
     fn version(v: u64) -> Arc<Loaded> {
-        let mut loaded =
-            random_loaded(&Config::new(64, 32, 4, 2, 16, 16, 4), 0.1, &format!("f{v}"));
+        let mut loaded = random_loaded(
+            &Config::new(Shape {
+                vocab_size: 64,
+                model_length: 16,
+                block_size: 4,
+                backbone: Backbone {
+                    hidden_dim: 32,
+                    n_heads: 4,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            }),
+            0.1,
+            &format!("f{v}"),
+        );
         Arc::get_mut(&mut loaded).unwrap().version = Some(v);
         loaded
     }

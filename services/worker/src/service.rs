@@ -353,7 +353,7 @@ pub(crate) mod tests {
     use super::*;
     use bd3lm_diffusion::{Filter, Sampler, SamplingParams};
     use bd3lm_kvstore::{SessionRecord, StoreConfig};
-    use bd3lm_model::{Config, checkpoint};
+    use bd3lm_model::{Backbone, Config, Shape, checkpoint};
     use candle_core::{DType, Device};
 
     /// The session id of a test's session `name`: its bytes in hex, zero-padded.
@@ -363,7 +363,21 @@ pub(crate) mod tests {
     }
 
     fn loaded(fingerprint: &str) -> Arc<Loaded> {
-        random_loaded(&Config::new(64, 32, 4, 2, 16, 16, 4), 0.1, fingerprint)
+        random_loaded(
+            &Config::new(Shape {
+                vocab_size: 64,
+                model_length: 16,
+                block_size: 4,
+                backbone: Backbone {
+                    hidden_dim: 32,
+                    n_heads: 4,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            }),
+            0.1,
+            fingerprint,
+        )
     }
 
     /// A random model of shape `cfg` (weights drawn with scale `std`), as loaded.
@@ -599,7 +613,21 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_dropped_request_stops_its_block_and_frees_the_capacity() {
         // One block of 1024 positions, one position per pass: seconds of work to cut.
-        let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 2048, 1024), 0.1, "f");
+        let loaded = random_loaded(
+            &Config::new(Shape {
+                vocab_size: 64,
+                model_length: 2048,
+                block_size: 1024,
+                backbone: Backbone {
+                    hidden_dim: 32,
+                    n_heads: 4,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            }),
+            0.1,
+            "f",
+        );
         let store = SessionStore::memory(StoreConfig::default());
         let record = SessionRecord {
             id: sid("long"),
@@ -667,7 +695,21 @@ pub(crate) mod tests {
     /// tokens each gets alone from the unbatched sampler.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn batched_blocks_get_the_tokens_they_get_alone() {
-        let loaded = random_loaded(&Config::new(64, 32, 4, 2, 16, 32, 8), 0.3, "f");
+        let loaded = random_loaded(
+            &Config::new(Shape {
+                vocab_size: 64,
+                model_length: 32,
+                block_size: 8,
+                backbone: Backbone {
+                    hidden_dim: 32,
+                    n_heads: 4,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            }),
+            0.3,
+            "f",
+        );
         let store = SessionStore::memory(StoreConfig::default());
         let samplers = [
             Sampler::Ddpm,

@@ -100,12 +100,22 @@ impl SessionCaches {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bd3lm_model::{Config, checkpoint};
+    use bd3lm_model::{Backbone, Config, Shape, checkpoint};
     use candle_core::{DType, Device, Tensor};
 
     /// A session state after committing `tokens` tokens, and the bytes it occupies.
     fn held(tokens: usize) -> (Held, usize) {
-        let cfg = Config::new(64, 32, 4, 2, 16, 32, 4);
+        let cfg = Config::new(Shape {
+            vocab_size: 64,
+            model_length: 32,
+            block_size: 4,
+            backbone: Backbone {
+                hidden_dim: 32,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 16,
+            },
+        });
         let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
         let mut cache = model.new_cache(1).unwrap();
         // Block by block, as generation commits: the buffers grow ahead of the tokens.

@@ -630,9 +630,20 @@ fn check_data(config: &Config, loader: &Loader, data: &Path) -> Result<()> {
 mod tests {
     use super::*;
     use crate::test_util::{counting_docs, shards};
+    use bd3lm_model::{Backbone, Shape};
 
     fn tiny() -> Config {
-        Config::new(12, 32, 2, 2, 16, 16, 4)
+        Config::new(Shape {
+            vocab_size: 12,
+            model_length: 16,
+            block_size: 4,
+            backbone: Backbone {
+                hidden_dim: 32,
+                n_heads: 2,
+                n_blocks: 2,
+                cond_dim: 16,
+            },
+        })
     }
 
     fn options(data: &Path, steps: u64) -> TrainOptions {
@@ -844,7 +855,17 @@ mod tests {
             Trainer::new(
                 &dir.path().join("x"),
                 options(&data, 2),
-                Init::Scratch(Config::new(12, 32, 2, 2, 16, 32, 4))
+                Init::Scratch(Config::new(Shape {
+                    vocab_size: 12,
+                    model_length: 32,
+                    block_size: 4,
+                    backbone: Backbone {
+                        hidden_dim: 32,
+                        n_heads: 2,
+                        n_blocks: 2,
+                        cond_dim: 16
+                    }
+                }))
             )
             .is_err()
         );
@@ -858,7 +879,17 @@ mod tests {
         let err = Trainer::new(
             &dir.path().join("run"),
             options(&data, 1),
-            Init::Scratch(Config::new(13, 32, 2, 2, 16, 16, 4)),
+            Init::Scratch(Config::new(Shape {
+                vocab_size: 13,
+                model_length: 16,
+                block_size: 4,
+                backbone: Backbone {
+                    hidden_dim: 32,
+                    n_heads: 2,
+                    n_blocks: 2,
+                    cond_dim: 16,
+                },
+            })),
         )
         .err()
         .unwrap()
