@@ -7,7 +7,8 @@
 //! * [`checkpoint`]: the files of a checkpoint in the Hugging Face layout and the
 //!   fingerprint of its weights;
 //! * [`shards`]: prepared token shards on disk: their index, reading and checking;
-//! * [`Decay`]: how a training run's learning rate moves after warm-up.
+//! * [`Recipe`] and [`Decay`]: what a training run does, shared by `bd3lm train` and the
+//!   training service's jobs.
 #![warn(missing_docs)]
 
 pub mod checkpoint;
@@ -18,4 +19,4 @@ mod training;
 
 pub use error::{Error, Result};
 pub use model::{Backbone, Config, Shape};
-pub use training::Decay;
+pub use training::{Decay, Recipe};

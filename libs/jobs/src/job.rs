@@ -105,7 +105,7 @@ impl Job {
             state: state as i32,
             progress: Some(wire::JobProgress {
                 step: p.step,
-                total_steps: self.spec.steps,
+                total_steps: self.spec.recipe.steps,
                 loss: p.loss,
                 tokens_per_s: p.tokens_per_s,
                 tokens: p.tokens,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use bd3lm_config::shards::ShardIndex;
-use bd3lm_config::{Backbone, Config, Decay, Shape};
+use bd3lm_config::{Backbone, Config, Decay, Recipe, Shape};
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -37,38 +37,13 @@ pub struct JobSpec {
     pub init: Init,
     /// Block size L' of the trained model.
     pub block_size: usize,
-    /// Optimiser steps.
-    pub steps: u64,
-    /// Peak learning rate.
-    pub lr: f64,
-    /// Warm-up steps.
-    pub warmup: u64,
-    /// Learning rate after warm-up.
-    pub decay: Decay,
-    /// Rows per micro-batch.
-    pub batch_size: usize,
-    /// Micro-batches per step.
-    pub accumulate: usize,
-    /// Seed of weights, data order and noise.
-    pub seed: u64,
-    /// Steps between validations (0: at the end).
-    pub val_every: u64,
-    /// Held-out batches per validation.
-    pub val_batches: usize,
-    /// Steps between saves of the resume state.
-    pub save_every: u64,
+    /// What the run does.
+    #[serde(flatten)]
+    pub recipe: Recipe,
     /// Registry name of the result.
     pub publish_as: String,
     /// Publish at every save too.
     pub publish_each_save: bool,
-    /// EMA decay.
-    pub ema: f64,
-    /// Largest gradient norm.
-    pub grad_clip: f64,
-    /// Search the clipped noise interval at validations.
-    pub clip_search: bool,
-    /// Data-parallel processes.
-    pub world_size: u32,
 }
 
 /// Largest rows per micro-batch and micro-batches per step a job may ask for.
@@ -114,110 +89,130 @@ impl JobSpec {
                 "not a prepared shard directory (see bd3lm prepare-data)",
             )
         })?;
-        let (init, config) = match spec.init {
-            Some(wire::job_spec::Init::Shape(shape)) => {
-                shape_init(&shape, &index, spec.block_size)?
-            }
+        let (init, config) = match &spec.init {
+            Some(wire::job_spec::Init::Shape(shape)) => shape_init(shape, &index, spec.block_size)?,
             Some(wire::job_spec::Init::FineTune(model)) => {
-                fine_tune_init(&model, &index, spec.block_size, registry).await?
+                fine_tune_init(model, &index, spec.block_size, registry).await?
             }
             None => return Err(Error::invalid("init", "set shape or fine_tune")),
         };
         check_name("publish_as", &spec.publish_as)?;
         check_successor(&spec.publish_as, &config, registry).await?;
-        let lr = spec.learning_rate.unwrap_or_default();
+        let recipe = recipe(&spec)?;
         Ok(Self {
             data,
             init,
             block_size: config.block_size,
-            steps: positive("steps", spec.steps)?,
-            lr: checked(
-                "learning_rate.peak",
-                lr.peak.unwrap_or(3e-4),
-                |v| v > 0.0,
-                "must be positive",
-            )?,
-            warmup: lr.warmup_steps.unwrap_or(2500.min(spec.steps / 10)),
-            decay: match wire::Decay::try_from(lr.decay) {
-                Ok(wire::Decay::Unspecified | wire::Decay::Constant) => Decay::Constant,
-                Ok(wire::Decay::Cosine) => Decay::Cosine,
-                Err(_) => return Err(Error::invalid("learning_rate.decay", "unknown decay")),
-            },
-            batch_size: bounded("batch_size", spec.batch_size.unwrap_or(8))?,
-            accumulate: bounded("accumulate", spec.accumulate.unwrap_or(1))?,
-            seed: spec.seed,
-            val_every: spec.val_every,
-            val_batches: bounded("val_batches", spec.val_batches.unwrap_or(8))?,
-            save_every: positive("save_every", spec.save_every.unwrap_or(50))?.min(spec.steps),
+            recipe,
             publish_as: spec.publish_as,
             publish_each_save: spec.publish_each_save,
-            ema: checked(
-                "ema",
-                spec.ema.unwrap_or(0.9999),
-                |v| (0.0..1.0).contains(&v),
-                "must be in [0, 1)",
-            )?,
-            grad_clip: checked(
-                "grad_clip",
-                spec.grad_clip.unwrap_or(1.0),
-                |v| v > 0.0,
-                "must be positive",
-            )?,
-            clip_search: !spec.no_clip_search,
-            world_size: match spec.world_size.unwrap_or(1) {
-                w @ 1..=MAX_WORLD => w,
-                _ => {
-                    return Err(Error::invalid(
-                        "world_size",
-                        format!("must be 1 to {MAX_WORLD}"),
-                    ));
-                }
-            },
         })
     }
 
     /// The specification as the API shows it.
     pub fn to_wire(&self) -> wire::JobSpec {
         let init = match &self.init {
-            Init::Shape(backbone) => wire::job_spec::Init::Shape(wire::ModelShape {
-                hidden_dim: backbone.hidden_dim as u32,
-                n_heads: backbone.n_heads as u32,
-                n_blocks: backbone.n_blocks as u32,
-                cond_dim: backbone.cond_dim as u32,
-            }),
+            Init::Shape(backbone) => wire::job_spec::Init::Shape(wire_shape(backbone)),
             Init::FineTune { name, version } => wire::job_spec::Init::FineTune(wire::ModelRef {
                 name: name.clone(),
                 version: Some(*version),
             }),
         };
-        let decay = match self.decay {
-            Decay::Constant => wire::Decay::Constant,
-            Decay::Cosine => wire::Decay::Cosine,
-        };
         wire::JobSpec {
             data: self.data.display().to_string(),
             init: Some(init),
             block_size: Some(self.block_size as u32),
-            steps: self.steps,
-            learning_rate: Some(wire::LearningRate {
-                peak: Some(self.lr),
-                warmup_steps: Some(self.warmup),
-                decay: decay as i32,
-            }),
-            batch_size: Some(self.batch_size as u32),
-            accumulate: Some(self.accumulate as u32),
-            seed: self.seed,
-            val_every: self.val_every,
-            val_batches: Some(self.val_batches as u32),
-            save_every: Some(self.save_every),
             publish_as: self.publish_as.clone(),
             publish_each_save: self.publish_each_save,
-            ema: Some(self.ema),
-            grad_clip: Some(self.grad_clip),
-            no_clip_search: !self.clip_search,
-            world_size: Some(self.world_size),
+            ..wire_recipe(&self.recipe)
         }
     }
+}
+
+/// `backbone` as the API shows it.
+pub fn wire_shape(backbone: &Backbone) -> wire::ModelShape {
+    wire::ModelShape {
+        hidden_dim: backbone.hidden_dim as u32,
+        n_heads: backbone.n_heads as u32,
+        n_blocks: backbone.n_blocks as u32,
+        cond_dim: backbone.cond_dim as u32,
+    }
+}
+
+/// A wire specification holding `recipe` and nothing else: the rest of a job is filled in
+/// around it.
+pub fn wire_recipe(r: &Recipe) -> wire::JobSpec {
+    let decay = match r.decay {
+        Decay::Constant => wire::Decay::Constant,
+        Decay::Cosine => wire::Decay::Cosine,
+    };
+    wire::JobSpec {
+        steps: r.steps,
+        learning_rate: Some(wire::LearningRate {
+            peak: Some(r.lr),
+            warmup_steps: Some(r.warmup),
+            decay: decay as i32,
+        }),
+        batch_size: Some(r.batch_size as u32),
+        accumulate: Some(r.accumulate as u32),
+        seed: r.seed,
+        val_every: r.val_every,
+        val_batches: Some(r.val_batches as u32),
+        save_every: Some(r.save_every),
+        ema: Some(r.ema),
+        grad_clip: Some(r.grad_clip),
+        no_clip_search: !r.clip_search,
+        world_size: Some(r.world_size),
+        ..Default::default()
+    }
+}
+
+/// The recipe of `spec`, its defaults filled in.
+fn recipe(spec: &wire::JobSpec) -> Result<Recipe> {
+    let lr = spec.learning_rate.unwrap_or_default();
+    Ok(Recipe {
+        steps: positive("steps", spec.steps)?,
+        lr: checked(
+            "learning_rate.peak",
+            lr.peak.unwrap_or(3e-4),
+            |v| v > 0.0,
+            "must be positive",
+        )?,
+        warmup: lr.warmup_steps.unwrap_or(2500.min(spec.steps / 10)),
+        decay: match wire::Decay::try_from(lr.decay) {
+            Ok(wire::Decay::Unspecified | wire::Decay::Constant) => Decay::Constant,
+            Ok(wire::Decay::Cosine) => Decay::Cosine,
+            Err(_) => return Err(Error::invalid("learning_rate.decay", "unknown decay")),
+        },
+        batch_size: bounded("batch_size", spec.batch_size.unwrap_or(8))?,
+        accumulate: bounded("accumulate", spec.accumulate.unwrap_or(1))?,
+        seed: spec.seed,
+        val_every: spec.val_every,
+        val_batches: bounded("val_batches", spec.val_batches.unwrap_or(8))?,
+        save_every: positive("save_every", spec.save_every.unwrap_or(50))?.min(spec.steps),
+        ema: checked(
+            "ema",
+            spec.ema.unwrap_or(0.9999),
+            |v| (0.0..1.0).contains(&v),
+            "must be in [0, 1)",
+        )?,
+        grad_clip: checked(
+            "grad_clip",
+            spec.grad_clip.unwrap_or(1.0),
+            |v| v > 0.0,
+            "must be positive",
+        )?,
+        clip_search: !spec.no_clip_search,
+        world_size: match spec.world_size.unwrap_or(1) {
+            w @ 1..=MAX_WORLD => w,
+            _ => {
+                return Err(Error::invalid(
+                    "world_size",
+                    format!("must be 1 to {MAX_WORLD}"),
+                ));
+            }
+        },
+    })
 }
 
 /// The data directory of `given` (a path or a `file://` URI), inside `root` when set.
@@ -416,16 +411,11 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(valid.data, data.canonicalize().unwrap());
-        assert_eq!(
-            (valid.block_size, valid.batch_size, valid.accumulate),
-            (4, 8, 1)
-        );
-        assert_eq!(
-            (valid.warmup, valid.save_every, valid.val_batches),
-            (4, 40, 8)
-        );
-        assert_eq!((valid.lr, valid.ema, valid.grad_clip), (3e-4, 0.9999, 1.0));
-        assert!(valid.clip_search && valid.world_size == 1);
+        let r = &valid.recipe;
+        assert_eq!((valid.block_size, r.batch_size, r.accumulate), (4, 8, 1));
+        assert_eq!((r.warmup, r.save_every, r.val_batches), (4, 40, 8));
+        assert_eq!((r.lr, r.ema, r.grad_clip), (3e-4, 0.9999, 1.0));
+        assert!(r.clip_search && r.world_size == 1);
         let round = JobSpec::validate(valid.to_wire(), None, &registry)
             .await
             .unwrap();

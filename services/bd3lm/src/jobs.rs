@@ -8,7 +8,8 @@ use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::remote::{Authorized, RemoteArgs, status};
-use crate::train::{DecayArg, TrainArgs};
+use crate::train::TrainArgs;
+use bd3lm_jobs::spec::{wire_recipe, wire_shape};
 
 /// `bd3lm jobs`.
 #[derive(Debug, Subcommand)]
@@ -172,42 +173,18 @@ fn job_spec(args: &TrainArgs) -> anyhow::Result<wire::JobSpec> {
                 version,
             })
         }
-        None => wire::job_spec::Init::Shape(wire::ModelShape {
-            hidden_dim: args.hidden_dim as u32,
-            n_heads: args.n_heads as u32,
-            n_blocks: args.n_blocks as u32,
-            cond_dim: args.cond_dim as u32,
-        }),
-    };
-    let decay = match args.decay {
-        DecayArg::Constant => wire::Decay::Constant,
-        DecayArg::Cosine => wire::Decay::Cosine,
+        None => wire::job_spec::Init::Shape(wire_shape(&args.backbone())),
     };
     Ok(wire::JobSpec {
         data: data.display().to_string(),
         init: Some(init),
         block_size: args.block_size.map(|b| b as u32),
-        steps: args.steps.unwrap_or(1000),
-        learning_rate: Some(wire::LearningRate {
-            peak: Some(args.lr),
-            warmup_steps: Some(args.warmup),
-            decay: decay as i32,
-        }),
-        batch_size: Some(args.batch_size as u32),
-        accumulate: Some(args.accumulate as u32),
-        seed: args.seed,
-        val_every: args.val_every,
-        val_batches: Some(args.val_batches as u32),
-        save_every: Some(args.save_every),
         publish_as: args
             .name
             .clone()
             .context("--name is required with --addr")?,
         publish_each_save: args.publish_each_save,
-        ema: Some(args.ema),
-        grad_clip: Some(args.clip),
-        no_clip_search: args.no_clip_search,
-        world_size: Some(args.world_size),
+        ..wire_recipe(&args.recipe())
     })
 }
 

@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use bd3lm_config::{Decay, Recipe};
 use bd3lm_diffusion::NoiseSchedule;
 use bd3lm_model::{Backbone, Config};
 use bd3lm_text::{Text, bpe, text_files};
 use bd3lm_training::data::{self, PrepareOptions, ShardIndex};
-use bd3lm_training::optim::Decay;
 use bd3lm_training::{Event, Init, TrainOptions, Trainer};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -296,6 +296,41 @@ pub fn train(args: &TrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+impl TrainArgs {
+    /// The size of a new network as the flags give it.
+    pub fn backbone(&self) -> Backbone {
+        Backbone {
+            hidden_dim: self.hidden_dim,
+            n_heads: self.n_heads,
+            n_blocks: self.n_blocks,
+            cond_dim: self.cond_dim,
+        }
+    }
+
+    /// The run's recipe as the flags give it.
+    pub fn recipe(&self) -> Recipe {
+        Recipe {
+            batch_size: self.batch_size,
+            accumulate: self.accumulate,
+            steps: self.steps.unwrap_or(Recipe::default().steps),
+            lr: self.lr,
+            warmup: self.warmup,
+            decay: match self.decay {
+                DecayArg::Constant => Decay::Constant,
+                DecayArg::Cosine => Decay::Cosine,
+            },
+            grad_clip: self.clip,
+            ema: self.ema,
+            seed: self.seed,
+            val_every: self.val_every,
+            val_batches: self.val_batches,
+            save_every: self.save_every,
+            clip_search: !self.no_clip_search,
+            world_size: self.world_size,
+        }
+    }
+}
+
 fn new_trainer(
     args: &TrainArgs,
     out: &Path,
@@ -303,26 +338,9 @@ fn new_trainer(
 ) -> anyhow::Result<Trainer> {
     let data = args.data.clone().expect("required unless --resume");
     let index = ShardIndex::open(&data)?;
-    let mut opts = TrainOptions::new(data);
-    opts.batch_size = args.batch_size;
-    opts.accumulate = args.accumulate;
-    opts.steps = args.steps.unwrap_or(1000);
-    opts.adamw.lr = args.lr;
-    opts.warmup = args.warmup;
-    opts.decay = match args.decay {
-        DecayArg::Constant => Decay::Constant,
-        DecayArg::Cosine => Decay::Cosine,
-    };
-    opts.clip = args.clip;
-    opts.ema = args.ema;
-    opts.seed = args.seed;
-    opts.val_every = args.val_every;
-    opts.val_batches = args.val_batches;
-    opts.save_every = args.save_every;
-    opts.clip_search = !args.no_clip_search;
+    let mut opts = TrainOptions::from_recipe(data, &args.recipe());
     opts.schedule = args.schedule;
     opts.save_dtype = args.save_dtype.clone();
-    opts.world_size = args.world_size as usize;
     if out.join(bd3lm_training::trainer::RESUME_DIR).exists() {
         bail!(
             "{} already holds a run: add --resume to continue it, or choose another --out",

@@ -8,22 +8,7 @@ use bd3lm_training::{Init as TrainInit, TrainOptions};
 
 /// The trainer's options of `spec`.
 pub fn train_options(spec: &JobSpec) -> TrainOptions {
-    let mut opts = TrainOptions::new(spec.data.clone());
-    opts.batch_size = spec.batch_size;
-    opts.accumulate = spec.accumulate;
-    opts.steps = spec.steps;
-    opts.adamw.lr = spec.lr;
-    opts.warmup = spec.warmup;
-    opts.decay = spec.decay;
-    opts.clip = spec.grad_clip;
-    opts.ema = spec.ema;
-    opts.seed = spec.seed;
-    opts.val_every = spec.val_every;
-    opts.val_batches = spec.val_batches;
-    opts.save_every = spec.save_every;
-    opts.clip_search = spec.clip_search;
-    opts.world_size = spec.world_size as usize;
-    opts
+    TrainOptions::from_recipe(spec.data.clone(), &spec.recipe)
 }
 
 /// Where `spec`'s weights start: a new network on its data, or the version's checkpoint

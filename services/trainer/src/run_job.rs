@@ -144,7 +144,7 @@ async fn attempt(
         })
         .await
         .map_err(store_error)?;
-    tracing::info!(steps = job.spec.steps, "training");
+    tracing::info!(steps = job.spec.recipe.steps, "training");
     let flags = Arc::new(Flags::default());
     let heartbeat = tokio::spawn(heartbeat(
         trainer.clone(),
@@ -352,7 +352,7 @@ fn train(
     let devices = trainer
         .settings
         .device
-        .devices(spec.world_size as usize)
+        .devices(spec.recipe.world_size as usize)
         .map_err(|e| Failure {
             reason: e.to_string(),
             retry: false,
@@ -379,7 +379,10 @@ fn train(
                 }
                 (figures.step, figures.tokens) = (s.step, s.tokens);
                 let per_step = started.elapsed().as_secs_f64() / (s.step - first) as f64;
-                let _ = tx.send(Report::Step(*s, per_step * (spec.steps - s.step) as f64));
+                let _ = tx.send(Report::Step(
+                    *s,
+                    per_step * (spec.recipe.steps - s.step) as f64,
+                ));
             }
             Event::Validation(v) => {
                 figures.validation = Some((v.nll, v.ppl));

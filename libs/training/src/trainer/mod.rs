@@ -7,6 +7,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use bd3lm_config::Recipe;
 use bd3lm_diffusion::NoiseSchedule;
 use bd3lm_diffusion::loss::{self, NoiseProcess};
 use bd3lm_diffusion::schedule::Interval;
@@ -85,24 +86,32 @@ fn one() -> usize {
 impl TrainOptions {
     /// The paper's optimiser settings on `data`, with a short run's intervals.
     pub fn new(data: PathBuf) -> Self {
+        Self::from_recipe(data, &Recipe::default())
+    }
+
+    /// `recipe` on `data`, with the log-linear schedule and f32 exports.
+    pub fn from_recipe(data: PathBuf, recipe: &Recipe) -> Self {
         Self {
             data,
-            batch_size: 8,
-            accumulate: 1,
-            steps: 1000,
-            adamw: AdamWParams::default(),
-            warmup: 2500,
-            decay: Decay::Constant,
-            clip: 1.0,
-            ema: 0.9999,
-            seed: 0,
-            val_every: 0,
-            val_batches: 8,
-            save_every: 0,
-            clip_search: true,
+            batch_size: recipe.batch_size,
+            accumulate: recipe.accumulate,
+            steps: recipe.steps,
+            adamw: AdamWParams {
+                lr: recipe.lr,
+                ..AdamWParams::default()
+            },
+            warmup: recipe.warmup,
+            decay: recipe.decay,
+            clip: recipe.grad_clip,
+            ema: recipe.ema,
+            seed: recipe.seed,
+            val_every: recipe.val_every,
+            val_batches: recipe.val_batches,
+            save_every: recipe.save_every,
+            clip_search: recipe.clip_search,
             schedule: NoiseSchedule::LogLinear,
             save_dtype: "f32".into(),
-            world_size: 1,
+            world_size: recipe.world_size as usize,
         }
     }
 
