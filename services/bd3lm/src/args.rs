@@ -19,6 +19,38 @@ pub struct GenerationArgs {
     /// Most new tokens to generate.
     #[arg(long, default_value_t = 256)]
     pub max_tokens: usize,
+    /// How each block is denoised.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Seed of every random draw; default: a fresh one, printed in the summary.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Variable length: stop after end-of-sequence, or when the text turns repetitive
+    /// (last 256 tokens below 4 nats of entropy).
+    #[arg(long)]
+    pub var_length: bool,
+    /// Stop when this text appears (not included); repeatable.
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Stop when this comma-separated token id sequence appears (not included); repeatable.
+    #[arg(long = "stop-ids", value_name = "IDS", value_parser = parse_ids)]
+    pub stop_ids: Vec<Vec<u32>>,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<u32>()
+                .map_err(|_| format!("expected comma-separated token ids, found {s:?}"))
+        })
+        .collect()
+}
+
+/// The sampling flags: only those given become overrides, so that a continued session
+/// keeps its own for the rest.
+#[derive(Debug, Clone, Args)]
+pub struct SamplingArgs {
     /// Denoising steps per block (T).
     /// [default: the block size; a continued session keeps its own]
     #[arg(long)]
@@ -46,35 +78,12 @@ pub struct GenerationArgs {
     /// continued session).
     #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
     pub greedy: Option<bool>,
-    /// Seed of every random draw; default: a fresh one, printed in the summary.
-    #[arg(long)]
-    pub seed: Option<u64>,
-    /// Variable length: stop after end-of-sequence, or when the text turns repetitive
-    /// (last 256 tokens below 4 nats of entropy).
-    #[arg(long)]
-    pub var_length: bool,
-    /// Stop when this text appears (not included); repeatable.
-    #[arg(long = "stop", value_name = "TEXT")]
-    pub stop: Vec<String>,
-    /// Stop when this comma-separated token id sequence appears (not included); repeatable.
-    #[arg(long = "stop-ids", value_name = "IDS", value_parser = parse_ids)]
-    pub stop_ids: Vec<Vec<u32>>,
 }
 
-fn parse_ids(s: &str) -> Result<Vec<u32>, String> {
-    s.split(',')
-        .map(|t| {
-            t.trim()
-                .parse::<u32>()
-                .map_err(|_| format!("expected comma-separated token ids, found {s:?}"))
-        })
-        .collect()
-}
-
-impl GenerationArgs {
+impl SamplingArgs {
     /// Exactly the sampling parameters given on the command line: the rest are the
     /// defaults for a new generation and the session's own for a continuation.
-    pub fn sampling(&self) -> SamplingOverrides {
+    pub fn overrides(&self) -> SamplingOverrides {
         SamplingOverrides {
             sampler: self.sampler,
             steps: self.steps,
@@ -141,7 +150,7 @@ mod tests {
     use super::*;
 
     fn sampling(flags: &[&str]) -> SamplingOverrides {
-        parse(flags).sampling()
+        parse(flags).sampling.overrides()
     }
 
     /// Only the flags given become overrides, so a continued greedy session stays greedy

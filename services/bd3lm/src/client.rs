@@ -20,7 +20,7 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
     };
     // Only what was asked for: the server fills in its defaults, or a continued
     // session's own parameters.
-    let sampling = args.sampling();
+    let sampling = args.sampling.overrides();
     GenerateRequest {
         prompt,
         session_id: session.unwrap_or_default(),

@@ -8,7 +8,6 @@ use bd3lm_diffusion::SamplingParams;
 use bd3lm_diffusion::schedule::Interval;
 use bd3lm_model::checkpoint::{self, Checkpoint};
 use bd3lm_model::{Bd3lm, Config};
-use bd3lm_sampling::{SamplerKind, SamplingOverrides};
 use bd3lm_text::Text;
 use bd3lm_training::bound::{self, Bound, ObjectiveVariance};
 use bd3lm_training::data::{Loader, Position, Split};
@@ -17,6 +16,8 @@ use bd3lm_training::judge::Judge;
 use candle_core::{DType, Device};
 use clap::Args;
 use serde::{Deserialize, Serialize};
+
+use crate::args::SamplingArgs;
 
 /// Arguments of `bd3lm eval`.
 #[derive(Debug, Args)]
@@ -42,21 +43,9 @@ pub struct EvalArgs {
     /// Tokens per sample.
     #[arg(long, default_value_t = 256)]
     pub sample_length: usize,
-    /// Update rule of the samples.
-    /// [default: first-hitting]
-    #[arg(long, value_enum)]
-    pub sampler: Option<SamplerKind>,
-    /// Denoising steps per block (T) of the samples.
-    /// [default: the block size]
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Probability a position's top token must exceed to unmask (confidence sampler).
-    /// [default: 0.9]
-    #[arg(long)]
-    pub threshold: Option<f64>,
-    /// Nucleus (top-p) of the samples.
-    #[arg(long, default_value_t = 0.9)]
-    pub top_p: f64,
+    /// How the samples are drawn.
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
     /// Held-out batches (of --batch-size rows) over which to estimate the variance of the
     /// training objective, under the checkpoint's clipped interval and under [1e-3, 1]
     /// (needs --data; 0: none).
@@ -160,13 +149,7 @@ fn trained(dir: &Path) -> Option<(u64, u64)> {
 
 /// The samples' parameters: the defaults for `block_size` with the flags given.
 fn sampling_params(args: &EvalArgs, block_size: usize) -> anyhow::Result<SamplingParams> {
-    let overrides = SamplingOverrides {
-        sampler: args.sampler,
-        steps: args.steps,
-        threshold: args.threshold,
-        top_p: Some(args.top_p),
-        ..SamplingOverrides::default()
-    };
+    let overrides = args.sampling.overrides();
     Ok(overrides.apply(&SamplingParams::new(block_size))?)
 }
 

@@ -20,7 +20,8 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
     let model =
         Checkpoint::open(&checkpoint)?.load_model(args.device.dtype(), &args.device.device()?)?;
     let params = flags
-        .sampling()
+        .sampling
+        .overrides()
         .apply(&SamplingParams::new(model.config().block_size))?;
     let tokenizer = crate::demo::tokenizer_of(&checkpoint, args.tokenizer.as_deref());
     let text = Text::load(tokenizer.as_deref(), model.config().vocab_size)?;
