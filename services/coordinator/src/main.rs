@@ -4,13 +4,9 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
 use bd3lm_coordinator::{CoordinatorSettings, Pool, WorkerSource};
-use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Bearer;
-use bd3lm_proto::tls::TlsFiles;
-use bd3lm_telemetry::metrics::MetricsArgs;
-use bd3lm_telemetry::probes::{HealthArgs, Ports};
+use bd3lm_server::ServerArgs;
 use clap::Parser;
 
 /// The BD3-LM coordinator.
@@ -38,17 +34,9 @@ struct Args {
     #[arg(long, env = "BD3LM_TLS_WORKER_NAME", default_value = "bd3lm-worker")]
     tls_worker_name: String,
     #[command(flatten)]
-    tls: TlsFiles,
-    #[command(flatten)]
-    store: StoreArgs,
+    server: ServerArgs,
     #[command(flatten)]
     settings: CoordinatorSettings,
-    #[command(flatten)]
-    drain: bd3lm_telemetry::shutdown::DrainArgs,
-    #[command(flatten)]
-    metrics: MetricsArgs,
-    #[command(flatten)]
-    health: HealthArgs,
 }
 
 fn main() -> ExitCode {
@@ -56,10 +44,8 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    args.metrics.install()?;
-    bd3lm_coordinator::metrics::describe();
-    bd3lm_kvstore::metrics::describe();
-    let store = args.store.open_shared()?;
+    let server = &args.server;
+    let store = server.service.start(bd3lm_coordinator::metrics::describe)?;
     let source = match args.workers_dns {
         Some(name) => WorkerSource::Dns(name),
         None => WorkerSource::Static(args.workers),
@@ -74,21 +60,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         settings.affinity_sessions as usize,
         settings.down_after_failures,
     );
-    let worker_tls = args.tls.client(&args.tls_worker_name)?;
+    let worker_tls = server.tls.client(&args.tls_worker_name)?;
     let pool = Arc::new(pool.with_bearer(bearer).with_tls(worker_tls));
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
-    let listener = tokio::net::TcpListener::bind(&args.addr)
+    let ports = server.bind("bd3lm-coordinator", &args.addr).await?;
+    server
+        .serve_until_drained(|stop| bd3lm_coordinator::serve(ports, pool, store, settings, stop))
         .await
-        .with_context(|| format!("binding {}", args.addr))?;
-    println!("bd3lm-coordinator listening on {}", listener.local_addr()?);
-    let ports = Ports {
-        grpc: listener,
-        tls: args.tls.server()?,
-        health: args.health.bind().await?,
-    };
-    let signal = bd3lm_telemetry::shutdown::signal();
-    bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_coordinator::serve(ports, pool, store, settings, stop)
-    })
-    .await
 }

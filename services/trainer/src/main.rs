@@ -3,8 +3,7 @@
 
 use std::process::ExitCode;
 
-use bd3lm_kvstore::StoreArgs;
-use bd3lm_telemetry::metrics::MetricsArgs;
+use bd3lm_server::ServiceArgs;
 use bd3lm_trainer::{TrainerSettings, TrainerWorker};
 use clap::Parser;
 
@@ -13,11 +12,9 @@ use clap::Parser;
 #[command(name = "bd3lm-trainer", version, about)]
 struct Args {
     #[command(flatten)]
-    store: StoreArgs,
+    service: ServiceArgs,
     #[command(flatten)]
     trainer: TrainerSettings,
-    #[command(flatten)]
-    metrics: MetricsArgs,
 }
 
 fn main() -> ExitCode {
@@ -27,10 +24,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let store = args.store.open_shared()?.jobs;
-    args.metrics.install()?;
-    bd3lm_trainer::describe_metrics();
-    bd3lm_kvstore::metrics::describe();
+    let store = args.service.start(bd3lm_trainer::describe_metrics)?.jobs;
     for dir in [&args.trainer.runs_dir, &args.trainer.registry_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;

@@ -5,12 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use anyhow::Context;
-use bd3lm_kvstore::StoreArgs;
 use bd3lm_proto::auth::Tokens;
-use bd3lm_proto::tls::TlsFiles;
-use bd3lm_telemetry::metrics::MetricsArgs;
-use bd3lm_telemetry::probes::{HealthArgs, Ports};
+use bd3lm_server::ServerArgs;
 use bd3lm_worker::{DeviceArgs, FollowSettings, Models, WorkerSettings};
 use clap::Parser;
 
@@ -36,19 +32,11 @@ struct Args {
     #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
     internal_token_file: Option<PathBuf>,
     #[command(flatten)]
-    tls: TlsFiles,
-    #[command(flatten)]
-    store: StoreArgs,
+    server: ServerArgs,
     #[command(flatten)]
     device: DeviceArgs,
     #[command(flatten)]
     settings: WorkerSettings,
-    #[command(flatten)]
-    drain: bd3lm_telemetry::shutdown::DrainArgs,
-    #[command(flatten)]
-    metrics: MetricsArgs,
-    #[command(flatten)]
-    health: HealthArgs,
 }
 
 fn main() -> ExitCode {
@@ -65,22 +53,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.follow.model.is_some() && registry_dir.is_none() {
         anyhow::bail!("--model needs --registry-dir (or BD3LM_REGISTRY_DIR)");
     }
-    let store = args.store.open_shared()?;
+    let server = &args.server;
+    let store = server.service.start(bd3lm_worker::metrics::describe)?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
-    args.metrics.install()?;
-    bd3lm_worker::metrics::describe();
-    bd3lm_kvstore::metrics::describe();
     let device = args.device.device()?;
     let dtype = args.device.dtype();
-    let listener = tokio::net::TcpListener::bind(&args.addr)
-        .await
-        .with_context(|| format!("binding {}", args.addr))?;
-    println!("bd3lm-worker listening on {}", listener.local_addr()?);
-    let ports = Ports {
-        grpc: listener,
-        tls: args.tls.server()?,
-        health: args.health.bind().await?,
-    };
+    let ports = server.bind("bd3lm-worker", &args.addr).await?;
     let models = match (&args.follow.model, &args.checkpoint) {
         (Some(name), _) => {
             let following = bd3lm_worker::models::Following {
@@ -109,11 +87,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => unreachable!("clap requires --checkpoint or --model"),
     };
     let limits = args.settings.limits(args.device.device);
-    let signal = bd3lm_telemetry::shutdown::signal();
-    bd3lm_telemetry::shutdown::drained(signal, args.drain.drain, |stop| {
-        bd3lm_worker::serve(ports, models, store.sessions, limits, internal, stop)
-    })
-    .await
+    server
+        .serve_until_drained(|stop| {
+            bd3lm_worker::serve(ports, models, store.sessions, limits, internal, stop)
+        })
+        .await
 }
 
 /// The internal tokens of `path`, re-read on SIGHUP; an open set without it.
