@@ -24,34 +24,35 @@ pub struct BlockAnswer {
     pub queued: Duration,
 }
 
+/// How a block is tried: at most `max_attempts` faulty tries, each waiting up to
+/// `timeout`, pausing about `backoff` (doubled per fault, at most 32x, jittered) in
+/// between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// The longest wait for one worker's answer.
+    pub timeout: Duration,
+    /// Faulty tries per block, all workers together.
+    pub max_attempts: u32,
+    /// The first pause between tries.
+    pub backoff: Duration,
+}
+
 /// Sends blocks to the pool's workers, one admission slot per block, with retries.
 pub struct Dispatcher {
     pool: Arc<Pool>,
     admission: Arc<Admission>,
     budget: RetryBudget,
-    timeout: Duration,
-    max_attempts: u32,
-    backoff: Duration,
+    policy: RetryPolicy,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `pool` and its `admission`: at most `max_attempts` faulty tries
-    /// per block, each waiting up to `timeout`, pausing about `backoff` (doubled per
-    /// fault, at most 32x, jittered) in between.
-    pub fn new(
-        pool: Arc<Pool>,
-        admission: Arc<Admission>,
-        timeout: Duration,
-        max_attempts: u32,
-        backoff: Duration,
-    ) -> Self {
+    /// A dispatcher over `pool` and its `admission`, trying each block by `policy`.
+    pub fn new(pool: Arc<Pool>, admission: Arc<Admission>, policy: RetryPolicy) -> Self {
         Self {
             pool,
             admission,
             budget: RetryBudget::default(),
-            timeout,
-            max_attempts,
-            backoff,
+            policy,
         }
     }
 
@@ -71,7 +72,7 @@ impl Dispatcher {
         version: Option<u64>,
     ) -> Result<BlockAnswer, Error> {
         let started = Instant::now();
-        let _slot = self.admission.acquire(self.timeout).await?;
+        let _slot = self.admission.acquire(self.policy.timeout).await?;
         let queued = started.elapsed();
         metrics::queue_wait(queued);
         tracing::Span::current().record("queue_ms", queued.as_secs_f64() * 1e3);
@@ -108,12 +109,12 @@ impl Dispatcher {
             };
             if status.code() != Code::ResourceExhausted {
                 faults += 1;
-                if faults >= self.max_attempts || !self.budget.withdraw() {
+                if faults >= self.policy.max_attempts || !self.budget.withdraw() {
                     return Err(Error::Worker(status));
                 }
             }
             metrics::retry(status.code());
-            tokio::time::sleep(jittered(self.backoff * (1u32 << faults.min(5)))).await;
+            tokio::time::sleep(jittered(self.policy.backoff * (1u32 << faults.min(5)))).await;
         }
     }
 
@@ -133,14 +134,14 @@ impl Dispatcher {
         let _in_flight = worker.enter();
         let mut client = worker.client();
         let call = client.denoise_block(request);
-        match tokio::time::timeout(self.timeout, call).await {
+        let timeout = self.policy.timeout;
+        match tokio::time::timeout(timeout, call).await {
             Ok(Ok(response)) => Ok(response.into_inner()),
             Ok(Err(status)) => Err(from_worker(status, &self.pool, worker)),
             Err(_) => {
-                tracing::warn!(worker = %worker.addr, timeout = ?self.timeout, "block timed out");
+                tracing::warn!(worker = %worker.addr, ?timeout, "block timed out");
                 Err(Status::deadline_exceeded(format!(
-                    "no denoise worker answered within {:?}",
-                    self.timeout
+                    "no denoise worker answered within {timeout:?}"
                 )))
             }
         }

@@ -52,13 +52,7 @@ impl Coordinator {
     /// capacity as the pool publishes it, from a task that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: SessionStore, settings: CoordinatorSettings) -> Self {
         let admission = Arc::new(Admission::new(settings.max_queue));
-        let dispatch = Dispatcher::new(
-            pool.clone(),
-            admission.clone(),
-            settings.block_timeout,
-            settings.max_attempts,
-            settings.retry_backoff,
-        );
+        let dispatch = Dispatcher::new(pool.clone(), admission.clone(), settings.retry_policy());
         let inner = Arc::new(Inner {
             pool,
             store,

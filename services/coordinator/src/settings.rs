@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bd3lm_telemetry::cli::positive_secs;
 
+use crate::dispatch::RetryPolicy;
 use crate::lease::LeaseTerms;
 use crate::validation::Limits;
 
@@ -87,6 +88,15 @@ pub struct CoordinatorSettings {
 }
 
 impl CoordinatorSettings {
+    /// How each block is tried.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            timeout: self.block_timeout,
+            max_attempts: self.max_attempts,
+            backoff: self.retry_backoff,
+        }
+    }
+
     /// The terms of sessions' leases.
     pub fn lease_terms(&self) -> LeaseTerms {
         LeaseTerms {

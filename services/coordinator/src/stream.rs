@@ -166,7 +166,7 @@ impl Generation<'_> {
                 self.progress.answered = true;
                 metrics::first_block(self.progress.began.elapsed());
             }
-            let (message, stop) = self.commit(answer, started);
+            let (message, stop) = self.take_answer(answer, started);
             if self.tx.send(Ok(message)).await.is_err() {
                 return Ok(StopReason::Cancelled);
             }
@@ -220,7 +220,7 @@ impl Generation<'_> {
 
     /// Takes a worker's answer into the progress; returns the block's message and the
     /// stop, if the block ended the generation.
-    fn commit(
+    fn take_answer(
         &mut self,
         answer: BlockAnswer,
         started: Instant,
