@@ -141,7 +141,7 @@ mod tests {
             );
             cache.write_pending(0, &k, &v).unwrap();
             if i == 0 {
-                cache.commit_pending(n);
+                cache.append_pending(n);
             }
         }
         cache

@@ -231,7 +231,7 @@ impl KvCache {
 
     /// Makes the `new` pending tokens part of the cache, then drops the oldest blocks
     /// beyond the window.
-    pub(crate) fn commit_pending(&mut self, new: usize) {
+    pub(crate) fn append_pending(&mut self, new: usize) {
         self.len += new;
         self.next_pos += new;
         if self.len > self.keep {

@@ -405,7 +405,7 @@ impl Bd3lm {
         let x = self.layers(tokens, &cond, &ctx, keys_only, None)?;
         drop(ctx);
         for (cache, _) in caches.iter_mut().zip(commits).filter(|(_, c)| **c) {
-            cache.commit_pending(s);
+            cache.append_pending(s);
         }
         Ok((x, cond))
     }

@@ -13,7 +13,7 @@ use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GenerateRequest, InfoRequest, TokenIds};
 use bd3lm_telemetry::probes::Ports;
-use bd3lm_worker::{Loaded, WorkerLimits};
+use bd3lm_worker::{LoadedModel, WorkerLimits};
 use serde::Serialize;
 use tonic::transport::Channel;
 
@@ -58,7 +58,7 @@ struct StreamTimes {
 /// Serves `loaded` from one worker with `limits` behind the coordinator, then runs
 /// `tokens`-token streams at each of `levels`; one JSON line per level.
 pub async fn run(
-    loaded: Arc<Loaded>,
+    loaded: Arc<LoadedModel>,
     name: &str,
     limits: WorkerLimits,
     levels: &[usize],
@@ -124,7 +124,7 @@ pub struct OneWorker {
 
 /// One worker of `loaded` and a coordinator on loopback ports over `stores`.
 pub async fn one_worker(
-    loaded: Arc<Loaded>,
+    loaded: Arc<LoadedModel>,
     limits: WorkerLimits,
     stores: Stores,
 ) -> anyhow::Result<OneWorker> {

@@ -11,7 +11,7 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore, Stores};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
-use bd3lm_worker::{Loaded, WorkerLimits, WorkerService};
+use bd3lm_worker::{LoadedModel, WorkerLimits, WorkerService};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -27,7 +27,7 @@ struct CacheLatency {
 }
 
 /// The random-weight "tiny" model (block size 4) on the CPU in f32.
-pub async fn tiny_model() -> anyhow::Result<Arc<Loaded>> {
+pub async fn tiny_model() -> anyhow::Result<Arc<LoadedModel>> {
     random_model(Config::tiny(4), DType::F32, Device::Cpu).await
 }
 
@@ -37,7 +37,7 @@ pub async fn random_model(
     cfg: Config,
     dtype: DType,
     device: Device,
-) -> anyhow::Result<Arc<Loaded>> {
+) -> anyhow::Result<Arc<LoadedModel>> {
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
     let weights = checkpoint::random_weights(&cfg, 0.02, 0)?;
     checkpoint::save(&dir, &cfg, &weights, dtype)?;
@@ -78,7 +78,7 @@ pub async fn run(stores: Stores, contexts: &[usize], reps: usize) -> anyhow::Res
     Ok(())
 }
 
-fn worker(loaded: &Arc<Loaded>, store: &SessionStore) -> WorkerService {
+fn worker(loaded: &Arc<LoadedModel>, store: &SessionStore) -> WorkerService {
     let cell = Arc::new(bd3lm_worker::Models::fixed(loaded.clone()));
     let limits = WorkerLimits {
         max_batch: 1,
@@ -90,7 +90,7 @@ fn worker(loaded: &Arc<Loaded>, store: &SessionStore) -> WorkerService {
 /// A new session with a `context`-token prompt, prefilled by a first worker whose cache
 /// then stays in its memory. Returns the worker and the session id.
 async fn prefilled(
-    loaded: &Arc<Loaded>,
+    loaded: &Arc<LoadedModel>,
     store: &SessionStore,
     context: usize,
     rep: usize,
@@ -126,7 +126,7 @@ async fn prefilled(
 /// Cache and block milliseconds of the block after a `context`-token prompt, with the
 /// cache in memory, loaded from the store's blobs, or rebuilt (blobs of other weights).
 async fn block_latency(
-    loaded: &Arc<Loaded>,
+    loaded: &Arc<LoadedModel>,
     store: &SessionStore,
     context: usize,
     source: &str,
@@ -137,7 +137,7 @@ async fn block_latency(
         "memory" => first,
         "store" => worker(loaded, store),
         _ => {
-            let other = Loaded {
+            let other = LoadedModel {
                 model: clone_model(loaded)?,
                 model_id: loaded.model_id.clone(),
                 fingerprint: "other-weights".into(),
@@ -162,8 +162,8 @@ async fn block_latency(
     Ok((answer.cache_ms, started.elapsed().as_secs_f64() * 1e3))
 }
 
-/// The same network again (a worker with another fingerprint needs its own `Loaded`).
-fn clone_model(loaded: &Loaded) -> anyhow::Result<bd3lm_model::Bd3lm> {
+/// The same network again (a worker with another fingerprint needs its own `LoadedModel`).
+fn clone_model(loaded: &LoadedModel) -> anyhow::Result<bd3lm_model::Bd3lm> {
     let cfg = loaded.model.config().clone();
     Ok(checkpoint::random_model(
         &cfg,
@@ -175,7 +175,7 @@ fn clone_model(loaded: &Loaded) -> anyhow::Result<bd3lm_model::Bd3lm> {
 }
 
 /// GB/s of turning a full window's KV cache into per-block blobs and back.
-fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
+fn blob_throughput(loaded: &LoadedModel) -> anyhow::Result<()> {
     let model = &loaded.model;
     let cfg = model.config();
     let mut cache = model.new_cache(1)?;
@@ -225,7 +225,7 @@ fn blob_throughput(loaded: &Loaded) -> anyhow::Result<()> {
 
 /// Milliseconds per block between the coordinator's request and the worker's answer,
 /// beyond the worker's own time: gRPC, routing, the session record.
-async fn coordinator_overhead(loaded: Arc<Loaded>, stores: Stores) -> anyhow::Result<()> {
+async fn coordinator_overhead(loaded: Arc<LoadedModel>, stores: Stores) -> anyhow::Result<()> {
     let mut client = crate::bench_load::one_worker(loaded.clone(), WorkerLimits::default(), stores)
         .await?
         .client;

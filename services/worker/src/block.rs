@@ -8,14 +8,14 @@ use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
 
-use crate::Loaded;
-use crate::cache::{self, CacheSource, Found};
-use crate::sessions::Held;
+use crate::LoadedModel;
+use crate::cache::{self, CacheLookup, CacheSource};
+use crate::sessions::SessionState;
 
 /// What the block's work produced, before the commit to the store.
 pub struct BlockWork {
     /// The worker's state after the block, kept in memory once committed.
-    pub held: Held,
+    pub state: SessionState,
     /// The session record to commit.
     pub record: SessionRecord,
     /// KV blobs of the committed blocks still inside the window: (block index, bytes).
@@ -48,27 +48,27 @@ pub enum Prepared {
     /// A new session's prompt held whole blocks, now committed: the request's work.
     Prefilled(Box<BlockWork>),
     /// The cache holds every committed block; the next block is to be denoised.
-    Ready(Held, CacheSource),
+    Ready(SessionState, CacheSource),
 }
 
-/// Opens the session of `record` on the cache `found` (rebuilding it from tokens when
+/// Opens the session of `record` on the cache `lookup` (rebuilding it from tokens when
 /// nothing was found) and commits a new session's whole prompt blocks.
 pub fn prepare(
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     record: &SessionRecord,
-    found: Found,
+    lookup: CacheLookup,
 ) -> bd3lm_diffusion::Result<Prepared> {
-    let (mut session, source) = cache::open(loaded, record, found)?;
+    let (mut session, source) = cache::open(loaded, record, lookup)?;
     let first_block = session.next_block_index();
     let started = Instant::now();
     if session.prefill()? == 0 {
         let (tokens, _, committed, cache) = session.into_parts();
-        let held = Held {
+        let state = SessionState {
             tokens,
             committed,
             cache,
         };
-        return Ok(Prepared::Ready(held, source));
+        return Ok(Prepared::Ready(state, source));
     }
     let effort = Effort {
         first_block,
@@ -85,7 +85,7 @@ pub fn prepare(
 /// The work of `session` after it committed the blocks from `effort.first_block` on: the
 /// record to store and the blobs of those blocks.
 pub fn finish(
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     record: &SessionRecord,
     session: Session,
     effort: Effort,
@@ -102,7 +102,7 @@ pub fn finish(
     next.tokens = tokens.clone();
     next.committed_blocks = committed / bs;
     Ok(BlockWork {
-        held: Held {
+        state: SessionState {
             tokens,
             committed,
             cache,
@@ -117,7 +117,7 @@ pub fn finish(
 /// The KV blobs of `session`'s committed `blocks`, skipping those that slid out of the
 /// window during a long prefill (they are never needed again).
 fn blobs(
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     session: &Session,
     blocks: std::ops::Range<usize>,
 ) -> bd3lm_diffusion::Result<Vec<(usize, Vec<u8>)>> {

@@ -12,9 +12,9 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore};
 use bd3lm_model::KvCache;
 use rayon::prelude::*;
 
-use crate::Loaded;
+use crate::LoadedModel;
 use crate::metrics;
-use crate::sessions::Held;
+use crate::sessions::SessionState;
 
 /// Where the KV cache of a block came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,9 +42,9 @@ impl CacheSource {
 }
 
 /// A cache found before the block's work: from memory or from the store.
-pub enum Found {
+pub enum CacheLookup {
     /// The worker's own state after the session's last block.
-    Memory(Held),
+    Memory(SessionState),
     /// The store's blobs of the live blocks, read but not yet checked or decoded: that is
     /// compute over megabytes, done where the session is opened.
     Store(StoredBlobs),
@@ -64,23 +64,23 @@ pub struct StoredBlobs {
     rejected: Arc<AtomicU64>,
 }
 
-/// The session of `record` around the cache `found`, ready for its next block.
+/// The session of `record` around the cache `lookup`, ready for its next block.
 pub fn open<'m>(
-    loaded: &'m Loaded,
+    loaded: &'m LoadedModel,
     record: &SessionRecord,
-    found: Found,
+    lookup: CacheLookup,
 ) -> bd3lm_diffusion::Result<(Session<'m>, CacheSource)> {
     let model = &loaded.model;
     let committed = record.committed_blocks * model.config().block_size;
     let (tokens, prompt_len) = (&record.tokens, record.prompt_len);
-    let (cache, source) = match found {
-        Found::Memory(held) => (Some(held.cache), CacheSource::Memory),
-        Found::Store(blobs) => {
+    let (cache, source) = match lookup {
+        CacheLookup::Memory(state) => (Some(state.cache), CacheSource::Memory),
+        CacheLookup::Store(blobs) => {
             let cache = decode(loaded, blobs);
             metrics::cache_lookup(if cache.is_some() { "store" } else { "miss" });
             (cache, CacheSource::Store)
         }
-        Found::Nothing => (None, CacheSource::Empty),
+        CacheLookup::Nothing => (None, CacheSource::Empty),
     };
     Ok(match cache {
         Some(cache) => (
@@ -103,7 +103,7 @@ pub fn open<'m>(
 /// decoded, are counted in `rejected`.
 pub async fn read_store(
     store: &SessionStore,
-    loaded: &Loaded,
+    loaded: &LoadedModel,
     record: &SessionRecord,
     block: usize,
     rejected: &Arc<AtomicU64>,
@@ -143,7 +143,7 @@ pub async fn read_store(
 
 /// The cache of `blobs` once each has passed its checksum and belongs to this model
 /// state, block and tokens; `None` otherwise (logged and counted: rebuilt from tokens).
-fn decode(loaded: &Loaded, blobs: StoredBlobs) -> Option<KvCache> {
+fn decode(loaded: &LoadedModel, blobs: StoredBlobs) -> Option<KvCache> {
     let StoredBlobs {
         blocks,
         prefix_hashes,
@@ -176,7 +176,7 @@ fn decode(loaded: &Loaded, blobs: StoredBlobs) -> Option<KvCache> {
     import(loaded, &payloads, end)
 }
 
-fn blob_fits(blob: &BlockBlob, loaded: &Loaded, index: usize, prefix_hash: u64) -> bool {
+fn blob_fits(blob: &BlockBlob, loaded: &LoadedModel, index: usize, prefix_hash: u64) -> bool {
     blob.model_id == loaded.model_id
         && blob.fingerprint == loaded.fingerprint
         && blob.block_index == index as u64
@@ -184,7 +184,7 @@ fn blob_fits(blob: &BlockBlob, loaded: &Loaded, index: usize, prefix_hash: u64) 
 }
 
 /// The cache of the decoded `payloads`, which must end at position `end`.
-fn import(loaded: &Loaded, payloads: &[Vec<u8>], end: usize) -> Option<KvCache> {
+fn import(loaded: &LoadedModel, payloads: &[Vec<u8>], end: usize) -> Option<KvCache> {
     let parts: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     let cache = if parts.is_empty() {
         loaded.model.new_cache(1)

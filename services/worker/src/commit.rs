@@ -16,16 +16,36 @@ use crate::block::BlockWork;
 use crate::metrics;
 use crate::sessions::SessionCaches;
 
-/// Commits `work` (block `block`, computed from the record at `base`), keeps its state
-/// in `sessions` under `key` when it won, and returns the answer.
+/// What a block's work is committed as, and where its state stays once it won.
+pub struct BlockCommit<'a> {
+    /// The block's index.
+    pub block: usize,
+    /// The record the block was computed from: the commit point.
+    pub base: Base,
+    /// Tokens per block.
+    pub block_size: usize,
+    /// Time taken to find or rebuild the session's KV cache.
+    pub cache_time: Duration,
+    /// This worker's session caches, which keep the state of a block that won.
+    pub sessions: &'a SessionCaches,
+    /// The session's key in `sessions`.
+    pub cache_key: String,
+}
+
+/// Commits `work` as `at` says and returns the answer.
 pub async fn commit(
     store: &SessionStore,
-    (sessions, key): (&SessionCaches, String),
     work: BlockWork,
-    (block, base): (usize, Base),
-    block_size: usize,
-    cache_time: Duration,
+    at: BlockCommit<'_>,
 ) -> Result<DenoiseBlockResponse, Status> {
+    let BlockCommit {
+        block,
+        base,
+        block_size,
+        cache_time,
+        sessions,
+        cache_key,
+    } = at;
     let started = Instant::now();
     let written = work.blobs.iter().map(|(_, blob)| blob.len()).sum();
     let outcome = store
@@ -62,7 +82,7 @@ pub async fn commit(
             let took = cache_time + effort.denoise + effort.commit + store_time;
             metrics::block_committed(effort.source, took, effort.forward_passes, end - first);
             metrics::blob_written(written);
-            sessions.put(key, work.held);
+            sessions.put(cache_key, work.state);
             Ok(answer)
         }
         CommitOutcome::Superseded(current) if current.committed_blocks > block => {

@@ -1,7 +1,7 @@
 //! The denoise worker: loads a checkpoint, and denoises and commits blocks of sessions
 //! whose records live in the store, keeping recent sessions' KV caches in memory.
 //!
-//! One block goes through one module per job: [`service`] (the gRPC surface and
+//! One block goes through one module per stage: [`service`] (the gRPC surface and
 //! admission) → [`cache`] (memory, else the store's KV blobs, else a rebuild from tokens)
 //! → [`block`] (the session opened, a new one's prompt prefilled) → [`scheduler`] (the
 //! block denoised and committed in the running batch with other sessions' blocks) →
@@ -34,7 +34,7 @@ use bd3lm_telemetry::probes::Ports;
 use candle_core::{DType, Device};
 
 pub use models::{Models, Rollout};
-pub use service::{Loaded, WorkerService};
+pub use service::{LoadedModel, WorkerService};
 pub use settings::{DeviceArgs, FollowSettings, WorkerLimits, WorkerSettings};
 
 /// Loads the checkpoint in `dir` (blocking: seconds for large models). A model id that
@@ -44,7 +44,7 @@ pub fn load(
     model_id: Option<&str>,
     dtype: DType,
     device: &Device,
-) -> anyhow::Result<Loaded> {
+) -> anyhow::Result<LoadedModel> {
     let model_id = match model_id {
         Some(id) => id.to_string(),
         None => default_model_id(dir),
@@ -54,7 +54,7 @@ pub fn load(
     let fingerprint = state_fingerprint(&ckpt.fingerprint()?, dtype, &ckpt.config);
     let model = ckpt.load_model(dtype, device)?;
     tracing::info!(%model_id, %fingerprint, dir = %dir.display(), "model loaded");
-    Ok(Loaded {
+    Ok(LoadedModel {
         model,
         model_id,
         fingerprint,

@@ -13,28 +13,40 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use crate::scheduler::Scheduler;
-use crate::{Loaded, WorkerLimits, metrics};
+use crate::{LoadedModel, WorkerLimits, metrics};
 
 /// One loaded version and its batch.
-pub struct Served {
+pub struct ServedVersion {
     /// The weights.
-    pub loaded: Arc<Loaded>,
+    pub loaded: Arc<LoadedModel>,
     /// Its batch, started with its first block (`None`: the thread could not start).
     scheduler: OnceLock<Option<Scheduler>>,
-    /// When a newer version replaced it, and when a block of it last came.
-    times: Mutex<(Option<Instant>, Instant)>,
+    /// When it was replaced and last used.
+    times: Mutex<VersionTimes>,
 }
 
-impl Served {
-    fn new(loaded: Arc<Loaded>) -> Self {
+/// When a served version was replaced and last used: what its retirement goes by.
+#[derive(Debug, Clone, Copy)]
+struct VersionTimes {
+    /// When a newer version replaced it.
+    superseded: Option<Instant>,
+    /// When a block of it last came.
+    used: Instant,
+}
+
+impl ServedVersion {
+    fn new(loaded: Arc<LoadedModel>) -> Self {
         Self {
             loaded,
             scheduler: OnceLock::new(),
-            times: Mutex::new((None, Instant::now())),
+            times: Mutex::new(VersionTimes {
+                superseded: None,
+                used: Instant::now(),
+            }),
         }
     }
 
-    fn times(&self) -> std::sync::MutexGuard<'_, (Option<Instant>, Instant)> {
+    fn times(&self) -> std::sync::MutexGuard<'_, VersionTimes> {
         self.times.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -68,7 +80,7 @@ pub struct Rollout {
 
 /// The versions, oldest first; empty while the first loads.
 pub struct Models {
-    served: RwLock<Vec<Arc<Served>>>,
+    served: RwLock<Vec<Arc<ServedVersion>>>,
     /// Turns true when the first version is added.
     ready: watch::Sender<bool>,
 }
@@ -89,25 +101,25 @@ impl Models {
     }
 
     /// One fixed model (a checkpoint directory).
-    pub fn fixed(loaded: Arc<Loaded>) -> Self {
+    pub fn fixed(loaded: Arc<LoadedModel>) -> Self {
         let models = Self::default();
         models.add(loaded);
         models
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<Served>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Arc<ServedVersion>>> {
         self.served.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Makes `loaded` the latest version; the previous latest starts its grace.
-    pub fn add(&self, loaded: Arc<Loaded>) {
+    pub fn add(&self, loaded: Arc<LoadedModel>) {
         let mut served = self.served.write().unwrap_or_else(|e| e.into_inner());
         if let Some(previous) = served.last() {
-            previous.times().0 = Some(Instant::now());
+            previous.times().superseded = Some(Instant::now());
         }
         tracing::info!(version = ?loaded.version, fingerprint = %loaded.fingerprint, "serving a new model version");
         metrics::model_versions(loaded.version, served.len() + 1);
-        served.push(Arc::new(Served::new(loaded)));
+        served.push(Arc::new(ServedVersion::new(loaded)));
         self.ready.send_replace(true);
     }
 
@@ -119,18 +131,18 @@ impl Models {
     }
 
     /// The latest version, if one is loaded.
-    pub fn latest(&self) -> Option<Arc<Served>> {
+    pub fn latest(&self) -> Option<Arc<ServedVersion>> {
         self.read().last().cloned()
     }
 
     /// The version a session on `version` runs on: its own while loaded, else the latest
     /// (a new session, one begun before this worker started, or one whose version was
     /// dropped). Counts as a use of the version returned.
-    pub fn for_session(&self, version: Option<u64>) -> Option<Arc<Served>> {
+    pub fn for_session(&self, version: Option<u64>) -> Option<Arc<ServedVersion>> {
         let served = self.read();
         let own = version.and_then(|v| served.iter().find(|s| s.loaded.version == Some(v)));
         let chosen = own.or(served.last()).cloned()?;
-        chosen.times().1 = Instant::now();
+        chosen.times().used = Instant::now();
         Some(chosen)
     }
 
@@ -143,7 +155,7 @@ impl Models {
     }
 
     /// Every loaded version with its batch.
-    pub fn all(&self) -> Vec<Arc<Served>> {
+    pub fn all(&self) -> Vec<Arc<ServedVersion>> {
         self.read().clone()
     }
 
@@ -155,9 +167,11 @@ impl Models {
         let mut index = 0;
         served.retain(|s| {
             let keep = index == latest || {
-                let (superseded, used) = *s.times();
-                let graced = superseded.is_some_and(|t| t.elapsed() < rollout.grace);
-                graced && used.elapsed() < rollout.idle
+                let times = *s.times();
+                let graced = times
+                    .superseded
+                    .is_some_and(|t| t.elapsed() < rollout.grace);
+                graced && times.used.elapsed() < rollout.idle
             };
             if !keep {
                 tracing::info!(version = ?s.loaded.version, "model version dropped");
@@ -199,8 +213,8 @@ impl Following {
         crate::check_model_id(&self.name)?;
         let models = Arc::new(Models::loading());
         let registry = bd3lm_jobs::Registry::new(store.clone(), self.dir.clone());
-        let timing = (settings.rollout(), settings.poll);
-        tokio::spawn(self.watch(models.clone(), registry, timing));
+        let watch = self.watch(models.clone(), registry, settings.rollout(), settings.poll);
+        tokio::spawn(watch);
         Ok(models)
     }
 
@@ -208,7 +222,8 @@ impl Following {
         self,
         models: Arc<Models>,
         registry: bd3lm_jobs::Registry,
-        (rollout, poll): (Rollout, Duration),
+        rollout: Rollout,
+        poll: Duration,
     ) {
         let name = &self.name;
         loop {
@@ -234,7 +249,11 @@ impl Following {
     }
 
     /// Loads `version` off the async threads.
-    async fn load(&self, registry: &bd3lm_jobs::Registry, version: u64) -> anyhow::Result<Loaded> {
+    async fn load(
+        &self,
+        registry: &bd3lm_jobs::Registry,
+        version: u64,
+    ) -> anyhow::Result<LoadedModel> {
         let dir = registry.path(&self.name, version)?;
         let (name, dtype, device) = (self.name.clone(), self.dtype, self.device.clone());
         let load = move || crate::load(&dir, Some(&name), dtype, &device);
@@ -250,7 +269,7 @@ mod tests {
     use crate::service::tests::random_loaded;
     use bd3lm_model::{Backbone, Config, Shape};
 
-    fn version(v: u64) -> Arc<Loaded> {
+    fn version(v: u64) -> Arc<LoadedModel> {
         let mut loaded = random_loaded(
             &Config::new(Shape {
                 vocab_size: 64,

@@ -19,23 +19,23 @@ use candle_core::DType;
 use rayon::prelude::*;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Loaded;
+use crate::LoadedModel;
 use crate::block::{self, BlockWork, Effort};
 use crate::cache::CacheSource;
-use crate::sessions::Held;
+use crate::sessions::SessionState;
 use crate::settings::WorkerLimits;
 
 /// A block handed to the scheduler.
-pub struct Job {
+pub struct PendingBlock {
     /// The session's record as read before the block.
     pub record: SessionRecord,
     /// Its state: every committed block in the cache.
-    pub held: Held,
+    pub state: SessionState,
     /// Where the cache came from.
     pub source: CacheSource,
     /// Where the work goes; dropping the receiver cancels the block.
     pub reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
-    /// Held until the block leaves the batch: the worker's capacity slot.
+    /// SessionState until the block leaves the batch: the worker's capacity slot.
     pub slot: Box<dyn Send>,
     /// The request's span, which the block's events in the batch belong to.
     pub span: tracing::Span,
@@ -58,25 +58,25 @@ pub struct Stopped;
 
 /// The handle on the scheduler thread; dropping it ends the thread once its batch is done.
 pub struct Scheduler {
-    jobs: mpsc::UnboundedSender<Job>,
+    queue: mpsc::UnboundedSender<PendingBlock>,
     stats: Arc<BatchStats>,
 }
 
 impl Scheduler {
     /// Starts the thread that batches blocks of `loaded` within `limits`.
-    pub fn start(loaded: Arc<Loaded>, limits: WorkerLimits) -> std::io::Result<Self> {
-        let (jobs, rx) = mpsc::unbounded_channel();
+    pub fn start(loaded: Arc<LoadedModel>, limits: WorkerLimits) -> std::io::Result<Self> {
+        let (queue, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(BatchStats::default());
         let shared = stats.clone();
         std::thread::Builder::new()
             .name("bd3lm-batch".into())
             .spawn(move || Batch::new(&loaded, limits, shared).run(rx))?;
-        Ok(Self { jobs, stats })
+        Ok(Self { queue, stats })
     }
 
-    /// Hands `job` over; an error when the thread has stopped (the job is dropped).
-    pub fn submit(&self, job: Job) -> Result<(), Stopped> {
-        self.jobs.send(job).map_err(|_| Stopped)
+    /// Hands `pending` over; an error when the thread has stopped (the block is dropped).
+    pub fn submit(&self, pending: PendingBlock) -> Result<(), Stopped> {
+        self.queue.send(pending).map_err(|_| Stopped)
     }
 
     /// The batch's counters.
@@ -105,15 +105,15 @@ struct Entry<'m> {
 
 /// The scheduler thread's state.
 struct Batch<'m> {
-    loaded: &'m Loaded,
+    loaded: &'m LoadedModel,
     limits: WorkerLimits,
     stats: Arc<BatchStats>,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<PendingBlock>,
     running: Vec<Entry<'m>>,
 }
 
 impl<'m> Batch<'m> {
-    fn new(loaded: &'m Loaded, limits: WorkerLimits, stats: Arc<BatchStats>) -> Self {
+    fn new(loaded: &'m LoadedModel, limits: WorkerLimits, stats: Arc<BatchStats>) -> Self {
         Self {
             loaded,
             limits,
@@ -124,16 +124,16 @@ impl<'m> Batch<'m> {
     }
 
     /// Steps the batch until the handle is dropped and nothing is left.
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Job>) {
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<PendingBlock>) {
         loop {
             if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.blocking_recv() {
-                    Some(job) => self.waiting.push_back(job),
+                    Some(pending) => self.waiting.push_back(pending),
                     None => return,
                 }
             }
-            while let Ok(job) = rx.try_recv() {
-                self.waiting.push_back(job);
+            while let Ok(pending) = rx.try_recv() {
+                self.waiting.push_back(pending);
             }
             self.admit();
             self.step();
@@ -147,43 +147,43 @@ impl<'m> Batch<'m> {
     /// empty batch always takes one.
     fn admit(&mut self) {
         // A block whose request went away while it waited never joins.
-        self.waiting.retain(|job| !job.reply.is_closed());
+        self.waiting.retain(|pending| !pending.reply.is_closed());
         let bs = self.loaded.model.config().block_size;
         let mut kv: u64 = self.running.iter().map(|e| kv_bytes(&e.session)).sum();
-        while let Some(job) = self.waiting.front() {
+        while let Some(pending) = self.waiting.front() {
             let n = self.running.len();
-            let cost = job.held.cache.allocated_bytes() as u64;
+            let cost = pending.state.cache.allocated_bytes() as u64;
             let fits = n < self.limits.max_batch
                 && (n + 1) * bs <= self.limits.max_rows
                 && kv + cost <= self.limits.kv_budget;
             if n > 0 && !fits {
                 break;
             }
-            let job = self.waiting.pop_front().expect("a front");
+            let pending = self.waiting.pop_front().expect("a front");
             kv += cost;
-            if let Some(entry) = self.open(job) {
+            if let Some(entry) = self.open(pending) {
                 self.running.push(entry);
             }
         }
     }
 
-    /// The batch entry of `job`; `None` (the error answered) when its state is unusable.
-    fn open(&self, job: Job) -> Option<Entry<'m>> {
-        let Job {
+    /// The batch entry of `pending`; `None` (the error answered) when its state is unusable.
+    fn open(&self, pending: PendingBlock) -> Option<Entry<'m>> {
+        let PendingBlock {
             record,
-            held,
+            state,
             source,
             reply,
             slot,
             span,
-        } = job;
+        } = pending;
         let model = &self.loaded.model;
         let opened = Session::with_cache(
             model,
-            held.cache,
-            &held.tokens,
+            state.cache,
+            &state.tokens,
             record.prompt_len,
-            held.committed,
+            state.committed,
         )
         .and_then(|s| s.begin_block(&record.sampling).map(|d| (s, d)));
         let (session, denoiser) = match opened {

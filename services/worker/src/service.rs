@@ -20,16 +20,16 @@ use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
 use crate::block::{self, BlockWork, Prepared};
-use crate::cache::{self, Found};
-use crate::commit::{commit, committed_answer};
+use crate::cache::{self, CacheLookup};
+use crate::commit::{BlockCommit, commit, committed_answer};
 use crate::metrics;
-use crate::models::{Models, Served};
-use crate::scheduler::Job;
+use crate::models::{Models, ServedVersion};
+use crate::scheduler::PendingBlock;
 use crate::sessions::SessionCaches;
 use crate::settings::WorkerLimits;
 
 /// The loaded model and what identifies it.
-pub struct Loaded {
+pub struct LoadedModel {
     /// The network.
     pub model: Bd3lm,
     /// Model id used in store keys and blobs.
@@ -183,13 +183,13 @@ impl WorkerService {
         record.model_version = loaded.version;
         let base = record.base();
         let started = Instant::now();
-        let found = self.find_cache(&loaded, &record, block).await;
+        let lookup = self.find_cache(&loaded, &record, block).await;
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
         let span = tracing::info_span!("open_session", block);
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
         let (prepared, slot) = tokio::task::spawn_blocking(move || {
-            let prepared = span.in_scope(|| block::prepare(&task_loaded, &task_record, found));
+            let prepared = span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup));
             (prepared, slot)
         })
         .await
@@ -200,33 +200,39 @@ impl WorkerService {
         let cache_time = started.elapsed();
         let work = match prepared.map_err(work_status)? {
             Prepared::Prefilled(work) => *work,
-            Prepared::Ready(held, source) => {
+            Prepared::Ready(state, source) => {
                 let (reply, answer) = oneshot::channel();
-                let job = Job {
+                let pending = PendingBlock {
                     record,
-                    held,
+                    state,
                     source,
                     reply,
                     slot: Box::new(slot),
                     span: tracing::Span::current(),
                 };
-                self.batched(&served, job, answer).await?
+                self.batched(&served, pending, answer).await?
             }
         };
-        let at = (block, base);
-        let cache = (&*self.sessions, cache_key(&req.session_id, &loaded));
-        commit(&self.store, cache, work, at, bs, cache_time).await
+        let at = BlockCommit {
+            block,
+            base,
+            block_size: bs,
+            cache_time,
+            sessions: &self.sessions,
+            cache_key: cache_key(&req.session_id, &loaded),
+        };
+        commit(&self.store, work, at).await
     }
 
-    /// Hands `job` to the batch and waits for its work. Dropping this future (the request
+    /// Hands `pending` to the batch and waits for its work. Dropping this future (the request
     /// went away) takes the block out of the batch at its next step.
     async fn batched(
         &self,
-        served: &Served,
-        job: Job,
+        served: &ServedVersion,
+        pending: PendingBlock,
         answer: oneshot::Receiver<bd3lm_diffusion::Result<BlockWork>>,
     ) -> Result<BlockWork, Status> {
-        let submitted = served.scheduler(self.limits).map(|s| s.submit(job));
+        let submitted = served.scheduler(self.limits).map(|s| s.submit(pending));
         if !matches!(submitted, Some(Ok(()))) {
             return Err(self.batch_thread_lost().await);
         }
@@ -241,29 +247,29 @@ impl WorkerService {
     /// the store's blobs, else nothing (rebuilt from tokens).
     async fn find_cache(
         &self,
-        loaded: &crate::Loaded,
+        loaded: &crate::LoadedModel,
         record: &bd3lm_kvstore::SessionRecord,
         block: usize,
-    ) -> Found {
+    ) -> CacheLookup {
         let bs = loaded.model.config().block_size;
-        let held = self
+        let state = self
             .sessions
             .take(&cache_key(&record.id, loaded))
             .filter(|h| {
                 h.committed == block * bs && record.tokens.starts_with(&h.tokens[..h.committed])
             });
-        if let Some(held) = held {
+        if let Some(state) = state {
             metrics::cache_lookup("memory");
-            return Found::Memory(held);
+            return CacheLookup::Memory(state);
         }
         if block == 0 {
-            return Found::Nothing;
+            return CacheLookup::Nothing;
         }
         match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
-            Some(blobs) => Found::Store(blobs),
+            Some(blobs) => CacheLookup::Store(blobs),
             None => {
                 metrics::cache_lookup("miss");
-                Found::Nothing
+                CacheLookup::Nothing
             }
         }
     }
@@ -326,7 +332,7 @@ impl DenoiseWorker for WorkerService {
 
 /// The key of a session's cache in memory: per weights, so a session that moves to
 /// another version never picks up state computed with the old one.
-pub(crate) fn cache_key(session: &str, loaded: &Loaded) -> String {
+pub(crate) fn cache_key(session: &str, loaded: &LoadedModel) -> String {
     format!("{session}@{}", loaded.fingerprint)
 }
 
@@ -362,7 +368,7 @@ pub(crate) mod tests {
         format!("{hex:0>32}")
     }
 
-    fn loaded(fingerprint: &str) -> Arc<Loaded> {
+    fn loaded(fingerprint: &str) -> Arc<LoadedModel> {
         random_loaded(
             &Config::new(Shape {
                 vocab_size: 64,
@@ -381,9 +387,9 @@ pub(crate) mod tests {
     }
 
     /// A random model of shape `cfg` (weights drawn with scale `std`), as loaded.
-    pub(crate) fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<Loaded> {
+    pub(crate) fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<LoadedModel> {
         let model = checkpoint::random_model(cfg, std, 1, DType::F32, &Device::Cpu).unwrap();
-        Arc::new(Loaded {
+        Arc::new(LoadedModel {
             model,
             model_id: "m".into(),
             fingerprint: fingerprint.into(),
@@ -392,7 +398,7 @@ pub(crate) mod tests {
     }
 
     fn service(
-        loaded: Option<Arc<Loaded>>,
+        loaded: Option<Arc<LoadedModel>>,
         store: &SessionStore,
         capacity: usize,
     ) -> WorkerService {

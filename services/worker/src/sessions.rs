@@ -10,7 +10,7 @@ use bd3lm_model::KvCache;
 use crate::metrics;
 
 /// A session's state between two blocks.
-pub struct Held {
+pub struct SessionState {
     /// Every token of the session as committed by this worker.
     pub tokens: Vec<u32>,
     /// Committed tokens (whole blocks).
@@ -20,7 +20,7 @@ pub struct Held {
 }
 
 struct Entry {
-    held: Held,
+    state: SessionState,
     bytes: usize,
     used: u64,
 }
@@ -52,17 +52,17 @@ impl SessionCaches {
     }
 
     /// Takes the session's state out (a session is served by one request at a time).
-    pub fn take(&self, session: &str) -> Option<Held> {
+    pub fn take(&self, session: &str) -> Option<SessionState> {
         let mut inner = self.lock();
         let entry = inner.entries.remove(session)?;
         inner.bytes -= entry.bytes;
         metrics::cache_bytes(-(entry.bytes as f64));
-        Some(entry.held)
+        Some(entry.state)
     }
 
     /// Keeps a session's state, evicting the least recently used ones beyond the budget.
-    pub fn put(&self, session: String, held: Held) {
-        let bytes = held.cache.allocated_bytes() + 4 * held.tokens.capacity();
+    pub fn put(&self, session: String, state: SessionState) {
+        let bytes = state.cache.allocated_bytes() + 4 * state.tokens.capacity();
         if bytes > self.budget {
             return;
         }
@@ -70,7 +70,7 @@ impl SessionCaches {
         let before = inner.bytes;
         inner.clock += 1;
         let used = inner.clock;
-        if let Some(old) = inner.entries.insert(session, Entry { held, bytes, used }) {
+        if let Some(old) = inner.entries.insert(session, Entry { state, bytes, used }) {
             inner.bytes -= old.bytes;
         }
         inner.bytes += bytes;
@@ -104,7 +104,7 @@ mod tests {
     use candle_core::{DType, Device, Tensor};
 
     /// A session state after committing `tokens` tokens, and the bytes it occupies.
-    fn held(tokens: usize) -> (Held, usize) {
+    fn session_state(tokens: usize) -> (SessionState, usize) {
         let cfg = Config::new(Shape {
             vocab_size: 64,
             model_length: 32,
@@ -127,12 +127,12 @@ mod tests {
         }
         let ids = vec![1; tokens];
         let bytes = cache.allocated_bytes() + 4 * ids.capacity();
-        let held = Held {
+        let state = SessionState {
             tokens: ids,
             committed: tokens,
             cache,
         };
-        (held, bytes)
+        (state, bytes)
     }
 
     /// The oldest state goes first; the bytes gauge and the evictions counter follow.
@@ -140,18 +140,18 @@ mod tests {
     fn evicts_least_recently_used_beyond_the_budget() {
         let recorder = bd3lm_telemetry::metrics::recorder();
         let handle = recorder.handle();
-        let (_, one) = held(8);
+        let (_, one) = session_state(8);
         let caches = SessionCaches::new(2 * one + one / 2);
         let gauge = || {
             let text = handle.render();
             bd3lm_telemetry::metrics::sample(&text, "bd3lm_kv_cache_bytes").unwrap_or(0.0)
         };
         ::metrics::with_local_recorder(&recorder, || {
-            caches.put("a".into(), held(8).0);
-            caches.put("b".into(), held(8).0);
+            caches.put("a".into(), session_state(8).0);
+            caches.put("b".into(), session_state(8).0);
             assert_eq!(caches.bytes(), 2 * one);
             assert_eq!(gauge(), (2 * one) as f64);
-            caches.put("c".into(), held(8).0);
+            caches.put("c".into(), session_state(8).0);
             assert_eq!(gauge(), (2 * one) as f64);
             assert!(caches.take("a").is_none(), "oldest evicted");
             assert!(caches.take("b").is_some());
@@ -169,7 +169,7 @@ mod tests {
     /// values once it has grown.
     #[test]
     fn the_budget_counts_allocated_buffers() {
-        let (state, bytes) = held(12);
+        let (state, bytes) = session_state(12);
         let (live, allocated) = (state.cache.live_bytes(), state.cache.allocated_bytes());
         assert!(
             live > 0 && allocated > live,
@@ -179,7 +179,7 @@ mod tests {
         caches.put("a".into(), state);
         assert_eq!(caches.bytes(), bytes);
         let tight = SessionCaches::new(bytes - 1);
-        tight.put("a".into(), held(12).0);
+        tight.put("a".into(), session_state(12).0);
         assert_eq!(tight.bytes(), 0, "a state over the budget is not kept");
     }
 }
