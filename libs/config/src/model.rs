@@ -88,6 +88,17 @@ pub struct Backbone {
     pub cond_dim: usize,
 }
 
+impl Backbone {
+    /// The toy network that unit tests build (d 32, 4 heads, 2 layers, cond 16): every
+    /// path of a real one, at a size that runs in milliseconds.
+    pub const TOY: Self = Self {
+        hidden_dim: 32,
+        n_heads: 4,
+        n_blocks: 2,
+        cond_dim: 16,
+    };
+}
+
 /// Everything a config's network is sized by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {

@@ -442,12 +442,7 @@ mod tests {
             vocab_size: 64,
             model_length: 32,
             block_size,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 4,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
+            backbone: Backbone::TOY,
         });
         checkpoint::random_model(&cfg, 0.1, 11, DType::F32, &Device::Cpu).unwrap()
     }

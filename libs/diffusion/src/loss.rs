@@ -333,12 +333,7 @@ mod tests {
             vocab_size: 64,
             model_length: 16,
             block_size: 4,
-            backbone: bd3lm_model::Backbone {
-                hidden_dim: 32,
-                n_heads: 4,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
+            backbone: bd3lm_model::Backbone::TOY,
         });
         let model =
             bd3lm_model::checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();

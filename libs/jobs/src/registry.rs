@@ -226,24 +226,14 @@ fn copy_checkpoint(from: &Path, to: &Path) -> Result<(String, Config)> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use bd3lm_config::{Backbone, Shape};
     use bd3lm_kvstore::StoreConfig;
     use bd3lm_model::checkpoint::Checkpoint;
+    use bd3lm_training::test_util::word_config;
     use candle_core::DType;
 
     /// The tiny network of the training tests' word corpus (vocabulary 12, rows of 16).
     pub(crate) fn tiny(block_size: usize) -> Config {
-        Config::new(Shape {
-            vocab_size: 12,
-            model_length: 16,
-            block_size,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 2,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
-        })
+        word_config(16, block_size)
     }
 
     /// A checkpoint of `config` with seeded random weights in `dir`.

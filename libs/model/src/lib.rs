@@ -42,12 +42,7 @@ pub(crate) mod test_util {
             vocab_size: 64,
             model_length: 24,
             block_size,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 4,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
+            backbone: Backbone::TOY,
         })
     }
 

@@ -725,12 +725,7 @@ mod tests {
                 vocab_size: 300,
                 model_length: 24,
                 block_size: 4,
-                backbone: crate::Backbone {
-                    hidden_dim: 32,
-                    n_heads: 4,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
+                backbone: crate::Backbone::TOY,
             });
             cfg.time_conditioning = time_conditioning;
             let model = small_model(&cfg);

@@ -253,8 +253,8 @@ pub fn clipped_interval(blocks: &[BlockLoss], grid: &ClipGrid) -> Option<(Interv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{counting_docs, shards};
-    use bd3lm_model::{Backbone, Config, Shape, checkpoint};
+    use crate::test_util::{counting_docs, shards, word_config};
+    use bd3lm_model::checkpoint;
     use candle_core::Device;
     use rand::Rng;
 
@@ -264,17 +264,7 @@ mod tests {
     fn the_objective_varies_less_on_a_clipped_interval() {
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = shards(dir.path(), &counting_docs(20, 60), 16, 2);
-        let cfg = Config::new(Shape {
-            vocab_size: 12,
-            model_length: 16,
-            block_size: 4,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 2,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
-        });
+        let cfg = word_config(16, 4);
         let weights = checkpoint::init_weights(&cfg, 3).unwrap();
         let model = checkpoint::from_weights(&cfg, weights, DType::F32, &Device::Cpu).unwrap();
         let bound = perplexity_bound(&model, &data, Some(8), 2, 7, None).unwrap();

@@ -61,3 +61,19 @@ pub fn counting_docs(count: usize, words: usize) -> Vec<String> {
         })
         .collect()
 }
+
+/// A small network over the word tokenizer's vocabulary (12 ids with `[MASK]`): d 32,
+/// 2 heads, 2 layers, cond 16, on rows of `model_length` ids.
+pub fn word_config(model_length: usize, block_size: usize) -> bd3lm_model::Config {
+    bd3lm_model::Config::new(bd3lm_model::Shape {
+        vocab_size: 12,
+        model_length,
+        block_size,
+        backbone: bd3lm_model::Backbone {
+            hidden_dim: 32,
+            n_heads: 2,
+            n_blocks: 2,
+            cond_dim: 16,
+        },
+    })
+}

@@ -266,25 +266,10 @@ impl Following {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::service::tests::random_loaded;
-    use bd3lm_model::{Backbone, Config, Shape};
+    use crate::service::tests::loaded;
 
     fn version(v: u64) -> Arc<LoadedModel> {
-        let mut loaded = random_loaded(
-            &Config::new(Shape {
-                vocab_size: 64,
-                model_length: 16,
-                block_size: 4,
-                backbone: Backbone {
-                    hidden_dim: 32,
-                    n_heads: 4,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
-            }),
-            0.1,
-            &format!("f{v}"),
-        );
+        let mut loaded = loaded(&format!("f{v}"));
         Arc::get_mut(&mut loaded).unwrap().version = Some(v);
         loaded
     }

@@ -368,18 +368,14 @@ pub(crate) mod tests {
         format!("{hex:0>32}")
     }
 
-    fn loaded(fingerprint: &str) -> Arc<LoadedModel> {
+    /// A toy model with weights of scale 0.1 and the given fingerprint.
+    pub(crate) fn loaded(fingerprint: &str) -> Arc<LoadedModel> {
         random_loaded(
             &Config::new(Shape {
                 vocab_size: 64,
                 model_length: 16,
                 block_size: 4,
-                backbone: Backbone {
-                    hidden_dim: 32,
-                    n_heads: 4,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
+                backbone: Backbone::TOY,
             }),
             0.1,
             fingerprint,
@@ -624,12 +620,7 @@ pub(crate) mod tests {
                 vocab_size: 64,
                 model_length: 2048,
                 block_size: 1024,
-                backbone: Backbone {
-                    hidden_dim: 32,
-                    n_heads: 4,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
+                backbone: Backbone::TOY,
             }),
             0.1,
             "f",
@@ -706,12 +697,7 @@ pub(crate) mod tests {
                 vocab_size: 64,
                 model_length: 32,
                 block_size: 8,
-                backbone: Backbone {
-                    hidden_dim: 32,
-                    n_heads: 4,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
+                backbone: Backbone::TOY,
             }),
             0.3,
             "f",

@@ -109,12 +109,7 @@ mod tests {
             vocab_size: 64,
             model_length: 32,
             block_size: 4,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 4,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
+            backbone: Backbone::TOY,
         });
         let model = checkpoint::random_model(&cfg, 0.1, 1, DType::F32, &Device::Cpu).unwrap();
         let mut cache = model.new_cache(1).unwrap();

@@ -638,21 +638,10 @@ fn check_data(config: &Config, loader: &Loader, data: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::{counting_docs, shards};
-    use bd3lm_model::{Backbone, Shape};
+    use crate::test_util::{counting_docs, shards, word_config};
 
     fn tiny() -> Config {
-        Config::new(Shape {
-            vocab_size: 12,
-            model_length: 16,
-            block_size: 4,
-            backbone: Backbone {
-                hidden_dim: 32,
-                n_heads: 2,
-                n_blocks: 2,
-                cond_dim: 16,
-            },
-        })
+        word_config(16, 4)
     }
 
     fn options(data: &Path, steps: u64) -> TrainOptions {
@@ -864,17 +853,7 @@ mod tests {
             Trainer::new(
                 &dir.path().join("x"),
                 options(&data, 2),
-                Init::Scratch(Config::new(Shape {
-                    vocab_size: 12,
-                    model_length: 32,
-                    block_size: 4,
-                    backbone: Backbone {
-                        hidden_dim: 32,
-                        n_heads: 2,
-                        n_blocks: 2,
-                        cond_dim: 16
-                    }
-                }))
+                Init::Scratch(word_config(32, 4))
             )
             .is_err()
         );
@@ -888,17 +867,10 @@ mod tests {
         let err = Trainer::new(
             &dir.path().join("run"),
             options(&data, 1),
-            Init::Scratch(Config::new(Shape {
+            Init::Scratch(Config {
                 vocab_size: 13,
-                model_length: 16,
-                block_size: 4,
-                backbone: Backbone {
-                    hidden_dim: 32,
-                    n_heads: 2,
-                    n_blocks: 2,
-                    cond_dim: 16,
-                },
-            })),
+                ..word_config(16, 4)
+            }),
         )
         .err()
         .unwrap()
