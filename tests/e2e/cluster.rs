@@ -118,8 +118,12 @@ impl Redis {
     }
 
     fn start_with(dir: &Path, extra: Vec<String>) -> Self {
+        Self::start_on(dir, free_port(), extra)
+    }
+
+    fn start_on(dir: &Path, port: u16, extra: Vec<String>) -> Self {
         let mut redis = Self {
-            port: free_port(),
+            port,
             dir: dir.to_path_buf(),
             proc: None,
             extra,
@@ -151,6 +155,11 @@ impl Redis {
     /// The URL of the server.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// The store flags of the binaries that use this server.
+    pub fn flags(&self) -> Vec<String> {
+        vec!["--redis".into(), self.url()]
     }
 
     /// Starts the server again (same port) after [`Redis::stop`].
@@ -234,6 +243,94 @@ impl Redis {
     }
 }
 
+/// A Redis Cluster of this test alone: three masters with a replica each, every node a
+/// `redis-server --cluster-enabled yes` with its files in a directory of its own.
+pub struct RedisCluster {
+    /// The nodes, in the order they were created (the first three the masters).
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    /// Starts six nodes on free loopback ports and joins them into one cluster whose
+    /// replicas take over a master after `node_timeout_ms` of silence.
+    pub fn start(dir: &Path, node_timeout_ms: u32) -> Self {
+        let nodes: Vec<Redis> = cluster_ports(6)
+            .into_iter()
+            .map(|port| {
+                let node_dir = dir.join(format!("redis-{port}"));
+                std::fs::create_dir_all(&node_dir).unwrap();
+                let extra = [
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    &node_timeout_ms.to_string(),
+                ];
+                Redis::start_on(&node_dir, port, extra.map(String::from).to_vec())
+            })
+            .collect();
+        let mut create = Command::new(which("redis-cli").expect("redis-cli is not installed"));
+        create.args(["--cluster", "create"]);
+        create.args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)));
+        create.args(["--cluster-replicas", "1", "--cluster-yes"]);
+        let out = create.output().unwrap();
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_ok(Duration::from_secs(60));
+        cluster
+    }
+
+    /// Waits until every live node says the cluster is `ok` (all slots served).
+    pub fn wait_ok(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let ok = |node: &Redis| {
+            node.command(&[b"CLUSTER", b"INFO"])
+                .is_ok_and(|r| String::from_utf8_lossy(&r).contains("cluster_state:ok"))
+        };
+        while !self.nodes.iter().filter(|n| n.proc.is_some()).all(ok) {
+            assert!(Instant::now() < deadline, "the Redis Cluster is not ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The seed nodes, as `--redis-cluster` takes them.
+    pub fn urls(&self) -> String {
+        let urls: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect();
+        urls.join(",")
+    }
+
+    /// The store flags of the binaries that use this cluster.
+    pub fn flags(&self) -> Vec<String> {
+        vec!["--redis-cluster".into(), self.urls()]
+    }
+}
+
+/// `count` free loopback ports below 55536 whose port + 10000 (the cluster bus) is free
+/// too.
+fn cluster_ports(count: usize) -> Vec<u16> {
+    let mut ports = Vec::new();
+    let mut tries = 0;
+    while ports.len() < count {
+        tries += 1;
+        assert!(tries < 10_000, "no free ports for a Redis Cluster");
+        let port = free_port();
+        let bus_free = || TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
+        if port < 55_536 && !ports.contains(&port) && bus_free() {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
 fn which(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -241,22 +338,24 @@ fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Starts a coordinator of `workers` on `redis` with `routing` and `extra` flags; returns
-/// it and its address.
+/// Starts a coordinator of `workers` on the store of `store` flags ([`Redis::flags`],
+/// [`RedisCluster::flags`]) with `routing` and `extra` flags; returns it and its address.
 pub fn start_coordinator(
     dir: &Path,
     workers: &[String],
-    redis: &Redis,
+    store: &[String],
     routing: &str,
     extra: &[&str],
 ) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let workers = workers.join(",");
-    let url = redis.url();
+    let [store_flag, store_value] = store else {
+        panic!("store flags are one flag and its value");
+    };
     let base = [
         ("--addr", addr.as_str()),
         ("--workers", &workers),
-        ("--redis", &url),
+        (store_flag.as_str(), store_value.as_str()),
         ("--routing", routing),
         ("--health-interval-secs", "0.2"),
         ("--block-timeout-secs", "20"),
@@ -308,11 +407,15 @@ pub fn health_is_serving(addr: &str, service: &str) -> bool {
     })
 }
 
-/// A coordinator and its workers on one Redis.
+/// A coordinator and its workers on one Redis (or on a Redis Cluster).
 pub struct Cluster {
     /// Holds the logs and Redis' files; removed with the cluster.
     _dir: tempfile::TempDir,
     pub redis: Redis,
+    /// The Redis Cluster the processes use instead of `redis`, when they do.
+    pub redis_cluster: Option<RedisCluster>,
+    /// The processes' store flags.
+    store: Vec<String>,
     pub workers: Vec<Proc>,
     /// The workers' addresses, in the order of `workers`.
     pub worker_addrs: Vec<String>,
@@ -529,7 +632,20 @@ impl Cluster {
             coordinator: extra.iter().map(|s| s.to_string()).collect(),
             ..Secured::default()
         };
-        Self::start_in(dir, checkpoint, workers, routing, Some(&plain))
+        Self::start_in(dir, checkpoint, workers, routing, Some(&plain), None)
+    }
+
+    /// [`Cluster::start`] with the sessions on a Redis Cluster of its own
+    /// ([`RedisCluster::start`], replicas taking over after `node_timeout_ms`).
+    pub fn start_on_redis_cluster(
+        checkpoint: &Path,
+        workers: usize,
+        routing: &str,
+        node_timeout_ms: u32,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisCluster::start(dir.path(), node_timeout_ms);
+        Self::start_in(dir, checkpoint, workers, routing, None, Some(redis))
     }
 
     /// A cluster whose coordinator takes API keys [`API_KEYS`] (file `api-keys` in its
@@ -538,7 +654,7 @@ impl Cluster {
     pub fn start_secured(checkpoint: &Path, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secured = Secured::write(dir.path(), false);
-        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured), None)
     }
 
     /// [`Cluster::start_secured`] with TLS everywhere: the coordinator's public port
@@ -547,7 +663,7 @@ impl Cluster {
     pub fn start_tls(checkpoint: &Path, workers: usize) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let secured = Secured::write(dir.path(), true);
-        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured), None)
     }
 
     /// [`Cluster::start_tls`] with every process serving metrics and plain-text health
@@ -559,7 +675,7 @@ impl Cluster {
             observed: true,
             ..Secured::write(dir.path(), true)
         };
-        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured))
+        Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured), None)
     }
 
     fn start_in(
@@ -568,6 +684,7 @@ impl Cluster {
         workers: usize,
         routing: &str,
         secured: Option<&Secured>,
+        redis_cluster: Option<RedisCluster>,
     ) -> Self {
         let mut secured = secured.cloned().unwrap_or_default();
         let coordinator_ports = secured.observed.then(|| {
@@ -578,6 +695,10 @@ impl Cluster {
         let mut worker_ports = Vec::new();
         let extra: Vec<&str> = secured.coordinator.iter().map(String::as_str).collect();
         let redis = Redis::start(dir.path());
+        let store = match &redis_cluster {
+            Some(cluster) => cluster.flags(),
+            None => redis.flags(),
+        };
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
         let mut worker_args = Vec::new();
@@ -588,9 +709,8 @@ impl Cluster {
                 addr.clone(),
                 "--checkpoint".into(),
                 checkpoint.display().to_string(),
-                "--redis".into(),
-                redis.url(),
             ];
+            args.extend(store.iter().cloned());
             args.extend(secured.worker.iter().cloned());
             if secured.observed {
                 let (ports, flags) = Observed::new();
@@ -606,12 +726,14 @@ impl Cluster {
             addrs.push(addr);
             worker_args.push(args);
         }
-        let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &redis, routing, &extra);
+        let (coordinator, addr) = start_coordinator(dir.path(), &addrs, &store, routing, &extra);
         let cluster = Self {
             api_key: secured.api_key,
             tls_ca: secured.tls_ca,
             _dir: dir,
             redis,
+            redis_cluster,
+            store,
             workers: procs,
             worker_addrs: addrs,
             coordinator,
@@ -660,7 +782,7 @@ impl Cluster {
     /// and its address once it reports SERVING.
     pub fn add_coordinator(&self, extra: &[&str]) -> (Proc, String) {
         let dir = self._dir.path();
-        let started = start_coordinator(dir, &self.worker_addrs, &self.redis, "affinity", extra);
+        let started = start_coordinator(dir, &self.worker_addrs, &self.store, "affinity", extra);
         let deadline = Instant::now() + Duration::from_secs(30);
         while !serving(&started.1) {
             assert!(

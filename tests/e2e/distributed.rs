@@ -211,7 +211,7 @@ fn read_tokens(stdout: &mut impl Read, seen: &mut Vec<u8>, count: usize) {
 
 /// Runs a remote generation with `args` and, once it has streamed 40 tokens and while it
 /// still runs, the `fault`.
-fn during(addr: &str, args: &[&str], fault: impl FnOnce()) -> Generated {
+pub fn during(addr: &str, args: &[&str], fault: impl FnOnce()) -> Generated {
     let mut child = spawn_client(addr, args);
     let mut stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();

@@ -232,7 +232,7 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
     let (_coordinator, addr) = start_coordinator(
         root,
         std::slice::from_ref(&worker_addr),
-        &redis,
+        &redis.flags(),
         "affinity",
         &[],
     );
@@ -387,7 +387,7 @@ fn jobs_are_checked_and_cancelled() {
     let data = shards(root);
     let redis = Redis::start(root);
     let nowhere = format!("127.0.0.1:{}", free_port());
-    let (_coordinator, addr) = start_coordinator(root, &[nowhere], &redis, "affinity", &[]);
+    let (_coordinator, addr) = start_coordinator(root, &[nowhere], &redis.flags(), "affinity", &[]);
     let _trainer = trainer(root, &redis, "trainer");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {

@@ -8,6 +8,7 @@ mod generate;
 mod integrity;
 mod jobs;
 mod operations;
+mod redis_cluster;
 mod security;
 mod training;
 

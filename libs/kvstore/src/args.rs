@@ -14,20 +14,38 @@ pub struct StoreArgs {
         long,
         env = "BD3LM_REDIS_URL",
         value_name = "URL",
-        hide_env_values = true
+        hide_env_values = true,
+        group = "redis_target"
     )]
     pub redis: Option<String>,
+    /// Seed nodes of a Redis Cluster holding the shared store, comma-separated
+    /// (`redis://host:port` or `rediss://`; the rest of the cluster is found from them),
+    /// instead of --redis.
+    #[arg(
+        long,
+        env = "BD3LM_REDIS_CLUSTER",
+        value_name = "URL[,URL...]",
+        value_delimiter = ',',
+        hide_env_values = true,
+        group = "redis_target"
+    )]
+    pub redis_cluster: Vec<String>,
     /// File holding the Redis password (ACL user: in the URL), so that neither the URL
     /// nor the process list shows it.
     #[arg(
         long,
         env = "BD3LM_REDIS_PASSWORD_FILE",
         value_name = "FILE",
-        requires = "redis"
+        requires = "redis_target"
     )]
     pub redis_password_file: Option<std::path::PathBuf>,
     /// PEM CA certificate of a `rediss://` server (default: the system's roots).
-    #[arg(long, env = "BD3LM_REDIS_CA", value_name = "FILE", requires = "redis")]
+    #[arg(
+        long,
+        env = "BD3LM_REDIS_CA",
+        value_name = "FILE",
+        requires = "redis_target"
+    )]
     pub redis_ca: Option<std::path::PathBuf>,
     /// Prefix of every store key.
     #[arg(long, env = "BD3LM_STORE_PREFIX", default_value = "bd3lm")]
@@ -42,6 +60,7 @@ impl std::fmt::Debug for StoreArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StoreArgs")
             .field("redis", &self.redis.as_ref().map(|_| "<redacted>"))
+            .field("redis_cluster", &self.redis_cluster.len())
             .field("redis_password_file", &self.redis_password_file)
             .field("redis_ca", &self.redis_ca)
             .field("store_prefix", &self.store_prefix)
@@ -59,15 +78,14 @@ impl StoreArgs {
         }
     }
 
-    /// The stores on Redis when `--redis` is given, else in memory.
+    /// The stores on Redis (one server or a cluster) when one is given, else in memory.
     pub fn open(&self) -> Result<Stores> {
-        match &self.redis {
-            Some(url) => {
-                let redis = RedisConnection::open(url, self.secrets()?)?;
-                Ok(Stores::redis(&redis, self.config()))
-            }
-            None => Ok(Stores::memory(self.config())),
-        }
+        let redis = match (&self.redis, self.redis_cluster.as_slice()) {
+            (Some(url), _) => RedisConnection::open(url, self.secrets()?)?,
+            (None, []) => return Ok(Stores::memory(self.config())),
+            (None, nodes) => RedisConnection::open_cluster(nodes, self.secrets()?)?,
+        };
+        Ok(Stores::redis(&redis, self.config()))
     }
 
     /// The password and CA files, read.
@@ -84,24 +102,24 @@ impl StoreArgs {
         Ok(RedisSecrets { password, ca_pem })
     }
 
-    /// Stores shared between processes: `--redis` is required.
+    /// Stores shared between processes: `--redis` or `--redis-cluster` is required.
     pub fn open_shared(&self) -> Result<Stores> {
-        match &self.redis {
-            Some(_) => self.open(),
-            None => Err(crate::Error::Unavailable(
-                "--redis (or BD3LM_REDIS_URL) is required: separate processes share \
-                 sessions through Redis"
+        if self.redis.is_none() && self.redis_cluster.is_empty() {
+            return Err(crate::Error::Unavailable(
+                "--redis or --redis-cluster (or BD3LM_REDIS_URL, BD3LM_REDIS_CLUSTER) is \
+                 required: separate processes share sessions through Redis"
                     .into(),
-            )),
+            ));
         }
+        self.open()
     }
 
     /// What the store is, for a start-up line: never the URL, which may hold a password.
     pub fn describe(&self) -> &'static str {
-        if self.redis.is_some() {
-            "redis"
-        } else {
-            "memory"
+        match (&self.redis, self.redis_cluster.is_empty()) {
+            (Some(_), _) => "redis",
+            (None, false) => "redis-cluster",
+            (None, true) => "memory",
         }
     }
 }
@@ -117,13 +135,31 @@ mod tests {
         store: StoreArgs,
     }
 
+    /// Held by the tests that parse flags, which read the environment one of them sets.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    /// One Redis or one cluster, never both; the password file goes with either.
+    #[test]
+    fn a_store_is_one_redis_or_one_cluster() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let parse = |flags: &[&str]| Cli::try_parse_from([&["x"], flags].concat());
+        let nodes = "redis://10.0.0.1:7000,redis://10.0.0.2:7000";
+        let args = parse(&["--redis-cluster", nodes]).unwrap().store;
+        assert_eq!(args.redis_cluster.len(), 2);
+        assert_eq!(args.describe(), "redis-cluster");
+        assert!(parse(&["--redis-cluster", nodes, "--redis", "redis://h/0"]).is_err());
+        assert!(parse(&["--redis-cluster", nodes, "--redis-password-file", "p"]).is_ok());
+        assert!(parse(&["--redis-password-file", "p"]).is_err());
+    }
+
     /// A password in the URL shows neither in `Debug` nor in `--help`.
     #[test]
     fn the_url_never_shows() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         let url = "redis://app:s3cret-pw@10.0.0.7:6379/0";
         let args = Cli::try_parse_from(["x", "--redis", url]).unwrap().store;
         assert!(!format!("{args:?}").contains("s3cret"));
-        // SAFETY: this test alone reads or writes the variable.
+        // SAFETY: the tests that read the environment hold `ENV`.
         unsafe { std::env::set_var("BD3LM_REDIS_URL", url) };
         let help = Cli::try_parse_from(["x", "--help"])
             .unwrap_err()

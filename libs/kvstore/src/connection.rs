@@ -1,19 +1,71 @@
-//! The connection layer under both stores: one Redis connection per process, shared by
-//! every clone, that connects lazily, reconnects on loss and retries a command whose
-//! connection broke. Every Redis operation of the stores goes through
-//! [`RedisConnection::retried`], so this is the one place that knows how the process
-//! reaches Redis.
+//! The connection layer under both stores: one connection per process to one Redis or to
+//! a Redis Cluster, shared by every clone, that connects lazily, reconnects on loss and
+//! retries a command whose connection broke. Every Redis operation of the stores goes
+//! through [`RedisConnection::retried`], so this is the one place that knows how the
+//! process reaches Redis.
+//!
+//! On a cluster, every command and script of the stores names keys of one hash slot (a
+//! session's keys share its `{id}` tag, the jobs' keys `{jobs}`, the registry's
+//! `{registry}`), so each runs whole on the master of that slot; the cluster client
+//! follows MOVED and ASK redirections and refreshes the slot map when it changes.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, IntoConnectionInfo};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use crate::{Error, Result, metrics};
 
 /// The connection a store's commands run on: a clone shares the one connection.
-pub(crate) type Connection = ConnectionManager;
+#[derive(Clone)]
+pub(crate) enum Connection {
+    /// One Redis server, through a manager that reconnects.
+    Single(ConnectionManager),
+    /// One Redis server, on a connection of one caller's own that is not re-established.
+    Own(MultiplexedConnection),
+    /// A Redis Cluster, each command routed to the master of its keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Own(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Own(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Own(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// How a new connection reaches the deployment.
+enum Client {
+    Single(redis::Client),
+    Cluster(ClusterClient),
+}
 
 /// What a Redis connection needs beyond its URL.
 #[derive(Default)]
@@ -31,8 +83,17 @@ pub struct RedisConnection(Arc<Shared>);
 
 /// What every clone of a [`RedisConnection`] shares.
 struct Shared {
-    client: redis::Client,
+    client: Client,
     connection: Connection,
+}
+
+/// How long a connection may take to open, and a command to be answered.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The URL's error without the URL, which may carry a password.
+fn invalid(e: redis::RedisError) -> Error {
+    Error::Unavailable(format!("invalid Redis URL ({:?})", e.kind()))
 }
 
 impl RedisConnection {
@@ -41,10 +102,6 @@ impl RedisConnection {
     /// to (default: the system's roots). Connects lazily; each command times out instead
     /// of hanging.
     pub fn open(url: &str, secrets: RedisSecrets) -> Result<Self> {
-        // The URL may carry a password: errors name neither.
-        let invalid = |e: redis::RedisError| {
-            Error::Unavailable(format!("invalid Redis URL ({:?})", e.kind()))
-        };
         let mut info = url.into_connection_info().map_err(invalid)?;
         if let Some(password) = secrets.password {
             let settings = info.redis_settings().clone().set_password(password);
@@ -62,24 +119,75 @@ impl RedisConnection {
         }
         .map_err(invalid)?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let connection = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
-        Ok(Self(Arc::new(Shared { client, connection })))
+        Ok(Self(Arc::new(Shared {
+            client: Client::Single(client),
+            connection: Connection::Single(connection),
+        })))
+    }
+
+    /// A Redis Cluster reached through any of its `nodes` (`redis://host:port` or
+    /// `rediss://`, all of one scheme), with the secrets of [`RedisConnection::open`];
+    /// the rest of the cluster is found from them. Connects lazily.
+    pub fn open_cluster(nodes: &[String], secrets: RedisSecrets) -> Result<Self> {
+        if nodes.is_empty() {
+            return Err(Error::Unavailable("no Redis Cluster node given".into()));
+        }
+        let infos = nodes
+            .iter()
+            .map(|url| url.as_str().into_connection_info().map_err(invalid))
+            .collect::<Result<Vec<_>>>()?;
+        let mut builder = ClusterClient::builder(infos)
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(4)
+            .min_retry_wait(50)
+            .max_retry_wait(1_000);
+        if let Some(password) = secrets.password {
+            builder = builder.password(password);
+        }
+        if let Some(root_cert) = secrets.ca_pem {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            });
+        }
+        let client = builder.build().map_err(invalid)?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(CONNECT_TIMEOUT)
+            .set_response_timeout(RESPONSE_TIMEOUT);
+        let connection = client.get_pending_async_connection_with_config(config);
+        Ok(Self(Arc::new(Shared {
+            client: Client::Cluster(client),
+            connection: Connection::Cluster(connection),
+        })))
     }
 
     /// A connection of its own, for a command that blocks the server's answer for up to
     /// `block` (on the shared connection it would hold up every other command).
-    pub(crate) async fn dedicated(&self, block: Duration) -> Result<MultiplexedConnection> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(block + Duration::from_secs(5)));
-        let client = &self.0.client;
-        Ok(client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?)
+    pub(crate) async fn dedicated(&self, block: Duration) -> Result<Connection> {
+        let response = block + RESPONSE_TIMEOUT;
+        Ok(match &self.0.client {
+            Client::Single(client) => {
+                let config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(Some(response));
+                let connection = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                Connection::Own(connection)
+            }
+            Client::Cluster(client) => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(response);
+                Connection::Cluster(client.get_async_connection_with_config(config).await?)
+            }
+        })
     }
 
     /// Checks that Redis answers.

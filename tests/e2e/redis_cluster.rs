@@ -1,0 +1,37 @@
+//! The store on a real local Redis Cluster (three masters with a replica each): the store
+//! contracts, and generations whose sessions live on the cluster while workers die.
+
+use bd3lm_kvstore::{RedisConnection, StoreConfig, Stores};
+
+use crate::cluster::{Cluster, RedisCluster};
+use crate::distributed::{checkpoint, during, local};
+
+/// Both stores keep their contracts on a cluster: every script and multi-key command
+/// names keys of one slot, and the client follows the slots to their masters.
+#[test]
+fn the_store_contracts_hold_on_a_redis_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = RedisCluster::start(dir.path(), 2_000);
+    let nodes: Vec<String> = redis.urls().split(',').map(String::from).collect();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let connection = RedisConnection::open_cluster(&nodes, Default::default()).unwrap();
+        connection.ping().await.unwrap();
+        let stores = Stores::redis(&connection, StoreConfig::default());
+        bd3lm_kvstore::contract::check(stores.sessions).await;
+        bd3lm_kvstore::contract::check_jobs(stores.jobs).await;
+    });
+}
+
+/// A worker killed mid-generation while the session lives on the cluster: the other
+/// worker continues it from the cluster with the tokens a local run gives.
+#[test]
+fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "rotate", 2_000);
+    let args = ["--prompt-ids", "1022", "--max-tokens", "768", "--seed", "5"];
+    let expected = local(&args);
+    let addr = cluster.addr.clone();
+    let out = during(&addr, &args, || cluster.workers[0].kill());
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+}
