@@ -231,6 +231,25 @@ impl Redis {
             .unwrap_or_else(|| panic!("not an integer reply: {text}"))
     }
 
+    /// The serialized value of `key` (`DUMP`), to be put back with [`Redis::restore_key`].
+    pub fn dump(&self, key: &str) -> Vec<u8> {
+        let reply = self.command(&[b"DUMP", key.as_bytes()]).unwrap();
+        let header_end = reply.windows(2).position(|w| w == b"\r\n").unwrap();
+        let header = String::from_utf8_lossy(&reply[..header_end]);
+        let len: usize = header
+            .strip_prefix('$')
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        let payload = reply[header_end + 2..].get(..len);
+        payload.expect("a whole DUMP reply").to_vec()
+    }
+
+    /// Puts `key` back as `dump` holds it, replacing what it holds now.
+    pub fn restore_key(&self, key: &str, dump: &[u8]) {
+        let reply = self.command(&[b"RESTORE", key.as_bytes(), b"0", dump, b"REPLACE"]);
+        assert_eq!(reply.unwrap(), b"+OK\r\n", "RESTORE {key}");
+    }
+
     /// Every key matching `pattern`.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
         let reply = String::from_utf8_lossy(&self.command(&[b"KEYS", pattern.as_bytes()]).unwrap())

@@ -245,6 +245,48 @@ fn a_worker_killed_mid_generation_loses_nothing() {
     assert_eq!(out.ids, expected);
 }
 
+/// The store loses acknowledged writes mid-generation (what a failover to a replica that
+/// had not received them does; here the session's record and tokens are put back as they
+/// were blocks earlier): the coordinator, which holds every committed token, catches the
+/// store up, and the client gets the tokens a local run gives.
+#[test]
+fn a_store_that_lost_committed_blocks_is_caught_up_with_identical_tokens() {
+    let cluster = Cluster::start(&checkpoint(), 2, "affinity");
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1200",
+        "--seed",
+        "9",
+    ];
+    let expected = local(&args);
+    let mut child = spawn_client(&cluster.addr, &args);
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    read_tokens(&mut stdout, &mut seen, 40);
+    let record = cluster
+        .redis
+        .keys("*:record")
+        .pop()
+        .expect("the session's record");
+    let tokens = record.replace(":record", ":tokens");
+    let snapshot = (cluster.redis.dump(&record), cluster.redis.dump(&tokens));
+    read_tokens(&mut stdout, &mut seen, 200);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the loss must come mid-generation"
+    );
+    cluster.redis.restore_key(&record, &snapshot.0);
+    cluster.redis.restore_key(&tokens, &snapshot.1);
+    stdout.read_to_end(&mut seen).unwrap();
+    let mut out = child.wait_with_output().unwrap();
+    out.stdout = seen;
+    let out = Generated::from(out);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+}
+
 fn as_refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }

@@ -71,6 +71,13 @@ impl Error {
         matches!(self, Error::NoSession(_) | Error::Deleted(_))
     }
 
+    /// Whether a worker found the stored session behind the block asked for (it holds
+    /// fewer committed blocks than the generation has seen committed): the store lost
+    /// acknowledged writes, and the generation holds what it lost.
+    pub fn is_ahead_of_store(&self) -> bool {
+        matches!(self, Error::Worker(status) if status.code() == tonic::Code::FailedPrecondition)
+    }
+
     /// The status a client is shown.
     pub fn into_status(self) -> Status {
         let message = self.to_string();

@@ -60,7 +60,10 @@ pub fn describe() {
         RETRIES,
         "Blocks asked again after a worker's failure, by its status code"
     );
-    describe_counter!(RESTORES, "Sessions put back into a store that lost them");
+    describe_counter!(
+        RESTORES,
+        "Sessions put back into a store that lost them (lost: the record was gone; behind: it had lost committed blocks, as after a failover)"
+    );
     describe_counter!(
         INVALID,
         "Requests refused as invalid, by the field at fault"
@@ -111,9 +114,9 @@ pub fn retry(code: Code) {
     metrics::counter!(RETRIES, "code" => code_name(code)).increment(1);
 }
 
-/// A session put back into the store.
-pub fn restore() {
-    metrics::counter!(RESTORES).increment(1);
+/// A session put back into the store, which had `lost` it or was `behind`.
+pub fn restore(reason: &'static str) {
+    metrics::counter!(RESTORES, "reason" => reason).increment(1);
 }
 
 /// A request refused as invalid with `message`, which starts with the field at fault.

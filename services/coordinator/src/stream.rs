@@ -278,10 +278,11 @@ struct Blocks<'a> {
 
 impl Blocks<'_> {
     /// The next block from the workers. When the store lost the session (flushed,
-    /// evicted, restarted), this request holds every committed token: it puts the record
-    /// back (unless the session was deleted: its tombstone refuses that) and asks again,
-    /// and the workers rebuild the KV state from the tokens. The store may lose it again
-    /// meanwhile (a second restart): so again, a few times.
+    /// evicted, restarted) or some of its committed blocks (a failover to a replica that
+    /// had not received them: Redis replicates asynchronously), this request holds every
+    /// committed token: it puts them back (unless the session was deleted: its tombstone
+    /// refuses that) and asks again, and the workers rebuild the KV state from the tokens.
+    /// The store may lose them again meanwhile (a second restart): so again, a few times.
     async fn next(
         &self,
         planned: &SessionRecord,
@@ -291,44 +292,66 @@ impl Blocks<'_> {
         let mut restores = 0;
         loop {
             let (committed, version) = (progress.committed, progress.model_version);
-            match self
+            let answer = self
                 .dispatch
                 .denoise_block(session, committed, version)
-                .await
-            {
-                Err(e) if e.is_missing() && restores == MAX_RESTORES => {
-                    tracing::error!(
-                        restores,
-                        "the store lost the session after every restore; giving up"
-                    );
-                    return Err(e);
-                }
-                Err(e) if e.is_missing() => {
-                    restores += 1;
-                    metrics::restore();
-                    tracing::warn!(
-                        committed,
-                        restores,
-                        "session missing from the store; restoring it"
-                    );
-                    self.restore(planned, progress).await?;
-                }
-                other => return other,
+                .await;
+            let lost = match &answer {
+                Err(e) if e.is_missing() => "lost",
+                Err(e) if e.is_ahead_of_store() => "behind",
+                _ => return answer,
+            };
+            if restores == MAX_RESTORES {
+                tracing::error!(
+                    restores,
+                    "the store lost the session after every restore; giving up"
+                );
+                return answer;
             }
+            restores += 1;
+            tracing::warn!(
+                committed,
+                restores,
+                lost,
+                "the store lost the session's blocks; restoring them"
+            );
+            if !self.restore(planned, progress).await? {
+                return answer;
+            }
+            metrics::restore(lost);
         }
     }
 
-    /// Puts the session as `progress` holds it back into the store, under a fresh
-    /// version (no writer that read the lost record can match it).
-    async fn restore(&self, planned: &SessionRecord, progress: &Progress) -> Result<(), Error> {
-        let mut record = planned.clone();
+    /// Puts the session as `progress` holds it back into the store: a missing record under
+    /// a fresh version (no writer that read the lost record can match it), a record that
+    /// lost committed blocks by appending them. Whether it was put back: not when the
+    /// stored record is not an earlier state of this one.
+    async fn restore(&self, planned: &SessionRecord, progress: &Progress) -> Result<bool, Error> {
+        let Some(stored) = self
+            .store
+            .get_session(&planned.model_id, &planned.id)
+            .await?
+        else {
+            let mut record = planned.clone();
+            record.tokens.clone_from(&progress.tokens);
+            record.committed_blocks = progress.committed;
+            record.version = 2 + u64::from(rand::random::<u32>());
+            return match self.store.create_session(&record).await {
+                Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => Ok(true),
+                Err(e) => Err(e.into()),
+            };
+        };
+        let earlier = stored.committed_blocks < progress.committed
+            && progress.tokens.starts_with(&stored.tokens);
+        if !earlier {
+            return Ok(false);
+        }
+        let mut record = stored.clone();
         record.tokens.clone_from(&progress.tokens);
         record.committed_blocks = progress.committed;
-        record.version = 2 + u64::from(rand::random::<u32>());
-        match self.store.create_session(&record).await {
-            Ok(_) | Err(bd3lm_kvstore::Error::SessionExists(_)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        // Superseded: another writer moved it meanwhile, and the next try finds out how.
+        self.store.update_session(&record, stored.base()).await?;
+        Ok(true)
     }
 }
 
