@@ -285,6 +285,8 @@ impl RedisCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     &node_timeout_ms.to_string(),
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ];
                 Redis::start_on(&node_dir, port, extra.map(String::from).to_vec())
             })
@@ -304,17 +306,39 @@ impl RedisCluster {
         cluster
     }
 
-    /// Waits until every live node says the cluster is `ok` (all slots served).
+    /// Waits until every live node says the cluster is `ok` (all slots served) and every
+    /// replica has synchronised with its master (a replica that never did cannot take
+    /// over).
     pub fn wait_ok(&self, within: Duration) {
         let deadline = Instant::now() + within;
+        let reply = |node: &Redis, args: &[&[u8]]| {
+            node.command(args)
+                .map(|r| String::from_utf8_lossy(&r).to_string())
+                .unwrap_or_default()
+        };
         let ok = |node: &Redis| {
-            node.command(&[b"CLUSTER", b"INFO"])
-                .is_ok_and(|r| String::from_utf8_lossy(&r).contains("cluster_state:ok"))
+            let replication = reply(node, &[b"INFO", b"replication"]);
+            let synced = replication.contains("role:master")
+                || replication.contains("master_link_status:up");
+            synced && reply(node, &[b"CLUSTER", b"INFO"]).contains("cluster_state:ok")
         };
         while !self.nodes.iter().filter(|n| n.proc.is_some()).all(ok) {
             assert!(Instant::now() < deadline, "the Redis Cluster is not ok");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The node that is master of the slot of the one key matching `pattern`.
+    pub fn master_of(&self, pattern: &str) -> usize {
+        let is_master = |node: &Redis| {
+            node.command(&[b"ROLE"])
+                .is_ok_and(|r| String::from_utf8_lossy(&r).contains("master"))
+        };
+        let holding = self
+            .nodes
+            .iter()
+            .position(|n| n.proc.is_some() && is_master(n) && !n.keys(pattern).is_empty());
+        holding.unwrap_or_else(|| panic!("no master holds {pattern}"))
     }
 
     /// The seed nodes, as `--redis-cluster` takes them.

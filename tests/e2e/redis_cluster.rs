@@ -1,6 +1,8 @@
 //! The store on a real local Redis Cluster (three masters with a replica each): the store
 //! contracts, and generations whose sessions live on the cluster while workers die.
 
+use std::time::Duration;
+
 use bd3lm_kvstore::{RedisConnection, StoreConfig, Stores};
 
 use crate::cluster::{Cluster, RedisCluster};
@@ -34,4 +36,25 @@ fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
     let out = during(&addr, &args, || cluster.workers[0].kill());
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
+}
+
+/// The master holding the session's slot is killed mid-generation: its replica takes over
+/// (after the cluster's node timeout), the client follows the new slot map, any commit the
+/// replica had not received is put back from the coordinator's tokens, and the client gets
+/// the tokens a local run gives.
+#[test]
+fn a_master_killed_mid_generation_loses_nothing() {
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "affinity", 1_000);
+    let args = ["--prompt-ids", "1022", "--max-tokens", "1536", "--seed", "11"];
+    let expected = local(&args);
+    let addr = cluster.addr.clone();
+    let out = during(&addr, &args, || {
+        let redis = cluster.redis_cluster.as_mut().unwrap();
+        let master = redis.master_of("*:record");
+        redis.nodes[master].stop();
+    });
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+    let redis = cluster.redis_cluster.as_ref().unwrap();
+    redis.wait_ok(Duration::from_secs(30));
 }

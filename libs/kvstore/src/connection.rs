@@ -87,7 +87,17 @@ pub struct RedisConnection(Arc<Shared>);
 struct Shared {
     client: Client,
     connection: Connection,
+    /// How long a command rides out a broken connection before its error stands.
+    outage: Duration,
 }
+
+/// What one Redis' restart takes from a command: two tries again, after 50 then 200 ms.
+const RESTART_OUTAGE: Duration = Duration::from_millis(300);
+
+/// What a cluster's failover takes from a command: the replicas' wait for the master
+/// (`cluster-node-timeout`, 15 s by default), their election, and the client's new slot
+/// map.
+const FAILOVER_OUTAGE: Duration = Duration::from_secs(20);
 
 /// How long a connection may take to open, and a command to be answered.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -129,6 +139,7 @@ impl RedisConnection {
         Ok(Self(Arc::new(Shared {
             client: Client::Single(client),
             connection: Connection::Single(connection),
+            outage: RESTART_OUTAGE,
         })))
     }
 
@@ -166,6 +177,7 @@ impl RedisConnection {
         Ok(Self(Arc::new(Shared {
             client: Client::Cluster(client),
             connection: Connection::Cluster(connection),
+            outage: FAILOVER_OUTAGE,
         })))
     }
 
@@ -202,12 +214,14 @@ impl RedisConnection {
         Ok(())
     }
 
-    /// Runs `call` on the shared connection, and again (twice at most, after 50 then
-    /// 200 ms) when the connection broke: after a Redis restart the first command on
-    /// the old connection fails while the manager reconnects. Every call of the stores
-    /// may run twice: reads, and scripts that compare before they write (a repeated
-    /// commit finds its own write as the stored record, which its callers treat as
-    /// committed by another writer, with the same tokens). Measured as operation `op`.
+    /// Runs `call` on the shared connection, and again while the connection is broken or
+    /// the cluster is between masters, within the outage a deployment rides out (pauses
+    /// of 50 ms, 200 ms, then up to 1 s): one Redis' restart (the first command on the old
+    /// connection fails while the manager reconnects) or a cluster's failover. Every call
+    /// of the stores may run more than once: reads, and scripts that compare before they
+    /// write (a repeated commit finds its own write as the stored record, which its
+    /// callers treat as committed by another writer, with the same tokens). Measured as
+    /// operation `op`.
     pub(crate) async fn retried<T, F, Fut>(
         &self,
         op: &'static str,
@@ -219,15 +233,13 @@ impl RedisConnection {
     {
         let started = Instant::now();
         let mut pause = Duration::from_millis(50);
-        let mut attempt = 0;
         loop {
             match call(self.0.connection.clone()).await {
-                Err(e) if attempt < 2 && broken_connection(&e) => {
-                    tracing::info!(error = %e, "Redis connection broke; trying again");
+                Err(e) if transient(&e) && started.elapsed() + pause <= self.0.outage => {
+                    tracing::info!(error = %e, "Redis unreachable; trying again");
                     metrics::retried(op);
                     tokio::time::sleep(pause).await;
-                    pause *= 4;
-                    attempt += 1;
+                    pause = (pause * 4).min(Duration::from_secs(1));
                 }
                 other => {
                     metrics::operation(op, started, other.is_ok());
@@ -238,9 +250,27 @@ impl RedisConnection {
     }
 }
 
-/// Whether `e` is a lost or refused connection, rather than an answer.
-fn broken_connection(e: &redis::RedisError) -> bool {
-    e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()
+/// Whether `e` is a lost or refused connection or a cluster between masters, rather than
+/// an answer. During a failover the nodes redirect to the dead master (MOVED) until a
+/// replica takes over, and a transaction of reads aborts on such a redirection (EXECABORT:
+/// the stores' transactions are fixed reads, which abort for nothing else).
+fn transient(e: &redis::RedisError) -> bool {
+    use redis::{ErrorKind, ServerErrorKind};
+    let between_masters = matches!(
+        e.kind(),
+        ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Server(
+                ServerErrorKind::ClusterDown
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::ReadOnly
+                    | ServerErrorKind::BusyLoading
+                    | ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::ExecAbort
+            )
+    );
+    between_masters || e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()
 }
 
 /// A script's reply that is not what the script returns.
