@@ -45,7 +45,14 @@ fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
 #[test]
 fn a_master_killed_mid_generation_loses_nothing() {
     let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "affinity", 1_000);
-    let args = ["--prompt-ids", "1022", "--max-tokens", "1536", "--seed", "11"];
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1536",
+        "--seed",
+        "11",
+    ];
     let expected = local(&args);
     let addr = cluster.addr.clone();
     let out = during(&addr, &args, || {

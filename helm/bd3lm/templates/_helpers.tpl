@@ -140,7 +140,7 @@ the internal token, logs and traces, the drain. */}}
   value: /etc/bd3lm/redis/password
 {{- end }}
 {{- else }}
-- name: BD3LM_REDIS_URL
+- name: {{ ternary "BD3LM_REDIS_CLUSTER" "BD3LM_REDIS_URL" .Values.redis.external.cluster }}
   valueFrom:
     secretKeyRef:
       name: {{ required "redis.external.existingSecret is required when redis.enabled is false" .Values.redis.external.existingSecret }}

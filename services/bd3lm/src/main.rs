@@ -87,6 +87,8 @@ enum Command {
     Bench(BenchCommand),
 }
 
+// Parsed once per process: the size of its largest arguments does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum BenchCommand {
     /// Milliseconds per cached denoise and commit pass while generating from BOS and after
