@@ -211,7 +211,7 @@ fn read_tokens(stdout: &mut impl Read, seen: &mut Vec<u8>, count: usize) {
 
 /// Runs a remote generation with `args` and, once it has streamed 40 tokens and while it
 /// still runs, the `fault`.
-pub fn during(addr: &str, args: &[&str], fault: impl FnOnce()) -> Generated {
+fn during(addr: &str, args: &[&str], fault: impl FnOnce()) -> Generated {
     let mut child = spawn_client(addr, args);
     let mut stdout = child.stdout.take().unwrap();
     let mut seen = Vec::new();
@@ -238,9 +238,15 @@ fn a_worker_killed_mid_generation_loses_nothing() {
         "--seed",
         "3",
     ];
-    let expected = local(&args);
+    survives(&mut cluster, &args, |cluster| cluster.workers[0].kill());
+}
+
+/// Runs a remote generation with `args` through `cluster` and, once it streams, the
+/// `fault`: the generation succeeds with the tokens a local run gives.
+pub fn survives(cluster: &mut Cluster, args: &[&str], fault: impl FnOnce(&mut Cluster)) {
+    let expected = local(args);
     let addr = cluster.addr.clone();
-    let out = during(&addr, &args, || cluster.workers[0].kill());
+    let out = during(&addr, args, || fault(cluster));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
 }

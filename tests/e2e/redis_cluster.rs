@@ -6,7 +6,7 @@ use std::time::Duration;
 use bd3lm_kvstore::{RedisConnection, StoreConfig, Stores};
 
 use crate::cluster::{Cluster, RedisCluster};
-use crate::distributed::{checkpoint, during, local};
+use crate::distributed::{checkpoint, survives};
 
 /// Both stores keep their contracts on a cluster: every script and multi-key command
 /// names keys of one slot, and the client follows the slots to their masters.
@@ -31,11 +31,7 @@ fn the_store_contracts_hold_on_a_redis_cluster() {
 fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
     let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "rotate", 2_000);
     let args = ["--prompt-ids", "1022", "--max-tokens", "768", "--seed", "5"];
-    let expected = local(&args);
-    let addr = cluster.addr.clone();
-    let out = during(&addr, &args, || cluster.workers[0].kill());
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(out.ids, expected);
+    survives(&mut cluster, &args, |cluster| cluster.workers[0].kill());
 }
 
 /// The master holding the session's slot is killed mid-generation: its replica takes over
@@ -53,15 +49,11 @@ fn a_master_killed_mid_generation_loses_nothing() {
         "--seed",
         "11",
     ];
-    let expected = local(&args);
-    let addr = cluster.addr.clone();
-    let out = during(&addr, &args, || {
+    survives(&mut cluster, &args, |cluster| {
         let redis = cluster.redis_cluster.as_mut().unwrap();
         let master = redis.master_of("*:record");
         redis.nodes[master].stop();
     });
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    assert_eq!(out.ids, expected);
     let redis = cluster.redis_cluster.as_ref().unwrap();
     redis.wait_ok(Duration::from_secs(30));
 }
