@@ -17,7 +17,7 @@ use bd3lm_proto::v1::{
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::cluster::{Proc, Redis, free_port, spawn, start_coordinator};
+use crate::cluster::{Proc, Redis, RedisCluster, free_port, spawn, start_coordinator};
 use crate::{bd3lm, bin, data_dir};
 
 /// The model trained: tiny, but slow enough per step to stop and kill trainers mid-job.
@@ -100,11 +100,11 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
         .collect()
 }
 
-/// A trainer process over `redis`, with a 2 s lease.
-fn trainer(dir: &Path, redis: &Redis, name: &str) -> Proc {
+/// A trainer process on the store of `store` flags, with a 2 s lease.
+fn trainer(dir: &Path, store: &[String], name: &str) -> Proc {
     let args: Vec<String> = [
-        "--redis",
-        &redis.url(),
+        store[0].as_str(),
+        &store[1],
         "--runs-dir",
         dir.join("runs").to_str().unwrap(),
         "--registry-dir",
@@ -237,8 +237,8 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
         &[],
     );
     let mut trainers = vec![
-        trainer(root, &redis, "trainer-a"),
-        trainer(root, &redis, "trainer-b"),
+        trainer(root, &redis.flags(), "trainer-a"),
+        trainer(root, &redis.flags(), "trainer-b"),
     ];
 
     let mut submit = vec![
@@ -274,7 +274,7 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
         let second = 1 - holder;
         wait_job(&mut client, &id, minute, |j| step(j) >= step(&taken) + 60).await;
         trainers[second].kill();
-        trainers.push(trainer(root, &redis, "trainer-c"));
+        trainers.push(trainer(root, &redis.flags(), "trainer-c"));
         let done = wait_job(&mut client, &id, Duration::from_secs(180), |j| {
             j.state != JobState::Running as i32 && j.state != JobState::Queued as i32
         })
@@ -378,6 +378,78 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
     });
 }
 
+/// The training service on a Redis Cluster: a job is queued, trained by a trainer that
+/// blocks on the queue, published to the registry, and served by a worker following the
+/// model, every record of it on the cluster.
+#[test]
+fn a_job_on_a_redis_cluster_is_trained_published_and_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = shards(root);
+    let redis = RedisCluster::start(root, 2_000);
+    let store = redis.flags();
+    let worker_addr = format!("127.0.0.1:{}", free_port());
+    let registry = root.join("registry");
+    let mut worker_args: Vec<String> = [
+        "--addr",
+        &worker_addr,
+        "--model",
+        "tiny",
+        "--registry-dir",
+        registry.to_str().unwrap(),
+        "--registry-poll-secs",
+        "0.2",
+    ]
+    .map(String::from)
+    .to_vec();
+    worker_args.extend(store.iter().cloned());
+    let _worker = spawn(&bin("bd3lm-worker"), &worker_args, root, "worker");
+    let worker = std::slice::from_ref(&worker_addr);
+    let (_coordinator, addr) = start_coordinator(root, worker, &store, "affinity", &[]);
+    let _trainer = trainer(root, &store, "trainer");
+    let mut submit = vec![
+        "train", "--addr", &addr, "--detach", "--name", "tiny", "--data",
+    ];
+    submit.push(data.to_str().unwrap());
+    submit.extend(SHAPE.iter().chain(&RUN[..RUN.len() - 2]));
+    submit.extend(["--steps", "30"]);
+    let out = bd3lm(&submit);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = training(&addr).await;
+        let done = wait_job(&mut client, &id, Duration::from_secs(180), |j| {
+            j.state != JobState::Running as i32 && j.state != JobState::Queued as i32
+        })
+        .await;
+        assert_eq!(done.state, JobState::Succeeded as i32, "{}", done.error);
+        assert_eq!(done.published_versions, vec![1]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut generation = GenerationClient::connect(format!("http://{addr}"))
+                .await
+                .unwrap();
+            let probe = GenerateRequest {
+                max_new_tokens: 1,
+                ..Default::default()
+            };
+            match generation.generate(probe).await {
+                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                _ => break,
+            }
+        }
+        let (_, versions) = generate(&addr, None).await;
+        assert!(versions.iter().all(|v| *v == Some(1)), "{versions:?}");
+    });
+}
+
 /// Bad specs are INVALID_ARGUMENT naming the field, before anything is queued; a running
 /// job is cancelled within a step, and the command line shows it.
 #[test]
@@ -388,7 +460,7 @@ fn jobs_are_checked_and_cancelled() {
     let redis = Redis::start(root);
     let nowhere = format!("127.0.0.1:{}", free_port());
     let (_coordinator, addr) = start_coordinator(root, &[nowhere], &redis.flags(), "affinity", &[]);
-    let _trainer = trainer(root, &redis, "trainer");
+    let _trainer = trainer(root, &redis.flags(), "trainer");
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = training(&addr).await;
