@@ -165,6 +165,27 @@ fn wait_log(proc: &Proc, needle: &str, within: Duration) {
 
 /// A generation of 8 tokens, new or continuing `session`; its session and the model
 /// version of each block.
+/// Waits until the coordinator at `addr` serves generations (its worker has a model
+/// loaded) or `within` has passed; the next generation's result tells which.
+async fn wait_serving(addr: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut generation = GenerationClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let probe = GenerateRequest {
+            max_new_tokens: 1,
+            ..Default::default()
+        };
+        match generation.generate(probe).await {
+            Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            _ => return,
+        }
+    }
+}
+
 async fn generate(addr: &str, session: Option<&str>) -> (String, Vec<Option<u64>>) {
     let mut client = GenerationClient::connect(format!("http://{addr}"))
         .await
@@ -300,22 +321,8 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
         assert_eq!((v1.job_id.as_str(), v1.step), (id.as_str(), 400));
 
         // The worker following `tiny` loads version 1 and becomes ready.
-        let deadline = Instant::now() + minute;
-        let (session, first) = loop {
-            let mut generation = GenerationClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
-            let probe = GenerateRequest {
-                max_new_tokens: 1,
-                ..Default::default()
-            };
-            match generation.generate(probe).await {
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                _ => break generate(&addr, None).await,
-            }
-        };
+        wait_serving(&addr, minute).await;
+        let (session, first) = generate(&addr, None).await;
         assert!(first.iter().all(|v| *v == Some(1)), "{first:?}");
 
         let fine_tune = JobSpec {
@@ -429,22 +436,7 @@ fn a_job_on_a_redis_cluster_is_trained_published_and_served() {
         .await;
         assert_eq!(done.state, JobState::Succeeded as i32, "{}", done.error);
         assert_eq!(done.published_versions, vec![1]);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            let mut generation = GenerationClient::connect(format!("http://{addr}"))
-                .await
-                .unwrap();
-            let probe = GenerateRequest {
-                max_new_tokens: 1,
-                ..Default::default()
-            };
-            match generation.generate(probe).await {
-                Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                _ => break,
-            }
-        }
+        wait_serving(&addr, Duration::from_secs(60)).await;
         let (_, versions) = generate(&addr, None).await;
         assert!(versions.iter().all(|v| *v == Some(1)), "{versions:?}");
     });
