@@ -678,6 +678,21 @@ impl Cluster {
         Self::start_in(dir, checkpoint, workers, routing, Some(&plain), None)
     }
 
+    /// [`Cluster::start`] with `flags` on every worker's command line.
+    pub fn start_with_worker_flags(
+        checkpoint: &Path,
+        workers: usize,
+        routing: &str,
+        flags: &[&str],
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = Secured {
+            worker: flags.iter().map(|s| s.to_string()).collect(),
+            ..Secured::default()
+        };
+        Self::start_in(dir, checkpoint, workers, routing, Some(&plain), None)
+    }
+
     /// [`Cluster::start`] with the sessions on a Redis Cluster of its own
     /// ([`RedisCluster::start`], replicas taking over after `node_timeout_ms`).
     pub fn start_on_redis_cluster(

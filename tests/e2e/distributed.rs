@@ -241,10 +241,45 @@ fn a_worker_killed_mid_generation_loses_nothing() {
     survives(&mut cluster, &args, |cluster| cluster.workers[0].kill());
 }
 
+/// With the workers' KV caches in bf16, then in f16, a worker killed mid-generation
+/// loses nothing: the session moves to the other worker through blobs of that precision
+/// (or a rebuild), and the client gets the tokens of a local run with the same precision.
+#[test]
+fn a_worker_killed_mid_generation_loses_nothing_in_each_kv_precision() {
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1000",
+        "--seed",
+        "5",
+    ];
+    for kv in ["bf16", "f16"] {
+        let precision = ["--kv-dtype", kv];
+        let mut cluster = Cluster::start_with_worker_flags(&checkpoint(), 2, "rotate", &precision);
+        let local_args = [&args[..], &precision[..]].concat();
+        survives_like(&mut cluster, &args, &local_args, |cluster| {
+            cluster.workers[0].kill()
+        });
+        let info = cluster.worker_info(1).expect("worker 1 answers");
+        assert_eq!(info.kv_dtype, kv);
+    }
+}
+
 /// Runs a remote generation with `args` through `cluster` and, once it streams, the
 /// `fault`: the generation succeeds with the tokens a local run gives.
 pub fn survives(cluster: &mut Cluster, args: &[&str], fault: impl FnOnce(&mut Cluster)) {
-    let expected = local(args);
+    survives_like(cluster, args, args, fault)
+}
+
+/// [`survives`], compared with a local run with `local_args`.
+fn survives_like(
+    cluster: &mut Cluster,
+    args: &[&str],
+    local_args: &[&str],
+    fault: impl FnOnce(&mut Cluster),
+) {
+    let expected = local(local_args);
     let addr = cluster.addr.clone();
     let out = during(&addr, args, || fault(cluster));
     assert_eq!(out.code, 0, "{}", out.stderr);

@@ -15,8 +15,9 @@ use crate::ops;
 
 /// Scaled dot-product attention of the new queries `q` (batch, heads, s, head_dim) of each
 /// sequence over the live keys of its cache at `layer` followed by its `s` pending ones
-/// (already written), unmasked: a block sees itself and everything before it. `q` and
-/// the caches hold f32 on the host, and the head dimension is a multiple of [`LANES`].
+/// (already written), unmasked: a block sees itself and everything before it. `q` holds
+/// f32 on the host, the caches f32, bf16 or f16 (widened to f32 head by head), and the
+/// head dimension is a multiple of [`LANES`].
 pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Tensor> {
     let (b, heads, s, r) = q.dims4()?;
     let q = q.contiguous()?;
@@ -42,8 +43,8 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
                 let capacity = kb.dim(2)?;
                 let at = ((j * heads + unit % heads) * capacity + start) * r;
                 let span = at..at + keys * r;
-                ops::with_host_f32(kb, |k| {
-                    ops::with_host_f32(vb, |v| head(q, &k[span.clone()], &v[span], r, scale, out))
+                ops::with_host_span_f32(kb, span.clone(), |k| {
+                    ops::with_host_span_f32(vb, span, |v| head(q, k, v, r, scale, out))
                 })?
             })
     })??;
@@ -129,9 +130,10 @@ mod tests {
         Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
     }
 
-    /// A cache of batch 1 holding `len` committed tokens and `new` pending ones at layer 0.
-    fn cache(cfg: &Config, len: usize, new: usize, seed: u64) -> KvCache {
-        let mut cache = KvCache::new(cfg, 1, DType::F32, &Device::Cpu).unwrap();
+    /// A cache of batch 1 in `dtype` holding `len` committed tokens and `new` pending ones
+    /// at layer 0.
+    fn cache(cfg: &Config, dtype: DType, len: usize, new: usize, seed: u64) -> KvCache {
+        let mut cache = KvCache::new(cfg, 1, dtype, &Device::Cpu).unwrap();
         let (h, r) = (cfg.n_heads, cfg.head_dim());
         for (i, n) in [(0, len), (1, new)] {
             cache.reserve(n).unwrap();
@@ -149,7 +151,7 @@ mod tests {
 
     /// candle's composite: softmax(q k^T / sqrt(r)) v over the cache's keys and values.
     fn composite(q: &Tensor, cache: &KvCache, new: usize) -> Tensor {
-        let (k, v) = cache.keys_values(0, new).unwrap();
+        let (k, v) = cache.keys_values(0, new, DType::F32).unwrap();
         let scale = 1.0 / (q.dim(3).unwrap() as f64).sqrt();
         let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         crate::ops::softmax_last_dim(&scores)
@@ -158,10 +160,17 @@ mod tests {
             .unwrap()
     }
 
-    /// Sequences with caches of different lengths get candle's attention, and each one's
-    /// result is the same bits alone as in the batch.
+    /// Sequences with caches of different lengths, in each precision a cache holds, get
+    /// candle's attention over the cache's keys and values, and each one's result is the
+    /// same bits alone as in the batch.
     #[test]
     fn ragged_attention_matches_candle_and_is_batch_invariant() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            ragged_attention_matches_candle_in(dtype);
+        }
+    }
+
+    fn ragged_attention_matches_candle_in(dtype: DType) {
         let cfg = Config::new(Shape {
             vocab_size: 64,
             model_length: 64,
@@ -177,7 +186,7 @@ mod tests {
         let caches: Vec<KvCache> = [0, 12, 40]
             .iter()
             .enumerate()
-            .map(|(i, &len)| cache(&cfg, len, s, i as u64))
+            .map(|(i, &len)| cache(&cfg, dtype, len, s, i as u64))
             .collect();
         let q = normal((3, h, s, r), 5);
         let refs: Vec<&KvCache> = caches.iter().collect();
@@ -186,9 +195,9 @@ mod tests {
             let qi = q.narrow(0, i, 1).unwrap();
             let want = composite(&qi, cache, s);
             let got = batched.narrow(0, i, 1).unwrap();
-            assert!(max_diff(&got, &want) < 1e-6, "sequence {i}");
+            assert!(max_diff(&got, &want) < 1e-6, "{dtype:?}: sequence {i}");
             let alone = ragged(&qi, &[cache], 0).unwrap();
-            assert_eq!(max_diff(&alone, &got), 0.0, "sequence {i} alone");
+            assert_eq!(max_diff(&alone, &got), 0.0, "{dtype:?}: sequence {i} alone");
         }
         let too_few = ragged(&q.narrow(0, 0, 2).unwrap(), &refs, 0);
         assert!(too_few.is_err());

@@ -45,6 +45,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `batch` sequences of a model with config `cfg`.
     pub fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
+        check_kv_dtype(dtype)?;
         if batch == 0 {
             return Err(Error::Input(
                 "a KV cache needs a batch of at least 1".into(),
@@ -124,7 +125,7 @@ impl KvCache {
             * self.dtype.size_in_bytes()
     }
 
-    /// Checks that this cache can serve a model with config `cfg` and compute dtype `dtype`.
+    /// Checks that this cache can serve a model with config `cfg` whose caches hold `dtype`.
     pub(crate) fn check_fits(&self, cfg: &Config, dtype: DType) -> Result<()> {
         let ok = self.n_layers() == cfg.n_blocks
             && self.n_heads == cfg.n_heads
@@ -194,7 +195,7 @@ impl KvCache {
     }
 
     /// Writes the new tokens' keys and values of `layer`, each (batch, heads, new, r), into
-    /// the pending slot after the live range.
+    /// the pending slot after the live range, rounded to the cache's dtype.
     pub(crate) fn write_pending(
         &self,
         layer: usize,
@@ -202,8 +203,8 @@ impl KvCache {
         v: &Tensor,
     ) -> candle_core::Result<()> {
         let (kb, vb) = &self.buffers[layer];
-        kb.slice_set(k, 2, self.start + self.len)?;
-        vb.slice_set(v, 2, self.start + self.len)?;
+        kb.slice_set(&k.to_dtype(self.dtype)?, 2, self.start + self.len)?;
+        vb.slice_set(&v.to_dtype(self.dtype)?, 2, self.start + self.len)?;
         Ok(())
     }
 
@@ -214,18 +215,19 @@ impl KvCache {
         (k, v, self.start)
     }
 
-    /// Keys and values of `layer` to attend over: the live range followed by `new` pending
-    /// tokens.
+    /// Keys and values of `layer` to attend over, in `dtype` (the compute dtype): the live
+    /// range followed by `new` pending tokens.
     pub(crate) fn keys_values(
         &self,
         layer: usize,
         new: usize,
+        dtype: DType,
     ) -> candle_core::Result<(Tensor, Tensor)> {
         let (kb, vb) = &self.buffers[layer];
         let total = self.len + new;
         Ok((
-            kb.narrow(2, self.start, total)?,
-            vb.narrow(2, self.start, total)?,
+            kb.narrow(2, self.start, total)?.to_dtype(dtype)?,
+            vb.narrow(2, self.start, total)?.to_dtype(dtype)?,
         ))
     }
 
@@ -268,7 +270,7 @@ impl KvCache {
         let mut out = Vec::with_capacity(64 + self.live_bytes());
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(dtype_code(self.dtype)?);
+        out.push(dtype_code(self.dtype));
         for v in [
             self.n_layers(),
             self.batch,
@@ -491,14 +493,22 @@ impl Buffer<'_> {
     }
 }
 
-fn dtype_code(dtype: DType) -> Result<u8> {
+/// Checks that KV caches can hold `dtype`: f32, bf16 or f16.
+pub(crate) fn check_kv_dtype(dtype: DType) -> Result<()> {
     match dtype {
-        DType::F32 => Ok(0),
-        DType::BF16 => Ok(1),
-        DType::F16 => Ok(2),
+        DType::F32 | DType::BF16 | DType::F16 => Ok(()),
         other => Err(Error::Input(format!(
             "KV caches hold f32, bf16 or f16, not {other:?}"
         ))),
+    }
+}
+
+/// The header's code of a dtype that [`check_kv_dtype`] accepted.
+fn dtype_code(dtype: DType) -> u8 {
+    match dtype {
+        DType::BF16 => 1,
+        DType::F16 => 2,
+        _ => 0,
     }
 }
 
@@ -511,14 +521,11 @@ fn dtype_from_code(code: u8) -> Result<DType> {
     }
 }
 
-/// Appends the little-endian bytes of a contiguous tensor.
+/// Appends the little-endian bytes of a contiguous tensor of a dtype that
+/// [`check_kv_dtype`] accepted.
 fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
     let flat = t.flatten_all()?;
     match t.dtype() {
-        DType::F32 => flat
-            .to_vec1::<f32>()?
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         DType::BF16 => flat
             .to_vec1::<half::bf16>()?
             .iter()
@@ -527,11 +534,10 @@ fn append_raw(t: &Tensor, out: &mut Vec<u8>) -> Result<()> {
             .to_vec1::<half::f16>()?
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        other => {
-            return Err(Error::Input(format!(
-                "KV caches hold f32, bf16 or f16, not {other:?}"
-            )));
-        }
+        _ => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
     }
     Ok(())
 }
@@ -602,7 +608,7 @@ mod tests {
         let segment = |block_size: u32| {
             let mut body = MAGIC.to_vec();
             body.extend_from_slice(&VERSION.to_le_bytes());
-            body.push(dtype_code(DType::F32).unwrap());
+            body.push(dtype_code(DType::F32));
             for d in [2, 1, 2, 8, block_size, block_size] {
                 body.extend_from_slice(&d.to_le_bytes());
             }

@@ -383,7 +383,7 @@ impl DitBlock {
         for cache in &ctx.caches {
             let n = cache.batch();
             cache.write_pending(self.index, &k.narrow(0, at, n)?, &v.narrow(0, at, n)?)?;
-            f((at, n), cache.keys_values(self.index, new)?)?;
+            f((at, n), cache.keys_values(self.index, new, k.dtype())?)?;
             at += n;
         }
         Ok(())

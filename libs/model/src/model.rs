@@ -28,6 +28,8 @@ pub struct Bd3lm {
     /// conditioning (sigma is then always replaced by zeros).
     fixed: Option<Conditioning>,
     dtype: DType,
+    /// Precision of the keys and values its KV caches hold (see [`Bd3lm::with_kv_dtype`]).
+    kv_dtype: DType,
     device: Device,
 }
 
@@ -77,6 +79,7 @@ impl Bd3lm {
             train_masks: Mutex::new(HashMap::new()),
             fixed: None,
             dtype: vb.dtype(),
+            kv_dtype: vb.dtype(),
             device: vb.device().clone(),
         };
         if !cfg.time_conditioning && !model.vocab_embed.track_op() {
@@ -116,9 +119,25 @@ impl Bd3lm {
         &self.device
     }
 
+    /// The network whose KV caches hold keys and values in `kv_dtype` (f32, bf16 or f16):
+    /// they are computed in the compute dtype, rounded once as they are written to the
+    /// cache, and attended over from there, the block's own keys included. Every path to
+    /// a cache (a commit, a rebuild from tokens, an import) rounds the same way, so a
+    /// session gets the same tokens from each. The default is the compute dtype.
+    pub fn with_kv_dtype(mut self, kv_dtype: DType) -> Result<Self> {
+        crate::kv_cache::check_kv_dtype(kv_dtype)?;
+        self.kv_dtype = kv_dtype;
+        Ok(self)
+    }
+
+    /// Precision of the keys and values its KV caches hold.
+    pub fn kv_dtype(&self) -> DType {
+        self.kv_dtype
+    }
+
     /// An empty KV cache for `batch` sequences.
     pub fn new_cache(&self, batch: usize) -> Result<KvCache> {
-        KvCache::new(&self.cfg, batch, self.dtype, &self.device)
+        KvCache::new(&self.cfg, batch, self.kv_dtype, &self.device)
     }
 
     /// The conditioning vector `silu(sigma_map(sigma))` (batch, cond_dim); `None` without
@@ -374,7 +393,7 @@ impl Bd3lm {
         }
         self.check_sigma(sigma, b)?;
         for cache in caches.iter_mut() {
-            cache.check_fits(&self.cfg, self.dtype)?;
+            cache.check_fits(&self.cfg, self.kv_dtype)?;
             cache.reserve(s)?;
         }
         let mask = match &caches[..] {
@@ -842,6 +861,39 @@ mod tests {
         let b = f16_model.denoise(&block, &zeros(1), &mut c16).unwrap();
         assert_eq!(b.dtype(), DType::F16);
         assert!(max_diff(&a, &b) < 0.05, "{}", max_diff(&a, &b));
+    }
+
+    /// A bf16 or f16 KV cache holds half the bytes of an f32 one, gives the same logits
+    /// after an export and import as in memory (keys are rounded once, as they are
+    /// written), stays close to the f32 cache, and serves no model of another precision.
+    #[test]
+    fn narrower_kv_caches_halve_their_bytes_and_round_trip_exactly() {
+        let cfg = small_config(4);
+        let seq = tokens(1, 12, cfg.vocab_size, 11);
+        let (context, block) = (seq.narrow(1, 0, 8).unwrap(), seq.narrow(1, 8, 4).unwrap());
+        let f32_model = small_model(&cfg);
+        let mut c32 = f32_model.new_cache(1).unwrap();
+        f32_model.commit(&context, &zeros(1), &mut c32).unwrap();
+        let exact = f32_model.denoise(&block, &zeros(1), &mut c32).unwrap();
+        for kv in [DType::BF16, DType::F16] {
+            let model = small_model(&cfg).with_kv_dtype(kv).unwrap();
+            let mut cache = model.new_cache(1).unwrap();
+            model.commit(&context, &zeros(1), &mut cache).unwrap();
+            assert_eq!(
+                (cache.dtype(), 2 * cache.live_bytes()),
+                (kv, c32.live_bytes())
+            );
+            let mut imported =
+                crate::KvCache::from_bytes(&cache.to_bytes().unwrap(), &Device::Cpu).unwrap();
+            let in_memory = model.denoise(&block, &zeros(1), &mut cache).unwrap();
+            let from_bytes = model.denoise(&block, &zeros(1), &mut imported).unwrap();
+            assert_eq!(in_memory.dtype(), DType::F32);
+            assert_eq!(max_diff(&in_memory, &from_bytes), 0.0, "{kv:?}");
+            let off = max_diff(&in_memory, &exact);
+            assert!(off > 0.0 && off < 0.05, "{kv:?}: {off}");
+            assert!(f32_model.denoise(&block, &zeros(1), &mut imported).is_err());
+        }
+        assert!(small_model(&cfg).with_kv_dtype(DType::U8).is_err());
     }
 
     #[test]

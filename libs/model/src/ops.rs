@@ -5,7 +5,8 @@
 //! takes the fused path when no gradient flows through its input and the composite path
 //! otherwise, so one network definition serves sampling and training.
 
-use candle_core::{D, DType, Device, Result, Storage, Tensor};
+use candle_core::{CpuStorage, D, DType, Device, Result, Storage, Tensor};
+use half::slice::HalfFloatSliceExt;
 
 use crate::host;
 
@@ -66,15 +67,40 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-/// Calls `f` with the elements of `x`, a contiguous f32 tensor on the host.
+/// Calls `f` with the elements of `x`, a contiguous tensor on the host, as f32 (see
+/// [`with_host_span_f32`]).
 pub(crate) fn with_host_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    with_host_span_f32(x, 0..x.elem_count(), f)
+}
+
+/// Calls `f` with elements `span` of `x`, a contiguous tensor on the host, as f32:
+/// borrowed when `x` holds f32, else widened into a buffer of their own (the keys and
+/// values of a bf16 or f16 KV cache).
+pub(crate) fn with_host_span_f32<R>(
+    x: &Tensor,
+    span: std::ops::Range<usize>,
+    f: impl FnOnce(&[f32]) -> R,
+) -> Result<R> {
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
         candle_core::bail!("expected a tensor on the host")
     };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(f(&cpu.as_slice::<f32>()?[start..end])),
-        None => candle_core::bail!("expected a contiguous tensor"),
+    let Some((start, _)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor")
+    };
+    let span = start + span.start..start + span.end;
+    let out_of_range = || candle_core::Error::Msg(format!("elements {span:?} out of range"));
+    match cpu {
+        CpuStorage::F32(v) => Ok(f(v.get(span.clone()).ok_or_else(out_of_range)?)),
+        CpuStorage::BF16(v) => Ok(f(&v
+            .get(span.clone())
+            .ok_or_else(out_of_range)?
+            .to_f32_vec())),
+        CpuStorage::F16(v) => Ok(f(&v
+            .get(span.clone())
+            .ok_or_else(out_of_range)?
+            .to_f32_vec())),
+        _ => candle_core::bail!("expected f32, bf16 or f16, found {:?}", x.dtype()),
     }
 }
 

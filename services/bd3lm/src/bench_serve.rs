@@ -11,7 +11,8 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore, Stores};
 use bd3lm_model::{Config, KvCache, checkpoint};
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{DenoiseBlockRequest, GenerateRequest, TokenIds};
-use bd3lm_worker::{LoadedModel, WorkerLimits, WorkerService};
+use bd3lm_worker::settings::dtype_name;
+use bd3lm_worker::{LoadedModel, Precision, WorkerLimits, WorkerService};
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
@@ -20,40 +21,47 @@ use serde::Serialize;
 struct CacheLatency {
     context: usize,
     source: &'static str,
+    /// The KV caches' precision.
+    kv_dtype: String,
     /// Milliseconds to have the cache ready.
     cache_ms: f64,
     /// Milliseconds of the whole block in the worker.
     block_ms: f64,
 }
 
-/// The random-weight "tiny" model (block size 4) on the CPU in f32.
-pub async fn tiny_model() -> anyhow::Result<Arc<LoadedModel>> {
-    random_model(Config::tiny(4), DType::F32, Device::Cpu).await
-}
-
 /// A random-weight model of shape `cfg` as a worker loads it: saved to a temporary
 /// checkpoint and loaded back, so it has a fingerprint like any other.
 pub async fn random_model(
     cfg: Config,
-    dtype: DType,
+    precision: Precision,
     device: Device,
 ) -> anyhow::Result<Arc<LoadedModel>> {
     let dir = std::env::temp_dir().join(format!("bd3lm-bench-{}", std::process::id()));
     let weights = checkpoint::random_weights(&cfg, 0.02, 0)?;
-    checkpoint::save(&dir, &cfg, &weights, dtype)?;
+    checkpoint::save(&dir, &cfg, &weights, precision.compute)?;
     let loaded = tokio::task::spawn_blocking({
         let dir = dir.clone();
-        move || bd3lm_worker::load(&dir, Some("bench"), dtype, &device)
+        move || bd3lm_worker::load(&dir, Some("bench"), precision, &device)
     })
     .await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Arc::new(loaded?))
 }
 
-/// Runs the benchmark; one JSON line per figure.
-pub async fn run(stores: Stores, contexts: &[usize], reps: usize) -> anyhow::Result<()> {
+/// Runs the benchmark on the random-weight tiny model (block size 4) on the CPU, its KV
+/// caches in `kv_dtype`; one JSON line per figure.
+pub async fn run(
+    stores: Stores,
+    kv_dtype: DType,
+    contexts: &[usize],
+    reps: usize,
+) -> anyhow::Result<()> {
     let store = stores.sessions.clone();
-    let loaded = tiny_model().await?;
+    let precision = Precision {
+        compute: DType::F32,
+        kv: kv_dtype,
+    };
+    let loaded = random_model(Config::tiny(4), precision, Device::Cpu).await?;
     store.ping().await.context("the store does not answer")?;
     for &context in contexts {
         for source in ["memory", "store", "rebuilt"] {
@@ -67,6 +75,7 @@ pub async fn run(stores: Stores, contexts: &[usize], reps: usize) -> anyhow::Res
             let line = CacheLatency {
                 context,
                 source,
+                kv_dtype: dtype_name(kv_dtype),
                 cache_ms: cache_ms / reps as f64,
                 block_ms: block_ms / reps as f64,
             };
@@ -164,14 +173,10 @@ async fn block_latency(
 
 /// The same network again (a worker with another fingerprint needs its own `LoadedModel`).
 fn clone_model(loaded: &LoadedModel) -> anyhow::Result<bd3lm_model::Bd3lm> {
-    let cfg = loaded.model.config().clone();
-    Ok(checkpoint::random_model(
-        &cfg,
-        0.02,
-        0,
-        DType::F32,
-        &Device::Cpu,
-    )?)
+    let model = &loaded.model;
+    let cfg = model.config().clone();
+    let copy = checkpoint::random_model(&cfg, 0.02, 0, model.dtype(), model.device())?;
+    Ok(copy.with_kv_dtype(model.kv_dtype())?)
 }
 
 /// GB/s of turning a full window's KV cache into per-block blobs and back.
@@ -218,7 +223,14 @@ fn blob_throughput(loaded: &LoadedModel) -> anyhow::Result<()> {
     let gbps = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e9;
     println!(
         "{}",
-        serde_json::json!({"kv_blob_bytes": bytes, "blocks": blocks, "encode_gb_per_s": gbps(encode), "decode_gb_per_s": gbps(decode)})
+        serde_json::json!({
+            "kv_dtype": dtype_name(model.kv_dtype()),
+            "kv_blob_bytes": bytes,
+            "blocks": blocks,
+            "kv_blob_bytes_per_token": bytes / (blocks * bs),
+            "encode_gb_per_s": gbps(encode),
+            "decode_gb_per_s": gbps(decode),
+        })
     );
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use bd3lm_diffusion::{NoiseSchedule, loss, subs};
 use bd3lm_model::{Bd3lm, Config, checkpoint::Checkpoint, mask};
+use bd3lm_worker::Precision;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde::Serialize;
 
@@ -60,16 +61,16 @@ const OUTPUTS: [&str; 15] = [
 ];
 
 /// Runs the check of `fixtures` against the checkpoint in `checkpoint_dir`.
-/// The model runs on `device` in `dtype`; the differences are taken in f64 on the host.
+/// The model runs on `device` in `precision` (its KV caches too, which the cached outputs
+/// go through); the differences are taken in f64 on the host.
 pub fn run(
     checkpoint_dir: &Path,
     fixtures: &Path,
     tolerance: f64,
     device: &Device,
-    dtype: DType,
+    precision: Precision,
 ) -> anyhow::Result<Report> {
-    let ckpt = Checkpoint::open(checkpoint_dir)?;
-    let model = ckpt.load_model(dtype, device)?;
+    let model = precision.load_model(Checkpoint::open(checkpoint_dir)?, device)?;
     let stored = candle_core::safetensors::load(fixtures, device).with_context(|| {
         format!(
             "{}: not a readable safetensors fixture file",

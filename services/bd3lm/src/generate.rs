@@ -17,8 +17,10 @@ pub fn run(args: &GenerateArgs) -> anyhow::Result<()> {
         bail!("invalid parameter `max_tokens`: expected at least 1, found 0");
     }
     let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
-    let model =
-        Checkpoint::open(&checkpoint)?.load_model(args.device.dtype(), &args.device.device()?)?;
+    let model = args
+        .device
+        .precision()
+        .load_model(Checkpoint::open(&checkpoint)?, &args.device.device()?)?;
     let params = flags
         .sampling
         .overrides()

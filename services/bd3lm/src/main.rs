@@ -3,6 +3,7 @@
 mod args;
 mod bench;
 mod bench_load;
+mod bench_precision;
 mod bench_serve;
 mod bench_train;
 mod check_reference;
@@ -50,7 +51,8 @@ enum Command {
         /// Largest allowed absolute difference per key.
         #[arg(long, default_value_t = 1e-4, value_parser = positive_f64, allow_hyphen_values = true)]
         tolerance: f64,
-        /// Where the model runs and in what precision.
+        /// Where the model runs and in what precisions (here the KV cache's precision
+        /// defaults to the compute dtype on every device).
         #[command(flatten)]
         device: bd3lm_worker::DeviceArgs,
     },
@@ -122,7 +124,8 @@ enum BenchCommand {
         /// With --concurrency: new tokens per stream.
         #[arg(long, default_value_t = 64)]
         tokens: u32,
-        /// With --concurrency: where the model runs and in what precision.
+        /// Where the model runs and in what precisions (without --concurrency, only
+        /// --kv-dtype applies: the cost figures are taken on the CPU in f32).
         #[command(flatten)]
         device: bd3lm_worker::DeviceArgs,
         #[command(flatten)]
@@ -149,6 +152,17 @@ enum BenchCommand {
         /// Seed of the weights and tokens.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+    },
+    /// Token agreement of KV caches held in bf16 and f16 with f32's: the same seeds'
+    /// generations from BOS on the demo model and the random-weight tiny shape. One JSON
+    /// line per model and precision.
+    KvPrecision {
+        /// Tokens per generation.
+        #[arg(long, default_value_t = 256)]
+        tokens: usize,
+        /// Generations (seeds 0..N) per model and precision.
+        #[arg(long, default_value_t = 8)]
+        seeds: usize,
     },
     /// Tokens per second of local generation from BOS (first-hitting, T = block size,
     /// nucleus 0.9) and the confidence sampler's forward passes per token.
@@ -228,8 +242,8 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
             tolerance,
             device,
         } => {
-            let (dev, dtype) = (device.device()?, device.dtype());
-            let report = check_reference::run(&checkpoint, &fixtures, tolerance, &dev, dtype)?;
+            let (dev, precision) = (device.device()?, device.exact_precision());
+            let report = check_reference::run(&checkpoint, &fixtures, tolerance, &dev, precision)?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(if report.pass {
                 ExitCode::SUCCESS
@@ -312,19 +326,19 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             worker,
             ..
         } => runtime.block_on(async {
-            let (dev, dtype) = (device.device()?, device.dtype());
+            let (dev, precision) = (device.device()?, device.precision());
             let (loaded, name) = match model {
                 BenchModel::Tiny => (
-                    bench_serve::random_model(Config::tiny(4), dtype, dev).await?,
+                    bench_serve::random_model(Config::tiny(4), precision, dev).await?,
                     "tiny",
                 ),
                 BenchModel::Small => (
-                    bench_serve::random_model(Config::small(4), dtype, dev).await?,
+                    bench_serve::random_model(Config::small(4), precision, dev).await?,
                     "small",
                 ),
                 BenchModel::Demo => {
                     let dir = demo::checkpoint_or_demo(None)?;
-                    let load = move || bd3lm_worker::load(&dir, None, dtype, &dev);
+                    let load = move || bd3lm_worker::load(&dir, None, precision, &dev);
                     (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
                 }
             };
@@ -333,16 +347,21 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
         }),
         BenchCommand::Serve {
             store,
+            device,
             contexts,
             reps,
             ..
-        } => runtime.block_on(bench_serve::run(store.open()?, &contexts, reps)),
+        } => {
+            let kv_dtype = device.precision().kv;
+            runtime.block_on(bench_serve::run(store.open()?, kv_dtype, &contexts, reps))
+        }
         BenchCommand::Generate {
             block_sizes,
             tokens,
             threshold,
             seed,
         } => bench::run_generate(&block_sizes, tokens, threshold, seed),
+        BenchCommand::KvPrecision { tokens, seeds } => bench_precision::run(tokens, seeds),
         BenchCommand::Train {
             steps,
             warmup,

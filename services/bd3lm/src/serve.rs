@@ -69,7 +69,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 name: name.clone(),
                 dir: training.registry.clone(),
                 device: args.device.device()?,
-                dtype: args.device.dtype(),
+                precision: args.device.precision(),
             };
             following.start(&stores.jobs, &args.follow)?
         }
@@ -78,8 +78,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             if settings.tokenizer.is_none() {
                 settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
             }
-            let (device, dtype) = (args.device.device()?, args.device.dtype());
-            let load = move || bd3lm_worker::load(&checkpoint, None, dtype, &device);
+            let (device, precision) = (args.device.device()?, args.device.precision());
+            let load = move || bd3lm_worker::load(&checkpoint, None, precision, &device);
             let model = tokio::task::spawn_blocking(load).await??;
             Arc::new(bd3lm_worker::Models::fixed(Arc::new(model)))
         }

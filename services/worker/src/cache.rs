@@ -1,7 +1,7 @@
 //! Where a session's KV cache comes from: the worker's memory, else the store's per-block
 //! KV blobs, else a rebuild from the session's tokens. A blob that fails its checksum,
-//! belongs to another model state (weights, dtype, configuration) or to other tokens is
-//! a miss (logged and counted), never data.
+//! belongs to another model state (weights, precisions, configuration) or to other tokens
+//! is a miss (logged and counted), never data.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -169,11 +169,19 @@ fn decode(loaded: &LoadedModel, blobs: StoredBlobs) -> Option<KvCache> {
                 "corrupt"
             }
         };
-        rejected.fetch_add(1, Ordering::Relaxed);
-        metrics::blob_rejected(refused);
-        return None;
+        return refuse(&rejected, refused);
     }
-    import(loaded, &payloads, end)
+    match import(loaded, &payloads, end) {
+        Ok(cache) => Some(cache),
+        Err(refused) => refuse(&rejected, refused),
+    }
+}
+
+/// Counts a refused blob (`reason`: corrupt or mismatch); the cache is then rebuilt.
+fn refuse(rejected: &AtomicU64, reason: &'static str) -> Option<KvCache> {
+    rejected.fetch_add(1, Ordering::Relaxed);
+    metrics::blob_rejected(reason);
+    None
 }
 
 fn blob_fits(blob: &BlockBlob, loaded: &LoadedModel, index: usize, prefix_hash: u64) -> bool {
@@ -183,8 +191,9 @@ fn blob_fits(blob: &BlockBlob, loaded: &LoadedModel, index: usize, prefix_hash: 
         && blob.prefix_hash == prefix_hash
 }
 
-/// The cache of the decoded `payloads`, which must end at position `end`.
-fn import(loaded: &LoadedModel, payloads: &[Vec<u8>], end: usize) -> Option<KvCache> {
+/// The cache of the decoded `payloads`, which must end at position `end` and hold the
+/// model's KV precision; else why they were refused (corrupt or mismatch).
+fn import(loaded: &LoadedModel, payloads: &[Vec<u8>], end: usize) -> Result<KvCache, &'static str> {
     let parts: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
     let cache = if parts.is_empty() {
         loaded.model.new_cache(1)
@@ -192,17 +201,21 @@ fn import(loaded: &LoadedModel, payloads: &[Vec<u8>], end: usize) -> Option<KvCa
         KvCache::import(&parts, loaded.model.device())
     };
     match cache {
-        Ok(c) if c.next_position() == end => Some(c),
-        Ok(c) => {
+        Ok(c) if c.next_position() != end => {
             tracing::warn!(
                 end = c.next_position(),
                 "KV blobs end at the wrong position; rebuilding"
             );
-            None
+            Err("mismatch")
         }
+        Ok(c) if c.dtype() != loaded.model.kv_dtype() => {
+            tracing::warn!(kv_dtype = ?c.dtype(), "KV blobs of another precision; rebuilding");
+            Err("mismatch")
+        }
+        Ok(c) => Ok(c),
         Err(e) => {
             tracing::warn!(error = %e, "KV blob payload rejected; rebuilding");
-            None
+            Err("corrupt")
         }
     }
 }

@@ -31,18 +31,18 @@ use bd3lm_model::checkpoint::Checkpoint;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorkerServer;
 use bd3lm_telemetry::probes::Ports;
-use candle_core::{DType, Device};
+use candle_core::Device;
 
 pub use models::{Models, Rollout};
 pub use service::{LoadedModel, WorkerService};
-pub use settings::{DeviceArgs, FollowSettings, WorkerLimits, WorkerSettings};
+pub use settings::{DeviceArgs, FollowSettings, Precision, WorkerLimits, WorkerSettings};
 
 /// Loads the checkpoint in `dir` (blocking: seconds for large models). A model id that
 /// KV blobs cannot hold is refused before anything is read.
 pub fn load(
     dir: &Path,
     model_id: Option<&str>,
-    dtype: DType,
+    precision: Precision,
     device: &Device,
 ) -> anyhow::Result<LoadedModel> {
     let model_id = match model_id {
@@ -51,8 +51,8 @@ pub fn load(
     };
     check_model_id(&model_id)?;
     let ckpt = Checkpoint::open(dir)?;
-    let fingerprint = state_fingerprint(&ckpt.fingerprint()?, dtype, &ckpt.config);
-    let model = ckpt.load_model(dtype, device)?;
+    let fingerprint = state_fingerprint(&ckpt.fingerprint()?, precision, &ckpt.config);
+    let model = precision.load_model(ckpt, device)?;
     tracing::info!(%model_id, %fingerprint, dir = %dir.display(), "model loaded");
     Ok(LoadedModel {
         model,
@@ -62,10 +62,16 @@ pub fn load(
     })
 }
 
-/// The fingerprint of the KV state a worker computes: its weights' fingerprint, dtype and
-/// configuration (16 hex digits). Workers that differ in any of them never share blobs.
-pub fn state_fingerprint(weights: &str, dtype: DType, config: &bd3lm_model::Config) -> String {
-    let described = format!("{weights}|{dtype:?}|{config:?}");
+/// The fingerprint of the KV state a worker computes: its weights' fingerprint, compute
+/// and KV precisions and configuration (16 hex digits). Workers that differ in any of them
+/// never share blobs.
+pub fn state_fingerprint(
+    weights: &str,
+    precision: Precision,
+    config: &bd3lm_model::Config,
+) -> String {
+    let Precision { compute, kv } = precision;
+    let described = format!("{weights}|{compute:?}|kv {kv:?}|{config:?}");
     format!("{:016x}", bd3lm_bytes::checksum(described.as_bytes()))
 }
 
@@ -162,7 +168,7 @@ mod tests {
         let err = load(
             Path::new("/nonexistent"),
             Some(&long),
-            DType::F32,
+            Precision::F32,
             &Device::Cpu,
         );
         assert!(err.err().unwrap().to_string().contains("model id"));

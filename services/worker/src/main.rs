@@ -57,7 +57,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let store = server.service.start(bd3lm_worker::metrics::describe)?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
     let device = args.device.device()?;
-    let dtype = args.device.dtype();
+    let precision = args.device.precision();
     let ports = server.bind("bd3lm-worker", &args.addr).await?;
     let models = match (&args.follow.model, &args.checkpoint) {
         (Some(name), _) => {
@@ -65,7 +65,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 name: name.clone(),
                 dir: registry_dir.clone().expect("checked at start"),
                 device,
-                dtype,
+                precision,
             };
             following.start(&store.jobs, &args.follow)?
         }
@@ -73,7 +73,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let models = Arc::new(Models::loading());
             let (dir, id, loading) = (dir.clone(), args.model_id.clone(), models.clone());
             tokio::task::spawn_blocking(move || {
-                match bd3lm_worker::load(&dir, id.as_deref(), dtype, &device) {
+                match bd3lm_worker::load(&dir, id.as_deref(), precision, &device) {
                     Ok(l) => loading.add(Arc::new(l)),
                     Err(e) => {
                         let e = bd3lm_telemetry::cli::one_line(&e);

@@ -189,16 +189,16 @@ impl Models {
 }
 
 /// Model `name` of the registry whose records are in `store` and files in `dir`, loaded
-/// on `device` in `dtype`: what a worker started with `--model` serves.
+/// on `device` in `precision`: what a worker started with `--model` serves.
 pub struct Following {
     /// The registry name, also the model id in store keys.
     pub name: String,
     /// The registry's storage directory.
     pub dir: std::path::PathBuf,
-    /// Where versions are loaded, and in what precision.
+    /// Where versions are loaded.
     pub device: candle_core::Device,
-    /// Compute dtype.
-    pub dtype: candle_core::DType,
+    /// In what precisions.
+    pub precision: crate::Precision,
 }
 
 impl Following {
@@ -255,8 +255,8 @@ impl Following {
         version: u64,
     ) -> anyhow::Result<LoadedModel> {
         let dir = registry.path(&self.name, version)?;
-        let (name, dtype, device) = (self.name.clone(), self.dtype, self.device.clone());
-        let load = move || crate::load(&dir, Some(&name), dtype, &device);
+        let (name, precision, device) = (self.name.clone(), self.precision, self.device.clone());
+        let load = move || crate::load(&dir, Some(&name), precision, &device);
         let mut loaded = tokio::task::spawn_blocking(load).await??;
         loaded.version = Some(version);
         Ok(loaded)

@@ -309,7 +309,8 @@ impl DenoiseWorker for WorkerService {
             model_id: loaded.model_id.clone(),
             weights_fingerprint: loaded.fingerprint.clone(),
             block_size: cfg.block_size as u32,
-            dtype: format!("{:?}", loaded.model.dtype()).to_lowercase(),
+            dtype: crate::settings::dtype_name(loaded.model.dtype()),
+            kv_dtype: crate::settings::dtype_name(loaded.model.kv_dtype()),
             capacity: self.limits.max_batch as u32,
             in_flight,
             batch_size: batch_size as u32,
@@ -370,21 +371,35 @@ pub(crate) mod tests {
 
     /// A toy model with weights of scale 0.1 and the given fingerprint.
     pub(crate) fn loaded(fingerprint: &str) -> Arc<LoadedModel> {
-        random_loaded(
-            &Config::new(Shape {
-                vocab_size: 64,
-                model_length: 16,
-                block_size: 4,
-                backbone: Backbone::TOY,
-            }),
-            0.1,
-            fingerprint,
-        )
+        loaded_in(fingerprint, DType::F32)
     }
 
-    /// A random model of shape `cfg` (weights drawn with scale `std`), as loaded.
-    pub(crate) fn random_loaded(cfg: &Config, std: f64, fingerprint: &str) -> Arc<LoadedModel> {
-        let model = checkpoint::random_model(cfg, std, 1, DType::F32, &Device::Cpu).unwrap();
+    /// [`loaded`] with its KV caches in `kv_dtype`.
+    fn loaded_in(fingerprint: &str, kv_dtype: DType) -> Arc<LoadedModel> {
+        random_loaded(&toy_config(), 0.1, fingerprint, kv_dtype)
+    }
+
+    fn toy_config() -> Config {
+        Config::new(Shape {
+            vocab_size: 64,
+            model_length: 16,
+            block_size: 4,
+            backbone: Backbone::TOY,
+        })
+    }
+
+    /// A random model of shape `cfg` (weights drawn with scale `std`) with its KV caches
+    /// in `kv_dtype`, as loaded.
+    pub(crate) fn random_loaded(
+        cfg: &Config,
+        std: f64,
+        fingerprint: &str,
+        kv_dtype: DType,
+    ) -> Arc<LoadedModel> {
+        let model = checkpoint::random_model(cfg, std, 1, DType::F32, &Device::Cpu)
+            .unwrap()
+            .with_kv_dtype(kv_dtype)
+            .unwrap();
         Arc::new(LoadedModel {
             model,
             model_id: "m".into(),
@@ -550,9 +565,24 @@ pub(crate) mod tests {
     /// the same tokens every way, a committed block answered as stored, rejections counted.
     #[tokio::test]
     async fn every_cache_source_gives_the_same_tokens() {
+        let mut blob_bytes = Vec::new();
+        for kv in [DType::F32, DType::BF16, DType::F16] {
+            blob_bytes.push(cache_sources_agree(kv).await);
+        }
+        // The keys and values of a block are half the bytes in bf16 and f16, the rest of
+        // the blob (headers, names, checksums) the same.
+        let cfg = toy_config();
+        let f32_data = 2 * cfg.n_blocks * cfg.block_size * cfg.hidden_dim * 4;
+        assert_eq!(blob_bytes[0] - blob_bytes[1], f32_data / 2);
+        assert_eq!(blob_bytes[1], blob_bytes[2]);
+    }
+
+    /// Memory, the store's blobs and a rebuild give a session the same tokens with KV
+    /// caches in `kv`; a blob of another precision is a miss. Returns a blob's bytes.
+    async fn cache_sources_agree(kv: DType) -> usize {
         let store = SessionStore::memory(StoreConfig::default());
         session(&store, &sid("a")).await;
-        let first = service(Some(loaded("f")), &store, 1);
+        let first = service(Some(loaded_in("f", kv)), &store, 1);
         let prefill = block(&first, &sid("a"), 0).await.unwrap();
         assert_eq!(
             (prefill.token_ids, prefill.committed_blocks),
@@ -567,29 +597,44 @@ pub(crate) mod tests {
         );
 
         session(&store, &sid("b")).await;
-        block(&service(Some(loaded("f")), &store, 1), &sid("b"), 0)
+        block(&service(Some(loaded_in("f", kv)), &store, 1), &sid("b"), 0)
             .await
             .unwrap();
-        let from_store = block(&service(Some(loaded("f")), &store, 1), &sid("b"), 1)
+        let from_store = block(&service(Some(loaded_in("f", kv)), &store, 1), &sid("b"), 1)
             .await
             .unwrap();
-        assert_eq!(from_store.cache_source, "store");
-        assert_eq!(from_store.token_ids, memory.token_ids);
+        assert_eq!(from_store.cache_source, "store", "{kv:?}");
+        assert_eq!(from_store.token_ids, memory.token_ids, "{kv:?}");
 
-        session(&store, &sid("c")).await;
-        block(&service(Some(loaded("other")), &store, 1), &sid("c"), 0)
-            .await
-            .unwrap();
-        let fresh = service(Some(loaded("f")), &store, 1);
-        let rebuilt = block(&fresh, &sid("c"), 1).await.unwrap();
-        assert_eq!(rebuilt.cache_source, "rebuilt");
-        assert_eq!(rebuilt.token_ids, memory.token_ids);
-        let info = fresh
-            .info(Request::new(InfoRequest {}))
-            .await
-            .unwrap()
-            .into_inner();
-        assert_eq!(info.kv_blobs_rejected, 1);
+        // Written by a worker of other weights, and by one of another precision that
+        // (wrongly) claims the same fingerprint: both rebuilt.
+        let other_precision = if kv == DType::F32 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        for (id, writer) in [
+            ("c", loaded_in("other", kv)),
+            ("d", loaded_in("f", other_precision)),
+        ] {
+            session(&store, &sid(id)).await;
+            block(&service(Some(writer), &store, 1), &sid(id), 0)
+                .await
+                .unwrap();
+            let fresh = service(Some(loaded_in("f", kv)), &store, 1);
+            let rebuilt = block(&fresh, &sid(id), 1).await.unwrap();
+            assert_eq!(rebuilt.cache_source, "rebuilt", "{kv:?}, session {id}");
+            assert_eq!(rebuilt.token_ids, memory.token_ids, "{kv:?}, session {id}");
+            let info = fresh
+                .info(Request::new(InfoRequest {}))
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(info.kv_blobs_rejected, 1);
+            assert_eq!(info.kv_dtype, crate::settings::dtype_name(kv));
+        }
+        let blob = store.get_blobs("m", &sid("b"), &[0]).await.unwrap();
+        blob[0].as_ref().expect("block 0's blob").len()
     }
 
     /// Only the request's own faults are client errors; a compute failure is INTERNAL
@@ -624,6 +669,7 @@ pub(crate) mod tests {
             }),
             0.1,
             "f",
+            DType::F32,
         );
         let store = SessionStore::memory(StoreConfig::default());
         let record = SessionRecord {
@@ -701,6 +747,7 @@ pub(crate) mod tests {
             }),
             0.3,
             "f",
+            DType::F32,
         );
         let store = SessionStore::memory(StoreConfig::default());
         let samplers = [

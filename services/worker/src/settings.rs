@@ -161,18 +161,29 @@ impl FromStr for DeviceSpec {
     }
 }
 
-/// Compute precision.
+/// A precision as flags name it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DtypeArg {
     /// 32-bit floats.
     F32,
     /// 16-bit floats.
     F16,
-    /// bfloat16 (CUDA; candle's CPU matmul has none).
+    /// bfloat16 (to compute in: CUDA only, candle's CPU matmul has none; KV caches hold it
+    /// on either).
     Bf16,
 }
 
-/// Where and in what precision the model runs.
+impl DtypeArg {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Where and in what precisions the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args)]
 pub struct DeviceArgs {
     /// Where the model runs: cpu, cuda (the first GPU) or cuda:N (a build with
@@ -182,6 +193,44 @@ pub struct DeviceArgs {
     /// Compute precision.
     #[arg(long, env = "BD3LM_DTYPE", value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Precision of the KV caches, in memory and in the store's blobs: every worker of a
+    /// deployment must use the same (a blob of another is a miss, rebuilt from tokens).
+    /// Default: f32 on the CPU (the reference's parity), bf16 on CUDA (the reference's own
+    /// cache there).
+    #[arg(long, env = "BD3LM_KV_DTYPE", value_enum)]
+    pub kv_dtype: Option<DtypeArg>,
+}
+
+/// The precisions a model runs in: its weights and activations, and its KV caches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// Weights and activations.
+    pub compute: DType,
+    /// Keys and values in the KV caches, in memory and in the store.
+    pub kv: DType,
+}
+
+impl Precision {
+    /// f32 throughout: the reference's parity.
+    pub const F32: Self = Self {
+        compute: DType::F32,
+        kv: DType::F32,
+    };
+
+    /// The network of `ckpt` in these precisions on `device`.
+    pub fn load_model(
+        self,
+        ckpt: bd3lm_model::checkpoint::Checkpoint,
+        device: &Device,
+    ) -> bd3lm_model::Result<bd3lm_model::Bd3lm> {
+        ckpt.load_model(self.compute, device)?
+            .with_kv_dtype(self.kv)
+    }
+}
+
+/// A dtype's name as flags and `InfoResponse` write it: "f32", "bf16", "f16".
+pub fn dtype_name(dtype: DType) -> String {
+    format!("{dtype:?}").to_lowercase()
 }
 
 impl DeviceArgs {
@@ -195,12 +244,24 @@ impl DeviceArgs {
         }
     }
 
-    /// The candle dtype.
-    pub fn dtype(&self) -> DType {
-        match self.dtype {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::Bf16 => DType::BF16,
+    /// The compute and KV precisions, the KV's default resolved for the device.
+    pub fn precision(&self) -> Precision {
+        self.precision_or(match self.device {
+            DeviceSpec::Cpu => DType::F32,
+            DeviceSpec::Cuda(_) => DType::BF16,
+        })
+    }
+
+    /// The compute and KV precisions, the KV's default the compute dtype: what a parity
+    /// check against the reference runs in unless told otherwise.
+    pub fn exact_precision(&self) -> Precision {
+        self.precision_or(self.dtype.dtype())
+    }
+
+    fn precision_or(&self, default_kv: DType) -> Precision {
+        Precision {
+            compute: self.dtype.dtype(),
+            kv: self.kv_dtype.map_or(default_kv, DtypeArg::dtype),
         }
     }
 }
