@@ -269,21 +269,42 @@ fn a_worker_killed_mid_generation_loses_nothing_in_each_kv_precision() {
 /// Runs a remote generation with `args` through `cluster` and, once it streams, the
 /// `fault`: the generation succeeds with the tokens a local run gives.
 pub fn survives(cluster: &mut Cluster, args: &[&str], fault: impl FnOnce(&mut Cluster)) {
-    survives_like(cluster, args, args, fault)
+    survives_like(cluster, args, args, fault);
 }
 
-/// [`survives`], compared with a local run with `local_args`.
+/// [`survives`], compared with a local run with `local_args`; the remote run's output.
 fn survives_like(
     cluster: &mut Cluster,
     args: &[&str],
     local_args: &[&str],
     fault: impl FnOnce(&mut Cluster),
-) {
+) -> Generated {
     let expected = local(local_args);
     let addr = cluster.addr.clone();
     let out = during(&addr, args, || fault(cluster));
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
+    out
+}
+
+/// A request's KV persistence decides what Redis holds of its session: `never` only its
+/// tokens, `at-end` the window's blobs once the generation ended (written by the last
+/// block's worker). Under both, a worker killed mid-generation loses nothing: the other
+/// worker rebuilds from the tokens.
+#[test]
+fn kv_persistence_decides_the_blobs_stored_and_a_worker_kill_loses_nothing() {
+    let args = ["--prompt-ids", "1022", "--max-tokens", "600", "--seed", "4"];
+    // The test model's window: 64 tokens less a block of 4, in blocks.
+    let window_blocks = 15;
+    for (persistence, blobs) in [("never", 0), ("at-end", window_blocks)] {
+        let mut cluster = Cluster::start(&checkpoint(), 2, "rotate");
+        let remote = [&args[..], &["--kv-persistence", persistence]].concat();
+        let out = survives_like(&mut cluster, &remote, &args, |cluster| {
+            cluster.workers[0].kill()
+        });
+        let stored = cluster.redis.keys(&format!("*{}*:kv:*", out.session()));
+        assert_eq!(stored.len(), blobs, "{persistence}: {stored:?}");
+    }
 }
 
 /// The store loses acknowledged writes mid-generation (what a failover to a replica that

@@ -193,6 +193,7 @@ fn two_workers_committing_the_same_block_agree() {
                 let r = DenoiseBlockRequest {
                     session_id: session.clone(),
                     block_index: block,
+                    ..Default::default()
                 };
                 async move { w.denoise_block(r).await.unwrap().into_inner() }
             });
@@ -250,6 +251,7 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
         let past = DenoiseBlockRequest {
             session_id: id,
             block_index: 1,
+            ..Default::default()
         };
         assert_eq!(
             worker.denoise_block(past).await.unwrap_err().code(),

@@ -145,6 +145,7 @@ fn workers_refuse_calls_without_the_internal_token() {
             let block = DenoiseBlockRequest {
                 session_id: format!("{:032x}", 1),
                 block_index: 0,
+                ..Default::default()
             };
             assert_eq!(
                 worker.denoise_block(block).await.unwrap_err().code(),

@@ -120,6 +120,10 @@ pub struct GenerateArgs {
     /// one).
     #[command(flatten)]
     pub tls: bd3lm_proto::tls::TlsFiles,
+    /// With --addr: when the server writes this generation's KV state to its store
+    /// (default: the server's --kv-persistence).
+    #[arg(long, value_enum, requires = "addr")]
+    pub kv_persistence: Option<bd3lm_coordinator::Persistence>,
     /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
     /// model.
     #[arg(long, value_name = "DIR")]

@@ -127,6 +127,7 @@ async fn prefilled(
         .denoise_block(tonic::Request::new(DenoiseBlockRequest {
             session_id: id.clone(),
             block_index: 0,
+            ..Default::default()
         }))
         .await?;
     Ok((first, id))
@@ -160,6 +161,7 @@ async fn block_latency(
         .denoise_block(tonic::Request::new(DenoiseBlockRequest {
             session_id: id,
             block_index: (context / 4) as u32,
+            ..Default::default()
         }))
         .await?
         .into_inner();

@@ -3,16 +3,21 @@
 use std::io::Write;
 use std::time::Instant;
 
-use bd3lm_proto::tls::TlsFiles;
+use bd3lm_coordinator::Persistence;
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GenerateRequest, SamplingParameters, StopReason, TokenIds};
 use bd3lm_sampling::SamplingOverrides;
 
-use crate::args::GenerationArgs;
+use crate::args::{GenerateArgs, GenerationArgs};
 
-/// The request the generation flags describe.
-pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateRequest {
+/// The request the generation flags describe, continuing `session` when given, its KV
+/// state written as `persistence` says (else as the server's default).
+pub fn request(
+    args: &GenerationArgs,
+    session: Option<String>,
+    persistence: Option<Persistence>,
+) -> GenerateRequest {
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (Some(text), _) => Some(Prompt::Text(text.clone())),
         (None, Some(ids)) => Some(Prompt::TokenIds(TokenIds { ids: ids.clone() })),
@@ -35,22 +40,19 @@ pub fn request(args: &GenerationArgs, session: Option<String>) -> GenerateReques
             .map(|ids| TokenIds { ids: ids.clone() })
             .collect(),
         stop_on_eos: args.var_length,
+        kv_persistence: persistence.map_or(0, |p| p.to_wire() as i32),
     }
 }
 
-/// Streams a generation from the server at `addr` (with `api_key` and `tls`, when given)
-/// to stdout, with a summary on stderr.
-pub async fn generate(
-    addr: &str,
-    session: Option<String>,
-    api_key: Option<&str>,
-    tls: &TlsFiles,
-    args: &GenerationArgs,
-) -> anyhow::Result<()> {
+/// Streams the generation `args` describe from the server at `addr` (with its API key
+/// and TLS files, when given) to stdout, with a summary on stderr.
+pub async fn generate(addr: &str, args: &GenerateArgs) -> anyhow::Result<()> {
+    let (api_key, tls) = (args.api_key.as_deref(), &args.tls);
     let mut client = GenerationClient::new(crate::remote::connect(addr, api_key, tls).await?);
     let started = Instant::now();
+    let request = request(&args.generation, args.session.clone(), args.kv_persistence);
     let mut stream = client
-        .generate_stream(request(args, session))
+        .generate_stream(request)
         .await
         .map_err(crate::remote::status)?
         .into_inner();
@@ -94,9 +96,11 @@ mod tests {
     /// keeps its own (a greedy session stays greedy).
     #[test]
     fn a_continuation_sends_only_the_flags_given() {
-        let req = request(&parse(&["--max-tokens", "8"]), Some("s1".into()));
+        let req = request(&parse(&["--max-tokens", "8"]), Some("s1".into()), None);
         assert_eq!((req.session_id.as_str(), req.sampling), ("s1", None));
-        let sent = request(&parse(&["--top-k", "0"]), None).sampling.unwrap();
+        let sent = request(&parse(&["--top-k", "0"]), None, None)
+            .sampling
+            .unwrap();
         assert_eq!(
             (sent.top_k, sent.greedy, sent.temperature),
             (Some(0), None, None)

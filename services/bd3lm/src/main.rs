@@ -289,13 +289,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Handle) -> anyhow::Result<ExitCode> {
         }
         Command::Generate(args) => {
             match &args.addr {
-                Some(addr) => runtime.block_on(client::generate(
-                    addr,
-                    args.session.clone(),
-                    args.api_key.as_deref(),
-                    &args.tls,
-                    &args.generation,
-                ))?,
+                Some(addr) => runtime.block_on(client::generate(addr, &args))?,
                 None => generate::run(&args)?,
             }
             Ok(ExitCode::SUCCESS)

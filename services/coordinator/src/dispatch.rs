@@ -5,13 +5,14 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse};
+use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, PersistKvRequest};
 use tonic::{Code, Request, Status};
 
 use crate::admission::Admission;
 use crate::error::Error;
 use crate::metrics;
 use crate::pool::{Pool, Worker};
+use crate::settings::Persistence;
 
 /// A worker's answer for a block.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,8 +58,8 @@ impl Dispatcher {
     }
 
     /// Waits for a slot, then asks workers for block `block` of `session` (whose last
-    /// block ran on model `version`: workers that have it loaded come first) until one
-    /// answers. A fault of the request or its stored session (INVALID_ARGUMENT,
+    /// block ran on model `version`: workers that have it loaded come first; its KV blob
+    /// written as `persistence` says) until one answers. A fault of the request or its stored session (INVALID_ARGUMENT,
     /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once, a
     /// session the worker did not find as [`Error::NoSession`]; a busy worker
     /// (RESOURCE_EXHAUSTED, when other coordinators share it) is waited for without
@@ -70,6 +71,7 @@ impl Dispatcher {
         session: &str,
         block: usize,
         version: Option<u64>,
+        persistence: Persistence,
     ) -> Result<BlockAnswer, Error> {
         let started = Instant::now();
         let _slot = self.admission.acquire(self.policy.timeout).await?;
@@ -86,7 +88,7 @@ impl Dispatcher {
             });
             let status = match worker {
                 None => Status::unavailable("no healthy denoise worker"),
-                Some(worker) => match self.attempt(&worker, session, block).await {
+                Some(worker) => match self.attempt(&worker, session, block, persistence).await {
                     Ok(response) => {
                         self.pool.remember(session, &worker.addr);
                         self.budget.deposit();
@@ -125,10 +127,12 @@ impl Dispatcher {
         worker: &Arc<Worker>,
         session: &str,
         block: usize,
+        persistence: Persistence,
     ) -> Result<DenoiseBlockResponse, Status> {
         let mut request = Request::new(DenoiseBlockRequest {
             session_id: session.to_string(),
             block_index: block as u32,
+            kv_persistence: persistence.to_wire() as i32,
         });
         bd3lm_telemetry::inject(request.metadata_mut());
         let _in_flight = worker.enter();
@@ -143,6 +147,43 @@ impl Dispatcher {
                 Err(Status::deadline_exceeded(format!(
                     "no denoise worker answered within {timeout:?}"
                 )))
+            }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Asks the worker that served `session`'s last block to write the KV blobs of its
+    /// window at `committed` blocks (a generation's end under [`Persistence::AtEnd`]).
+    /// Best effort: a worker that is gone, no longer holds the session or fails writes
+    /// nothing, and the session's next worker rebuilds from its tokens. Blocks written.
+    pub async fn persist_kv(&self, session: &str, committed: usize) -> u32 {
+        let Some(worker) = self.pool.holder(session) else {
+            metrics::kv_persisted("no_worker");
+            return 0;
+        };
+        let mut request = Request::new(PersistKvRequest {
+            session_id: session.to_string(),
+            committed_blocks: committed as u32,
+        });
+        bd3lm_telemetry::inject(request.metadata_mut());
+        let mut client = worker.client();
+        let call = client.persist_kv(request);
+        match tokio::time::timeout(self.policy.timeout, call).await {
+            Ok(Ok(answer)) => {
+                let written = answer.into_inner().blocks_written;
+                metrics::kv_persisted(if written > 0 { "written" } else { "not_held" });
+                written
+            }
+            Ok(Err(status)) => {
+                tracing::warn!(worker = %worker.addr, code = ?status.code(), "persisting the KV window failed");
+                metrics::kv_persisted("failed");
+                0
+            }
+            Err(_) => {
+                tracing::warn!(worker = %worker.addr, "persisting the KV window timed out");
+                metrics::kv_persisted("failed");
+                0
             }
         }
     }

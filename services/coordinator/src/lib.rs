@@ -40,7 +40,7 @@ use tonic::service::interceptor::InterceptedService;
 pub use error::Error;
 pub use pool::{Pool, Serving, WorkerSource};
 pub use service::Coordinator;
-pub use settings::{CoordinatorSettings, Routing};
+pub use settings::{CoordinatorSettings, Persistence, Routing};
 pub use training::TrainingService;
 pub use validation::Limits;
 

@@ -16,6 +16,7 @@ const QUEUE_SECONDS: &str = "bd3lm_queue_wait_seconds";
 const SLOTS: &str = "bd3lm_admission_slots";
 const RETRIES: &str = "bd3lm_retries_total";
 const RESTORES: &str = "bd3lm_session_restores_total";
+const KV_PERSISTED: &str = "bd3lm_kv_window_persists_total";
 const INVALID: &str = "bd3lm_invalid_requests_total";
 const WORKERS: &str = "bd3lm_workers_healthy";
 
@@ -63,6 +64,10 @@ pub fn describe() {
     describe_counter!(
         RESTORES,
         "Sessions put back into a store that lost them (lost: the record was gone; behind: it had lost committed blocks, as after a failover)"
+    );
+    describe_counter!(
+        KV_PERSISTED,
+        "Generations under at-end KV persistence that asked their last worker to write the window, by outcome: written, not_held (the worker no longer held the session), no_worker (none remembered or healthy), failed"
     );
     describe_counter!(
         INVALID,
@@ -117,6 +122,11 @@ pub fn retry(code: Code) {
 /// A session put back into the store, which had `lost` it or was `behind`.
 pub fn restore(reason: &'static str) {
     metrics::counter!(RESTORES, "reason" => reason).increment(1);
+}
+
+/// A generation's end asked for its KV window to be written, with `outcome`.
+pub fn kv_persisted(outcome: &'static str) {
+    metrics::counter!(KV_PERSISTED, "outcome" => outcome).increment(1);
 }
 
 /// A request refused as invalid with `message`, which starts with the field at fault.

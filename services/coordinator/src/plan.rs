@@ -9,7 +9,8 @@ use bd3lm_proto::v1::InfoResponse;
 use bd3lm_text::{StopRules, Text};
 
 use crate::error::Error;
-use crate::lease::{Lease, LeaseTerms};
+use crate::lease::Lease;
+use crate::settings::{CoordinatorSettings, Persistence};
 use crate::validation::{Limits, Target, ValidRequest, Vocabulary};
 
 /// The model served by the workers, learned from their Info, and its text handling.
@@ -47,22 +48,25 @@ pub struct Plan {
     pub model: Arc<ModelInfo>,
     /// This generation's hold on the session.
     pub lease: Lease,
+    /// When this generation writes the session's KV state to the store.
+    pub persistence: Persistence,
 }
 
 /// Read-modify-write attempts of one record update before it is ABORTED.
 const WRITE_TRIES: usize = 8;
 
-/// Creates or continues the session of `valid` in `store`, under the session's lease.
-/// Everything is checked before the store is written: a refused request leaves no
-/// session behind and changes none (its lease is given up as it is dropped).
+/// Creates or continues the session of `valid` in `store`, under the session's lease,
+/// within the limits and by the defaults of `settings`. Everything is checked before the
+/// store is written: a refused request leaves no session behind and changes none (its
+/// lease is given up as it is dropped).
 pub async fn plan(
     valid: ValidRequest,
     model: Arc<ModelInfo>,
     store: &SessionStore,
-    limits: &Limits,
-    terms: LeaseTerms,
+    settings: &CoordinatorSettings,
     owner: Option<String>,
 ) -> Result<Plan, Error> {
+    let limits = &settings.limits;
     let model_id = model.info.model_id.clone();
     let id = match &valid.target {
         Target::New { .. } => format!("{:032x}", rand::random::<u128>()),
@@ -74,7 +78,7 @@ pub async fn plan(
             session_id.clone()
         }
     };
-    let lease = Lease::take(store, &model_id, &id, terms).await?;
+    let lease = Lease::take(store, &model_id, &id, settings.lease_terms()).await?;
     if let Some(key) = &owner {
         claim_slot(store, &model_id, key, &id, limits).await?;
     }
@@ -114,6 +118,7 @@ pub async fn plan(
         rules,
         model,
         lease,
+        persistence: valid.kv_persistence.unwrap_or(settings.kv_persistence),
     })
 }
 

@@ -384,6 +384,14 @@ impl Pool {
         }
     }
 
+    /// The worker that served `session`'s last block, when it is remembered and healthy.
+    pub fn holder(&self, session: &str) -> Option<Arc<Worker>> {
+        let last = self.affinity().get(session)?;
+        self.workers()
+            .into_iter()
+            .find(|w| w.addr == last && w.healthy.load(Ordering::Relaxed))
+    }
+
     /// Records the worker that served `session`'s last block.
     pub fn remember(&self, session: &str, addr: &str) {
         self.affinity().insert(session, addr);

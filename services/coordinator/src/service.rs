@@ -115,8 +115,7 @@ impl Coordinator {
         })
         .await
         .map_err(|_| Error::Internal("validating the request failed"))??;
-        let (store, terms) = (&self.inner.store, settings.lease_terms());
-        plan::plan(valid, model, store, &settings.limits, terms, owner).await
+        plan::plan(valid, model, &self.inner.store, settings, owner).await
     }
 
     /// Starts driving `plan` on its own task; dropping the receiver stops the work at the

@@ -21,6 +21,52 @@ pub enum Routing {
     Rotate,
 }
 
+/// When a generation writes its session's KV state to the store (the tokens are always
+/// written); what is not written is rebuilt from the tokens where it is needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Persistence {
+    /// Every committed block's KV blob, as it commits.
+    EveryBlock,
+    /// The window's blobs once, from the last block's worker, when the generation ends.
+    AtEnd,
+    /// Tokens only.
+    Never,
+}
+
+impl Persistence {
+    /// The wire's value.
+    pub fn to_wire(self) -> bd3lm_proto::v1::KvPersistence {
+        use bd3lm_proto::v1::KvPersistence;
+        match self {
+            Self::EveryBlock => KvPersistence::EveryBlock,
+            Self::AtEnd => KvPersistence::AtEnd,
+            Self::Never => KvPersistence::Never,
+        }
+    }
+
+    /// The value of a request's `kv_persistence`: `None` when unspecified, an error for
+    /// a value this server does not know.
+    pub fn from_wire(value: i32) -> Result<Option<Self>, i32> {
+        use bd3lm_proto::v1::KvPersistence;
+        match KvPersistence::try_from(value) {
+            Ok(KvPersistence::Unspecified) => Ok(None),
+            Ok(KvPersistence::EveryBlock) => Ok(Some(Self::EveryBlock)),
+            Ok(KvPersistence::AtEnd) => Ok(Some(Self::AtEnd)),
+            Ok(KvPersistence::Never) => Ok(Some(Self::Never)),
+            Err(_) => Err(value),
+        }
+    }
+
+    /// The name metrics use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EveryBlock => "every_block",
+            Self::AtEnd => "at_end",
+            Self::Never => "never",
+        }
+    }
+}
+
 /// Settings of the coordinator.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct CoordinatorSettings {
@@ -42,6 +88,12 @@ pub struct CoordinatorSettings {
     /// Routing of blocks to workers.
     #[arg(long, env = "BD3LM_ROUTING", value_enum, default_value_t = Routing::Affinity)]
     pub routing: Routing,
+    /// When a generation writes its session's KV state to the store, unless its request
+    /// says: every block (a worker's death costs a read of the window), at the end (a
+    /// continuation reads the window; a death mid-generation costs a rebuild), or never
+    /// (tokens only: every move and continuation elsewhere rebuilds).
+    #[arg(long, env = "BD3LM_KV_PERSISTENCE", value_enum, default_value_t = Persistence::EveryBlock)]
+    pub kv_persistence: Persistence,
     /// Seconds between worker discovery and health checks.
     #[arg(long = "health-interval-secs", env = "BD3LM_HEALTH_INTERVAL_SECS", value_name = "SECS",
           default_value = "1", value_parser = positive_secs)]
@@ -114,6 +166,7 @@ impl Default for CoordinatorSettings {
             max_queue: 256,
             max_attempts: 6,
             routing: Routing::Affinity,
+            kv_persistence: Persistence::EveryBlock,
             health_interval: Duration::from_secs(1),
             down_after_failures: 3,
             affinity_sessions: 100_000,

@@ -17,6 +17,7 @@ use crate::dispatch::{BlockAnswer, Dispatcher};
 use crate::error::Error;
 use crate::metrics;
 use crate::plan::{Plan, update};
+use crate::settings::Persistence;
 
 /// Where the messages of one generation go.
 pub type Sender = mpsc::Sender<Result<GenerateStreamResponse, Status>>;
@@ -136,7 +137,11 @@ pub async fn drive(
     };
     let model = plan.model.clone();
     let mut generation = Generation {
-        source: Blocks { store, dispatch },
+        source: Blocks {
+            store,
+            dispatch,
+            persistence: plan.persistence,
+        },
         plan,
         progress,
         decoder: Decoder::new(&model.text),
@@ -195,6 +200,10 @@ impl Generation<'_> {
                 } else {
                     if stop == StopReason::Cancelled {
                         tracing::info!("client went away; generation stopped");
+                    }
+                    if self.progress.answered {
+                        let (session, committed) = (&self.plan.record.id, self.progress.committed);
+                        self.source.persist_window(session, committed).await;
                     }
                     let returned = self.plan.start + self.progress.shown;
                     record_returned(self.source.store, &self.plan.record, returned).await;
@@ -269,14 +278,25 @@ impl Generation<'_> {
     }
 }
 
-/// Where a generation's blocks come from: the workers through the dispatcher, and the
-/// store to put a lost session back into.
+/// Where a generation's blocks come from: the workers through the dispatcher (writing
+/// their KV blobs as `persistence` says), and the store to put a lost session back into.
 struct Blocks<'a> {
     store: &'a SessionStore,
     dispatch: &'a Dispatcher,
+    persistence: Persistence,
 }
 
 impl Blocks<'_> {
+    /// Under [`Persistence::AtEnd`], has the worker of `session`'s last block write its
+    /// KV window at `committed` blocks, still under the lease: a continuation then reads
+    /// it instead of rebuilding.
+    async fn persist_window(&self, session: &str, committed: usize) {
+        if self.persistence == Persistence::AtEnd {
+            let written = self.dispatch.persist_kv(session, committed).await;
+            tracing::debug!(committed, written, "KV window persisted at the end");
+        }
+    }
+
     /// The next block from the workers. When the store lost the session (flushed,
     /// evicted, restarted) or some of its committed blocks (a failover to a replica that
     /// had not received them: Redis replicates asynchronously), this request holds every
@@ -294,7 +314,7 @@ impl Blocks<'_> {
             let (committed, version) = (progress.committed, progress.model_version);
             let answer = self
                 .dispatch
-                .denoise_block(session, committed, version)
+                .denoise_block(session, committed, version, self.persistence)
                 .await;
             let lost = match &answer {
                 Err(e) if e.is_missing() => "lost",

@@ -14,13 +14,14 @@ use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
     DeleteSessionRequest, DenoiseBlockRequest, DenoiseBlockResponse, GenerateRequest,
-    GenerateResponse, GenerateStreamResponse, InfoRequest, InfoResponse, StopReason, TokenIds,
+    GenerateResponse, GenerateStreamResponse, InfoRequest, InfoResponse, KvPersistence,
+    PersistKvRequest, PersistKvResponse, StopReason, TokenIds,
 };
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
 use tonic::{Code, Request, Response, Status};
 
-use crate::{Coordinator, CoordinatorSettings, Pool, Routing, WorkerSource};
+use crate::{Coordinator, CoordinatorSettings, Persistence, Pool, Routing, WorkerSource};
 
 const BLOCK: usize = 4;
 
@@ -50,6 +51,10 @@ struct Fake {
     most_active: AtomicUsize,
     /// Hanging calls whose request was dropped by the coordinator.
     dropped: AtomicUsize,
+    /// The `kv_persistence` of every block asked for.
+    persistence: Mutex<Vec<i32>>,
+    /// The `committed_blocks` of every PersistKv call.
+    persisted: Mutex<Vec<u32>>,
 }
 
 /// Counts a hanging call dropped before it answered.
@@ -119,6 +124,7 @@ impl DenoiseWorker for FakeService {
     ) -> Result<Response<DenoiseBlockResponse>, Status> {
         let req = request.into_inner();
         let fake = &self.0;
+        fake.persistence.lock().unwrap().push(req.kv_persistence);
         let now = fake.active.fetch_add(1, Ordering::SeqCst) + 1;
         fake.most_active.fetch_max(now, Ordering::SeqCst);
         let _active = Leave(&fake.active);
@@ -134,6 +140,18 @@ impl DenoiseWorker for FakeService {
                 fake.serve(&req).await.map(Response::new)
             }
         }
+    }
+
+    async fn persist_kv(
+        &self,
+        request: Request<PersistKvRequest>,
+    ) -> Result<Response<PersistKvResponse>, Status> {
+        let committed = request.into_inner().committed_blocks;
+        self.0.persisted.lock().unwrap().push(committed);
+        Ok(Response::new(PersistKvResponse {
+            blocks_written: committed,
+            bytes_written: 0,
+        }))
     }
 
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
@@ -168,6 +186,8 @@ async fn start(store: &SessionStore) -> Running {
         active: AtomicUsize::new(0),
         most_active: AtomicUsize::new(0),
         dropped: AtomicUsize::new(0),
+        persistence: Mutex::default(),
+        persisted: Mutex::default(),
     });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -477,4 +497,60 @@ async fn a_busy_worker_is_waited_for_not_failed() {
     let out = c.generate().await.unwrap();
     assert_eq!(out.token_ids, reference_tokens().await);
     assert_eq!(c.calls(0), out.blocks.len() + 10);
+}
+
+/// Every block carries its generation's KV persistence (the request's, else the
+/// deployment's); under at-end the last block's worker is asked once, when the generation
+/// ends, to write the window at the final block count; an unknown value is refused naming
+/// the field.
+#[tokio::test]
+async fn kv_persistence_reaches_the_workers_and_at_end_asks_the_last_one() {
+    let settings = CoordinatorSettings {
+        kv_persistence: Persistence::AtEnd,
+        ..CoordinatorSettings::default()
+    };
+    let c = cluster_with(1, Routing::Affinity, settings).await;
+    let fake = &c.workers[0].fake;
+    let first = c.generate().await.unwrap();
+    let record = c
+        .store
+        .get_session("fake", &first.session_id)
+        .await
+        .unwrap();
+    let committed = record.unwrap().committed_blocks as u32;
+    let at_end = KvPersistence::AtEnd as i32;
+    assert!(
+        fake.persistence
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&p| p == at_end)
+    );
+    assert_eq!(*fake.persisted.lock().unwrap(), [committed]);
+
+    let asked = fake.persistence.lock().unwrap().len();
+    let never = GenerateRequest {
+        kv_persistence: KvPersistence::Never as i32,
+        ..request()
+    };
+    c.coordinator.generate(Request::new(never)).await.unwrap();
+    let seen = fake.persistence.lock().unwrap()[asked..].to_vec();
+    assert!(!seen.is_empty() && seen.iter().all(|&p| p == KvPersistence::Never as i32));
+    assert_eq!(fake.persisted.lock().unwrap().len(), 1);
+
+    let unknown = GenerateRequest {
+        kv_persistence: 9,
+        ..request()
+    };
+    let status = c
+        .coordinator
+        .generate(Request::new(unknown))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().starts_with("kv_persistence"),
+        "{}",
+        status.message()
+    );
 }

@@ -14,6 +14,8 @@ use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_sampling::{ParamError, SamplingOverrides, SamplingParams};
 use bd3lm_text::Text;
 
+use crate::settings::Persistence;
+
 /// Limits on what one request may ask for.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct Limits {
@@ -152,6 +154,9 @@ pub enum ValidationError {
     /// A sampling parameter out of its range.
     #[error("sampling.{}: expected {}, found {}", .0.field, .0.expected, .0.found)]
     Sampling(#[from] ParamError),
+    /// A `kv_persistence` this server does not know.
+    #[error("kv_persistence: expected 0 to 3, found {0}")]
+    UnknownPersistence(i32),
 }
 
 /// What a new session starts from or a continuation appends.
@@ -188,6 +193,9 @@ pub struct ValidRequest {
     pub stop_token_ids: Vec<Vec<u32>>,
     /// Stop on EOS or low entropy.
     pub stop_on_eos: bool,
+    /// When the session's KV state is written to the store; `None`: the deployment's
+    /// default.
+    pub kv_persistence: Option<Persistence>,
 }
 
 /// The model facts validation needs.
@@ -217,6 +225,8 @@ pub fn validate(
         });
     }
     check_stops(&req, limits, vocab)?;
+    let kv_persistence =
+        Persistence::from_wire(req.kv_persistence).map_err(ValidationError::UnknownPersistence)?;
     let sampling = match &req.sampling {
         Some(p) => SamplingOverrides::try_from(p)?,
         None => SamplingOverrides::default(),
@@ -261,6 +271,7 @@ pub fn validate(
         stop: req.stop,
         stop_token_ids: req.stop_token_ids.into_iter().map(|s| s.ids).collect(),
         stop_on_eos: req.stop_on_eos,
+        kv_persistence,
     })
 }
 

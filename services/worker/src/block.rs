@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
+use bd3lm_model::KvCache;
 
 use crate::LoadedModel;
 use crate::cache::{self, CacheLookup, CacheSource};
@@ -52,11 +53,13 @@ pub enum Prepared {
 }
 
 /// Opens the session of `record` on the cache `lookup` (rebuilding it from tokens when
-/// nothing was found) and commits a new session's whole prompt blocks.
+/// nothing was found) and commits a new session's whole prompt blocks (with their KV
+/// blobs when `write_blobs`).
 pub fn prepare(
     loaded: &LoadedModel,
     record: &SessionRecord,
     lookup: CacheLookup,
+    write_blobs: bool,
 ) -> bd3lm_diffusion::Result<Prepared> {
     let (mut session, source) = cache::open(loaded, record, lookup)?;
     let first_block = session.next_block_index();
@@ -78,22 +81,32 @@ pub fn prepare(
         denoise: Duration::ZERO,
         commit: started.elapsed(),
     };
-    let work = finish(loaded, record, session, effort)?;
+    let work = finish(loaded, record, session, effort, write_blobs)?;
     Ok(Prepared::Prefilled(Box::new(work)))
 }
 
 /// The work of `session` after it committed the blocks from `effort.first_block` on: the
-/// record to store and the blobs of those blocks.
+/// record to store and, when `write_blobs`, the blobs of those blocks.
 pub fn finish(
     loaded: &LoadedModel,
     record: &SessionRecord,
     session: Session,
     effort: Effort,
+    write_blobs: bool,
 ) -> bd3lm_diffusion::Result<BlockWork> {
     let cfg = loaded.model.config();
     let bs = cfg.block_size;
     let end = session.next_block_index();
-    let blobs = blobs(loaded, &session, effort.first_block..end)?;
+    let blobs = if write_blobs {
+        window_blobs(
+            loaded,
+            session.tokens(),
+            session.cache(),
+            effort.first_block..end,
+        )?
+    } else {
+        Vec::new()
+    };
     // A next block reads the blobs of the window's blocks before it, no older ones.
     let window = cfg.kv_window() / bs;
     let expired = record.committed_blocks.saturating_sub(window)..end.saturating_sub(window);
@@ -114,16 +127,16 @@ pub fn finish(
     })
 }
 
-/// The KV blobs of `session`'s committed `blocks`, skipping those that slid out of the
-/// window during a long prefill (they are never needed again).
-fn blobs(
+/// The KV blobs of the committed `blocks` of a session with `tokens` and `cache`, skipping
+/// those that slid out of the window (they are never needed again).
+pub fn window_blobs(
     loaded: &LoadedModel,
-    session: &Session,
+    tokens: &[u32],
+    cache: &KvCache,
     blocks: std::ops::Range<usize>,
 ) -> bd3lm_diffusion::Result<Vec<(usize, Vec<u8>)>> {
     let bs = loaded.model.config().block_size;
-    let cache = session.cache();
-    let hashes = prefix_hashes(session.tokens(), bs, blocks.clone())
+    let hashes = prefix_hashes(tokens, bs, blocks.clone())
         .ok_or_else(|| bd3lm_diffusion::Error::Batch("a committed block past the tokens".into()))?;
     let mut out = Vec::new();
     for (b, prefix_hash) in blocks.zip(hashes) {

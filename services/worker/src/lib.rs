@@ -16,6 +16,7 @@ pub mod cache;
 pub mod commit;
 pub mod metrics;
 pub mod models;
+pub mod persist;
 pub mod scheduler;
 pub mod service;
 pub mod sessions;

@@ -19,6 +19,7 @@ const BLOBS_REJECTED: &str = "bd3lm_kv_blobs_rejected_total";
 const MODEL_VERSION: &str = "bd3lm_model_version";
 const VERSIONS_LOADED: &str = "bd3lm_model_versions_loaded";
 const SESSIONS_MOVED: &str = "bd3lm_sessions_moved_total";
+const KV_PERSISTS: &str = "bd3lm_kv_persists_total";
 
 /// Describes the worker's metrics to the installed recorder.
 pub fn describe() {
@@ -72,6 +73,10 @@ pub fn describe() {
     describe_gauge!(
         VERSIONS_LOADED,
         "Model versions loaded: the latest, and superseded ones still serving their sessions"
+    );
+    describe_counter!(
+        KV_PERSISTS,
+        "PersistKv calls (a generation's end under at-end KV persistence), by outcome: written, not_held (the session is not in this worker's memory as the store has it), superseded (it moved on or was deleted meanwhile)"
     );
     describe_counter!(
         SESSIONS_MOVED,
@@ -135,6 +140,11 @@ pub fn blob_read(bytes: usize) {
 /// KV blob bytes written to the store.
 pub fn blob_written(bytes: usize) {
     metrics::counter!(BLOB_WRITTEN).increment(bytes as u64);
+}
+
+/// A `PersistKv` call ended with `outcome` (`"written"`, `"not_held"`, `"superseded"`).
+pub fn persisted(outcome: &'static str) {
+    metrics::counter!(KV_PERSISTS, "outcome" => outcome).increment(1);
 }
 
 /// A KV blob refused, for `reason` (`"corrupt"` or `"mismatch"`).

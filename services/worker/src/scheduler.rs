@@ -39,6 +39,8 @@ pub struct PendingBlock {
     pub slot: Box<dyn Send>,
     /// The request's span, which the block's events in the batch belong to.
     pub span: tracing::Span,
+    /// Whether the committed block's KV blob is written with it.
+    pub write_blobs: bool,
 }
 
 /// Counters of the running batch, read by `Info`.
@@ -92,6 +94,7 @@ struct Entry<'m> {
     reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
     slot: Box<dyn Send>,
     span: tracing::Span,
+    write_blobs: bool,
     session: Session<'m>,
     denoiser: BlockDenoiser,
     rng: BlockRng,
@@ -176,6 +179,7 @@ impl<'m> Batch<'m> {
             reply,
             slot,
             span,
+            write_blobs,
         } = pending;
         let model = &self.loaded.model;
         let opened = Session::with_cache(
@@ -201,6 +205,7 @@ impl<'m> Batch<'m> {
             reply,
             slot,
             span,
+            write_blobs,
             session,
             denoiser,
             first_block,
@@ -326,6 +331,7 @@ impl<'m> Batch<'m> {
                 slot,
                 span,
                 session,
+                write_blobs,
                 ..
             } = e;
             // The slot is free before the answer leaves, so the next block finds room.
@@ -337,7 +343,8 @@ impl<'m> Batch<'m> {
                     "block denoised and committed in the batch"
                 )
             });
-            let _ = reply.send(block::finish(self.loaded, &record, session, effort));
+            let work = block::finish(self.loaded, &record, session, effort, write_blobs);
+            let _ = reply.send(work);
         }
         self.running = still;
     }

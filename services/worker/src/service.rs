@@ -12,7 +12,10 @@ use bd3lm_kvstore::record::short_id;
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
-use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse};
+use bd3lm_proto::v1::{
+    DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse, KvPersistence,
+    PersistKvRequest, PersistKvResponse,
+};
 use bd3lm_telemetry::probes::LIVENESS;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use tonic::{Request, Response, Status};
@@ -143,6 +146,7 @@ impl WorkerService {
                 "session_id: must be 32 lowercase hex digits",
             ));
         }
+        let write_blobs = writes_blobs(req.kv_persistence)?;
         // Versions of one model share its id, vocabulary and block size.
         let bs = latest.loaded.model.config().block_size;
         let block = req.block_index as usize;
@@ -189,7 +193,8 @@ impl WorkerService {
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
         let (prepared, slot) = tokio::task::spawn_blocking(move || {
-            let prepared = span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup));
+            let prepared =
+                span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup, write_blobs));
             (prepared, slot)
         })
         .await
@@ -209,6 +214,7 @@ impl WorkerService {
                     reply,
                     slot: Box::new(slot),
                     span: tracing::Span::current(),
+                    write_blobs,
                 };
                 self.batched(&served, pending, answer).await?
             }
@@ -291,6 +297,24 @@ impl DenoiseWorker for WorkerService {
             .map(Response::new)
     }
 
+    async fn persist_kv(
+        &self,
+        request: Request<PersistKvRequest>,
+    ) -> Result<Response<PersistKvResponse>, Status> {
+        let req = request.get_ref();
+        let span = tracing::info_span!("persist_kv", session = %short_id(&req.session_id));
+        bd3lm_telemetry::adopt(&span, request.metadata());
+        crate::persist::persist_kv(
+            &self.store,
+            &self.models,
+            &self.sessions,
+            request.into_inner(),
+        )
+        .instrument(span)
+        .await
+        .map(Response::new)
+    }
+
     async fn info(&self, _request: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
         let latest = self.models.latest().ok_or_else(Self::loading)?;
         let loaded = &latest.loaded;
@@ -328,6 +352,18 @@ impl DenoiseWorker for WorkerService {
             model_version: loaded.version,
             loaded_versions: self.models.versions(),
         }))
+    }
+}
+
+/// Whether a block under `kv_persistence` (a `KvPersistence` on the wire) writes its
+/// blobs: every block, unless the coordinator asked for none.
+fn writes_blobs(kv_persistence: i32) -> Result<bool, Status> {
+    match KvPersistence::try_from(kv_persistence) {
+        Ok(KvPersistence::Unspecified | KvPersistence::EveryBlock) => Ok(true),
+        Ok(KvPersistence::AtEnd | KvPersistence::Never) => Ok(false),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "kv_persistence: unknown value {kv_persistence}"
+        ))),
     }
 }
 
@@ -451,14 +487,88 @@ pub(crate) mod tests {
         id: &str,
         index: u32,
     ) -> Result<DenoiseBlockResponse, Status> {
+        block_as(service, id, index, KvPersistence::Unspecified).await
+    }
+
+    /// Block `index` of session `id`, its blobs written as `persistence` says.
+    async fn block_as(
+        service: &WorkerService,
+        id: &str,
+        index: u32,
+        persistence: KvPersistence,
+    ) -> Result<DenoiseBlockResponse, Status> {
         let request = Request::new(DenoiseBlockRequest {
             session_id: id.into(),
             block_index: index,
+            kv_persistence: persistence as i32,
         });
         service
             .denoise_block(request)
             .await
             .map(Response::into_inner)
+    }
+
+    /// The blocks a PersistKv call of `worker` for session `id` at `committed` wrote.
+    async fn persist(worker: &WorkerService, id: &str, committed: u32) -> u32 {
+        let request = Request::new(PersistKvRequest {
+            session_id: id.into(),
+            committed_blocks: committed,
+        });
+        let answer = worker.persist_kv(request).await.unwrap();
+        answer.into_inner().blocks_written
+    }
+
+    /// Blocks written under each KV persistence, then block 2 on a fresh worker: every
+    /// block writes its blob; at-end writes none until PersistKv, which writes the window
+    /// only from the worker holding the session at the stored block count; never writes
+    /// none. The fresh worker reads the store or rebuilds, with the same tokens.
+    #[tokio::test]
+    async fn blobs_follow_the_kv_persistence() {
+        let store = SessionStore::memory(StoreConfig::default());
+        let mut third_blocks = Vec::new();
+        for (name, persistence) in [
+            ("every", KvPersistence::EveryBlock),
+            ("end", KvPersistence::AtEnd),
+            ("never", KvPersistence::Never),
+        ] {
+            let id = sid(name);
+            session(&store, &id).await;
+            let first = service(Some(loaded("f")), &store, 1);
+            for b in 0..2 {
+                block_as(&first, &id, b, persistence).await.unwrap();
+            }
+            let blobs = store.get_blobs("m", &id, &[0, 1]).await.unwrap();
+            let written = persistence == KvPersistence::EveryBlock;
+            assert!(blobs.iter().all(|b| b.is_some() == written), "{name}");
+            let fresh = service(Some(loaded("f")), &store, 1);
+            if persistence == KvPersistence::AtEnd {
+                assert_eq!(persist(&fresh, &id, 2).await, 0, "not held");
+                assert_eq!(persist(&first, &id, 1).await, 0, "stale count");
+                assert_eq!(persist(&first, &id, 2).await, 2);
+                let blobs = store.get_blobs("m", &id, &[0, 1]).await.unwrap();
+                assert!(blobs.iter().all(Option::is_some));
+            }
+            let third = block_as(&fresh, &id, 2, persistence).await.unwrap();
+            let source = if persistence == KvPersistence::Never {
+                "rebuilt"
+            } else {
+                "store"
+            };
+            assert_eq!(third.cache_source, source, "{name}");
+            third_blocks.push(third.token_ids);
+        }
+        assert!(third_blocks.windows(2).all(|w| w[0] == w[1]));
+        let unknown = Request::new(DenoiseBlockRequest {
+            session_id: sid("every"),
+            block_index: 3,
+            kv_persistence: 9,
+        });
+        let status = service(Some(loaded("f")), &store, 1)
+            .denoise_block(unknown)
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert!(status.message().starts_with("kv_persistence"));
     }
 
     #[tokio::test]
