@@ -7,7 +7,7 @@
 //! loop in the same order whatever else is in the call, so a sequence gets the same bits
 //! alone or in any batch.
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use crate::kv_cache::KvCache;
@@ -16,8 +16,9 @@ use crate::ops;
 /// Scaled dot-product attention of the new queries `q` (batch, heads, s, head_dim) of each
 /// sequence over the live keys of its cache at `layer` followed by its `s` pending ones
 /// (already written), unmasked: a block sees itself and everything before it. `q` holds
-/// f32 on the host, the caches f32, bf16 or f16 (widened to f32 head by head), and the
-/// head dimension is a multiple of [`LANES`].
+/// f32 on the host, the caches f32, bf16 (each element widened to f32 as it is read, see
+/// [`Widen`]) or f16 (widened head by head), and the head dimension is a multiple of
+/// [`LANES`].
 pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Tensor> {
     let (b, heads, s, r) = q.dims4()?;
     let q = q.contiguous()?;
@@ -42,13 +43,87 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
                 let (kb, vb, start) = cache.layer_buffers(layer);
                 let capacity = kb.dim(2)?;
                 let at = ((j * heads + unit % heads) * capacity + start) * r;
-                let span = at..at + keys * r;
-                ops::with_host_span_f32(kb, span.clone(), |k| {
-                    ops::with_host_span_f32(vb, span, |v| head(q, k, v, r, scale, out))
-                })?
+                let unit = Unit {
+                    keys: kb,
+                    values: vb,
+                    span: at..at + keys * r,
+                    r,
+                    scale,
+                };
+                match kb.dtype() {
+                    DType::BF16 => unit.attend::<half::bf16>(q, out),
+                    DType::F16 => unit.attend_f16(q, out),
+                    _ => unit.attend::<f32>(q, out),
+                }
             })
     })??;
     Tensor::from_vec(out, (b, heads, s, r), &Device::Cpu)
+}
+
+/// One head of one sequence in a cache's buffers: its keys and values are elements
+/// `span` of `keys` and `values`.
+struct Unit<'a> {
+    keys: &'a Tensor,
+    values: &'a Tensor,
+    span: std::ops::Range<usize>,
+    r: usize,
+    scale: f32,
+}
+
+impl Unit<'_> {
+    /// [`head`] over the unit's keys and values, which hold `T`.
+    fn attend<T: Widen>(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        let (span, r, scale) = (self.span.clone(), self.r, self.scale);
+        ops::with_host::<T, _>(self.keys, span.clone(), |k| {
+            ops::with_host::<T, _>(self.values, span, |v| head(q, k, v, r, scale, out))
+        })?
+    }
+
+    /// [`head`] over the unit's f16 keys and values, widened first into this thread's
+    /// buffers: f16 has no cheap scalar widening (bf16 is a shift), but the slice
+    /// conversion uses the CPU's F16C instructions.
+    fn attend_f16(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
+        use half::slice::HalfFloatSliceExt;
+        let (span, r, scale) = (self.span.clone(), self.r, self.scale);
+        ops::with_host::<half::f16, _>(self.keys, span.clone(), |k| {
+            ops::with_host::<half::f16, _>(self.values, span, |v| {
+                WIDENED.with_borrow_mut(|(wide_k, wide_v)| {
+                    for (narrow, wide) in [(k, &mut *wide_k), (v, &mut *wide_v)] {
+                        wide.resize(narrow.len(), 0.0);
+                        narrow.convert_to_f32_slice(wide);
+                    }
+                    head(q, wide_k, wide_v, r, scale, out)
+                })
+            })
+        })?
+    }
+}
+
+thread_local! {
+    /// One head's f16 keys and values widened to f32, reused by the thread's next head.
+    static WIDENED: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = std::cell::RefCell::default();
+}
+
+/// An element of a KV cache as the kernel reads it: widened to f32 in registers, so a
+/// narrower cache is read at its own size, with no copy.
+pub(crate) trait Widen: candle_core::WithDType + Copy {
+    /// The value as f32 (exact: every bf16 is an f32).
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Widen for half::bf16 {
+    /// A bf16 is the upper half of an f32's bits: a shift, which vectorises.
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
 }
 
 /// One head of one sequence: each query row of `q` (s, r) over `keys` and `values`
@@ -57,7 +132,7 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
 /// Compiled twice: for the baseline x86-64 (four-wide registers) and for AVX2 (eight),
 /// chosen at run time. Each of the eight lanes adds in the same order either way, so both
 /// give the same bits: only the register width differs.
-fn head(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+fn head<T: Widen>(q: &[f32], keys: &[T], values: &[T], r: usize, scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
@@ -68,12 +143,19 @@ fn head(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn head_avx2(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+fn head_avx2<T: Widen>(q: &[f32], keys: &[T], values: &[T], r: usize, scale: f32, out: &mut [f32]) {
     head_lanes(q, keys, values, r, scale, out)
 }
 
 #[inline(always)]
-fn head_lanes(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out: &mut [f32]) {
+fn head_lanes<T: Widen>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    r: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     let mut p = vec![0f32; keys.len() / r];
     for (q, out) in q.chunks_exact(r).zip(out.chunks_exact_mut(r)) {
         for (p, k) in p.iter_mut().zip(keys.chunks_exact(r)) {
@@ -90,7 +172,7 @@ fn head_lanes(q: &[f32], keys: &[f32], values: &[f32], r: usize, scale: f32, out
             for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
                 let v = &v[c * LANES..(c + 1) * LANES];
                 for l in 0..LANES {
-                    acc[l] += p * v[l];
+                    acc[l] += p * v[l].widen();
                 }
             }
             out.copy_from_slice(&acc);
@@ -104,11 +186,11 @@ pub(crate) const LANES: usize = 8;
 /// `a . b` for lengths that are multiples of [`LANES`], summed in that many lanes so that
 /// it vectorises (a float sum in one accumulator cannot be reordered).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Widen>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; LANES];
     for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for l in 0..LANES {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     acc.iter().sum()

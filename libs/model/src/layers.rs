@@ -295,7 +295,7 @@ impl DitBlock {
         }
         let (q, k, v) = self.qkv(&u, ctx)?;
         if keys_only {
-            self.for_each_cache(ctx, &k, &v, |_, _| Ok(()))?;
+            self.write_pending(ctx, &k, &v)?;
             return Ok(x.clone());
         }
         let attn = self.attend(&q, &k, &v, ctx)?.apply(&self.attn_out)?;
@@ -338,12 +338,16 @@ impl DitBlock {
         } else if let Some(out) = self.attend_on_host(q, k, v, ctx)? {
             out
         } else {
+            self.write_pending(ctx, k, v)?;
+            let (new, mut at) = (k.dim(2)?, 0);
             let mut outs = Vec::with_capacity(ctx.caches.len());
-            self.for_each_cache(ctx, k, v, |run, (keys, values)| {
-                let q = q.narrow(0, run.0, run.1)?;
+            for cache in &ctx.caches {
+                let n = cache.batch();
+                let (keys, values) = cache.keys_values(self.index, new, k.dtype())?;
+                let q = q.narrow(0, at, n)?;
                 outs.push(self.scaled_attention(&q, &keys, &values, ctx.mask.as_ref())?);
-                Ok(())
-            })?;
+                at += n;
+            }
             Tensor::cat(&outs, 0)?
         };
         out.transpose(1, 2)?
@@ -364,26 +368,17 @@ impl DitBlock {
         if ctx.mask.is_some() || !host || !self.head_dim.is_multiple_of(attention::LANES) {
             return Ok(None);
         }
-        self.for_each_cache(ctx, k, v, |_, _| Ok(()))?;
+        self.write_pending(ctx, k, v)?;
         attention::ragged(q, &ctx.caches, self.index).map(Some)
     }
 
     /// Writes the new keys and values (batch, heads, new, r) of each run of sequences into
-    /// its cache, then calls `f` with the run (first sequence, count) and the cached plus
-    /// new keys and values it attends over.
-    fn for_each_cache(
-        &self,
-        ctx: &AttentionContext,
-        k: &Tensor,
-        v: &Tensor,
-        mut f: impl FnMut((usize, usize), (Tensor, Tensor)) -> Result<()>,
-    ) -> Result<()> {
-        let new = k.dim(2)?;
+    /// its cache's pending slot.
+    fn write_pending(&self, ctx: &AttentionContext, k: &Tensor, v: &Tensor) -> Result<()> {
         let mut at = 0;
         for cache in &ctx.caches {
             let n = cache.batch();
             cache.write_pending(self.index, &k.narrow(0, at, n)?, &v.narrow(0, at, n)?)?;
-            f((at, n), cache.keys_values(self.index, new, k.dtype())?)?;
             at += n;
         }
         Ok(())

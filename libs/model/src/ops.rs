@@ -5,8 +5,7 @@
 //! takes the fused path when no gradient flows through its input and the composite path
 //! otherwise, so one network definition serves sampling and training.
 
-use candle_core::{CpuStorage, D, DType, Device, Result, Storage, Tensor};
-use half::slice::HalfFloatSliceExt;
+use candle_core::{D, DType, Device, Result, Storage, Tensor, WithDType};
 
 use crate::host;
 
@@ -67,19 +66,16 @@ pub fn gelu(x: &Tensor) -> Result<Tensor> {
     Tensor::from_vec(out, x.shape(), &Device::Cpu)
 }
 
-/// Calls `f` with the elements of `x`, a contiguous tensor on the host, as f32 (see
-/// [`with_host_span_f32`]).
+/// Calls `f` with the elements of `x`, a contiguous f32 tensor on the host.
 pub(crate) fn with_host_f32<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    with_host_span_f32(x, 0..x.elem_count(), f)
+    with_host(x, 0..x.elem_count(), f)
 }
 
-/// Calls `f` with elements `span` of `x`, a contiguous tensor on the host, as f32:
-/// borrowed when `x` holds f32, else widened into a buffer of their own (the keys and
-/// values of a bf16 or f16 KV cache).
-pub(crate) fn with_host_span_f32<R>(
+/// Calls `f` with elements `span` of `x`, a contiguous tensor of `T` on the host.
+pub(crate) fn with_host<T: WithDType, R>(
     x: &Tensor,
     span: std::ops::Range<usize>,
-    f: impl FnOnce(&[f32]) -> R,
+    f: impl FnOnce(&[T]) -> R,
 ) -> Result<R> {
     let (storage, layout) = x.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
@@ -89,18 +85,9 @@ pub(crate) fn with_host_span_f32<R>(
         candle_core::bail!("expected a contiguous tensor")
     };
     let span = start + span.start..start + span.end;
-    let out_of_range = || candle_core::Error::Msg(format!("elements {span:?} out of range"));
-    match cpu {
-        CpuStorage::F32(v) => Ok(f(v.get(span.clone()).ok_or_else(out_of_range)?)),
-        CpuStorage::BF16(v) => Ok(f(&v
-            .get(span.clone())
-            .ok_or_else(out_of_range)?
-            .to_f32_vec())),
-        CpuStorage::F16(v) => Ok(f(&v
-            .get(span.clone())
-            .ok_or_else(out_of_range)?
-            .to_f32_vec())),
-        _ => candle_core::bail!("expected f32, bf16 or f16, found {:?}", x.dtype()),
+    match cpu.as_slice::<T>()?.get(span.clone()) {
+        Some(elements) => Ok(f(elements)),
+        None => candle_core::bail!("elements {span:?} out of range"),
     }
 }
 

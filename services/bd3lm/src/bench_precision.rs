@@ -2,10 +2,11 @@
 //! an f32 one gives, on the bundled demo model and the random-weight tiny shape.
 //!
 //! Each seed generates from BOS with the default sampling (first-hitting, nucleus 0.9),
-//! once per precision; the narrower caches' tokens are compared position by position with
-//! f32's. Sampling is discrete, so a rounding that moves one draw across a boundary changes
-//! that token and, through the context, most of what follows: the first divergence says
-//! more than the share of equal positions.
+//! and again greedily (the most likely token at each position the sampler picks), once per
+//! precision; the narrower caches' tokens are compared position by position with f32's.
+//! Sampling is discrete, so a rounding that moves one draw across a boundary changes that
+//! token and, through the context, most of what follows: the first divergence says more
+//! than the share of equal positions.
 
 use bd3lm_diffusion::{SamplingParams, Session, StopRules, generate};
 use bd3lm_model::{Bd3lm, Config, checkpoint};
@@ -13,11 +14,13 @@ use bd3lm_text::Text;
 use candle_core::{DType, Device};
 use serde::Serialize;
 
-/// One model and precision against f32.
+/// One model, precision and decoding against f32.
 #[derive(Debug, Serialize)]
 struct Agreement {
     model: &'static str,
     kv_dtype: &'static str,
+    /// Greedy decoding, else sampled.
+    greedy: bool,
     seeds: usize,
     tokens: usize,
     /// Seeds whose every token equals f32's.
@@ -28,8 +31,8 @@ struct Agreement {
     mean_first_divergence: f64,
 }
 
-/// Runs the comparison: `seeds` generations of `tokens` tokens per model and precision.
-/// One JSON line per model and narrow precision.
+/// Runs the comparison: `seeds` generations of `tokens` tokens per model, precision and
+/// decoding. One JSON line per model, narrow precision and decoding.
 pub fn run(tokens: usize, seeds: usize) -> anyhow::Result<()> {
     let demo = crate::demo::checkpoint_or_demo(None)?;
     let demo_text = crate::demo::tokenizer_of(&demo, None);
@@ -37,58 +40,78 @@ pub fn run(tokens: usize, seeds: usize) -> anyhow::Result<()> {
     let tiny = checkpoint::random_model(&Config::tiny(4), 0.02, 0, DType::F32, &Device::Cpu)?;
     for (name, model, tokenizer) in [("demo", demo_model, demo_text), ("tiny", tiny, None)] {
         let bos = Text::load(tokenizer.as_deref(), model.config().vocab_size)?.bos;
-        let reference = generations(&model, bos, tokens, seeds)?;
         let mut model = model;
-        for (kv_name, kv) in [("bf16", DType::BF16), ("f16", DType::F16)] {
-            model = model.with_kv_dtype(kv)?;
-            let narrow = generations(&model, bos, tokens, seeds)?;
-            let line = compare(name, kv_name, &reference, &narrow, tokens);
-            println!("{}", serde_json::to_string(&line)?);
+        for greedy in [false, true] {
+            model = model.with_kv_dtype(DType::F32)?;
+            let run = Run {
+                bos,
+                tokens,
+                seeds,
+                greedy,
+            };
+            let reference = run.generations(&model)?;
+            for (kv_name, kv) in [("bf16", DType::BF16), ("f16", DType::F16)] {
+                model = model.with_kv_dtype(kv)?;
+                let narrow = run.generations(&model)?;
+                let line = run.compare((name, kv_name), &reference, &narrow);
+                println!("{}", serde_json::to_string(&line)?);
+            }
         }
     }
     Ok(())
 }
 
-/// The tokens of `seeds` generations from `bos`.
-fn generations(
-    model: &Bd3lm,
+/// The generations compared: `seeds` of `tokens` tokens from `bos`, sampled or greedy.
+struct Run {
     bos: u32,
     tokens: usize,
     seeds: usize,
-) -> anyhow::Result<Vec<Vec<u32>>> {
-    let params = SamplingParams::new(model.config().block_size);
-    (0..seeds as u64)
-        .map(|seed| {
-            let mut session = Session::start(model, &[bos])?;
-            let mut rules = StopRules::new(tokens, None, Vec::new(), None);
-            let out = generate(&mut session, &params, seed, &mut rules, None, |_, _| {})?;
-            Ok(out.tokens)
-        })
-        .collect()
+    greedy: bool,
 }
 
-fn compare(
-    model: &'static str,
-    kv_dtype: &'static str,
-    reference: &[Vec<u32>],
-    narrow: &[Vec<u32>],
-    tokens: usize,
-) -> Agreement {
-    let (mut equal, mut identical, mut first) = (0, 0, 0);
-    for (a, b) in reference.iter().zip(narrow) {
-        equal += a.iter().zip(b).filter(|(x, y)| x == y).count();
-        let divergence = a.iter().zip(b).position(|(x, y)| x != y);
-        identical += usize::from(divergence.is_none() && a.len() == b.len());
-        first += divergence.unwrap_or(tokens);
+impl Run {
+    /// The tokens of each seed's generation.
+    fn generations(&self, model: &Bd3lm) -> anyhow::Result<Vec<Vec<u32>>> {
+        let params = SamplingParams {
+            greedy: self.greedy,
+            ..SamplingParams::new(model.config().block_size)
+        };
+        (0..self.seeds as u64)
+            .map(|seed| {
+                let mut session = Session::start(model, &[self.bos])?;
+                let mut rules = StopRules::new(self.tokens, None, Vec::new(), None);
+                let out = generate(&mut session, &params, seed, &mut rules, None, |_, _| {})?;
+                Ok(out.tokens)
+            })
+            .collect()
     }
-    let seeds = reference.len();
-    Agreement {
-        model,
-        kv_dtype,
-        seeds,
-        tokens,
-        identical,
-        agreement: equal as f64 / (seeds * tokens).max(1) as f64,
-        mean_first_divergence: first as f64 / seeds.max(1) as f64,
+
+    /// How closely the generations of (model, precision) `names`, `narrow`, follow the
+    /// f32 `reference`.
+    fn compare(
+        &self,
+        names: (&'static str, &'static str),
+        reference: &[Vec<u32>],
+        narrow: &[Vec<u32>],
+    ) -> Agreement {
+        let tokens = self.tokens;
+        let (mut equal, mut identical, mut first) = (0, 0, 0);
+        for (a, b) in reference.iter().zip(narrow) {
+            equal += a.iter().zip(b).filter(|(x, y)| x == y).count();
+            let divergence = a.iter().zip(b).position(|(x, y)| x != y);
+            identical += usize::from(divergence.is_none() && a.len() == b.len());
+            first += divergence.unwrap_or(tokens);
+        }
+        let seeds = reference.len();
+        Agreement {
+            model: names.0,
+            kv_dtype: names.1,
+            greedy: self.greedy,
+            seeds,
+            tokens,
+            identical,
+            agreement: equal as f64 / (seeds * tokens).max(1) as f64,
+            mean_first_divergence: first as f64 / seeds.max(1) as f64,
+        }
     }
 }

@@ -154,8 +154,8 @@ enum BenchCommand {
         seed: u64,
     },
     /// Token agreement of KV caches held in bf16 and f16 with f32's: the same seeds'
-    /// generations from BOS on the demo model and the random-weight tiny shape. One JSON
-    /// line per model and precision.
+    /// generations from BOS, sampled and greedy, on the demo model and the random-weight
+    /// tiny shape. One JSON line per model, precision and decoding.
     KvPrecision {
         /// Tokens per generation.
         #[arg(long, default_value_t = 256)]
