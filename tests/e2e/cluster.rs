@@ -252,13 +252,23 @@ impl Redis {
 
     /// Every key matching `pattern`.
     pub fn keys(&self, pattern: &str) -> Vec<String> {
-        let reply = String::from_utf8_lossy(&self.command(&[b"KEYS", pattern.as_bytes()]).unwrap())
-            .to_string();
+        self.strings(&[b"KEYS", pattern.as_bytes()])
+    }
+
+    /// The strings of one command's reply (a bulk string or an array of them).
+    pub fn strings(&self, args: &[&[u8]]) -> Vec<String> {
+        let reply = String::from_utf8_lossy(&self.command(args).unwrap()).to_string();
         reply
             .lines()
             .filter(|l| !l.starts_with('*') && !l.starts_with('$'))
             .map(str::to_string)
             .collect()
+    }
+
+    /// Sends one command that must answer `+OK`.
+    fn ok(&self, args: &[&[u8]]) {
+        let reply = self.command(args).unwrap();
+        assert_eq!(reply, b"+OK\r\n", "{}", String::from_utf8_lossy(&reply));
     }
 }
 
@@ -330,15 +340,86 @@ impl RedisCluster {
 
     /// The node that is master of the slot of the one key matching `pattern`.
     pub fn master_of(&self, pattern: &str) -> usize {
-        let is_master = |node: &Redis| {
-            node.command(&[b"ROLE"])
-                .is_ok_and(|r| String::from_utf8_lossy(&r).contains("master"))
-        };
-        let holding = self
-            .nodes
-            .iter()
-            .position(|n| n.proc.is_some() && is_master(n) && !n.keys(pattern).is_empty());
+        let holding = (0..self.nodes.len()).find(|&i| {
+            let node = &self.nodes[i];
+            node.proc.is_some() && self.is_master(i) && !node.keys(pattern).is_empty()
+        });
         holding.unwrap_or_else(|| panic!("no master holds {pattern}"))
+    }
+
+    /// Moves the slot of the one key matching `pattern` from its master to another one
+    /// while clients use it, as `redis-cli --cluster reshard` does: the target imports
+    /// it, the source migrates it, its keys are `MIGRATE`d one at a time with a pause
+    /// between (so that clients meet the slot split: ASK, and TRYAGAIN for a script
+    /// whose keys are on both sides), then every master is told the slot's new owner
+    /// (MOVED from then on). Returns the new master.
+    pub fn migrate_slot_of(&self, pattern: &str) -> usize {
+        let from = self.master_of(pattern);
+        let source = &self.nodes[from];
+        let key = source.keys(pattern).pop().expect("a key");
+        let slot = source
+            .integer(&[b"CLUSTER", b"KEYSLOT", key.as_bytes()])
+            .to_string();
+        let masters: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].proc.is_some() && self.is_master(i))
+            .collect();
+        let to = *masters
+            .iter()
+            .find(|&&i| i != from)
+            .expect("another master");
+        let target = &self.nodes[to];
+        let id = |node: &Redis| node.strings(&[b"CLUSTER", b"MYID"]).remove(0);
+        let (source_id, target_id) = (id(source), id(target));
+        let slot = slot.as_bytes();
+        target.ok(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot,
+            b"IMPORTING",
+            source_id.as_bytes(),
+        ]);
+        source.ok(&[
+            b"CLUSTER",
+            b"SETSLOT",
+            slot,
+            b"MIGRATING",
+            target_id.as_bytes(),
+        ]);
+        let port = target.port.to_string();
+        loop {
+            let keys = source.strings(&[b"CLUSTER", b"GETKEYSINSLOT", slot, b"1"]);
+            let Some(key) = keys.first() else { break };
+            let reply = source
+                .command(&[
+                    b"MIGRATE",
+                    b"127.0.0.1",
+                    port.as_bytes(),
+                    key.as_bytes(),
+                    b"0",
+                    b"5000",
+                ])
+                .unwrap();
+            // NOKEY: the key expired or was deleted since it was listed.
+            assert!(
+                reply == b"+OK\r\n" || reply == b"+NOKEY\r\n",
+                "MIGRATE: {}",
+                String::from_utf8_lossy(&reply)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The target first, then the source, then the others, as Redis' own resharding
+        // does: the source must not redirect to a target that does not own the slot yet.
+        let others = masters.iter().filter(|&&m| m != from && m != to);
+        for &m in [to, from].iter().chain(others) {
+            self.nodes[m].ok(&[b"CLUSTER", b"SETSLOT", slot, b"NODE", target_id.as_bytes()]);
+        }
+        to
+    }
+
+    fn is_master(&self, node: usize) -> bool {
+        self.nodes[node]
+            .command(&[b"ROLE"])
+            .is_ok_and(|r| String::from_utf8_lossy(&r).contains("master"))
     }
 
     /// The seed nodes, as `--redis-cluster` takes them.

@@ -282,6 +282,10 @@ fn survives_like(
     let expected = local(local_args);
     let addr = cluster.addr.clone();
     let out = during(&addr, args, || fault(cluster));
+    if out.code != 0 {
+        // Shown with the failure: what the servers saw.
+        eprintln!("{}\n{}", cluster.coordinator.log(), cluster.worker_logs());
+    }
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.ids, expected);
     out

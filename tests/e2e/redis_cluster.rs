@@ -51,9 +51,43 @@ fn a_master_killed_mid_generation_loses_nothing() {
     ];
     survives(&mut cluster, &args, |cluster| {
         let redis = cluster.redis_cluster.as_mut().unwrap();
-        let master = redis.master_of("*:record");
+        // The generation's session: the one whose lease is held now.
+        let master = redis.master_of("*:lease");
         redis.nodes[master].stop();
     });
     let redis = cluster.redis_cluster.as_ref().unwrap();
     redis.wait_ok(Duration::from_secs(30));
+}
+
+/// The slot of the session moves to another master mid-generation, its keys migrated
+/// one by one while the generation writes them: the clients follow ASK (and ride out
+/// TRYAGAIN while the slot's keys are split between the masters), then MOVED, and the
+/// client gets the tokens a local run gives.
+#[test]
+fn a_slot_migrated_mid_generation_loses_nothing() {
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "affinity", 2_000);
+    let args = [
+        "--prompt-ids",
+        "1022",
+        "--max-tokens",
+        "1536",
+        "--seed",
+        "13",
+    ];
+    let mut moved = None;
+    survives(&mut cluster, &args, |cluster| {
+        let redis = cluster.redis_cluster.as_ref().unwrap();
+        // The generation's session: the one whose lease is held now.
+        let from = redis.master_of("*:lease");
+        let lease = redis.nodes[from].keys("*:lease").pop().unwrap();
+        let to = redis.migrate_slot_of(&lease);
+        moved = Some((from, to, lease.replace(":lease", ":record")));
+    });
+    let (from, to, record) = moved.unwrap();
+    let redis = cluster.redis_cluster.as_ref().unwrap();
+    let holds = |node: usize| !redis.nodes[node].keys(&record).is_empty();
+    assert!(
+        from != to && holds(to) && !holds(from),
+        "the session lives on its new master only"
+    );
 }

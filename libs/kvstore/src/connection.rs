@@ -254,8 +254,9 @@ impl RedisConnection {
 
 /// Whether `e` is a lost or refused connection or a cluster between masters, rather than
 /// an answer. During a failover the nodes redirect to the dead master (MOVED) until a
-/// replica takes over, and a transaction of reads aborts on such a redirection (EXECABORT:
-/// the stores' transactions are fixed reads, which abort for nothing else).
+/// replica takes over. (The stores use no MULTI transactions: a transaction that meets a
+/// redirection only aborts, and the cluster client neither follows it nor refreshes its
+/// slot map, so a moved slot failed its reads until something else did.)
 fn transient(e: &redis::RedisError) -> bool {
     use redis::{ErrorKind, ServerErrorKind};
     let between_masters = matches!(
@@ -269,7 +270,6 @@ fn transient(e: &redis::RedisError) -> bool {
                     | ServerErrorKind::BusyLoading
                     | ServerErrorKind::Moved
                     | ServerErrorKind::Ask
-                    | ServerErrorKind::ExecAbort
             )
     );
     between_masters || e.is_connection_dropped() || e.is_connection_refusal() || e.is_io_error()

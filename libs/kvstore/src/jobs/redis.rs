@@ -15,6 +15,7 @@ const GROUP: &str = "trainers";
 static SUBMIT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/submit.lua")));
 static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/update.lua")));
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/claim.lua")));
+static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/finish.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
 static RECORD_VERSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/record_version.lua")));
@@ -219,21 +220,12 @@ impl RedisJobs {
     }
 
     pub(super) async fn finish_job(&self, queue: &str, entry: &str) -> Result<()> {
-        let finish = redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(queue)
-            .arg(GROUP)
-            .arg(entry)
-            .cmd("XDEL")
-            .arg(queue)
-            .arg(entry)
-            .clone();
-        let _: (i64, i64) = self
+        let _: i64 = self
             .redis
             .retried("finish_job", |mut con| {
-                let finish = &finish;
-                async move { finish.query_async(&mut con).await }
+                let mut finish = FINISH.prepare_invoke();
+                finish.key(queue).arg(GROUP).arg(entry);
+                async move { finish.invoke_async(&mut con).await }
             })
             .await?;
         Ok(())

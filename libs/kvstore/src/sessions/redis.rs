@@ -21,6 +21,7 @@ static DELETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static LEASE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/lease.lua")));
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
+static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/read.lua")));
 static CLAIM_SLOT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/claim_slot.lua")));
 
@@ -78,20 +79,12 @@ impl RedisSessions {
 
     pub(super) async fn get_record(&self, keys: &Keys) -> Result<Option<SessionRecord>> {
         type Parts = (Option<u64>, Option<Vec<u8>>);
-        let read = redis::pipe()
-            .atomic()
-            .cmd("HMGET")
-            .arg(&keys.record)
-            .arg("v")
-            .arg("meta")
-            .cmd("GET")
-            .arg(&keys.tokens)
-            .clone();
         let ((version, meta), tokens): (Parts, Option<Vec<u8>>) = self
             .redis
             .retried("get_session", |mut con| {
-                let read = &read;
-                async move { read.query_async(&mut con).await }
+                let mut read = READ.prepare_invoke();
+                read.key(&keys.record).key(&keys.tokens);
+                async move { read.invoke_async(&mut con).await }
             })
             .await?;
         match (version, meta) {
