@@ -566,6 +566,47 @@ fn store_faults_are_survived_or_reported() {
     assert_eq!(back.ids, expected[..40]);
 }
 
+/// Eviction takes part of a session, its tokens (a policy that evicts keys one by one can):
+/// mid-generation the coordinator, which holds every token, puts the session back and the
+/// client gets a local run's tokens; between requests a continuation of it is NOT_FOUND,
+/// never INTERNAL.
+#[test]
+fn a_session_whose_tokens_were_evicted_is_restored_or_not_found() {
+    let cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    let args = [
+        "--prompt-ids",
+        "1022,9",
+        "--max-tokens",
+        "1200",
+        "--seed",
+        "6",
+    ];
+    let expected = local(&args);
+    let out = during(&cluster.addr, &args, || {
+        // The generation's session: the one whose lease is held now.
+        let lease = cluster.redis.keys("*:lease").pop().expect("a held lease");
+        let tokens = lease.replace(":lease", ":tokens");
+        assert_eq!(cluster.redis.integer(&[b"DEL", tokens.as_bytes()]), 1);
+    });
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, expected);
+    assert!(
+        cluster.coordinator.log().contains("restoring"),
+        "the session was restored"
+    );
+
+    let tokens = format!("*{{{}}}:tokens", out.session());
+    let key = cluster
+        .redis
+        .keys(&tokens)
+        .pop()
+        .expect("the session's tokens");
+    assert_eq!(cluster.redis.integer(&[b"DEL", key.as_bytes()]), 1);
+    let more = cluster.generate(&["--session", out.session().as_str(), "--max-tokens", "8"]);
+    assert_eq!(more.code, 2, "{}", more.stderr);
+    assert!(more.stderr.contains("NotFound"), "{}", more.stderr);
+}
+
 #[test]
 fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
     let cluster = Cluster::start_with(

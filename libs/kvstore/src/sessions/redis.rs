@@ -87,12 +87,18 @@ impl RedisSessions {
                 async move { read.invoke_async(&mut con).await }
             })
             .await?;
-        match (version, meta) {
-            (Some(v), Some(meta)) => {
-                let tokens = tokens.unwrap_or_default();
+        match (version, meta, tokens) {
+            (Some(v), Some(meta), Some(tokens)) => {
                 SessionRecord::from_parts(&meta, &tokens, v).map(Some)
             }
-            (None, None) => Ok(None),
+            // Every session has a prompt: a record without tokens lost them to eviction
+            // (whose policy takes keys one by one). The session is gone as a whole, to
+            // be restored by a generation holding its tokens, else NOT_FOUND.
+            (Some(_), Some(_), None) => {
+                tracing::warn!("a session record without its tokens (evicted); treated as gone");
+                Ok(None)
+            }
+            (None, None, _) => Ok(None),
             _ => Err(Error::Corrupt(
                 "session record without a version or metadata".into(),
             )),
