@@ -117,7 +117,8 @@ impl Redis {
         Self::start_with(dir, Vec::new())
     }
 
-    fn start_with(dir: &Path, extra: Vec<String>) -> Self {
+    /// [`Redis::start`] with `extra` flags of `redis-server`.
+    pub fn start_with(dir: &Path, extra: Vec<String>) -> Self {
         Self::start_on(dir, free_port(), extra)
     }
 

@@ -607,6 +607,36 @@ fn a_session_whose_tokens_were_evicted_is_restored_or_not_found() {
     assert!(more.stderr.contains("NotFound"), "{}", more.stderr);
 }
 
+/// A Redis whose `maxmemory-policy` may evict any key (the training queue, the registry's
+/// records) is refused at start-up, in one line naming the setting; one that may evict
+/// only keys with a TTL (the sessions') is taken, with a warning naming what may go.
+#[test]
+fn a_redis_that_may_evict_any_key_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = |p: &str| vec!["--maxmemory-policy".to_string(), p.to_string()];
+    let redis = crate::cluster::Redis::start_with(dir.path(), policy("allkeys-lru"));
+    let url = redis.url();
+    let serve = ["serve", "--redis", url.as_str(), "--addr", "127.0.0.1:0"];
+    let refused = bd3lm(&serve);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("maxmemory-policy is allkeys-lru"),
+        "{stderr}"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+
+    let set = [&b"CONFIG"[..], b"SET", b"maxmemory-policy", b"volatile-lru"];
+    assert_eq!(redis.command(&set).unwrap(), b"+OK\r\n");
+    let args: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
+    let served = crate::cluster::spawn(&crate::bin("bd3lm"), &args, dir.path(), "serve");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !served.log().contains("tombstones") {
+        assert!(std::time::Instant::now() < deadline, "{}", served.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn invalid_requests_get_the_right_status_and_the_servers_keep_serving() {
     let cluster = Cluster::start_with(

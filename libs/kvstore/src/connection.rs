@@ -206,6 +206,18 @@ impl RedisConnection {
         })
     }
 
+    /// The server's `maxmemory-policy` (a cluster's: one node's, asked at random); `None`
+    /// when it cannot be read (managed services and ACLs often refuse `CONFIG`).
+    pub async fn eviction_policy(&self) -> Option<String> {
+        let mut con = self.0.connection.clone();
+        let reply: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut con)
+            .await;
+        reply.ok()?.into_iter().nth(1)
+    }
+
     /// Checks that Redis answers.
     pub async fn ping(&self) -> Result<()> {
         let _: String = self

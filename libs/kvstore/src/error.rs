@@ -18,6 +18,9 @@ pub enum Error {
     /// The session was deleted: it is never written or restored again.
     #[error("session {0} was deleted")]
     Deleted(String),
+    /// The store's server is set up to lose state this system must keep.
+    #[error("{0}")]
+    Misconfigured(String),
 }
 
 impl From<redis::RedisError> for Error {

@@ -23,6 +23,7 @@ mod connection;
 #[cfg(any(test, feature = "contract"))]
 pub mod contract;
 mod error;
+pub mod eviction;
 pub mod jobs;
 pub mod metrics;
 pub mod record;
@@ -36,6 +37,7 @@ pub use args::StoreArgs;
 pub use blob::BlockBlob;
 pub use connection::{RedisConnection, RedisSecrets};
 pub use error::{Error, Result};
+pub use eviction::Eviction;
 pub use jobs::{JobClaim, JobStore, Revised};
 pub use record::SessionRecord;
 pub use sessions::{CommitOutcome, SessionStore};

@@ -24,6 +24,10 @@ pub fn from_store(e: Error) -> Status {
             tracing::error!(error = %detail, "corrupt data in the session store");
             Status::internal("a stored session record is corrupt")
         }
+        Error::Misconfigured(detail) => {
+            tracing::error!(error = %detail, "the session store is misconfigured");
+            Status::internal("the session store is misconfigured")
+        }
     }
 }
 

@@ -26,12 +26,15 @@ pub struct ServiceArgs {
 
 impl ServiceArgs {
     /// Serves the metrics (with `describe`'s and the store's descriptions) and opens the
-    /// store, shared by every task of the process.
-    pub fn start(&self, describe: fn()) -> anyhow::Result<Stores> {
+    /// store, shared by every task of the process, refusing a Redis that may evict what
+    /// must stay ([`bd3lm_kvstore::eviction::check`]).
+    pub async fn start(&self, describe: fn()) -> anyhow::Result<Stores> {
         self.metrics.install()?;
         describe();
         bd3lm_kvstore::metrics::describe();
-        Ok(self.store.open_shared()?)
+        let stores = self.store.open_shared()?;
+        bd3lm_kvstore::eviction::check(&stores.sessions).await?;
+        Ok(stores)
     }
 }
 

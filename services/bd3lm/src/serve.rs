@@ -61,6 +61,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     bd3lm_kvstore::metrics::describe();
     bd3lm_trainer::describe_metrics();
     let stores = args.store.open()?;
+    bd3lm_kvstore::eviction::check(&stores.sessions).await?;
     let training = Training::open(&args)?;
     let mut settings = args.coordinator.clone();
     let models = match &args.follow.model {

@@ -45,7 +45,10 @@ fn main() -> ExitCode {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let server = &args.server;
-    let store = server.service.start(bd3lm_coordinator::metrics::describe)?;
+    let store = server
+        .service
+        .start(bd3lm_coordinator::metrics::describe)
+        .await?;
     let source = match args.workers_dns {
         Some(name) => WorkerSource::Dns(name),
         None => WorkerSource::Static(args.workers),

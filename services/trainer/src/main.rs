@@ -24,7 +24,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let store = args.service.start(bd3lm_trainer::describe_metrics)?.jobs;
+    let store = args
+        .service
+        .start(bd3lm_trainer::describe_metrics)
+        .await?
+        .jobs;
     for dir in [&args.trainer.runs_dir, &args.trainer.registry_dir] {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;

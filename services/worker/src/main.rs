@@ -54,7 +54,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--model needs --registry-dir (or BD3LM_REGISTRY_DIR)");
     }
     let server = &args.server;
-    let store = server.service.start(bd3lm_worker::metrics::describe)?;
+    let store = server
+        .service
+        .start(bd3lm_worker::metrics::describe)
+        .await?;
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
     let device = args.device.device()?;
     let precision = args.device.precision();

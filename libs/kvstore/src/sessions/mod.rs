@@ -281,6 +281,19 @@ impl SessionStore {
         Ok(())
     }
 
+    /// Whether the sessions live in this process's memory.
+    pub fn is_memory(&self) -> bool {
+        matches!(self.backend, Backend::Memory(_))
+    }
+
+    /// The Redis server's `maxmemory-policy`; `None` in memory or when it cannot be read.
+    pub async fn eviction_policy(&self) -> Option<String> {
+        match &self.backend {
+            Backend::Memory(_) => None,
+            Backend::Redis(r) => r.redis.eviction_policy().await,
+        }
+    }
+
     /// Checks that the store answers.
     pub async fn ping(&self) -> Result<()> {
         match &self.backend {

@@ -28,7 +28,7 @@ static CLAIM_SLOT: LazyLock<Script> =
 /// The sessions in Redis.
 #[derive(Clone)]
 pub(super) struct RedisSessions {
-    redis: RedisConnection,
+    pub(super) redis: RedisConnection,
     ttl: Duration,
 }
 
