@@ -339,6 +339,17 @@ impl RedisCluster {
         }
     }
 
+    /// The master of the slot of the session being generated (the one whose lease is
+    /// held now), and that session's lease key.
+    pub fn generating(&self) -> (usize, String) {
+        let master = self.master_of("*:lease");
+        let lease = self.nodes[master]
+            .keys("*:lease")
+            .pop()
+            .expect("a held lease");
+        (master, lease)
+    }
+
     /// The node that is master of the slot of the one key matching `pattern`.
     pub fn master_of(&self, pattern: &str) -> usize {
         let holding = (0..self.nodes.len()).find(|&i| {
@@ -454,6 +465,10 @@ fn cluster_ports(count: usize) -> Vec<u16> {
         }
     }
     ports
+}
+
+fn owned(flags: &[&str]) -> Vec<String> {
+    flags.iter().map(|s| s.to_string()).collect()
 }
 
 fn which(name: &str) -> Option<PathBuf> {
@@ -752,12 +767,11 @@ impl Cluster {
 
     /// [`Cluster::start`] with `extra` coordinator flags.
     pub fn start_with(checkpoint: &Path, workers: usize, routing: &str, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = Secured {
-            coordinator: extra.iter().map(|s| s.to_string()).collect(),
+        let flags = Secured {
+            coordinator: owned(extra),
             ..Secured::default()
         };
-        Self::start_in(dir, checkpoint, workers, routing, Some(&plain), None)
+        Self::start_flagged(checkpoint, workers, routing, flags)
     }
 
     /// [`Cluster::start`] with `flags` on every worker's command line.
@@ -767,12 +781,16 @@ impl Cluster {
         routing: &str,
         flags: &[&str],
     ) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let plain = Secured {
-            worker: flags.iter().map(|s| s.to_string()).collect(),
+        let flags = Secured {
+            worker: owned(flags),
             ..Secured::default()
         };
-        Self::start_in(dir, checkpoint, workers, routing, Some(&plain), None)
+        Self::start_flagged(checkpoint, workers, routing, flags)
+    }
+
+    fn start_flagged(checkpoint: &Path, workers: usize, routing: &str, flags: Secured) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(dir, checkpoint, workers, routing, Some(&flags), None)
     }
 
     /// [`Cluster::start`] with the sessions on a Redis Cluster of its own

@@ -51,8 +51,7 @@ fn a_master_killed_mid_generation_loses_nothing() {
     ];
     survives(&mut cluster, &args, |cluster| {
         let redis = cluster.redis_cluster.as_mut().unwrap();
-        // The generation's session: the one whose lease is held now.
-        let master = redis.master_of("*:lease");
+        let (master, _) = redis.generating();
         redis.nodes[master].stop();
     });
     let redis = cluster.redis_cluster.as_ref().unwrap();
@@ -77,9 +76,7 @@ fn a_slot_migrated_mid_generation_loses_nothing() {
     let mut moved = None;
     survives(&mut cluster, &args, |cluster| {
         let redis = cluster.redis_cluster.as_ref().unwrap();
-        // The generation's session: the one whose lease is held now.
-        let from = redis.master_of("*:lease");
-        let lease = redis.nodes[from].keys("*:lease").pop().unwrap();
+        let (from, lease) = redis.generating();
         let to = redis.migrate_slot_of(&lease);
         moved = Some((from, to, lease.replace(":lease", ":record")));
     });
