@@ -16,7 +16,7 @@ use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::{GetSessionRequest, StopReason};
 use tonic::Code;
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Redis};
 use crate::distributed::{checkpoint, local};
 use crate::integrity::request;
 
@@ -95,56 +95,131 @@ async fn run(addr: String, i: usize, tokens: u32, cancel_after: Option<usize>) -
     }
 }
 
-/// One fault of the schedule, by its round.
+/// One fault of the schedule on one Redis, by its round.
 fn fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
-    let worker = round % 3;
     match round % 4 {
-        0 => {
-            cluster.restart_worker(worker);
-            "worker SIGKILLed and restarted"
-        }
-        1 => {
-            cluster.workers[worker].signal("STOP");
-            std::thread::sleep(block_timeout + Duration::from_millis(500));
-            cluster.workers[worker].signal("CONT");
-            "worker SIGSTOPped past the block timeout"
-        }
+        0 | 1 => worker_fault(cluster, round, block_timeout),
         2 => {
             cluster.redis.stop();
             cluster.redis.restart();
             "redis restarted empty"
         }
         _ => {
-            for key in cluster.redis.keys("*:kv:*").iter().step_by(2) {
-                let _ = cluster
-                    .redis
-                    .command(&[b"SETRANGE", key.as_bytes(), b"40", b"\xde\xad"]);
+            corrupt_blobs(&cluster.redis);
+            "KV blobs corrupted"
+        }
+    }
+}
+
+/// One fault of the schedule on a Redis Cluster, by its round: the master holding a
+/// session's slot SIGKILLed (the one killed before back first, as a replica, and
+/// every replica in sync, so that each shard can always fail over), that slot migrated to
+/// another master, or the worker faults and blob corruption of one Redis.
+fn cluster_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+    let redis = cluster.redis_cluster.as_mut().unwrap();
+    match round % 5 {
+        0 | 1 => worker_fault(cluster, round, block_timeout),
+        2 | 3 => {
+            redis.restart_stopped();
+            redis.wait_ok(Duration::from_secs(60));
+            // A generating session's, else (its lease lost with a master, until the
+            // generation renews it) any session's.
+            let (master, key) = redis
+                .any_generating()
+                .unwrap_or_else(|| (redis.master_of("*:record"), "*:record".into()));
+            if round % 5 == 2 {
+                redis.nodes[master].stop();
+                "master of a session's slot SIGKILLed"
+            } else {
+                let key = redis.nodes[master].keys(&key).pop().expect("a session key");
+                redis.migrate_slot_of(&key);
+                "slot of a session migrated"
+            }
+        }
+        _ => {
+            for node in redis.nodes.iter().filter(|n| n.is_running()) {
+                corrupt_blobs(node);
             }
             "KV blobs corrupted"
         }
     }
 }
 
+/// A worker SIGKILLed and restarted (even rounds), or SIGSTOPped for longer than the block
+/// timeout (odd ones).
+fn worker_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+    let worker = round % 3;
+    if round % 2 == 0 {
+        cluster.restart_worker(worker);
+        return "worker SIGKILLed and restarted";
+    }
+    cluster.workers[worker].signal("STOP");
+    std::thread::sleep(block_timeout + Duration::from_millis(500));
+    cluster.workers[worker].signal("CONT");
+    "worker SIGSTOPped past the block timeout"
+}
+
+/// Every other KV blob on `node` damaged in place.
+fn corrupt_blobs(node: &Redis) {
+    for key in node.keys("*:kv:*").iter().step_by(2) {
+        let _ = node.command(&[b"SETRANGE", key.as_bytes(), b"40", b"\xde\xad"]);
+    }
+}
+
+impl Form {
+    /// The short form, or the long one with `BD3LM_CHAOS_LONG`.
+    fn from_env() -> Self {
+        if std::env::var_os("BD3LM_CHAOS_LONG").is_some() {
+            Self {
+                generations: 16,
+                tokens: 4000,
+                block_timeout: Duration::from_secs(6),
+            }
+        } else {
+            Self {
+                generations: 8,
+                tokens: 2000,
+                block_timeout: Duration::from_secs(2),
+            }
+        }
+    }
+}
+
+/// A fault of a schedule: applied to the cluster at its round, it names itself.
+type Fault = fn(&mut Cluster, usize, Duration) -> &'static str;
+
 #[test]
 fn chaos_loses_nothing() {
-    let long = std::env::var_os("BD3LM_CHAOS_LONG").is_some();
-    let form = if long {
-        Form {
-            generations: 16,
-            tokens: 4000,
-            block_timeout: Duration::from_secs(6),
-        }
-    } else {
-        Form {
-            generations: 8,
-            tokens: 2000,
-            block_timeout: Duration::from_secs(2),
-        }
-    };
-    let block_timeout = form.block_timeout;
-    let secs = block_timeout.as_secs().to_string();
+    let form = Form::from_env();
+    let secs = form.block_timeout.as_secs().to_string();
     let extra = ["--block-timeout-secs", &secs, "--max-attempts", "12"];
-    let mut cluster = Cluster::start_with(&checkpoint(), 3, "affinity", &extra);
+    let cluster = Cluster::start_with(&checkpoint(), 3, "affinity", &extra);
+    loses_nothing(cluster, form, fault, 4);
+}
+
+/// The same on a Redis Cluster of three masters with a replica each: masters SIGKILLed
+/// (their replicas take over after a 1 s node timeout) and slots migrated beside the
+/// worker faults and the blob corruption.
+#[test]
+fn chaos_on_a_redis_cluster_loses_nothing() {
+    // Twice the tokens: five kinds of fault, and a cluster that is waited on to be whole
+    // again before each of its own, need more rounds.
+    let short = Form::from_env();
+    let form = Form {
+        tokens: 2 * short.tokens,
+        ..short
+    };
+    let secs = form.block_timeout.as_secs().to_string();
+    let extra = ["--block-timeout-secs", &secs, "--max-attempts", "12"];
+    let cluster = Cluster::start_on_redis_cluster(&checkpoint(), 3, ("affinity", &extra), 1_000);
+    loses_nothing(cluster, form, cluster_fault, 5);
+}
+
+/// Runs the form's generations through `cluster` while `fault` runs every 0.6 s, then
+/// checks that none was lost or mismatched, nothing panicked, and `kinds` kinds of fault
+/// ran.
+fn loses_nothing(mut cluster: Cluster, form: Form, fault: Fault, kinds: usize) {
+    let block_timeout = form.block_timeout;
     let expected: Vec<Vec<u32>> = (0..form.generations)
         .map(|i| {
             let f = flags(i, form.tokens);
@@ -235,8 +310,8 @@ fn chaos_loses_nothing() {
         panics,
         p99
     );
-    let kinds: std::collections::HashSet<_> = applied.iter().collect();
-    assert_eq!(kinds.len(), 4, "not every kind of fault ran: {applied:?}");
+    let ran: std::collections::HashSet<_> = applied.iter().collect();
+    assert_eq!(ran.len(), kinds, "not every kind of fault ran: {applied:?}");
     if !lost.is_empty() {
         // What the coordinator saw of the failures, for the report.
         let log = cluster.coordinator.log();

@@ -200,6 +200,11 @@ impl Redis {
         }
     }
 
+    /// Whether the server runs (it was not stopped).
+    pub fn is_running(&self) -> bool {
+        self.proc.is_some()
+    }
+
     /// Stops the server.
     pub fn stop(&mut self) {
         self.proc = None;
@@ -342,12 +347,26 @@ impl RedisCluster {
     /// The master of the slot of the session being generated (the one whose lease is
     /// held now), and that session's lease key.
     pub fn generating(&self) -> (usize, String) {
-        let master = self.master_of("*:lease");
-        let lease = self.nodes[master]
-            .keys("*:lease")
-            .pop()
-            .expect("a held lease");
-        (master, lease)
+        self.any_generating().expect("a held lease")
+    }
+
+    /// [`RedisCluster::generating`] for one of the sessions being generated; `None` when
+    /// no lease is held.
+    pub fn any_generating(&self) -> Option<(usize, String)> {
+        (0..self.nodes.len()).find_map(|i| {
+            let node = &self.nodes[i];
+            let live = node.proc.is_some() && self.is_master(i);
+            let lease = live.then(|| node.keys("*:lease").pop()).flatten()?;
+            Some((i, lease))
+        })
+    }
+
+    /// Starts again every node that was stopped: it rejoins as a replica of the master
+    /// that took its place.
+    pub fn restart_stopped(&mut self) {
+        for node in self.nodes.iter_mut().filter(|n| n.proc.is_none()) {
+            node.restart();
+        }
     }
 
     /// The node that is master of the slot of the one key matching `pattern`.
@@ -793,17 +812,21 @@ impl Cluster {
         Self::start_in(dir, checkpoint, workers, routing, Some(&flags), None)
     }
 
-    /// [`Cluster::start`] with the sessions on a Redis Cluster of its own
+    /// [`Cluster::start_with`] with the sessions on a Redis Cluster of its own
     /// ([`RedisCluster::start`], replicas taking over after `node_timeout_ms`).
     pub fn start_on_redis_cluster(
         checkpoint: &Path,
         workers: usize,
-        routing: &str,
+        (routing, extra): (&str, &[&str]),
         node_timeout_ms: u32,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisCluster::start(dir.path(), node_timeout_ms);
-        Self::start_in(dir, checkpoint, workers, routing, None, Some(redis))
+        let flags = Secured {
+            coordinator: owned(extra),
+            ..Secured::default()
+        };
+        Self::start_in(dir, checkpoint, workers, routing, Some(&flags), Some(redis))
     }
 
     /// A cluster whose coordinator takes API keys [`API_KEYS`] (file `api-keys` in its

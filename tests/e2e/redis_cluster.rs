@@ -29,7 +29,7 @@ fn the_store_contracts_hold_on_a_redis_cluster() {
 /// worker continues it from the cluster with the tokens a local run gives.
 #[test]
 fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
-    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "rotate", 2_000);
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, ("rotate", &[]), 2_000);
     let args = ["--prompt-ids", "1022", "--max-tokens", "768", "--seed", "5"];
     survives(&mut cluster, &args, |cluster| cluster.workers[0].kill());
 }
@@ -40,7 +40,7 @@ fn a_worker_killed_mid_generation_on_a_redis_cluster_loses_nothing() {
 /// the tokens a local run gives.
 #[test]
 fn a_master_killed_mid_generation_loses_nothing() {
-    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "affinity", 1_000);
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, ("affinity", &[]), 1_000);
     let args = [
         "--prompt-ids",
         "1022",
@@ -64,7 +64,7 @@ fn a_master_killed_mid_generation_loses_nothing() {
 /// client gets the tokens a local run gives.
 #[test]
 fn a_slot_migrated_mid_generation_loses_nothing() {
-    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, "affinity", 2_000);
+    let mut cluster = Cluster::start_on_redis_cluster(&checkpoint(), 2, ("affinity", &[]), 2_000);
     let args = [
         "--prompt-ids",
         "1022",
