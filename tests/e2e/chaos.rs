@@ -149,7 +149,7 @@ fn cluster_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -
 /// timeout (odd ones).
 fn worker_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
     let worker = round % 3;
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         cluster.restart_worker(worker);
         return "worker SIGKILLed and restarted";
     }
