@@ -59,9 +59,10 @@ impl Dispatcher {
 
     /// Waits for a slot, then asks workers for block `block` of `session` (whose last
     /// block ran on model `version`: workers that have it loaded come first; its KV blob
-    /// written as `persistence` says) until one answers. A fault of the request or its stored session (INVALID_ARGUMENT,
-    /// NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE, DATA_LOSS) is returned at once, a
-    /// session the worker did not find as [`Error::NoSession`]; a busy worker
+    /// written as `persistence` says) until one answers. A fault of the request or its
+    /// stored session (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE,
+    /// DATA_LOSS) is returned at once, a session the worker did not find as
+    /// [`Error::NoSession`]; a busy worker
     /// (RESOURCE_EXHAUSTED, when other coordinators share it) is waited for without
     /// counting as a fault; any other failure is tried again elsewhere while the attempts
     /// and the retry budget last.
@@ -150,9 +151,7 @@ impl Dispatcher {
             }
         }
     }
-}
 
-impl Dispatcher {
     /// Asks the worker that served `session`'s last block to write the KV blobs of its
     /// window at `committed` blocks (a generation's end under [`Persistence::AtEnd`]).
     /// Best effort: a worker that is gone, no longer holds the session or fails writes

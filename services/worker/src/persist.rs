@@ -67,17 +67,11 @@ pub async fn persist_kv(
         (state, blobs)
     })
     .await;
-    let Ok((state, blobs)) = exported else {
-        tracing::error!("exporting the session's window failed");
-        return Err(Status::internal(
-            "persisting the KV state failed on this worker",
-        ));
-    };
+    // A panic in the export loses the held state (the next block rebuilds); an error
+    // keeps it.
+    let (state, blobs) = exported.map_err(|e| export_failed(&e))?;
     sessions.put(key, state);
-    let blobs = blobs.map_err(|e| {
-        tracing::error!(error = %e, "exporting the session's window failed");
-        Status::internal("persisting the KV state failed on this worker")
-    })?;
+    let blobs = blobs.map_err(|e| export_failed(&e))?;
     let (count, bytes) = (blobs.len(), blobs.iter().map(|(_, b)| b.len()).sum());
     let outcome = store
         .commit(&record, record.base(), blobs, 0..0)
@@ -93,4 +87,10 @@ pub async fn persist_kv(
         blocks_written: count as u32,
         bytes_written: bytes as u64,
     })
+}
+
+/// An export that failed, logged; the caller is told only that it did.
+fn export_failed(e: &dyn std::fmt::Display) -> Status {
+    tracing::error!(error = %e, "exporting the session's window failed");
+    Status::internal("persisting the KV state failed on this worker")
 }
