@@ -608,8 +608,8 @@ fn a_session_whose_tokens_were_evicted_is_restored_or_not_found() {
 }
 
 /// A Redis whose `maxmemory-policy` may evict any key (the training queue, the registry's
-/// records) is refused at start-up, in one line naming the setting; one that may evict
-/// only keys with a TTL (the sessions') is taken, with a warning naming what may go.
+/// records, tombstones) is refused at start-up, in one line naming the setting; one that
+/// evicts only keys with a TTL (what can be rebuilt) is taken, with a line naming it.
 #[test]
 fn a_redis_that_may_evict_any_key_is_refused_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -631,7 +631,7 @@ fn a_redis_that_may_evict_any_key_is_refused_at_start_up() {
     let args: Vec<String> = serve.iter().map(|s| s.to_string()).collect();
     let served = crate::cluster::spawn(&crate::bin("bd3lm"), &args, dir.path(), "serve");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !served.log().contains("tombstones") {
+    while !served.log().contains("rebuilt from tokens") {
         assert!(std::time::Instant::now() < deadline, "{}", served.log());
         std::thread::sleep(Duration::from_millis(50));
     }

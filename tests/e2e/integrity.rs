@@ -30,7 +30,7 @@ pub fn request(session: Option<&str>, prompt: Vec<u32>, max_new_tokens: u32) -> 
     }
 }
 
-async fn client(addr: &str) -> GenerationClient<Channel> {
+pub async fn client(addr: &str) -> GenerationClient<Channel> {
     GenerationClient::connect(format!("http://{addr}"))
         .await
         .unwrap()

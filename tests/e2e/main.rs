@@ -4,6 +4,7 @@ mod chaos;
 mod check_reference;
 mod cluster;
 mod distributed;
+mod eviction;
 mod generate;
 mod integrity;
 mod jobs;

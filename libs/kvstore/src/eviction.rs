@@ -1,20 +1,22 @@
 //! What Redis may take from the stores when it reaches `maxmemory`, by its
-//! `maxmemory-policy`, and the start-up check that refuses a policy that could lose the
-//! training service's state.
+//! `maxmemory-policy`, and the start-up check that refuses a policy that could lose what
+//! cannot be rebuilt.
 //!
-//! Session keys carry TTLs; the training service's do not. A `volatile-*` policy evicts
-//! only keys with a TTL: KV blobs (rebuilt from tokens), whole or partial idle sessions
-//! (gone as a whole: restored by a generation holding their tokens, else NOT_FOUND), but
-//! also deleted sessions' tombstones, generation leases and per-key session counts. An
-//! `allkeys-*` policy may evict anything, the job queue and the registry's records too.
+//! Only what can be rebuilt or restored carries a Redis TTL: sessions' KV blobs (rebuilt
+//! from tokens), records and tokens (a session gone, whole or in part, is put back by a
+//! generation holding its tokens, else NOT_FOUND). Tombstones, leases and per-key session
+//! counts hold their expiry in their values (the janitor deletes them), and the training
+//! service's keys do not expire. So a `volatile-*` policy, the one the chart sets, evicts
+//! only the former; an `allkeys-*` policy may evict anything, the job queue and the
+//! registry's records too.
 
 use std::time::Duration;
 
 use crate::{Error, Result, SessionStore};
 
 /// Reads the Redis server's `maxmemory-policy` (waiting at most 2 s: a store that is down
-/// is the services' to ride out, not the start-up's) and refuses one that may evict the
-/// training service's keys; one that may evict sessions' keys is logged with what may go.
+/// is the services' to ride out, not the start-up's) and refuses one that may evict what
+/// cannot be rebuilt; one that evicts sessions' rebuildable keys is logged with what goes.
 pub async fn check(sessions: &SessionStore) -> Result<()> {
     let read = tokio::time::timeout(Duration::from_secs(2), sessions.eviction_policy());
     let Ok(Some(policy)) = read.await else {
@@ -27,14 +29,15 @@ pub async fn check(sessions: &SessionStore) -> Result<()> {
     };
     match Eviction::of(&policy) {
         Some(Eviction::AnyKey) => Err(Error::Misconfigured(format!(
-            "Redis' maxmemory-policy is {policy}: under maxmemory it may evict the training              queue and the registry's records; use noeviction or a volatile-* policy"
+            "Redis' maxmemory-policy is {policy}: under maxmemory it may evict the training \
+             queue, the registry's records and deleted sessions' tombstones; use noeviction \
+             or a volatile-* policy"
         ))),
         Some(Eviction::SessionKeys) => {
-            tracing::warn!(
+            tracing::info!(
                 %policy,
-                "under maxmemory Redis may evict KV blobs and idle sessions (rebuilt or \
-                 restored), and also deleted sessions' tombstones, generation leases and \
-                 per-key session counts"
+                "under maxmemory Redis may evict sessions' KV blobs (rebuilt from tokens) \
+                 and records and tokens (restored by their generation, else NOT_FOUND)"
             );
             Ok(())
         }
@@ -51,7 +54,7 @@ pub async fn check(sessions: &SessionStore) -> Result<()> {
 pub enum Eviction {
     /// `noeviction`: nothing; writes fail when memory is full.
     Nothing,
-    /// `volatile-*`: keys with a TTL, which are the sessions'.
+    /// `volatile-*`: keys with a TTL: sessions' records, tokens and KV blobs.
     SessionKeys,
     /// `allkeys-*`: every key, the training service's too.
     AnyKey,

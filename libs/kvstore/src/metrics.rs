@@ -7,6 +7,7 @@ use std::time::Instant;
 const OPERATION_SECONDS: &str = "bd3lm_store_operation_duration_seconds";
 const ERRORS: &str = "bd3lm_store_errors_total";
 const RETRIES: &str = "bd3lm_store_retries_total";
+const SWEPT: &str = "bd3lm_store_swept_total";
 
 /// Describes the store's metrics to the installed recorder.
 pub fn describe() {
@@ -23,6 +24,10 @@ pub fn describe() {
         RETRIES,
         "Redis operations tried again on a broken connection, by op"
     );
+    metrics::describe_counter!(
+        SWEPT,
+        "Expired tombstones and leases the janitor deleted (they carry no Redis TTL)"
+    );
 }
 
 /// Records operation `op`, begun at `started`, and whether it succeeded.
@@ -36,4 +41,9 @@ pub(crate) fn operation(op: &'static str, started: Instant, ok: bool) {
 /// Records one retry of operation `op`.
 pub(crate) fn retried(op: &'static str) {
     metrics::counter!(RETRIES, "op" => op).increment(1);
+}
+
+/// Records `deleted` keys swept by the janitor.
+pub(crate) fn swept(deleted: usize) {
+    metrics::counter!(SWEPT).increment(deleted as u64);
 }

@@ -96,6 +96,9 @@ pub async fn serve(
         shutdown.await;
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     };
+    // Expired leases and tombstones carry no Redis TTL: every coordinator sweeps them,
+    // as often as a lease lapses.
+    stores.sessions.spawn_janitor(settings.lease_ttl);
     let mut serving = pool.watch();
     // Both stores share one backend: the session store's answer is both's.
     let probe = stores.sessions.clone();

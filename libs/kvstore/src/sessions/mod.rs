@@ -6,7 +6,10 @@
 //! the braces keep a session's keys in one Redis Cluster slot): `record` (a hash of the
 //! version and the metadata), `tokens` (appended to, never rewritten), `kv:{block}` (the
 //! KV blobs of the window's blocks), `lease` (the generation that owns the session) and
-//! `deleted` (a tombstone). Every write sets the keys' TTL.
+//! `deleted` (a tombstone). Every write sets the TTL of what can be rebuilt or restored
+//! (record, tokens, blobs: the keys a `volatile-*` eviction may take); the lease, the
+//! tombstone and the per-key session counts hold their expiry in their values instead,
+//! and the janitor ([`SessionStore::spawn_janitor`]) deletes them once expired.
 //!
 //! Every write of a record is a compare-and-set on the version its writer read, in one
 //! server-side script with the blobs it commits and the blobs it expires: a stale writer
@@ -86,8 +89,12 @@ impl SessionStore {
     /// The sessions on the Redis deployment `redis`.
     pub fn redis(redis: &RedisConnection, config: StoreConfig) -> Self {
         Self {
+            backend: Backend::Redis(RedisSessions::new(
+                redis.clone(),
+                config.ttl,
+                format!("{}:janitor", config.prefix),
+            )),
             prefix: config.prefix,
-            backend: Backend::Redis(RedisSessions::new(redis.clone(), config.ttl)),
         }
     }
 
@@ -279,6 +286,39 @@ impl SessionStore {
             Backend::Redis(r) => r.release_slot(&key, session).await?,
         }
         Ok(())
+    }
+
+    /// Deletes the expired tombstones and leases, which carry no Redis TTL (see the
+    /// module's docs); how many. The memory store drops them itself (0).
+    #[tracing::instrument(skip_all)]
+    pub async fn sweep(&self) -> Result<usize> {
+        match &self.backend {
+            Backend::Memory(_) => Ok(0),
+            Backend::Redis(r) => r.sweep().await,
+        }
+    }
+
+    /// Sweeps ([`SessionStore::sweep`]) every `every` (give or take a tenth, so that the
+    /// coordinators of a deployment spread their sweeps) for as long as the process
+    /// runs; nothing for the memory store. Concurrent sweeps are harmless: each key's
+    /// deletion checks its own expiry.
+    pub fn spawn_janitor(&self, every: Duration) {
+        if self.is_memory() {
+            return;
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let jitter = every.mul_f64(rand::random_range(0.9..1.1));
+                tokio::time::sleep(jitter).await;
+                match store.sweep().await {
+                    Ok(deleted) => crate::metrics::swept(deleted),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "sweeping expired tombstones and leases failed")
+                    }
+                }
+            }
+        });
     }
 
     /// Whether the sessions live in this process's memory.

@@ -1,8 +1,13 @@
 //! The session store in Redis: each write one server-side script (in `scripts/`) over
 //! the keys of one session, which share a Cluster slot.
+//!
+//! What cannot be rebuilt (tombstones, leases, per-key session counts) carries no Redis
+//! TTL, so that no `maxmemory-policy` evicts it: each holds its own expiry, and
+//! tombstones and leases are indexed by it in one sorted set, the janitor's, which
+//! [`RedisSessions::sweep`] walks to delete the expired ones.
 
 use std::sync::LazyLock;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::{AsyncCommands, Script};
 
@@ -24,17 +29,36 @@ static RELEASE: LazyLock<Script> =
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/read.lua")));
 static CLAIM_SLOT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/claim_slot.lua")));
+static SWEEP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/sweep.lua")));
+static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/forget.lua")));
+
+/// Keys the janitor looks at per round trip.
+const SWEEP_BATCH: usize = 256;
 
 /// The sessions in Redis.
 #[derive(Clone)]
 pub(super) struct RedisSessions {
     pub(super) redis: RedisConnection,
     ttl: Duration,
+    /// The janitor's index: tombstones and leases, scored by when they expire (ms of
+    /// this process's clock: only when to look; each key holds its own expiry).
+    janitor: String,
+}
+
+/// Milliseconds since the epoch on this process's clock.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl RedisSessions {
-    pub(super) fn new(redis: RedisConnection, ttl: Duration) -> Self {
-        Self { redis, ttl }
+    pub(super) fn new(redis: RedisConnection, ttl: Duration, janitor: String) -> Self {
+        Self {
+            redis,
+            ttl,
+            janitor,
+        }
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -160,7 +184,63 @@ impl RedisSessions {
                     .await
             })
             .await?;
+        self.index(tombstone, self.ttl).await?;
         meta.map(|m| SessionRecord::from_meta(&m)).transpose()
+    }
+
+    /// Puts `key` in the janitor's index, to be looked at once `ttl` has passed. A key
+    /// written but not indexed (this call failing) is only deleted with its session.
+    async fn index(&self, key: &str, ttl: Duration) -> Result<()> {
+        let at = now_ms() + ttl.as_millis() as u64;
+        let _: i64 = self
+            .redis
+            .retried("janitor_index", |mut con| async move {
+                con.zadd(&self.janitor, key, at).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes the expired tombstones and leases; how many.
+    pub(super) async fn sweep(&self) -> Result<usize> {
+        let mut deleted = 0;
+        loop {
+            let looked = now_ms();
+            let due: Vec<String> = self
+                .redis
+                .retried("janitor_due", |mut con| async move {
+                    con.zrangebyscore_limit(&self.janitor, 0, looked, 0, SWEEP_BATCH as isize)
+                        .await
+                })
+                .await?;
+            let mut gone = Vec::new();
+            for key in &due {
+                let left: u64 = self
+                    .redis
+                    .retried("janitor_sweep", |mut con| async move {
+                        SWEEP.key(key).invoke_async(&mut con).await
+                    })
+                    .await?;
+                match left {
+                    0 => gone.push(key),
+                    left => self.index(key, Duration::from_millis(left)).await?,
+                }
+            }
+            deleted += gone.len();
+            if !gone.is_empty() {
+                let _: i64 = self
+                    .redis
+                    .retried("janitor_forget", |mut con| {
+                        let mut forget = FORGET.prepare_invoke();
+                        forget.key(&self.janitor).arg(looked).arg(&gone);
+                        async move { forget.invoke_async(&mut con).await }
+                    })
+                    .await?;
+            }
+            if due.len() < SWEEP_BATCH {
+                return Ok(deleted);
+            }
+        }
     }
 
     /// Deletes `keys` (nothing when there are none).
@@ -176,7 +256,7 @@ impl RedisSessions {
     }
 
     pub(super) async fn lease(&self, key: &str, owner: &str, ttl: Duration) -> Result<bool> {
-        let held: i64 = self
+        let state: i64 = self
             .redis
             .retried("lease", |mut con| async move {
                 LEASE
@@ -187,7 +267,10 @@ impl RedisSessions {
                     .await
             })
             .await?;
-        Ok(held == 1)
+        if state == 2 {
+            self.index(key, ttl).await?;
+        }
+        Ok(state != 0)
     }
 
     pub(super) async fn release(&self, key: &str, owner: &str) -> Result<()> {

@@ -1,3 +1,6 @@
 -- Gives a lease up: KEYS = lease; ARGV = owner.
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local held = redis.call('GET', KEYS[1])
+if held and (held == ARGV[1] or string.match(held, '^%d+ (.*)$') == ARGV[1]) then
+  redis.call('DEL', KEYS[1])
+end
 return 1
