@@ -498,7 +498,8 @@ fn which(name: &str) -> Option<PathBuf> {
 }
 
 /// Starts a coordinator of `workers` on the store of `store` flags ([`Redis::flags`],
-/// [`RedisCluster::flags`]) with `routing` and `extra` flags; returns it and its address.
+/// [`RedisCluster::flags`], then any of the store's settings) with `routing` and `extra`
+/// flags; returns it and its address.
 pub fn start_coordinator(
     dir: &Path,
     workers: &[String],
@@ -508,8 +509,8 @@ pub fn start_coordinator(
 ) -> (Proc, String) {
     let addr = format!("127.0.0.1:{}", free_port());
     let workers = workers.join(",");
-    let [store_flag, store_value] = store else {
-        panic!("store flags are one flag and its value");
+    let [store_flag, store_value, settings @ ..] = store else {
+        panic!("store flags begin with one flag and its value");
     };
     let base = [
         ("--addr", addr.as_str()),
@@ -524,6 +525,7 @@ pub fn start_coordinator(
         .iter()
         .filter(|(flag, _)| !extra.contains(flag))
         .flat_map(|(flag, value)| [flag.to_string(), value.to_string()])
+        .chain(settings.iter().cloned())
         .chain(extra.iter().map(|s| s.to_string()))
         .collect();
     let name = format!("coordinator-{}", addr.replace([':', '.'], "-"));
@@ -640,6 +642,8 @@ impl Observed {
 struct Secured {
     coordinator: Vec<String>,
     worker: Vec<String>,
+    /// Store settings every process takes.
+    store: Vec<String>,
     api_key: Option<String>,
     tls_ca: Option<String>,
     /// Whether every process serves metrics and plain-text health on ports of its own.
@@ -687,7 +691,7 @@ impl Secured {
             worker,
             api_key: Some(API_KEYS[0].to_string()),
             tls_ca: tls.then(|| file("ca.pem")),
-            observed: false,
+            ..Self::default()
         }
     }
 }
@@ -817,13 +821,26 @@ impl Cluster {
     pub fn start_on_redis_cluster(
         checkpoint: &Path,
         workers: usize,
+        routing: (&str, &[&str]),
+        node_timeout_ms: u32,
+    ) -> Self {
+        Self::start_on_redis_cluster_with(checkpoint, workers, routing, node_timeout_ms, &[])
+    }
+
+    /// [`Cluster::start_on_redis_cluster`] with `store` flags (of the store's settings)
+    /// on every process.
+    pub fn start_on_redis_cluster_with(
+        checkpoint: &Path,
+        workers: usize,
         (routing, extra): (&str, &[&str]),
         node_timeout_ms: u32,
+        store: &[&str],
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisCluster::start(dir.path(), node_timeout_ms);
         let flags = Secured {
             coordinator: owned(extra),
+            store: owned(store),
             ..Secured::default()
         };
         Self::start_in(dir, checkpoint, workers, routing, Some(&flags), Some(redis))
@@ -876,10 +893,11 @@ impl Cluster {
         let mut worker_ports = Vec::new();
         let extra: Vec<&str> = secured.coordinator.iter().map(String::as_str).collect();
         let redis = Redis::start(dir.path());
-        let store = match &redis_cluster {
+        let mut store = match &redis_cluster {
             Some(cluster) => cluster.flags(),
             None => redis.flags(),
         };
+        store.extend(secured.store.iter().cloned());
         let mut procs = Vec::new();
         let mut addrs = Vec::new();
         let mut worker_args = Vec::new();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bd3lm_kvstore::{RedisConnection, StoreConfig, Stores};
 
 use crate::cluster::{Cluster, RedisCluster};
-use crate::distributed::{checkpoint, survives};
+use crate::distributed::{checkpoint, local, survives};
 
 /// Both stores keep their contracts on a cluster: every script and multi-key command
 /// names keys of one slot, and the client follows the slots to their masters.
@@ -87,4 +87,39 @@ fn a_slot_migrated_mid_generation_loses_nothing() {
         from != to && holds(to) && !holds(from),
         "the session lives on its new master only"
     );
+}
+
+/// With `--redis-sync-replicas 1` every session write waits for its master's replica
+/// (Redis' `WAIT`, routed to the session's slot): the generation gives a local run's
+/// tokens, and the masters answered a `WAIT` for every committed block.
+#[test]
+fn synchronous_replication_waits_for_the_replica_of_every_write() {
+    let sync = [
+        "--redis-sync-replicas",
+        "1",
+        "--redis-sync-timeout-ms",
+        "2000",
+    ];
+    let cluster =
+        Cluster::start_on_redis_cluster_with(&checkpoint(), 2, ("rotate", &[]), 2_000, &sync);
+    let args = ["--prompt-ids", "1022", "--max-tokens", "120", "--seed", "9"];
+    let out = cluster.generate(&args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.ids, local(&args));
+    let redis = cluster.redis_cluster.as_ref().unwrap();
+    let waits: u64 = redis
+        .nodes
+        .iter()
+        .filter(|n| n.is_running())
+        .map(|n| {
+            let stats = n.strings(&[b"INFO", b"commandstats"]).join("\n");
+            let calls = stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_wait:calls="));
+            calls
+                .and_then(|c| c.split(',').next()?.parse().ok())
+                .unwrap_or(0)
+        })
+        .sum();
+    assert!(waits >= 30, "{waits} WAITs for 30 blocks");
 }

@@ -153,6 +153,12 @@ the internal token, logs and traces, the drain. */}}
 - name: BD3LM_REDIS_CA
   value: /etc/bd3lm/redis-ca/ca.crt
 {{- end }}
+{{- with .Values.redis.external.syncReplicas }}
+- name: BD3LM_REDIS_SYNC_REPLICAS
+  value: {{ . | quote }}
+- name: BD3LM_REDIS_SYNC_TIMEOUT_MS
+  value: {{ $.Values.redis.external.syncTimeoutMs | quote }}
+{{- end }}
 {{- end }}
 {{- end -}}
 

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::{RedisConnection, RedisSecrets, Result, StoreConfig, Stores};
+use crate::{RedisConnection, RedisSecrets, Result, StoreConfig, Stores, SyncReplicas};
 
 /// Where sessions are stored: `--redis` (else the in-memory store), the key prefix and
 /// the TTL. Its `Debug` and `--help` never show the URL, which may hold a password.
@@ -54,6 +54,19 @@ pub struct StoreArgs {
     #[arg(long, env = "BD3LM_STORE_TTL_SECS", default_value_t = 86_400,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub store_ttl_secs: u64,
+    /// Replicas that must acknowledge every session write (Redis' WAIT after it) before
+    /// the block counts as committed; 0: Redis' asynchronous replication alone.
+    #[arg(
+        long,
+        env = "BD3LM_REDIS_SYNC_REPLICAS",
+        default_value_t = 0,
+        requires = "redis_target"
+    )]
+    pub redis_sync_replicas: u32,
+    /// Milliseconds a session write waits for those replicas before it stands anyway.
+    #[arg(long, env = "BD3LM_REDIS_SYNC_TIMEOUT_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=4_000))]
+    pub redis_sync_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for StoreArgs {
@@ -65,16 +78,22 @@ impl std::fmt::Debug for StoreArgs {
             .field("redis_ca", &self.redis_ca)
             .field("store_prefix", &self.store_prefix)
             .field("store_ttl_secs", &self.store_ttl_secs)
+            .field("redis_sync_replicas", &self.redis_sync_replicas)
+            .field("redis_sync_timeout_ms", &self.redis_sync_timeout_ms)
             .finish()
     }
 }
 
 impl StoreArgs {
-    /// The key prefix and TTL.
+    /// The key prefix, the TTL and the replicas a write waits for.
     pub fn config(&self) -> StoreConfig {
         StoreConfig {
             prefix: self.store_prefix.clone(),
             ttl: Duration::from_secs(self.store_ttl_secs),
+            sync_replicas: (self.redis_sync_replicas > 0).then(|| SyncReplicas {
+                replicas: self.redis_sync_replicas,
+                timeout: Duration::from_millis(self.redis_sync_timeout_ms),
+            }),
         }
     }
 
@@ -138,7 +157,8 @@ mod tests {
     /// Held by the tests that parse flags, which read the environment one of them sets.
     static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-    /// One Redis or one cluster, never both; the password file goes with either.
+    /// One Redis or one cluster, never both; the password file and synchronous
+    /// replication go with either.
     #[test]
     fn a_store_is_one_redis_or_one_cluster() {
         let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
@@ -150,6 +170,11 @@ mod tests {
         assert!(parse(&["--redis-cluster", nodes, "--redis", "redis://h/0"]).is_err());
         assert!(parse(&["--redis-cluster", nodes, "--redis-password-file", "p"]).is_ok());
         assert!(parse(&["--redis-password-file", "p"]).is_err());
+        assert!(parse(&["--redis-sync-replicas", "1"]).is_err(), "needs a Redis");
+        let sync = parse(&["--redis-cluster", nodes, "--redis-sync-replicas", "1"]).unwrap();
+        let wait = sync.store.config().sync_replicas.unwrap();
+        assert_eq!((wait.replicas, wait.timeout), (1, Duration::from_millis(100)));
+        assert_eq!(args.config().sync_replicas, None, "asynchronous by default");
     }
 
     /// A password in the URL shows neither in `Debug` nor in `--help`.

@@ -17,6 +17,7 @@ use redis::aio::{
 };
 use redis::cluster::{ClusterClient, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{AsyncConnectionConfig, Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 
 use crate::{Error, Result, metrics};
@@ -216,6 +217,37 @@ impl RedisConnection {
             .query_async(&mut con)
             .await;
         reply.ok()?.into_iter().nth(1)
+    }
+
+    /// Waits up to `timeout` until `replicas` replicas of the master holding `key` have
+    /// every write this process sent that master (Redis' `WAIT`, routed to the key's
+    /// slot on a cluster); how many have.
+    pub(crate) async fn wait_for_replicas(
+        &self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> Result<u32> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis() as u64);
+        let acked: u32 = self
+            .retried("wait_replicas", |con| {
+                let wait = wait.clone();
+                async move {
+                    match con {
+                        Connection::Cluster(mut cluster) => {
+                            let slot = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                            let route =
+                                RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(slot));
+                            let reply = cluster.route_command(wait, route).await?;
+                            Ok(redis::from_redis_value(reply)?)
+                        }
+                        mut one => wait.query_async(&mut one).await,
+                    }
+                }
+            })
+            .await?;
+        Ok(acked)
     }
 
     /// Checks that Redis answers.

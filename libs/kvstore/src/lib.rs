@@ -50,6 +50,21 @@ pub struct StoreConfig {
     /// Lifetime of a session's keys after their last write (the job store's keys never
     /// expire).
     pub ttl: Duration,
+    /// Replicas that must have a session's write before it counts as done; `None`:
+    /// Redis' own asynchronous replication.
+    pub sync_replicas: Option<SyncReplicas>,
+}
+
+/// Synchronous replication of session writes (Redis' `WAIT` after each): a master that
+/// dies then loses no write its replicas acknowledged. Redis still replicates
+/// asynchronously beneath, so a write whose replicas did not answer in time stands
+/// (counted in `bd3lm_store_replication_shortfalls_total`), as it would without this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReplicas {
+    /// How many replicas must acknowledge.
+    pub replicas: u32,
+    /// How long a write waits for them.
+    pub timeout: Duration,
 }
 
 impl Default for StoreConfig {
@@ -57,6 +72,7 @@ impl Default for StoreConfig {
         Self {
             prefix: "bd3lm".into(),
             ttl: Duration::from_secs(24 * 3600),
+            sync_replicas: None,
         }
     }
 }

@@ -8,6 +8,7 @@ const OPERATION_SECONDS: &str = "bd3lm_store_operation_duration_seconds";
 const ERRORS: &str = "bd3lm_store_errors_total";
 const RETRIES: &str = "bd3lm_store_retries_total";
 const SWEPT: &str = "bd3lm_store_swept_total";
+const SHORTFALLS: &str = "bd3lm_store_replication_shortfalls_total";
 
 /// Describes the store's metrics to the installed recorder.
 pub fn describe() {
@@ -28,6 +29,10 @@ pub fn describe() {
         SWEPT,
         "Expired tombstones and leases the janitor deleted (they carry no Redis TTL)"
     );
+    metrics::describe_counter!(
+        SHORTFALLS,
+        "Session writes fewer replicas acknowledged than --redis-sync-replicas in time"
+    );
 }
 
 /// Records operation `op`, begun at `started`, and whether it succeeded.
@@ -46,4 +51,9 @@ pub(crate) fn retried(op: &'static str) {
 /// Records `deleted` keys swept by the janitor.
 pub(crate) fn swept(deleted: usize) {
     metrics::counter!(SWEPT).increment(deleted as u64);
+}
+
+/// Records a session write fewer replicas acknowledged than asked.
+pub(crate) fn replication_shortfall() {
+    metrics::counter!(SHORTFALLS).increment(1);
 }

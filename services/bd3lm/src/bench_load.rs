@@ -1,5 +1,6 @@
 //! `bd3lm bench serve --concurrency 1,8,32`: the system under load. One worker and the
-//! coordinator in this process, real gRPC over loopback; after one unmeasured stream, at
+//! coordinator in this process, real gRPC over loopback, the sessions in memory or in
+//! Redis (`--redis`, `--redis-cluster`); after one unmeasured stream, at
 //! each concurrency that many streams generate at once, and the client measures what a
 //! user sees.
 
@@ -21,6 +22,8 @@ use tonic::transport::Channel;
 #[derive(Debug, Serialize)]
 struct LoadFigures {
     model: String,
+    /// Where the sessions live: `memory` or `redis`.
+    store: &'static str,
     device: String,
     dtype: String,
     concurrency: usize,
@@ -55,16 +58,23 @@ struct StreamTimes {
     tokens: Vec<u32>,
 }
 
-/// Serves `loaded` from one worker with `limits` behind the coordinator, then runs
-/// `tokens`-token streams at each of `levels`; one JSON line per level.
+/// Serves `loaded` from one worker with `limits` behind the coordinator, its sessions in
+/// `stores`, then runs `tokens`-token streams at each of `levels`; one JSON line per
+/// level.
 pub async fn run(
     loaded: Arc<LoadedModel>,
     name: &str,
     limits: WorkerLimits,
+    stores: Stores,
     levels: &[usize],
     tokens: u32,
 ) -> anyhow::Result<()> {
-    let bench = one_worker(loaded.clone(), limits, Stores::memory(Default::default())).await?;
+    let store = if stores.sessions.is_memory() {
+        "memory"
+    } else {
+        "redis"
+    };
+    let bench = one_worker(loaded.clone(), limits, stores).await?;
     let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     let mut previous: Option<Vec<StreamTimes>> = None;
@@ -93,6 +103,7 @@ pub async fn run(
         let same = previous.as_deref().map(|p| agreement(p, &times));
         let figures = LoadFigures {
             model: name.to_string(),
+            store,
             device: format!("{:?}", loaded.model.device().location()).to_lowercase(),
             dtype: after.dtype.clone(),
             concurrency,

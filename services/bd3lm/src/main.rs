@@ -114,7 +114,7 @@ enum BenchCommand {
     Serve {
         /// Instead of the cost figures: aggregate tokens/s, block and first-block
         /// latency and queue time of this many concurrent streams (a list), through the
-        /// coordinator and one worker.
+        /// coordinator and one worker, on the store given.
         #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
         concurrency: Option<Vec<usize>>,
         /// With --concurrency: the random-weight tiny or small shape, or the bundled demo
@@ -130,7 +130,7 @@ enum BenchCommand {
         device: bd3lm_worker::DeviceArgs,
         #[command(flatten)]
         worker: bd3lm_worker::WorkerSettings,
-        /// The store: a local redis-server with --redis, else in memory.
+        /// The store: Redis with --redis or --redis-cluster, else in memory.
         #[command(flatten)]
         store: bd3lm_kvstore::StoreArgs,
         /// Context lengths (prompt tokens) to measure at.
@@ -318,6 +318,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             tokens,
             device,
             worker,
+            store,
             ..
         } => runtime.block_on(async {
             let (dev, precision) = (device.device()?, device.precision());
@@ -337,7 +338,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
                 }
             };
             let limits = worker.limits(device.device);
-            bench_load::run(loaded, name, limits, &levels, tokens).await
+            bench_load::run(loaded, name, limits, store.open()?, &levels, tokens).await
         }),
         BenchCommand::Serve {
             store,

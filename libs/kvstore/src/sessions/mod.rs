@@ -89,11 +89,7 @@ impl SessionStore {
     /// The sessions on the Redis deployment `redis`.
     pub fn redis(redis: &RedisConnection, config: StoreConfig) -> Self {
         Self {
-            backend: Backend::Redis(RedisSessions::new(
-                redis.clone(),
-                config.ttl,
-                format!("{}:janitor", config.prefix),
-            )),
+            backend: Backend::Redis(RedisSessions::new(redis.clone(), &config)),
             prefix: config.prefix,
         }
     }

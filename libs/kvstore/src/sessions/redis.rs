@@ -14,7 +14,7 @@ use redis::{AsyncCommands, Script};
 use super::{Keys, Write, Written};
 use crate::connection::corrupt;
 use crate::record::encode_tokens;
-use crate::{Error, RedisConnection, Result, SessionRecord};
+use crate::{Error, RedisConnection, Result, SessionRecord, StoreConfig, SyncReplicas};
 
 /// KV blobs per MGET when reading a session's window (about 1 MB at the tiny shape, 4.7
 /// MB at the paper's small one).
@@ -40,6 +40,7 @@ const SWEEP_BATCH: usize = 256;
 pub(super) struct RedisSessions {
     pub(super) redis: RedisConnection,
     ttl: Duration,
+    sync: Option<SyncReplicas>,
     /// The janitor's index: tombstones and leases, scored by when they expire (ms of
     /// this process's clock: only when to look; each key holds its own expiry).
     janitor: String,
@@ -53,12 +54,31 @@ fn now_ms() -> u64 {
 }
 
 impl RedisSessions {
-    pub(super) fn new(redis: RedisConnection, ttl: Duration, janitor: String) -> Self {
+    pub(super) fn new(redis: RedisConnection, config: &StoreConfig) -> Self {
         Self {
             redis,
-            ttl,
-            janitor,
+            ttl: config.ttl,
+            sync: config.sync_replicas,
+            janitor: format!("{}:janitor", config.prefix),
         }
+    }
+
+    /// Waits for the replicas of `key`'s master to have the write just made, when the
+    /// deployment asks for synchronous replication. A shortfall is counted, not an
+    /// error: the write stands on the master, as it would without the wait.
+    async fn replicated(&self, key: &str) -> Result<()> {
+        let Some(sync) = self.sync else {
+            return Ok(());
+        };
+        let acked = self
+            .redis
+            .wait_for_replicas(key, sync.replicas, sync.timeout)
+            .await?;
+        if acked < sync.replicas {
+            tracing::debug!(acked, "fewer replicas than asked have the session write");
+            crate::metrics::replication_shortfall();
+        }
+        Ok(())
     }
 
     fn ttl_ms(&self) -> u64 {
@@ -95,7 +115,7 @@ impl RedisSessions {
             })
             .await?;
         match reply.as_str() {
-            "ok" => Ok(()),
+            "ok" => self.replicated(&keys.record).await,
             "deleted" => Err(Error::Deleted(record.id.clone())),
             _ => Err(Error::SessionExists(record.id.clone())),
         }
@@ -163,7 +183,11 @@ impl RedisSessions {
                     &meta, &tokens, version,
                 )?)))
             }
-            other => Ok(Ok(redis::from_redis_value(other).map_err(corrupt)?)),
+            other => {
+                let version = redis::from_redis_value(other).map_err(corrupt)?;
+                self.replicated(&keys.record).await?;
+                Ok(Ok(version))
+            }
         }
     }
 
@@ -185,6 +209,7 @@ impl RedisSessions {
             })
             .await?;
         self.index(tombstone, self.ttl).await?;
+        self.replicated(tombstone).await?;
         meta.map(|m| SessionRecord::from_meta(&m)).transpose()
     }
 
