@@ -780,7 +780,7 @@ pub fn make_certificates(dir: &Path) {
 pub const API_KEYS: [&str; 2] = ["key-alpha-0123456789", "key-beta-9876543210"];
 
 /// The workers' internal token of [`Cluster::start_secured`].
-pub const INTERNAL_TOKEN: &str = "internal-5f2e9c";
+pub const INTERNAL_TOKEN: &str = "internal-5f2e9c-7a41d0";
 
 impl Cluster {
     /// Starts Redis, `workers` workers on `checkpoint` and a coordinator with `routing`.

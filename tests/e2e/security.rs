@@ -263,3 +263,114 @@ fn the_store_speaks_tls_to_redis_with_the_password_apart() {
         assert!(!err.contains("pw-7c1f-test"), "{err}");
     });
 }
+
+/// gRPC reflection on the public port answers to the API's keys only: without one it is
+/// UNAUTHENTICATED, with one it lists the services.
+#[test]
+fn reflection_is_behind_the_api_keys() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let cluster = Cluster::start_secured(&checkpoint(), 1);
+    runtime().block_on(async {
+        let channel = channel(&cluster.addr).await;
+        let list = || {
+            futures::stream::iter([ServerReflectionRequest {
+                message_request: Some(MessageRequest::ListServices(String::new())),
+                ..Default::default()
+            }])
+        };
+        for key in [None, Some(API_KEYS[0])] {
+            let bearer = Bearer::new(key).unwrap();
+            let mut client = ServerReflectionClient::with_interceptor(channel.clone(), bearer);
+            let answer = client.server_reflection_info(list()).await;
+            let Some(_) = key else {
+                assert_eq!(answer.unwrap_err().code(), Code::Unauthenticated);
+                continue;
+            };
+            let mut stream = answer.unwrap().into_inner();
+            let message = stream.message().await.unwrap().unwrap();
+            let Some(MessageResponse::ListServicesResponse(services)) = message.message_response
+            else {
+                panic!("{message:?}");
+            };
+            let names: Vec<String> = services.service.into_iter().map(|s| s.name).collect();
+            assert!(
+                names.contains(&"bd3lm.v1.Generation".to_string()),
+                "{names:?}"
+            );
+        }
+    });
+}
+
+/// A key file holding a key shorter than 16 characters is refused at start-up, in one
+/// line naming the file's line and the minimum.
+#[test]
+fn a_short_api_key_is_refused_at_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("api-keys");
+    std::fs::write(&keys, format!("{}\nshort-key\n", API_KEYS[0])).unwrap();
+    let keys = keys.display().to_string();
+    let serve = [
+        "serve",
+        "--api-keys",
+        keys.as_str(),
+        "--addr",
+        "127.0.0.1:0",
+    ];
+    let out = crate::bd3lm(&serve);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("line 2") && stderr.contains("at least 16"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("short-key"), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+/// A worker without an internal token refuses to listen on an address other machines
+/// reach, unless told to with --insecure-no-internal-token; on loopback it serves.
+#[test]
+fn a_worker_without_a_token_refuses_a_non_loopback_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = crate::cluster::Redis::start(dir.path());
+    let url = redis.url();
+    let checkpoint = checkpoint().display().to_string();
+    let worker = |addr: &str, extra: &[&str]| {
+        std::process::Command::new(crate::bin("bd3lm-worker"))
+            .args(["--addr", addr, "--checkpoint", &checkpoint, "--redis", &url])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let refused = worker("0.0.0.0:0", &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--internal-token-file is required"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("listening"),
+        "refused before it listens: {stderr}"
+    );
+
+    let served = [
+        ("127.0.0.1:0", &[][..]),
+        ("0.0.0.0:0", &["--insecure-no-internal-token"][..]),
+    ];
+    for (i, (addr, extra)) in served.into_iter().enumerate() {
+        let args: Vec<String> = ["--addr", addr, "--checkpoint", &checkpoint, "--redis", &url]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect();
+        // `spawn` returns once the worker printed that it listens.
+        let name = format!("worker{i}");
+        crate::cluster::spawn(&crate::bin("bd3lm-worker"), &args, dir.path(), &name);
+    }
+}

@@ -170,10 +170,16 @@ mod tests {
         assert!(parse(&["--redis-cluster", nodes, "--redis", "redis://h/0"]).is_err());
         assert!(parse(&["--redis-cluster", nodes, "--redis-password-file", "p"]).is_ok());
         assert!(parse(&["--redis-password-file", "p"]).is_err());
-        assert!(parse(&["--redis-sync-replicas", "1"]).is_err(), "needs a Redis");
+        assert!(
+            parse(&["--redis-sync-replicas", "1"]).is_err(),
+            "needs a Redis"
+        );
         let sync = parse(&["--redis-cluster", nodes, "--redis-sync-replicas", "1"]).unwrap();
         let wait = sync.store.config().sync_replicas.unwrap();
-        assert_eq!((wait.replicas, wait.timeout), (1, Duration::from_millis(100)));
+        assert_eq!(
+            (wait.replicas, wait.timeout),
+            (1, Duration::from_millis(100))
+        );
         assert_eq!(args.config().sync_replicas, None, "asynchronous by default");
     }
 

@@ -2,11 +2,15 @@
 //! (`Bearer <token>`), checked by servers against a set of accepted tokens and attached by
 //! clients. The public API's keys and the workers' internal token are both such sets.
 //!
-//! Tokens are compared in constant time and never logged; what identifies a caller in
-//! records and logs is [`Tokens::check`]'s key id, a hash of the token.
+//! Tokens are held and compared as SHA-256 digests, in constant time whatever the
+//! offered token's length, and never logged; what identifies a caller in records and
+//! logs is [`Tokens::check`]'s key id, another (domain-separated) SHA-256 of the token,
+//! which a token of at least [`MIN_TOKEN_LEN`] characters keeps from being inverted.
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+
+use sha2::{Digest, Sha256};
 
 use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::service::Interceptor;
@@ -19,11 +23,16 @@ pub struct Caller {
     pub key_id: Option<String>,
 }
 
-/// The bearer tokens a server accepts: none configured means every call is accepted.
+/// Fewest characters of a token in a token file: 16 random printable characters are
+/// beyond guessing, and beyond inverting a key id.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// The bearer tokens a server accepts (as digests): none configured means every call is
+/// accepted.
 #[derive(Debug)]
 pub struct Tokens {
     file: Option<PathBuf>,
-    tokens: RwLock<Vec<String>>,
+    digests: RwLock<Vec<[u8; 32]>>,
 }
 
 /// Why a token file was refused.
@@ -48,33 +57,37 @@ pub enum TokenFileError {
         /// The line, from 1.
         line: usize,
     },
+    /// A token is shorter than [`MIN_TOKEN_LEN`].
+    #[error("the token file {path}, line {line}: a token has at least {MIN_TOKEN_LEN} characters")]
+    TooShort {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+    },
 }
 
 impl Tokens {
     /// Accepts every call.
     pub fn open() -> Self {
-        Self {
-            file: None,
-            tokens: RwLock::new(Vec::new()),
-        }
+        Self::of(Vec::new())
     }
 
     /// Accepts `tokens` only.
     pub fn of(tokens: Vec<String>) -> Self {
         Self {
             file: None,
-            tokens: RwLock::new(tokens),
+            digests: RwLock::new(tokens.iter().map(|t| digest(t)).collect()),
         }
     }
 
     /// Accepts the tokens of `path`: one per line; blank lines and lines starting with
     /// `#` are skipped.
     pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
-        let tokens = Self {
+        Ok(Self {
             file: Some(path.to_path_buf()),
-            tokens: RwLock::new(read(path)?),
-        };
-        Ok(tokens)
+            ..Self::of(read(path)?)
+        })
     }
 
     /// Reads the file again (on SIGHUP); the number of tokens now accepted. A file that
@@ -83,15 +96,15 @@ impl Tokens {
         let Some(path) = &self.file else {
             return Ok(0);
         };
-        let fresh = read(path)?;
+        let fresh: Vec<[u8; 32]> = read(path)?.iter().map(|t| digest(t)).collect();
         let count = fresh.len();
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = fresh;
+        *self.digests.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(count)
     }
 
     /// Whether every call is accepted.
     pub fn is_open(&self) -> bool {
-        self.tokens
+        self.digests
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
@@ -99,8 +112,8 @@ impl Tokens {
 
     /// The caller of a call with `metadata`, or UNAUTHENTICATED.
     pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
-        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner());
-        if tokens.is_empty() {
+        let digests = self.digests.read().unwrap_or_else(|e| e.into_inner());
+        if digests.is_empty() {
             return Ok(Caller { key_id: None });
         }
         let offered = metadata
@@ -110,10 +123,12 @@ impl Tokens {
             .ok_or_else(|| {
                 Status::unauthenticated("authorization: expected `Bearer <key>` metadata")
             })?;
-        // Every token is compared, so the time taken does not say which one matched.
+        // Digests of one length, every one compared: the time taken says neither which
+        // token matched nor how long any is.
+        let offered_digest = digest(offered);
         let mut matched = false;
-        for token in tokens.iter() {
-            matched |= constant_time_eq(token.as_bytes(), offered.as_bytes());
+        for accepted in digests.iter() {
+            matched |= constant_time_eq(accepted, &offered_digest);
         }
         if matched {
             Ok(Caller {
@@ -142,9 +157,19 @@ impl Tokens {
     }
 }
 
-/// The id of a key in records and logs: 16 hex digits of its hash, not the key.
+/// The id of a key in records and logs: 16 hex digits of a SHA-256 of it (apart from
+/// the digest it is checked by), not the key.
 pub fn key_id(token: &str) -> String {
-    format!("{:016x}", bd3lm_bytes::checksum(token.as_bytes()))
+    let hash = Sha256::new()
+        .chain_update(b"bd3lm key id\0")
+        .chain_update(token.as_bytes())
+        .finalize();
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a token is checked by.
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 fn read(path: &Path) -> Result<Vec<String>, TokenFileError> {
@@ -158,10 +183,17 @@ fn read(path: &Path) -> Result<Vec<String>, TokenFileError> {
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
+        let (path, line_no) = (path.to_path_buf(), i + 1);
         if !line.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenFileError::Invalid {
-                path: path.to_path_buf(),
-                line: i + 1,
+                path,
+                line: line_no,
+            });
+        }
+        if line.len() < MIN_TOKEN_LEN {
+            return Err(TokenFileError::TooShort {
+                path,
+                line: line_no,
             });
         }
         tokens.push(line.to_string());
@@ -172,10 +204,7 @@ fn read(path: &Path) -> Result<Vec<String>, TokenFileError> {
     Ok(tokens)
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
+fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -253,19 +282,26 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("bd3lm-tokens-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("keys");
-        std::fs::write(&path, "# keys\nalpha\n\n  beta  \n").unwrap();
+        let (beta, gamma) = ("beta-0123456789ab", "gamma-0123456789a");
+        std::fs::write(&path, format!("# keys\nalpha-0123456789ab\n\n  {beta}  \n")).unwrap();
         let tokens = Tokens::from_file(&path).unwrap();
-        assert!(tokens.check(&with(Some("Bearer beta"))).is_ok());
-        std::fs::write(&path, "gamma\n").unwrap();
+        let bearer = |t: &str| with(Some(&format!("Bearer {t}")));
+        assert!(tokens.check(&bearer(beta)).is_ok());
+        std::fs::write(&path, format!("{gamma}\n")).unwrap();
         assert_eq!(tokens.reload().unwrap(), 1);
-        assert!(tokens.check(&with(Some("Bearer beta"))).is_err());
-        assert!(tokens.check(&with(Some("Bearer gamma"))).is_ok());
-        std::fs::write(&path, "two words\n").unwrap();
+        assert!(tokens.check(&bearer(beta)).is_err());
+        assert!(tokens.check(&bearer(gamma)).is_ok());
+        std::fs::write(&path, "two words and more\n").unwrap();
         assert!(matches!(
             tokens.reload(),
             Err(TokenFileError::Invalid { line: 1, .. })
         ));
-        assert!(tokens.check(&with(Some("Bearer gamma"))).is_ok(), "kept");
+        std::fs::write(&path, format!("{gamma}\nshort-key\n")).unwrap();
+        assert!(matches!(
+            tokens.reload(),
+            Err(TokenFileError::TooShort { line: 2, .. })
+        ));
+        assert!(tokens.check(&bearer(gamma)).is_ok(), "kept");
         std::fs::write(&path, "\n# none\n").unwrap();
         assert!(matches!(
             Tokens::from_file(&path),
@@ -274,6 +310,18 @@ mod tests {
         let missing = Bearer::from_file(&dir.join("missing"));
         assert!(matches!(missing, Err(TokenFileError::Read { .. })));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A key id is a domain-separated SHA-256 of the key (the value below is Python's
+    /// `hashlib.sha256(b"bd3lm key id\\0" + key).hexdigest()[:16]`): fixed, since sessions
+    /// in the store are owned by it.
+    #[test]
+    fn key_ids_are_sha256_of_the_key() {
+        assert_eq!(key_id("key-alpha-0123456789"), "09e393b7a4ce2976");
+        assert_ne!(
+            key_id("key-alpha-0123456789"),
+            key_id("key-beta-9876543210")
+        );
     }
 
     #[test]

@@ -155,7 +155,10 @@ pub async fn serve(
     let (mut server, incoming) = ports.start(&health)?;
     server
         .add_service(health)
-        .add_optional_service(reflection)
+        // Reflection describes the API to whoever may call it: behind the same keys.
+        .add_optional_service(
+            reflection.map(|r| InterceptedService::new(r, keys.clone().interceptor())),
+        )
         .add_service(InterceptedService::new(
             generation,
             keys.clone().interceptor(),

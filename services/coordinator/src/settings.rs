@@ -123,7 +123,8 @@ pub struct CoordinatorSettings {
     /// API is open to every caller.
     #[arg(long = "api-keys", env = "BD3LM_API_KEYS_FILE", value_name = "FILE")]
     pub api_keys: Option<PathBuf>,
-    /// Serve gRPC reflection (grpcurl's discovery) on the public port.
+    /// Serve gRPC reflection (grpcurl's discovery) on the public port, behind the API
+    /// keys when there are any.
     #[arg(long, env = "BD3LM_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
     /// Directory every training job's data must lie under (relative `data` paths are

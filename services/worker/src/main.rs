@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use anyhow::Context;
 use bd3lm_proto::auth::Tokens;
 use bd3lm_server::ServerArgs;
 use bd3lm_worker::{DeviceArgs, FollowSettings, Models, WorkerSettings};
@@ -27,10 +28,17 @@ struct Args {
     #[command(flatten)]
     follow: FollowSettings,
     /// File of the internal tokens the coordinators send (`authorization: Bearer`), one per
-    /// line, re-read on SIGHUP; calls without one are UNAUTHENTICATED. Without it any
-    /// caller that reaches this port is served.
+    /// line, re-read on SIGHUP; calls without one are UNAUTHENTICATED. Required unless the
+    /// worker listens on loopback only (or --insecure-no-internal-token).
     #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
     internal_token_file: Option<PathBuf>,
+    /// Serve any caller that reaches a non-loopback port, without an internal token.
+    #[arg(
+        long,
+        env = "BD3LM_INSECURE_NO_INTERNAL_TOKEN",
+        conflicts_with = "internal_token_file"
+    )]
+    insecure_no_internal_token: bool,
     #[command(flatten)]
     server: ServerArgs,
     #[command(flatten)]
@@ -58,6 +66,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .service
         .start(bd3lm_worker::metrics::describe)
         .await?;
+    if args.internal_token_file.is_none() && !args.insecure_no_internal_token {
+        loopback_only(&args.addr).await?;
+    }
     let internal = internal_tokens(args.internal_token_file.as_deref())?;
     let device = args.device.device()?;
     let precision = args.device.precision();
@@ -95,6 +106,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bd3lm_worker::serve(ports, models, store.sessions, limits, internal, stop)
         })
         .await
+}
+
+/// Refuses to serve without an internal token on an address other machines reach.
+async fn loopback_only(addr: &str) -> anyhow::Result<()> {
+    let resolved: Vec<_> = tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("--addr {addr}"))?
+        .collect();
+    if resolved.is_empty() || !resolved.iter().all(|a| a.ip().is_loopback()) {
+        anyhow::bail!(
+            "--internal-token-file is required to listen on {addr} (not loopback): without \
+             it anyone who reaches the port is served; --insecure-no-internal-token to allow"
+        );
+    }
+    Ok(())
 }
 
 /// The internal tokens of `path`, re-read on SIGHUP; an open set without it.
