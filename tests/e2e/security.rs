@@ -374,3 +374,53 @@ fn a_worker_without_a_token_refuses_a_non_loopback_address() {
         crate::cluster::spawn(&crate::bin("bd3lm-worker"), &args, dir.path(), &name);
     }
 }
+
+/// New-session requests refused once their model is known (here: a threshold without the
+/// confidence sampler) leave their key's count of live sessions as it was: after 2,000
+/// of them the key still creates sessions up to its limit of 4, and is refused past it.
+#[test]
+fn refused_new_sessions_leave_the_keys_count_as_it_was() {
+    use bd3lm_proto::v1::SamplingParameters;
+    use futures::StreamExt;
+
+    let cluster = Cluster::start_secured(&checkpoint(), 1);
+    let counted = || {
+        let owner = cluster.redis.keys("*:owner:*");
+        owner
+            .iter()
+            .map(|k| cluster.redis.integer(&[b"ZCARD", k.as_bytes()]))
+            .sum::<i64>()
+    };
+    let before = counted();
+    runtime().block_on(async {
+        let channel = channel(&cluster.addr).await;
+        let mut client = with_key(&channel, Some(API_KEYS[0]));
+        let mut refused = request(None, vec![1022, 7], 4);
+        refused.sampling = Some(SamplingParameters {
+            threshold: Some(0.5),
+            ..Default::default()
+        });
+        let calls = (0..2_000).map(|_| {
+            let (mut client, refused) = (client.clone(), refused.clone());
+            async move { client.generate(refused).await }
+        });
+        let answers: Vec<_> = futures::stream::iter(calls)
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for answer in answers {
+            let status = answer.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status}");
+        }
+        assert_eq!(counted(), before, "no refused request is counted");
+        for i in before..4 {
+            let prompt = vec![1022, i as u32];
+            client.generate(request(None, prompt, 4)).await.unwrap();
+        }
+        let past = client
+            .generate(request(None, vec![1022], 4))
+            .await
+            .unwrap_err();
+        assert_eq!(past.code(), Code::ResourceExhausted, "{past}");
+    });
+}

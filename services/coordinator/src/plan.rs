@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
 use bd3lm_proto::v1::InfoResponse;
+use bd3lm_sampling::SamplingParams;
 use bd3lm_text::{StopRules, Text};
 
 use crate::error::Error;
@@ -78,21 +79,29 @@ pub async fn plan(
             session_id.clone()
         }
     };
+    // A new session is checked whole before it takes a lease or counts against its
+    // key: a refused one leaves nothing behind.
+    let step = match &valid.target {
+        Target::New { prompt, seed } => Step::New(NewSession {
+            prompt,
+            seed: *seed,
+            sampling: valid.new_session(prompt.len(), model.block_size(), limits)?,
+        }),
+        Target::Continue { appended, .. } => Step::Continue(appended),
+    };
     let lease = Lease::take(store, &model_id, &id, settings.lease_terms()).await?;
     if let Some(key) = &owner {
         claim_slot(store, &model_id, key, &id, limits).await?;
     }
-    let record = match &valid.target {
-        Target::New { prompt, seed } => {
-            let new = NewSession {
-                id,
-                prompt,
-                seed: *seed,
-                owner,
-            };
-            create(&valid, &model, store, limits, new).await?
+    let record = match step {
+        Step::New(new) => {
+            let created = create(&model, store, &id, new, owner.clone()).await;
+            if let (Err(_), Some(key)) = (&created, &owner) {
+                release_slot(store, &model_id, key, &id).await;
+            }
+            created?
         }
-        Target::Continue { appended, .. } => {
+        Step::Continue(appended) => {
             update(store, &model_id, &id, owner.as_deref(), |record| {
                 if !appended.is_empty() {
                     // Appended after everything committed: tokens held back from the last
@@ -142,31 +151,44 @@ async fn claim_slot(
     )))
 }
 
-/// What a new session starts from.
-struct NewSession<'a> {
-    id: String,
-    prompt: &'a [u32],
-    seed: u64,
-    owner: Option<String>,
+/// Stops counting `id` against `key` after its creation failed (a failure to do so is
+/// logged: the count then lapses with the store's TTL).
+async fn release_slot(store: &SessionStore, model_id: &str, key: &str, id: &str) {
+    if let Err(e) = store.release_slot(model_id, key, id).await {
+        tracing::warn!(error = %e, "releasing a refused session's count failed");
+    }
 }
 
-/// Stores `new` session.
+/// What a request does to its session.
+enum Step<'a> {
+    /// Creates it.
+    New(NewSession<'a>),
+    /// Continues it, these tokens appended.
+    Continue(&'a [u32]),
+}
+
+/// What a new session starts from, checked.
+struct NewSession<'a> {
+    prompt: &'a [u32],
+    seed: u64,
+    sampling: SamplingParams,
+}
+
+/// Stores `new` session `id`, owned by `owner`.
 async fn create(
-    valid: &ValidRequest,
     model: &ModelInfo,
     store: &SessionStore,
-    limits: &Limits,
+    id: &str,
     new: NewSession<'_>,
+    owner: Option<String>,
 ) -> Result<SessionRecord, Error> {
     let NewSession {
-        id,
         prompt,
         seed,
-        owner,
+        sampling,
     } = new;
-    let sampling = valid.new_session(prompt.len(), model.block_size(), limits)?;
     let mut record = SessionRecord {
-        id,
+        id: id.to_string(),
         model_id: model.info.model_id.clone(),
         prompt_len: prompt.len(),
         returned: prompt.len(),
