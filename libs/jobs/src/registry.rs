@@ -84,6 +84,9 @@ pub fn check_name(field: &'static str, name: &str) -> Result<()> {
             "a model name is 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)",
         ));
     }
+    if bd3lm_kvstore::jobs::RESERVED_MODEL_NAMES.contains(&name) {
+        return Err(Error::invalid(field, "this name is reserved by the registry"));
+    }
     Ok(())
 }
 

@@ -470,6 +470,8 @@ mod tests {
                 "publish_as",
                 Box::new(|s| s.publish_as = "no/slashes".into()),
             ),
+            // The registry's set of names lives at the key a model called so would use.
+            ("publish_as", Box::new(|s| s.publish_as = "names".into())),
             ("publish_as", Box::new(|s| s.publish_as = "bs8".into())),
             (
                 "fine_tune",

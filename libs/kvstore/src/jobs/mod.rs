@@ -58,6 +58,11 @@ enum Backend {
     Redis(RedisJobs),
 }
 
+/// Model names the registry's own keys take (`{prefix}:{registry}:names` is the set of
+/// names, beside each name's `{prefix}:{registry}:{name}`): a model may not be called so.
+/// Names hold no `:`, so `{name}:next` meets no other name.
+pub const RESERVED_MODEL_NAMES: [&str; 1] = ["names"];
+
 /// The keys of the jobs and the registry.
 #[derive(Clone)]
 struct JobKeys {
