@@ -85,7 +85,10 @@ pub fn check_name(field: &'static str, name: &str) -> Result<()> {
         ));
     }
     if bd3lm_kvstore::jobs::RESERVED_MODEL_NAMES.contains(&name) {
-        return Err(Error::invalid(field, "this name is reserved by the registry"));
+        return Err(Error::invalid(
+            field,
+            "this name is reserved by the registry",
+        ));
     }
     Ok(())
 }

@@ -28,6 +28,10 @@ pub enum Error {
     /// This generation's lease went to another (it expired unrenewed).
     #[error("session_id: another request took the session over")]
     LeaseLost,
+    /// This generation could not renew its lease in time (the store unreachable): it
+    /// stopped before another could take the session over.
+    #[error("session_id: the session's lease could not be renewed; retry")]
+    LeaseUnrenewed,
     /// The session kept changing under a read-modify-write.
     #[error("session_id: the session kept changing; retry")]
     Contended,
@@ -88,7 +92,9 @@ impl Error {
             }
             Error::NoSession(_) | Error::Deleted(_) => Status::not_found(message),
             Error::SessionExists(_) => Status::already_exists(message),
-            Error::LeaseHeld | Error::LeaseLost | Error::Contended => Status::aborted(message),
+            Error::LeaseHeld | Error::LeaseLost | Error::LeaseUnrenewed | Error::Contended => {
+                Status::aborted(message)
+            }
             Error::Refused(_) => Status::resource_exhausted(message),
             Error::NoWorker => Status::unavailable(message),
             Error::Tokenizer => Status::failed_precondition(message),
@@ -123,6 +129,7 @@ mod tests {
             (Error::Deleted("s1".into()), Code::NotFound, "was deleted"),
             (Error::LeaseHeld, Code::Aborted, "session_id:"),
             (Error::LeaseLost, Code::Aborted, "took the session over"),
+            (Error::LeaseUnrenewed, Code::Aborted, "could not be renewed"),
             (Error::Contended, Code::Aborted, "kept changing"),
             (
                 Error::Refused("queue full".into()),

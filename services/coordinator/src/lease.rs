@@ -4,7 +4,9 @@
 //! cancelled stream hands over within milliseconds), then is refused with ABORTED. The
 //! lease is given up in one place, whatever ends the generation: when the [`Lease`] is
 //! dropped (or, to wait for it, by [`Lease::release`]). A coordinator that dies leaves a
-//! lease that expires after its TTL.
+//! lease that expires after its TTL. A generation that cannot renew its lease (the store
+//! unreachable) stops a third of the TTL before the lease would lapse, so that it never
+//! runs, nor writes, while another generation may hold the session.
 
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,15 @@ pub struct LeaseTerms {
     pub wait: Duration,
 }
 
+/// How a generation lost its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Loss {
+    /// Another owner holds it.
+    TakenOver,
+    /// It could not be renewed before it might lapse.
+    Unrenewed,
+}
+
 /// Pause between attempts at a held lease.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -33,7 +44,7 @@ pub struct Lease {
     session: String,
     /// This generation's owner token; `None` once given up.
     owner: Option<String>,
-    lost: watch::Receiver<bool>,
+    lost: watch::Receiver<Option<Loss>>,
     keeper: JoinHandle<()>,
 }
 
@@ -55,7 +66,7 @@ impl Lease {
             }
             tokio::time::sleep(POLL).await;
         }
-        let (lost_tx, lost) = watch::channel(false);
+        let (lost_tx, lost) = watch::channel(None);
         let keeper = tokio::spawn(keep(
             store.clone(),
             [model.to_string(), session.to_string(), owner.clone()],
@@ -72,9 +83,19 @@ impl Lease {
         })
     }
 
-    /// Resolves when another owner took the lease (this one expired unrenewed).
-    pub async fn lost(&mut self) {
-        let _ = self.lost.wait_for(|lost| *lost).await;
+    /// Resolves when this generation no longer holds the lease, or soon may not: with
+    /// [`Error::LeaseLost`] when another owner took it, [`Error::LeaseUnrenewed`] when
+    /// it could not be renewed in time.
+    pub async fn lost(&mut self) -> Error {
+        let loss = self.lost.wait_for(Option::is_some).await.map(|loss| *loss);
+        // The keeper is gone only once the lease is given up: never while it runs.
+        let Ok(loss) = loss else {
+            return std::future::pending().await;
+        };
+        match loss {
+            Some(Loss::Unrenewed) => Error::LeaseUnrenewed,
+            _ => Error::LeaseLost,
+        }
     }
 
     /// Gives the lease up and waits until the store has it.
@@ -106,24 +127,37 @@ impl Drop for Lease {
     }
 }
 
-/// Renews the lease every third of `ttl` until another owner holds it. A store that does
-/// not answer is tried again: the generation cannot commit meanwhile either.
+/// Renews the lease every third of `ttl` until another owner holds it. The lease lapses
+/// in the store `ttl` after the last renewal sent; a renewal that fails (the store
+/// unreachable) is tried again, but once two thirds of `ttl` passed without one the
+/// generation is told to stop, while the lease is still its own.
 async fn keep(
     store: SessionStore,
     [model, session, owner]: [String; 3],
     ttl: Duration,
-    lost: watch::Sender<bool>,
+    lost: watch::Sender<Option<Loss>>,
 ) {
+    let mut renewed = Instant::now();
     loop {
         tokio::time::sleep(ttl / 3).await;
-        match store.lease(&model, &session, &owner, ttl).await {
-            Ok(true) => {}
-            Ok(false) => {
+        let (sent, deadline) = (Instant::now(), renewed + ttl * 2 / 3);
+        let renewal = store.lease(&model, &session, &owner, ttl);
+        match tokio::time::timeout_at(deadline.into(), renewal).await {
+            Ok(Ok(true)) => renewed = sent,
+            Ok(Ok(false)) => {
                 tracing::warn!("the session's lease went to another generation");
-                lost.send_replace(true);
+                lost.send_replace(Some(Loss::TakenOver));
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "renewing the session's lease failed"),
+            Ok(Err(e)) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "renewing the session's lease failed; trying again");
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!("the session's lease could not be renewed in time; stopping");
+                bd3lm_telemetry::metrics::refused("lease_unrenewed");
+                lost.send_replace(Some(Loss::Unrenewed));
+                return;
+            }
         }
     }
 }
@@ -193,7 +227,7 @@ mod tests {
                 .await
                 .unwrap()
         );
-        let (tx, rx) = watch::channel(false);
+        let (tx, rx) = watch::channel(None);
         lease.lost = rx;
         let keeper = tokio::spawn(keep(
             store.clone(),
@@ -201,9 +235,32 @@ mod tests {
             Duration::from_millis(30),
             tx,
         ));
-        tokio::time::timeout(Duration::from_secs(2), lease.lost())
-            .await
-            .expect("the loss is reported");
+        let loss = tokio::time::timeout(Duration::from_secs(2), lease.lost()).await;
+        assert!(matches!(loss, Ok(Error::LeaseLost)), "the loss is reported");
+        keeper.abort();
+    }
+
+    /// A keeper that cannot reach the store stops its generation two thirds of the TTL
+    /// after its last renewal, before the lease lapses: the store gets no write from it
+    /// after another could have taken the session over.
+    #[tokio::test]
+    async fn a_lease_that_cannot_be_renewed_stops_its_generation_before_it_lapses() {
+        // Nothing listens on port 9: every renewal fails after the store's retries.
+        let unreachable =
+            bd3lm_kvstore::RedisConnection::open("redis://127.0.0.1:9", Default::default())
+                .unwrap();
+        let store = SessionStore::redis(&unreachable, StoreConfig::default());
+        let (tx, mut rx) = watch::channel(None);
+        let ttl = Duration::from_secs(3);
+        let started = Instant::now();
+        let keeper = tokio::spawn(keep(store, ["m".into(), "s".into(), "o".into()], ttl, tx));
+        let stopped = tokio::time::timeout(Duration::from_secs(10), rx.wait_for(Option::is_some));
+        assert_eq!(*stopped.await.unwrap().unwrap(), Some(Loss::Unrenewed));
+        assert!(
+            started.elapsed() < ttl,
+            "stopped {:?} after the last renewal",
+            started.elapsed()
+        );
         keeper.abort();
     }
 }

@@ -165,7 +165,7 @@ impl Generation<'_> {
                 answer = self.source.next(&plan.record, progress) => answer?,
                 () = self.tx.closed() => return Ok(StopReason::Cancelled),
                 () = self.running.deleted() => return Ok(StopReason::Cancelled),
-                () = plan.lease.lost() => return Err(Error::LeaseLost),
+                loss = plan.lease.lost() => return Err(loss),
             };
             if !self.progress.answered {
                 self.progress.answered = true;
