@@ -46,14 +46,18 @@ pub struct Progress {
     /// Steps done.
     pub step: u64,
     /// Loss of the last step.
+    #[serde(with = "crate::figure")]
     pub loss: f64,
     /// Tokens per second of the last step.
+    #[serde(with = "crate::figure")]
     pub tokens_per_s: f64,
     /// Tokens trained on.
     pub tokens: u64,
     /// Seconds to the end at the current speed.
+    #[serde(with = "crate::figure")]
     pub eta_s: f64,
     /// The latest validation: step, NELBO, perplexity bound.
+    #[serde(with = "crate::figure::step_pair")]
     pub validation: Option<(u64, f64, f64)>,
 }
 
@@ -208,7 +212,15 @@ impl Jobs {
         let stored = self.store.list_jobs(read).await?;
         let mut jobs = Vec::new();
         for s in stored {
-            let job = Job::decode(s)?;
+            // One record that does not decode is skipped (and counted), never the
+            // listing of every key failed for it.
+            let job = match Job::decode(s) {
+                Ok(job) => job,
+                Err(e) => {
+                    crate::undecodable("job", &e);
+                    continue;
+                }
+            };
             if owner.is_none() || job.owner.as_deref() == owner {
                 jobs.push(job);
             }
@@ -267,5 +279,64 @@ impl Jobs {
         wait: Duration,
     ) -> Result<Option<JobClaim>> {
         Ok(self.store.wait_for_job(trainer, lease, wait).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bd3lm_kvstore::StoreConfig;
+    use bd3lm_training::test_util::{counting_docs, shards};
+
+    /// A job of the spec tests' shape on `store`, its data in `dir`.
+    async fn submitted(jobs: &Jobs, dir: &std::path::Path) -> Job {
+        let (data, _) = shards(dir, &counting_docs(12, 50), 16, 4);
+        let registry = crate::Registry::records(jobs.store().clone());
+        let spec = crate::spec::tests::spec(&data);
+        let spec = JobSpec::validate(spec, None, &registry).await.unwrap();
+        jobs.submit(spec, Some("key-a".into())).await.unwrap()
+    }
+
+    /// A diverged job (its loss and perplexity bound infinite, its speed NaN) is stored,
+    /// listed and shown with those figures; a record that does not decode is skipped by
+    /// the listing, which still shows every other job.
+    #[tokio::test]
+    async fn diverged_and_undecodable_records_leave_listings_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(JobStore::memory(StoreConfig::default()));
+        let job = submitted(&jobs, dir.path()).await;
+        jobs.update(&job.id, |j| {
+            j.progress.loss = f64::INFINITY;
+            j.progress.tokens_per_s = f64::NAN;
+            j.progress.validation = Some((10, f64::INFINITY, f64::INFINITY));
+        })
+        .await
+        .unwrap();
+        jobs.store()
+            .submit_job("f".repeat(32).as_str(), b"{not json")
+            .await
+            .unwrap();
+        let listed = jobs.list(10, None).await.unwrap();
+        assert_eq!(listed.len(), 1, "the undecodable record is skipped");
+        let shown = listed[0].to_wire().progress.unwrap();
+        assert!(shown.loss.is_infinite() && shown.tokens_per_s.is_nan());
+        assert!(shown.validation.unwrap().perplexity_bound.is_infinite());
+        assert_eq!(jobs.list(10, Some("key-a")).await.unwrap().len(), 1);
+    }
+
+    /// Job records mutated at random decode or fail to, never panic.
+    #[tokio::test]
+    async fn fuzzed_job_records_never_panic() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(JobStore::memory(StoreConfig::default()));
+        let mut job = submitted(&jobs, dir.path()).await;
+        job.progress.validation = Some((3, 1.5, f64::INFINITY));
+        let seeds = [job.encode()];
+        bd3lm_bytes::fuzz::fuzz("job record", &seeds, Duration::from_secs(1), |body| {
+            let _ = Job::decode(Revised {
+                revision: 1,
+                body: body.to_vec(),
+            });
+        });
     }
 }

@@ -29,6 +29,7 @@ pub struct ModelVersion {
     /// Tokens trained on.
     pub tokens: u64,
     /// The latest validation's NELBO and perplexity bound, if one ran.
+    #[serde(with = "crate::figure::pair")]
     pub validation: Option<(f64, f64)>,
     /// The checkpoint's configuration (clipped interval included).
     pub config: Config,
@@ -159,16 +160,18 @@ impl Registry {
         Ok(record)
     }
 
-    /// The versions of `name`, oldest first (none for an unknown name).
+    /// The versions of `name`, oldest first (none for an unknown name); a record that
+    /// does not decode is skipped and counted, never the listing failed for it.
     pub async fn versions(&self, name: &str) -> Result<Vec<ModelVersion>> {
         let stored = self.store.model_versions(name).await?;
-        stored
-            .iter()
-            .map(|(_, body)| {
-                serde_json::from_slice(body)
-                    .map_err(|e| Error::Corrupt(format!("model version record: {e}")))
-            })
-            .collect()
+        let mut versions = Vec::with_capacity(stored.len());
+        for (_, body) in stored {
+            match serde_json::from_slice(&body) {
+                Ok(version) => versions.push(version),
+                Err(e) => crate::undecodable("model_version", &Error::Corrupt(e.to_string())),
+            }
+        }
+        Ok(versions)
     }
 
     /// The latest version of `name`.
@@ -247,6 +250,42 @@ pub(crate) mod tests {
         let weights = bd3lm_model::checkpoint::init_weights(config, seed).unwrap();
         bd3lm_model::checkpoint::save(dir, config, &weights, DType::F32).unwrap();
         dir.to_path_buf()
+    }
+
+    /// A version whose validation diverged (an infinite perplexity bound) is listed with
+    /// it; a version record that does not decode is skipped, the others still listed;
+    /// version records mutated at random decode or fail to, never panic.
+    #[tokio::test]
+    async fn diverged_and_undecodable_versions_leave_listings_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::memory(StoreConfig::default());
+        let registry = Registry::new(store.clone(), dir.path().join("registry"));
+        let diverged = Figures {
+            step: 3,
+            tokens: 300,
+            validation: Some((f64::INFINITY, f64::INFINITY)),
+        };
+        let a = checkpoint(&dir.path().join("a"), &tiny(4), 1);
+        let published = registry
+            .publish(&a, "tiny", "job-a", diverged)
+            .await
+            .unwrap();
+        assert!(
+            store
+                .record_model_version("tiny", 2, b"\x00garbage")
+                .await
+                .unwrap()
+        );
+        let versions = registry.versions("tiny").await.unwrap();
+        assert_eq!(versions, vec![published.clone()]);
+        let shown = registry.model("tiny").await.unwrap();
+        assert!(shown.versions[0].perplexity_bound.is_infinite());
+
+        let seeds = [serde_json::to_vec(&published).unwrap()];
+        let budget = std::time::Duration::from_secs(1);
+        bd3lm_bytes::fuzz::fuzz("model version record", &seeds, budget, |body| {
+            let _ = serde_json::from_slice::<ModelVersion>(body);
+        });
     }
 
     /// Versions count up from 1, each a complete copy with its fingerprint; a registry

@@ -379,13 +379,13 @@ fn checked(field: &'static str, v: f64, ok: impl Fn(f64) -> bool, why: &str) -> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::registry::tests::{checkpoint, tiny};
     use bd3lm_kvstore::{JobStore, StoreConfig};
     use bd3lm_training::test_util::{counting_docs, shards};
 
-    fn spec(data: &Path) -> wire::JobSpec {
+    pub(crate) fn spec(data: &Path) -> wire::JobSpec {
         wire::JobSpec {
             data: data.display().to_string(),
             init: Some(wire::job_spec::Init::Shape(wire::ModelShape {

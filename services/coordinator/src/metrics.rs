@@ -23,6 +23,7 @@ const WORKERS: &str = "bd3lm_workers_healthy";
 /// Describes the coordinator's metrics to the installed recorder.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    bd3lm_jobs::describe_metrics();
     describe_counter!(
         REQUESTS,
         "Calls answered, by method and status code (a GenerateStream call counts when its stream opens)"

@@ -10,6 +10,7 @@ pub fn describe() {
         "Job attempts that ended on this trainer, by outcome (succeeded, failed, cancelled; released: left for another trainer; lost: taken over)"
     );
     bd3lm_training::trainer::describe_metrics();
+    bd3lm_jobs::describe_metrics();
 }
 
 /// Counts an attempt that ended in `outcome`.

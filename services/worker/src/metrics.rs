@@ -23,6 +23,7 @@ const KV_PERSISTS: &str = "bd3lm_kv_persists_total";
 
 /// Describes the worker's metrics to the installed recorder.
 pub fn describe() {
+    bd3lm_jobs::describe_metrics();
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_histogram!(
         BLOCK_SECONDS,
