@@ -84,10 +84,7 @@ impl JobSpec {
         let data = resolve_data(&spec.data, data_root)?;
         let index = ShardIndex::open(&data).map_err(|e| {
             tracing::debug!(error = %e, "a job's data did not open");
-            Error::invalid(
-                "data",
-                "not a prepared shard directory (see bd3lm prepare-data)",
-            )
+            unusable_data()
         })?;
         let (init, config) = match &spec.init {
             Some(wire::job_spec::Init::Shape(shape)) => shape_init(shape, &index, spec.block_size)?,
@@ -239,19 +236,25 @@ fn resolve_data(given: &str, root: Option<&Path>) -> Result<PathBuf> {
         None if path.is_absolute() => path.to_path_buf(),
         None => return Err(Error::invalid("data", "must be an absolute path")),
     };
-    let missing = || Error::invalid("data", "no such directory on the trainers' storage");
-    let resolved = joined.canonicalize().map_err(|_| missing())?;
+    let resolved = joined.canonicalize().map_err(|_| unusable_data())?;
     if let Some(root) = root {
         // Symbolic links and `..` resolved first: no path leaves the root.
-        let root = root.canonicalize().map_err(|_| missing())?;
+        let root = root.canonicalize().map_err(|_| unusable_data())?;
         if !resolved.starts_with(&root) {
-            return Err(Error::invalid(
-                "data",
-                "must lie under the training data root",
-            ));
+            return Err(unusable_data());
         }
     }
     Ok(resolved)
+}
+
+/// The one answer for a data path that cannot be used, whether it does not exist, lies
+/// outside the data root or holds no shards: distinct answers would let a caller map the
+/// trainers' file system.
+fn unusable_data() -> Error {
+    Error::invalid(
+        "data",
+        "not a prepared shard directory under the training data root (see bd3lm prepare-data)",
+    )
 }
 
 fn shape_init(
@@ -517,6 +520,31 @@ pub(crate) mod tests {
             },
             "latest resolved"
         );
+    }
+
+    /// A data path that does not exist, one outside the data root and a directory without
+    /// shards get the same answer: nothing tells a caller which paths exist.
+    #[tokio::test]
+    async fn every_unusable_data_path_gets_one_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let (data, _) = shards(&root, &counting_docs(12, 50), 16, 4);
+        let outside = dir.path().join("outside");
+        shards(&outside, &counting_docs(12, 50), 16, 4);
+        let plain = root.join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        let registry = Registry::records(JobStore::memory(StoreConfig::default()));
+        let mut answers = Vec::new();
+        for path in [root.join("missing"), outside, plain] {
+            let mut bad = spec(&data);
+            bad.data = path.display().to_string();
+            let err = JobSpec::validate(bad, Some(&root), &registry)
+                .await
+                .unwrap_err();
+            answers.push(err.to_string());
+        }
+        assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+        assert!(answers[0].starts_with("data:"), "{answers:?}");
     }
 
     /// With a data root, relative paths resolve inside it and no path leaves it.
