@@ -102,6 +102,11 @@ fn losses(run: &Path) -> Vec<(u64, String)> {
 
 /// A trainer process on the store of `store` flags, with a 2 s lease.
 fn trainer(dir: &Path, store: &[String], name: &str) -> Proc {
+    trainer_with(dir, store, name, &["--job-lease-secs", "2"])
+}
+
+/// [`trainer`] with `extra` flags instead of the short job lease.
+fn trainer_with(dir: &Path, store: &[String], name: &str, extra: &[&str]) -> Proc {
     let args: Vec<String> = [
         store[0].as_str(),
         &store[1],
@@ -109,11 +114,11 @@ fn trainer(dir: &Path, store: &[String], name: &str) -> Proc {
         dir.join("runs").to_str().unwrap(),
         "--registry-dir",
         dir.join("registry").to_str().unwrap(),
-        "--job-lease-secs",
-        "2",
     ]
-    .map(String::from)
-    .to_vec();
+    .iter()
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
     spawn(&bin("bd3lm-trainer"), &args, dir, name)
 }
 
@@ -556,4 +561,52 @@ fn jobs_are_checked_and_cancelled() {
         err.contains("job_id: must be 32 lowercase hex digits"),
         "{err}"
     );
+}
+
+/// A rolling restart of the trainers: the one training a job gets SIGTERM three times
+/// mid-run, and each time a new trainer takes the job over at once (the job lease is
+/// ten minutes: nothing lapses) and resumes it; no stop counts as a crash, so a job
+/// allowed none succeeds.
+#[test]
+fn a_job_survives_a_rolling_restart_of_its_trainers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = shards(root);
+    let redis = Redis::start(root);
+    let (_coordinator, addr) = start_coordinator(root, &[], &redis.flags(), "affinity", &[]);
+    let flags = ["--job-lease-secs", "600", "--max-job-crashes", "0"];
+    let mut current = trainer_with(root, &redis.flags(), "trainer-0", &flags);
+    let mut submit = vec![
+        "train", "--addr", &addr, "--detach", "--name", "rolled", "--data",
+    ];
+    submit.push(data.to_str().unwrap());
+    submit.extend(SHAPE.iter().chain(&RUN));
+    let out = bd3lm(&submit);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let mut client = training(&addr).await;
+        let minute = Duration::from_secs(60);
+        for restart in 1..=3 {
+            let at = step(&job(&mut client, &id).await);
+            wait_job(&mut client, &id, minute, |j| step(j) > at + 10).await;
+            assert_eq!(
+                current.terminate(minute),
+                Some(0),
+                "trainer {restart} drained"
+            );
+            current = trainer_with(root, &redis.flags(), &format!("trainer-{restart}"), &flags);
+        }
+        let done = wait_job(&mut client, &id, Duration::from_secs(300), |j| {
+            j.state != JobState::Running as i32 && j.state != JobState::Queued as i32
+        })
+        .await;
+        assert_eq!(done.state, JobState::Succeeded as i32, "{}", done.error);
+        assert_eq!(done.published_versions, vec![1]);
+    });
 }

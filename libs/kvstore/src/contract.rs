@@ -182,6 +182,17 @@ pub async fn check_jobs(store: JobStore) {
     assert_eq!((c.entry.as_str(), c.deliveries), (a.entry.as_str(), 2));
     assert!(!store.touch_job(&a, "a").await.unwrap(), "a lost it");
     assert!(store.touch_job(&c, "c").await.unwrap());
+    // Trainer c stops gracefully and hands j1 back: e takes it at once, within the
+    // lease, and c's stop is not counted among its deliveries.
+    assert!(
+        !store.release_job(&c, "a").await.unwrap(),
+        "not a's to hand back"
+    );
+    assert!(store.release_job(&c, "c").await.unwrap());
+    let e = store.claim_job("e", lease).await.unwrap().unwrap();
+    assert_eq!((e.entry.as_str(), e.deliveries), (a.entry.as_str(), 2));
+    assert!(!store.touch_job(&c, "c").await.unwrap(), "c let it go");
+    let c = e;
     store.finish_job(&c).await.unwrap();
     store.finish_job(&b).await.unwrap();
     assert_eq!(store.claim_job("d", Duration::ZERO).await.unwrap(), None);

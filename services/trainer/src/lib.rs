@@ -116,7 +116,8 @@ const IDLE_WAIT: Duration = Duration::from_secs(5);
 const RETRY: Duration = Duration::from_millis(500);
 
 /// Takes and trains jobs until `shutdown` resolves; a job in progress then stops at its
-/// next step, and is resumed by another trainer once its lease lapses.
+/// next step and is handed back, to be resumed at once by another trainer (a stop that
+/// does not count against the job's crashes).
 pub async fn run(trainer: TrainerWorker, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -84,6 +84,9 @@ enum Ended {
     Finished,
     /// Leave the entry: another trainer holds it, or takes it once its lease lapses.
     Released,
+    /// Hand the entry back now (this trainer is shutting down): the next trainer takes it
+    /// at once, and this stop is not counted as a crash.
+    HandedBack,
 }
 
 /// Runs the claimed job to its end, or until `shutdown` turns true, another trainer takes
@@ -99,6 +102,10 @@ pub async fn run_job(trainer: &TrainerWorker, claim: JobClaim, shutdown: watch::
         let finished = match ended {
             Ok(Ended::Finished) => trainer.jobs.store().finish_job(&claim).await,
             Ok(Ended::Released) => Ok(()),
+            Ok(Ended::HandedBack) => {
+                let store = trainer.jobs.store();
+                store.release_job(&claim, &trainer.id).await.map(|_| ())
+            }
             Err(e) => Err(e),
         };
         if let Err(e) = finished {
@@ -199,9 +206,9 @@ async fn settle(
             Ok(Ended::Finished)
         }
         Ok(Trained::Stopped) => {
-            tracing::info!("stopped for shutdown; another trainer resumes the job after its lease");
+            tracing::info!("stopped for shutdown; the job is handed back for another trainer");
             metrics::ended("released");
-            Ok(Ended::Released)
+            Ok(Ended::HandedBack)
         }
         Err(f) if f.retry => {
             tracing::warn!(reason = %f.reason, "the run stopped; the job is taken again after its lease");

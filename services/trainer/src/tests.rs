@@ -194,3 +194,43 @@ async fn a_trainer_that_lost_its_job_stops() {
         "still theirs"
     );
 }
+
+/// A rolling restart: the job's trainer is stopped gracefully three times mid-run, and
+/// each time the next trainer takes the job at once (no lease to wait out) and resumes it;
+/// none of the stops counts as a crash, so a job allowed none still succeeds.
+#[tokio::test]
+async fn a_job_survives_a_rolling_restart_of_its_trainers() {
+    let s = setup(0);
+    let job = submit(&s, 16).await;
+    let lease = s.trainer.settings.lease();
+    for restart in 0..3 {
+        let claim = s.jobs.claim(&s.trainer.id, lease).await.unwrap();
+        let claim =
+            claim.unwrap_or_else(|| panic!("restart {restart}: the job was not handed back"));
+        assert_eq!(
+            claim.deliveries, 1,
+            "restart {restart}: a graceful stop counted"
+        );
+        let (stop, stopped) = watch::channel(false);
+        let (jobs, id) = (s.jobs.clone(), job.id.clone());
+        let from = s.jobs.get(&job.id).await.unwrap().unwrap().progress.step;
+        let stopper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let step = jobs.get(&id).await.unwrap().unwrap().progress.step;
+                if step > from {
+                    let _ = stop.send(true);
+                    return;
+                }
+            }
+        });
+        run_job(&s.trainer, claim, stopped).await;
+        stopper.await.unwrap();
+        let record = s.jobs.get(&job.id).await.unwrap().unwrap();
+        assert_eq!(record.state, JobState::Running, "restart {restart}");
+    }
+    run_next(&s).await;
+    let done = s.jobs.get(&job.id).await.unwrap().unwrap();
+    assert_eq!(done.state, JobState::Succeeded, "{}", done.error);
+    assert_eq!(done.progress.step, 16);
+}

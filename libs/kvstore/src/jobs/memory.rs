@@ -61,6 +61,8 @@ struct Pending {
     trainer: String,
     touched: Instant,
     deliveries: u64,
+    /// Handed back by its trainer: the next claim takes it at once.
+    released: bool,
 }
 
 /// What the store holds.
@@ -120,10 +122,11 @@ impl Jobs {
         let lapsed = self
             .pending
             .iter_mut()
-            .find(|(_, p)| now.duration_since(p.touched) >= lease);
+            .find(|(_, p)| p.released || now.duration_since(p.touched) >= lease);
         if let Some((entry, p)) = lapsed {
             p.trainer = trainer.to_string();
             p.touched = now;
+            p.released = false;
             p.deliveries += 1;
             return Some(JobClaim {
                 job_id: p.job.clone(),
@@ -137,6 +140,7 @@ impl Jobs {
             trainer: trainer.to_string(),
             touched: now,
             deliveries: 1,
+            released: false,
         };
         self.pending.insert(entry.clone(), pending);
         Some(JobClaim {
@@ -150,6 +154,17 @@ impl Jobs {
         match self.pending.get_mut(entry) {
             Some(p) if p.trainer == trainer => {
                 p.touched = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub(super) fn release(&mut self, entry: &str, trainer: &str) -> bool {
+        match self.pending.get_mut(entry) {
+            Some(p) if p.trainer == trainer => {
+                p.released = true;
+                p.deliveries = p.deliveries.saturating_sub(1);
                 true
             }
             _ => false,

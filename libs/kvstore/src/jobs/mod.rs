@@ -190,6 +190,16 @@ impl JobStore {
         }
     }
 
+    /// Hands `trainer`'s claim back (a graceful stop): the next claim takes the job at
+    /// once, and does not count this stop among its deliveries, as it would count a
+    /// trainer that died. False when another trainer holds the entry by now.
+    pub async fn release_job(&self, claim: &JobClaim, trainer: &str) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().release(&claim.entry, trainer)),
+            Backend::Redis(r) => r.release_job(&self.keys.queue(), claim, trainer).await,
+        }
+    }
+
     /// Removes a claimed entry from the queue: its job has ended.
     pub async fn finish_job(&self, claim: &JobClaim) -> Result<()> {
         match &self.backend {

@@ -17,6 +17,8 @@ static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/finish.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
+static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static RECORD_VERSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/record_version.lua")));
 
@@ -217,6 +219,26 @@ impl RedisJobs {
             })
             .await?;
         Ok(held == 1)
+    }
+
+    pub(super) async fn release_job(
+        &self,
+        queue: &str,
+        claim: &JobClaim,
+        trainer: &str,
+    ) -> Result<bool> {
+        let released: i64 = self
+            .redis
+            .retried("release_job", |mut con| {
+                let mut call = RELEASE.key(queue);
+                call.arg(GROUP)
+                    .arg(trainer)
+                    .arg(&claim.entry)
+                    .arg(claim.deliveries);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(released == 1)
     }
 
     pub(super) async fn finish_job(&self, queue: &str, entry: &str) -> Result<()> {
