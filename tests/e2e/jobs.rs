@@ -610,3 +610,75 @@ fn a_job_survives_a_rolling_restart_of_its_trainers() {
         assert_eq!(done.published_versions, vec![1]);
     });
 }
+
+/// Model names belong to API keys: the first key to submit a job publishing under a name
+/// owns it; another key's job under it is refused with PERMISSION_DENIED naming
+/// `publish_as`, and that key neither sees nor cancels the first key's job (NOT_FOUND);
+/// a key marked `admin` in the keys file may publish under it.
+#[test]
+fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
+    use bd3lm_proto::auth::Bearer;
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = shards(root);
+    let redis = Redis::start(root);
+    let keys = root.join("api-keys");
+    let [alpha, beta, admin] = [
+        "key-alpha-0123456789",
+        "key-beta-9876543210",
+        "key-admin-000000000",
+    ];
+    std::fs::write(&keys, format!("{alpha}\n{beta}\n{admin} admin\n")).unwrap();
+    let keys = keys.display().to_string();
+    let (_coordinator, addr) = start_coordinator(
+        root,
+        &[],
+        &redis.flags(),
+        "affinity",
+        &["--api-keys", &keys],
+    );
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let client = |key: &str| {
+            TrainingClient::with_interceptor(channel.clone(), Bearer::new(Some(key)).unwrap())
+        };
+        let spec = || JobSpec {
+            data: data.display().to_string(),
+            init: Some(Init::Shape(ModelShape {
+                hidden_dim: 64,
+                n_heads: 4,
+                n_blocks: 2,
+                cond_dim: 32,
+            })),
+            steps: 10,
+            publish_as: "team-a".into(),
+            ..Default::default()
+        };
+        let theirs = client(alpha).submit_job(spec()).await.unwrap().into_inner();
+        let refused = client(beta).submit_job(spec()).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+        assert!(refused.message().starts_with("publish_as:"), "{refused}");
+        let get = GetJobRequest {
+            job_id: theirs.job_id.clone(),
+        };
+        assert_eq!(
+            client(beta).get_job(get).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        let cancel = CancelJobRequest {
+            job_id: theirs.job_id.clone(),
+        };
+        assert_eq!(
+            client(beta).cancel_job(cancel).await.unwrap_err().code(),
+            Code::NotFound
+        );
+        client(admin).submit_job(spec()).await.unwrap();
+        client(alpha).submit_job(spec()).await.unwrap();
+    });
+}

@@ -18,6 +18,9 @@ pub enum Error {
     /// A job or model that does not exist (or is not the caller's).
     #[error("{0}")]
     NotFound(String),
+    /// Something another API key owns (a model name).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] bd3lm_kvstore::Error),
@@ -54,6 +57,7 @@ impl From<Error> for Status {
         match e {
             Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(what) => Status::not_found(what),
+            Error::PermissionDenied(what) => Status::permission_denied(what),
             Error::Store(e) => bd3lm_proto::status::from_store(e),
             // Paths of the registry's storage stay in the server's log.
             Error::Io { .. } | Error::Corrupt(_) => {

@@ -179,6 +179,20 @@ impl Registry {
         Ok(self.versions(name).await?.pop())
     }
 
+    /// Checks that the API key `owner` may publish under `name`, claiming the name for
+    /// it when it has no owner: a name belongs to the key that first claimed it, and an
+    /// administrator's key may publish under any. PERMISSION_DENIED naming `publish_as`
+    /// otherwise; a name published before names had owners is an administrator's only.
+    pub async fn claim(&self, name: &str, owner: &str, admin: bool) -> Result<()> {
+        let holder = self.store.claim_model_name(name, owner).await?;
+        if admin || holder.as_deref() == Some(owner) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "publish_as: the model name {name} belongs to another API key"
+        )))
+    }
+
     /// The names with a published version, sorted.
     pub async fn names(&self) -> Result<Vec<String>> {
         Ok(self.store.model_names().await?)
@@ -286,6 +300,32 @@ pub(crate) mod tests {
         bd3lm_bytes::fuzz::fuzz("model version record", &seeds, budget, |body| {
             let _ = serde_json::from_slice::<ModelVersion>(body);
         });
+    }
+
+    /// A model name belongs to the first key that claims it; another key is refused
+    /// (PERMISSION_DENIED naming `publish_as`), an administrator's is not and takes
+    /// nothing over; a name published before names had owners is an administrator's.
+    #[tokio::test]
+    async fn a_name_belongs_to_its_first_key() {
+        let store = JobStore::memory(StoreConfig::default());
+        let registry = Registry::records(store.clone());
+        registry.claim("ours", "key-a", false).await.unwrap();
+        registry.claim("ours", "key-a", false).await.unwrap();
+        let refused = registry.claim("ours", "key-b", false).await.unwrap_err();
+        let status = tonic::Status::from(refused);
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().starts_with("publish_as:"), "{status}");
+        registry.claim("ours", "admin", true).await.unwrap();
+        assert!(
+            registry.claim("ours", "key-b", false).await.is_err(),
+            "still a's"
+        );
+        store
+            .record_model_version("legacy", 1, b"{}")
+            .await
+            .unwrap();
+        assert!(registry.claim("legacy", "key-a", false).await.is_err());
+        registry.claim("legacy", "admin", true).await.unwrap();
     }
 
     /// Versions count up from 1, each a complete copy with its fingerprint; a registry

@@ -221,6 +221,27 @@ pub async fn check_jobs(store: JobStore) {
     assert!(store.touch_job(&woken, "d").await.unwrap());
     store.finish_job(&woken).await.unwrap();
 
+    // A new name goes to its first claimant; a name published before names had owners
+    // stays unowned.
+    assert_eq!(
+        store
+            .claim_model_name("fresh", "k1")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("k1")
+    );
+    assert_eq!(
+        store
+            .claim_model_name("fresh", "k2")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("k1")
+    );
+    assert!(store.record_model_version("old", 1, b"v1").await.unwrap());
+    assert_eq!(store.claim_model_name("old", "k2").await.unwrap(), None);
+
     assert_eq!(store.next_model_version("m").await.unwrap(), 1);
     assert_eq!(store.next_model_version("m").await.unwrap(), 2);
     assert!(store.record_model_version("m", 2, b"v2").await.unwrap());
@@ -229,5 +250,8 @@ pub async fn check_jobs(store: JobStore) {
     let versions = store.model_versions("m").await.unwrap();
     assert_eq!(versions, vec![(1, b"v1".to_vec()), (2, b"v2".to_vec())]);
     assert!(store.model_versions("other").await.unwrap().is_empty());
-    assert_eq!(store.model_names().await.unwrap(), vec!["m".to_string()]);
+    assert_eq!(
+        store.model_names().await.unwrap(),
+        vec!["m".to_string(), "old".to_string()]
+    );
 }

@@ -21,6 +21,9 @@ use tonic::{Request, Status};
 pub struct Caller {
     /// The id of the caller's key; `None` when the server accepts every call.
     pub key_id: Option<String>,
+    /// Whether the key is marked `admin` in its file: it may act on what other keys own
+    /// (their model names).
+    pub admin: bool,
 }
 
 /// Fewest characters of a token in a token file: 16 random printable characters are
@@ -32,7 +35,20 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Debug)]
 pub struct Tokens {
     file: Option<PathBuf>,
-    digests: RwLock<Vec<[u8; 32]>>,
+    digests: RwLock<Vec<Accepted>>,
+}
+
+/// One accepted token: its digest, and whether it is an administrator's.
+#[derive(Debug, Clone, Copy)]
+struct Accepted {
+    digest: [u8; 32],
+    admin: bool,
+}
+
+/// A token of a file: the token, and whether the line marks it `admin`.
+struct Line {
+    token: String,
+    admin: bool,
 }
 
 /// Why a token file was refused.
@@ -49,8 +65,11 @@ pub enum TokenFileError {
     /// It holds no token.
     #[error("the token file {0} holds no token")]
     Empty(PathBuf),
-    /// A line is not a token a header can carry.
-    #[error("the token file {path}, line {line}: a token is printable ASCII without spaces")]
+    /// A line is not a token a header can carry (and an optional `admin`).
+    #[error(
+        "the token file {path}, line {line}: a line is a token of printable ASCII without \
+         spaces, then optionally `admin`"
+    )]
     Invalid {
         /// The file.
         path: PathBuf,
@@ -73,11 +92,19 @@ impl Tokens {
         Self::of(Vec::new())
     }
 
-    /// Accepts `tokens` only.
+    /// Accepts `tokens` only, none an administrator's.
     pub fn of(tokens: Vec<String>) -> Self {
+        let lines = tokens.into_iter().map(|token| Line {
+            token,
+            admin: false,
+        });
+        Self::of_lines(lines.collect())
+    }
+
+    fn of_lines(lines: Vec<Line>) -> Self {
         Self {
             file: None,
-            digests: RwLock::new(tokens.iter().map(|t| digest(t)).collect()),
+            digests: RwLock::new(lines.iter().map(Accepted::of).collect()),
         }
     }
 
@@ -86,7 +113,7 @@ impl Tokens {
     pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
         Ok(Self {
             file: Some(path.to_path_buf()),
-            ..Self::of(read(path)?)
+            ..Self::of_lines(read(path)?)
         })
     }
 
@@ -96,7 +123,7 @@ impl Tokens {
         let Some(path) = &self.file else {
             return Ok(0);
         };
-        let fresh: Vec<[u8; 32]> = read(path)?.iter().map(|t| digest(t)).collect();
+        let fresh: Vec<Accepted> = read(path)?.iter().map(Accepted::of).collect();
         let count = fresh.len();
         *self.digests.write().unwrap_or_else(|e| e.into_inner()) = fresh;
         Ok(count)
@@ -114,7 +141,10 @@ impl Tokens {
     pub fn check(&self, metadata: &MetadataMap) -> Result<Caller, Status> {
         let digests = self.digests.read().unwrap_or_else(|e| e.into_inner());
         if digests.is_empty() {
-            return Ok(Caller { key_id: None });
+            return Ok(Caller {
+                key_id: None,
+                admin: false,
+            });
         }
         let offered = metadata
             .get("authorization")
@@ -126,13 +156,16 @@ impl Tokens {
         // Digests of one length, every one compared: the time taken says neither which
         // token matched nor how long any is.
         let offered_digest = digest(offered);
-        let mut matched = false;
+        let (mut matched, mut admin) = (false, false);
         for accepted in digests.iter() {
-            matched |= constant_time_eq(accepted, &offered_digest);
+            let this = constant_time_eq(&accepted.digest, &offered_digest);
+            matched |= this;
+            admin |= this & accepted.admin;
         }
         if matched {
             Ok(Caller {
                 key_id: Some(key_id(offered)),
+                admin,
             })
         } else {
             Err(Status::unauthenticated(
@@ -172,7 +205,16 @@ fn digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
-fn read(path: &Path) -> Result<Vec<String>, TokenFileError> {
+impl Accepted {
+    fn of(line: &Line) -> Self {
+        Self {
+            digest: digest(&line.token),
+            admin: line.admin,
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<Line>, TokenFileError> {
     let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
         path: path.to_path_buf(),
         source,
@@ -184,19 +226,34 @@ fn read(path: &Path) -> Result<Vec<String>, TokenFileError> {
             continue;
         }
         let (path, line_no) = (path.to_path_buf(), i + 1);
-        if !line.bytes().all(|b| b.is_ascii_graphic()) {
+        let mut words = line.split_ascii_whitespace();
+        let (token, role) = (words.next().unwrap_or_default(), words.next());
+        let admin = match role {
+            None => false,
+            Some("admin") => true,
+            Some(_) => {
+                return Err(TokenFileError::Invalid {
+                    path,
+                    line: line_no,
+                });
+            }
+        };
+        if words.next().is_some() || !token.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(TokenFileError::Invalid {
                 path,
                 line: line_no,
             });
         }
-        if line.len() < MIN_TOKEN_LEN {
+        if token.len() < MIN_TOKEN_LEN {
             return Err(TokenFileError::TooShort {
                 path,
                 line: line_no,
             });
         }
-        tokens.push(line.to_string());
+        tokens.push(Line {
+            token: token.to_string(),
+            admin,
+        });
     }
     if tokens.is_empty() {
         return Err(TokenFileError::Empty(path.to_path_buf()));
@@ -229,7 +286,7 @@ impl Bearer {
     /// The first token of `path`.
     pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
         let first = read(path)?.swap_remove(0);
-        Self::new(Some(&first))
+        Self::new(Some(&first.token))
     }
 }
 
@@ -291,6 +348,12 @@ mod tests {
         assert_eq!(tokens.reload().unwrap(), 1);
         assert!(tokens.check(&bearer(beta)).is_err());
         assert!(tokens.check(&bearer(gamma)).is_ok());
+        std::fs::write(&path, format!("{gamma} admin\n{beta}\n")).unwrap();
+        tokens.reload().unwrap();
+        assert!(tokens.check(&bearer(gamma)).unwrap().admin, "marked admin");
+        assert!(!tokens.check(&bearer(beta)).unwrap().admin);
+        std::fs::write(&path, format!("{gamma}\n")).unwrap();
+        tokens.reload().unwrap();
         std::fs::write(&path, "two words and more\n").unwrap();
         assert!(matches!(
             tokens.reload(),

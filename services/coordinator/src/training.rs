@@ -1,7 +1,8 @@
 //! The public `Training` service: job specs validated (their data must be visible here at
 //! the path the trainers see), jobs recorded and queued in the store for the trainer
 //! workers, and the model registry's records. Jobs belong to the API key that submitted
-//! them, as sessions do; the registry is shared.
+//! them, as sessions do; a model name to the key that first submitted a job publishing
+//! under it (or an administrator's key); the registry is readable by every key.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use bd3lm_jobs::job::MAX_LIST;
 use bd3lm_jobs::{JobSpec, Jobs, Registry};
 use bd3lm_kvstore::JobStore;
+use bd3lm_proto::auth::Caller;
 use bd3lm_proto::v1 as wire;
 use bd3lm_proto::v1::training_server::Training;
 use tokio::sync::mpsc;
@@ -85,9 +87,18 @@ impl Training for TrainingService {
         request: Request<wire::JobSpec>,
     ) -> Result<Response<wire::Job>, Status> {
         call!("SubmitJob", "submit_job", {
+            let who = request.extensions().get::<Caller>().cloned();
             let owner = caller(&request);
             let root = self.data_root.as_deref();
             let spec = JobSpec::validate(request.into_inner(), root, &self.registry).await?;
+            // A model name is its first key's to publish under (an open API has no keys).
+            if let Some(Caller {
+                key_id: Some(key),
+                admin,
+            }) = &who
+            {
+                self.registry.claim(&spec.publish_as, key, *admin).await?;
+            }
             let job = self.jobs.submit(spec, owner).await?;
             Ok(Response::new(job.to_wire()))
         })

@@ -77,6 +77,7 @@ pub(super) struct Jobs {
     pending: BTreeMap<String, Pending>,
     entries: u64,
     next_versions: HashMap<String, u64>,
+    owners: HashMap<String, String>,
     versions: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
 }
 
@@ -194,6 +195,17 @@ impl Jobs {
         self.versions.get(name).map_or(Vec::new(), |v| {
             v.iter().map(|(k, b)| (*k, b.clone())).collect()
         })
+    }
+
+    pub(super) fn claim_name(&mut self, name: &str, owner: &str) -> Option<String> {
+        if let Some(owner) = self.owners.get(name) {
+            return Some(owner.clone());
+        }
+        if self.versions.contains_key(name) {
+            return None;
+        }
+        self.owners.insert(name.to_string(), owner.to_string());
+        Some(owner.to_string())
     }
 
     pub(super) fn names(&self) -> Vec<String> {

@@ -59,9 +59,10 @@ enum Backend {
 }
 
 /// Model names the registry's own keys take (`{prefix}:{registry}:names` is the set of
-/// names, beside each name's `{prefix}:{registry}:{name}`): a model may not be called so.
+/// names and `owners` the hash of their owners, beside each name's
+/// `{prefix}:{registry}:{name}`): a model may not be called so.
 /// Names hold no `:`, so `{name}:next` meets no other name.
-pub const RESERVED_MODEL_NAMES: [&str; 1] = ["names"];
+pub const RESERVED_MODEL_NAMES: [&str; 2] = ["names", "owners"];
 
 /// The keys of the jobs and the registry.
 #[derive(Clone)]
@@ -88,6 +89,9 @@ impl JobKeys {
     }
     fn names(&self) -> String {
         format!("{}names", self.registry)
+    }
+    fn owners(&self) -> String {
+        format!("{}owners", self.registry)
     }
     fn next_version(&self, name: &str) -> String {
         format!("{}{name}:next", self.registry)
@@ -239,6 +243,16 @@ impl JobStore {
         match &self.backend {
             Backend::Memory(m) => Ok(m.lock().versions(name)),
             Backend::Redis(r) => r.versions(&self.keys.versions(name)).await,
+        }
+    }
+
+    /// Claims model `name` for `owner` (an API key's id) unless it has an owner: the
+    /// name's owner now, `None` for a name published before names had owners (which
+    /// stays unowned). Atomic: of two keys claiming a new name, one owns it.
+    pub async fn claim_model_name(&self, name: &str, owner: &str) -> Result<Option<String>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().claim_name(name, owner)),
+            Backend::Redis(r) => r.claim_name(&self.keys, name, owner).await,
         }
     }
 

@@ -17,6 +17,8 @@ static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/finish.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
+static CLAIM_NAME: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/claim_name.lua")));
 static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static RECORD_VERSION: LazyLock<Script> =
@@ -292,6 +294,23 @@ impl RedisJobs {
             .await?;
         all.sort_by_key(|(v, _)| *v);
         Ok(all)
+    }
+
+    pub(super) async fn claim_name(
+        &self,
+        keys: &JobKeys,
+        name: &str,
+        owner: &str,
+    ) -> Result<Option<String>> {
+        let (owners, names) = (keys.owners(), keys.names());
+        Ok(self
+            .redis
+            .retried("claim_model_name", |mut con| {
+                let mut call = CLAIM_NAME.key(&owners);
+                call.key(&names).arg(name).arg(owner);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?)
     }
 
     pub(super) async fn names(&self, key: &str) -> Result<Vec<String>> {
