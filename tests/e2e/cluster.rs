@@ -850,8 +850,26 @@ impl Cluster {
     /// directory) and whose workers take only the internal token [`INTERNAL_TOKEN`]; its
     /// own calls use the first key.
     pub fn start_secured(checkpoint: &Path, workers: usize) -> Self {
+        Self::start_secured_with(checkpoint, workers, &[], &[])
+    }
+
+    /// [`Cluster::start_secured`] with `coordinator` and `worker` flags beyond its own.
+    pub fn start_secured_with(
+        checkpoint: &Path,
+        workers: usize,
+        coordinator: &[&str],
+        worker: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let secured = Secured::write(dir.path(), false);
+        let mut secured = Secured::write(dir.path(), false);
+        // A flag given here replaces the secured cluster's own.
+        for flag in coordinator.iter().filter(|f| f.starts_with("--")) {
+            if let Some(at) = secured.coordinator.iter().position(|f| f == flag) {
+                secured.coordinator.drain(at..at + 2);
+            }
+        }
+        secured.coordinator.extend(owned(coordinator));
+        secured.worker.extend(owned(worker));
         Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured), None)
     }
 

@@ -424,3 +424,124 @@ fn refused_new_sessions_leave_the_keys_count_as_it_was() {
         assert_eq!(past.code(), Code::ResourceExhausted, "{past}");
     });
 }
+
+/// One key's burst does not starve another key: with a worker that takes 2 blocks at once
+/// and 24 streams of one key queued for it, a second key's stream gets its first block
+/// after at most a few of the burst's blocks (the keys take turns at the slots), where
+/// first come, first served would put it behind all 22 queued ones. A key is held to
+/// `--max-streams-per-key` (RESOURCE_EXHAUSTED), and a first block that waits past
+/// `--max-queue-wait-secs` ends before any token.
+#[test]
+fn keys_take_turns_at_the_workers_and_are_held_to_their_limits() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let cluster = Cluster::start_secured_with(
+        &checkpoint(),
+        1,
+        &[
+            "--max-sessions-per-key",
+            "100",
+            "--max-streams-per-key",
+            "24",
+            "--max-queue-wait-secs",
+            "60",
+        ],
+        &["--max-batch", "2"],
+    );
+    runtime().block_on(async {
+        let channel = channel(&cluster.addr).await;
+        let (burst, small) = (
+            with_key(&channel, Some(API_KEYS[0])),
+            with_key(&channel, Some(API_KEYS[1])),
+        );
+        let delivered = Arc::new(AtomicUsize::new(0));
+        let mut streams = Vec::new();
+        for i in 0..24u32 {
+            let (mut client, delivered) = (burst.clone(), delivered.clone());
+            streams.push(tokio::spawn(async move {
+                let request = request(None, vec![1022, i], 200);
+                let mut stream = client.generate_stream(request).await.unwrap().into_inner();
+                while let Some(message) = stream.message().await.unwrap() {
+                    if message.block.is_some() {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        // The burst is under way and its blocks queue for the worker's 2 slots.
+        while delivered.load(Ordering::Relaxed) < 24 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let over = burst
+            .clone()
+            .generate(request(None, vec![1022], 4))
+            .await
+            .unwrap_err();
+        assert_eq!(over.code(), Code::ResourceExhausted, "{over}");
+        assert!(over.message().contains("API key"), "{over}");
+
+        let before = delivered.load(Ordering::Relaxed);
+        let mut stream = small
+            .clone()
+            .generate_stream(request(None, vec![1022, 99], 8))
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            let message = stream.message().await.unwrap().unwrap();
+            if message.block.is_some() {
+                break;
+            }
+        }
+        let overtaken = delivered.load(Ordering::Relaxed) - before;
+        eprintln!("the small key's first block came after {overtaken} of the burst's");
+        assert!(
+            overtaken <= 6,
+            "the small key's first block came after {overtaken} of the burst's"
+        );
+        for s in streams {
+            s.await.unwrap();
+        }
+    });
+}
+
+/// A new generation whose first block waits for a worker slot past
+/// `--max-queue-wait-secs` ends with RESOURCE_EXHAUSTED before any token: the worker's
+/// one slot is held by a block of a stopped (SIGSTOP) worker process.
+#[test]
+fn a_first_block_that_waits_past_the_queue_limit_ends_before_any_token() {
+    let cluster = Cluster::start_secured_with(
+        &checkpoint(),
+        1,
+        &["--max-queue-wait-secs", "0.5"],
+        &["--max-batch", "1"],
+    );
+    runtime().block_on(async {
+        let channel = channel(&cluster.addr).await;
+        let mut holder = with_key(&channel, Some(API_KEYS[0]));
+        let mut held = holder
+            .generate_stream(request(None, vec![1022], 4000))
+            .await
+            .unwrap()
+            .into_inner();
+        held.message().await.unwrap();
+        cluster.workers[0].signal("STOP");
+        let mut waiter = with_key(&channel, Some(API_KEYS[1]));
+        let mut stream = waiter
+            .generate_stream(request(None, vec![1022, 5], 8))
+            .await
+            .unwrap()
+            .into_inner();
+        let ended = loop {
+            match stream.message().await {
+                Ok(Some(m)) => assert!(m.token_ids.is_empty(), "a token came first"),
+                Ok(None) => panic!("the stream ended without an error"),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(ended.code(), Code::ResourceExhausted, "{ended}");
+        assert!(ended.message().contains("waited its limit"), "{ended}");
+    });
+    cluster.workers[0].signal("CONT");
+}

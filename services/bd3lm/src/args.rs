@@ -124,6 +124,14 @@ pub struct GenerateArgs {
     /// (default: the server's --kv-persistence).
     #[arg(long, value_enum, requires = "addr")]
     pub kv_persistence: Option<bd3lm_coordinator::Persistence>,
+    /// With --addr: this generation's priority among its API key's (higher first).
+    #[arg(
+        long,
+        default_value_t = 0,
+        allow_hyphen_values = true,
+        requires = "addr"
+    )]
+    pub priority: i32,
     /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
     /// model.
     #[arg(long, value_name = "DIR")]

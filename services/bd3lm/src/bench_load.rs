@@ -16,6 +16,7 @@ use bd3lm_proto::v1::{GenerateRequest, InfoRequest, TokenIds};
 use bd3lm_telemetry::probes::Ports;
 use bd3lm_worker::{LoadedModel, WorkerLimits};
 use serde::Serialize;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::Channel;
 
 /// What one concurrency level gave.
@@ -139,6 +140,20 @@ pub async fn one_worker(
     limits: WorkerLimits,
     stores: Stores,
 ) -> anyhow::Result<OneWorker> {
+    let coordinator = CoordinatorSettings {
+        max_queue: usize::MAX,
+        ..CoordinatorSettings::default()
+    };
+    one_worker_with(loaded, limits, stores, coordinator).await
+}
+
+/// [`one_worker`] with the coordinator's `settings`.
+async fn one_worker_with(
+    loaded: Arc<LoadedModel>,
+    limits: WorkerLimits,
+    stores: Stores,
+    coordinator: CoordinatorSettings,
+) -> anyhow::Result<OneWorker> {
     let cell = Arc::new(bd3lm_worker::Models::fixed(loaded));
     let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let worker_addr = worker.local_addr()?.to_string();
@@ -158,10 +173,6 @@ pub async fn one_worker(
             tracing::error!(error = %e, "bench worker stopped");
         }
     });
-    let coordinator = CoordinatorSettings {
-        max_queue: usize::MAX,
-        ..CoordinatorSettings::default()
-    };
     let pool = Arc::new(Pool::new(
         coordinator.routing,
         1 << 16,
@@ -188,10 +199,97 @@ pub async fn one_worker(
     })
 }
 
+/// Times to the first block of one API key's stream, alone and while another key's
+/// `burst` streams fill the worker, and of the same stream sent with the burst's key
+/// (queued behind the burst's blocks, as first come, first served would queue every
+/// stream). One JSON line.
+pub async fn fairness(
+    loaded: Arc<LoadedModel>,
+    limits: WorkerLimits,
+    burst: usize,
+    tokens: u32,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys: [String; 2] = std::array::from_fn(|_| format!("{:032x}", rand::random::<u128>()));
+    std::fs::write(dir.path().join("keys"), keys.join("\n"))?;
+    let coordinator = CoordinatorSettings {
+        max_queue: usize::MAX,
+        api_keys: Some(dir.path().join("keys")),
+        limits: bd3lm_coordinator::validation::Limits {
+            max_sessions_per_key: usize::MAX,
+            ..Default::default()
+        },
+        ..CoordinatorSettings::default()
+    };
+    let stores = Stores::memory(Default::default());
+    let bench = one_worker_with(loaded.clone(), limits, stores, coordinator).await?;
+    let bos = loaded.model.config().vocab_size as u32 - 2;
+    let request = |seed: u64, tokens: u32, key: &AsciiMetadataValue| {
+        let mut request = tonic::Request::new(GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![bos] })),
+            max_new_tokens: tokens,
+            seed: Some(seed),
+            ..Default::default()
+        });
+        request.metadata_mut().insert("authorization", key.clone());
+        request
+    };
+    let (small, burst_key) = (bearer(&keys[1])?, bearer(&keys[0])?);
+    // Unmeasured, then the small key alone, three times.
+    stream(bench.client.clone(), request(u64::MAX, tokens, &small)).await?;
+    let mut alone = Vec::new();
+    for seed in 0..3 {
+        alone.push(
+            stream(bench.client.clone(), request(seed, 8, &small))
+                .await?
+                .first_ms,
+        );
+    }
+    let streams: Vec<_> = (0..burst)
+        .map(|i| {
+            tokio::spawn(stream(
+                bench.client.clone(),
+                request(100 + i as u64, tokens, &burst_key),
+            ))
+        })
+        .collect();
+    // The burst's first blocks are out and the rest of its blocks queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let loaded_first = stream(bench.client.clone(), request(7, 8, &small))
+        .await?
+        .first_ms;
+    // The same stream sent with the burst's key waits behind the burst's queued blocks,
+    // as every stream would on a first-come, first-served queue.
+    let behind = stream(bench.client.clone(), request(8, 8, &burst_key))
+        .await?
+        .first_ms;
+    for s in streams {
+        s.await??;
+    }
+    let unloaded = percentile(&mut alone, 0.5);
+    println!(
+        "{}",
+        serde_json::json!({
+            "burst_streams": burst,
+            "burst_tokens_per_stream": tokens,
+            "max_batch": limits.max_batch,
+            "first_block_ms_alone": unloaded,
+            "first_block_ms_beside_the_burst": loaded_first,
+            "first_block_ms_in_the_bursts_queue": behind,
+            "ratio_to_alone": loaded_first / unloaded,
+        })
+    );
+    Ok(())
+}
+
+fn bearer(key: &str) -> anyhow::Result<AsciiMetadataValue> {
+    Ok(AsciiMetadataValue::try_from(format!("Bearer {key}"))?)
+}
+
 /// Runs one stream to its end and times it.
 async fn stream(
     mut client: GenerationClient<Channel>,
-    request: GenerateRequest,
+    request: impl tonic::IntoRequest<GenerateRequest>,
 ) -> anyhow::Result<StreamTimes> {
     let started = Instant::now();
     let mut stream = client.generate_stream(request).await?.into_inner();

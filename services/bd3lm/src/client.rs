@@ -41,6 +41,7 @@ pub fn request(
             .collect(),
         stop_on_eos: args.var_length,
         kv_persistence: persistence.map_or(0, |p| p.to_wire() as i32),
+        priority: 0,
     }
 }
 
@@ -50,7 +51,10 @@ pub async fn generate(addr: &str, args: &GenerateArgs) -> anyhow::Result<()> {
     let (api_key, tls) = (args.api_key.as_deref(), &args.tls);
     let mut client = GenerationClient::new(crate::remote::connect(addr, api_key, tls).await?);
     let started = Instant::now();
-    let request = request(&args.generation, args.session.clone(), args.kv_persistence);
+    let request = GenerateRequest {
+        priority: args.priority,
+        ..request(&args.generation, args.session.clone(), args.kv_persistence)
+    };
     let mut stream = client
         .generate_stream(request)
         .await

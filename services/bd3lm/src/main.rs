@@ -117,11 +117,16 @@ enum BenchCommand {
         /// coordinator and one worker, on the store given.
         #[arg(long, value_delimiter = ',', value_name = "N,N,..")]
         concurrency: Option<Vec<usize>>,
-        /// With --concurrency: the random-weight tiny or small shape, or the bundled demo
-        /// model.
+        /// Instead of the cost figures: one API key sends this many streams at once and a
+        /// second key one stream; the second's time to its first block, against it alone
+        /// (the keys take turns at the worker's slots).
+        #[arg(long, value_name = "N", conflicts_with = "concurrency")]
+        burst: Option<usize>,
+        /// With --concurrency or --burst: the random-weight tiny or small shape, or the
+        /// bundled demo model.
         #[arg(long, value_enum, default_value_t = BenchModel::Tiny)]
         model: BenchModel,
-        /// With --concurrency: new tokens per stream.
+        /// With --concurrency or --burst: new tokens per stream (of the burst).
         #[arg(long, default_value_t = 64)]
         tokens: u32,
         /// Where the model runs and in what precisions (without --concurrency, only
@@ -192,6 +197,30 @@ enum BenchModel {
     Small,
     /// The bundled demo model.
     Demo,
+}
+
+/// The model of `bench serve --concurrency` or `--burst`, loaded as `device` says, and
+/// its name.
+async fn bench_model(
+    model: BenchModel,
+    device: &bd3lm_worker::DeviceArgs,
+) -> anyhow::Result<(Arc<bd3lm_worker::LoadedModel>, &'static str)> {
+    let (dev, precision) = (device.device()?, device.precision());
+    Ok(match model {
+        BenchModel::Tiny => (
+            bench_serve::random_model(Config::tiny(4), precision, dev).await?,
+            "tiny",
+        ),
+        BenchModel::Small => (
+            bench_serve::random_model(Config::small(4), precision, dev).await?,
+            "small",
+        ),
+        BenchModel::Demo => {
+            let dir = demo::checkpoint_or_demo(None)?;
+            let load = move || bd3lm_worker::load(&dir, None, precision, &dev);
+            (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
+        }
+    })
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -313,6 +342,18 @@ fn success(ok: bool) -> ExitCode {
 fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
     match command {
         BenchCommand::Serve {
+            burst: Some(burst),
+            model,
+            tokens,
+            device,
+            worker,
+            ..
+        } => runtime.block_on(async {
+            let (loaded, _) = bench_model(model, &device).await?;
+            let limits = worker.limits(device.device);
+            bench_load::fairness(loaded, limits, burst, tokens).await
+        }),
+        BenchCommand::Serve {
             concurrency: Some(levels),
             model,
             tokens,
@@ -321,22 +362,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             store,
             ..
         } => runtime.block_on(async {
-            let (dev, precision) = (device.device()?, device.precision());
-            let (loaded, name) = match model {
-                BenchModel::Tiny => (
-                    bench_serve::random_model(Config::tiny(4), precision, dev).await?,
-                    "tiny",
-                ),
-                BenchModel::Small => (
-                    bench_serve::random_model(Config::small(4), precision, dev).await?,
-                    "small",
-                ),
-                BenchModel::Demo => {
-                    let dir = demo::checkpoint_or_demo(None)?;
-                    let load = move || bd3lm_worker::load(&dir, None, precision, &dev);
-                    (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
-                }
-            };
+            let (loaded, name) = bench_model(model, &device).await?;
             let limits = worker.limits(device.device);
             bench_load::run(loaded, name, limits, store.open()?, &levels, tokens).await
         }),

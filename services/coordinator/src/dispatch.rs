@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, PersistKvRequest};
 use tonic::{Code, Request, Status};
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Queueing};
 use crate::error::Error;
 use crate::metrics;
 use crate::pool::{Pool, Worker};
@@ -57,7 +57,7 @@ impl Dispatcher {
         }
     }
 
-    /// Waits for a slot, then asks workers for block `block` of `session` (whose last
+    /// Waits for a slot as `queueing` says, then asks workers for block `block` of `session` (whose last
     /// block ran on model `version`: workers that have it loaded come first; its KV blob
     /// written as `persistence` says) until one answers. A fault of the request or its
     /// stored session (INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION, OUT_OF_RANGE,
@@ -66,16 +66,20 @@ impl Dispatcher {
     /// (RESOURCE_EXHAUSTED, when other coordinators share it) is waited for without
     /// counting as a fault; any other failure is tried again elsewhere while the attempts
     /// and the retry budget last.
-    #[tracing::instrument(skip(self), fields(queue_ms))]
+    #[tracing::instrument(skip(self, queueing), fields(queue_ms))]
     pub async fn denoise_block(
         &self,
         session: &str,
         block: usize,
         version: Option<u64>,
         persistence: Persistence,
+        queueing: &Queueing,
     ) -> Result<BlockAnswer, Error> {
         let started = Instant::now();
-        let _slot = self.admission.acquire(self.policy.timeout).await?;
+        let _slot = self
+            .admission
+            .acquire(queueing, self.policy.timeout)
+            .await?;
         let queued = started.elapsed();
         metrics::queue_wait(queued);
         tracing::Span::current().record("queue_ms", queued.as_secs_f64() * 1e3);

@@ -38,6 +38,12 @@ pub enum Error {
     /// A limit refused the request; the message says which and what to do.
     #[error("{0}")]
     Refused(String),
+    /// The call's deadline passed while its first block waited for a worker slot.
+    #[error("the request's deadline passed while it waited for a worker")]
+    DeadlineExceeded,
+    /// The first block waited for a worker slot past `--max-queue-wait-secs`.
+    #[error("the server is busy: the request waited its limit for a worker; retry later")]
+    QueueWait,
     /// No denoise worker is healthy.
     #[error("no healthy denoise worker")]
     NoWorker,
@@ -95,7 +101,8 @@ impl Error {
             Error::LeaseHeld | Error::LeaseLost | Error::LeaseUnrenewed | Error::Contended => {
                 Status::aborted(message)
             }
-            Error::Refused(_) => Status::resource_exhausted(message),
+            Error::Refused(_) | Error::QueueWait => Status::resource_exhausted(message),
+            Error::DeadlineExceeded => Status::deadline_exceeded(message),
             Error::NoWorker => Status::unavailable(message),
             Error::Tokenizer => Status::failed_precondition(message),
             Error::Worker(status) => status,

@@ -9,6 +9,7 @@ use bd3lm_proto::v1::InfoResponse;
 use bd3lm_sampling::SamplingParams;
 use bd3lm_text::{StopRules, Text};
 
+use crate::admission::{Queueing, Ticket};
 use crate::error::Error;
 use crate::lease::Lease;
 use crate::settings::{CoordinatorSettings, Persistence};
@@ -51,6 +52,10 @@ pub struct Plan {
     pub lease: Lease,
     /// When this generation writes the session's KV state to the store.
     pub persistence: Persistence,
+    /// Its place among the admitted generations, held while it runs.
+    pub ticket: Ticket,
+    /// Where its blocks wait for worker slots.
+    pub queueing: Queueing,
 }
 
 /// Read-modify-write attempts of one record update before it is ABORTED.
@@ -66,6 +71,7 @@ pub async fn plan(
     store: &SessionStore,
     settings: &CoordinatorSettings,
     owner: Option<String>,
+    (ticket, queueing): (Ticket, Queueing),
 ) -> Result<Plan, Error> {
     let limits = &settings.limits;
     let model_id = model.info.model_id.clone();
@@ -128,6 +134,8 @@ pub async fn plan(
         model,
         lease,
         persistence: valid.kv_persistence.unwrap_or(settings.kv_persistence),
+        ticket,
+        queueing,
     })
 }
 

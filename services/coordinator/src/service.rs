@@ -2,7 +2,7 @@
 //! and streaming.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::SessionStore;
 use bd3lm_proto::auth::Caller;
@@ -18,7 +18,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::admission::Admission;
+use crate::admission::{Admission, Expiry, Queueing};
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
 use crate::metrics;
@@ -51,7 +51,10 @@ impl Coordinator {
     /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
     /// capacity as the pool publishes it, from a task that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: SessionStore, settings: CoordinatorSettings) -> Self {
-        let admission = Arc::new(Admission::new(settings.max_queue));
+        let admission = Arc::new(Admission::new(
+            settings.max_queue,
+            settings.max_streams_per_key,
+        ));
         let dispatch = Dispatcher::new(pool.clone(), admission.clone(), settings.retry_policy());
         let inner = Arc::new(Inner {
             pool,
@@ -102,10 +105,16 @@ impl Coordinator {
         Ok(self.inner.model.get_or_init(|| model).clone())
     }
 
-    /// Validates and plans `req` of the key `owner`: its session is stored and ready to
-    /// be driven.
-    async fn prepare(&self, req: GenerateRequest, owner: Option<String>) -> Result<Plan, Error> {
-        self.inner.admission.admit()?;
+    /// Admits, validates and plans `req` of the key `owner`, a call that must be answered
+    /// by `deadline`: its session is stored and ready to be driven.
+    async fn prepare(
+        &self,
+        req: GenerateRequest,
+        owner: Option<String>,
+        deadline: Option<Instant>,
+    ) -> Result<Plan, Error> {
+        let ticket = self.inner.admission.admit(owner.as_deref())?;
+        let queueing = self.queueing(&owner, req.priority, deadline);
         let model = self.model().await?;
         let settings = &self.inner.settings;
         // Tokenizing a long prompt is compute: off the async threads.
@@ -115,7 +124,29 @@ impl Coordinator {
         })
         .await
         .map_err(|_| Error::Internal("validating the request failed"))??;
-        plan::plan(valid, model, &self.inner.store, settings, owner).await
+        let admitted = (ticket, queueing);
+        plan::plan(valid, model, &self.inner.store, settings, owner, admitted).await
+    }
+
+    /// Where a generation of `owner` waits: its key's queue at `priority`, its first
+    /// block until the call's `deadline` or `--max-queue-wait-secs`, whichever is first.
+    fn queueing(&self, owner: &Option<String>, priority: i32, call: Option<Instant>) -> Queueing {
+        let wait = self
+            .inner
+            .settings
+            .max_queue_wait
+            .map(|w| Instant::now() + w);
+        let deadline = match (call, wait) {
+            (Some(c), Some(w)) if w < c => Some((w, Expiry::QueueWait)),
+            (Some(c), _) => Some((c, Expiry::Call)),
+            (None, Some(w)) => Some((w, Expiry::QueueWait)),
+            (None, None) => None,
+        };
+        Queueing {
+            key: owner.clone().unwrap_or_default(),
+            priority,
+            deadline,
+        }
     }
 
     /// Starts driving `plan` on its own task; dropping the receiver stops the work at the
@@ -152,14 +183,39 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Option<String> {
         .and_then(|c| c.key_id.clone())
 }
 
+/// When the call must be answered: its `grpc-timeout` (set by a client's deadline) from
+/// now; `None` without one, or with one that does not parse.
+pub(crate) fn call_deadline<T>(request: &Request<T>) -> Option<Instant> {
+    let timeout = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    Some(Instant::now() + parse_grpc_timeout(timeout)?)
+}
+
+/// A `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// The calls' bodies, each run in its call's span.
 impl Coordinator {
     async fn generate_call(
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let owner = caller(&request);
-        let plan = self.prepare(request.into_inner(), owner).await?;
+        let (owner, deadline) = (caller(&request), call_deadline(&request));
+        let plan = self.prepare(request.into_inner(), owner, deadline).await?;
         let mut rx = self.spawn_drive(plan);
         let mut out = GenerateResponse::default();
         while let Some(message) = rx.recv().await {
@@ -181,8 +237,8 @@ impl Coordinator {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Stream>, Status> {
-        let owner = caller(&request);
-        let plan = self.prepare(request.into_inner(), owner).await?;
+        let (owner, deadline) = (caller(&request), call_deadline(&request));
+        let plan = self.prepare(request.into_inner(), owner, deadline).await?;
         Ok(Response::new(ReceiverStream::new(self.spawn_drive(plan))))
     }
 

@@ -81,6 +81,16 @@ pub struct CoordinatorSettings {
     /// RESOURCE_EXHAUSTED (admitted generations always wait their turn).
     #[arg(long, env = "BD3LM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
+    /// Generations one API key may have running or queued at once; beyond it its new
+    /// requests are refused with RESOURCE_EXHAUSTED (0: no limit).
+    #[arg(long, env = "BD3LM_MAX_STREAMS_PER_KEY", default_value_t = 0)]
+    pub max_streams_per_key: usize,
+    /// Seconds a new generation's first block may wait for a worker slot before the
+    /// request ends with RESOURCE_EXHAUSTED, before any token (default: no limit; a
+    /// call's own gRPC deadline ends it with DEADLINE_EXCEEDED).
+    #[arg(long = "max-queue-wait-secs", env = "BD3LM_MAX_QUEUE_WAIT_SECS", value_name = "SECS",
+          value_parser = positive_secs)]
+    pub max_queue_wait: Option<Duration>,
     /// Faulty attempts per block, all workers together (a busy worker is waited for).
     #[arg(long, env = "BD3LM_MAX_ATTEMPTS", default_value_t = 6,
           value_parser = clap::value_parser!(u32).range(1..))]
@@ -165,6 +175,8 @@ impl Default for CoordinatorSettings {
             limits: Limits::default(),
             block_timeout: Duration::from_secs(120),
             max_queue: 256,
+            max_streams_per_key: 0,
+            max_queue_wait: None,
             max_attempts: 6,
             routing: Routing::Affinity,
             kv_persistence: Persistence::EveryBlock,

@@ -13,6 +13,7 @@ use bd3lm_text::{Decoder, StopReason};
 use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
+use crate::admission::Queueing;
 use crate::dispatch::{BlockAnswer, Dispatcher};
 use crate::error::Error;
 use crate::metrics;
@@ -162,7 +163,7 @@ impl Generation<'_> {
             let started = Instant::now();
             let (plan, progress) = (&mut self.plan, &self.progress);
             let answer = tokio::select! {
-                answer = self.source.next(&plan.record, progress) => answer?,
+                answer = self.source.next(&plan.record, progress, &plan.queueing) => answer?,
                 () = self.tx.closed() => return Ok(StopReason::Cancelled),
                 () = self.running.deleted() => return Ok(StopReason::Cancelled),
                 loss = plan.lease.lost() => return Err(loss),
@@ -170,6 +171,8 @@ impl Generation<'_> {
             if !self.progress.answered {
                 self.progress.answered = true;
                 metrics::first_block(self.progress.began.elapsed());
+                // Streaming now: its blocks wait their turn, however long.
+                self.plan.queueing.deadline = None;
             }
             let (message, stop) = self.take_answer(answer, started);
             if self.tx.send(Ok(message)).await.is_err() {
@@ -307,6 +310,7 @@ impl Blocks<'_> {
         &self,
         planned: &SessionRecord,
         progress: &Progress,
+        queueing: &Queueing,
     ) -> Result<BlockAnswer, Error> {
         let session = &planned.id;
         let mut restores = 0;
@@ -314,7 +318,7 @@ impl Blocks<'_> {
             let (committed, version) = (progress.committed, progress.model_version);
             let answer = self
                 .dispatch
-                .denoise_block(session, committed, version, self.persistence)
+                .denoise_block(session, committed, version, self.persistence, queueing)
                 .await;
             let lost = match &answer {
                 Err(e) if e.is_missing() => "lost",
