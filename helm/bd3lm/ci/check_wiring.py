@@ -14,7 +14,11 @@
   data see one training claim at the same paths, the trainers read-write;
 * every Service, PodDisruptionBudget and ServiceMonitor selects pods or Services that
   exist, and HorizontalPodAutoscalers scale Deployments that exist;
-* pods get more grace than their drain.
+* pods get more grace than their drain;
+* hardening: every emptyDir has a sizeLimit, every container (init containers too)
+  requests ephemeral storage, every long-running container has a liveness probe, no
+  container takes a password on its command line, and no Service that leaves the
+  cluster (LoadBalancer, NodePort) carries a metrics port.
 
 --self-test breaks the render in one place per rule and fails unless each break is
 found, so that the checks cannot pass vacuously.
@@ -279,6 +283,31 @@ def check_grace(docs, faults):
                 faults.append(f"{workload['metadata']['name']}: grace {grace}s is not above the drain {drain}s")
 
 
+def check_hardening(docs, faults):
+    for workload, template in pods(docs):
+        where = workload["metadata"]["name"]
+        spec = template["spec"]
+        for volume in spec.get("volumes", []):
+            if "emptyDir" in volume and not (volume["emptyDir"] or {}).get("sizeLimit"):
+                faults.append(f"{where}: emptyDir {volume['name']} has no sizeLimit")
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            requests = (c.get("resources") or {}).get("requests") or {}
+            if "ephemeral-storage" not in requests:
+                faults.append(f"{where}/{c['name']}: no ephemeral-storage request")
+            words = [str(w) for w in c.get("command", []) + c.get("args", [])]
+            if any(w in ("--requirepass", "--masterauth") for w in words):
+                faults.append(f"{where}/{c['name']}: a password on the command line")
+        # A Job's or a test's pod runs to its end: no liveness to watch.
+        long_running = workload.get("kind") in WORKLOADS
+        for c in spec["containers"] if long_running else []:
+            if "livenessProbe" not in c:
+                faults.append(f"{where}/{c['name']}: no liveness probe")
+    for name, service in named(docs, "Service").items():
+        exposed = service["spec"].get("type") in ("LoadBalancer", "NodePort")
+        if exposed and any(p.get("name") == "metrics" for p in service["spec"]["ports"]):
+            faults.append(f"Service {name}: metrics on a Service that leaves the cluster")
+
+
 def check(docs, provided):
     faults = []
     check_workers_dns(docs, faults)
@@ -288,6 +317,7 @@ def check(docs, provided):
     check_selectors(docs, faults)
     check_grace(docs, faults)
     check_training(docs, faults)
+    check_hardening(docs, faults)
     return faults
 
 
@@ -337,7 +367,34 @@ def breaks(docs=()):
             if m["name"] == "training":
                 m["readOnly"] = True
 
+    def unbounded_tmp(docs):
+        for v in first(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["volumes"]:
+            if v["name"] == "tmp":
+                v["emptyDir"] = {}
+
+    def no_ephemeral_request(docs):
+        del container(docs, "worker")["resources"]["requests"]["ephemeral-storage"]
+
+    def no_liveness(docs):
+        del container(docs, "coordinator")["livenessProbe"]
+
+    def password_argument(docs):
+        container(docs, "worker").setdefault("args", []).extend(["--requirepass", "x"])
+
+    def public_metrics(docs):
+        service = next(
+            d for d in docs
+            if d.get("kind") == "Service" and d["metadata"]["name"].endswith("-metrics")
+        )
+        service["spec"]["type"] = "LoadBalancer"
+        del service["spec"]["clusterIP"]
+
     return [
+        ("an emptyDir without a sizeLimit", unbounded_tmp),
+        ("a container without an ephemeral-storage request", no_ephemeral_request),
+        ("a container without a liveness probe", no_liveness),
+        ("a password on a command line", password_argument),
+        ("metrics on a LoadBalancer", public_metrics),
         ("workers DNS names another Service", dns),
         ("workers DNS on a port the workers lack", dns_port),
         ("a probe on a port the container lacks", probe),

@@ -165,7 +165,8 @@ the internal token, logs and traces, the drain. */}}
 {{/* Volumes of the common environment's files. */}}
 {{- define "bd3lm.commonVolumes" -}}
 - name: tmp
-  emptyDir: {}
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
 - name: internal-token
   secret:
     secretName: {{ include "bd3lm.internalTokenSecret" . }}
