@@ -11,8 +11,9 @@ use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::training_client::TrainingClient;
 use bd3lm_proto::v1::{
-    CancelJobRequest, GenerateRequest, GetJobRequest, GetSessionRequest, InfoRequest, Job, JobSpec,
-    JobState, LearningRate, ListModelsRequest, ModelRef, ModelShape, TokenIds, job_spec::Init,
+    CancelJobRequest, DeleteJobRequest, GenerateRequest, GetJobRequest, GetSessionRequest,
+    InfoRequest, Job, JobSpec, JobState, LearningRate, ListModelsRequest, ModelRef, ModelShape,
+    TokenIds, job_spec::Init,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -680,5 +681,26 @@ fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
         );
         client(admin).submit_job(spec()).await.unwrap();
         client(alpha).submit_job(spec()).await.unwrap();
+
+        // Deleting: not while queued, not by another key; once cancelled, by its key.
+        let delete = || DeleteJobRequest {
+            job_id: theirs.job_id.clone(),
+        };
+        let queued = client(alpha).delete_job(delete()).await.unwrap_err();
+        assert_eq!(queued.code(), Code::FailedPrecondition, "{queued}");
+        let cancel = CancelJobRequest {
+            job_id: theirs.job_id.clone(),
+        };
+        client(alpha).cancel_job(cancel).await.unwrap();
+        let other = client(beta).delete_job(delete()).await.unwrap_err();
+        assert_eq!(other.code(), Code::NotFound, "{other}");
+        client(alpha).delete_job(delete()).await.unwrap();
+        let get = GetJobRequest {
+            job_id: theirs.job_id.clone(),
+        };
+        assert_eq!(
+            client(alpha).get_job(get).await.unwrap_err().code(),
+            Code::NotFound
+        );
     });
 }

@@ -21,6 +21,9 @@ pub enum Error {
     /// Something another API key owns (a model name).
     #[error("{0}")]
     PermissionDenied(String),
+    /// A request the job's state does not allow yet (deleting a job that runs).
+    #[error("{0}")]
+    Precondition(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] bd3lm_kvstore::Error),
@@ -58,6 +61,7 @@ impl From<Error> for Status {
             Error::Invalid { .. } => Status::invalid_argument(e.to_string()),
             Error::NotFound(what) => Status::not_found(what),
             Error::PermissionDenied(what) => Status::permission_denied(what),
+            Error::Precondition(what) => Status::failed_precondition(what),
             Error::Store(e) => bd3lm_proto::status::from_store(e),
             // Paths of the registry's storage stay in the server's log.
             Error::Io { .. } | Error::Corrupt(_) => {

@@ -265,6 +265,25 @@ impl Jobs {
         .await
     }
 
+    /// Deletes ended job `id` of `owner`: its record, and so its place in listings (its
+    /// run directory stays on the trainers' storage). FAILED_PRECONDITION while it is
+    /// queued or runs. The job as it was.
+    #[tracing::instrument(skip(self, owner))]
+    pub async fn delete(&self, id: &str, owner: Option<&str>) -> Result<Job> {
+        loop {
+            let job = self.get_owned(id, owner).await?;
+            if !job.state.is_terminal() {
+                return Err(Error::Precondition(format!(
+                    "job_id: job {id} has not ended; cancel it first"
+                )));
+            }
+            if self.store.delete_job(id, job.revision).await? {
+                tracing::info!("job deleted");
+                return Ok(job);
+            }
+        }
+    }
+
     /// Takes the next job for trainer `trainer` (see [`JobStore::claim_job`]).
     pub async fn claim(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
         Ok(self.store.claim_job(trainer, lease).await?)
@@ -322,6 +341,27 @@ mod tests {
         assert!(shown.loss.is_infinite() && shown.tokens_per_s.is_nan());
         assert!(shown.validation.unwrap().perplexity_bound.is_infinite());
         assert_eq!(jobs.list(10, Some("key-a")).await.unwrap().len(), 1);
+    }
+
+    /// Only an ended job is deleted, by its key only; it then leaves the listing and
+    /// reads as NOT_FOUND.
+    #[tokio::test]
+    async fn only_an_ended_job_is_deleted_and_only_by_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(JobStore::memory(StoreConfig::default()));
+        let job = submitted(&jobs, dir.path()).await;
+        let running = jobs.delete(&job.id, Some("key-a")).await.unwrap_err();
+        assert_eq!(
+            tonic::Status::from(running).code(),
+            tonic::Code::FailedPrecondition
+        );
+        jobs.cancel(&job.id, Some("key-a")).await.unwrap();
+        let theirs = jobs.delete(&job.id, Some("key-b")).await.unwrap_err();
+        assert_eq!(tonic::Status::from(theirs).code(), tonic::Code::NotFound);
+        jobs.delete(&job.id, Some("key-a")).await.unwrap();
+        assert!(jobs.list(10, None).await.unwrap().is_empty());
+        let gone = jobs.get_owned(&job.id, Some("key-a")).await.unwrap_err();
+        assert_eq!(tonic::Status::from(gone).code(), tonic::Code::NotFound);
     }
 
     /// Job records mutated at random decode or fail to, never panic.

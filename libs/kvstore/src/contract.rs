@@ -221,6 +221,24 @@ pub async fn check_jobs(store: JobStore) {
     assert!(store.touch_job(&woken, "d").await.unwrap());
     store.finish_job(&woken).await.unwrap();
 
+    // A job record is deleted at the revision read, and leaves the listing.
+    let j3 = store.get_job("j3").await.unwrap().unwrap();
+    assert!(
+        !store.delete_job("j3", j3.revision + 1).await.unwrap(),
+        "a stale revision"
+    );
+    assert!(store.delete_job("j3", j3.revision).await.unwrap());
+    assert_eq!(store.get_job("j3").await.unwrap(), None);
+    assert!(
+        store
+            .list_jobs(10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|j| j.body != b"three")
+    );
+    assert!(!store.delete_job("j3", j3.revision).await.unwrap(), "gone");
+
     // A new name goes to its first claimant; a name published before names had owners
     // stays unowned.
     assert_eq!(

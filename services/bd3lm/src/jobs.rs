@@ -36,6 +36,13 @@ pub enum JobsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Delete an ended job's record.
+    Delete {
+        /// The job's id.
+        job_id: String,
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
 }
 
 /// `bd3lm models`.
@@ -85,6 +92,16 @@ pub async fn jobs(command: JobsCommand) -> anyhow::Result<bool> {
                 .map_err(status)?
                 .into_inner();
             println!("{}", job_line(&job));
+            Ok(true)
+        }
+        JobsCommand::Delete { job_id, remote } => {
+            let mut client = TrainingClient::new(remote.connect().await?);
+            let job = client
+                .delete_job(wire::DeleteJobRequest { job_id })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("deleted {}", job_line(&job));
             Ok(true)
         }
     }

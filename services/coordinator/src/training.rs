@@ -164,6 +164,20 @@ impl Training for TrainingService {
         })
     }
 
+    async fn delete_job(
+        &self,
+        request: Request<wire::DeleteJobRequest>,
+    ) -> Result<Response<wire::Job>, Status> {
+        call!("DeleteJob", "delete_job", {
+            let owner = caller(&request);
+            let job = self
+                .jobs
+                .delete(&request.get_ref().job_id, owner.as_deref())
+                .await?;
+            Ok(Response::new(job.to_wire()))
+        })
+    }
+
     async fn list_models(
         &self,
         _request: Request<wire::ListModelsRequest>,

@@ -103,6 +103,15 @@ impl Jobs {
         self.records.get(id).cloned()
     }
 
+    pub(super) fn delete(&mut self, id: &str, revision: u64) -> bool {
+        if self.records.get(id).is_none_or(|r| r.revision != revision) {
+            return false;
+        }
+        self.records.remove(id);
+        self.order.retain(|o| o != id);
+        true
+    }
+
     pub(super) fn newest(&self, limit: usize) -> Vec<Revised> {
         let newest = self.order.iter().rev().take(limit);
         newest.filter_map(|id| self.get(id)).collect()

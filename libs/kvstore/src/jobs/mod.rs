@@ -153,6 +153,15 @@ impl JobStore {
         }
     }
 
+    /// Deletes job record `id` if it is still at `revision` (its queue entry is gone once
+    /// the job ended): false when another writer moved it or it does not exist.
+    pub async fn delete_job(&self, id: &str, revision: u64) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().delete(id, revision)),
+            Backend::Redis(r) => r.delete_job(&self.keys, id, revision).await,
+        }
+    }
+
     /// Takes the next job for `trainer`: an entry another trainer stopped touching for
     /// `lease` first, else the oldest never taken; `None` when there is none.
     #[tracing::instrument(skip(self))]

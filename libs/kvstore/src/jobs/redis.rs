@@ -17,6 +17,7 @@ static UPDATE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scr
 static CLAIM: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/claim.lua")));
 static FINISH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/finish.lua")));
 static TOUCH: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/touch.lua")));
+static DELETE: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/delete.lua")));
 static CLAIM_NAME: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/claim_name.lua")));
 static RELEASE: LazyLock<Script> =
@@ -74,6 +75,19 @@ impl RedisJobs {
             Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
             other => Ok(other?),
         }
+    }
+
+    pub(super) async fn delete_job(&self, keys: &JobKeys, id: &str, revision: u64) -> Result<bool> {
+        let (job, index) = (keys.job(id), keys.index());
+        let deleted: i64 = self
+            .redis
+            .retried("delete_job", |mut con| {
+                let mut call = DELETE.key(&job);
+                call.key(&index).arg(id).arg(revision);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(deleted == 1)
     }
 
     pub(super) async fn get_job(&self, key: &str) -> Result<Option<Revised>> {
