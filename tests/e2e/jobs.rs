@@ -612,45 +612,48 @@ fn a_job_survives_a_rolling_restart_of_its_trainers() {
     });
 }
 
-/// Model names belong to API keys: the first key to submit a job publishing under a name
-/// owns it; another key's job under it is refused with PERMISSION_DENIED naming
-/// `publish_as`, and that key neither sees nor cancels the first key's job (NOT_FOUND);
-/// a key marked `admin` in the keys file may publish under it.
-#[test]
-fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
-    use bd3lm_proto::auth::Bearer;
+/// The API keys of [`Keyed`], the last an administrator's.
+const KEYS: [&str; 3] = [
+    "key-alpha-0123456789",
+    "key-beta-9876543210",
+    "key-admin-000000000",
+];
 
-    let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
-    let data = shards(root);
-    let redis = Redis::start(root);
-    let keys = root.join("api-keys");
-    let [alpha, beta, admin] = [
-        "key-alpha-0123456789",
-        "key-beta-9876543210",
-        "key-admin-000000000",
-    ];
-    std::fs::write(&keys, format!("{alpha}\n{beta}\n{admin} admin\n")).unwrap();
-    let keys = keys.display().to_string();
-    let (_coordinator, addr) = start_coordinator(
-        root,
-        &[],
-        &redis.flags(),
-        "affinity",
-        &["--api-keys", &keys],
-    );
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(async {
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let client = |key: &str| {
-            TrainingClient::with_interceptor(channel.clone(), Bearer::new(Some(key)).unwrap())
-        };
-        let spec = || JobSpec {
-            data: data.display().to_string(),
+/// A coordinator taking [`KEYS`] on its own Redis, no worker or trainer: jobs stay queued.
+struct Keyed {
+    _redis: Redis,
+    _coordinator: Proc,
+    addr: String,
+    data: PathBuf,
+}
+
+impl Keyed {
+    fn start(root: &Path, extra: &[&str]) -> Self {
+        let data = shards(root);
+        let redis = Redis::start(root);
+        let keys = root.join("api-keys");
+        let [alpha, beta, admin] = KEYS;
+        std::fs::write(&keys, format!("{alpha}\n{beta}\n{admin} admin\n")).unwrap();
+        let keys = keys.display().to_string();
+        let flags = [&["--api-keys", keys.as_str()][..], extra].concat();
+        let (coordinator, addr) = start_coordinator(root, &[], &redis.flags(), "affinity", &flags);
+        Self {
+            _redis: redis,
+            _coordinator: coordinator,
+            addr,
+            data,
+        }
+    }
+
+    async fn channel(&self) -> Channel {
+        let endpoint = Channel::from_shared(format!("http://{}", self.addr)).unwrap();
+        endpoint.connect().await.unwrap()
+    }
+
+    /// A small job on the shards, published as `name`.
+    fn spec(&self, name: &str) -> JobSpec {
+        JobSpec {
+            data: self.data.display().to_string(),
             init: Some(Init::Shape(ModelShape {
                 hidden_dim: 64,
                 n_heads: 4,
@@ -658,9 +661,76 @@ fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
                 cond_dim: 32,
             })),
             steps: 10,
-            publish_as: "team-a".into(),
+            publish_as: name.into(),
             ..Default::default()
-        };
+        }
+    }
+}
+
+type KeyedClient = TrainingClient<
+    tonic::service::interceptor::InterceptedService<Channel, bd3lm_proto::auth::Bearer>,
+>;
+
+fn keyed_client(channel: &Channel, key: &str) -> KeyedClient {
+    let bearer = bd3lm_proto::auth::Bearer::new(Some(key)).unwrap();
+    TrainingClient::with_interceptor(channel.clone(), bearer)
+}
+
+/// WatchJob streams are bounded per API key: beyond `--max-watches-per-key` a watch is
+/// RESOURCE_EXHAUSTED, another key is not held to the first's count, and a closed watch
+/// gives its place back.
+#[test]
+fn job_watches_are_bounded_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = Keyed::start(dir.path(), &["--max-watches-per-key", "2"]);
+    let [alpha, beta, _] = KEYS;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let (mut a, mut b) = (keyed_client(&channel, alpha), keyed_client(&channel, beta));
+        let ours = a
+            .submit_job(keyed.spec("watched"))
+            .await
+            .unwrap()
+            .into_inner();
+        let theirs = b
+            .submit_job(keyed.spec("theirs"))
+            .await
+            .unwrap()
+            .into_inner();
+        let watch = |id: &str| GetJobRequest { job_id: id.into() };
+        let first = a.watch_job(watch(&ours.job_id)).await.unwrap();
+        let _second = a.watch_job(watch(&ours.job_id)).await.unwrap();
+        let refused = a.watch_job(watch(&ours.job_id)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+        assert!(refused.message().starts_with("job_id:"), "{refused}");
+        b.watch_job(watch(&theirs.job_id)).await.unwrap();
+        drop(first);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.watch_job(watch(&ours.job_id)).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "a closed watch gave its place back"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Model names belong to API keys: the first key to submit a job publishing under a name
+/// owns it; another key's job under it is refused with PERMISSION_DENIED naming
+/// `publish_as`, and that key neither sees nor cancels the first key's job (NOT_FOUND);
+/// a key marked `admin` in the keys file may publish under it.
+#[test]
+fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = Keyed::start(dir.path(), &[]);
+    let [alpha, beta, admin] = KEYS;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let client = |key: &str| keyed_client(&channel, key);
+        let spec = || keyed.spec("team-a");
         let theirs = client(alpha).submit_job(spec()).await.unwrap().into_inner();
         let refused = client(beta).submit_job(spec()).await.unwrap_err();
         assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");

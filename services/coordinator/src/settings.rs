@@ -142,6 +142,11 @@ pub struct CoordinatorSettings {
     /// path is accepted.
     #[arg(long, env = "BD3LM_TRAINING_DATA_ROOT", value_name = "DIR")]
     pub training_data_root: Option<PathBuf>,
+    /// WatchJob streams one API key (or the open API) may hold open at once; beyond it a
+    /// watch is refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "BD3LM_MAX_WATCHES_PER_KEY", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_watches_per_key: u64,
     /// tokenizer.json for text prompts; without it prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -188,6 +193,7 @@ impl Default for CoordinatorSettings {
             api_keys: None,
             reflection: true,
             training_data_root: None,
+            max_watches_per_key: 16,
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),
         }

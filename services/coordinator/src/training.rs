@@ -4,7 +4,9 @@
 //! them, as sessions do; a model name to the key that first submitted a job publishing
 //! under it (or an administrator's key); the registry is readable by every key.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bd3lm_jobs::job::MAX_LIST;
@@ -29,6 +31,27 @@ pub struct TrainingService {
     jobs: Jobs,
     registry: Registry,
     data_root: Option<PathBuf>,
+    /// Open WatchJob streams by API key ("" on an open API), and the most one may hold.
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+    max_watches: usize,
+}
+
+/// One open watch, counted against its key until dropped.
+struct Watching {
+    watches: Arc<Mutex<HashMap<String, usize>>>,
+    key: String,
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(open) = watches.get_mut(&self.key) {
+            *open -= 1;
+            if *open == 0 {
+                watches.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl TrainingService {
@@ -38,11 +61,42 @@ impl TrainingService {
             jobs: Jobs::new(store.clone()),
             registry: Registry::records(store),
             data_root,
+            watches: Arc::default(),
+            max_watches: 16,
         }
     }
 
+    /// At most `max` WatchJob streams open per API key.
+    pub fn with_max_watches(mut self, max: usize) -> Self {
+        self.max_watches = max;
+        self
+    }
+
+    /// Counts a watch for `key`, or refuses it at the limit.
+    fn open_watch(&self, key: Option<&str>) -> Result<Watching, Status> {
+        let key = key.unwrap_or_default().to_string();
+        let mut watches = self.watches.lock().unwrap_or_else(|e| e.into_inner());
+        let open = watches.entry(key.clone()).or_default();
+        if *open >= self.max_watches {
+            bd3lm_telemetry::metrics::refused("job_watches");
+            return Err(Status::resource_exhausted(format!(
+                "job_id: this API key has {open} job watches open, its limit; close one"
+            )));
+        }
+        *open += 1;
+        Ok(Watching {
+            watches: self.watches.clone(),
+            key,
+        })
+    }
+
     /// Streams job `id` until it ends or the client goes away.
-    async fn watch(jobs: Jobs, id: String, tx: mpsc::Sender<Result<wire::Job, Status>>) {
+    async fn watch(
+        jobs: Jobs,
+        id: String,
+        tx: mpsc::Sender<Result<wire::Job, Status>>,
+        _watching: Watching,
+    ) {
         let mut seen = 0;
         loop {
             let job = match jobs.get(&id).await {
@@ -144,8 +198,10 @@ impl Training for TrainingService {
             let owner = caller(&request);
             let id = request.into_inner().job_id;
             self.jobs.get_owned(&id, owner.as_deref()).await?;
+            let watching = self.open_watch(owner.as_deref())?;
             let (tx, rx) = mpsc::channel(4);
-            tokio::spawn(Self::watch(self.jobs.clone(), id, tx).in_current_span());
+            let watch = Self::watch(self.jobs.clone(), id, tx, watching);
+            tokio::spawn(watch.in_current_span());
             Ok(Response::new(ReceiverStream::new(rx)))
         })
     }
