@@ -676,6 +676,41 @@ fn keyed_client(channel: &Channel, key: &str) -> KeyedClient {
     TrainingClient::with_interceptor(channel.clone(), bearer)
 }
 
+/// Jobs are bounded: a spec past a bound is INVALID_ARGUMENT naming the field and the
+/// limit, and a key with its limit of jobs queued or running is refused another
+/// (RESOURCE_EXHAUSTED) while another key is not.
+#[test]
+fn jobs_are_bounded_and_counted_per_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--max-job-steps", "8", "--max-jobs-per-key", "1"];
+    let keyed = Keyed::start(dir.path(), &flags);
+    let [alpha, beta, _] = KEYS;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let (mut a, mut b) = (keyed_client(&channel, alpha), keyed_client(&channel, beta));
+        let long = a.submit_job(keyed.spec("bounded")).await.unwrap_err();
+        assert_eq!(long.code(), Code::InvalidArgument, "{long}");
+        assert!(
+            long.message().starts_with("steps:") && long.message().contains("limit of 8"),
+            "{long}"
+        );
+        let short = || JobSpec {
+            steps: 8,
+            ..keyed.spec("bounded")
+        };
+        a.submit_job(short()).await.unwrap();
+        let second = a.submit_job(short()).await.unwrap_err();
+        assert_eq!(second.code(), Code::ResourceExhausted, "{second}");
+        b.submit_job(JobSpec {
+            publish_as: "beta".into(),
+            ..short()
+        })
+        .await
+        .unwrap();
+    });
+}
+
 /// WatchJob streams are bounded per API key: beyond `--max-watches-per-key` a watch is
 /// RESOURCE_EXHAUSTED, another key is not held to the first's count, and a closed watch
 /// gives its place back.

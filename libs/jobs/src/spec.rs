@@ -46,6 +46,104 @@ pub struct JobSpec {
     pub publish_each_save: bool,
 }
 
+/// What a deployment lets one job ask for (the coordinator's `--max-job-*` flags). A job
+/// beyond a bound is refused at submission, INVALID_ARGUMENT naming the field and the
+/// limit, and counted in `bd3lm_limit_refusals_total{limit="job_<field>"}`. The
+/// defaults fit a shared cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobBounds {
+    /// Most parameters of the network (estimated from its shape).
+    pub max_params: u64,
+    /// Most training steps.
+    pub max_steps: u64,
+    /// Most rows one step trains on: batch size x accumulation x world size.
+    pub max_rows_per_step: u64,
+    /// Most data-parallel ranks.
+    pub max_world_size: u32,
+    /// Most saves (resume states written) over the run.
+    pub max_saves: u64,
+    /// Most versions one job publishes (with `publish_each_save`, one per save).
+    pub max_published: u64,
+}
+
+impl Default for JobBounds {
+    fn default() -> Self {
+        Self {
+            max_params: 2_000_000_000,
+            max_steps: 2_000_000,
+            max_rows_per_step: 4096,
+            max_world_size: 8,
+            max_saves: 100_000,
+            max_published: 20,
+        }
+    }
+}
+
+impl JobBounds {
+    /// Checks a validated `spec` whose network is `config` against the bounds.
+    fn check(&self, spec: &JobSpec, config: &Config) -> Result<()> {
+        let r = &spec.recipe;
+        let saves = r.steps.div_ceil(r.save_every);
+        let published = if spec.publish_each_save { saves } else { 1 };
+        let rows = (r.batch_size * r.accumulate) as u64 * u64::from(r.world_size);
+        let checks = [
+            (
+                "shape",
+                estimated_params(config),
+                self.max_params,
+                "parameters",
+            ),
+            ("steps", r.steps, self.max_steps, "steps"),
+            (
+                "batch_size",
+                rows,
+                self.max_rows_per_step,
+                "rows per step (batch size x accumulate x world size)",
+            ),
+            (
+                "world_size",
+                u64::from(r.world_size),
+                u64::from(self.max_world_size),
+                "ranks",
+            ),
+            ("save_every", saves, self.max_saves, "saves"),
+            (
+                "publish_each_save",
+                published,
+                self.max_published,
+                "published versions",
+            ),
+        ];
+        for (field, found, limit, what) in checks {
+            if found > limit {
+                refused_by(field);
+                return Err(Error::invalid(
+                    field,
+                    format!("the job asks for {found} {what}, over this server's limit of {limit}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts a job refused by bound `field`.
+fn refused_by(field: &'static str) {
+    metrics::counter!("bd3lm_limit_refusals_total", "limit" => format!("job_{field}")).increment(1);
+}
+
+/// The parameters of `config`'s network, estimated from its shape: the token embedding
+/// and output layer, and per block attention, the MLP (4x) and the adaLN modulation.
+pub fn estimated_params(config: &Config) -> u64 {
+    let (d, v, c) = (
+        config.hidden_dim as u64,
+        config.vocab_size as u64,
+        config.cond_dim as u64,
+    );
+    let per_block = 12 * d * d + 6 * d * c;
+    (2 * v * d).saturating_add((config.n_blocks as u64).saturating_mul(per_block))
+}
+
 /// Largest rows per micro-batch and micro-batches per step a job may ask for.
 const MAX_BATCH: u32 = 4096;
 
@@ -81,6 +179,16 @@ impl JobSpec {
         data_root: Option<&Path>,
         registry: &Registry,
     ) -> Result<Self> {
+        Self::validate_within(spec, data_root, registry, &JobBounds::default()).await
+    }
+
+    /// [`JobSpec::validate`] against `bounds`.
+    pub async fn validate_within(
+        spec: wire::JobSpec,
+        data_root: Option<&Path>,
+        registry: &Registry,
+        bounds: &JobBounds,
+    ) -> Result<Self> {
         let data = resolve_data(&spec.data, data_root)?;
         let index = ShardIndex::open(&data).map_err(|e| {
             tracing::debug!(error = %e, "a job's data did not open");
@@ -96,14 +204,16 @@ impl JobSpec {
         check_name("publish_as", &spec.publish_as)?;
         check_successor(&spec.publish_as, &config, registry).await?;
         let recipe = recipe(&spec)?;
-        Ok(Self {
+        let valid = Self {
             data,
             init,
             block_size: config.block_size,
             recipe,
             publish_as: spec.publish_as,
             publish_each_save: spec.publish_each_save,
-        })
+        };
+        bounds.check(&valid, &config)?;
+        Ok(valid)
     }
 
     /// The specification as the API shows it.
@@ -520,6 +630,59 @@ pub(crate) mod tests {
             },
             "latest resolved"
         );
+    }
+
+    /// Each bound refuses a job past it, naming the field and the limit; a job within
+    /// every bound passes.
+    #[tokio::test]
+    async fn each_bound_refuses_a_job_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
+        let registry = Registry::records(JobStore::memory(StoreConfig::default()));
+        let roomy = JobBounds::default();
+        type Change = Box<dyn Fn(&mut wire::JobSpec, &mut JobBounds)>;
+        let cases: Vec<(&str, Change)> = vec![
+            ("shape", Box::new(|_, b| b.max_params = 1_000)),
+            ("steps", Box::new(|_, b| b.max_steps = 10)),
+            ("batch_size", Box::new(|_, b| b.max_rows_per_step = 4)),
+            (
+                "world_size",
+                Box::new(|s, b| {
+                    s.world_size = Some(2);
+                    b.max_world_size = 1;
+                }),
+            ),
+            (
+                "save_every",
+                Box::new(|s, b| {
+                    s.save_every = Some(10);
+                    b.max_saves = 2;
+                }),
+            ),
+            (
+                "publish_each_save",
+                Box::new(|s, b| {
+                    s.publish_each_save = true;
+                    s.save_every = Some(10);
+                    b.max_published = 1;
+                }),
+            ),
+        ];
+        for (field, change) in cases {
+            let (mut bad, mut bounds) = (spec(&data), roomy);
+            change(&mut bad, &mut bounds);
+            let err = JobSpec::validate_within(bad, None, &registry, &bounds)
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, Error::Invalid { field: f, .. } if *f == field),
+                "expected {field}, got {err}"
+            );
+            assert!(err.to_string().contains("limit of"), "{err}");
+        }
+        JobSpec::validate_within(spec(&data), None, &registry, &roomy)
+            .await
+            .unwrap();
     }
 
     /// A data path that does not exist, one outside the data root and a directory without

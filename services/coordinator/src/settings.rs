@@ -7,6 +7,8 @@ use std::time::Duration;
 use bd3lm_telemetry::cli::positive_secs;
 
 use crate::dispatch::RetryPolicy;
+use bd3lm_jobs::spec::JobBounds;
+
 use crate::lease::LeaseTerms;
 use crate::validation::Limits;
 
@@ -142,6 +144,9 @@ pub struct CoordinatorSettings {
     /// path is accepted.
     #[arg(long, env = "BD3LM_TRAINING_DATA_ROOT", value_name = "DIR")]
     pub training_data_root: Option<PathBuf>,
+    /// What one training job may ask for, and how many one key may have.
+    #[command(flatten)]
+    pub jobs: JobLimits,
     /// WatchJob streams one API key (or the open API) may hold open at once; beyond it a
     /// watch is refused with RESOURCE_EXHAUSTED.
     #[arg(long, env = "BD3LM_MAX_WATCHES_PER_KEY", default_value_t = 16,
@@ -194,6 +199,7 @@ impl Default for CoordinatorSettings {
             reflection: true,
             training_data_root: None,
             max_watches_per_key: 16,
+            jobs: JobLimits::default(),
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),
         }
@@ -219,6 +225,65 @@ mod tests {
         for bad in ["0", "-1", "nan"] {
             assert!(Cli::try_parse_from(["c", "--health-interval-secs", bad]).is_err());
             assert!(Cli::try_parse_from(["c", "--block-timeout-secs", bad]).is_err());
+        }
+    }
+}
+
+/// The training service's limits on jobs (see [`JobBounds`]); each refusal names its
+/// field and limit.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct JobLimits {
+    /// Most parameters of a job's network (estimated from its shape).
+    #[arg(long, env = "BD3LM_MAX_JOB_PARAMS", default_value_t = JobBounds::default().max_params)]
+    pub max_job_params: u64,
+    /// Most training steps of a job.
+    #[arg(long, env = "BD3LM_MAX_JOB_STEPS", default_value_t = JobBounds::default().max_steps)]
+    pub max_job_steps: u64,
+    /// Most rows one step of a job trains on (batch size x accumulate x world size).
+    #[arg(long, env = "BD3LM_MAX_JOB_ROWS_PER_STEP",
+          default_value_t = JobBounds::default().max_rows_per_step)]
+    pub max_job_rows_per_step: u64,
+    /// Most data-parallel ranks of a job (at most the trainers' devices).
+    #[arg(long, env = "BD3LM_MAX_JOB_WORLD_SIZE",
+          default_value_t = JobBounds::default().max_world_size)]
+    pub max_job_world_size: u32,
+    /// Most saves over a job's run.
+    #[arg(long, env = "BD3LM_MAX_JOB_SAVES", default_value_t = JobBounds::default().max_saves)]
+    pub max_job_saves: u64,
+    /// Most versions one job publishes.
+    #[arg(long, env = "BD3LM_MAX_JOB_PUBLISHED",
+          default_value_t = JobBounds::default().max_published)]
+    pub max_job_published: u64,
+    /// Jobs one API key may have queued or running at once.
+    #[arg(long, env = "BD3LM_MAX_JOBS_PER_KEY", default_value_t = 4)]
+    pub max_jobs_per_key: usize,
+}
+
+impl JobLimits {
+    /// The bounds of one job.
+    pub fn bounds(&self) -> JobBounds {
+        JobBounds {
+            max_params: self.max_job_params,
+            max_steps: self.max_job_steps,
+            max_rows_per_step: self.max_job_rows_per_step,
+            max_world_size: self.max_job_world_size,
+            max_saves: self.max_job_saves,
+            max_published: self.max_job_published,
+        }
+    }
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        let b = JobBounds::default();
+        Self {
+            max_job_params: b.max_params,
+            max_job_steps: b.max_steps,
+            max_job_rows_per_step: b.max_rows_per_step,
+            max_job_world_size: b.max_world_size,
+            max_job_saves: b.max_saves,
+            max_job_published: b.max_published,
+            max_jobs_per_key: 4,
         }
     }
 }

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::service::{RequestId, caller};
+use crate::settings::JobLimits;
 
 /// How often WatchJob reads the job for changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -34,6 +35,7 @@ pub struct TrainingService {
     /// Open WatchJob streams by API key ("" on an open API), and the most one may hold.
     watches: Arc<Mutex<HashMap<String, usize>>>,
     max_watches: usize,
+    limits: JobLimits,
 }
 
 /// One open watch, counted against its key until dropped.
@@ -63,7 +65,28 @@ impl TrainingService {
             data_root,
             watches: Arc::default(),
             max_watches: 16,
+            limits: JobLimits::default(),
         }
+    }
+
+    /// Jobs held to `limits`.
+    pub fn with_job_limits(mut self, limits: JobLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Refuses a new job of `owner` when it has its limit of jobs queued or running.
+    async fn check_jobs_of(&self, owner: &str) -> Result<(), Status> {
+        let limit = self.limits.max_jobs_per_key;
+        let listed = self.jobs.list(MAX_LIST, Some(owner)).await?;
+        let open = listed.iter().filter(|j| !j.state.is_terminal()).count();
+        if open >= limit {
+            bd3lm_telemetry::metrics::refused("jobs_per_key");
+            return Err(Status::resource_exhausted(format!(
+                "this API key has {open} jobs queued or running, its limit of {limit}; cancel one or wait"
+            )));
+        }
+        Ok(())
     }
 
     /// At most `max` WatchJob streams open per API key.
@@ -144,7 +167,13 @@ impl Training for TrainingService {
             let who = request.extensions().get::<Caller>().cloned();
             let owner = caller(&request);
             let root = self.data_root.as_deref();
-            let spec = JobSpec::validate(request.into_inner(), root, &self.registry).await?;
+            let bounds = self.limits.bounds();
+            let spec =
+                JobSpec::validate_within(request.into_inner(), root, &self.registry, &bounds)
+                    .await?;
+            if let Some(key) = &owner {
+                self.check_jobs_of(key).await?;
+            }
             // A model name is its first key's to publish under (an open API has no keys).
             if let Some(Caller {
                 key_id: Some(key),
