@@ -711,6 +711,32 @@ fn jobs_are_bounded_and_counted_per_key() {
     });
 }
 
+/// An ended job's record is deleted once `--job-retention-secs` has passed; a queued one
+/// stays.
+#[test]
+fn ended_jobs_are_deleted_after_their_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = Keyed::start(dir.path(), &["--job-retention-secs", "0.5"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let mut a = keyed_client(&channel, KEYS[0]);
+        let ended = a.submit_job(keyed.spec("kept")).await.unwrap().into_inner();
+        let queued = a.submit_job(keyed.spec("kept")).await.unwrap().into_inner();
+        let cancel = CancelJobRequest {
+            job_id: ended.job_id.clone(),
+        };
+        a.cancel_job(cancel).await.unwrap();
+        let get = |id: &str| GetJobRequest { job_id: id.into() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.get_job(get(&ended.job_id)).await.is_ok() {
+            assert!(Instant::now() < deadline, "the ended job was never deleted");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        a.get_job(get(&queued.job_id)).await.unwrap();
+    });
+}
+
 /// WatchJob streams are bounded per API key: beyond `--max-watches-per-key` a watch is
 /// RESOURCE_EXHAUSTED, another key is not held to the first's count, and a closed watch
 /// gives its place back.

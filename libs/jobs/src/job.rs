@@ -150,6 +150,9 @@ pub struct Jobs {
 /// Most jobs one listing returns.
 pub const MAX_LIST: usize = 1000;
 
+/// Jobs read per page of a retention sweep.
+const SWEEP_PAGE: usize = 256;
+
 impl Jobs {
     /// The jobs of `store`.
     pub fn new(store: JobStore) -> Self {
@@ -284,6 +287,37 @@ impl Jobs {
         }
     }
 
+    /// Deletes the records of jobs that ended more than `retention` ago, oldest first;
+    /// how many. A job submitted within `retention` cannot have ended before it, so the
+    /// sweep stops at the first one.
+    pub async fn sweep_ended(&self, retention: Duration) -> Result<usize> {
+        let horizon = now_ms().saturating_sub(retention.as_millis() as u64);
+        let (mut kept, mut deleted) = (0, 0);
+        loop {
+            // Deleted records leave the index: the next page starts after the kept ones.
+            let page = self.store.oldest_jobs(kept, SWEEP_PAGE).await?;
+            let read = page.len();
+            for stored in page {
+                let Ok(job) = Job::decode(stored) else {
+                    kept += 1;
+                    continue;
+                };
+                if job.submitted_ms > horizon {
+                    return Ok(deleted);
+                }
+                let expired = job.state.is_terminal() && job.updated_ms <= horizon;
+                if expired && self.store.delete_job(&job.id, job.revision).await? {
+                    deleted += 1;
+                } else {
+                    kept += 1;
+                }
+            }
+            if read < SWEEP_PAGE {
+                return Ok(deleted);
+            }
+        }
+    }
+
     /// Takes the next job for trainer `trainer` (see [`JobStore::claim_job`]).
     pub async fn claim(&self, trainer: &str, lease: Duration) -> Result<Option<JobClaim>> {
         Ok(self.store.claim_job(trainer, lease).await?)
@@ -362,6 +396,37 @@ mod tests {
         assert!(jobs.list(10, None).await.unwrap().is_empty());
         let gone = jobs.get_owned(&job.id, Some("key-a")).await.unwrap_err();
         assert_eq!(tonic::Status::from(gone).code(), tonic::Code::NotFound);
+    }
+
+    /// A retention sweep deletes the jobs that ended before the retention, and keeps
+    /// those still queued or running and those that ended within it.
+    #[tokio::test]
+    async fn a_retention_sweep_deletes_only_jobs_ended_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = Jobs::new(JobStore::memory(StoreConfig::default()));
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            ids.push(submitted(&jobs, dir.path()).await.id);
+        }
+        jobs.cancel(&ids[0], None).await.unwrap();
+        jobs.cancel(&ids[2], None).await.unwrap();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(
+            jobs.sweep_ended(hour).await.unwrap(),
+            0,
+            "they ended just now"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let swept = jobs.sweep_ended(Duration::from_millis(10)).await.unwrap();
+        assert_eq!(swept, 2);
+        let left: Vec<String> = jobs
+            .list(10, None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect();
+        assert_eq!(left, vec![ids[1].clone()], "the queued one stays");
     }
 
     /// Job records mutated at random decode or fail to, never panic.

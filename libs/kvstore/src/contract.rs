@@ -221,6 +221,13 @@ pub async fn check_jobs(store: JobStore) {
     assert!(store.touch_job(&woken, "d").await.unwrap());
     store.finish_job(&woken).await.unwrap();
 
+    // Oldest first, by pages.
+    let oldest = store.oldest_jobs(0, 1).await.unwrap();
+    assert_eq!(oldest.len(), 1);
+    let second = store.oldest_jobs(1, 10).await.unwrap();
+    assert!(second.iter().all(|j| j.body != oldest[0].body));
+    assert_eq!(second.len() + 1, store.list_jobs(100).await.unwrap().len());
+
     // A job record is deleted at the revision read, and leaves the listing.
     let j3 = store.get_job("j3").await.unwrap().unwrap();
     assert!(

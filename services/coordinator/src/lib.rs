@@ -151,6 +151,7 @@ pub async fn serve(
     let training = TrainingService::new(stores.jobs, settings.training_data_root.clone())
         .with_max_watches(settings.max_watches_per_key as usize)
         .with_job_limits(settings.jobs.clone());
+    training.spawn_retention();
     let coordinator = Coordinator::new(pool, stores.sessions, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
     let training = TrainingServer::new(training);

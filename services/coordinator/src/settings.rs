@@ -257,6 +257,10 @@ pub struct JobLimits {
     /// Jobs one API key may have queued or running at once.
     #[arg(long, env = "BD3LM_MAX_JOBS_PER_KEY", default_value_t = 4)]
     pub max_jobs_per_key: usize,
+    /// Seconds an ended job's record is kept; older ones are deleted (default 30 days).
+    #[arg(long = "job-retention-secs", env = "BD3LM_JOB_RETENTION_SECS", value_name = "SECS",
+          default_value = "2592000", value_parser = positive_secs)]
+    pub job_retention: Duration,
 }
 
 impl JobLimits {
@@ -284,6 +288,7 @@ impl Default for JobLimits {
             max_job_saves: b.max_saves,
             max_job_published: b.max_published,
             max_jobs_per_key: 4,
+            job_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

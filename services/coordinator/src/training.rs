@@ -75,6 +75,26 @@ impl TrainingService {
         self
     }
 
+    /// Deletes the records of jobs that ended more than the retention ago, every tenth of
+    /// it (at most hourly), for as long as the process runs. Concurrent sweeps of several
+    /// coordinators are harmless: each deletion is at the revision read.
+    pub fn spawn_retention(&self) {
+        let (jobs, retention) = (self.jobs.clone(), self.limits.job_retention);
+        let every = (retention / 10).min(Duration::from_secs(3600));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                match jobs.sweep_ended(retention).await {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::info!(deleted, "ended jobs past their retention deleted")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "sweeping ended jobs failed"),
+                }
+            }
+        });
+    }
+
     /// Refuses a new job of `owner` when it has its limit of jobs queued or running.
     async fn check_jobs_of(&self, owner: &str) -> Result<(), Status> {
         let limit = self.limits.max_jobs_per_key;

@@ -112,9 +112,16 @@ impl Jobs {
         true
     }
 
-    pub(super) fn newest(&self, limit: usize) -> Vec<Revised> {
-        let newest = self.order.iter().rev().take(limit);
-        newest.filter_map(|id| self.get(id)).collect()
+    pub(super) fn page(&self, from: usize, limit: usize, newest_first: bool) -> Vec<Revised> {
+        let ids: Box<dyn Iterator<Item = &String>> = if newest_first {
+            Box::new(self.order.iter().rev())
+        } else {
+            Box::new(self.order.iter())
+        };
+        ids.skip(from)
+            .take(limit)
+            .filter_map(|id| self.get(id))
+            .collect()
     }
 
     pub(super) fn update(&mut self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {

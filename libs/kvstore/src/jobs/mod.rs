@@ -139,8 +139,17 @@ impl JobStore {
     /// The most recently submitted `limit` job records, newest first.
     pub async fn list_jobs(&self, limit: usize) -> Result<Vec<Revised>> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.lock().newest(limit)),
-            Backend::Redis(r) => r.list_jobs(&self.keys, limit).await,
+            Backend::Memory(m) => Ok(m.lock().page(0, limit, true)),
+            Backend::Redis(r) => r.list_jobs(&self.keys, (0, limit), true).await,
+        }
+    }
+
+    /// `limit` job records from place `from` in submission order, oldest first (one
+    /// deleted meanwhile is left out).
+    pub async fn oldest_jobs(&self, from: usize, limit: usize) -> Result<Vec<Revised>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().page(from, limit, false)),
+            Backend::Redis(r) => r.list_jobs(&self.keys, (from, limit), false).await,
         }
     }
 

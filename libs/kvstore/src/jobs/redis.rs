@@ -107,16 +107,29 @@ impl RedisJobs {
             .map(|(revision, body)| Revised { revision, body }))
     }
 
-    pub(super) async fn list_jobs(&self, keys: &JobKeys, limit: usize) -> Result<Vec<Revised>> {
+    /// `limit` job records from place `from` of the index, newest first or oldest first.
+    pub(super) async fn list_jobs(
+        &self,
+        keys: &JobKeys,
+        (from, limit): (usize, usize),
+        newest_first: bool,
+    ) -> Result<Vec<Revised>> {
         if limit == 0 {
             return Ok(Vec::new());
         }
         let index = keys.index();
+        let (start, stop) = (from as isize, (from + limit) as isize - 1);
         let ids: Vec<String> = self
             .redis
             .retried("list_jobs", |mut con| {
                 let index = &index;
-                async move { con.zrevrange(index, 0, limit as isize - 1).await }
+                async move {
+                    if newest_first {
+                        con.zrevrange(index, start, stop).await
+                    } else {
+                        con.zrange(index, start, stop).await
+                    }
+                }
             })
             .await?;
         if ids.is_empty() {
