@@ -18,7 +18,9 @@
 * hardening: every emptyDir has a sizeLimit, every container (init containers too)
   requests ephemeral storage, every long-running container has a liveness probe, no
   container takes a password on its command line, and no Service that leaves the
-  cluster (LoadBalancer, NodePort) carries a metrics port.
+  cluster (LoadBalancer, NodePort) carries a metrics port;
+* with NetworkPolicies: every coordinator, worker and trainer pod has its egress limited
+  and may reach DNS, and the coordinators' egress reaches the workers' gRPC port.
 
 --self-test breaks the render in one place per rule and fails unless each break is
 found, so that the checks cannot pass vacuously.
@@ -308,6 +310,39 @@ def check_hardening(docs, faults):
             faults.append(f"Service {name}: metrics on a Service that leaves the cluster")
 
 
+def allows_port(rule, port):
+    return any(p.get("port") == port for p in rule.get("ports", []))
+
+
+def check_egress(docs, faults):
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    if not policies:
+        return
+    for workload, template in pods(docs):
+        labels = template["metadata"].get("labels", {})
+        component = labels.get("app.kubernetes.io/component")
+        if workload.get("kind") not in WORKLOADS or component not in ("coordinator", "worker", "trainer"):
+            continue
+        where = workload["metadata"]["name"]
+        limiting = [p for p in policies if "Egress" in p["spec"].get("policyTypes", []) and selects(p["spec"]["podSelector"].get("matchLabels"), labels)]
+        if not limiting:
+            faults.append(f"{where}: no NetworkPolicy limits its egress")
+            continue
+        rules = [r for p in limiting for r in p["spec"].get("egress") or []]
+        if not any(allows_port(r, 53) for r in rules):
+            faults.append(f"{where}: its egress does not reach DNS")
+        if component == "coordinator":
+            to_workers = [
+                r for r in rules
+                if allows_port(r, 50061) and any(
+                    (peer.get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "worker"
+                    for peer in r.get("to", [])
+                )
+            ]
+            if not to_workers:
+                faults.append(f"{where}: its egress does not reach the workers' gRPC port")
+
+
 def check(docs, provided):
     faults = []
     check_workers_dns(docs, faults)
@@ -318,6 +353,7 @@ def check(docs, provided):
     check_grace(docs, faults)
     check_training(docs, faults)
     check_hardening(docs, faults)
+    check_egress(docs, faults)
     return faults
 
 
@@ -389,7 +425,26 @@ def breaks(docs=()):
         service["spec"]["type"] = "LoadBalancer"
         del service["spec"]["clusterIP"]
 
-    return [
+    def no_dns(docs):
+        policy = first(docs, "NetworkPolicy", "worker")
+        policy["spec"]["egress"] = [r for r in policy["spec"]["egress"] if not allows_port(r, 53)]
+
+    def no_worker_egress(docs):
+        policy = first(docs, "NetworkPolicy", "coordinator")
+        policy["spec"]["egress"] = [r for r in policy["spec"]["egress"] if not allows_port(r, 50061)]
+
+    def egress_open(docs):
+        policy = first(docs, "NetworkPolicy", "trainer") if any(
+            d.get("kind") == "NetworkPolicy" and "trainer" in d["metadata"]["name"] for d in docs
+        ) else first(docs, "NetworkPolicy", "worker")
+        policy["spec"]["policyTypes"] = ["Ingress"]
+
+    policies = any(d.get("kind") == "NetworkPolicy" for d in docs)
+    return ([
+        ("a pod's egress without DNS", no_dns),
+        ("coordinators without egress to the workers", no_worker_egress),
+        ("a pod with open egress", egress_open),
+    ] if policies else []) + [
         ("an emptyDir without a sizeLimit", unbounded_tmp),
         ("a container without an ephemeral-storage request", no_ephemeral_request),
         ("a container without a liveness probe", no_liveness),

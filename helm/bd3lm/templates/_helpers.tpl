@@ -235,3 +235,43 @@ readinessProbe:
   periodSeconds: 5
   failureThreshold: 2
 {{- end -}}
+
+{{/* Egress every pod of the release needs: DNS, Redis (the in-chart one, or the external
+peers and ports), the OTLP collector when traces are exported, and the extra rules. */}}
+{{- define "bd3lm.commonEgress" -}}
+{{- $np := .Values.networkPolicy -}}
+# DNS, wherever the cluster runs it (a pod, or a node-local cache).
+- ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- if .Values.redis.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "bd3lm.selector" (dict "root" . "component" "redis") | nindent 10 }}
+  ports:
+    - port: 6379
+{{- else }}
+- ports:
+    {{- range $np.egress.redisPorts }}
+    - port: {{ . }}
+    {{- end }}
+  {{- with $np.egress.redisTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- if .Values.telemetry.otlpEndpoint }}
+- ports:
+    {{- range $np.egress.otlpPorts }}
+    - port: {{ . }}
+    {{- end }}
+  {{- with $np.egress.otlpTo }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- with $np.egress.extra }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
