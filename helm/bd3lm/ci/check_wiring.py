@@ -18,7 +18,8 @@
 * hardening: every emptyDir has a sizeLimit, every container (init containers too)
   requests ephemeral storage, every long-running container has a liveness probe, no
   container takes a password on its command line, and no Service that leaves the
-  cluster (LoadBalancer, NodePort) carries a metrics port;
+  cluster (LoadBalancer, NodePort) carries a metrics port, and every pod reading a
+  Secret carries the checksum that restarts it when the Secret changes;
 * with NetworkPolicies: every coordinator, worker and trainer pod has its egress limited
   and may reach DNS, and the coordinators' egress reaches the workers' gRPC port.
 
@@ -299,6 +300,13 @@ def check_hardening(docs, faults):
             words = [str(w) for w in c.get("command", []) + c.get("args", [])]
             if any(w in ("--requirepass", "--masterauth") for w in words):
                 faults.append(f"{where}/{c['name']}: a password on the command line")
+        reads_secrets = any("secret" in v for v in spec.get("volumes", [])) or any(
+            "secretKeyRef" in (e.get("valueFrom") or {})
+            for c in spec["containers"] for e in c.get("env", [])
+        )
+        annotations = template["metadata"].get("annotations") or {}
+        if workload.get("kind") in WORKLOADS and reads_secrets and "checksum/secrets" not in annotations:
+            faults.append(f"{where}: reads Secrets but does not restart when they change")
         # A Job's or a test's pod runs to its end: no liveness to watch.
         long_running = workload.get("kind") in WORKLOADS
         for c in spec["containers"] if long_running else []:
@@ -403,6 +411,9 @@ def breaks(docs=()):
             if m["name"] == "training":
                 m["readOnly"] = True
 
+    def no_secret_checksum(docs):
+        del first(docs, "Deployment", "worker")["spec"]["template"]["metadata"]["annotations"]["checksum/secrets"]
+
     def unbounded_tmp(docs):
         for v in first(docs, "Deployment", "coordinator")["spec"]["template"]["spec"]["volumes"]:
             if v["name"] == "tmp":
@@ -446,6 +457,7 @@ def breaks(docs=()):
         ("a pod with open egress", egress_open),
     ] if policies else []) + [
         ("an emptyDir without a sizeLimit", unbounded_tmp),
+        ("a pod blind to its Secrets' changes", no_secret_checksum),
         ("a container without an ephemeral-storage request", no_ephemeral_request),
         ("a container without a liveness probe", no_liveness),
         ("a password on a command line", password_argument),

@@ -275,3 +275,10 @@ peers and ports), the OTLP collector when traces are exported, and the extra rul
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/* Pods restart when a Secret they read changes: the chart's own Secrets as rendered
+(kept across upgrades by lookup), and security.secretsRevision, which an operator bumps
+when Secrets it provides (existingSecret) change. */}}
+{{- define "bd3lm.secretsChecksum" -}}
+{{- printf "%s/%s" (include (print $.Template.BasePath "/secrets.yaml") .) .Values.security.secretsRevision | sha256sum -}}
+{{- end -}}
