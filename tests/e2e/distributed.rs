@@ -144,6 +144,26 @@ fn concurrent_streams_beyond_one_workers_capacity_all_finish() {
 #[test]
 fn blocks_on_alternating_workers_give_the_local_tokens_and_sessions_continue() {
     let cluster = Cluster::start(&checkpoint(), 2, "rotate");
+    // The cluster is ready once one worker is; on a loaded machine the other may still be
+    // loading its model, and the blocks could not alternate yet. Both are in the
+    // coordinator's rotation once a short generation's blocks reach both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut short = run_request();
+        short.max_new_tokens = 16;
+        let warm = cluster.generate_grpc(vec![short]).remove(0).unwrap();
+        let mut workers: Vec<&str> = warm.blocks.iter().map(|b| b.worker.as_str()).collect();
+        workers.sort_unstable();
+        workers.dedup();
+        if workers.len() == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a worker never joined the rotation"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let expected = local(&RUN);
     let remote = cluster.generate(&RUN);
     assert_eq!(remote.code, 0, "{}", remote.stderr);
