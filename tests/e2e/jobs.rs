@@ -123,6 +123,23 @@ fn trainer_with(dir: &Path, store: &[String], name: &str, extra: &[&str]) -> Pro
     spawn(&bin("bd3lm-trainer"), &args, dir, name)
 }
 
+/// Submits a job of [`SHAPE`] with the `run` flags on `data` with `bd3lm train --addr
+/// --detach`, published as `name`; its id.
+fn submit_detached(addr: &str, name: &str, data: &Path, run: &[&str]) -> String {
+    let mut submit = vec![
+        "train", "--addr", addr, "--detach", "--name", name, "--data",
+    ];
+    submit.push(data.to_str().unwrap());
+    submit.extend(SHAPE.iter().chain(run));
+    let out = bd3lm(&submit);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
 async fn training(addr: &str) -> TrainingClient<Channel> {
     TrainingClient::connect(format!("http://{addr}"))
         .await
@@ -268,18 +285,7 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
         trainer(root, &redis.flags(), "trainer-b"),
     ];
 
-    let mut submit = vec![
-        "train", "--addr", &addr, "--detach", "--name", "tiny", "--data",
-    ];
-    submit.push(data.to_str().unwrap());
-    submit.extend(SHAPE.iter().chain(&RUN));
-    let out = bd3lm(&submit);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = submit_detached(&addr, "tiny", &data, &RUN);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -420,19 +426,8 @@ fn a_job_on_a_redis_cluster_is_trained_published_and_served() {
     let worker = std::slice::from_ref(&worker_addr);
     let (_coordinator, addr) = start_coordinator(root, worker, &store, "affinity", &[]);
     let _trainer = trainer(root, &store, "trainer");
-    let mut submit = vec![
-        "train", "--addr", &addr, "--detach", "--name", "tiny", "--data",
-    ];
-    submit.push(data.to_str().unwrap());
-    submit.extend(SHAPE.iter().chain(&RUN[..RUN.len() - 2]));
-    submit.extend(["--steps", "30"]);
-    let out = bd3lm(&submit);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let run = [&RUN[..RUN.len() - 2], &["--steps", "30"]].concat();
+    let id = submit_detached(&addr, "tiny", &data, &run);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = training(&addr).await;
@@ -577,18 +572,7 @@ fn a_job_survives_a_rolling_restart_of_its_trainers() {
     let (_coordinator, addr) = start_coordinator(root, &[], &redis.flags(), "affinity", &[]);
     let flags = ["--job-lease-secs", "600", "--max-job-crashes", "0"];
     let mut current = trainer_with(root, &redis.flags(), "trainer-0", &flags);
-    let mut submit = vec![
-        "train", "--addr", &addr, "--detach", "--name", "rolled", "--data",
-    ];
-    submit.push(data.to_str().unwrap());
-    submit.extend(SHAPE.iter().chain(&RUN));
-    let out = bd3lm(&submit);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let id = submit_detached(&addr, "rolled", &data, &RUN);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let mut client = training(&addr).await;

@@ -42,6 +42,13 @@ pub use jobs::{JobClaim, JobStore, Revised};
 pub use record::SessionRecord;
 pub use sessions::{CommitOutcome, SessionStore};
 
+/// Milliseconds since the epoch on this process's clock.
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Settings common to both stores.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreConfig {

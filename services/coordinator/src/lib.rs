@@ -3,7 +3,8 @@
 //! One request goes through one module per job:
 //! [`validation`] (a valid request or one error naming the field) → [`plan`] (the
 //! session created or continued in the store) → [`stream`] (block after block, stop
-//! rules, decoding, streaming; the session's [`lease`] held throughout) → [`admission`] (a worker slot, first come first served)
+//! rules, decoding, streaming; the session's [`lease`] held throughout) → [`admission`] (a place among the admitted
+//! generations, then a worker slot per block, the API keys in turn)
 //! → [`dispatch`] (the worker holding the session's cache,
 //! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
 //! [`service`] is the gRPC surface and [`settings`] the flags. [`training`] serves the
@@ -148,9 +149,7 @@ pub async fn serve(
         .transpose()
         .context("building the reflection service")?;
     let max_request = settings.limits.max_request_bytes;
-    let training = TrainingService::new(stores.jobs, settings.training_data_root.clone())
-        .with_max_watches(settings.max_watches_per_key as usize)
-        .with_job_limits(settings.jobs.clone());
+    let training = TrainingService::new(stores.jobs, &settings);
     training.spawn_retention();
     let coordinator = Coordinator::new(pool, stores.sessions, settings);
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);

@@ -79,8 +79,9 @@ pub struct CoordinatorSettings {
     #[arg(long = "block-timeout-secs", env = "BD3LM_BLOCK_TIMEOUT_SECS", value_name = "SECS",
           default_value = "120", value_parser = positive_secs)]
     pub block_timeout: Duration,
-    /// Blocks that may wait for a worker slot; new requests beyond it are refused with
-    /// RESOURCE_EXHAUSTED (admitted generations always wait their turn).
+    /// Generations that may be admitted beyond the workers' slots (each waits for one);
+    /// new requests beyond it are refused with RESOURCE_EXHAUSTED (admitted generations
+    /// always wait their turn).
     #[arg(long, env = "BD3LM_MAX_QUEUE", default_value_t = 256)]
     pub max_queue: usize,
     /// Generations one API key may have running or queued at once; beyond it its new

@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::service::{RequestId, caller};
-use crate::settings::JobLimits;
+use crate::settings::{CoordinatorSettings, JobLimits};
 
 /// How often WatchJob reads the job for changes.
 const WATCH_INTERVAL: Duration = Duration::from_millis(250);
@@ -57,22 +57,17 @@ impl Drop for Watching {
 }
 
 impl TrainingService {
-    /// Jobs and registry records in `store`; job data must lie under `data_root` when set.
-    pub fn new(store: JobStore, data_root: Option<PathBuf>) -> Self {
+    /// Jobs and registry records in `store`, held to `settings`: job data under its
+    /// training data root (when set), its job limits and its watches per key.
+    pub fn new(store: JobStore, settings: &CoordinatorSettings) -> Self {
         Self {
             jobs: Jobs::new(store.clone()),
             registry: Registry::records(store),
-            data_root,
+            data_root: settings.training_data_root.clone(),
             watches: Arc::default(),
-            max_watches: 16,
-            limits: JobLimits::default(),
+            max_watches: settings.max_watches_per_key as usize,
+            limits: settings.jobs.clone(),
         }
-    }
-
-    /// Jobs held to `limits`.
-    pub fn with_job_limits(mut self, limits: JobLimits) -> Self {
-        self.limits = limits;
-        self
     }
 
     /// Deletes the records of jobs that ended more than the retention ago, every tenth of
@@ -107,12 +102,6 @@ impl TrainingService {
             )));
         }
         Ok(())
-    }
-
-    /// At most `max` WatchJob streams open per API key.
-    pub fn with_max_watches(mut self, max: usize) -> Self {
-        self.max_watches = max;
-        self
     }
 
     /// Counts a watch for `key`, or refuses it at the limit.
@@ -185,7 +174,7 @@ impl Training for TrainingService {
     ) -> Result<Response<wire::Job>, Status> {
         call!("SubmitJob", "submit_job", {
             let who = request.extensions().get::<Caller>().cloned();
-            let owner = caller(&request);
+            let owner = who.as_ref().and_then(|c| c.key_id.clone());
             let root = self.data_root.as_deref();
             let bounds = self.limits.bounds();
             let spec =

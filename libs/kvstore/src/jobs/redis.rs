@@ -2,11 +2,12 @@
 //! server-side script (in `scripts/`) over keys of one Cluster slot.
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::{AsyncCommands, Script};
 
 use super::{JobClaim, JobKeys, Revised};
+use crate::now_ms;
 use crate::{Error, RedisConnection, Result};
 
 /// The consumer group of the trainers.
@@ -24,12 +25,6 @@ static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static RECORD_VERSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/record_version.lua")));
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The jobs, queue and registry in Redis.
 #[derive(Clone)]

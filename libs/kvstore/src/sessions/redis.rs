@@ -7,14 +7,14 @@
 //! [`RedisSessions::sweep`] walks to delete the expired ones.
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use redis::{AsyncCommands, Script};
 
 use super::{Keys, Write, Written};
 use crate::connection::corrupt;
 use crate::record::encode_tokens;
-use crate::{Error, RedisConnection, Result, SessionRecord, StoreConfig, SyncReplicas};
+use crate::{Error, RedisConnection, Result, SessionRecord, StoreConfig, SyncReplicas, now_ms};
 
 /// KV blobs per MGET when reading a session's window (about 1 MB at the tiny shape, 4.7
 /// MB at the paper's small one).
@@ -44,13 +44,6 @@ pub(super) struct RedisSessions {
     /// The janitor's index: tombstones and leases, scored by when they expire (ms of
     /// this process's clock: only when to look; each key holds its own expiry).
     janitor: String,
-}
-
-/// Milliseconds since the epoch on this process's clock.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl RedisSessions {
