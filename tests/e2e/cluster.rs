@@ -512,9 +512,12 @@ pub fn start_coordinator(
     let [store_flag, store_value, settings @ ..] = store else {
         panic!("store flags begin with one flag and its value");
     };
+    // Training jobs' data lies under the test's directory.
+    let data_root = dir.display().to_string();
     let base = [
         ("--addr", addr.as_str()),
         ("--workers", &workers),
+        ("--training-data-root", &data_root),
         (store_flag.as_str(), store_value.as_str()),
         ("--routing", routing),
         ("--health-interval-secs", "0.2"),

@@ -11,9 +11,9 @@ use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_client::GenerationClient;
 use bd3lm_proto::v1::training_client::TrainingClient;
 use bd3lm_proto::v1::{
-    CancelJobRequest, DeleteJobRequest, GenerateRequest, GetJobRequest, GetSessionRequest,
-    InfoRequest, Job, JobSpec, JobState, LearningRate, ListModelsRequest, ModelRef, ModelShape,
-    TokenIds, job_spec::Init,
+    CancelJobRequest, DeleteJobRequest, GenerateRequest, GetJobRequest, GetModelRequest,
+    GetSessionRequest, InfoRequest, Job, JobSpec, JobState, LearningRate, ListModelsRequest,
+    ModelRef, ModelShape, ModelVersionRequest, TokenIds, job_spec::Init,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -605,7 +605,7 @@ const KEYS: [&str; 3] = [
 
 /// A coordinator taking [`KEYS`] on its own Redis, no worker or trainer: jobs stay queued.
 struct Keyed {
-    _redis: Redis,
+    redis: Redis,
     _coordinator: Proc,
     addr: String,
     data: PathBuf,
@@ -622,7 +622,7 @@ impl Keyed {
         let flags = [&["--api-keys", keys.as_str()][..], extra].concat();
         let (coordinator, addr) = start_coordinator(root, &[], &redis.flags(), "affinity", &flags);
         Self {
-            _redis: redis,
+            redis,
             _coordinator: coordinator,
             addr,
             data,
@@ -817,5 +817,102 @@ fn a_model_name_belongs_to_the_key_that_first_claimed_it() {
             client(alpha).get_job(get).await.unwrap_err().code(),
             Code::NotFound
         );
+    });
+}
+
+/// Follows job `id` with `client` until it ends: its last state.
+async fn ended(client: &mut KeyedClient, id: &str) -> Job {
+    let request = GetJobRequest { job_id: id.into() };
+    let mut watch = client.watch_job(request).await.unwrap().into_inner();
+    let mut last = None;
+    while let Some(j) = watch.message().await.unwrap() {
+        last = Some(j);
+    }
+    last.expect("a watch sends the job at once")
+}
+
+/// A model's versions are its key's to retire and pin: another key is refused
+/// (PERMISSION_DENIED), a pinned version is neither retired by the trainers'
+/// `--keep-versions` policy nor by a call (FAILED_PRECONDITION); a retired version leaves
+/// the registry at once and its files go at the trainer's next sweep, as does the run of
+/// a deleted job.
+#[test]
+fn versions_are_retired_and_pinned_by_their_key_and_swept_by_the_trainers() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let keyed = Keyed::start(root, &[]);
+    let flags = ["--job-lease-secs", "1", "--keep-versions", "2"];
+    let _trainer = trainer_with(root, &keyed.redis.flags(), "trainer", &flags);
+    let [alpha, beta, _] = KEYS;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let (mut a, mut b) = (keyed_client(&channel, alpha), keyed_client(&channel, beta));
+        let version = |version| ModelVersionRequest {
+            name: "kept".into(),
+            version,
+        };
+        let mut jobs = Vec::new();
+        for published in 1..=3 {
+            let id = a
+                .submit_job(keyed.spec("kept"))
+                .await
+                .unwrap()
+                .into_inner()
+                .job_id;
+            let done = ended(&mut a, &id).await;
+            assert_eq!(done.state, JobState::Succeeded as i32, "{}", done.error);
+            assert_eq!(done.published_versions, vec![published]);
+            jobs.push(id);
+            if published == 1 {
+                let refused = b.pin_model_version(version(1)).await.unwrap_err();
+                assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+                assert!(
+                    a.pin_model_version(version(1))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .pinned
+                );
+            }
+        }
+        let listed = |model: bd3lm_proto::v1::Model| -> Vec<(u64, bool)> {
+            model
+                .versions
+                .iter()
+                .map(|v| (v.version, v.pinned))
+                .collect()
+        };
+        let get = || GetModelRequest {
+            name: "kept".into(),
+        };
+        let model = b.get_model(get()).await.unwrap().into_inner();
+        assert_eq!(
+            listed(model),
+            vec![(1, true), (2, false), (3, false)],
+            "1 pinned"
+        );
+
+        let refused = b.retire_model_version(version(2)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+        let pinned = a.retire_model_version(version(1)).await.unwrap_err();
+        assert_eq!(pinned.code(), Code::FailedPrecondition, "{pinned}");
+        a.retire_model_version(version(2)).await.unwrap();
+        let model = b.get_model(get()).await.unwrap().into_inner();
+        assert_eq!(listed(model), vec![(1, true), (3, false)]);
+
+        let delete = DeleteJobRequest {
+            job_id: jobs[0].clone(),
+        };
+        a.delete_job(delete).await.unwrap();
+        let registry = root.join("registry").join("kept");
+        let (retired_files, run) = (registry.join("2"), root.join("runs").join(&jobs[0]));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while retired_files.exists() || run.exists() {
+            assert!(Instant::now() < deadline, "the trainer never swept");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(registry.join("1").is_dir() && registry.join("3").is_dir());
+        assert!(root.join("runs").join(&jobs[1]).is_dir());
     });
 }

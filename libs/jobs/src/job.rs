@@ -346,7 +346,7 @@ mod tests {
         let (data, _) = shards(dir, &counting_docs(12, 50), 16, 4);
         let registry = crate::Registry::records(jobs.store().clone());
         let spec = crate::spec::tests::spec(&data);
-        let spec = JobSpec::validate(spec, None, &registry).await.unwrap();
+        let spec = JobSpec::validate(spec, dir, &registry).await.unwrap();
         jobs.submit(spec, Some("key-a".into())).await.unwrap()
     }
 

@@ -38,6 +38,14 @@ const UNDECODABLE: &str = "bd3lm_undecodable_records_total";
 /// Describes the training service's records' metrics to the installed recorder.
 pub fn describe_metrics() {
     metrics::describe_counter!(
+        registry::RETIRED,
+        "Model versions retired, by who retired them: api (RetireModelVersion) or policy (the trainers' --keep-versions)"
+    );
+    metrics::describe_counter!(
+        registry::FILES_REMOVED,
+        "Retired model versions whose files a trainer removed from the registry's storage"
+    );
+    metrics::describe_counter!(
         UNDECODABLE,
         "Stored job and model-version records a listing skipped because they do not decode, by kind"
     );

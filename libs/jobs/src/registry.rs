@@ -2,12 +2,17 @@
 //! `{dir}/{name}/{version}` in the registry's storage (a volume the trainers write and the
 //! denoise workers read) and a record in the store. A version's files are complete before
 //! its record exists, and neither is ever written again.
+//!
+//! A version leaves the registry when it is retired, by its name's owner or by the
+//! keep-the-newest policy of the publishing trainer (which passes over pinned versions):
+//! its record goes first, atomically, so no new reader finds it; its files go after, when
+//! a trainer (the registry storage's writer) next sweeps the retired versions.
 
 use std::path::{Path, PathBuf};
 
 use bd3lm_config::Config;
 use bd3lm_config::checkpoint::{fingerprint, read_config, weight_files};
-use bd3lm_kvstore::JobStore;
+use bd3lm_kvstore::{JobStore, Retirement};
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -38,8 +43,8 @@ pub struct ModelVersion {
 }
 
 impl ModelVersion {
-    /// The version as the API shows it.
-    pub fn to_wire(&self) -> wire::ModelVersion {
+    /// The version as the API shows it, `pinned` or not.
+    pub fn to_wire(&self, pinned: bool) -> wire::ModelVersion {
         let (nelbo, perplexity_bound) = self.validation.unwrap_or_default();
         wire::ModelVersion {
             name: self.name.clone(),
@@ -52,6 +57,7 @@ impl ModelVersion {
             perplexity_bound,
             block_size: self.config.block_size as u32,
             published_unix_ms: self.published_ms,
+            pinned,
         }
     }
 }
@@ -207,10 +213,146 @@ impl Registry {
                 "name: no model {name} in the registry"
             )));
         }
+        let pins = self.store.model_pins(name).await?;
+        let versions = versions
+            .iter()
+            .map(|v| v.to_wire(pins.contains(&v.version)));
         Ok(wire::Model {
             name: name.to_string(),
-            versions: versions.iter().map(ModelVersion::to_wire).collect(),
+            versions: versions.collect(),
         })
+    }
+
+    /// Checks that the API key `key` (with administrator rights or not) may retire or pin
+    /// versions of `name`: its owner or an administrator may; on an open API (no key)
+    /// anyone. NOT_FOUND naming `name` for an unknown model, PERMISSION_DENIED for
+    /// another key's.
+    async fn check_owner(&self, name: &str, key: Option<&str>, admin: bool) -> Result<()> {
+        check_name("name", name)?;
+        let Some(key) = key else { return Ok(()) };
+        if admin || self.store.model_owner(name).await?.as_deref() == Some(key) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "name: the model {name} belongs to another API key"
+        )))
+    }
+
+    /// Retires version `version` of `name` for `key` (see [`Registry::check_owner`]):
+    /// the version as it was. FAILED_PRECONDITION for a pinned one.
+    pub async fn retire(
+        &self,
+        name: &str,
+        version: u64,
+        (key, admin): (Option<&str>, bool),
+    ) -> Result<wire::ModelVersion> {
+        self.check_owner(name, key, admin).await?;
+        match self.store.retire_model_version(name, version).await? {
+            Retirement::Retired(body) => {
+                metrics::counter!(RETIRED, "by" => "api").increment(1);
+                tracing::info!(name, version, "model version retired");
+                Ok(retired_wire(name, version, &body))
+            }
+            Retirement::Pinned => Err(Error::Precondition(format!(
+                "version: {name} version {version} is pinned; unpin it first"
+            ))),
+            Retirement::NotFound => Err(no_version(name, version)),
+        }
+    }
+
+    /// Pins (or unpins) version `version` of `name` for `key` (see
+    /// [`Registry::check_owner`]): the version as it is now.
+    pub async fn pin(
+        &self,
+        name: &str,
+        version: u64,
+        pinned: bool,
+        (key, admin): (Option<&str>, bool),
+    ) -> Result<wire::ModelVersion> {
+        self.check_owner(name, key, admin).await?;
+        if !self.store.pin_model_version(name, version, pinned).await? {
+            return Err(no_version(name, version));
+        }
+        let versions = self.versions(name).await?;
+        let found = versions.into_iter().find(|v| v.version == version);
+        // Retired between the pin and this read: the pin went with it.
+        let found = found.ok_or_else(|| no_version(name, version))?;
+        Ok(found.to_wire(pinned))
+    }
+
+    /// Retires the versions of `name` older than its newest `keep`, the pinned ones
+    /// excepted: the versions retired.
+    pub async fn keep_newest(&self, name: &str, keep: usize) -> Result<Vec<u64>> {
+        let stored = self.store.model_versions(name).await?;
+        let pins = self.store.model_pins(name).await?;
+        let older = stored.len().saturating_sub(keep);
+        let mut retired = Vec::new();
+        for (version, _) in stored.into_iter().take(older) {
+            if pins.contains(&version) {
+                continue;
+            }
+            // Pinned meanwhile, or retired by another: passed over.
+            if let Retirement::Retired(_) = self.store.retire_model_version(name, version).await? {
+                metrics::counter!(RETIRED, "by" => "policy").increment(1);
+                retired.push(version);
+            }
+        }
+        if !retired.is_empty() {
+            tracing::info!(name, keep, ?retired, "older model versions retired");
+        }
+        Ok(retired)
+    }
+
+    /// Removes the files of every retired version from the registry's storage: how many
+    /// went. A version is forgotten only once its directory is gone, so a failed removal
+    /// is tried again at the next sweep.
+    pub async fn remove_retired(&self) -> Result<usize> {
+        let mut removed = 0;
+        for (name, version) in self.store.retired_model_versions().await? {
+            // A stored name is checked before it becomes a path.
+            if check_name("name", &name).is_err() {
+                continue;
+            }
+            let dir = self.path(&name, version)?;
+            let gone = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::io(dir)(e)),
+                _ => Ok(()),
+            });
+            gone.await
+                .map_err(|e| Error::Corrupt(format!("removal stopped: {e}")))??;
+            self.store
+                .forget_retired_model_version(&name, version)
+                .await?;
+            metrics::counter!(FILES_REMOVED).increment(1);
+            removed += 1;
+        }
+        Ok(removed)
+    }
+}
+
+/// Model versions retired, by who retired them (`api`, `policy`).
+pub(crate) const RETIRED: &str = "bd3lm_registry_versions_retired_total";
+/// Retired versions whose files were removed.
+pub(crate) const FILES_REMOVED: &str = "bd3lm_registry_files_removed_total";
+
+/// NOT_FOUND naming `version`.
+fn no_version(name: &str, version: u64) -> Error {
+    Error::NotFound(format!("version: {name} has no version {version}"))
+}
+
+/// A retired version as the API shows it, only its name and number when its record does
+/// not decode (it is retired all the same).
+fn retired_wire(name: &str, version: u64, body: &[u8]) -> wire::ModelVersion {
+    match serde_json::from_slice::<ModelVersion>(body) {
+        Ok(record) => record.to_wire(false),
+        Err(e) => {
+            crate::undecodable("model_version", &Error::Corrupt(e.to_string()));
+            wire::ModelVersion {
+                name: name.to_string(),
+                version,
+                ..Default::default()
+            }
+        }
     }
 }
 
@@ -326,6 +468,51 @@ pub(crate) mod tests {
             .unwrap();
         assert!(registry.claim("legacy", "key-a", false).await.is_err());
         registry.claim("legacy", "admin", true).await.unwrap();
+    }
+
+    /// Retiring and pinning take the name's key (or an administrator's, or any caller on
+    /// an open API); a pinned version is not retired; a retired one leaves the listing.
+    #[tokio::test]
+    async fn versions_are_retired_and_pinned_by_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::memory(StoreConfig::default());
+        let registry = Registry::new(store.clone(), dir.path().join("registry"));
+        let a = checkpoint(&dir.path().join("a"), &tiny(4), 1);
+        registry.claim("ours", "key-a", false).await.unwrap();
+        for _ in 0..3 {
+            let figures = Figures::default();
+            registry.publish(&a, "ours", "j", figures).await.unwrap();
+        }
+        let code = |e: Error| tonic::Status::from(e).code();
+        let other = (Some("key-b"), false);
+        let refused = registry.retire("ours", 1, other).await.unwrap_err();
+        assert_eq!(code(refused), tonic::Code::PermissionDenied);
+        let refused = registry.pin("ours", 1, true, other).await.unwrap_err();
+        assert_eq!(code(refused), tonic::Code::PermissionDenied);
+
+        let owner = (Some("key-a"), false);
+        let pinned = registry.pin("ours", 1, true, owner).await.unwrap();
+        assert!(pinned.pinned);
+        let refused = registry.retire("ours", 1, owner).await.unwrap_err();
+        assert_eq!(code(refused), tonic::Code::FailedPrecondition);
+        let retired = registry
+            .retire("ours", 2, (Some("admin"), true))
+            .await
+            .unwrap();
+        assert_eq!(retired.version, 2);
+        let missing = registry.retire("ours", 2, owner).await.unwrap_err();
+        assert_eq!(code(missing), tonic::Code::NotFound);
+        registry.retire("ours", 3, (None, false)).await.unwrap();
+        let shown = registry.model("ours").await.unwrap();
+        let listed: Vec<_> = shown
+            .versions
+            .iter()
+            .map(|v| (v.version, v.pinned))
+            .collect();
+        assert_eq!(listed, vec![(1, true)]);
+        assert_eq!(registry.remove_retired().await.unwrap(), 2);
+        assert!(!registry.path("ours", 2).unwrap().exists());
+        assert!(registry.path("ours", 1).unwrap().is_dir());
     }
 
     /// Versions count up from 1, each a complete copy with its fingerprint; a registry

@@ -171,12 +171,14 @@ pub fn scratch_config(
 }
 
 impl JobSpec {
-    /// Validates `spec` and fills in its defaults. `data_root`, when set, is where every
-    /// `data` must lie (relative paths are resolved against it); the registry resolves
-    /// the model to fine-tune and the versions already published under `publish_as`.
+    /// Validates `spec` and fills in its defaults. `data_root` is where every `data` must
+    /// lie (relative paths are resolved against it): a root is required, since without
+    /// one a caller could point a job at any directory the trainers can read. The
+    /// registry resolves the model to fine-tune and the versions already published under
+    /// `publish_as`.
     pub async fn validate(
         spec: wire::JobSpec,
-        data_root: Option<&Path>,
+        data_root: &Path,
         registry: &Registry,
     ) -> Result<Self> {
         Self::validate_within(spec, data_root, registry, &JobBounds::default()).await
@@ -185,7 +187,7 @@ impl JobSpec {
     /// [`JobSpec::validate`] against `bounds`.
     pub async fn validate_within(
         spec: wire::JobSpec,
-        data_root: Option<&Path>,
+        data_root: &Path,
         registry: &Registry,
         bounds: &JobBounds,
     ) -> Result<Self> {
@@ -323,7 +325,7 @@ fn recipe(spec: &wire::JobSpec) -> Result<Recipe> {
 }
 
 /// The data directory of `given` (a path or a `file://` URI), inside `root` when set.
-fn resolve_data(given: &str, root: Option<&Path>) -> Result<PathBuf> {
+fn resolve_data(given: &str, root: &Path) -> Result<PathBuf> {
     if given.is_empty() {
         return Err(Error::invalid(
             "data",
@@ -340,19 +342,15 @@ fn resolve_data(given: &str, root: Option<&Path>) -> Result<PathBuf> {
         }
         None => given,
     };
-    let path = Path::new(path);
-    let joined = match root {
-        Some(root) => root.join(path),
-        None if path.is_absolute() => path.to_path_buf(),
-        None => return Err(Error::invalid("data", "must be an absolute path")),
-    };
-    let resolved = joined.canonicalize().map_err(|_| unusable_data())?;
-    if let Some(root) = root {
-        // Symbolic links and `..` resolved first: no path leaves the root.
-        let root = root.canonicalize().map_err(|_| unusable_data())?;
-        if !resolved.starts_with(&root) {
-            return Err(unusable_data());
-        }
+    // An absolute path replaces the root in the join, and is held to it below.
+    let resolved = root
+        .join(path)
+        .canonicalize()
+        .map_err(|_| unusable_data())?;
+    // Symbolic links and `..` resolved first: no path leaves the root.
+    let root = root.canonicalize().map_err(|_| unusable_data())?;
+    if !resolved.starts_with(&root) {
+        return Err(unusable_data());
     }
     Ok(resolved)
 }
@@ -520,7 +518,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (data, _) = shards(dir.path(), &counting_docs(12, 50), 16, 4);
         let registry = Registry::records(JobStore::memory(StoreConfig::default()));
-        let valid = JobSpec::validate(spec(&data), None, &registry)
+        let valid = JobSpec::validate(spec(&data), dir.path(), &registry)
             .await
             .unwrap();
         assert_eq!(valid.data, data.canonicalize().unwrap());
@@ -529,7 +527,7 @@ pub(crate) mod tests {
         assert_eq!((r.warmup, r.save_every, r.val_batches), (4, 40, 8));
         assert_eq!((r.lr, r.ema, r.grad_clip), (3e-4, 0.9999, 1.0));
         assert!(r.clip_search && r.world_size == 1);
-        let round = JobSpec::validate(valid.to_wire(), None, &registry)
+        let round = JobSpec::validate(valid.to_wire(), dir.path(), &registry)
             .await
             .unwrap();
         assert_eq!(round, valid, "the spec as shown submits the same job");
@@ -610,7 +608,9 @@ pub(crate) mod tests {
         for (field, change) in cases {
             let mut bad = spec(&data);
             change(&mut bad);
-            let err = JobSpec::validate(bad, None, &registry).await.unwrap_err();
+            let err = JobSpec::validate(bad, dir.path(), &registry)
+                .await
+                .unwrap_err();
             assert!(
                 matches!(&err, Error::Invalid { field: f, .. } if *f == field),
                 "expected {field}, got {err}"
@@ -621,7 +621,9 @@ pub(crate) mod tests {
             name: "bs8".into(),
             version: None,
         }));
-        let valid = JobSpec::validate(tune, None, &registry).await.unwrap();
+        let valid = JobSpec::validate(tune, dir.path(), &registry)
+            .await
+            .unwrap();
         assert_eq!(
             valid.init,
             Init::FineTune {
@@ -671,7 +673,7 @@ pub(crate) mod tests {
         for (field, change) in cases {
             let (mut bad, mut bounds) = (spec(&data), roomy);
             change(&mut bad, &mut bounds);
-            let err = JobSpec::validate_within(bad, None, &registry, &bounds)
+            let err = JobSpec::validate_within(bad, dir.path(), &registry, &bounds)
                 .await
                 .unwrap_err();
             assert!(
@@ -680,7 +682,7 @@ pub(crate) mod tests {
             );
             assert!(err.to_string().contains("limit of"), "{err}");
         }
-        JobSpec::validate_within(spec(&data), None, &registry, &roomy)
+        JobSpec::validate_within(spec(&data), dir.path(), &registry, &roomy)
             .await
             .unwrap();
     }
@@ -701,9 +703,7 @@ pub(crate) mod tests {
         for path in [root.join("missing"), outside, plain] {
             let mut bad = spec(&data);
             bad.data = path.display().to_string();
-            let err = JobSpec::validate(bad, Some(&root), &registry)
-                .await
-                .unwrap_err();
+            let err = JobSpec::validate(bad, &root, &registry).await.unwrap_err();
             answers.push(err.to_string());
         }
         assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
@@ -718,10 +718,10 @@ pub(crate) mod tests {
         let registry = Registry::records(JobStore::memory(StoreConfig::default()));
         let root = dir.path();
         let mut relative = spec(Path::new("shards"));
-        let valid = JobSpec::validate(relative.clone(), Some(root), &registry).await;
+        let valid = JobSpec::validate(relative.clone(), root, &registry).await;
         assert_eq!(valid.unwrap().data, data.canonicalize().unwrap());
         relative.data = "shards/../../".into();
-        let err = JobSpec::validate(relative, Some(root), &registry)
+        let err = JobSpec::validate(relative, root, &registry)
             .await
             .unwrap_err();
         assert!(

@@ -279,4 +279,54 @@ pub async fn check_jobs(store: JobStore) {
         store.model_names().await.unwrap(),
         vec!["m".to_string(), "old".to_string()]
     );
+    assert_eq!(
+        store.model_owner("fresh").await.unwrap().as_deref(),
+        Some("k1")
+    );
+    assert_eq!(store.model_owner("old").await.unwrap(), None);
+
+    // A pinned version stays; an unpinned one is retired once, its files queued for
+    // removal; the name goes from the listing with its last version.
+    use crate::Retirement;
+    assert!(store.pin_model_version("m", 1, true).await.unwrap());
+    assert!(
+        !store.pin_model_version("m", 9, true).await.unwrap(),
+        "no such version"
+    );
+    assert_eq!(store.model_pins("m").await.unwrap(), vec![1]);
+    assert_eq!(
+        store.retire_model_version("m", 1).await.unwrap(),
+        Retirement::Pinned
+    );
+    assert_eq!(
+        store.retire_model_version("m", 2).await.unwrap(),
+        Retirement::Retired(b"v2".to_vec())
+    );
+    assert_eq!(
+        store.retire_model_version("m", 2).await.unwrap(),
+        Retirement::NotFound
+    );
+    assert!(
+        !store.pin_model_version("m", 2, true).await.unwrap(),
+        "retired"
+    );
+    assert!(store.pin_model_version("m", 1, false).await.unwrap());
+    assert!(store.model_pins("m").await.unwrap().is_empty());
+    assert!(matches!(
+        store.retire_model_version("m", 1).await.unwrap(),
+        Retirement::Retired(_)
+    ));
+    assert_eq!(store.model_names().await.unwrap(), vec!["old".to_string()]);
+    assert!(store.model_versions("m").await.unwrap().is_empty());
+    let mut retired = store.retired_model_versions().await.unwrap();
+    retired.sort();
+    assert_eq!(retired, vec![("m".to_string(), 1), ("m".to_string(), 2)]);
+    store.forget_retired_model_version("m", 1).await.unwrap();
+    let retired = store.retired_model_versions().await.unwrap();
+    assert_eq!(retired, vec![("m".to_string(), 2)]);
+    assert_eq!(
+        store.next_model_version("m").await.unwrap(),
+        3,
+        "numbers never reused"
+    );
 }

@@ -55,6 +55,44 @@ pub enum ModelsCommand {
         #[command(flatten)]
         remote: RemoteArgs,
     },
+    /// Retire a version: it leaves the registry, workers following its name move to the
+    /// newest version left, and the trainers remove its files.
+    Retire {
+        /// The version, as NAME@VERSION.
+        #[arg(value_parser = version_ref)]
+        version: (String, u64),
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Pin a version: the trainers' --keep-versions policy never retires it.
+    Pin {
+        /// The version, as NAME@VERSION.
+        #[arg(value_parser = version_ref)]
+        version: (String, u64),
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+    /// Unpin a version.
+    Unpin {
+        /// The version, as NAME@VERSION.
+        #[arg(value_parser = version_ref)]
+        version: (String, u64),
+        #[command(flatten)]
+        remote: RemoteArgs,
+    },
+}
+
+/// Parses NAME@VERSION.
+fn version_ref(given: &str) -> Result<(String, u64), String> {
+    let (name, version) = given
+        .split_once('@')
+        .ok_or("expected NAME@VERSION, e.g. tiny@3")?;
+    let version = version
+        .parse()
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or("the VERSION of NAME@VERSION is a number from 1")?;
+    Ok((name.to_string(), version))
 }
 
 type Client = TrainingClient<Authorized>;
@@ -109,7 +147,42 @@ pub async fn jobs(command: JobsCommand) -> anyhow::Result<bool> {
 
 /// Runs a `models` command.
 pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
-    let ModelsCommand::List { name, remote } = command;
+    match command {
+        ModelsCommand::List { name, remote } => list_models(name, remote).await,
+        ModelsCommand::Retire { version, remote } => change(Change::Retire, version, remote).await,
+        ModelsCommand::Pin { version, remote } => change(Change::Pin, version, remote).await,
+        ModelsCommand::Unpin { version, remote } => change(Change::Unpin, version, remote).await,
+    }
+}
+
+/// What `bd3lm models` does to one version.
+#[derive(Clone, Copy)]
+enum Change {
+    Retire,
+    Pin,
+    Unpin,
+}
+
+/// Retires, pins or unpins `name@version`, and says so.
+async fn change(
+    how: Change,
+    (name, version): (String, u64),
+    remote: RemoteArgs,
+) -> anyhow::Result<()> {
+    let mut client = TrainingClient::new(remote.connect().await?);
+    let request = wire::ModelVersionRequest { name, version };
+    let (done, answer) = match how {
+        Change::Retire => ("retired", client.retire_model_version(request).await),
+        Change::Pin => ("pinned", client.pin_model_version(request).await),
+        Change::Unpin => ("unpinned", client.unpin_model_version(request).await),
+    };
+    let v = answer.map_err(status)?.into_inner();
+    println!("{done} {}@{}", v.name, v.version);
+    Ok(())
+}
+
+/// Prints the registry's models (or the one named).
+async fn list_models(name: Option<String>, remote: RemoteArgs) -> anyhow::Result<()> {
     let mut client = TrainingClient::new(remote.connect().await?);
     let models = match name {
         Some(name) => vec![
@@ -129,20 +202,21 @@ pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
         }
     };
     println!(
-        "{:<24}  {:>7}  {:<16}  {:<32}  {:>8}  {:>10}  {:>3}",
+        "{:<24}  {:>7}  {:<16}  {:<32}  {:>8}  {:>10}  {:>3}  pinned",
         "model", "version", "fingerprint", "job", "step", "ppl bound", "L'"
     );
     for model in &models {
         for v in &model.versions {
             println!(
-                "{:<24}  {:>7}  {:<16}  {:<32}  {:>8}  {:>10.2}  {:>3}",
+                "{:<24}  {:>7}  {:<16}  {:<32}  {:>8}  {:>10.2}  {:>3}  {}",
                 v.name,
                 v.version,
                 v.fingerprint,
                 v.job_id,
                 v.step,
                 v.perplexity_bound,
-                v.block_size
+                v.block_size,
+                if v.pinned { "yes" } else { "" }
             );
         }
     }

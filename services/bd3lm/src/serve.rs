@@ -185,6 +185,7 @@ impl Training {
             job_lease_secs: 30,
             max_job_crashes: 3,
             device: bd3lm_trainer::TrainDevice::Cpu,
+            keep_versions: 10,
         };
         let trainer = bd3lm_trainer::TrainerWorker::new(store.clone(), settings);
         tokio::spawn(bd3lm_trainer::run(trainer, std::future::pending()));

@@ -141,8 +141,9 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "BD3LM_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
     pub reflection: bool,
     /// Directory every training job's data must lie under (relative `data` paths are
-    /// resolved against it); the same storage the trainers mount. Without it any absolute
-    /// path is accepted.
+    /// resolved against it); the same storage the trainers mount. Without it SubmitJob
+    /// is refused (FAILED_PRECONDITION): the training service takes jobs only when their
+    /// data is confined.
     #[arg(long, env = "BD3LM_TRAINING_DATA_ROOT", value_name = "DIR")]
     pub training_data_root: Option<PathBuf>,
     /// What one training job may ask for, and how many one key may have.

@@ -58,7 +58,8 @@ impl Drop for Watching {
 
 impl TrainingService {
     /// Jobs and registry records in `store`, held to `settings`: job data under its
-    /// training data root (when set), its job limits and its watches per key.
+    /// training data root (no jobs are taken without one), its job limits and its
+    /// watches per key.
     pub fn new(store: JobStore, settings: &CoordinatorSettings) -> Self {
         Self {
             jobs: Jobs::new(store.clone()),
@@ -173,23 +174,21 @@ impl Training for TrainingService {
         request: Request<wire::JobSpec>,
     ) -> Result<Response<wire::Job>, Status> {
         call!("SubmitJob", "submit_job", {
-            let who = request.extensions().get::<Caller>().cloned();
-            let owner = who.as_ref().and_then(|c| c.key_id.clone());
-            let root = self.data_root.as_deref();
+            let (key, admin) = rights(&request);
+            let owner = key.map(str::to_string);
+            let Some(root) = self.data_root.as_deref() else {
+                return Err(Status::failed_precondition(
+                    "data: this server takes no training jobs (it has no training data root)",
+                ));
+            };
             let bounds = self.limits.bounds();
             let spec =
                 JobSpec::validate_within(request.into_inner(), root, &self.registry, &bounds)
                     .await?;
+            // A model name is its first key's to publish under (an open API has no keys).
             if let Some(key) = &owner {
                 self.check_jobs_of(key).await?;
-            }
-            // A model name is its first key's to publish under (an open API has no keys).
-            if let Some(Caller {
-                key_id: Some(key),
-                admin,
-            }) = &who
-            {
-                self.registry.claim(&spec.publish_as, key, *admin).await?;
+                self.registry.claim(&spec.publish_as, key, admin).await?;
             }
             let job = self.jobs.submit(spec, owner).await?;
             Ok(Response::new(job.to_wire()))
@@ -294,5 +293,80 @@ impl Training for TrainingService {
                 self.registry.model(&request.get_ref().name).await?,
             ))
         })
+    }
+
+    async fn retire_model_version(
+        &self,
+        request: Request<wire::ModelVersionRequest>,
+    ) -> Result<Response<wire::ModelVersion>, Status> {
+        call!("RetireModelVersion", "retire_model_version", {
+            let (who, target) = (rights(&request), request.get_ref());
+            let version = target_version(target)?;
+            let retired = self.registry.retire(&target.name, version, who).await?;
+            Ok(Response::new(retired))
+        })
+    }
+
+    async fn pin_model_version(
+        &self,
+        request: Request<wire::ModelVersionRequest>,
+    ) -> Result<Response<wire::ModelVersion>, Status> {
+        call!("PinModelVersion", "pin_model_version", {
+            let (who, target) = (rights(&request), request.get_ref());
+            let version = target_version(target)?;
+            let pinned = self.registry.pin(&target.name, version, true, who).await?;
+            Ok(Response::new(pinned))
+        })
+    }
+
+    async fn unpin_model_version(
+        &self,
+        request: Request<wire::ModelVersionRequest>,
+    ) -> Result<Response<wire::ModelVersion>, Status> {
+        call!("UnpinModelVersion", "unpin_model_version", {
+            let (who, target) = (rights(&request), request.get_ref());
+            let version = target_version(target)?;
+            let unpinned = self.registry.pin(&target.name, version, false, who).await?;
+            Ok(Response::new(unpinned))
+        })
+    }
+}
+
+/// The caller's API key id (`None` on an open API) and whether it is an administrator's.
+fn rights<T>(request: &Request<T>) -> (Option<&str>, bool) {
+    match request.extensions().get::<Caller>() {
+        Some(c) => (c.key_id.as_deref(), c.admin),
+        None => (None, false),
+    }
+}
+
+/// The version a request names: from 1.
+fn target_version(request: &wire::ModelVersionRequest) -> Result<u64, Status> {
+    match request.version {
+        0 => Err(Status::invalid_argument("version: required, from 1")),
+        v => Ok(v),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bd3lm_kvstore::StoreConfig;
+
+    /// Without a training data root no job is taken, whatever its data: the service
+    /// never reads a path it cannot confine.
+    #[tokio::test]
+    async fn without_a_data_root_no_job_is_taken() {
+        let store = JobStore::memory(StoreConfig::default());
+        let service = TrainingService::new(store, &CoordinatorSettings::default());
+        let spec = wire::JobSpec {
+            data: "/".into(),
+            steps: 1,
+            publish_as: "tiny".into(),
+            ..Default::default()
+        };
+        let refused = service.submit_job(Request::new(spec)).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+        assert!(refused.message().starts_with("data:"), "{refused}");
     }
 }

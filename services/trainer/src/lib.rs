@@ -13,6 +13,7 @@
 //! [`run_job`] is one job; [`run`] is the loop around it.
 #![warn(missing_docs)]
 
+mod housekeeping;
 mod metrics;
 mod options;
 mod run_job;
@@ -51,6 +52,10 @@ pub struct TrainerSettings {
     /// world_size: cuda:0, cuda:1, ...).
     #[arg(long = "device", env = "BD3LM_TRAIN_DEVICE", value_enum, default_value_t = TrainDevice::Cpu)]
     pub device: TrainDevice,
+    /// Versions of a model kept in the registry: after each publication the older ones,
+    /// pinned versions excepted, are retired and their files removed. 0 keeps them all.
+    #[arg(long, env = "BD3LM_KEEP_VERSIONS", default_value_t = 10)]
+    pub keep_versions: u32,
 }
 
 /// Where a run's ranks train.
@@ -120,6 +125,7 @@ const RETRY: Duration = Duration::from_millis(500);
 /// does not count against the job's crashes).
 pub async fn run(trainer: TrainerWorker, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
+    housekeeping::spawn(trainer.clone());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tracing::info!(trainer = %trainer.id, "trainer waiting for jobs");
     loop {

@@ -9,6 +9,7 @@ pub fn describe() {
         JOBS,
         "Job attempts that ended on this trainer, by outcome (succeeded, failed, cancelled; released: left for another trainer; lost: taken over)"
     );
+    crate::housekeeping::describe();
     bd3lm_training::trainer::describe_metrics();
     bd3lm_jobs::describe_metrics();
 }

@@ -443,7 +443,18 @@ async fn publish(
     {
         return Ok(v);
     }
-    trainer.registry.publish(dir, name, &job.id, figures).await
+    let version = trainer
+        .registry
+        .publish(dir, name, &job.id, figures)
+        .await?;
+    let keep = trainer.settings.keep_versions as usize;
+    // The version is published: a failure of the policy is logged, not the job's.
+    if keep > 0
+        && let Err(e) = trainer.registry.keep_newest(name, keep).await
+    {
+        tracing::warn!(error = %e, "retiring older model versions failed");
+    }
+    Ok(version)
 }
 
 /// Takes the run directory's lock, waiting while another trainer holds it: one whose

@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use crate::{TrainerSettings, TrainerWorker, run_job};
 
 struct Setup {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     trainer: TrainerWorker,
     jobs: Jobs,
     data: std::path::PathBuf,
@@ -30,12 +30,13 @@ fn setup(max_job_crashes: u32) -> Setup {
         job_lease_secs: 30,
         max_job_crashes,
         device: crate::TrainDevice::Cpu,
+        keep_versions: 0,
     };
     Setup {
         trainer: TrainerWorker::new(store.clone(), settings),
         jobs: Jobs::new(store),
         data,
-        _dir: dir,
+        dir,
     }
 }
 
@@ -56,7 +57,9 @@ async fn submit(s: &Setup, steps: u64) -> Job {
         ..Default::default()
     };
     let registry = Registry::records(s.jobs.store().clone());
-    let spec = JobSpec::validate(spec, None, &registry).await.unwrap();
+    let spec = JobSpec::validate(spec, s.dir.path(), &registry)
+        .await
+        .unwrap();
     s.jobs.submit(spec, None).await.unwrap()
 }
 
@@ -233,4 +236,57 @@ async fn a_job_survives_a_rolling_restart_of_its_trainers() {
     let done = s.jobs.get(&job.id).await.unwrap().unwrap();
     assert_eq!(done.state, JobState::Succeeded, "{}", done.error);
     assert_eq!(done.progress.step, 16);
+}
+
+/// With `--keep-versions 1`, each publication retires the older versions but the pinned;
+/// a sweep then removes the retired versions' files and the run of a deleted job, and
+/// leaves the rest.
+#[tokio::test]
+async fn older_versions_and_deleted_runs_are_swept() {
+    let mut s = setup(3);
+    s.trainer.settings.keep_versions = 1;
+    let first = submit(&s, 4).await;
+    run_next(&s).await;
+    assert!(
+        s.jobs
+            .store()
+            .pin_model_version("tiny", 1, true)
+            .await
+            .unwrap()
+    );
+    for _ in 0..2 {
+        submit(&s, 4).await;
+        run_next(&s).await;
+    }
+    let kept: Vec<u64> = s
+        .trainer
+        .registry
+        .versions("tiny")
+        .await
+        .unwrap()
+        .iter()
+        .map(|v| v.version)
+        .collect();
+    assert_eq!(kept, vec![1, 3], "2 retired, the pinned 1 kept");
+    let path = |v| s.trainer.registry.path("tiny", v).unwrap();
+    assert!(path(2).is_dir(), "files go at the sweep");
+
+    s.jobs.delete(&first.id, None).await.unwrap();
+    s.trainer.settings.job_lease_secs = 0;
+    crate::housekeeping::sweep(&s.trainer).await;
+    assert!(!path(2).exists() && path(1).is_dir() && path(3).is_dir());
+    assert!(
+        s.jobs
+            .store()
+            .retired_model_versions()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let runs: Vec<_> = std::fs::read_dir(&s.trainer.settings.runs_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    assert!(!s.trainer.settings.runs_dir.join(&first.id).exists());
 }

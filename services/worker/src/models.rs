@@ -203,8 +203,9 @@ pub struct Following {
 
 impl Following {
     /// Starts following: the models (none until a first version is published), kept
-    /// current by a task that loads each new latest version in the background, adds it,
-    /// and retires superseded versions per `settings`. Runs for as long as the worker.
+    /// current by a task that loads each new latest version in the background (a newer
+    /// one, or the newest left when the served one is retired), adds it, and retires
+    /// superseded versions per `settings`. Runs for as long as the worker.
     pub fn start(
         self,
         store: &bd3lm_kvstore::JobStore,
@@ -229,7 +230,9 @@ impl Following {
         loop {
             let newest = models.latest().and_then(|s| s.loaded.version);
             match registry.latest(name).await {
-                Ok(Some(v)) if newest.is_none_or(|n| v.version > n) => {
+                // Any other latest: a newer one published, or the served one retired
+                // (a rollback to the newest version left).
+                Ok(Some(v)) if newest != Some(v.version) => {
                     match self.load(&registry, v.version).await {
                         Ok(loaded) => models.add(Arc::new(loaded)),
                         Err(e) => {

@@ -1,13 +1,13 @@
 //! The job store in process memory, under one lock (so every operation is atomic, as the
 //! Redis scripts are).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{JobClaim, Revised};
+use super::{JobClaim, Retirement, Revised};
 
 /// The in-memory jobs, queue and registry. Cloning shares them.
 #[derive(Clone, Default)]
@@ -79,6 +79,8 @@ pub(super) struct Jobs {
     next_versions: HashMap<String, u64>,
     owners: HashMap<String, String>,
     versions: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
+    pins: HashMap<String, BTreeSet<u64>>,
+    retired: BTreeSet<String>,
 }
 
 impl Jobs {
@@ -226,5 +228,58 @@ impl Jobs {
 
     pub(super) fn names(&self) -> Vec<String> {
         self.versions.keys().cloned().collect()
+    }
+
+    pub(super) fn owner(&self, name: &str) -> Option<String> {
+        self.owners.get(name).cloned()
+    }
+
+    pub(super) fn retire(&mut self, name: &str, version: u64) -> Retirement {
+        let Some(versions) = self.versions.get_mut(name) else {
+            return Retirement::NotFound;
+        };
+        if !versions.contains_key(&version) {
+            return Retirement::NotFound;
+        }
+        if self.pins.get(name).is_some_and(|p| p.contains(&version)) {
+            return Retirement::Pinned;
+        }
+        let body = versions.remove(&version).expect("checked above");
+        if versions.is_empty() {
+            self.versions.remove(name);
+        }
+        self.retired.insert(format!("{name}/{version}"));
+        Retirement::Retired(body)
+    }
+
+    pub(super) fn pin(&mut self, name: &str, version: u64, pinned: bool) -> bool {
+        if !self
+            .versions
+            .get(name)
+            .is_some_and(|v| v.contains_key(&version))
+        {
+            return false;
+        }
+        let pins = self.pins.entry(name.to_string()).or_default();
+        if pinned {
+            pins.insert(version);
+        } else {
+            pins.remove(&version);
+        }
+        true
+    }
+
+    pub(super) fn pins(&self, name: &str) -> Vec<u64> {
+        self.pins
+            .get(name)
+            .map_or(Vec::new(), |p| p.iter().copied().collect())
+    }
+
+    pub(super) fn retired(&self) -> Vec<String> {
+        self.retired.iter().cloned().collect()
+    }
+
+    pub(super) fn forget_retired(&mut self, member: &str) {
+        self.retired.remove(member);
     }
 }

@@ -9,9 +9,11 @@
 //! touching it (`XCLAIM ... JUSTID`, only while it still owns it) and acknowledges it
 //! when the job ends; an entry whose trainer stopped touching it for the lease is taken
 //! by the next claim (`XAUTOCLAIM`), its delivery count telling how many trainers had it.
-//! The registry lives under `{prefix}:{registry}:`: `names` (a set), `{name}:next` (the
-//! last version number handed out) and `{name}` (a hash of version to body, each field
-//! written once). Nothing here expires.
+//! The registry lives under `{prefix}:{registry}:`: `names` (a set), `owners` (a hash of
+//! name to API key id), `{name}:next` (the last version number handed out), `{name}` (a
+//! hash of version to body, each field written once and deleted when the version is
+//! retired), `{name}:pins` (a set of pinned versions) and `retired` (a set of
+//! `name/version` whose files still await removal). Nothing here expires.
 
 mod memory;
 mod redis;
@@ -59,10 +61,21 @@ enum Backend {
 }
 
 /// Model names the registry's own keys take (`{prefix}:{registry}:names` is the set of
-/// names and `owners` the hash of their owners, beside each name's
-/// `{prefix}:{registry}:{name}`): a model may not be called so.
-/// Names hold no `:`, so `{name}:next` meets no other name.
-pub const RESERVED_MODEL_NAMES: [&str; 2] = ["names", "owners"];
+/// names, `owners` the hash of their owners and `retired` the versions whose files await
+/// removal, beside each name's `{prefix}:{registry}:{name}`): a model may not be called
+/// so. Names hold no `:`, so `{name}:next` and `{name}:pins` meet no other name.
+pub const RESERVED_MODEL_NAMES: [&str; 3] = ["names", "owners", "retired"];
+
+/// What retiring a model version did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retirement {
+    /// Retired: its record (returned) is gone and its files await removal.
+    Retired(Vec<u8>),
+    /// No such version is recorded.
+    NotFound,
+    /// The version is pinned: nothing changed.
+    Pinned,
+}
 
 /// The keys of the jobs and the registry.
 #[derive(Clone)]
@@ -98,6 +111,12 @@ impl JobKeys {
     }
     fn versions(&self, name: &str) -> String {
         format!("{}{name}", self.registry)
+    }
+    fn pins(&self, name: &str) -> String {
+        format!("{}{name}:pins", self.registry)
+    }
+    fn retired(&self) -> String {
+        format!("{}retired", self.registry)
     }
 }
 
@@ -271,6 +290,67 @@ impl JobStore {
         match &self.backend {
             Backend::Memory(m) => Ok(m.lock().claim_name(name, owner)),
             Backend::Redis(r) => r.claim_name(&self.keys, name, owner).await,
+        }
+    }
+
+    /// The API key id owning model `name`, if it has an owner.
+    pub async fn model_owner(&self, name: &str) -> Result<Option<String>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().owner(name)),
+            Backend::Redis(r) => r.owner(&self.keys.owners(), name).await,
+        }
+    }
+
+    /// Retires version `version` of model `name` unless it is pinned: its record goes at
+    /// once (atomically with the pin check) and `(name, version)` joins the versions
+    /// whose files await removal ([`JobStore::retired_model_versions`]).
+    pub async fn retire_model_version(&self, name: &str, version: u64) -> Result<Retirement> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().retire(name, version)),
+            Backend::Redis(r) => r.retire(&self.keys, name, version).await,
+        }
+    }
+
+    /// Pins (or unpins) a recorded version: false when there is no such version.
+    pub async fn pin_model_version(&self, name: &str, version: u64, pinned: bool) -> Result<bool> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().pin(name, version, pinned)),
+            Backend::Redis(r) => r.pin(&self.keys, name, version, pinned).await,
+        }
+    }
+
+    /// The pinned versions of model `name`, ascending.
+    pub async fn model_pins(&self, name: &str) -> Result<Vec<u64>> {
+        match &self.backend {
+            Backend::Memory(m) => Ok(m.lock().pins(name)),
+            Backend::Redis(r) => r.pins(&self.keys.pins(name)).await,
+        }
+    }
+
+    /// Retired versions whose files await removal, as `(name, version)`.
+    pub async fn retired_model_versions(&self) -> Result<Vec<(String, u64)>> {
+        let members = match &self.backend {
+            Backend::Memory(m) => m.lock().retired(),
+            Backend::Redis(r) => r.retired(&self.keys.retired()).await?,
+        };
+        Ok(members
+            .iter()
+            .filter_map(|m| {
+                let (name, version) = m.rsplit_once('/')?;
+                Some((name.to_string(), version.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Forgets a retired version whose files are removed.
+    pub async fn forget_retired_model_version(&self, name: &str, version: u64) -> Result<()> {
+        let member = format!("{name}/{version}");
+        match &self.backend {
+            Backend::Memory(m) => {
+                m.lock().forget_retired(&member);
+                Ok(())
+            }
+            Backend::Redis(r) => r.forget_retired(&self.keys.retired(), &member).await,
         }
     }
 

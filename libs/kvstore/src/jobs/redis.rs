@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::{AsyncCommands, Script};
 
-use super::{JobClaim, JobKeys, Revised};
+use super::{JobClaim, JobKeys, Retirement, Revised};
 use crate::now_ms;
 use crate::{Error, RedisConnection, Result};
 
@@ -25,6 +25,10 @@ static RELEASE: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/release.lua")));
 static RECORD_VERSION: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/record_version.lua")));
+static RETIRE_VERSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/retire_version.lua")));
+static PIN_VERSION: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/pin_version.lua")));
 
 /// The jobs, queue and registry in Redis.
 #[derive(Clone)]
@@ -345,5 +349,88 @@ impl RedisJobs {
             .await?;
         names.sort();
         Ok(names)
+    }
+
+    pub(super) async fn owner(&self, owners: &str, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .redis
+            .retried("model_owner", |mut con| async move {
+                con.hget(owners, name).await
+            })
+            .await?)
+    }
+
+    pub(super) async fn retire(
+        &self,
+        keys: &JobKeys,
+        name: &str,
+        version: u64,
+    ) -> Result<Retirement> {
+        let (versions, pins) = (keys.versions(name), keys.pins(name));
+        let (names, retired) = (keys.names(), keys.retired());
+        let (outcome, body): (i64, Vec<u8>) = self
+            .redis
+            .retried("retire_model_version", |mut con| {
+                let mut call = RETIRE_VERSION.key(&versions);
+                call.key(&pins).key(&names).key(&retired);
+                call.arg(name).arg(version);
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(match outcome {
+            1 => Retirement::Retired(body),
+            2 => Retirement::Pinned,
+            _ => Retirement::NotFound,
+        })
+    }
+
+    pub(super) async fn pin(
+        &self,
+        keys: &JobKeys,
+        name: &str,
+        version: u64,
+        pinned: bool,
+    ) -> Result<bool> {
+        let (versions, pins) = (keys.versions(name), keys.pins(name));
+        let done: i64 = self
+            .redis
+            .retried("pin_model_version", |mut con| {
+                let mut call = PIN_VERSION.key(&versions);
+                call.key(&pins).arg(version).arg(u8::from(pinned));
+                async move { call.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(done == 1)
+    }
+
+    pub(super) async fn pins(&self, key: &str) -> Result<Vec<u64>> {
+        let mut pins: Vec<u64> = self
+            .redis
+            .retried(
+                "model_pins",
+                |mut con| async move { con.smembers(key).await },
+            )
+            .await?;
+        pins.sort_unstable();
+        Ok(pins)
+    }
+
+    pub(super) async fn retired(&self, key: &str) -> Result<Vec<String>> {
+        Ok(self
+            .redis
+            .retried("retired_model_versions", |mut con| async move {
+                con.smembers(key).await
+            })
+            .await?)
+    }
+
+    pub(super) async fn forget_retired(&self, key: &str, member: &str) -> Result<()> {
+        let _: i64 = self
+            .redis
+            .retried("forget_retired_model_version", |mut con| async move {
+                con.srem(key, member).await
+            })
+            .await?;
+        Ok(())
     }
 }
