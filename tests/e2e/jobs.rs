@@ -231,8 +231,9 @@ async fn generate(addr: &str, session: Option<&str>) -> (String, Vec<Option<u64>
 /// takes over; woken, the first stops without writing), then the second is killed and a
 /// third resumes it. Its losses at every step are those of an uninterrupted local run,
 /// it publishes version 1, and a worker following the model serves it. A second job (a
-/// fine-tune on two data-parallel ranks) publishes version 2: the worker switches, a new generation reports 2 while the
-/// session begun before goes on with version 1.
+/// fine-tune on two data-parallel ranks) publishes version 2: the worker switches, a new
+/// generation reports 2 while the session begun before goes on with version 1. Version 2
+/// retired, new sessions are served by version 1 again.
 #[test]
 fn a_job_survives_its_trainers_and_its_model_rolls_out() {
     let dir = tempfile::tempdir().unwrap();
@@ -394,6 +395,24 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
             .await
             .unwrap();
         assert_eq!(info.into_inner().model_version, Some(1));
+
+        // Version 2 retired: the worker goes back to version 1 for new sessions.
+        let retire = ModelVersionRequest {
+            name: "tiny".into(),
+            version: 2,
+        };
+        client.retire_model_version(retire).await.unwrap();
+        let deadline = Instant::now() + minute;
+        loop {
+            let info = worker.info(InfoRequest {}).await.unwrap().into_inner();
+            if info.model_version == Some(1) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{info:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (_, rolled_back) = generate(&addr, None).await;
+        assert!(rolled_back.iter().all(|v| *v == Some(1)), "{rolled_back:?}");
     });
 }
 
