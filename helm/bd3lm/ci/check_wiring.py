@@ -241,6 +241,25 @@ def check_training(docs, faults):
         faults.append(f"training paths on different claims or mount paths: {sorted(seen)}")
 
 
+def check_world_size(docs, faults):
+    """The coordinators accept no job wider than a CUDA trainer's GPUs."""
+    configmaps = named(docs, "ConfigMap")
+    gpus, widest = [], []
+    for workload, template in pods(docs):
+        for c in template["spec"]["containers"]:
+            env = env_of(c, configmaps)
+            if env.get("BD3LM_TRAIN_DEVICE") == "cuda":
+                limits = c.get("resources", {}).get("limits", {})
+                gpus += [int(v) for k, v in limits.items() if k.endswith("/gpu")]
+            if "BD3LM_ADDR" in env and "BD3LM_TRAINING_DATA_ROOT" in env:
+                widest.append((workload["metadata"]["name"], int(env.get("BD3LM_MAX_JOB_WORLD_SIZE", 8))))
+    if not gpus:
+        return
+    for name, width in widest:
+        if width > min(gpus):
+            faults.append(f"{name}: jobs of world size {width} accepted, trainers have {min(gpus)} GPUs")
+
+
 def check_selectors(docs, faults):
     templates = [t for _, t in pods(docs)]
     services = named(docs, "Service")
@@ -360,6 +379,7 @@ def check(docs, provided):
     check_selectors(docs, faults)
     check_grace(docs, faults)
     check_training(docs, faults)
+    check_world_size(docs, faults)
     check_hardening(docs, faults)
     check_egress(docs, faults)
     return faults
@@ -436,6 +456,9 @@ def breaks(docs=()):
         service["spec"]["type"] = "LoadBalancer"
         del service["spec"]["clusterIP"]
 
+    def wide_jobs(docs):
+        first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_MAX_JOB_WORLD_SIZE"] = "64"
+
     def no_dns(docs):
         policy = first(docs, "NetworkPolicy", "worker")
         policy["spec"]["egress"] = [r for r in policy["spec"]["egress"] if not allows_port(r, 53)]
@@ -472,7 +495,9 @@ def breaks(docs=()):
     ] + ([
         ("the workers' registry on another claim", registry_claim),
         ("the trainers' claim read-only", trainer_read_only),
-    ] if any("trainer" in d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment") else [])
+    ] if any("trainer" in d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment") else []) + ([
+        ("jobs wider than the CUDA trainers' GPUs", wide_jobs),
+    ] if any((d.get("data") or {}).get("BD3LM_TRAIN_DEVICE") == "cuda" for d in docs if d.get("kind") == "ConfigMap") else [])
 
 
 def main(argv):
