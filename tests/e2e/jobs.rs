@@ -935,3 +935,37 @@ fn versions_are_retired_and_pinned_by_their_key_and_swept_by_the_trainers() {
         assert!(root.join("runs").join(&jobs[1]).is_dir());
     });
 }
+
+/// WatchJob is driven by the store's change notifications: with the fallback read once an
+/// hour, a cancel from another connection still reaches an open watch, which then ends.
+#[test]
+fn a_watch_is_woken_by_the_change_not_a_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = Keyed::start(dir.path(), &["--job-watch-poll-secs", "3600"]);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let channel = keyed.channel().await;
+        let mut a = keyed_client(&channel, KEYS[0]);
+        let queued = a
+            .submit_job(keyed.spec("woken"))
+            .await
+            .unwrap()
+            .into_inner();
+        let request = GetJobRequest {
+            job_id: queued.job_id.clone(),
+        };
+        let mut watch = a.watch_job(request).await.unwrap().into_inner();
+        let first = watch.message().await.unwrap().unwrap();
+        assert_eq!(first.state, JobState::Queued as i32);
+        let mut other = keyed_client(&keyed.channel().await, KEYS[0]);
+        let cancel = CancelJobRequest {
+            job_id: queued.job_id.clone(),
+        };
+        other.cancel_job(cancel).await.unwrap();
+        // A stall bound, far below the hour of the fallback read.
+        let next = tokio::time::timeout(Duration::from_secs(120), watch.message());
+        let cancelled = next.await.expect("woken by the change").unwrap().unwrap();
+        assert_eq!(cancelled.state, JobState::Cancelled as i32);
+        assert!(watch.message().await.unwrap().is_none(), "the watch ends");
+    });
+}

@@ -329,4 +329,41 @@ pub async fn check_jobs(store: JobStore) {
         3,
         "numbers never reused"
     );
+
+    // Watchers see each update and deletion after their cursor, a waiting one at once.
+    let mut cursor = store.job_changes_cursor().await.unwrap();
+    let quiet = std::time::Duration::from_millis(50);
+    assert!(
+        store
+            .job_changes(&mut cursor, quiet)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.submit_job("w1", b"w").await.unwrap());
+    let waiting = {
+        let (store, mut cursor) = (store.clone(), cursor.clone());
+        tokio::spawn(async move {
+            let long = std::time::Duration::from_secs(30);
+            let changed = store.job_changes(&mut cursor, long).await;
+            (changed.unwrap(), cursor)
+        })
+    };
+    // The waiter may not block yet: either way it sees the update.
+    assert_eq!(store.update_job("w1", 1, b"w2").await.unwrap(), Some(2));
+    let (changed, after) = waiting.await.unwrap();
+    assert_eq!(changed, vec!["w1".to_string()]);
+    assert!(store.delete_job("w1", 2).await.unwrap());
+    let mut later = after.clone();
+    let changed = store.job_changes(&mut later, quiet).await.unwrap();
+    assert_eq!(changed, vec!["w1".to_string()]);
+    assert!(
+        store
+            .job_changes(&mut later, quiet)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let both = store.job_changes(&mut cursor, quiet).await.unwrap();
+    assert_eq!(both.len(), 2, "both, in order: {both:?}");
 }

@@ -154,6 +154,12 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "BD3LM_MAX_WATCHES_PER_KEY", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_watches_per_key: u64,
+    /// A WatchJob stream is woken by the store's change notifications; it also reads its
+    /// job this often, which bounds how late a change missed by the notifications (the
+    /// store's connection lost meanwhile) arrives.
+    #[arg(long = "job-watch-poll-secs", env = "BD3LM_JOB_WATCH_POLL_SECS", value_name = "SECS",
+          default_value = "5", value_parser = positive_secs)]
+    pub job_watch_poll: Duration,
     /// tokenizer.json for text prompts; without it prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
@@ -201,6 +207,7 @@ impl Default for CoordinatorSettings {
             reflection: true,
             training_data_root: None,
             max_watches_per_key: 16,
+            job_watch_poll: Duration::from_secs(5),
             jobs: JobLimits::default(),
             tokenizer: None,
             retry_backoff: Duration::from_millis(50),

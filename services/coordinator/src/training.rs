@@ -15,7 +15,7 @@ use bd3lm_kvstore::JobStore;
 use bd3lm_proto::auth::Caller;
 use bd3lm_proto::v1 as wire;
 use bd3lm_proto::v1::training_server::Training;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
@@ -23,8 +23,9 @@ use tracing::Instrument;
 use crate::service::{RequestId, caller};
 use crate::settings::{CoordinatorSettings, JobLimits};
 
-/// How often WatchJob reads the job for changes.
-const WATCH_INTERVAL: Duration = Duration::from_millis(250);
+/// Longest wait of the change reader on the store before it looks again whether any
+/// watch is open.
+const CHANGES_WAIT: Duration = Duration::from_secs(5);
 
 /// The Training service over a store.
 #[derive(Clone)]
@@ -35,7 +36,70 @@ pub struct TrainingService {
     /// Open WatchJob streams by API key ("" on an open API), and the most one may hold.
     watches: Arc<Mutex<HashMap<String, usize>>>,
     max_watches: usize,
+    /// The changes of job records, fanned out to this process' watches.
+    changes: Changes,
     limits: JobLimits,
+}
+
+/// One reader of the store's job changes per process, blocking on the store while any
+/// watch is open and idle otherwise; each watch subscribes and wakes on its job's id.
+#[derive(Clone)]
+struct Changes {
+    tx: broadcast::Sender<String>,
+    /// Wakes the idle reader when a watch opens.
+    opened: Arc<Notify>,
+    /// How often a watch reads its job without a notification.
+    poll: Duration,
+}
+
+impl Changes {
+    /// Starts the reader over `store`.
+    fn spawn(store: JobStore, poll: Duration) -> Self {
+        let (tx, _) = broadcast::channel(1024);
+        let changes = Self {
+            tx,
+            opened: Arc::default(),
+            poll,
+        };
+        tokio::spawn(changes.clone().read(store));
+        changes
+    }
+
+    /// Subscribes a watch (before it reads its job, so no change after the read is
+    /// missed once the reader runs).
+    fn subscribe(&self) -> broadcast::Receiver<String> {
+        let rx = self.tx.subscribe();
+        self.opened.notify_one();
+        rx
+    }
+
+    async fn read(self, store: JobStore) {
+        let mut cursor = None;
+        loop {
+            if self.tx.receiver_count() == 0 {
+                // Idle: a cursor from before would replay what no watch waits for.
+                cursor = None;
+                let _ = tokio::time::timeout(CHANGES_WAIT, self.opened.notified()).await;
+                continue;
+            }
+            let read = async {
+                let cursor = match &mut cursor {
+                    Some(cursor) => cursor,
+                    None => cursor.insert(store.job_changes_cursor().await?),
+                };
+                store.job_changes(cursor, CHANGES_WAIT).await
+            };
+            match read.await {
+                Ok(ids) => ids.into_iter().for_each(|id| {
+                    let _ = self.tx.send(id);
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading job changes failed; watches poll meanwhile");
+                    tokio::time::sleep(self.poll).await;
+                }
+            }
+        }
+    }
 }
 
 /// One open watch, counted against its key until dropped.
@@ -63,10 +127,11 @@ impl TrainingService {
     pub fn new(store: JobStore, settings: &CoordinatorSettings) -> Self {
         Self {
             jobs: Jobs::new(store.clone()),
-            registry: Registry::records(store),
+            registry: Registry::records(store.clone()),
             data_root: settings.training_data_root.clone(),
             watches: Arc::default(),
             max_watches: settings.max_watches_per_key as usize,
+            changes: Changes::spawn(store, settings.job_watch_poll),
             limits: settings.jobs.clone(),
         }
     }
@@ -123,13 +188,16 @@ impl TrainingService {
         })
     }
 
-    /// Streams job `id` until it ends or the client goes away.
+    /// Streams job `id` until it ends or the client goes away: its state at once, then
+    /// again each time a notification names it (or the poll interval passes).
     async fn watch(
         jobs: Jobs,
+        changes: Changes,
         id: String,
         tx: mpsc::Sender<Result<wire::Job, Status>>,
         _watching: Watching,
     ) {
+        let mut notified = changes.subscribe();
         let mut seen = 0;
         loop {
             let job = match jobs.get(&id).await {
@@ -149,9 +217,19 @@ impl TrainingService {
             if job.state.is_terminal() {
                 return;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(WATCH_INTERVAL) => {}
-                _ = tx.closed() => return,
+            let poll = tokio::time::sleep(changes.poll);
+            tokio::pin!(poll);
+            loop {
+                tokio::select! {
+                    changed = notified.recv() => match changed {
+                        Ok(changed) if changed != id => continue,
+                        // Ours, or notifications missed: read the job.
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => (&mut poll).await,
+                    },
+                    _ = &mut poll => break,
+                    _ = tx.closed() => return,
+                }
             }
         }
     }
@@ -237,7 +315,8 @@ impl Training for TrainingService {
             self.jobs.get_owned(&id, owner.as_deref()).await?;
             let watching = self.open_watch(owner.as_deref())?;
             let (tx, rx) = mpsc::channel(4);
-            let watch = Self::watch(self.jobs.clone(), id, tx, watching);
+            let (jobs, changes) = (self.jobs.clone(), self.changes.clone());
+            let watch = Self::watch(jobs, changes, id, tx, watching);
             tokio::spawn(watch.in_current_span());
             Ok(Response::new(ReceiverStream::new(rx)))
         })

@@ -15,6 +15,8 @@ pub(super) struct MemoryJobs {
     jobs: Arc<Mutex<Jobs>>,
     /// Woken by every submission, for trainers waiting on an empty queue.
     submitted: Arc<Notify>,
+    /// Woken by every change of a record, for watchers.
+    changed: Arc<Notify>,
 }
 
 impl MemoryJobs {
@@ -29,6 +31,40 @@ impl MemoryJobs {
             self.submitted.notify_waiters();
         }
         stored
+    }
+
+    /// Writes a record at `revision`, waking the watchers.
+    pub(super) fn update(&self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
+        let written = self.lock().update(id, revision, body);
+        if written.is_some() {
+            self.changed.notify_waiters();
+        }
+        written
+    }
+
+    /// Deletes a record at `revision`, waking the watchers.
+    pub(super) fn delete(&self, id: &str, revision: u64) -> bool {
+        let deleted = self.lock().delete(id, revision);
+        if deleted {
+            self.changed.notify_waiters();
+        }
+        deleted
+    }
+
+    /// The ids of the records changed after change `from`, waiting up to `wait` for one;
+    /// and the last change's number.
+    pub(super) async fn changes_after(&self, from: u64, wait: Duration) -> (Vec<String>, u64) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before the log is read, so a change in between still wakes.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (ids, last) = self.lock().changes_after(from);
+            if !ids.is_empty() || tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return (ids, last);
+            }
+        }
     }
 
     /// Claims a job for `trainer`, waiting up to `wait` for a submission when there is
@@ -81,6 +117,9 @@ pub(super) struct Jobs {
     versions: BTreeMap<String, BTreeMap<u64, Vec<u8>>>,
     pins: HashMap<String, BTreeSet<u64>>,
     retired: BTreeSet<String>,
+    /// The latest changes of records (number, job id), as capped as Redis' stream.
+    changes: VecDeque<(u64, String)>,
+    last_change: u64,
 }
 
 impl Jobs {
@@ -105,13 +144,32 @@ impl Jobs {
         self.records.get(id).cloned()
     }
 
-    pub(super) fn delete(&mut self, id: &str, revision: u64) -> bool {
+    fn delete(&mut self, id: &str, revision: u64) -> bool {
         if self.records.get(id).is_none_or(|r| r.revision != revision) {
             return false;
         }
         self.records.remove(id);
         self.order.retain(|o| o != id);
+        self.changed(id);
         true
+    }
+
+    /// Logs a change of record `id`.
+    fn changed(&mut self, id: &str) {
+        self.last_change += 1;
+        self.changes.push_back((self.last_change, id.to_string()));
+        if self.changes.len() > 1000 {
+            self.changes.pop_front();
+        }
+    }
+
+    pub(super) fn last_change(&self) -> u64 {
+        self.last_change
+    }
+
+    fn changes_after(&self, from: u64) -> (Vec<String>, u64) {
+        let ids = self.changes.iter().filter(|(n, _)| *n > from);
+        (ids.map(|(_, id)| id.clone()).collect(), self.last_change)
     }
 
     pub(super) fn page(&self, from: usize, limit: usize, newest_first: bool) -> Vec<Revised> {
@@ -126,14 +184,16 @@ impl Jobs {
             .collect()
     }
 
-    pub(super) fn update(&mut self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
+    fn update(&mut self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
         let record = self
             .records
             .get_mut(id)
             .filter(|r| r.revision == revision)?;
         record.revision += 1;
         record.body = body.to_vec();
-        Some(record.revision)
+        let revision = record.revision;
+        self.changed(id);
+        Some(revision)
     }
 
     pub(super) fn claim(&mut self, trainer: &str, lease: Duration) -> Option<JobClaim> {

@@ -7,7 +7,8 @@
 //! the body), `index` (a sorted set by submission time) and `queue` (a stream with the
 //! consumer group `trainers`). A trainer claims an entry with `XREADGROUP`, keeps it by
 //! touching it (`XCLAIM ... JUSTID`, only while it still owns it) and acknowledges it
-//! when the job ends; an entry whose trainer stopped touching it for the lease is taken
+//! when the job ends; `changes` (a stream capped near 1,000 entries) names each job
+//! whose record was updated or deleted, for watchers to block on; an entry whose trainer stopped touching it for the lease is taken
 //! by the next claim (`XAUTOCLAIM`), its delivery count telling how many trainers had it.
 //! The registry lives under `{prefix}:{registry}:`: `names` (a set), `owners` (a hash of
 //! name to API key id), `{name}:next` (the last version number handed out), `{name}` (a
@@ -36,6 +37,10 @@ pub struct JobClaim {
     /// earlier ones stopped (died, or hung past the lease).
     pub deliveries: u64,
 }
+
+/// A place in the sequence of job-record changes (see [`JobStore::job_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeCursor(String);
 
 /// A stored body and its revision (1 for a new record; each write adds one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -99,6 +104,9 @@ impl JobKeys {
     }
     fn queue(&self) -> String {
         format!("{}queue", self.base)
+    }
+    fn changes(&self) -> String {
+        format!("{}changes", self.base)
     }
     fn names(&self) -> String {
         format!("{}names", self.registry)
@@ -176,8 +184,8 @@ impl JobStore {
     /// another writer moved it (read it again) or it does not exist.
     pub async fn update_job(&self, id: &str, revision: u64, body: &[u8]) -> Result<Option<u64>> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.lock().update(id, revision, body)),
-            Backend::Redis(r) => r.update_job(&self.keys.job(id), revision, body).await,
+            Backend::Memory(m) => Ok(m.update(id, revision, body)),
+            Backend::Redis(r) => r.update_job(&self.keys, id, revision, body).await,
         }
     }
 
@@ -185,8 +193,44 @@ impl JobStore {
     /// the job ended): false when another writer moved it or it does not exist.
     pub async fn delete_job(&self, id: &str, revision: u64) -> Result<bool> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.lock().delete(id, revision)),
+            Backend::Memory(m) => Ok(m.delete(id, revision)),
             Backend::Redis(r) => r.delete_job(&self.keys, id, revision).await,
+        }
+    }
+
+    /// Where the changes of job records stand now: [`JobStore::job_changes`] from it
+    /// returns only later ones.
+    pub async fn job_changes_cursor(&self) -> Result<ChangeCursor> {
+        Ok(ChangeCursor(match &self.backend {
+            Backend::Memory(m) => m.lock().last_change().to_string(),
+            Backend::Redis(r) => r.last_change(&self.keys.changes()).await?,
+        }))
+    }
+
+    /// Waits up to `wait` for job records to change (be updated or deleted) after
+    /// `cursor`, which moves past them: the ids of the jobs changed, in order (empty
+    /// when none changed in time). The store keeps the last thousand or so changes: a
+    /// cursor older than those misses some, so a watcher also reads its job now and
+    /// then.
+    pub async fn job_changes(
+        &self,
+        cursor: &mut ChangeCursor,
+        wait: Duration,
+    ) -> Result<Vec<String>> {
+        match &self.backend {
+            Backend::Memory(m) => {
+                let from = cursor.0.parse().unwrap_or(0);
+                let (ids, next) = m.changes_after(from, wait).await;
+                cursor.0 = next.to_string();
+                Ok(ids)
+            }
+            Backend::Redis(r) => {
+                let (ids, next) = r
+                    .changes_after(&self.keys.changes(), &cursor.0, wait)
+                    .await?;
+                cursor.0 = next;
+                Ok(ids)
+            }
         }
     }
 

@@ -77,12 +77,12 @@ impl RedisJobs {
     }
 
     pub(super) async fn delete_job(&self, keys: &JobKeys, id: &str, revision: u64) -> Result<bool> {
-        let (job, index) = (keys.job(id), keys.index());
+        let (job, index, changes) = (keys.job(id), keys.index(), keys.changes());
         let deleted: i64 = self
             .redis
             .retried("delete_job", |mut con| {
                 let mut call = DELETE.key(&job);
-                call.key(&index).arg(id).arg(revision);
+                call.key(&index).key(&changes).arg(id).arg(revision);
                 async move { call.invoke_async(&mut con).await }
             })
             .await?;
@@ -160,18 +160,71 @@ impl RedisJobs {
 
     pub(super) async fn update_job(
         &self,
-        key: &str,
+        keys: &JobKeys,
+        id: &str,
         revision: u64,
         body: &[u8],
     ) -> Result<Option<u64>> {
+        let (job, changes) = (keys.job(id), keys.changes());
         self.redis
             .retried("update_job", |mut con| {
-                let mut call = UPDATE.key(key);
-                call.arg(revision).arg(body);
+                let mut call = UPDATE.key(&job);
+                call.key(&changes).arg(revision).arg(body).arg(id);
                 async move { call.invoke_async(&mut con).await }
             })
             .await
             .map_err(Error::from)
+    }
+
+    /// The id of the changes stream's last entry ("0-0" while it has none): where a
+    /// watcher starts.
+    pub(super) async fn last_change(&self, changes: &str) -> Result<String> {
+        let last: Vec<(String, Vec<(String, String)>)> = self
+            .redis
+            .retried("job_changes", |mut con| async move {
+                redis::cmd("XREVRANGE")
+                    .arg(changes)
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(1)
+                    .query_async(&mut con)
+                    .await
+            })
+            .await?;
+        Ok(last.into_iter().next().map_or("0-0".into(), |(id, _)| id))
+    }
+
+    /// Blocks up to `wait` on a connection of its own for changes after `cursor`: the
+    /// changed job ids and the new cursor.
+    pub(super) async fn changes_after(
+        &self,
+        changes: &str,
+        cursor: &str,
+        wait: Duration,
+    ) -> Result<(Vec<String>, String)> {
+        let mut con = self.redis.dedicated(wait).await?;
+        type Entries = Vec<(String, Vec<(String, Vec<String>)>)>;
+        let read: Option<Entries> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(1000)
+            .arg("BLOCK")
+            .arg(wait.as_millis().max(1) as u64)
+            .arg("STREAMS")
+            .arg(changes)
+            .arg(cursor)
+            .query_async(&mut con)
+            .await?;
+        let entries: Vec<_> = read.into_iter().flatten().flat_map(|(_, e)| e).collect();
+        let next = entries
+            .last()
+            .map_or(cursor.to_string(), |(id, _)| id.clone());
+        // Each entry's fields are `job <id>`, as the scripts wrote them.
+        let ids = entries
+            .into_iter()
+            .filter_map(|(_, fields)| fields.into_iter().nth(1))
+            .collect();
+        Ok((ids, next))
     }
 
     pub(super) async fn claim_job(
