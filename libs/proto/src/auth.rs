@@ -24,6 +24,9 @@ pub struct Caller {
     /// Whether the key is marked `admin` in its file: it may act on what other keys own
     /// (their model names).
     pub admin: bool,
+    /// Whether the key is marked `priority` in its file: its requests' `priority` orders
+    /// them across keys, not only among its own.
+    pub priority: bool,
 }
 
 /// Fewest characters of a token in a token file: 16 random printable characters are
@@ -38,17 +41,26 @@ pub struct Tokens {
     digests: RwLock<Vec<Accepted>>,
 }
 
-/// One accepted token: its digest, and whether it is an administrator's.
+/// One accepted token: its digest and its roles.
 #[derive(Debug, Clone, Copy)]
 struct Accepted {
     digest: [u8; 32],
-    admin: bool,
+    roles: Roles,
 }
 
-/// A token of a file: the token, and whether the line marks it `admin`.
+/// What a line of a token file marks a token as, beside a caller.
+#[derive(Debug, Clone, Copy, Default)]
+struct Roles {
+    /// `admin`: acts on what other keys own.
+    admin: bool,
+    /// `priority`: its request priority counts across keys.
+    priority: bool,
+}
+
+/// A token of a file and its roles.
 struct Line {
     token: String,
-    admin: bool,
+    roles: Roles,
 }
 
 /// Why a token file was refused.
@@ -65,10 +77,10 @@ pub enum TokenFileError {
     /// It holds no token.
     #[error("the token file {0} holds no token")]
     Empty(PathBuf),
-    /// A line is not a token a header can carry (and an optional `admin`).
+    /// A line is not a token a header can carry (and its optional roles).
     #[error(
         "the token file {path}, line {line}: a line is a token of printable ASCII without \
-         spaces, then optionally `admin`"
+         spaces, then optionally the roles `admin` and `priority`"
     )]
     Invalid {
         /// The file.
@@ -96,7 +108,7 @@ impl Tokens {
     pub fn of(tokens: Vec<String>) -> Self {
         let lines = tokens.into_iter().map(|token| Line {
             token,
-            admin: false,
+            roles: Roles::default(),
         });
         Self::of_lines(lines.collect())
     }
@@ -144,6 +156,7 @@ impl Tokens {
             return Ok(Caller {
                 key_id: None,
                 admin: false,
+                priority: false,
             });
         }
         let offered = metadata
@@ -156,16 +169,18 @@ impl Tokens {
         // Digests of one length, every one compared: the time taken says neither which
         // token matched nor how long any is.
         let offered_digest = digest(offered);
-        let (mut matched, mut admin) = (false, false);
+        let (mut matched, mut roles) = (false, Roles::default());
         for accepted in digests.iter() {
             let this = constant_time_eq(&accepted.digest, &offered_digest);
             matched |= this;
-            admin |= this & accepted.admin;
+            roles.admin |= this & accepted.roles.admin;
+            roles.priority |= this & accepted.roles.priority;
         }
         if matched {
             Ok(Caller {
                 key_id: Some(key_id(offered)),
-                admin,
+                admin: roles.admin,
+                priority: roles.priority,
             })
         } else {
             Err(Status::unauthenticated(
@@ -209,7 +224,7 @@ impl Accepted {
     fn of(line: &Line) -> Self {
         Self {
             digest: digest(&line.token),
-            admin: line.admin,
+            roles: line.roles,
         }
     }
 }
@@ -227,18 +242,17 @@ fn read(path: &Path) -> Result<Vec<Line>, TokenFileError> {
         }
         let (path, line_no) = (path.to_path_buf(), i + 1);
         let mut words = line.split_ascii_whitespace();
-        let (token, role) = (words.next().unwrap_or_default(), words.next());
-        let admin = match role {
-            None => false,
-            Some("admin") => true,
-            Some(_) => {
-                return Err(TokenFileError::Invalid {
-                    path,
-                    line: line_no,
-                });
+        let token = words.next().unwrap_or_default();
+        let mut roles = Roles::default();
+        let mut valid = token.bytes().all(|b| b.is_ascii_graphic());
+        for role in words {
+            match role {
+                "admin" => roles.admin = true,
+                "priority" => roles.priority = true,
+                _ => valid = false,
             }
-        };
-        if words.next().is_some() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+        }
+        if !valid {
             return Err(TokenFileError::Invalid {
                 path,
                 line: line_no,
@@ -252,7 +266,7 @@ fn read(path: &Path) -> Result<Vec<Line>, TokenFileError> {
         }
         tokens.push(Line {
             token: token.to_string(),
-            admin,
+            roles,
         });
     }
     if tokens.is_empty() {
@@ -348,10 +362,14 @@ mod tests {
         assert_eq!(tokens.reload().unwrap(), 1);
         assert!(tokens.check(&bearer(beta)).is_err());
         assert!(tokens.check(&bearer(gamma)).is_ok());
-        std::fs::write(&path, format!("{gamma} admin\n{beta}\n")).unwrap();
+        std::fs::write(&path, format!("{gamma} admin\n{beta} priority\n")).unwrap();
         tokens.reload().unwrap();
-        assert!(tokens.check(&bearer(gamma)).unwrap().admin, "marked admin");
-        assert!(!tokens.check(&bearer(beta)).unwrap().admin);
+        let (g, b) = (
+            tokens.check(&bearer(gamma)).unwrap(),
+            tokens.check(&bearer(beta)).unwrap(),
+        );
+        assert!(g.admin && !g.priority, "marked admin");
+        assert!(!b.admin && b.priority, "marked priority");
         std::fs::write(&path, format!("{gamma}\n")).unwrap();
         tokens.reload().unwrap();
         std::fs::write(&path, "two words and more\n").unwrap();

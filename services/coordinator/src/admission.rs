@@ -5,7 +5,9 @@
 //! per block a worker takes at once: their `Info.capacity`, summed over the healthy
 //! workers) in its key's queue ([`Admission::acquire`]). Freed slots go to the keys with
 //! waiting blocks in turn, so one key's burst cannot starve another key's first block;
-//! within a key, higher `priority` first, then arrival. A generation's first block may
+//! within a key, higher `priority` first, then arrival. A key marked `priority` in the
+//! keys file may jump the turn: its blocks of positive priority wait in one band served
+//! before every key's turn, highest first. A generation's first block may
 //! wait only until its deadline (the call's gRPC deadline, `--max-queue-wait-secs`);
 //! once it has streamed, a generation waits for its slots however long the queue: it is
 //! never failed by load.
@@ -42,6 +44,9 @@ struct State {
     queues: HashMap<String, Vec<Waiter>>,
     /// The keys with waiting blocks, in the order they are served.
     turn: VecDeque<String>,
+    /// Blocks of positive priority of keys allowed it across keys, served before the
+    /// turn: highest priority first, then oldest.
+    urgent: Vec<Waiter>,
     waiting: usize,
     next_seq: u64,
 }
@@ -60,6 +65,9 @@ pub struct Queueing {
     pub key: String,
     /// Higher first within the key's turn.
     pub priority: i32,
+    /// The key may use priority across keys: a positive one goes before every key's
+    /// turn.
+    pub across: bool,
     /// Until when it may wait, and what it is when it passes; `None` after the first
     /// block.
     pub deadline: Option<(Instant, Expiry)>,
@@ -228,18 +236,9 @@ impl Admission {
         }
     }
 
-    /// A slot came free: to the next waiting key in turn, else kept free.
+    /// A slot came free: to the next waiting block, else kept free.
     fn hand_out(self: &Arc<Self>, s: &mut State) {
-        while let Some(key) = s.turn.pop_front() {
-            let Some(queue) = s.queues.get_mut(&key) else {
-                continue;
-            };
-            let waiter = queue.remove(0);
-            if queue.is_empty() {
-                s.queues.remove(&key);
-            } else {
-                s.turn.push_back(key);
-            }
+        while let Some(waiter) = s.next_waiter() {
             s.waiting -= 1;
             crate::metrics::queue(-1.0);
             match waiter.grant.send(self.slot()) {
@@ -253,16 +252,43 @@ impl Admission {
 }
 
 impl State {
-    /// Queues a waiter of `queueing` behind those of its key of higher or equal priority;
-    /// its sequence number.
+    /// Takes the next waiter: the urgent band's first, else the first of the next key in
+    /// turn (which goes to the back of the turn while it has more).
+    fn next_waiter(&mut self) -> Option<Waiter> {
+        if !self.urgent.is_empty() {
+            return Some(self.urgent.remove(0));
+        }
+        while let Some(key) = self.turn.pop_front() {
+            let Some(queue) = self.queues.get_mut(&key) else {
+                continue;
+            };
+            let waiter = queue.remove(0);
+            if queue.is_empty() {
+                self.queues.remove(&key);
+            } else {
+                self.turn.push_back(key);
+            }
+            return Some(waiter);
+        }
+        None
+    }
+
+    /// Queues a waiter of `queueing` behind those of higher or equal priority: in the
+    /// urgent band when its key may use priority across keys and it has a positive one,
+    /// else in its key's queue. Its sequence number.
     fn enqueue(&mut self, queueing: &Queueing, grant: oneshot::Sender<Slot>) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
         let priority = queueing.priority;
-        let queue = self.queues.entry(queueing.key.clone()).or_default();
-        if queue.is_empty() {
-            self.turn.push_back(queueing.key.clone());
-        }
+        let queue = if queueing.across && priority > 0 {
+            &mut self.urgent
+        } else {
+            let queue = self.queues.entry(queueing.key.clone()).or_default();
+            if queue.is_empty() {
+                self.turn.push_back(queueing.key.clone());
+            }
+            queue
+        };
         let at = queue.partition_point(|w| w.priority >= priority);
         queue.insert(
             at,
@@ -279,6 +305,12 @@ impl State {
 
     /// Takes waiter `seq` of `key` out of the queue; false when it was no longer there.
     fn leave(&mut self, key: &str, seq: u64) -> bool {
+        if let Some(at) = self.urgent.iter().position(|w| w.seq == seq) {
+            self.urgent.remove(at);
+            self.waiting -= 1;
+            crate::metrics::queue(-1.0);
+            return true;
+        }
         let Some(queue) = self.queues.get_mut(key) else {
             return false;
         };
@@ -375,6 +407,7 @@ mod tests {
         Queueing {
             key: key.into(),
             priority,
+            across: false,
             deadline: None,
         }
     }
@@ -439,6 +472,48 @@ mod tests {
         let order = order.lock().unwrap().clone();
         assert_eq!(order, ["burst-urgent", "small", "burst-1", "burst-2"]);
         assert_eq!(admission.lock().free, 1);
+    }
+
+    /// A key allowed priority across keys goes before every key's turn with a positive
+    /// priority (highest first), and takes its turn like any key without one; another
+    /// key's priority stays within its own queue. A waiter of the band that leaves gives
+    /// its place up.
+    #[tokio::test]
+    async fn priority_across_keys_goes_before_the_turn() {
+        let admission = Arc::new(Admission::new(16, 0));
+        admission.set_capacity(1);
+        let held = admission.acquire(&queueing("a", 0), IDLE).await.unwrap();
+        let across = |key: &str, priority| Queueing {
+            across: true,
+            ..queueing(key, priority)
+        };
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut waiters = Vec::new();
+        let queued = [
+            (queueing("a", 0), "a"),
+            (queueing("b", 9), "b-high"),
+            (across("vip", 0), "vip-plain"),
+            (across("vip", 2), "vip-2"),
+            (across("ops", 7), "ops-7"),
+        ];
+        for (i, (q, tag)) in queued.into_iter().enumerate() {
+            waiters.push(waiter(&admission, q, tag, &order));
+            until_waiting(&admission, i + 1).await;
+        }
+        let gone = {
+            let admission = admission.clone();
+            tokio::spawn(async move { admission.acquire(&across("ops", 99), IDLE).await })
+        };
+        until_waiting(&admission, 6).await;
+        gone.abort();
+        let _ = gone.await;
+        assert_eq!(admission.waiting(), 5, "the band's waiter left");
+        drop(held);
+        for w in waiters {
+            w.await.unwrap();
+        }
+        let order = order.lock().unwrap().clone();
+        assert_eq!(order, ["ops-7", "vip-2", "a", "b-high", "vip-plain"]);
     }
 
     /// Admission reserves: a burst is admitted up to the slots and the queue, never past

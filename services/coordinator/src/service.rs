@@ -110,11 +110,11 @@ impl Coordinator {
     async fn prepare(
         &self,
         req: GenerateRequest,
-        owner: Option<String>,
+        (owner, across): (Option<String>, bool),
         deadline: Option<Instant>,
     ) -> Result<Plan, Error> {
         let ticket = self.inner.admission.admit(owner.as_deref())?;
-        let queueing = self.queueing(&owner, req.priority, deadline);
+        let queueing = self.queueing(&owner, (req.priority, across), deadline);
         let model = self.model().await?;
         let settings = &self.inner.settings;
         // Tokenizing a long prompt is compute: off the async threads.
@@ -128,9 +128,15 @@ impl Coordinator {
         plan::plan(valid, model, &self.inner.store, settings, owner, admitted).await
     }
 
-    /// Where a generation of `owner` waits: its key's queue at `priority`, its first
-    /// block until the call's `deadline` or `--max-queue-wait-secs`, whichever is first.
-    fn queueing(&self, owner: &Option<String>, priority: i32, call: Option<Instant>) -> Queueing {
+    /// Where a generation of `owner` waits: its key's queue at `priority` (or the band
+    /// before every key's turn, `across` keys), its first block until the call's
+    /// `deadline` or `--max-queue-wait-secs`, whichever is first.
+    fn queueing(
+        &self,
+        owner: &Option<String>,
+        (priority, across): (i32, bool),
+        call: Option<Instant>,
+    ) -> Queueing {
         let wait = self
             .inner
             .settings
@@ -145,6 +151,7 @@ impl Coordinator {
         Queueing {
             key: owner.clone().unwrap_or_default(),
             priority,
+            across,
             deadline,
         }
     }
@@ -183,6 +190,15 @@ pub(crate) fn caller<T>(request: &Request<T>) -> Option<String> {
         .and_then(|c| c.key_id.clone())
 }
 
+/// The caller's key id, and whether its priority counts across keys.
+fn generating_caller<T>(request: &Request<T>) -> (Option<String>, bool) {
+    let across = request
+        .extensions()
+        .get::<Caller>()
+        .is_some_and(|c| c.priority);
+    (caller(request), across)
+}
+
 /// When the call must be answered: its `grpc-timeout` (set by a client's deadline) from
 /// now; `None` without one, or with one that does not parse.
 pub(crate) fn call_deadline<T>(request: &Request<T>) -> Option<Instant> {
@@ -214,8 +230,8 @@ impl Coordinator {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<GenerateResponse>, Status> {
-        let (owner, deadline) = (caller(&request), call_deadline(&request));
-        let plan = self.prepare(request.into_inner(), owner, deadline).await?;
+        let (who, deadline) = (generating_caller(&request), call_deadline(&request));
+        let plan = self.prepare(request.into_inner(), who, deadline).await?;
         let mut rx = self.spawn_drive(plan);
         let mut out = GenerateResponse::default();
         while let Some(message) = rx.recv().await {
@@ -237,8 +253,8 @@ impl Coordinator {
         &self,
         request: Request<GenerateRequest>,
     ) -> Result<Response<Stream>, Status> {
-        let (owner, deadline) = (caller(&request), call_deadline(&request));
-        let plan = self.prepare(request.into_inner(), owner, deadline).await?;
+        let (who, deadline) = (generating_caller(&request), call_deadline(&request));
+        let plan = self.prepare(request.into_inner(), who, deadline).await?;
         Ok(Response::new(ReceiverStream::new(self.spawn_drive(plan))))
     }
 
