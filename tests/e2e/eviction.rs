@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bd3lm_kvstore::contract::record;
-use bd3lm_kvstore::{RedisConnection, SessionStore, StoreConfig, Stores};
+use bd3lm_kvstore::{RedisConnection, SessionStore, StoreConfig, Stores, Submitted};
 use bd3lm_proto::v1::DeleteSessionRequest;
 use tonic::Code;
 
@@ -131,13 +131,12 @@ fn redis_at_maxmemory_under_concurrent_generations_keeps_what_cannot_be_rebuilt(
         );
         for job in 0..20 {
             let body = format!("job body {job}");
-            assert!(
-                stores
-                    .jobs
-                    .submit_job(&format!("j{job}"), body.as_bytes())
-                    .await
-                    .unwrap()
-            );
+            let submitted = stores
+                .jobs
+                .submit_job(&format!("j{job}"), body.as_bytes(), None)
+                .await
+                .unwrap();
+            assert!(matches!(submitted, Submitted::Queued { .. }));
         }
         session_id
     });

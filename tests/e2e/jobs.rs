@@ -681,7 +681,8 @@ fn keyed_client(channel: &Channel, key: &str) -> KeyedClient {
 
 /// Jobs are bounded: a spec past a bound is INVALID_ARGUMENT naming the field and the
 /// limit, and a key with its limit of jobs queued or running is refused another
-/// (RESOURCE_EXHAUSTED) while another key is not.
+/// (RESOURCE_EXHAUSTED) while another key is not; of a burst of one key's submissions
+/// at the same instant, only its limit is queued.
 #[test]
 fn jobs_are_bounded_and_counted_per_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -711,6 +712,22 @@ fn jobs_are_bounded_and_counted_per_key() {
         })
         .await
         .unwrap();
+
+        // A burst of one key's submissions at once: exactly its limit is queued.
+        let burst = (0..8).map(|_| {
+            let mut admin = keyed_client(&channel, KEYS[2]);
+            let spec = JobSpec {
+                publish_as: "burst".into(),
+                ..short()
+            };
+            async move { admin.submit_job(spec).await }
+        });
+        let outcomes = futures::future::join_all(burst).await;
+        let queued = outcomes.iter().filter(|o| o.is_ok()).count();
+        assert_eq!(queued, 1, "{outcomes:?}");
+        for refused in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+        }
     });
 }
 

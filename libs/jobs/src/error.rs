@@ -24,6 +24,9 @@ pub enum Error {
     /// A request the job's state does not allow yet (deleting a job that runs).
     #[error("{0}")]
     Precondition(String),
+    /// A limit of the caller's is reached (its jobs queued or running).
+    #[error("{0}")]
+    Exhausted(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] bd3lm_kvstore::Error),
@@ -62,6 +65,7 @@ impl From<Error> for Status {
             Error::NotFound(what) => Status::not_found(what),
             Error::PermissionDenied(what) => Status::permission_denied(what),
             Error::Precondition(what) => Status::failed_precondition(what),
+            Error::Exhausted(what) => Status::resource_exhausted(what),
             Error::Store(e) => bd3lm_proto::status::from_store(e),
             // Paths of the registry's storage stay in the server's log.
             Error::Io { .. } | Error::Corrupt(_) => {

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bd3lm_kvstore::{JobClaim, JobStore, Revised};
+use bd3lm_kvstore::{JobClaim, JobStore, Quota, Revised, Submitted};
 use bd3lm_proto::v1 as wire;
 use serde::{Deserialize, Serialize};
 
@@ -164,9 +164,16 @@ impl Jobs {
         &self.store
     }
 
-    /// Records a new job of `owner` and queues it.
+    /// Records a new job of `owner` and queues it, unless the owner has `limit` jobs
+    /// queued or running already (RESOURCE_EXHAUSTED; 0: no limit): the count and the
+    /// submission are one step in the store, so a burst never passes the limit.
     #[tracing::instrument(skip_all)]
-    pub async fn submit(&self, spec: JobSpec, owner: Option<String>) -> Result<Job> {
+    pub async fn submit_within(
+        &self,
+        spec: JobSpec,
+        owner: Option<String>,
+        limit: usize,
+    ) -> Result<Job> {
         let now = now_ms();
         let job = Job {
             id: crate::new_id(),
@@ -182,11 +189,23 @@ impl Jobs {
             cancel_requested: false,
             revision: 1,
         };
-        if !self.store.submit_job(&job.id, &job.encode()).await? {
-            return Err(Error::Corrupt("a new job id was taken".into()));
+        let quota = job.owner.as_deref().map(|owner| Quota { owner, limit });
+        match self.store.submit_job(&job.id, &job.encode(), quota).await? {
+            Submitted::Queued { .. } => {}
+            Submitted::Exists => return Err(Error::Corrupt("a new job id was taken".into())),
+            Submitted::OverQuota { open } => {
+                return Err(Error::Exhausted(format!(
+                    "this API key has {open} jobs queued or running, its limit of {limit}; cancel one or wait"
+                )));
+            }
         }
         tracing::info!(job = %job.id, "job queued");
         Ok(job)
+    }
+
+    /// Records a new job of `owner` and queues it, without a limit on the owner's jobs.
+    pub async fn submit(&self, spec: JobSpec, owner: Option<String>) -> Result<Job> {
+        self.submit_within(spec, owner, 0).await
     }
 
     /// Reads job `id`.
@@ -244,9 +263,11 @@ impl Jobs {
                 .ok_or_else(|| Error::NotFound(format!("job_id: no job {id}")))?;
             change(&mut job);
             job.updated_ms = now_ms();
+            // An ended job leaves its owner's count (again, harmlessly, at later writes).
+            let ends_for = job.owner.as_deref().filter(|_| job.state.is_terminal());
             if let Some(revision) = self
                 .store
-                .update_job(id, job.revision, &job.encode())
+                .update_job(id, job.revision, &job.encode(), ends_for)
                 .await?
             {
                 job.revision = revision;
@@ -268,9 +289,9 @@ impl Jobs {
         .await
     }
 
-    /// Deletes ended job `id` of `owner`: its record, and so its place in listings (its
-    /// run directory stays on the trainers' storage). FAILED_PRECONDITION while it is
-    /// queued or runs. The job as it was.
+    /// Deletes ended job `id` of `owner`: its record, and so its place in listings (the
+    /// trainers remove its run directory at their next sweep). FAILED_PRECONDITION while
+    /// it is queued or runs. The job as it was.
     #[tracing::instrument(skip(self, owner))]
     pub async fn delete(&self, id: &str, owner: Option<&str>) -> Result<Job> {
         loop {
@@ -366,7 +387,7 @@ mod tests {
         .await
         .unwrap();
         jobs.store()
-            .submit_job("f".repeat(32).as_str(), b"{not json")
+            .submit_job("f".repeat(32).as_str(), b"{not json", None)
             .await
             .unwrap();
         let listed = jobs.list(10, None).await.unwrap();

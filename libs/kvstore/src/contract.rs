@@ -143,20 +143,24 @@ pub async fn check(store: SessionStore) {
     ));
 }
 
+/// Submits job `id` without a quota: whether it was queued.
+async fn queued(store: &JobStore, id: &str, body: &[u8]) -> bool {
+    let submitted = store.submit_job(id, body, None).await.unwrap();
+    matches!(submitted, crate::Submitted::Queued { .. })
+}
+
 /// Exercises the jobs, the queue and the registry of `store` (which must hold none):
 /// records by revision, claims that lapse and move to another trainer, touches that fail
-/// once another trainer holds the entry, a waiting claim woken by a submission, and
-/// versions written once.
+/// once another trainer holds the entry, a waiting claim woken by a submission, versions
+/// written once, retired and pinned, the change notifications of records, and a quota
+/// of open jobs held under a concurrent burst.
 pub async fn check_jobs(store: JobStore) {
     use std::time::Duration;
     let lease = Duration::from_secs(60);
     assert!(store.list_jobs(10).await.unwrap().is_empty());
-    assert!(store.submit_job("j1", b"one").await.unwrap());
-    assert!(
-        !store.submit_job("j1", b"again").await.unwrap(),
-        "ids are unique"
-    );
-    assert!(store.submit_job("j2", b"two").await.unwrap());
+    assert!(queued(&store, "j1", b"one").await);
+    assert!(!queued(&store, "j1", b"again").await, "ids are unique");
+    assert!(queued(&store, "j2", b"two").await);
     let listed = store.list_jobs(10).await.unwrap();
     let bodies: Vec<&[u8]> = listed.iter().map(|r| r.body.as_slice()).collect();
     assert_eq!(bodies, [b"two".as_slice(), b"one"], "newest first");
@@ -164,9 +168,15 @@ pub async fn check_jobs(store: JobStore) {
 
     let j1 = store.get_job("j1").await.unwrap().unwrap();
     assert_eq!((j1.revision, j1.body.as_slice()), (1, b"one".as_slice()));
-    assert_eq!(store.update_job("j1", 1, b"one'").await.unwrap(), Some(2));
-    assert_eq!(store.update_job("j1", 1, b"stale").await.unwrap(), None);
-    assert_eq!(store.update_job("nope", 1, b"x").await.unwrap(), None);
+    assert_eq!(
+        store.update_job("j1", 1, b"one'", None).await.unwrap(),
+        Some(2)
+    );
+    assert_eq!(
+        store.update_job("j1", 1, b"stale", None).await.unwrap(),
+        None
+    );
+    assert_eq!(store.update_job("nope", 1, b"x", None).await.unwrap(), None);
     assert_eq!(store.get_job("j1").await.unwrap().unwrap().body, b"one'");
 
     let a = store.claim_job("a", lease).await.unwrap().unwrap();
@@ -210,7 +220,7 @@ pub async fn check_jobs(store: JobStore) {
         }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(store.submit_job("j3", b"three").await.unwrap());
+    assert!(queued(&store, "j3", b"three").await);
     let woken = tokio::time::timeout(Duration::from_secs(30), waiting)
         .await
         .expect("a submission wakes the waiting trainer")
@@ -340,7 +350,7 @@ pub async fn check_jobs(store: JobStore) {
             .unwrap()
             .is_empty()
     );
-    assert!(store.submit_job("w1", b"w").await.unwrap());
+    assert!(queued(&store, "w1", b"w").await);
     let waiting = {
         let (store, mut cursor) = (store.clone(), cursor.clone());
         tokio::spawn(async move {
@@ -350,7 +360,10 @@ pub async fn check_jobs(store: JobStore) {
         })
     };
     // The waiter may not block yet: either way it sees the update.
-    assert_eq!(store.update_job("w1", 1, b"w2").await.unwrap(), Some(2));
+    assert_eq!(
+        store.update_job("w1", 1, b"w2", None).await.unwrap(),
+        Some(2)
+    );
     let (changed, after) = waiting.await.unwrap();
     assert_eq!(changed, vec!["w1".to_string()]);
     assert!(store.delete_job("w1", 2).await.unwrap());
@@ -366,4 +379,56 @@ pub async fn check_jobs(store: JobStore) {
     );
     let both = store.job_changes(&mut cursor, quiet).await.unwrap();
     assert_eq!(both.len(), 2, "both, in order: {both:?}");
+
+    // A burst of one owner's submissions is queued up to its limit and no further; a job
+    // that ends gives its place back.
+    use crate::{Quota, Submitted};
+    let burst = (0..12).map(|i| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let quota = Quota {
+                owner: "k",
+                limit: 3,
+            };
+            store
+                .submit_job(&format!("q{i}"), b"q", Some(quota))
+                .await
+                .unwrap()
+        })
+    });
+    let outcomes = futures::future::join_all(burst).await;
+    let queued: Vec<usize> = (0..12)
+        .filter(|i| matches!(outcomes[*i].as_ref().unwrap(), Submitted::Queued { .. }))
+        .collect();
+    assert_eq!(queued.len(), 3, "{outcomes:?}");
+    let refused = outcomes
+        .iter()
+        .filter(|o| matches!(o.as_ref().unwrap(), Submitted::OverQuota { open: 3 }));
+    assert_eq!(refused.count(), 9);
+    let quota = Some(Quota {
+        owner: "k",
+        limit: 3,
+    });
+    let ended = format!("q{}", queued[0]);
+    assert_eq!(
+        store
+            .update_job(&ended, 1, b"ended", Some("k"))
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    let after = store.submit_job("q-after", b"q", quota).await.unwrap();
+    assert_eq!(after, Submitted::Queued { open: 3 });
+    let other = Some(Quota {
+        owner: "j",
+        limit: 3,
+    });
+    assert_eq!(
+        store.submit_job("j-1", b"j", other).await.unwrap(),
+        Submitted::Queued { open: 1 }
+    );
+    assert_eq!(
+        store.submit_job("j-1", b"j", other).await.unwrap(),
+        Submitted::Exists
+    );
 }

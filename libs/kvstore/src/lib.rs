@@ -38,7 +38,7 @@ pub use blob::BlockBlob;
 pub use connection::{RedisConnection, RedisSecrets};
 pub use error::{Error, Result};
 pub use eviction::Eviction;
-pub use jobs::{ChangeCursor, JobClaim, JobStore, Retirement, Revised};
+pub use jobs::{ChangeCursor, JobClaim, JobStore, Quota, Retirement, Revised, Submitted};
 pub use record::SessionRecord;
 pub use sessions::{CommitOutcome, SessionStore};
 

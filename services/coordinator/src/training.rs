@@ -156,20 +156,6 @@ impl TrainingService {
         });
     }
 
-    /// Refuses a new job of `owner` when it has its limit of jobs queued or running.
-    async fn check_jobs_of(&self, owner: &str) -> Result<(), Status> {
-        let limit = self.limits.max_jobs_per_key;
-        let listed = self.jobs.list(MAX_LIST, Some(owner)).await?;
-        let open = listed.iter().filter(|j| !j.state.is_terminal()).count();
-        if open >= limit {
-            bd3lm_telemetry::metrics::refused("jobs_per_key");
-            return Err(Status::resource_exhausted(format!(
-                "this API key has {open} jobs queued or running, its limit of {limit}; cancel one or wait"
-            )));
-        }
-        Ok(())
-    }
-
     /// Counts a watch for `key`, or refuses it at the limit.
     fn open_watch(&self, key: Option<&str>) -> Result<Watching, Status> {
         let key = key.unwrap_or_default().to_string();
@@ -265,10 +251,15 @@ impl Training for TrainingService {
                     .await?;
             // A model name is its first key's to publish under (an open API has no keys).
             if let Some(key) = &owner {
-                self.check_jobs_of(key).await?;
                 self.registry.claim(&spec.publish_as, key, admin).await?;
             }
-            let job = self.jobs.submit(spec, owner).await?;
+            let limit = self.limits.max_jobs_per_key;
+            let job = self.jobs.submit_within(spec, owner, limit).await;
+            let job = job.inspect_err(|e| {
+                if let bd3lm_jobs::Error::Exhausted(_) = e {
+                    bd3lm_telemetry::metrics::refused("jobs_per_key");
+                }
+            })?;
             Ok(Response::new(job.to_wire()))
         })
     }

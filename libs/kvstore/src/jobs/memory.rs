@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use super::{JobClaim, Retirement, Revised};
+use super::{JobClaim, Quota, Retirement, Revised, Submitted};
 
 /// The in-memory jobs, queue and registry. Cloning shares them.
 #[derive(Clone, Default)]
@@ -24,18 +24,24 @@ impl MemoryJobs {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stores and queues a job, waking the trainers that wait.
-    pub(super) fn submit(&self, id: &str, body: &[u8]) -> bool {
-        let stored = self.lock().submit(id, body);
-        if stored {
+    /// Stores and queues a job held to `quota`, waking the trainers that wait.
+    pub(super) fn submit(&self, id: &str, body: &[u8], quota: Option<Quota<'_>>) -> Submitted {
+        let submitted = self.lock().submit(id, body, quota);
+        if let Submitted::Queued { .. } = submitted {
             self.submitted.notify_waiters();
         }
-        stored
+        submitted
     }
 
     /// Writes a record at `revision`, waking the watchers.
-    pub(super) fn update(&self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
-        let written = self.lock().update(id, revision, body);
+    pub(super) fn update(
+        &self,
+        id: &str,
+        revision: u64,
+        body: &[u8],
+        ends_for: Option<&str>,
+    ) -> Option<u64> {
+        let written = self.lock().update(id, revision, body, ends_for);
         if written.is_some() {
             self.changed.notify_waiters();
         }
@@ -120,12 +126,23 @@ pub(super) struct Jobs {
     /// The latest changes of records (number, job id), as capped as Redis' stream.
     changes: VecDeque<(u64, String)>,
     last_change: u64,
+    /// Open job ids by owner.
+    open: HashMap<String, BTreeSet<String>>,
 }
 
 impl Jobs {
-    fn submit(&mut self, id: &str, body: &[u8]) -> bool {
+    fn submit(&mut self, id: &str, body: &[u8], quota: Option<Quota<'_>>) -> Submitted {
         if self.records.contains_key(id) {
-            return false;
+            return Submitted::Exists;
+        }
+        let mut open = 0;
+        if let Some(quota) = quota {
+            let owned = self.open.entry(quota.owner.to_string()).or_default();
+            if quota.limit > 0 && owned.len() >= quota.limit {
+                return Submitted::OverQuota { open: owned.len() };
+            }
+            owned.insert(id.to_string());
+            open = owned.len();
         }
         let record = Revised {
             revision: 1,
@@ -137,7 +154,7 @@ impl Jobs {
         // Zero-padded, so the pending map orders entries as they were queued.
         let entry = format!("{:020}-0", self.entries);
         self.queue.push_back((entry, id.to_string()));
-        true
+        Submitted::Queued { open }
     }
 
     pub(super) fn get(&self, id: &str) -> Option<Revised> {
@@ -184,7 +201,13 @@ impl Jobs {
             .collect()
     }
 
-    fn update(&mut self, id: &str, revision: u64, body: &[u8]) -> Option<u64> {
+    fn update(
+        &mut self,
+        id: &str,
+        revision: u64,
+        body: &[u8],
+        ends_for: Option<&str>,
+    ) -> Option<u64> {
         let record = self
             .records
             .get_mut(id)
@@ -193,6 +216,9 @@ impl Jobs {
         record.body = body.to_vec();
         let revision = record.revision;
         self.changed(id);
+        if let Some(owned) = ends_for.and_then(|owner| self.open.get_mut(owner)) {
+            owned.remove(id);
+        }
         Some(revision)
     }
 

@@ -7,7 +7,8 @@
 //! the body), `index` (a sorted set by submission time) and `queue` (a stream with the
 //! consumer group `trainers`). A trainer claims an entry with `XREADGROUP`, keeps it by
 //! touching it (`XCLAIM ... JUSTID`, only while it still owns it) and acknowledges it
-//! when the job ends; `changes` (a stream capped near 1,000 entries) names each job
+//! when the job ends; `open:{owner}` (a set) holds the ids of an API key's queued and
+//! running jobs, counted at submission; `changes` (a stream capped near 1,000 entries) names each job
 //! whose record was updated or deleted, for watchers to block on; an entry whose trainer stopped touching it for the lease is taken
 //! by the next claim (`XAUTOCLAIM`), its delivery count telling how many trainers had it.
 //! The registry lives under `{prefix}:{registry}:`: `names` (a set), `owners` (a hash of
@@ -36,6 +37,32 @@ pub struct JobClaim {
     /// Trainers that have taken this entry, this one included: more than one means the
     /// earlier ones stopped (died, or hung past the lease).
     pub deliveries: u64,
+}
+
+/// The limit a submission is held to: its owner's open (queued or running) jobs.
+#[derive(Debug, Clone, Copy)]
+pub struct Quota<'a> {
+    /// The owner (an API key's id).
+    pub owner: &'a str,
+    /// Most jobs it may have open; 0: no limit (the jobs are counted all the same).
+    pub limit: usize,
+}
+
+/// What a submission did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitted {
+    /// Stored and queued; the owner's open jobs now (0 without a quota).
+    Queued {
+        /// Open jobs of the owner, this one included.
+        open: usize,
+    },
+    /// A job of that id exists: nothing changed.
+    Exists,
+    /// The owner has its limit of jobs open: nothing changed.
+    OverQuota {
+        /// Open jobs of the owner.
+        open: usize,
+    },
 }
 
 /// A place in the sequence of job-record changes (see [`JobStore::job_changes`]).
@@ -108,6 +135,9 @@ impl JobKeys {
     fn changes(&self) -> String {
         format!("{}changes", self.base)
     }
+    fn open(&self, owner: &str) -> String {
+        format!("{}open:{owner}", self.base)
+    }
     fn names(&self) -> String {
         format!("{}names", self.registry)
     }
@@ -145,13 +175,19 @@ impl JobStore {
         }
     }
 
-    /// Stores a new job record (revision 1) and queues the job; false, changing nothing,
-    /// when the id exists.
+    /// Stores a new job record (revision 1) and queues the job, held to `quota` (its
+    /// owner's count of open jobs and the check against the limit are one step with the
+    /// submission); nothing changes unless it is queued.
     #[tracing::instrument(skip_all)]
-    pub async fn submit_job(&self, id: &str, body: &[u8]) -> Result<bool> {
+    pub async fn submit_job(
+        &self,
+        id: &str,
+        body: &[u8],
+        quota: Option<Quota<'_>>,
+    ) -> Result<Submitted> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.submit(id, body)),
-            Backend::Redis(r) => r.submit_job(&self.keys, id, body).await,
+            Backend::Memory(m) => Ok(m.submit(id, body, quota)),
+            Backend::Redis(r) => r.submit_job(&self.keys, id, body, quota).await,
         }
     }
 
@@ -181,11 +217,21 @@ impl JobStore {
     }
 
     /// Writes a job record if it is still at `revision`: the new revision, or `None` when
-    /// another writer moved it (read it again) or it does not exist.
-    pub async fn update_job(&self, id: &str, revision: u64, body: &[u8]) -> Result<Option<u64>> {
+    /// another writer moved it (read it again) or it does not exist. A write that ends
+    /// the job names its owner (`ends_for`): it leaves the owner's open jobs.
+    pub async fn update_job(
+        &self,
+        id: &str,
+        revision: u64,
+        body: &[u8],
+        ends_for: Option<&str>,
+    ) -> Result<Option<u64>> {
         match &self.backend {
-            Backend::Memory(m) => Ok(m.update(id, revision, body)),
-            Backend::Redis(r) => r.update_job(&self.keys, id, revision, body).await,
+            Backend::Memory(m) => Ok(m.update(id, revision, body, ends_for)),
+            Backend::Redis(r) => {
+                r.update_job(&self.keys, id, (revision, body), ends_for)
+                    .await
+            }
         }
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::{AsyncCommands, Script};
 
-use super::{JobClaim, JobKeys, Retirement, Revised};
+use super::{JobClaim, JobKeys, Quota, Retirement, Revised, Submitted};
 use crate::now_ms;
 use crate::{Error, RedisConnection, Result};
 
@@ -41,18 +41,32 @@ impl RedisJobs {
         Self { redis }
     }
 
-    pub(super) async fn submit_job(&self, keys: &JobKeys, id: &str, body: &[u8]) -> Result<bool> {
+    pub(super) async fn submit_job(
+        &self,
+        keys: &JobKeys,
+        id: &str,
+        body: &[u8],
+        quota: Option<Quota<'_>>,
+    ) -> Result<Submitted> {
         self.ensure_group(&keys.queue()).await?;
         let (job, index, queue) = (keys.job(id), keys.index(), keys.queue());
-        let stored: i64 = self
+        let (owner, limit) = quota.map_or(("", 0), |q| (q.owner, q.limit));
+        // Without an owner the set is never touched; a key of the slot all the same.
+        let open = keys.open(owner);
+        let (outcome, count): (i64, usize) = self
             .redis
             .retried("submit_job", |mut con| {
                 let mut call = SUBMIT.key(&job);
-                call.key(&index).key(&queue).arg(id).arg(body).arg(now_ms());
+                call.key(&index).key(&queue).key(&open);
+                call.arg(id).arg(body).arg(now_ms()).arg(owner).arg(limit);
                 async move { call.invoke_async(&mut con).await }
             })
             .await?;
-        Ok(stored == 1)
+        Ok(match outcome {
+            1 => Submitted::Queued { open: count },
+            2 => Submitted::OverQuota { open: count },
+            _ => Submitted::Exists,
+        })
     }
 
     /// Creates the trainers' group (and the stream) unless it exists.
@@ -162,14 +176,19 @@ impl RedisJobs {
         &self,
         keys: &JobKeys,
         id: &str,
-        revision: u64,
-        body: &[u8],
+        (revision, body): (u64, &[u8]),
+        ends_for: Option<&str>,
     ) -> Result<Option<u64>> {
         let (job, changes) = (keys.job(id), keys.changes());
+        let open = ends_for.map(|owner| keys.open(owner));
         self.redis
             .retried("update_job", |mut con| {
                 let mut call = UPDATE.key(&job);
-                call.key(&changes).arg(revision).arg(body).arg(id);
+                call.key(&changes);
+                if let Some(open) = &open {
+                    call.key(open);
+                }
+                call.arg(revision).arg(body).arg(id);
                 async move { call.invoke_async(&mut con).await }
             })
             .await
