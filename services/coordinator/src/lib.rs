@@ -9,11 +9,13 @@
 //! another on an error, a timeout or a disconnect) over the [`pool`] of workers;
 //! [`service`] is the gRPC surface and [`settings`] the flags. [`training`] serves the
 //! `Training` API: jobs for the trainer workers and the model registry's records.
+//! [`http`] is the OpenAI-compatible HTTP API over the same Generation service.
 #![warn(missing_docs)]
 
 pub mod admission;
 pub mod dispatch;
 pub mod error;
+pub mod http;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
@@ -151,11 +153,39 @@ pub async fn serve(
     let max_request = settings.limits.max_request_bytes;
     let training = TrainingService::new(stores.jobs, &settings);
     training.spawn_retention();
+    let http = match &settings.http_addr {
+        Some(addr) => {
+            if ports.tls.is_some() {
+                anyhow::bail!(
+                    "--http-addr: the HTTP API does not serve TLS itself; terminate TLS in front of it (the chart's Ingress)"
+                );
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the HTTP API on {addr}"))?;
+            tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+            let chat = http::ChatTemplate::load(settings.tokenizer.as_deref());
+            Some((listener, chat))
+        }
+        None => None,
+    };
     let coordinator = Coordinator::new(pool, stores.sessions, settings);
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let http = http.map(|(listener, chat)| {
+        let (coordinator, keys) = (coordinator.clone(), keys.clone());
+        let served = http::serve(
+            listener,
+            coordinator,
+            keys,
+            (chat, max_request),
+            shutdown.clone(),
+        );
+        tokio::spawn(served)
+    });
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);
     let training = TrainingServer::new(training);
     let (mut server, incoming) = ports.start(&health)?;
-    server
+    let grpc = server
         .add_service(health)
         // Reflection describes the API to whoever may call it: behind the same keys.
         .add_optional_service(
@@ -168,5 +198,11 @@ pub async fn serve(
         .add_service(InterceptedService::new(training, keys.interceptor()))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
-        .context("coordinator server")
+        .context("coordinator server");
+    if let Some(http) = http {
+        http.await
+            .context("the HTTP API stopped")?
+            .context("HTTP API server")?;
+    }
+    grpc
 }

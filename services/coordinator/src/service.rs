@@ -88,7 +88,7 @@ impl Coordinator {
     }
 
     /// The model served, asked of a healthy worker once.
-    async fn model(&self) -> Result<Arc<ModelInfo>, Error> {
+    pub(crate) async fn model(&self) -> Result<Arc<ModelInfo>, Error> {
         if let Some(m) = self.inner.model.get() {
             return Ok(m.clone());
         }
@@ -244,6 +244,7 @@ impl Coordinator {
             if m.stop_reason != ProtoStop::Unspecified as i32 {
                 out.stop_reason = m.stop_reason;
                 out.forward_passes = m.forward_passes;
+                out.prompt_tokens = m.prompt_tokens;
             }
         }
         Ok(Response::new(out))

@@ -136,6 +136,10 @@ pub struct CoordinatorSettings {
     /// API is open to every caller.
     #[arg(long = "api-keys", env = "BD3LM_API_KEYS_FILE", value_name = "FILE")]
     pub api_keys: Option<PathBuf>,
+    /// Also serve the OpenAI-compatible HTTP API (`/v1/completions`,
+    /// `/v1/chat/completions`, `/v1/models`) on this address, under the same API keys.
+    #[arg(long = "http-addr", env = "BD3LM_HTTP_ADDR", value_name = "HOST:PORT")]
+    pub http_addr: Option<String>,
     /// Serve gRPC reflection (grpcurl's discovery) on the public port, behind the API
     /// keys when there are any.
     #[arg(long, env = "BD3LM_REFLECTION", default_value_t = true, action = clap::ArgAction::Set)]
@@ -204,6 +208,7 @@ impl Default for CoordinatorSettings {
             lease_ttl: Duration::from_secs(30),
             lease_wait: Duration::from_secs(2),
             api_keys: None,
+            http_addr: None,
             reflection: true,
             training_data_root: None,
             max_watches_per_key: 16,

@@ -217,6 +217,7 @@ impl Generation<'_> {
                     forward_passes: self.progress.forward_passes,
                     seed: self.plan.record.seed,
                     text: self.decoder.finish(),
+                    prompt_tokens: self.plan.start as u32,
                     ..Default::default()
                 })
             }

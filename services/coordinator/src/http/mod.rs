@@ -1,0 +1,324 @@
+//! The OpenAI-compatible HTTP API (`--http-addr`): `POST /v1/completions`,
+//! `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{id}`, beside gRPC
+//! on the same coordinator. A request is read into a `GenerateRequest`
+//! ([`openai`], [`chat`]) and served by the Generation service itself (its admission,
+//! metrics and spans), under the same API keys (`Authorization: Bearer`); a stream is
+//! Server-Sent Events, one chunk per committed block, and a client that goes away drops
+//! the stream, which stops the generation as a gRPC cancel does. Errors are OpenAI's
+//! shape ([`error`]).
+
+mod chat;
+mod error;
+mod openai;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bd3lm_proto::auth::{Caller, Tokens};
+use bd3lm_proto::v1::generation_server::Generation;
+use bd3lm_proto::v1::{GenerateRequest, GenerateStreamResponse, StopReason};
+use futures::{Stream, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tonic::Status;
+use tracing::Instrument;
+
+pub use chat::ChatTemplate;
+pub use error::ApiError;
+use openai::{Fields, Shape};
+
+use crate::Coordinator;
+
+/// What the HTTP handlers share.
+#[derive(Clone)]
+struct Http {
+    coordinator: Coordinator,
+    keys: Arc<Tokens>,
+    chat: Arc<Option<ChatTemplate>>,
+}
+
+/// Which OpenAI object a generation is answered as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+/// Serves the HTTP API on `listener` until `shutdown` resolves; requests in flight finish.
+pub async fn serve(
+    listener: TcpListener,
+    coordinator: Coordinator,
+    keys: Arc<Tokens>,
+    (chat, max_request_bytes): (Option<ChatTemplate>, usize),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let http = Http {
+        coordinator,
+        keys,
+        chat: Arc::new(chat),
+    };
+    let app = Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model))
+        .layer(DefaultBodyLimit::max(max_request_bytes))
+        .with_state(http);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// The span of one HTTP call, a child of the `traceparent` header's trace.
+fn span(call: &'static str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!("http", call);
+    let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+    bd3lm_telemetry::adopt(&span, &metadata);
+    span
+}
+
+async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    let call = async {
+        let caller = http.authorize(&headers)?;
+        let (request, shape) = openai::completion(Fields::parse(&body)?)?;
+        http.generate(caller, request, shape, Kind::Completion)
+            .await
+    };
+    answer(call.instrument(span("completions", &headers)).await)
+}
+
+async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
+    let call = async {
+        let caller = http.authorize(&headers)?;
+        let fields = Fields::parse(&body)?;
+        let (request, shape) = chat::completion(fields, http.chat.as_ref().as_ref())?;
+        http.generate(caller, request, shape, Kind::Chat).await
+    };
+    answer(call.instrument(span("chat_completions", &headers)).await)
+}
+
+async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
+    let call = async {
+        http.authorize(&headers)?;
+        let id = http.served().await?;
+        Ok(Json(json!({"object": "list", "data": [model_object(&id)]})).into_response())
+    };
+    answer(call.instrument(span("models", &headers)).await)
+}
+
+async fn model(State(http): State<Http>, Path(id): Path<String>, headers: HeaderMap) -> Response {
+    let call = async {
+        http.authorize(&headers)?;
+        http.check_model(&id).await?;
+        Ok(Json(model_object(&id)).into_response())
+    };
+    answer(call.instrument(span("model", &headers)).await)
+}
+
+fn answer(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(IntoResponse::into_response)
+}
+
+/// A model as OpenAI lists it.
+fn model_object(id: &str) -> Value {
+    json!({"id": id, "object": "model", "created": 0, "owned_by": "bd3lm"})
+}
+
+impl Http {
+    /// The caller of a request with `headers`, or 401 (counted as the gRPC refusals are).
+    fn authorize(&self, headers: &HeaderMap) -> Result<Caller, ApiError> {
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+        self.keys.check(&metadata).map_err(|status| {
+            metrics::counter!("bd3lm_unauthenticated_total").increment(1);
+            ApiError::from_status(&status)
+        })
+    }
+
+    /// The id of the model served (asked of the workers), or 503 while none is ready.
+    async fn served(&self) -> Result<String, ApiError> {
+        let model = self
+            .coordinator
+            .model()
+            .await
+            .map_err(|e| e.into_status())?;
+        Ok(model.info.model_id.clone())
+    }
+
+    /// 404 naming `model` unless `id` is the model served.
+    async fn check_model(&self, id: &str) -> Result<(), ApiError> {
+        let served = self.served().await?;
+        if id != served {
+            return Err(ApiError::not_found(
+                "model",
+                format!("model: no model {id} is served here (GET /v1/models lists them)"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Serves `request` through the Generation service, answered as `kind` in `shape`.
+    async fn generate(
+        &self,
+        caller: Caller,
+        request: GenerateRequest,
+        shape: Shape,
+        kind: Kind,
+    ) -> Result<Response, ApiError> {
+        self.check_model(&shape.model).await?;
+        let mut call = tonic::Request::new(request);
+        call.extensions_mut().insert(caller);
+        let response = Generation::generate_stream(&self.coordinator, call).await?;
+        let request_id = response.metadata().get("x-request-id").cloned();
+        let messages = response.into_inner();
+        let chunks = Chunks::new(shape, kind);
+        let mut reply = if chunks.shape.stream {
+            let events = events(messages, chunks);
+            Sse::new(events)
+                .keep_alive(KeepAlive::default())
+                .into_response()
+        } else {
+            Json(chunks.collect(messages).await?).into_response()
+        };
+        if let Some(id) = request_id.and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok()) {
+            reply.headers_mut().insert("x-request-id", id);
+        }
+        Ok(reply)
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Turns the stream's messages into OpenAI objects of one generation.
+struct Chunks {
+    shape: Shape,
+    kind: Kind,
+    created: u64,
+    /// Tokens returned so far.
+    completion: u32,
+    /// The chat stream's first chunk carries the assistant's role.
+    first: bool,
+}
+
+impl Chunks {
+    fn new(shape: Shape, kind: Kind) -> Self {
+        Self {
+            shape,
+            kind,
+            created: unix_secs(),
+            completion: 0,
+            first: true,
+        }
+    }
+
+    /// The object's head: id, type, time, model, and the session to continue.
+    fn head(&self, session: &str, chunk: bool) -> Value {
+        let (prefix, object) = match (self.kind, chunk) {
+            (Kind::Completion, _) => ("cmpl", "text_completion"),
+            (Kind::Chat, false) => ("chatcmpl", "chat.completion"),
+            (Kind::Chat, true) => ("chatcmpl", "chat.completion.chunk"),
+        };
+        json!({
+            "id": format!("{prefix}-{session}"),
+            "object": object,
+            "created": self.created,
+            "model": self.shape.model,
+            "session_id": session,
+        })
+    }
+
+    /// A choice of `text` ending for `finish` (a stream's delta, or the whole message).
+    fn choice(&mut self, text: String, finish: Option<&str>, chunk: bool) -> Value {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => {
+                json!({"index": 0, "text": text, "logprobs": null, "finish_reason": finish})
+            }
+            (Kind::Chat, false) => json!({
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish,
+            }),
+            (Kind::Chat, true) => {
+                let mut delta = json!({"content": text});
+                if std::mem::take(&mut self.first) {
+                    delta["role"] = "assistant".into();
+                }
+                json!({"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish})
+            }
+        }
+    }
+
+    /// The whole answer of a call without `stream`.
+    async fn collect(
+        mut self,
+        mut messages: impl Stream<Item = Result<GenerateStreamResponse, Status>> + Unpin,
+    ) -> Result<Value, ApiError> {
+        let (mut text, mut last) = (String::new(), GenerateStreamResponse::default());
+        while let Some(message) = messages.next().await {
+            let message = message?;
+            self.completion += message.token_ids.len() as u32;
+            text.push_str(&message.text);
+            last = message;
+        }
+        let finish = openai::finish_reason(last.stop_reason);
+        let mut object = self.head(&last.session_id, false);
+        object["choices"] = json!([self.choice(text, finish, false)]);
+        object["usage"] = openai::usage(last.prompt_tokens, self.completion);
+        Ok(object)
+    }
+
+    /// The events of one stream message: a chunk of its text; after the final one, the
+    /// usage chunk when asked for.
+    fn on(&mut self, message: Result<GenerateStreamResponse, Status>) -> Vec<Event> {
+        let message = match message {
+            Ok(m) => m,
+            // Mid-stream: the status line went out already; the error is an event.
+            Err(status) => return vec![json_event(&ApiError::from_status(&status).body())],
+        };
+        self.completion += message.token_ids.len() as u32;
+        let done = message.stop_reason != StopReason::Unspecified as i32;
+        let finish = openai::finish_reason(message.stop_reason);
+        let mut chunk = self.head(&message.session_id, true);
+        chunk["choices"] = json!([self.choice(message.text, finish, true)]);
+        let mut events = vec![json_event(&chunk)];
+        if done && self.shape.include_usage {
+            let mut usage = self.head(&message.session_id, true);
+            usage["choices"] = json!([]);
+            usage["usage"] = openai::usage(message.prompt_tokens, self.completion);
+            events.push(json_event(&usage));
+        }
+        events
+    }
+}
+
+fn json_event(value: &Value) -> Event {
+    Event::default().data(value.to_string())
+}
+
+/// The Server-Sent Events of a stream: its chunks, then `[DONE]`. Dropped when the client
+/// goes away, and with it the generation's stream.
+fn events(
+    messages: impl Stream<Item = Result<GenerateStreamResponse, Status>> + Send + 'static,
+    mut chunks: Chunks,
+) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    messages
+        .map(move |m| futures::stream::iter(chunks.on(m)))
+        .flatten()
+        .chain(futures::stream::once(async {
+            Event::default().data("[DONE]")
+        }))
+        .map(Ok)
+}
