@@ -880,8 +880,14 @@ impl Cluster {
     /// (certificate for 127.0.0.1), mutual TLS between it and the workers (certificates
     /// of [`make_certificates`]).
     pub fn start_tls(checkpoint: &Path, workers: usize) -> Self {
+        Self::start_tls_with(checkpoint, workers, &[])
+    }
+
+    /// [`Cluster::start_tls`] with more `coordinator` flags.
+    pub fn start_tls_with(checkpoint: &Path, workers: usize, coordinator: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let secured = Secured::write(dir.path(), true);
+        let mut secured = Secured::write(dir.path(), true);
+        secured.coordinator.extend(owned(coordinator));
         Self::start_in(dir, checkpoint, workers, "affinity", Some(&secured), None)
     }
 

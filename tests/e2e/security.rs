@@ -538,3 +538,69 @@ fn a_first_block_that_waits_past_the_queue_limit_ends_before_any_token() {
     });
     cluster.workers[0].signal("CONT");
 }
+
+/// One HTTP/1.1 GET of `path` from `addr` over TLS verified against the CA in `ca` (the
+/// server named 127.0.0.1), with `key` as the bearer: the whole response.
+async fn https_get(addr: &str, ca: &str, path: &str, key: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore, crypto};
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut response = String::new();
+    tls.read_to_string(&mut response).await?;
+    Ok(response)
+}
+
+/// The HTTP API takes the gRPC port's TLS and API keys: over HTTPS verified against the
+/// CA it lists the model with a key and answers 401 without one; plain HTTP gets no
+/// answer.
+#[test]
+fn the_http_api_speaks_the_grpc_ports_tls_under_the_same_keys() {
+    let http = format!("127.0.0.1:{}", crate::cluster::free_port());
+    let cluster = Cluster::start_tls_with(&checkpoint(), 1, &["--http-addr", &http]);
+    let ca = cluster.dir().join("ca.pem").display().to_string();
+    let key = cluster.api_key.clone().unwrap();
+    runtime().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let listed = loop {
+            // Until the worker's model is known (503 before), or the port opens.
+            match https_get(&http, &ca, "/v1/models", &key).await {
+                Ok(r) if r.starts_with("HTTP/1.1 200") => break r,
+                other => assert!(Instant::now() < deadline, "{other:?}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(listed.contains("\"object\":\"list\""), "{listed}");
+        let refused = https_get(&http, &ca, "/v1/models", "not-a-key-0123456789")
+            .await
+            .unwrap();
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        assert!(refused.contains("authentication_error"), "{refused}");
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut plain = tokio::net::TcpStream::connect(&http).await.unwrap();
+        let request = "GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        plain.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let _ = plain.read_to_end(&mut answer).await;
+        assert!(!answer.starts_with(b"HTTP/"), "plain HTTP was answered");
+    });
+}

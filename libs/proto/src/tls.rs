@@ -7,7 +7,13 @@
 //! whose `--tls-client-ca` verifies the coordinator.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::server::WebPkiClientVerifier;
+use tokio_rustls::rustls::{RootCertStore, ServerConfig, crypto};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 /// The TLS files of a process; none given: plain text.
@@ -72,6 +78,15 @@ pub enum TlsError {
     /// A certificate without its key, or the reverse.
     #[error("--tls-cert and --tls-key go together")]
     Half,
+    /// A file that is not the PEM it should be, or a certificate and key that do not go
+    /// together.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -106,6 +121,53 @@ impl TlsFiles {
             config = config.client_ca_root(ca);
         }
         Ok(Some(config))
+    }
+
+    /// The server side for a port that is not gRPC (the HTTP API): the same certificate
+    /// and client CA as [`TlsFiles::server`], as a rustls acceptor offering HTTP/2 and
+    /// HTTP/1.1; `None` without a certificate.
+    pub fn acceptor(&self) -> Result<Option<TlsAcceptor>, TlsError> {
+        let (Some(cert), Some(key)) = (&self.cert, &self.key) else {
+            return match (&self.cert, &self.key) {
+                (None, None) => Ok(None),
+                _ => Err(TlsError::Half),
+            };
+        };
+        let invalid = |path: &Path| {
+            let path = path.to_path_buf();
+            move |e: &dyn std::fmt::Display| TlsError::Invalid {
+                path,
+                reason: e.to_string(),
+            }
+        };
+        let chain = CertificateDer::pem_slice_iter(&read(cert)?)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(cert)(&e))?;
+        let private = PrivateKeyDer::from_pem_slice(&read(key)?).map_err(|e| invalid(key)(&e))?;
+        let provider = Arc::new(crypto::ring::default_provider());
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| invalid(cert)(&e))?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let mut roots = RootCertStore::empty();
+                for root in CertificateDer::pem_slice_iter(&read(ca)?) {
+                    roots
+                        .add(root.map_err(|e| invalid(ca)(&e))?)
+                        .map_err(|e| invalid(ca)(&e))?;
+                }
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots.into(), provider)
+                    .build()
+                    .map_err(|e| invalid(ca)(&e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(chain, private)
+            .map_err(|e| invalid(key)(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Some(TlsAcceptor::from(Arc::new(config))))
     }
 
     /// The client side, towards servers whose certificates carry `server_name`: TLS when

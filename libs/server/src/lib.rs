@@ -67,6 +67,7 @@ impl ServerArgs {
         Ok(Ports {
             grpc,
             tls: self.tls.server()?,
+            https: self.tls.acceptor()?,
             health: self.health.bind().await?,
         })
     }

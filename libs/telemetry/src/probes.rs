@@ -50,6 +50,8 @@ pub struct Ports {
     pub grpc: TcpListener,
     /// The gRPC port's TLS.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// The same TLS for a port that is not gRPC (the coordinator's HTTP API).
+    pub https: Option<tokio_rustls::TlsAcceptor>,
     /// The plain-text health port.
     pub health: Option<TcpListener>,
 }
@@ -60,6 +62,7 @@ impl Ports {
         Self {
             grpc,
             tls: None,
+            https: None,
             health: None,
         }
     }

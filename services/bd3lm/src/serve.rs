@@ -125,6 +125,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let ports = Ports {
         grpc: listener,
         tls: args.tls.server()?,
+        https: args.tls.acceptor()?,
         health: args.health.bind().await?,
     };
     training.spawn_trainer(&stores.jobs);

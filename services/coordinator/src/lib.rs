@@ -86,7 +86,7 @@ const STORE_PROBE: Duration = Duration::from_millis(500);
 /// one worker is healthy, the stores answer and no shutdown was asked for; it is also
 /// served on the plain health port, if any.
 pub async fn serve(
-    ports: Ports,
+    mut ports: Ports,
     pool: Arc<Pool>,
     stores: Stores,
     settings: CoordinatorSettings,
@@ -155,17 +155,12 @@ pub async fn serve(
     training.spawn_retention();
     let http = match &settings.http_addr {
         Some(addr) => {
-            if ports.tls.is_some() {
-                anyhow::bail!(
-                    "--http-addr: the HTTP API does not serve TLS itself; terminate TLS in front of it (the chart's Ingress)"
-                );
-            }
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding the HTTP API on {addr}"))?;
-            tracing::info!(addr = %listener.local_addr()?, "HTTP API listening");
+            tracing::info!(addr = %listener.local_addr()?, tls = ports.https.is_some(), "HTTP API listening");
             let chat = http::ChatTemplate::load(settings.tokenizer.as_deref());
-            Some((listener, chat))
+            Some((http::Listener::new(listener, ports.https.take()), chat))
         }
         None => None,
     };

@@ -19,6 +19,8 @@ const RESTORES: &str = "bd3lm_session_restores_total";
 const KV_PERSISTED: &str = "bd3lm_kv_window_persists_total";
 const INVALID: &str = "bd3lm_invalid_requests_total";
 const WORKERS: &str = "bd3lm_workers_healthy";
+const HTTP_REQUESTS: &str = "bd3lm_http_requests_total";
+const HTTP_SECONDS: &str = "bd3lm_http_request_duration_seconds";
 
 /// Describes the coordinator's metrics to the installed recorder.
 pub fn describe() {
@@ -32,6 +34,15 @@ pub fn describe() {
         REQUEST_SECONDS,
         Unit::Seconds,
         "Time to answer a call, by method (GenerateStream: until its stream opens)"
+    );
+    describe_counter!(
+        HTTP_REQUESTS,
+        "Calls of the HTTP API answered, by route and HTTP status (a generation also counts in bd3lm_requests_total as GenerateStream)"
+    );
+    describe_histogram!(
+        HTTP_SECONDS,
+        Unit::Seconds,
+        "Time to answer a call of the HTTP API, by route (a stream: until it opens)"
     );
     describe_counter!(
         GENERATIONS,
@@ -82,6 +93,13 @@ pub fn request(method: &'static str, started: Instant, code: Code) {
     metrics::counter!(REQUESTS, "method" => method, "code" => code_name(code)).increment(1);
     metrics::histogram!(REQUEST_SECONDS, "method" => method)
         .record(started.elapsed().as_secs_f64());
+}
+
+/// A call of the HTTP API's `route`, begun at `started`, answered with `status`.
+pub fn http_request(route: &'static str, started: Instant, status: u16) {
+    let status = status.to_string();
+    metrics::counter!(HTTP_REQUESTS, "route" => route, "status" => status).increment(1);
+    metrics::histogram!(HTTP_SECONDS, "route" => route).record(started.elapsed().as_secs_f64());
 }
 
 /// A generation, begun at `started`, ended with `outcome`.

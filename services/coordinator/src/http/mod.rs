@@ -12,8 +12,11 @@ mod error;
 mod openai;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -27,7 +30,11 @@ use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{GenerateRequest, GenerateStreamResponse, StopReason};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tonic::Status;
 use tracing::Instrument;
 
@@ -52,9 +59,134 @@ enum Kind {
     Chat,
 }
 
+/// The HTTP API's port: plain TCP, or TLS with the gRPC port's certificate.
+pub enum Listener {
+    /// Plain HTTP.
+    Plain(TcpListener),
+    /// HTTPS: connections whose handshakes completed, each on a task of its own so that
+    /// a slow handshake holds up no other.
+    Tls(
+        mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+        SocketAddr,
+    ),
+}
+
+/// Longest TLS handshake before the connection is dropped.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+impl Listener {
+    /// `listener`, with TLS through `tls` when given.
+    pub fn new(listener: TcpListener, tls: Option<TlsAcceptor>) -> Self {
+        let Some(tls) = tls else {
+            return Self::Plain(listener);
+        };
+        let local = listener
+            .local_addr()
+            .unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, peer)) = listener.accept().await else {
+                    // Out of descriptors or the like: pause rather than spin.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let (tls, connections) = (tls.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE, tls.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = connections.send((stream, peer)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "a TLS handshake failed"),
+                        Err(_) => tracing::debug!("a TLS handshake timed out"),
+                    }
+                });
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Self::Tls(rx, local)
+    }
+}
+
+/// A connection of [`Listener`].
+pub enum Connection {
+    /// Plain.
+    Plain(TcpStream),
+    /// TLS.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl axum::serve::Listener for Listener {
+    type Io = Connection;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self {
+            Self::Plain(listener) => {
+                let (io, addr) = axum::serve::Listener::accept(listener).await;
+                (Connection::Plain(io), addr)
+            }
+            Self::Tls(rx, _) => match rx.recv().await {
+                Some((io, addr)) => (Connection::Tls(Box::new(io)), addr),
+                // The acceptor stopped: no connection comes any more.
+                None => std::future::pending().await,
+            },
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        match self {
+            Self::Plain(listener) => listener.local_addr(),
+            Self::Tls(_, addr) => Ok(*addr),
+        }
+    }
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Tls(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Tls(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_flush(cx),
+            Self::Tls(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Tls(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
+
 /// Serves the HTTP API on `listener` until `shutdown` resolves; requests in flight finish.
 pub async fn serve(
-    listener: TcpListener,
+    listener: Listener,
     coordinator: Coordinator,
     keys: Arc<Tokens>,
     (chat, max_request_bytes): (Option<ChatTemplate>, usize),
@@ -77,14 +209,6 @@ pub async fn serve(
         .await
 }
 
-/// The span of one HTTP call, a child of the `traceparent` header's trace.
-fn span(call: &'static str, headers: &HeaderMap) -> tracing::Span {
-    let span = tracing::info_span!("http", call);
-    let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
-    bd3lm_telemetry::adopt(&span, &metadata);
-    span
-}
-
 async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
     let call = async {
         let caller = http.authorize(&headers)?;
@@ -92,7 +216,7 @@ async fn completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) 
         http.generate(caller, request, shape, Kind::Completion)
             .await
     };
-    answer(call.instrument(span("completions", &headers)).await)
+    answer("completions", &headers, call).await
 }
 
 async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: Bytes) -> Response {
@@ -102,7 +226,7 @@ async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: By
         let (request, shape) = chat::completion(fields, http.chat.as_ref().as_ref())?;
         http.generate(caller, request, shape, Kind::Chat).await
     };
-    answer(call.instrument(span("chat_completions", &headers)).await)
+    answer("chat_completions", &headers, call).await
 }
 
 async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
@@ -111,7 +235,7 @@ async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
         let id = http.served().await?;
         Ok(Json(json!({"object": "list", "data": [model_object(&id)]})).into_response())
     };
-    answer(call.instrument(span("models", &headers)).await)
+    answer("models", &headers, call).await
 }
 
 async fn model(State(http): State<Http>, Path(id): Path<String>, headers: HeaderMap) -> Response {
@@ -120,11 +244,26 @@ async fn model(State(http): State<Http>, Path(id): Path<String>, headers: Header
         http.check_model(&id).await?;
         Ok(Json(model_object(&id)).into_response())
     };
-    answer(call.instrument(span("model", &headers)).await)
+    answer("model", &headers, call).await
 }
 
-fn answer(result: Result<Response, ApiError>) -> Response {
-    result.unwrap_or_else(IntoResponse::into_response)
+/// Runs `call` (the handler of `route`) in its span, a child of the `traceparent`
+/// header's trace, and answers it, counted by route and status.
+async fn answer(
+    route: &'static str,
+    headers: &HeaderMap,
+    call: impl std::future::Future<Output = Result<Response, ApiError>>,
+) -> Response {
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!("http", route);
+    let metadata = tonic::metadata::MetadataMap::from_headers(headers.clone());
+    bd3lm_telemetry::adopt(&span, &metadata);
+    let response = call
+        .instrument(span)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    crate::metrics::http_request(route, started, response.status().as_u16());
+    response
 }
 
 /// A model as OpenAI lists it.
