@@ -3,9 +3,11 @@
 Arguments: the HTTP address, the gRPC address, an API key of the server. The server runs
 with `--max-streams-per-key 1`, so a generation that still runs makes the next one 429.
 """
+import json
 import os
 import sys
 import time
+import urllib.request
 
 import grpc
 import openai
@@ -33,7 +35,9 @@ def refused(call, error, param=None):
     raise AssertionError(f"expected {error.__name__}")
 
 
-# What is served.
+# What is served; the health path answers without a key.
+with urllib.request.urlopen(f"http://{http}/health", timeout=30) as health:
+    assert json.load(health)["status"] == "ok"
 models = [m.id for m in client.models.list().data]
 assert len(models) == 1, models
 model = models[0]

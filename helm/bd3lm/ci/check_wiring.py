@@ -370,6 +370,49 @@ def check_egress(docs, faults):
                 faults.append(f"{where}: its egress does not reach the workers' gRPC port")
 
 
+def check_http(docs, faults):
+    """The HTTP API listens on a container port, the NetworkPolicy of its pods lets it in,
+    and each Ingress reaches it through a port of its Service."""
+    configmaps = named(docs, "ConfigMap")
+    services = named(docs, "Service")
+    policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
+    for workload, template in pods(docs):
+        labels = template["metadata"].get("labels", {})
+        for c in template["spec"]["containers"]:
+            addr = env_of(c, configmaps).get("BD3LM_HTTP_ADDR")
+            if addr is None:
+                continue
+            where = f"{workload['metadata']['name']}/{c['name']}"
+            port = int(addr.rsplit(":", 1)[1])
+            if port not in container_ports(c):
+                faults.append(f"{where}: the HTTP API's port {port} is not a container port")
+            ingress = [
+                r for p in policies if "Ingress" in p["spec"].get("policyTypes", [])
+                and selects(p["spec"]["podSelector"].get("matchLabels"), labels)
+                for r in p["spec"].get("ingress") or []
+            ]
+            if policies and not any(allows_port(r, port) for r in ingress):
+                faults.append(f"{where}: no NetworkPolicy lets the HTTP API's port {port} in")
+    for ingress in (d for d in docs if d.get("kind") == "Ingress"):
+        for rule in ingress["spec"].get("rules", []):
+            for path in rule.get("http", {}).get("paths", []):
+                backend = path["backend"]["service"]
+                service = services.get(backend["name"])
+                wanted = backend["port"].get("name", backend["port"].get("number"))
+                ports = service and [p for p in service["spec"]["ports"] if wanted in (p.get("name"), p["port"])]
+                if not ports:
+                    faults.append(f"{ingress['metadata']['name']}: its backend {backend['name']}:{wanted} is no Service port")
+                    continue
+                target = ports[0].get("targetPort", ports[0]["port"])
+                selected = [
+                    c for _, t in pods(docs)
+                    if selects(service["spec"].get("selector"), t["metadata"].get("labels", {}))
+                    for c in t["spec"]["containers"]
+                ]
+                if not any(target in container_ports(c) for c in selected):
+                    faults.append(f"{ingress['metadata']['name']}: {backend['name']} sends to {target}, a port of none of its pods")
+
+
 def check(docs, provided):
     faults = []
     check_workers_dns(docs, faults)
@@ -382,6 +425,7 @@ def check(docs, provided):
     check_world_size(docs, faults)
     check_hardening(docs, faults)
     check_egress(docs, faults)
+    check_http(docs, faults)
     return faults
 
 
@@ -459,6 +503,18 @@ def breaks(docs=()):
     def wide_jobs(docs):
         first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_MAX_JOB_WORLD_SIZE"] = "64"
 
+    def http_port(docs):
+        first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_HTTP_ADDR"] = "0.0.0.0:9000"
+
+    def ingress_port(docs):
+        ingress = next(d for d in docs if d.get("kind") == "Ingress")
+        ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["port"] = {"name": "web"}
+
+    def http_closed(docs):
+        policy = first(docs, "NetworkPolicy", "coordinator")
+        for rule in policy["spec"]["ingress"]:
+            rule["ports"] = [p for p in rule.get("ports", []) if p.get("port") != 8000]
+
     def no_dns(docs):
         policy = first(docs, "NetworkPolicy", "worker")
         policy["spec"]["egress"] = [r for r in policy["spec"]["egress"] if not allows_port(r, 53)]
@@ -497,7 +553,12 @@ def breaks(docs=()):
         ("the trainers' claim read-only", trainer_read_only),
     ] if any("trainer" in d["metadata"]["name"] for d in docs if d.get("kind") == "Deployment") else []) + ([
         ("jobs wider than the CUDA trainers' GPUs", wide_jobs),
-    ] if any((d.get("data") or {}).get("BD3LM_TRAIN_DEVICE") == "cuda" for d in docs if d.get("kind") == "ConfigMap") else [])
+    ] if any((d.get("data") or {}).get("BD3LM_TRAIN_DEVICE") == "cuda" for d in docs if d.get("kind") == "ConfigMap") else []) + ([
+        ("the HTTP API on a port the container lacks", http_port),
+        ("an Ingress to a port its Service lacks", ingress_port),
+    ] if any(d.get("kind") == "Ingress" for d in docs) else []) + ([
+        ("the HTTP API's port closed by the NetworkPolicy", http_closed),
+    ] if policies and any(d.get("kind") == "Ingress" for d in docs) else [])
 
 
 def main(argv):

@@ -1,6 +1,7 @@
 //! The OpenAI-compatible HTTP API (`--http-addr`): `POST /v1/completions`,
-//! `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{id}`, beside gRPC
-//! on the same coordinator. A request is read into a `GenerateRequest`
+//! `POST /v1/chat/completions`, `GET /v1/models` and `GET /v1/models/{id}` (and an
+//! unauthenticated `GET /health` for load balancers), beside gRPC on the same
+//! coordinator. A request is read into a `GenerateRequest`
 //! ([`openai`], [`chat`]) and served by the Generation service itself (its admission,
 //! metrics and spans), under the same API keys (`Authorization: Bearer`); a stream is
 //! Server-Sent Events, one chunk per committed block, and a client that goes away drops
@@ -202,6 +203,7 @@ pub async fn serve(
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route("/health", get(health))
         .layer(DefaultBodyLimit::max(max_request_bytes))
         .with_state(http);
     axum::serve(listener, app)
@@ -236,6 +238,16 @@ async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
         Ok(Json(json!({"object": "list", "data": [model_object(&id)]})).into_response())
     };
     answer("models", &headers, call).await
+}
+
+/// For load balancers and Ingress controllers, without a key: 200 once a worker serves
+/// the model, 503 before.
+async fn health(State(http): State<Http>, headers: HeaderMap) -> Response {
+    let call = async {
+        let id = http.served().await?;
+        Ok(Json(json!({"status": "ok", "model": id})).into_response())
+    };
+    answer("health", &headers, call).await
 }
 
 async fn model(State(http): State<Http>, Path(id): Path<String>, headers: HeaderMap) -> Response {
