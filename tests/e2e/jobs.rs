@@ -13,7 +13,7 @@ use bd3lm_proto::v1::training_client::TrainingClient;
 use bd3lm_proto::v1::{
     CancelJobRequest, DeleteJobRequest, GenerateRequest, GetJobRequest, GetModelRequest,
     GetSessionRequest, InfoRequest, Job, JobSpec, JobState, LearningRate, ListModelsRequest,
-    ModelRef, ModelShape, ModelVersionRequest, TokenIds, job_spec::Init,
+    ListServedModelsRequest, ModelRef, ModelShape, ModelVersionRequest, TokenIds, job_spec::Init,
 };
 use tonic::Code;
 use tonic::transport::Channel;
@@ -395,6 +395,24 @@ fn a_job_survives_its_trainers_and_its_model_rolls_out() {
             .await
             .unwrap();
         assert_eq!(info.into_inner().model_version, Some(1));
+        // The coordinator sees what its worker serves at its next health check.
+        let deadline = Instant::now() + minute;
+        let served = loop {
+            let request = ListServedModelsRequest {};
+            let served = generation.list_served_models(request).await.unwrap();
+            let served = served.into_inner().models;
+            if served.first().is_some_and(|m| m.versions == [1, 2]) {
+                break served;
+            }
+            assert!(Instant::now() < deadline, "{served:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(served.len(), 1, "{served:?}");
+        assert_eq!(served[0].id, "tiny");
+        assert_eq!(
+            (served[0].latest_version, served[0].ready_workers),
+            (Some(2), 1)
+        );
 
         // Version 2 retired: the worker goes back to version 1 for new sessions.
         let retire = ModelVersionRequest {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bd3lm_proto::auth::Bearer;
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
-use bd3lm_proto::v1::{InfoRequest, InfoResponse};
+use bd3lm_proto::v1::{InfoRequest, InfoResponse, ServedModel};
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -47,6 +47,8 @@ pub struct Worker {
     id: Mutex<String>,
     /// The model versions it has loaded, the latest last, from its Info.
     versions: Mutex<Vec<u64>>,
+    /// What it serves, from its Info: the model's id, block size and context length.
+    model: Mutex<Option<(String, u32, u32)>>,
 }
 
 impl Worker {
@@ -70,6 +72,7 @@ impl Worker {
             capacity: AtomicUsize::new(1),
             id: Mutex::default(),
             versions: Mutex::default(),
+            model: Mutex::default(),
         })
     }
 
@@ -105,6 +108,8 @@ impl Worker {
                 self.capacity
                     .store(info.capacity.max(1) as usize, Ordering::Relaxed);
                 *self.id.lock().unwrap_or_else(|e| e.into_inner()) = info.worker_id;
+                let model = (info.model_id, info.block_size, info.model_length);
+                *self.model.lock().unwrap_or_else(|e| e.into_inner()) = Some(model);
                 let mut versions = info.loaded_versions;
                 versions.sort_unstable();
                 *self.versions() = versions;
@@ -421,6 +426,41 @@ impl Pool {
             }
         }
         None
+    }
+
+    /// The models the healthy workers serve, sorted by id: each with its loaded
+    /// versions, the newest, its workers and their capacity.
+    pub fn served(&self) -> Vec<ServedModel> {
+        let mut models: std::collections::BTreeMap<String, ServedModel> = Default::default();
+        for w in self.workers() {
+            let Some((id, block_size, model_length)) =
+                w.model.lock().unwrap_or_else(|e| e.into_inner()).clone()
+            else {
+                continue;
+            };
+            let model = models.entry(id.clone()).or_insert_with(|| ServedModel {
+                id,
+                block_size,
+                model_length,
+                ..Default::default()
+            });
+            if !w.healthy.load(Ordering::Relaxed) {
+                continue;
+            }
+            model.ready_workers += 1;
+            model.capacity += w.capacity.load(Ordering::Relaxed) as u32;
+            let versions = w.versions().clone();
+            model.latest_version = model.latest_version.max(versions.last().copied());
+            model.versions.extend(versions);
+        }
+        models
+            .into_values()
+            .map(|mut m| {
+                m.versions.sort_unstable();
+                m.versions.dedup();
+                m
+            })
+            .collect()
     }
 
     /// Blocks the healthy workers take at once, all together.

@@ -9,7 +9,8 @@ use bd3lm_proto::auth::Caller;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
     DeleteSessionRequest, DeleteSessionResponse, GenerateRequest, GenerateResponse,
-    GenerateStreamResponse, GetSessionRequest, SessionInfo, StopReason as ProtoStop,
+    GenerateStreamResponse, GetSessionRequest, ListServedModelsRequest, ListServedModelsResponse,
+    ServedModel, SessionInfo, StopReason as ProtoStop,
 };
 use bd3lm_text::Text;
 use tokio::sync::mpsc;
@@ -85,6 +86,11 @@ impl Coordinator {
     /// Blocks waiting for a worker slot now.
     pub fn queued_blocks(&self) -> usize {
         self.inner.admission.waiting()
+    }
+
+    /// The models the workers serve, with their versions and ready workers.
+    pub fn served_models(&self) -> Vec<ServedModel> {
+        self.inner.pool.served()
     }
 
     /// The model served, asked of a healthy worker once.
@@ -363,6 +369,15 @@ impl Generation for Coordinator {
         let id = RequestId::new("DeleteSession");
         let call = self.delete_session_call(request);
         id.answer(call.instrument(id.span("delete_session")).await)
+    }
+
+    async fn list_served_models(
+        &self,
+        _request: Request<ListServedModelsRequest>,
+    ) -> Result<Response<ListServedModelsResponse>, Status> {
+        let id = RequestId::new("ListServedModels");
+        let models = self.served_models();
+        id.answer(Ok(Response::new(ListServedModelsResponse { models })))
     }
 }
 

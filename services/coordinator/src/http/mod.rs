@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use bd3lm_proto::auth::{Caller, Tokens};
 use bd3lm_proto::v1::generation_server::Generation;
-use bd3lm_proto::v1::{GenerateRequest, GenerateStreamResponse, StopReason};
+use bd3lm_proto::v1::{GenerateRequest, GenerateStreamResponse, ServedModel, StopReason};
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -234,8 +234,9 @@ async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: By
 async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
     let call = async {
         http.authorize(&headers)?;
-        let id = http.served().await?;
-        Ok(Json(json!({"object": "list", "data": [model_object(&id)]})).into_response())
+        let served = http.coordinator.served_models();
+        let data: Vec<Value> = served.iter().map(model_object).collect();
+        Ok(Json(json!({"object": "list", "data": data})).into_response())
     };
     answer("models", &headers, call).await
 }
@@ -253,10 +254,22 @@ async fn health(State(http): State<Http>, headers: HeaderMap) -> Response {
 async fn model(State(http): State<Http>, Path(id): Path<String>, headers: HeaderMap) -> Response {
     let call = async {
         http.authorize(&headers)?;
-        http.check_model(&id).await?;
-        Ok(Json(model_object(&id)).into_response())
+        let served = http.coordinator.served_models();
+        let model = served
+            .iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| unknown_model(&id))?;
+        Ok(Json(model_object(model)).into_response())
     };
     answer("model", &headers, call).await
+}
+
+/// 404 naming `model`.
+fn unknown_model(id: &str) -> ApiError {
+    ApiError::not_found(
+        "model",
+        format!("model: no model {id} is served here (GET /v1/models lists them)"),
+    )
 }
 
 /// Runs `call` (the handler of `route`) in its span, a child of the `traceparent`
@@ -278,9 +291,19 @@ async fn answer(
     response
 }
 
-/// A model as OpenAI lists it.
-fn model_object(id: &str) -> Value {
-    json!({"id": id, "object": "model", "created": 0, "owned_by": "bd3lm"})
+/// A model as OpenAI lists it, with what the workers report of it.
+fn model_object(model: &ServedModel) -> Value {
+    json!({
+        "id": model.id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "bd3lm",
+        "versions": model.versions,
+        "latest_version": model.latest_version,
+        "ready_workers": model.ready_workers,
+        "block_size": model.block_size,
+        "max_model_len": model.model_length,
+    })
 }
 
 impl Http {
@@ -307,10 +330,7 @@ impl Http {
     async fn check_model(&self, id: &str) -> Result<(), ApiError> {
         let served = self.served().await?;
         if id != served {
-            return Err(ApiError::not_found(
-                "model",
-                format!("model: no model {id} is served here (GET /v1/models lists them)"),
-            ));
+            return Err(unknown_model(id));
         }
         Ok(())
     }
