@@ -21,7 +21,11 @@
 #      64: tokens/s, block and first-block latency, mean batch size, and the share of
 #      tokens identical to those the same seed got at the previous level (batch
 #      invariance on the GPU);
-#   5. training on cuda: three steps of the demo shape on this repository's documents,
+#   5. fairness between API keys on the small shape in bf16: a second key's first block
+#      alone, beside another key's 64 streams and behind them (its queue wait apart from
+#      its passes: on the CPU a batch of 16 costs about 3x a batch of one, which the GPU
+#      should not, so the GPU gives the figure of issue 25's 2x bound);
+#   6. training on cuda: three steps of the demo shape on this repository's documents,
 #      and the same on the CPU; the first step's loss (same weights, rows and noise) must
 #      agree within 1e-3 (the CUDA trainer; NCCL across GPUs needs NCCL=1 and two GPUs).
 # Each step's failure is reported and the next step still runs; the exit code is the
@@ -97,5 +101,7 @@ train_check() {
 
 step bench-small "$bin" bench serve --model small --device cuda --dtype bf16 \
     --concurrency 1,16,64 --tokens 128
+step fairness-small "$bin" bench serve --model small --device cuda --dtype bf16 \
+    --burst 64 --tokens 128
 step train-cuda train_check
 exit "$failed"
