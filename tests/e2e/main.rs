@@ -8,6 +8,7 @@ mod eviction;
 mod generate;
 mod integrity;
 mod jobs;
+mod models;
 mod operations;
 mod redis_cluster;
 mod security;

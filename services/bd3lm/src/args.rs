@@ -132,6 +132,10 @@ pub struct GenerateArgs {
         requires = "addr"
     )]
     pub priority: i32,
+    /// With --addr: the served model to generate with (the server's default without it;
+    /// `grpcurl ... ListServedModels` lists them).
+    #[arg(long = "served-model", value_name = "MODEL", requires = "addr")]
+    pub served_model: Option<String>,
     /// Checkpoint directory (config.json + model.safetensors); default: the bundled demo
     /// model.
     #[arg(long, value_name = "DIR")]

@@ -42,6 +42,7 @@ pub fn request(
         stop_on_eos: args.var_length,
         kv_persistence: persistence.map_or(0, |p| p.to_wire() as i32),
         priority: 0,
+        model: String::new(),
     }
 }
 
@@ -53,6 +54,7 @@ pub async fn generate(addr: &str, args: &GenerateArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let request = GenerateRequest {
         priority: args.priority,
+        model: args.served_model.clone().unwrap_or_default(),
         ..request(&args.generation, args.session.clone(), args.kv_persistence)
     };
     let mut stream = client

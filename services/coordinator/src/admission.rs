@@ -58,9 +58,66 @@ struct Waiter {
     grant: oneshot::Sender<Slot>,
 }
 
+/// One [`Admission`] per model the workers serve: a model's blocks wait for the slots
+/// of the workers serving it, and `--max-queue` and `--max-streams-per-key` hold per
+/// model.
+pub struct Admissions {
+    max_waiting: usize,
+    max_per_key: usize,
+    by_model: Mutex<HashMap<String, Arc<Admission>>>,
+}
+
+impl Admissions {
+    /// None yet; each model's is made with the bounds of [`Admission::new`].
+    pub fn new(max_waiting: usize, max_per_key: usize) -> Self {
+        Self {
+            max_waiting,
+            max_per_key,
+            by_model: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Admission>>> {
+        self.by_model.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The admission of `model` (without slots until its workers' capacity is set).
+    pub fn of(&self, model: &str) -> Arc<Admission> {
+        let mut by_model = self.lock();
+        let admission = by_model
+            .entry(model.to_string())
+            .or_insert_with(|| Arc::new(Admission::new(self.max_waiting, self.max_per_key)));
+        admission.clone()
+    }
+
+    /// Sets each model's slots to its healthy workers' capacity (0 for a model none
+    /// serves any more).
+    pub fn set_capacities(&self, by_model: &std::collections::BTreeMap<String, usize>) {
+        for model in by_model.keys() {
+            self.of(model);
+        }
+        let admissions: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(m, a)| (m.clone(), a.clone()))
+            .collect();
+        for (model, admission) in admissions {
+            admission.set_capacity(by_model.get(&model).copied().unwrap_or(0));
+        }
+        crate::metrics::slots(by_model.values().sum());
+    }
+
+    /// Blocks waiting for a slot, all models together.
+    pub fn waiting(&self) -> usize {
+        self.lock().values().map(|a| a.waiting()).sum()
+    }
+}
+
 /// Where and how long a block waits.
 #[derive(Debug, Clone)]
 pub struct Queueing {
+    /// The model whose workers' slots it waits for.
+    pub model: String,
     /// Its API key's id (empty on an open API: one queue).
     pub key: String,
     /// Higher first within the key's turn.
@@ -127,7 +184,6 @@ impl Admission {
             s.debt += cut - taken;
         }
         s.total = total;
-        crate::metrics::slots(total);
     }
 
     /// Slots the workers offer now (some may still be retiring).
@@ -405,6 +461,7 @@ mod tests {
 
     fn queueing(key: &str, priority: i32) -> Queueing {
         Queueing {
+            model: "m".into(),
             key: key.into(),
             priority,
             across: false,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bd3lm_proto::v1::{DenoiseBlockRequest, DenoiseBlockResponse, PersistKvRequest};
 use tonic::{Code, Request, Status};
 
-use crate::admission::{Admission, Queueing};
+use crate::admission::{Admissions, Queueing};
 use crate::error::Error;
 use crate::metrics;
 use crate::pool::{Pool, Worker};
@@ -38,20 +38,22 @@ pub struct RetryPolicy {
     pub backoff: Duration,
 }
 
-/// Sends blocks to the pool's workers, one admission slot per block, with retries.
+/// Sends blocks to the pool's workers, one admission slot (of the block's model) per
+/// block, with retries.
 pub struct Dispatcher {
     pool: Arc<Pool>,
-    admission: Arc<Admission>,
+    admissions: Arc<Admissions>,
     budget: RetryBudget,
     policy: RetryPolicy,
 }
 
 impl Dispatcher {
-    /// A dispatcher over `pool` and its `admission`, trying each block by `policy`.
-    pub fn new(pool: Arc<Pool>, admission: Arc<Admission>, policy: RetryPolicy) -> Self {
+    /// A dispatcher over `pool` and its models' `admissions`, trying each block by
+    /// `policy`.
+    pub fn new(pool: Arc<Pool>, admissions: Arc<Admissions>, policy: RetryPolicy) -> Self {
         Self {
             pool,
-            admission,
+            admissions,
             budget: RetryBudget::default(),
             policy,
         }
@@ -76,10 +78,8 @@ impl Dispatcher {
         queueing: &Queueing,
     ) -> Result<BlockAnswer, Error> {
         let started = Instant::now();
-        let _slot = self
-            .admission
-            .acquire(queueing, self.policy.timeout)
-            .await?;
+        let admission = self.admissions.of(&queueing.model);
+        let _slot = admission.acquire(queueing, self.policy.timeout).await?;
         let queued = started.elapsed();
         metrics::queue_wait(queued);
         tracing::Span::current().record("queue_ms", queued.as_secs_f64() * 1e3);
@@ -87,9 +87,10 @@ impl Dispatcher {
         let mut faults = 0;
         loop {
             // Once every worker has been tried, they all get another chance.
-            let worker = self.pool.pick(session, &tried, version).or_else(|| {
+            let model = (queueing.model.as_str(), version);
+            let worker = self.pool.pick(session, &tried, model).or_else(|| {
                 tried.clear();
-                self.pool.pick(session, &tried, version)
+                self.pool.pick(session, &tried, model)
             });
             let status = match worker {
                 None => Status::unavailable("no healthy denoise worker"),

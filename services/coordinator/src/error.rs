@@ -47,6 +47,12 @@ pub enum Error {
     /// No denoise worker is healthy.
     #[error("no healthy denoise worker")]
     NoWorker,
+    /// The request names a model no worker serves.
+    #[error("model: no model {0} is served here (ListServedModels lists them)")]
+    UnknownModel(String),
+    /// The request names no model, and the workers serve several without a default.
+    #[error("model: this deployment serves several models ({0}); name one")]
+    ModelRequired(String),
     /// The workers' model does not fit this coordinator's tokenizer.
     #[error("the server's tokenizer does not fit its model")]
     Tokenizer,
@@ -96,7 +102,10 @@ impl Error {
                 crate::metrics::invalid(&message);
                 Status::invalid_argument(message)
             }
-            Error::NoSession(_) | Error::Deleted(_) => Status::not_found(message),
+            Error::NoSession(_) | Error::Deleted(_) | Error::UnknownModel(_) => {
+                Status::not_found(message)
+            }
+            Error::ModelRequired(_) => Status::invalid_argument(message),
             Error::SessionExists(_) => Status::already_exists(message),
             Error::LeaseHeld | Error::LeaseLost | Error::LeaseUnrenewed | Error::Contended => {
                 Status::aborted(message)
@@ -149,6 +158,16 @@ mod tests {
                 "no healthy denoise worker",
             ),
             (Error::Tokenizer, Code::FailedPrecondition, "tokenizer"),
+            (
+                Error::UnknownModel("x".into()),
+                Code::NotFound,
+                "model: no model x",
+            ),
+            (
+                Error::ModelRequired("a, b".into()),
+                Code::InvalidArgument,
+                "model:",
+            ),
             (
                 Error::from(ValidationError::NoNewTokens),
                 Code::InvalidArgument,

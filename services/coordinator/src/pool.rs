@@ -133,6 +133,12 @@ impl Worker {
         self.versions().last().copied()
     }
 
+    /// Whether its Info said it serves `model`.
+    fn serves(&self, model: &str) -> bool {
+        let served = self.model.lock().unwrap_or_else(|e| e.into_inner());
+        served.as_ref().is_some_and(|(id, ..)| id == model)
+    }
+
     fn has_room(&self) -> bool {
         self.in_flight.load(Ordering::Relaxed) < self.capacity.load(Ordering::Relaxed)
     }
@@ -230,12 +236,14 @@ pub struct Pool {
 }
 
 /// What the healthy workers offer together.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Serving {
     /// Healthy workers.
     pub workers: usize,
     /// Blocks they take at once.
     pub capacity: usize,
+    /// Blocks they take at once, by the model they serve.
+    pub by_model: std::collections::BTreeMap<String, usize>,
 }
 
 /// How long resolving `--workers-dns` may take before the known workers are kept.
@@ -275,12 +283,21 @@ impl Pool {
 
     /// Publishes what the healthy workers offer now, if it changed.
     fn publish(&self) {
+        let by_model = self
+            .served()
+            .into_iter()
+            .map(|m| (m.id, m.capacity as usize))
+            .collect();
         let now = Serving {
             workers: self.healthy_count(),
             capacity: self.capacity(),
+            by_model,
         };
-        self.serving
-            .send_if_modified(|s| std::mem::replace(s, now) != now);
+        self.serving.send_if_modified(|s| {
+            let changed = *s != now;
+            *s = now;
+            changed
+        });
     }
 
     /// The pool whose connections to workers use `tls` (plain text when `None`).
@@ -348,20 +365,21 @@ impl Pool {
         healthy
     }
 
-    /// The worker for the next block of `session`, skipping `exclude`d addresses. Only
-    /// workers serving the session's model `version` are candidates when any is (a new
-    /// session: those serving the newest version), so sessions stay on their version
-    /// during a rollout.
+    /// The worker for the next block of `session` of `model`, skipping `exclude`d
+    /// addresses. Only workers serving the session's model `version` are candidates when
+    /// any is (a new session: those serving the newest version), so sessions stay on
+    /// their version during a rollout.
     pub fn pick(
         &self,
         session: &str,
         exclude: &[String],
-        version: Option<u64>,
+        (model, version): (&str, Option<u64>),
     ) -> Option<Arc<Worker>> {
         let healthy: Vec<Arc<Worker>> = self
             .workers()
             .into_iter()
             .filter(|w| w.healthy.load(Ordering::Relaxed) && !exclude.contains(&w.addr))
+            .filter(|w| w.serves(model))
             .collect();
         let healthy = serving(healthy, version);
         let last = self.affinity().get(session);
@@ -412,12 +430,12 @@ impl Pool {
         self.affinity().entries.len()
     }
 
-    /// The model information of any healthy worker.
-    pub async fn model_info(&self) -> Option<InfoResponse> {
+    /// The model information of a healthy worker serving `model`.
+    pub async fn model_info(&self, model: &str) -> Option<InfoResponse> {
         for w in self
             .workers()
             .into_iter()
-            .filter(|w| w.healthy.load(Ordering::Relaxed))
+            .filter(|w| w.healthy.load(Ordering::Relaxed) && w.serves(model))
         {
             if let Ok(Ok(info)) =
                 tokio::time::timeout(Duration::from_secs(2), w.client().info(InfoRequest {})).await

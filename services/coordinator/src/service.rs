@@ -1,7 +1,8 @@
 //! The public `Generation` service: the gRPC surface over validation, planning, dispatch
 //! and streaming.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::SessionStore;
@@ -19,7 +20,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::{Code, Request, Response, Status};
 use tracing::Instrument;
 
-use crate::admission::{Admission, Expiry, Queueing};
+use crate::admission::{Admissions, Expiry, Queueing};
 use crate::dispatch::Dispatcher;
 use crate::error::Error;
 use crate::metrics;
@@ -43,37 +44,40 @@ struct Inner {
     store: SessionStore,
     settings: CoordinatorSettings,
     dispatch: Dispatcher,
-    admission: Arc<Admission>,
+    admissions: Arc<Admissions>,
     active: Arc<Active>,
-    model: OnceLock<Arc<ModelInfo>>,
+    /// Each model served, with its tokenizer, once asked of a worker serving it.
+    models: Mutex<HashMap<String, Arc<ModelInfo>>>,
 }
 
 impl Coordinator {
-    /// A coordinator over `pool` and `store`; its admission follows the healthy workers'
-    /// capacity as the pool publishes it, from a task that ends with the coordinator.
+    /// A coordinator over `pool` and `store`; each model's admission follows the
+    /// capacity of the healthy workers serving it, as the pool publishes it, from a task
+    /// that ends with the coordinator.
     pub fn new(pool: Arc<Pool>, store: SessionStore, settings: CoordinatorSettings) -> Self {
-        let admission = Arc::new(Admission::new(
+        let admissions = Arc::new(Admissions::new(
             settings.max_queue,
             settings.max_streams_per_key,
         ));
-        let dispatch = Dispatcher::new(pool.clone(), admission.clone(), settings.retry_policy());
+        let policy = settings.retry_policy();
+        let dispatch = Dispatcher::new(pool.clone(), admissions.clone(), policy);
         let inner = Arc::new(Inner {
             pool,
             store,
             settings,
             dispatch,
-            admission,
+            admissions,
             active: Arc::default(),
-            model: OnceLock::new(),
+            models: Mutex::default(),
         });
         let (watched, mut serving) = (Arc::downgrade(&inner), inner.pool.watch());
         tokio::spawn(async move {
             loop {
-                let capacity = serving.borrow_and_update().capacity;
+                let by_model = serving.borrow_and_update().by_model.clone();
                 let Some(inner) = watched.upgrade() else {
                     break;
                 };
-                inner.admission.set_capacity(capacity);
+                inner.admissions.set_capacities(&by_model);
                 drop(inner);
                 if serving.changed().await.is_err() {
                     break;
@@ -85,7 +89,7 @@ impl Coordinator {
 
     /// Blocks waiting for a worker slot now.
     pub fn queued_blocks(&self) -> usize {
-        self.inner.admission.waiting()
+        self.inner.admissions.waiting()
     }
 
     /// The models the workers serve, with their versions and ready workers.
@@ -93,22 +97,55 @@ impl Coordinator {
         self.inner.pool.served()
     }
 
-    /// The model served, asked of a healthy worker once.
-    pub(crate) async fn model(&self) -> Result<Arc<ModelInfo>, Error> {
-        if let Some(m) = self.inner.model.get() {
-            return Ok(m.clone());
+    /// The model a request naming `named` generates with: that one when a worker serves
+    /// it, else (named none) `--default-model` or the one model served. NOT_FOUND for a
+    /// model nobody serves; INVALID_ARGUMENT naming `model` when several are served and
+    /// no default is set.
+    pub(crate) fn resolve_model(&self, named: &str) -> Result<String, Error> {
+        let served = self.served_models();
+        let wanted = match (named, &self.inner.settings.default_model) {
+            ("", Some(default)) => default.clone(),
+            ("", None) => match served.as_slice() {
+                [] => return Err(Error::NoWorker),
+                [only] => only.id.clone(),
+                several => {
+                    let ids: Vec<&str> = several.iter().map(|m| m.id.as_str()).collect();
+                    return Err(Error::ModelRequired(ids.join(", ")));
+                }
+            },
+            (named, _) => named.to_string(),
+        };
+        match served.iter().find(|m| m.id == wanted) {
+            Some(_) => Ok(wanted),
+            // Before any worker answered, every model is unknown: say so as no worker.
+            None if served.is_empty() => Err(Error::NoWorker),
+            None => Err(Error::UnknownModel(wanted)),
         }
-        let info = self.inner.pool.model_info().await.ok_or(Error::NoWorker)?;
-        let text = Text::load(
-            self.inner.settings.tokenizer.as_deref(),
-            info.vocab_size as usize,
-        )
-        .map_err(|e| {
-            tracing::error!(error = %e, "loading the tokenizer failed");
+    }
+
+    /// Model `id` with its tokenizer, asked of a healthy worker serving it once.
+    pub(crate) async fn model(&self, id: &str) -> Result<Arc<ModelInfo>, Error> {
+        let cached = {
+            let models = self.inner.models.lock().unwrap_or_else(|e| e.into_inner());
+            models.get(id).cloned()
+        };
+        if let Some(m) = cached {
+            return Ok(m);
+        }
+        let info = self
+            .inner
+            .pool
+            .model_info(id)
+            .await
+            .ok_or(Error::NoWorker)?;
+        let tokenizer = self.inner.settings.tokenizer_of(id);
+        let text = Text::load(tokenizer, info.vocab_size as usize).map_err(|e| {
+            tracing::error!(error = %e, model = id, "loading the tokenizer failed");
             Error::Tokenizer
         })?;
         let model = Arc::new(ModelInfo { info, text });
-        Ok(self.inner.model.get_or_init(|| model).clone())
+        let mut models = self.inner.models.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(models.entry(id.to_string()).or_insert(model).clone())
     }
 
     /// Admits, validates and plans `req` of the key `owner`, a call that must be answered
@@ -119,9 +156,11 @@ impl Coordinator {
         (owner, across): (Option<String>, bool),
         deadline: Option<Instant>,
     ) -> Result<Plan, Error> {
-        let ticket = self.inner.admission.admit(owner.as_deref())?;
-        let queueing = self.queueing(&owner, (req.priority, across), deadline);
-        let model = self.model().await?;
+        let id = self.resolve_model(&req.model)?;
+        let ticket = self.inner.admissions.of(&id).admit(owner.as_deref())?;
+        let mut queueing = self.queueing(&owner, (req.priority, across), deadline);
+        queueing.model = id.clone();
+        let model = self.model(&id).await?;
         let settings = &self.inner.settings;
         // Tokenizing a long prompt is compute: off the async threads.
         let (limits, text) = (settings.limits.clone(), model.clone());
@@ -155,6 +194,7 @@ impl Coordinator {
             (None, None) => None,
         };
         Queueing {
+            model: String::new(),
             key: owner.clone().unwrap_or_default(),
             priority,
             across,
@@ -177,14 +217,26 @@ impl Coordinator {
         rx
     }
 
+    /// Session `session` of the key `owner`, of whichever model served it (sessions are
+    /// stored by model: each served model's are looked in).
     async fn record(
         &self,
         session: &str,
         owner: Option<&str>,
     ) -> Result<bd3lm_kvstore::SessionRecord, Error> {
         validation::check_session_id(session)?;
-        let model = self.model().await?;
-        plan::load(&self.inner.store, &model.info.model_id, session, owner).await
+        let served = self.served_models();
+        if served.is_empty() {
+            return Err(Error::NoWorker);
+        }
+        let mut result = Err(Error::NoSession(session.to_string()));
+        for model in &served {
+            result = plan::load(&self.inner.store, &model.id, session, owner).await;
+            if !matches!(result, Err(Error::NoSession(_))) {
+                break;
+            }
+        }
+        result
     }
 }
 
@@ -273,7 +325,7 @@ impl Coordinator {
         let record = self
             .record(&request.get_ref().session_id, owner.as_deref())
             .await?;
-        let model = self.model().await?;
+        let model = self.model(&record.model_id).await?;
         let text = if model.text.has_tokenizer() {
             model.text.decode(&record.tokens)
         } else {

@@ -164,15 +164,35 @@ pub struct CoordinatorSettings {
     #[arg(long = "job-watch-poll-secs", env = "BD3LM_JOB_WATCH_POLL_SECS", value_name = "SECS",
           default_value = "5", value_parser = positive_secs)]
     pub job_watch_poll: Duration,
-    /// tokenizer.json for text prompts; without it prompts must be token ids.
+    /// tokenizer.json for text prompts, of every model without one of its own
+    /// (`--model-tokenizer`); without either, a model's prompts must be token ids.
     #[arg(long, env = "BD3LM_TOKENIZER", value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    /// A model's own tokenizer, as MODEL=FILE (repeat the flag, or separate with commas
+    /// in the variable), where the workers serve several models.
+    #[arg(long = "model-tokenizer", env = "BD3LM_MODEL_TOKENIZERS", value_name = "MODEL=FILE",
+          value_delimiter = ',', value_parser = parse_model_tokenizer)]
+    pub model_tokenizers: Vec<(String, PathBuf)>,
+    /// The model of a request that names none, where the workers serve several; with one
+    /// model served, that one.
+    #[arg(
+        long = "default-model",
+        env = "BD3LM_DEFAULT_MODEL",
+        value_name = "MODEL"
+    )]
+    pub default_model: Option<String>,
     /// First pause between attempts at a block; it doubles with each attempt.
     #[arg(skip = Duration::from_millis(50))]
     pub retry_backoff: Duration,
 }
 
 impl CoordinatorSettings {
+    /// The tokenizer of `model`: its own, else the shared one.
+    pub fn tokenizer_of(&self, model: &str) -> Option<&std::path::Path> {
+        let own = self.model_tokenizers.iter().find(|(m, _)| m == model);
+        own.map(|(_, f)| f.as_path()).or(self.tokenizer.as_deref())
+    }
+
     /// How each block is tried.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
@@ -215,8 +235,20 @@ impl Default for CoordinatorSettings {
             job_watch_poll: Duration::from_secs(5),
             jobs: JobLimits::default(),
             tokenizer: None,
+            model_tokenizers: Vec::new(),
+            default_model: None,
             retry_backoff: Duration::from_millis(50),
         }
+    }
+}
+
+/// Parses MODEL=FILE.
+fn parse_model_tokenizer(given: &str) -> Result<(String, PathBuf), String> {
+    match given.split_once('=') {
+        Some((model, file)) if !model.is_empty() && !file.is_empty() => {
+            Ok((model.to_string(), PathBuf::from(file)))
+        }
+        _ => Err("expected MODEL=FILE".into()),
     }
 }
 

@@ -241,12 +241,22 @@ async fn models(State(http): State<Http>, headers: HeaderMap) -> Response {
     answer("models", &headers, call).await
 }
 
-/// For load balancers and Ingress controllers, without a key: 200 once a worker serves
-/// the model, 503 before.
+/// For load balancers and Ingress controllers, without a key: 200 while a worker serves
+/// a model, 503 before.
 async fn health(State(http): State<Http>, headers: HeaderMap) -> Response {
     let call = async {
-        let id = http.served().await?;
-        Ok(Json(json!({"status": "ok", "model": id})).into_response())
+        let served = http.coordinator.served_models();
+        let ready: Vec<&str> = served
+            .iter()
+            .filter(|m| m.ready_workers > 0)
+            .map(|m| m.id.as_str())
+            .collect();
+        if ready.is_empty() {
+            return Err(ApiError::from_status(&Status::unavailable(
+                "no denoise worker is ready",
+            )));
+        }
+        Ok(Json(json!({"status": "ok", "models": ready})).into_response())
     };
     answer("health", &headers, call).await
 }
@@ -316,20 +326,10 @@ impl Http {
         })
     }
 
-    /// The id of the model served (asked of the workers), or 503 while none is ready.
-    async fn served(&self) -> Result<String, ApiError> {
-        let model = self
-            .coordinator
-            .model()
-            .await
-            .map_err(|e| e.into_status())?;
-        Ok(model.info.model_id.clone())
-    }
-
-    /// 404 naming `model` unless `id` is the model served.
-    async fn check_model(&self, id: &str) -> Result<(), ApiError> {
-        let served = self.served().await?;
-        if id != served {
+    /// 404 naming `model` unless the workers serve `id`.
+    fn check_model(&self, id: &str) -> Result<(), ApiError> {
+        let served = self.coordinator.served_models();
+        if !served.iter().any(|m| m.id == id) {
             return Err(unknown_model(id));
         }
         Ok(())
@@ -343,7 +343,7 @@ impl Http {
         shape: Shape,
         kind: Kind,
     ) -> Result<Response, ApiError> {
-        self.check_model(&shape.model).await?;
+        self.check_model(&shape.model)?;
         let mut call = tonic::Request::new(request);
         call.extensions_mut().insert(caller);
         let response = Generation::generate_stream(&self.coordinator, call).await?;

@@ -119,6 +119,7 @@ pub fn common(
     fields.take::<String>("user")?;
     let request = GenerateRequest {
         prompt,
+        model: model.clone(),
         session_id: fields.take("session_id")?.unwrap_or_default(),
         max_new_tokens: max_tokens,
         sampling: Some(sampling(fields)?),
