@@ -34,7 +34,7 @@ const SHAPE: [&str; 8] = [
 ];
 
 /// Optimiser flags shared by the job and the local reference run.
-const RUN: [&str; 20] = [
+pub(crate) const RUN: [&str; 20] = [
     "--block-size",
     "4",
     "--batch-size",
@@ -58,7 +58,7 @@ const RUN: [&str; 20] = [
 ];
 
 /// Word-level shards of a counting corpus (vocabulary 12 with the mask; rows of 16).
-fn shards(dir: &Path) -> PathBuf {
+pub(crate) fn shards(dir: &Path) -> PathBuf {
     let text = dir.join("text");
     std::fs::create_dir_all(&text).unwrap();
     for d in 0..24 {
@@ -125,7 +125,7 @@ fn trainer_with(dir: &Path, store: &[String], name: &str, extra: &[&str]) -> Pro
 
 /// Submits a job of [`SHAPE`] with the `run` flags on `data` with `bd3lm train --addr
 /// --detach`, published as `name`; its id.
-fn submit_detached(addr: &str, name: &str, data: &Path, run: &[&str]) -> String {
+pub(crate) fn submit_detached(addr: &str, name: &str, data: &Path, run: &[&str]) -> String {
     let mut submit = vec![
         "train", "--addr", addr, "--detach", "--name", name, "--data",
     ];
@@ -140,7 +140,7 @@ fn submit_detached(addr: &str, name: &str, data: &Path, run: &[&str]) -> String 
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-async fn training(addr: &str) -> TrainingClient<Channel> {
+pub(crate) async fn training(addr: &str) -> TrainingClient<Channel> {
     TrainingClient::connect(format!("http://{addr}"))
         .await
         .unwrap()
@@ -152,7 +152,7 @@ async fn job(client: &mut TrainingClient<Channel>, id: &str) -> Job {
 }
 
 /// Polls job `id` until `done` holds of it (panics after `within`).
-async fn wait_job(
+pub(crate) async fn wait_job(
     client: &mut TrainingClient<Channel>,
     id: &str,
     within: Duration,
@@ -190,7 +190,7 @@ fn wait_log(proc: &Proc, needle: &str, within: Duration) {
 /// version of each block.
 /// Waits until the coordinator at `addr` serves generations (its worker has a model
 /// loaded) or `within` has passed; the next generation's result tells which.
-async fn wait_serving(addr: &str, within: Duration) {
+pub(crate) async fn wait_serving(addr: &str, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let mut generation = GenerationClient::connect(format!("http://{addr}"))

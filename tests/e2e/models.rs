@@ -1,7 +1,7 @@
 //! One deployment serving several models by name: workers of two checkpoints behind one
 //! coordinator, each request routed to the workers of the model it names.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use bd3lm_proto::v1::generate_request::Prompt;
@@ -12,18 +12,23 @@ use tonic::transport::Channel;
 
 use crate::cluster::{Generated, Proc, Redis, free_port, spawn, start_coordinator};
 use crate::distributed::checkpoint;
-use crate::{bd3lm, bin};
+use crate::{bd3lm, bin, jobs};
 
 /// The bundled demo model's weights (vocabulary 8,193; beside the reference model's
 /// 1,024) in `dir`, without its tokenizer: generations print token ids.
-fn demo(dir: &Path) -> std::path::PathBuf {
+fn demo(dir: &Path) -> PathBuf {
     let bundled = Path::new(env!("CARGO_MANIFEST_DIR")).join("../services/bd3lm/demo-model");
-    let copy = dir.join("demo");
-    std::fs::create_dir_all(&copy).unwrap();
+    weights_only(&bundled, &dir.join("demo"))
+}
+
+/// The weights and configuration of checkpoint `from`, copied to `to` without a
+/// tokenizer (so that a local generation prints token ids).
+fn weights_only(from: &Path, to: &Path) -> PathBuf {
+    std::fs::create_dir_all(to).unwrap();
     for file in ["config.json", "model.safetensors"] {
-        std::fs::copy(bundled.join(file), copy.join(file)).unwrap();
+        std::fs::copy(from.join(file), to.join(file)).unwrap();
     }
-    copy
+    to.to_path_buf()
 }
 
 /// A worker of `checkpoint` serving it as `id` on the store of `store` flags.
@@ -59,7 +64,11 @@ fn request(model: &str, session: &str) -> GenerateRequest {
 
 /// The same generation in one process with `checkpoint`.
 fn local(checkpoint: &Path) -> Vec<u32> {
-    let ids = "7,9,11";
+    local_of(checkpoint, "7,9,11")
+}
+
+/// A local generation of 12 tokens after `ids` with seed 5.
+fn local_of(checkpoint: &Path, ids: &str) -> Vec<u32> {
     let ckpt = checkpoint.to_str().unwrap();
     let args = [
         "generate",
@@ -166,5 +175,90 @@ fn one_deployment_serves_two_models_by_name() {
             .unwrap()
             .into_inner();
         assert_eq!(out.token_ids, expected[0].1, "the default model");
+    });
+}
+
+/// `bd3lm serve --model tiny` serves the demo model and, once a job publishes `tiny`,
+/// that model by name beside it (the tokens of its published checkpoint), while requests
+/// naming no model keep the demo model's tokens.
+#[test]
+fn serve_serves_a_published_model_by_name_beside_the_demo() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let data = jobs::shards(root);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let training = root.join("training");
+    let args: Vec<String> = [
+        "serve",
+        "--addr",
+        &addr,
+        "--model",
+        "tiny",
+        "--training-dir",
+        training.to_str().unwrap(),
+        "--training-data-root",
+        root.to_str().unwrap(),
+        "--registry-poll-secs",
+        "0.2",
+    ]
+    .map(String::from)
+    .to_vec();
+    let _serve = spawn(&bin("bd3lm"), &args, root, "serve");
+    let ids = [10, 0, 1];
+    let tiny_request = |model: &str| GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: ids.to_vec() })),
+        model: model.into(),
+        max_new_tokens: 12,
+        seed: Some(5),
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let minute = Duration::from_secs(60);
+        jobs::wait_serving(&addr, minute).await;
+        let mut generation = client(&addr).await;
+        let before = generation
+            .generate(tiny_request(""))
+            .await
+            .unwrap()
+            .into_inner();
+        let steps = [&jobs::RUN[..jobs::RUN.len() - 2], &["--steps", "20"]].concat();
+        let id = jobs::submit_detached(&addr, "tiny", &data, &steps);
+        let mut trainings = jobs::training(&addr).await;
+        let done = jobs::wait_job(&mut trainings, &id, Duration::from_secs(300), |j| {
+            j.state != bd3lm_proto::v1::JobState::Queued as i32
+                && j.state != bd3lm_proto::v1::JobState::Running as i32
+        })
+        .await;
+        assert_eq!(done.published_versions, vec![1], "{}", done.error);
+        let deadline = Instant::now() + minute;
+        loop {
+            let served = generation
+                .list_served_models(ListServedModelsRequest {})
+                .await;
+            let served = served.unwrap().into_inner().models;
+            if served.iter().any(|m| m.id == "tiny" && m.ready_workers > 0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{served:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let tiny = generation
+            .generate(tiny_request("tiny"))
+            .await
+            .unwrap()
+            .into_inner();
+        let published = training.join("registry").join("tiny").join("1");
+        let weights = weights_only(&published, &root.join("tiny-weights"));
+        assert_eq!(tiny.token_ids, local_of(&weights, "10,0,1"));
+        let after = generation
+            .generate(tiny_request(""))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            after.token_ids, before.token_ids,
+            "the default stays the demo model"
+        );
     });
 }

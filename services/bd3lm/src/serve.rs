@@ -20,7 +20,7 @@ pub struct ServeArgs {
     /// Address of the public Generation service.
     #[arg(long, env = "BD3LM_ADDR", default_value = "127.0.0.1:50051")]
     pub addr: String,
-    /// Denoise workers to run in this process.
+    /// Denoise workers to run in this process, per model served.
     #[arg(long, env = "BD3LM_SERVE_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
     pub workers: u16,
     /// Checkpoint directory; default: the bundled demo model.
@@ -30,8 +30,9 @@ pub struct ServeArgs {
     /// (`registry/`); default: a temporary directory removed at exit.
     #[arg(long, env = "BD3LM_TRAINING_DIR", value_name = "DIR")]
     pub training_dir: Option<PathBuf>,
-    /// With --model: the workers follow that registry model (in --registry-dir, default
-    /// the training directory's registry/) instead of serving --checkpoint.
+    /// With --model NAME (repeated): workers of their own follow each registry model (in
+    /// --registry-dir, default the training directory's registry/), served by name
+    /// beside --checkpoint's model, which stays the default of requests naming none.
     #[command(flatten)]
     pub follow: bd3lm_worker::FollowSettings,
     /// TLS on the public port (the workers inside stay on loopback).
@@ -64,45 +65,51 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     bd3lm_kvstore::eviction::check(&stores.sessions).await?;
     let training = Training::open(&args)?;
     let mut settings = args.coordinator.clone();
-    let models = match &args.follow.model {
-        Some(name) => {
-            let following = bd3lm_worker::models::Following {
-                name: name.clone(),
-                dir: training.registry.clone(),
-                device: args.device.device()?,
-                precision: args.device.precision(),
-            };
-            following.start(&stores.jobs, &args.follow)?
-        }
-        None => {
-            let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
-            if settings.tokenizer.is_none() {
-                settings.tokenizer = crate::demo::tokenizer_of(&checkpoint, None);
-            }
-            let (device, precision) = (args.device.device()?, args.device.precision());
-            let load = move || bd3lm_worker::load(&checkpoint, None, precision, &device);
-            let model = tokio::task::spawn_blocking(load).await??;
-            Arc::new(bd3lm_worker::Models::fixed(Arc::new(model)))
-        }
-    };
+    let (device, precision) = (args.device.device()?, args.device.precision());
+    // The checkpoint (default: the demo model), the default of requests naming no model,
+    // and each registry model of --model beside it.
+    let checkpoint = crate::demo::checkpoint_or_demo(args.checkpoint.as_deref())?;
+    let loading = (checkpoint.clone(), device.clone());
+    let load = move || bd3lm_worker::load(&loading.0, None, precision, &loading.1);
+    let fixed = tokio::task::spawn_blocking(load).await??;
+    let id = fixed.model_id.clone();
+    if settings.tokenizer.is_none()
+        && let Some(tokenizer) = crate::demo::tokenizer_of(&checkpoint, None)
+    {
+        settings.model_tokenizers.push((id.clone(), tokenizer));
+    }
+    settings.default_model.get_or_insert(id);
+    let mut served = vec![Arc::new(bd3lm_worker::Models::fixed(Arc::new(fixed)))];
+    for name in &args.follow.model {
+        let following = bd3lm_worker::models::Following {
+            name: name.clone(),
+            dir: training.registry.clone(),
+            device: device.clone(),
+            precision,
+        };
+        served.push(following.start(&stores.jobs, &args.follow)?);
+    }
     // The workers listen on loopback ports any local user reaches: they take calls
     // carrying this process's own token only.
     let token = format!("{:032x}", rand::random::<u128>());
     let internal = Arc::new(Tokens::of(vec![token.clone()]));
     let mut addrs = Vec::new();
-    for _ in 0..args.workers {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        addrs.push(listener.local_addr()?.to_string());
-        let (models, store, internal) = (models.clone(), stores.sessions.clone(), internal.clone());
-        let limits = args.worker.limits(args.device.device);
-        tokio::spawn(async move {
-            let never = std::future::pending();
-            let ports = Ports::plain(listener);
-            let serving = bd3lm_worker::serve(ports, models, store, limits, internal, never);
-            if let Err(e) = serving.await {
-                tracing::error!(error = %e, "worker stopped");
-            }
-        });
+    for models in &served {
+        for _ in 0..args.workers {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            addrs.push(listener.local_addr()?.to_string());
+            let (models, store) = (models.clone(), stores.sessions.clone());
+            let internal = internal.clone();
+            let limits = args.worker.limits(args.device.device);
+            tokio::spawn(async move {
+                let never = std::future::pending();
+                let ports = Ports::plain(listener);
+                let serving = bd3lm_worker::serve(ports, models, store, limits, internal, never);
+                if let Err(e) = serving.await {
+                    tracing::error!(error = %e, "worker stopped");
+                }
+            });
+        }
     }
     let pool = Pool::new(
         settings.routing,
@@ -110,6 +117,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         settings.down_after_failures,
     );
     let pool = Arc::new(pool.with_bearer(Bearer::new(Some(&token))?));
+    let workers = addrs.len();
     let source = WorkerSource::Static(addrs);
     pool.refresh(&source).await;
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, settings.health_interval);
@@ -119,7 +127,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     println!(
         "bd3lm serve listening on {} ({} workers, store {})",
         listener.local_addr()?,
-        args.workers,
+        workers,
         args.store.describe()
     );
     let ports = Ports {

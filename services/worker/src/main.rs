@@ -58,7 +58,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         bd3lm_worker::check_model_id(id)?;
     }
     let registry_dir = &args.follow.registry_dir;
-    if args.follow.model.is_some() && registry_dir.is_none() {
+    let followed = match args.follow.model.as_slice() {
+        [] => None,
+        [name] if args.checkpoint.is_none() => Some(name),
+        [_] => anyhow::bail!("--model: give it or --checkpoint, not both"),
+        _ => anyhow::bail!("--model: a worker serves one model; run a worker per model"),
+    };
+    if followed.is_some() && registry_dir.is_none() {
         anyhow::bail!("--model needs --registry-dir (or BD3LM_REGISTRY_DIR)");
     }
     let server = &args.server;
@@ -73,7 +79,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let device = args.device.device()?;
     let precision = args.device.precision();
     let ports = server.bind("bd3lm-worker", &args.addr).await?;
-    let models = match (&args.follow.model, &args.checkpoint) {
+    let models = match (followed, &args.checkpoint) {
         (Some(name), _) => {
             let following = bd3lm_worker::models::Following {
                 name: name.clone(),

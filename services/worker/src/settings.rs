@@ -37,14 +37,10 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct FollowSettings {
     /// Serve the latest published version of this registry model, and each new one as it
-    /// is published (instead of --checkpoint).
-    #[arg(
-        long,
-        env = "BD3LM_MODEL",
-        value_name = "NAME",
-        conflicts_with = "checkpoint"
-    )]
-    pub model: Option<String>,
+    /// is published (a worker: instead of --checkpoint; `bd3lm serve`: beside its
+    /// checkpoint, repeated for several models).
+    #[arg(long, env = "BD3LM_MODEL", value_name = "NAME", value_delimiter = ',')]
+    pub model: Vec<String>,
     /// The model registry's storage (published versions are `{dir}/{name}/{version}`).
     #[arg(long, env = "BD3LM_REGISTRY_DIR", value_name = "DIR")]
     pub registry_dir: Option<std::path::PathBuf>,
