@@ -96,50 +96,65 @@ def container_ports(container):
 
 
 def check_workers_dns(docs, faults):
+    """Each name of the coordinators' BD3LM_WORKERS_DNS is a headless Service reaching its
+    workers' gRPC port, and every worker pool is reached by one of them."""
     configmaps = named(docs, "ConfigMap")
     services = named(docs, "Service")
     found = False
     for workload, template in pods(docs):
         for c in template["spec"]["containers"]:
-            target = env_of(c, configmaps).get("BD3LM_WORKERS_DNS")
-            if target is None:
+            targets = env_of(c, configmaps).get("BD3LM_WORKERS_DNS")
+            if targets is None:
                 continue
             found = True
-            host, _, port = target.rpartition(":")
-            name, _, rest = host.partition(".")
-            namespace = rest.split(".")[0]
-            svc = services.get(name)
-            where = f"{workload['metadata']['name']}: BD3LM_WORKERS_DNS {target}"
-            if svc is None:
-                faults.append(f"{where}: no Service {name}")
-                continue
-            if not namespace or not rest.endswith(".svc.cluster.local"):
-                faults.append(f"{where}: not NAME.NAMESPACE.svc.cluster.local")
-            if svc["spec"].get("clusterIP") != "None":
-                faults.append(f"{where}: Service {name} is not headless")
-            selected = [
-                t for _, t in pods(docs) if selects(svc["spec"]["selector"], t["metadata"]["labels"])
-            ]
-            workers = [
-                t for t in selected
-                if any(cc["name"] == "worker" for cc in t["spec"]["containers"])
-            ]
-            if not workers:
-                faults.append(f"{where}: Service {name} selects no worker pods")
-                continue
-            port_entry = next(
-                (p for p in svc["spec"]["ports"] if str(p["port"]) == port), None
-            )
-            if port_entry is None:
-                faults.append(f"{where}: Service {name} has no port {port}")
-                continue
-            worker = next(cc for cc in workers[0]["spec"]["containers"] if cc["name"] == "worker")
-            target_port = port_entry.get("targetPort", port_entry["port"])
-            grpc = next((p for p in worker["ports"] if p.get("name") == "grpc"), None)
-            if grpc is None or target_port not in (grpc["name"], grpc["containerPort"]):
-                faults.append(f"{where}: port {port} does not reach the workers' gRPC port")
+            reached = []
+            for target in targets.split(","):
+                reached += check_worker_name(workload, target, services, docs, faults)
+            for pool, t in pods(docs):
+                is_worker = any(cc["name"] == "worker" for cc in t["spec"]["containers"])
+                if is_worker and not any(t is r for r in reached):
+                    faults.append(f"{workload['metadata']['name']}: no BD3LM_WORKERS_DNS name reaches {pool['metadata']['name']}")
     if not found:
         faults.append("no coordinator has BD3LM_WORKERS_DNS")
+
+
+def check_worker_name(workload, target, services, docs, faults):
+    """The worker pod templates one NAME.NAMESPACE.svc.cluster.local:PORT reaches."""
+    host, _, port = target.rpartition(":")
+    name, _, rest = host.partition(".")
+    namespace = rest.split(".")[0]
+    svc = services.get(name)
+    where = f"{workload['metadata']['name']}: BD3LM_WORKERS_DNS {target}"
+    if svc is None:
+        faults.append(f"{where}: no Service {name}")
+        return []
+    if not namespace or not rest.endswith(".svc.cluster.local"):
+        faults.append(f"{where}: not NAME.NAMESPACE.svc.cluster.local")
+    if svc["spec"].get("clusterIP") != "None":
+        faults.append(f"{where}: Service {name} is not headless")
+    selected = [
+        t for _, t in pods(docs) if selects(svc["spec"]["selector"], t["metadata"]["labels"])
+    ]
+    workers = [
+        t for t in selected
+        if any(cc["name"] == "worker" for cc in t["spec"]["containers"])
+    ]
+    if not workers:
+        faults.append(f"{where}: Service {name} selects no worker pods")
+        return []
+    port_entry = next(
+        (p for p in svc["spec"]["ports"] if str(p["port"]) == port), None
+    )
+    if port_entry is None:
+        faults.append(f"{where}: Service {name} has no port {port}")
+        return []
+    worker = next(cc for cc in workers[0]["spec"]["containers"] if cc["name"] == "worker")
+    target_port = port_entry.get("targetPort", port_entry["port"])
+    grpc = next((p for p in worker["ports"] if p.get("name") == "grpc"), None)
+    if grpc is None or target_port not in (grpc["name"], grpc["containerPort"]):
+        faults.append(f"{where}: port {port} does not reach the workers' gRPC port")
+        return []
+    return workers
 
 
 def check_probes(docs, faults):
@@ -188,8 +203,15 @@ def check_files(docs, faults):
     for workload, template in pods(docs):
         for c in template["spec"]["containers"]:
             mounts = [m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts", [])]
-            for var, path in env_of(c, configmaps).items():
-                is_file = var.startswith("BD3LM_") and (
+            env = env_of(c, configmaps)
+            # Each MODEL=FILE of BD3LM_MODEL_TOKENIZERS is a file too.
+            files = list(env.items()) + [
+                ("BD3LM_MODEL_TOKENIZERS:" + entry.split("=", 1)[0], entry.split("=", 1)[1])
+                for entry in env.get("BD3LM_MODEL_TOKENIZERS", "").split(",") if "=" in entry
+            ]
+            for var, path in files:
+                is_file = var.startswith("BD3LM_") and var != "BD3LM_MODEL_TOKENIZERS" and (
+                    var.startswith("BD3LM_MODEL_TOKENIZERS:") or
                     var.endswith("_FILE") or var.startswith("BD3LM_TLS_") and var != "BD3LM_TLS_WORKER_NAME"
                     or var in ("BD3LM_REDIS_CA", "BD3LM_TOKENIZER", "BD3LM_CHECKPOINT")
                     or var in TRAINING_PATHS
@@ -341,6 +363,11 @@ def allows_port(rule, port):
     return any(p.get("port") == port for p in rule.get("ports", []))
 
 
+def is_worker_peer(labels):
+    """Whether a peer's labels select the workers (of one pool, or of every pool)."""
+    return labels.get("app.kubernetes.io/component") == "worker" or labels.get("bd3lm.io/worker") == "true"
+
+
 def check_egress(docs, faults):
     policies = [d for d in docs if d.get("kind") == "NetworkPolicy"]
     if not policies:
@@ -362,7 +389,7 @@ def check_egress(docs, faults):
             to_workers = [
                 r for r in rules
                 if allows_port(r, 50061) and any(
-                    (peer.get("podSelector") or {}).get("matchLabels", {}).get("app.kubernetes.io/component") == "worker"
+                    is_worker_peer((peer.get("podSelector") or {}).get("matchLabels", {}))
                     for peer in r.get("to", [])
                 )
             ]
@@ -503,6 +530,14 @@ def breaks(docs=()):
     def wide_jobs(docs):
         first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_MAX_JOB_WORLD_SIZE"] = "64"
 
+    def unresolved_pool(docs):
+        cm = first(docs, "ConfigMap", "coordinator")["data"]
+        cm["BD3LM_WORKERS_DNS"] = cm["BD3LM_WORKERS_DNS"].split(",")[0]
+
+    def unmounted_tokenizer(docs):
+        cm = first(docs, "ConfigMap", "coordinator")["data"]
+        cm["BD3LM_MODEL_TOKENIZERS"] += ",other=/nowhere/tokenizer.json"
+
     def http_port(docs):
         first(docs, "ConfigMap", "coordinator")["data"]["BD3LM_HTTP_ADDR"] = "0.0.0.0:9000"
 
@@ -557,6 +592,11 @@ def breaks(docs=()):
         ("the HTTP API on a port the container lacks", http_port),
         ("an Ingress to a port its Service lacks", ingress_port),
     ] if any(d.get("kind") == "Ingress" for d in docs) else []) + ([
+        ("a worker pool the coordinators do not resolve", unresolved_pool),
+        ("a model's tokenizer on no mounted volume", unmounted_tokenizer),
+    ] if any(
+        "BD3LM_MODEL_TOKENIZERS" in (d.get("data") or {}) for d in docs if d.get("kind") == "ConfigMap"
+    ) else []) + ([
         ("the HTTP API's port closed by the NetworkPolicy", http_closed),
     ] if policies and any(d.get("kind") == "Ingress" for d in docs) else [])
 

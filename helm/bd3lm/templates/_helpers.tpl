@@ -52,6 +52,48 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- printf "%s-worker-headless" (include "bd3lm.fullname" .) -}}
 {{- end -}}
 
+{{/* A worker pool's name (dict "root" $ "pool" NAME): the main pool's is "" (the workers
+of model.id); each of workers.extraModels has one of its own. */}}
+{{- define "bd3lm.poolName" -}}
+{{- printf "%s-worker%s" (include "bd3lm.fullname" .root) (ternary "" (printf "-%s" .pool) (eq .pool "")) -}}
+{{- end -}}
+
+{{/* A worker pool's component label. */}}
+{{- define "bd3lm.poolComponent" -}}
+{{- ternary "worker" (printf "worker-%s" .pool) (eq .pool "") -}}
+{{- end -}}
+
+{{/* A worker pool's headless Service. */}}
+{{- define "bd3lm.poolHeadless" -}}
+{{- ternary (include "bd3lm.workersHeadless" .root) (printf "%s-headless" (include "bd3lm.poolName" .)) (eq .pool "") -}}
+{{- end -}}
+
+{{/* What the coordinators resolve to find every worker: each pool's headless Service. */}}
+{{- define "bd3lm.workersDns" -}}
+{{- $root := . -}}
+{{- $names := list -}}
+{{- range $pool := include "bd3lm.pools" . | fromJsonArray -}}
+{{- $headless := include "bd3lm.poolHeadless" (dict "root" $root "pool" $pool) -}}
+{{- $names = append $names (printf "%s.%s.svc.cluster.local:50061" $headless $root.Release.Namespace) -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}
+
+{{/* The worker pools, as a JSON array of their names ("" first: the main pool). */}}
+{{- define "bd3lm.pools" -}}
+{{- $pools := list "" -}}
+{{- range .Values.workers.extraModels -}}
+{{- $pools = append $pools .name -}}
+{{- end -}}
+{{- toJson $pools -}}
+{{- end -}}
+
+{{/* Every worker pod of the release, whatever its pool (NetworkPolicy peers). */}}
+{{- define "bd3lm.workerPods" -}}
+{{ include "bd3lm.releasePods" . }}
+bd3lm.io/worker: "true"
+{{- end -}}
+
 {{/* Secret names: given ones, else the chart's own. */}}
 {{- define "bd3lm.internalTokenSecret" -}}
 {{- default (printf "%s-internal-token" (include "bd3lm.fullname" .)) .Values.security.internalToken.existingSecret -}}
@@ -71,7 +113,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* Whether the pods share the training volume (trainers, the registry). */}}
 {{- define "bd3lm.trainingVolumeUsed" -}}
-{{- if or .Values.training.enabled (eq .Values.model.source "registry") -}}true{{- end -}}
+{{- if or .Values.training.enabled (eq .Values.model.source "registry") .Values.workers.extraModels -}}true{{- end -}}
 {{- end -}}
 
 {{/* The training volume's mount (dict "root" $ "readOnly" bool). */}}

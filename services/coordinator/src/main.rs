@@ -24,9 +24,15 @@ struct Args {
         required_unless_present = "workers_dns"
     )]
     workers: Vec<String>,
-    /// A DNS name and port resolving to every worker (a Kubernetes headless service).
-    #[arg(long, env = "BD3LM_WORKERS_DNS", conflicts_with = "workers")]
-    workers_dns: Option<String>,
+    /// DNS names with ports resolving to the workers (Kubernetes headless services, one
+    /// per worker pool), comma-separated.
+    #[arg(
+        long,
+        env = "BD3LM_WORKERS_DNS",
+        conflicts_with = "workers",
+        value_delimiter = ','
+    )]
+    workers_dns: Vec<String>,
     /// File whose first line is the workers' internal token, sent on every call to them.
     #[arg(long, env = "BD3LM_INTERNAL_TOKEN_FILE", value_name = "FILE")]
     internal_token_file: Option<std::path::PathBuf>,
@@ -49,9 +55,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .service
         .start(bd3lm_coordinator::metrics::describe)
         .await?;
-    let source = match args.workers_dns {
-        Some(name) => WorkerSource::Dns(name),
-        None => WorkerSource::Static(args.workers),
+    let source = match args.workers_dns.is_empty() {
+        false => WorkerSource::Dns(args.workers_dns),
+        true => WorkerSource::Static(args.workers),
     };
     let settings = args.settings;
     let bearer = match &args.internal_token_file {

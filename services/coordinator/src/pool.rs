@@ -23,9 +23,9 @@ use crate::settings::Routing;
 pub enum WorkerSource {
     /// A fixed list of `host:port`.
     Static(Vec<String>),
-    /// A DNS name (e.g. a Kubernetes headless service) and port; every address it resolves
-    /// to is a worker.
-    Dns(String),
+    /// DNS names (e.g. Kubernetes headless services, one per worker pool) with their
+    /// ports; every address they resolve to is a worker.
+    Dns(Vec<String>),
 }
 
 /// A worker's client: every call carries the internal credential.
@@ -160,6 +160,21 @@ fn serving(workers: Vec<Arc<Worker>>, version: Option<u64>) -> Vec<Arc<Worker>> 
     } else {
         workers
     }
+}
+
+/// Every address `names` resolve to; the first name that does not resolve in time, and
+/// why, otherwise.
+async fn resolve(names: &[String]) -> Result<Vec<String>, (String, String)> {
+    let mut found = Vec::new();
+    for name in names {
+        let lookup = tokio::net::lookup_host(name.as_str());
+        match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+            Ok(Ok(addrs)) => found.extend(addrs.map(|a| a.to_string())),
+            Ok(Err(e)) => return Err((name.clone(), e.to_string())),
+            Err(_) => return Err((name.clone(), "timed out".into())),
+        }
+    }
+    Ok(found)
 }
 
 /// Whether a worker is healthy after a check: an answer decides (SERVING or not: a worker
@@ -328,20 +343,13 @@ impl Pool {
     pub async fn refresh(&self, source: &WorkerSource) -> usize {
         let addrs = match source {
             WorkerSource::Static(list) => list.clone(),
-            WorkerSource::Dns(name) => {
-                let lookup = tokio::net::lookup_host(name.as_str());
-                match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
-                    Ok(Ok(found)) => found.map(|a| a.to_string()).collect(),
-                    failed => {
-                        let error = match failed {
-                            Ok(Err(e)) => e.to_string(),
-                            _ => "timed out".to_string(),
-                        };
-                        tracing::warn!(%name, %error, "resolving workers failed; keeping the known ones");
-                        self.workers().iter().map(|w| w.addr.clone()).collect()
-                    }
+            WorkerSource::Dns(names) => match resolve(names).await {
+                Ok(found) => found,
+                Err((name, error)) => {
+                    tracing::warn!(%name, %error, "resolving workers failed; keeping the known ones");
+                    self.workers().iter().map(|w| w.addr.clone()).collect()
                 }
-            }
+            },
         };
         let current = self.workers();
         let mut next = Vec::with_capacity(addrs.len());
@@ -505,6 +513,18 @@ mod tests {
 
     /// An answer decides at once; silence marks a healthy worker down only after
     /// `down_after` checks in a row, and a worker never seen healthy stays down.
+    /// Several names resolve together (one per worker pool); a name that does not
+    /// resolve is reported, so the known workers are kept.
+    #[tokio::test]
+    async fn every_pools_name_is_resolved() {
+        let names = ["127.0.0.1:50061".to_string(), "127.0.0.2:50061".to_string()];
+        let found = resolve(&names).await.unwrap();
+        assert_eq!(found, vec!["127.0.0.1:50061", "127.0.0.2:50061"]);
+        let bad = [names[0].clone(), "no-port-given".to_string()];
+        let (name, _) = resolve(&bad).await.unwrap_err();
+        assert_eq!(name, "no-port-given");
+    }
+
     #[test]
     fn workers_go_down_after_consecutive_silent_checks() {
         let failures = AtomicU32::new(0);
