@@ -159,22 +159,15 @@ pub async fn serve(
                 .await
                 .with_context(|| format!("binding the HTTP API on {addr}"))?;
             tracing::info!(addr = %listener.local_addr()?, tls = ports.https.is_some(), "HTTP API listening");
-            let chat = http::ChatTemplate::load(settings.tokenizer.as_deref());
-            Some((http::Listener::new(listener, ports.https.take()), chat))
+            Some(http::Listener::new(listener, ports.https.take()))
         }
         None => None,
     };
     let coordinator = Coordinator::new(pool, stores.sessions, settings);
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let http = http.map(|(listener, chat)| {
+    let http = http.map(|listener| {
         let (coordinator, keys) = (coordinator.clone(), keys.clone());
-        let served = http::serve(
-            listener,
-            coordinator,
-            keys,
-            (chat, max_request),
-            shutdown.clone(),
-        );
+        let served = http::serve(listener, coordinator, keys, max_request, shutdown.clone());
         tokio::spawn(served)
     });
     let generation = GenerationServer::new(coordinator).max_decoding_message_size(max_request);

@@ -92,6 +92,11 @@ impl Coordinator {
         self.inner.admissions.waiting()
     }
 
+    /// The tokenizer file of model `id`, if it has one.
+    pub(crate) fn tokenizer_of(&self, id: &str) -> Option<std::path::PathBuf> {
+        self.inner.settings.tokenizer_of(id).map(Into::into)
+    }
+
     /// The models the workers serve, with their versions and ready workers.
     pub fn served_models(&self) -> Vec<ServedModel> {
         self.inner.pool.served()

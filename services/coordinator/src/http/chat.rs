@@ -1,5 +1,5 @@
-//! `/v1/chat/completions`: the conversation rendered to one prompt by the model's chat
-//! template (`chat_template` of the `tokenizer_config.json` beside the tokenizer, a Jinja
+//! `/v1/chat/completions`: the conversation rendered to one prompt by the named model's
+//! chat template (`chat_template` of the `tokenizer_config.json` beside its tokenizer, a Jinja
 //! template as Hugging Face ships them, rendered with minijinja). A model without one
 //! answers 400: a chat cannot be turned into a prompt without knowing the model's format.
 
@@ -95,13 +95,14 @@ impl ChatTemplate {
     }
 }
 
-/// A `/v1/chat/completions` body: the conversation rendered by `template`, and the
-/// request's shape.
-pub fn completion(
+/// A `/v1/chat/completions` body: the conversation rendered by the template of the model
+/// it names (`templates` gives a model's), and the request's shape.
+pub fn completion<T: std::ops::Deref<Target = ChatTemplate>>(
     mut fields: Fields,
-    template: Option<&ChatTemplate>,
+    templates: impl Fn(&str) -> Option<T>,
 ) -> Result<(GenerateRequest, Shape), ApiError> {
-    let template = template.ok_or_else(|| {
+    let model = fields.peek_str("model").unwrap_or_default().to_string();
+    let template = templates(&model).ok_or_else(|| {
         ApiError::invalid(
             "messages",
             "this model has no chat template; use /v1/completions with a prompt",
@@ -203,20 +204,23 @@ mod tests {
             "max_completion_tokens": 5,
         });
         let fields = Fields::parse(body.to_string().as_bytes()).unwrap();
-        let (request, _) = completion(fields, Some(&chat)).unwrap();
+        let (request, _) = completion(fields, |_| Some(&chat)).unwrap();
         let expected = "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>";
         assert_eq!(request.prompt, Some(Prompt::Text(expected.into())));
         assert_eq!(request.max_new_tokens, 5);
 
-        let fields = Fields::parse(body.to_string().as_bytes()).unwrap();
-        let refused = completion(fields, None).unwrap_err();
+        // The template is the named model's: another model's lack refuses the chat.
+        let other = json!({"model": "plain", "messages": [{"role": "user", "content": "Hi"}]});
+        let fields = Fields::parse(other.to_string().as_bytes()).unwrap();
+        let of_m = |model: &str| (model == "m").then_some(&chat);
+        let refused = completion(fields, of_m).unwrap_err();
         assert_eq!(refused.body()["error"]["param"], "messages");
 
         let strict =
             "{% if messages[0].role != 'user' %}{{ raise_exception('user first') }}{% endif %}";
         let strict = template(dir.path(), json!({"chat_template": strict})).unwrap();
         let fields = Fields::parse(body.to_string().as_bytes()).unwrap();
-        let refused = completion(fields, Some(&strict)).unwrap_err();
+        let refused = completion(fields, |_| Some(&strict)).unwrap_err();
         assert!(
             refused.body()["error"]["message"]
                 .as_str()

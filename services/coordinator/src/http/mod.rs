@@ -13,8 +13,9 @@ mod error;
 mod listener;
 mod openai;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -44,7 +45,8 @@ use crate::Coordinator;
 struct Http {
     coordinator: Coordinator,
     keys: Arc<Tokens>,
-    chat: Arc<Option<ChatTemplate>>,
+    /// Each model's chat template (or its lack), read once beside its tokenizer.
+    chat: Arc<Mutex<HashMap<String, Option<Arc<ChatTemplate>>>>>,
 }
 
 /// Which OpenAI object a generation is answered as.
@@ -59,13 +61,13 @@ pub async fn serve(
     listener: Listener,
     coordinator: Coordinator,
     keys: Arc<Tokens>,
-    (chat, max_request_bytes): (Option<ChatTemplate>, usize),
+    max_request_bytes: usize,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let http = Http {
         coordinator,
         keys,
-        chat: Arc::new(chat),
+        chat: Arc::default(),
     };
     let app = Router::new()
         .route("/v1/completions", post(completions))
@@ -94,7 +96,8 @@ async fn chat_completions(State(http): State<Http>, headers: HeaderMap, body: By
     let call = async {
         let caller = http.authorize(&headers)?;
         let fields = Fields::parse(&body)?;
-        let (request, shape) = chat::completion(fields, http.chat.as_ref().as_ref())?;
+        let template = |model: &str| http.chat_template(model);
+        let (request, shape) = chat::completion(fields, template)?;
         http.generate(caller, request, shape, Kind::Chat).await
     };
     answer("chat_completions", &headers, call).await
@@ -193,6 +196,15 @@ impl Http {
             metrics::counter!("bd3lm_unauthenticated_total").increment(1);
             ApiError::from_status(&status)
         })
+    }
+
+    /// Model `id`'s chat template: `chat_template` of the `tokenizer_config.json` beside
+    /// its tokenizer, read at the first chat request of the model.
+    fn chat_template(&self, id: &str) -> Option<Arc<ChatTemplate>> {
+        let mut templates = self.chat.lock().unwrap_or_else(|e| e.into_inner());
+        let tokenizer = || self.coordinator.tokenizer_of(id);
+        let load = || ChatTemplate::load(tokenizer().as_deref()).map(Arc::new);
+        templates.entry(id.to_string()).or_insert_with(load).clone()
     }
 
     /// 404 naming `model` unless the workers serve `id`.

@@ -36,6 +36,11 @@ impl Fields {
         }
     }
 
+    /// Field `name` as a string, left in place; `None` when absent or not a string.
+    pub fn peek_str(&self, name: &str) -> Option<&str> {
+        self.0.get(name).and_then(Value::as_str)
+    }
+
     /// Sets field `name` (a request's alias of it read first).
     pub fn insert(&mut self, name: &str, value: Value) {
         self.0.insert(name.to_string(), value);
