@@ -20,7 +20,11 @@ pub fn checkpoint() -> std::path::PathBuf {
 
 /// Local generation with the same flags.
 pub fn local(args: &[&str]) -> Vec<u32> {
-    let ckpt = checkpoint();
+    local_with(&checkpoint(), args)
+}
+
+/// Local generation of checkpoint `ckpt` with `args`.
+pub fn local_with(ckpt: &std::path::Path, args: &[&str]) -> Vec<u32> {
     let mut all = vec!["generate", "--checkpoint", ckpt.to_str().unwrap()];
     all.extend_from_slice(args);
     let out = Generated::from(bd3lm(&all));

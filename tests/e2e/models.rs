@@ -10,9 +10,9 @@ use bd3lm_proto::v1::{GenerateRequest, GetSessionRequest, ListServedModelsReques
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::cluster::{Generated, Proc, Redis, free_port, spawn, start_coordinator};
+use crate::cluster::{Proc, Redis, free_port, spawn, start_coordinator};
 use crate::distributed::checkpoint;
-use crate::{bd3lm, bin, jobs};
+use crate::{bin, jobs};
 
 /// The bundled demo model's weights (vocabulary 8,193; beside the reference model's
 /// 1,024) in `dir`, without its tokenizer: generations print token ids.
@@ -69,21 +69,8 @@ fn local(checkpoint: &Path) -> Vec<u32> {
 
 /// A local generation of 12 tokens after `ids` with seed 5.
 fn local_of(checkpoint: &Path, ids: &str) -> Vec<u32> {
-    let ckpt = checkpoint.to_str().unwrap();
-    let args = [
-        "generate",
-        "--checkpoint",
-        ckpt,
-        "--prompt-ids",
-        ids,
-        "--max-tokens",
-        "12",
-        "--seed",
-        "5",
-    ];
-    let out = Generated::from(bd3lm(&args));
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    out.ids
+    let args = ["--prompt-ids", ids, "--max-tokens", "12", "--seed", "5"];
+    crate::distributed::local_with(checkpoint, &args)
 }
 
 async fn client(addr: &str) -> GenerationClient<Channel> {

@@ -57,29 +57,21 @@ pub enum ModelsCommand {
     },
     /// Retire a version: it leaves the registry, workers following its name move to the
     /// newest version left, and the trainers remove its files.
-    Retire {
-        /// The version, as NAME@VERSION.
-        #[arg(value_parser = version_ref)]
-        version: (String, u64),
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Retire(VersionArgs),
     /// Pin a version: the trainers' --keep-versions policy never retires it.
-    Pin {
-        /// The version, as NAME@VERSION.
-        #[arg(value_parser = version_ref)]
-        version: (String, u64),
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Pin(VersionArgs),
     /// Unpin a version.
-    Unpin {
-        /// The version, as NAME@VERSION.
-        #[arg(value_parser = version_ref)]
-        version: (String, u64),
-        #[command(flatten)]
-        remote: RemoteArgs,
-    },
+    Unpin(VersionArgs),
+}
+
+/// One model version on a server.
+#[derive(Debug, clap::Args)]
+pub struct VersionArgs {
+    /// The version, as NAME@VERSION.
+    #[arg(value_parser = version_ref)]
+    version: (String, u64),
+    #[command(flatten)]
+    remote: RemoteArgs,
 }
 
 /// Parses NAME@VERSION.
@@ -149,9 +141,9 @@ pub async fn jobs(command: JobsCommand) -> anyhow::Result<bool> {
 pub async fn models(command: ModelsCommand) -> anyhow::Result<()> {
     match command {
         ModelsCommand::List { name, remote } => list_models(name, remote).await,
-        ModelsCommand::Retire { version, remote } => change(Change::Retire, version, remote).await,
-        ModelsCommand::Pin { version, remote } => change(Change::Pin, version, remote).await,
-        ModelsCommand::Unpin { version, remote } => change(Change::Unpin, version, remote).await,
+        ModelsCommand::Retire(args) => change(Change::Retire, args).await,
+        ModelsCommand::Pin(args) => change(Change::Pin, args).await,
+        ModelsCommand::Unpin(args) => change(Change::Unpin, args).await,
     }
 }
 
@@ -164,11 +156,8 @@ enum Change {
 }
 
 /// Retires, pins or unpins `name@version`, and says so.
-async fn change(
-    how: Change,
-    (name, version): (String, u64),
-    remote: RemoteArgs,
-) -> anyhow::Result<()> {
+async fn change(how: Change, args: VersionArgs) -> anyhow::Result<()> {
+    let ((name, version), remote) = (args.version, args.remote);
     let mut client = TrainingClient::new(remote.connect().await?);
     let request = wire::ModelVersionRequest { name, version };
     let (done, answer) = match how {

@@ -48,7 +48,7 @@ pub enum Error {
     #[error("no healthy denoise worker")]
     NoWorker,
     /// The request names a model no worker serves.
-    #[error("model: no model {0} is served here (ListServedModels lists them)")]
+    #[error("model: no model {0} is served here (ListServedModels, or GET /v1/models, lists them)")]
     UnknownModel(String),
     /// The request names no model, and the workers serve several without a default.
     #[error("model: this deployment serves several models ({0}); name one")]

@@ -370,10 +370,7 @@ impl Training for TrainingService {
         request: Request<wire::ModelVersionRequest>,
     ) -> Result<Response<wire::ModelVersion>, Status> {
         call!("RetireModelVersion", "retire_model_version", {
-            let (who, target) = (rights(&request), request.get_ref());
-            let version = target_version(target)?;
-            let retired = self.registry.retire(&target.name, version, who).await?;
-            Ok(Response::new(retired))
+            self.change_version(&request, None).await
         })
     }
 
@@ -382,10 +379,7 @@ impl Training for TrainingService {
         request: Request<wire::ModelVersionRequest>,
     ) -> Result<Response<wire::ModelVersion>, Status> {
         call!("PinModelVersion", "pin_model_version", {
-            let (who, target) = (rights(&request), request.get_ref());
-            let version = target_version(target)?;
-            let pinned = self.registry.pin(&target.name, version, true, who).await?;
-            Ok(Response::new(pinned))
+            self.change_version(&request, Some(true)).await
         })
     }
 
@@ -394,11 +388,30 @@ impl Training for TrainingService {
         request: Request<wire::ModelVersionRequest>,
     ) -> Result<Response<wire::ModelVersion>, Status> {
         call!("UnpinModelVersion", "unpin_model_version", {
-            let (who, target) = (rights(&request), request.get_ref());
-            let version = target_version(target)?;
-            let unpinned = self.registry.pin(&target.name, version, false, who).await?;
-            Ok(Response::new(unpinned))
+            self.change_version(&request, Some(false)).await
         })
+    }
+}
+
+impl TrainingService {
+    /// Retires the version `request` names (`pin` unset), or pins or unpins it, for the
+    /// caller's key: the version as the registry answers it.
+    async fn change_version(
+        &self,
+        request: &Request<wire::ModelVersionRequest>,
+        pin: Option<bool>,
+    ) -> Result<Response<wire::ModelVersion>, Status> {
+        let (who, target) = (rights(request), request.get_ref());
+        let version = target_version(target)?;
+        let changed = match pin {
+            None => self.registry.retire(&target.name, version, who).await?,
+            Some(pinned) => {
+                self.registry
+                    .pin(&target.name, version, pinned, who)
+                    .await?
+            }
+        };
+        Ok(Response::new(changed))
     }
 }
 

@@ -412,15 +412,21 @@ impl RedisJobs {
     }
 
     pub(super) async fn names(&self, key: &str) -> Result<Vec<String>> {
-        let mut names: Vec<String> = self
+        self.sorted_members("model_names", key).await
+    }
+
+    /// The members of set `key`, sorted.
+    async fn sorted_members<T: redis::FromRedisValue + Ord>(
+        &self,
+        op: &'static str,
+        key: &str,
+    ) -> Result<Vec<T>> {
+        let mut members: Vec<T> = self
             .redis
-            .retried(
-                "model_names",
-                |mut con| async move { con.smembers(key).await },
-            )
+            .retried(op, |mut con| async move { con.smembers(key).await })
             .await?;
-        names.sort();
-        Ok(names)
+        members.sort_unstable();
+        Ok(members)
     }
 
     pub(super) async fn owner(&self, owners: &str, name: &str) -> Result<Option<String>> {
@@ -476,24 +482,11 @@ impl RedisJobs {
     }
 
     pub(super) async fn pins(&self, key: &str) -> Result<Vec<u64>> {
-        let mut pins: Vec<u64> = self
-            .redis
-            .retried(
-                "model_pins",
-                |mut con| async move { con.smembers(key).await },
-            )
-            .await?;
-        pins.sort_unstable();
-        Ok(pins)
+        self.sorted_members("model_pins", key).await
     }
 
     pub(super) async fn retired(&self, key: &str) -> Result<Vec<String>> {
-        Ok(self
-            .redis
-            .retried("retired_model_versions", |mut con| async move {
-                con.smembers(key).await
-            })
-            .await?)
+        self.sorted_members("retired_model_versions", key).await
     }
 
     pub(super) async fn forget_retired(&self, key: &str, member: &str) -> Result<()> {

@@ -207,16 +207,8 @@ impl Http {
         templates.entry(id.to_string()).or_insert_with(load).clone()
     }
 
-    /// 404 naming `model` unless the workers serve `id`.
-    fn check_model(&self, id: &str) -> Result<(), ApiError> {
-        let served = self.coordinator.served_models();
-        if !served.iter().any(|m| m.id == id) {
-            return Err(unknown_model(id));
-        }
-        Ok(())
-    }
-
-    /// Serves `request` through the Generation service, answered as `kind` in `shape`.
+    /// Serves `request` through the Generation service (which resolves its model: an
+    /// unknown one is its NOT_FOUND naming `model`), answered as `kind` in `shape`.
     async fn generate(
         &self,
         caller: Caller,
@@ -224,7 +216,6 @@ impl Http {
         shape: Shape,
         kind: Kind,
     ) -> Result<Response, ApiError> {
-        self.check_model(&shape.model)?;
         let mut call = tonic::Request::new(request);
         call.extensions_mut().insert(caller);
         let response = Generation::generate_stream(&self.coordinator, call).await?;
