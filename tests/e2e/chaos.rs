@@ -1,12 +1,14 @@
 //! The chaos test: concurrent generations through a coordinator, three workers and a real
 //! `redis-server` while a schedule of faults runs: workers SIGKILLed and restarted, one
-//! SIGSTOPped for longer than the block timeout, Redis restarted (its data lost: it keeps
+//! SIGSTOPped for longer than the stall wait, Redis restarted (its data lost: it keeps
 //! none on disk), KV blobs corrupted, clients cancelled. Every generation that was not
 //! cancelled must end with the tokens a fault-free run of its seed gives; a cancelled one
 //! leaves a session whose tokens are a prefix of them (or none, when a Redis restart took
 //! it). It prints `lost`, `mismatched`, `panics` (all must be 0) and the p99 block latency.
 //!
 //! Short form by default (CI, under 3 minutes); `BD3LM_CHAOS_LONG=1` runs the long form.
+//! Once more beside a busy loop holding a core: a worker that is slow but advancing is
+//! never taken for a stopped one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,9 +26,9 @@ use crate::integrity::request;
 struct Form {
     generations: usize,
     tokens: u32,
-    /// The coordinator's block timeout: long enough for a block of the survivors' load on
-    /// this machine (2 cores), so that what times out is a stopped worker.
-    block_timeout: Duration,
+    /// How long the coordinator waits for a worker's progress (its stall floor and
+    /// ceiling): a stopped worker sends none, a slow one heartbeats.
+    stall: Duration,
 }
 
 /// What one generation got.
@@ -96,9 +98,9 @@ async fn run(addr: String, i: usize, tokens: u32, cancel_after: Option<usize>) -
 }
 
 /// One fault of the schedule on one Redis, by its round.
-fn fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+fn fault(cluster: &mut Cluster, round: usize, stall: Duration) -> &'static str {
     match round % 4 {
-        0 | 1 => worker_fault(cluster, round, block_timeout),
+        0 | 1 => worker_fault(cluster, round, stall),
         2 => {
             cluster.redis.stop();
             cluster.redis.restart();
@@ -115,10 +117,10 @@ fn fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'stat
 /// session's slot SIGKILLed (the one killed before back first, as a replica, and
 /// every replica in sync, so that each shard can always fail over), that slot migrated to
 /// another master, or the worker faults and blob corruption of one Redis.
-fn cluster_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+fn cluster_fault(cluster: &mut Cluster, round: usize, stall: Duration) -> &'static str {
     let redis = cluster.redis_cluster.as_mut().unwrap();
     match round % 5 {
-        0 | 1 => worker_fault(cluster, round, block_timeout),
+        0 | 1 => worker_fault(cluster, round, stall),
         2 | 3 => {
             redis.restart_stopped();
             redis.wait_ok(Duration::from_secs(60));
@@ -145,18 +147,18 @@ fn cluster_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -
     }
 }
 
-/// A worker SIGKILLed and restarted (even rounds), or SIGSTOPped for longer than the block
-/// timeout (odd ones).
-fn worker_fault(cluster: &mut Cluster, round: usize, block_timeout: Duration) -> &'static str {
+/// A worker SIGKILLed and restarted (even rounds), or SIGSTOPped for longer than the stall
+/// wait (odd ones).
+fn worker_fault(cluster: &mut Cluster, round: usize, stall: Duration) -> &'static str {
     let worker = round % 3;
     if round.is_multiple_of(2) {
         cluster.restart_worker(worker);
         return "worker SIGKILLed and restarted";
     }
     cluster.workers[worker].signal("STOP");
-    std::thread::sleep(block_timeout + Duration::from_millis(500));
+    std::thread::sleep(stall + Duration::from_millis(500));
     cluster.workers[worker].signal("CONT");
-    "worker SIGSTOPped past the block timeout"
+    "worker SIGSTOPped past the stall wait"
 }
 
 /// Every other KV blob on `node` damaged in place.
@@ -173,13 +175,13 @@ impl Form {
             Self {
                 generations: 16,
                 tokens: 4000,
-                block_timeout: Duration::from_secs(6),
+                stall: Duration::from_secs(6),
             }
         } else {
             Self {
                 generations: 8,
                 tokens: 2000,
-                block_timeout: Duration::from_secs(2),
+                stall: Duration::from_secs(2),
             }
         }
     }
@@ -188,13 +190,53 @@ impl Form {
 /// A fault of a schedule: applied to the cluster at its round, it names itself.
 type Fault = fn(&mut Cluster, usize, Duration) -> &'static str;
 
+impl Form {
+    /// The coordinator's flags of this form.
+    fn flags(&self) -> Vec<String> {
+        let secs = self.stall.as_secs().to_string();
+        ["--stall-floor-secs", &secs, "--stall-ceiling-secs", &secs]
+            .into_iter()
+            .chain(["--max-attempts", "12"])
+            .map(String::from)
+            .collect()
+    }
+}
+
 #[test]
 fn chaos_loses_nothing() {
     let form = Form::from_env();
-    let secs = form.block_timeout.as_secs().to_string();
-    let extra = ["--block-timeout-secs", &secs, "--max-attempts", "12"];
+    let flags = form.flags();
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cluster = Cluster::start_with(&checkpoint(), 3, "affinity", &extra);
     loses_nothing(cluster, form, fault, 4);
+}
+
+/// The same beside another process that holds one of the machine's cores the whole time:
+/// every block slower, no worker stopped by it taken for dead.
+#[test]
+fn chaos_beside_a_busy_loop_loses_nothing() {
+    let _busy = BusyLoop::start();
+    chaos_loses_nothing();
+}
+
+/// A process spinning on one core until dropped.
+struct BusyLoop(std::process::Child);
+
+impl BusyLoop {
+    fn start() -> Self {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .spawn()
+            .expect("sh starts");
+        Self(child)
+    }
+}
+
+impl Drop for BusyLoop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// The same on a Redis Cluster of three masters with a replica each: masters SIGKILLed
@@ -209,8 +251,8 @@ fn chaos_on_a_redis_cluster_loses_nothing() {
         tokens: 2 * short.tokens,
         ..short
     };
-    let secs = form.block_timeout.as_secs().to_string();
-    let extra = ["--block-timeout-secs", &secs, "--max-attempts", "12"];
+    let flags = form.flags();
+    let extra: Vec<&str> = flags.iter().map(String::as_str).collect();
     let cluster = Cluster::start_on_redis_cluster(&checkpoint(), 3, ("affinity", &extra), 1_000);
     loses_nothing(cluster, form, cluster_fault, 5);
 }
@@ -219,7 +261,7 @@ fn chaos_on_a_redis_cluster_loses_nothing() {
 /// checks that none was lost or mismatched, nothing panicked, and `kinds` kinds of fault
 /// ran.
 fn loses_nothing(mut cluster: Cluster, form: Form, fault: Fault, kinds: usize) {
-    let block_timeout = form.block_timeout;
+    let stall = form.stall;
     let expected: Vec<Vec<u32>> = (0..form.generations)
         .map(|i| {
             let f = flags(i, form.tokens);
@@ -249,7 +291,7 @@ fn loses_nothing(mut cluster: Cluster, form: Form, fault: Fault, kinds: usize) {
     let mut applied = Vec::new();
     while !done.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(150) {
         std::thread::sleep(Duration::from_millis(600));
-        applied.push(fault(&mut cluster, applied.len(), block_timeout));
+        applied.push(fault(&mut cluster, applied.len(), stall));
     }
     let outcomes = clients.join().unwrap();
 

@@ -521,7 +521,7 @@ pub fn start_coordinator(
         (store_flag.as_str(), store_value.as_str()),
         ("--routing", routing),
         ("--health-interval-secs", "0.2"),
-        ("--block-timeout-secs", "20"),
+        ("--stall-floor-secs", "5"),
     ];
     // A flag in `extra` replaces the default one.
     let args: Vec<String> = base

@@ -101,8 +101,10 @@ fn cancel_then_continue_at_once_loses_no_prompt() {
     });
 }
 
-/// Two continuations of one session at once: one generates, the other is refused with
-/// ABORTED naming the session; the session holds the winner's prompt and output only.
+/// Two continuations of one session at once: the one that took the session generates,
+/// the other is refused with ABORTED naming the session; the session holds the winner's
+/// prompt and output only. The winner asks for the most tokens allowed, and its client
+/// cancels it only after the loser's answer.
 #[test]
 fn two_concurrent_continuations_one_generates_and_one_is_aborted() {
     let cluster = Cluster::start_with(&checkpoint(), 2, "affinity", &["--lease-wait-secs", "0.2"]);
@@ -112,23 +114,17 @@ fn two_concurrent_continuations_one_generates_and_one_is_aborted() {
             .await
             .session_id;
         let before = stored(&mut c, &session).await;
-        let prompts = [vec![1000, 1], vec![1000, 2]];
-        let calls = prompts.iter().map(|p| {
-            let mut c = c.clone();
-            let r = request(Some(&session), p.clone(), 400);
-            async move { c.generate(r).await.map(tonic::Response::into_inner) }
-        });
-        let results = futures::future::join_all(calls).await;
-        let (won, lost): (Vec<_>, Vec<_>) = results
-            .into_iter()
-            .zip(&prompts)
-            .partition(|(r, _)| r.is_ok());
-        assert_eq!((won.len(), lost.len()), (1, 1), "{won:?} {lost:?}");
-        let status = lost[0].0.as_ref().unwrap_err();
+        let (first, second) = (vec![1000, 1], vec![1000, 2]);
+        let winner = c.generate_stream(request(Some(&session), first.clone(), 8192));
+        let mut winner = winner.await.unwrap().into_inner();
+        let output = winner.message().await.unwrap().unwrap().token_ids;
+        let lost = c.generate(request(Some(&session), second, 400)).await;
+        let status = lost.unwrap_err();
         assert_eq!(status.code(), Code::Aborted, "{status}");
         assert!(status.message().starts_with("session_id"), "{status}");
-        let (out, prompt) = (won[0].0.as_ref().unwrap(), won[0].1);
-        let expected: Vec<u32> = [&before[..], prompt, &out.token_ids].concat();
+        drop(winner);
+        let expected: Vec<u32> = [&before[..], &first, &output].concat();
+        // What the winner sent was committed first.
         let tokens = stored(&mut c, &session).await;
         assert_eq!(tokens[..expected.len()], expected);
     });

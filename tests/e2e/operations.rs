@@ -83,8 +83,8 @@ fn metrics_move_with_a_generation() {
         ids.len() as f64
     );
     assert_eq!(c.moved("bd3lm_time_to_first_block_seconds_count", &[]), 1.0);
-    let blocks = c.moved("bd3lm_queue_wait_seconds_count", &[]);
-    assert!(blocks >= 2.0, "{}", c.after);
+    // One run (fewer blocks than --max-run-blocks): one wait for a slot.
+    assert_eq!(c.moved("bd3lm_queue_wait_seconds_count", &[]), 1.0);
     assert!(
         c.moved(
             "bd3lm_store_operation_duration_seconds_count",
@@ -94,7 +94,9 @@ fn metrics_move_with_a_generation() {
     assert_eq!(value(&c.after, "bd3lm_workers_healthy", &[]), 1.0);
     assert_eq!(value(&c.after, "bd3lm_queue_blocks", &[]), 0.0);
 
-    // Every block the coordinator waited for was committed by the one worker.
+    // Every block of the prompt's token and the 32 new ones was committed by the one
+    // worker, in one run: the session stayed in its batch, its cache never looked up.
+    let blocks = (1 + ids.len()).div_ceil(4) as f64;
     assert_eq!(
         w.moved("bd3lm_block_duration_seconds_count", &[]),
         blocks,
@@ -103,11 +105,7 @@ fn metrics_move_with_a_generation() {
     );
     assert_eq!(w.moved("bd3lm_forward_passes_per_token_count", &[]), blocks);
     assert!(w.moved("bd3lm_batch_size_count", &[]) >= blocks);
-    // After its first block, the session's cache stays in the worker's memory.
-    assert_eq!(
-        w.moved("bd3lm_kv_cache_lookups_total", &[("result", "memory")]),
-        blocks - 1.0
-    );
+    assert_eq!(w.moved("bd3lm_kv_cache_lookups_total", &[]), 0.0);
     assert!(w.moved("bd3lm_kv_blob_written_bytes_total", &[]) > 0.0);
     assert!(
         w.moved(

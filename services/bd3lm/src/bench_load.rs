@@ -28,6 +28,8 @@ struct LoadFigures {
     device: String,
     dtype: String,
     concurrency: usize,
+    /// Most blocks per worker call (the coordinator's --max-run-blocks).
+    max_run_blocks: u32,
     /// The worker's batch limit (sessions).
     max_batch: usize,
     tokens: usize,
@@ -44,9 +46,58 @@ struct LoadFigures {
     queue_ms_mean: f64,
     /// Blocks per batched pass, on average (the worker's count).
     batch_size_mean: f64,
+    /// Milliseconds per batched pass, on average.
+    pass_ms_mean: f64,
+    /// Beyond the first level (one stream): the pass's fixed cost F and its cost per
+    /// block V (from this level's and the first level's passes), the speedup over the
+    /// first level in tokens/s, the bound the pass costs allow at this concurrency
+    /// N(F+V)/(F+NV), and the share of it reached.
+    pass_model: Option<PassModel>,
     /// Of the tokens of the seeds the previous level also ran, the share that came out
     /// identical though batched with other streams (absent at the first level).
     same_tokens_as_previous_level: Option<f64>,
+}
+
+/// The pass costs of a level against the first, and what they allow.
+#[derive(Debug, Clone, Copy, Serialize)]
+struct PassModel {
+    fixed_ms: f64,
+    per_block_ms: f64,
+    speedup: f64,
+    bound: f64,
+    of_bound: f64,
+}
+
+/// The mean pass and tokens/s of a level.
+#[derive(Debug, Clone, Copy)]
+struct Level {
+    concurrency: usize,
+    blocks_per_pass: f64,
+    pass_ms: f64,
+    tokens_per_s: f64,
+}
+
+impl PassModel {
+    /// From the first level (one stream) and `level`; none when their batches do not
+    /// differ enough to tell F from V.
+    fn fit(first: Level, level: Level) -> Option<Self> {
+        let spread = level.blocks_per_pass - first.blocks_per_pass;
+        if spread < 0.5 {
+            return None;
+        }
+        let per_block_ms = (level.pass_ms - first.pass_ms) / spread;
+        let fixed_ms = first.pass_ms - first.blocks_per_pass * per_block_ms;
+        let n = level.concurrency as f64;
+        let bound = n * (fixed_ms + per_block_ms) / (fixed_ms + n * per_block_ms);
+        let speedup = level.tokens_per_s / first.tokens_per_s;
+        Some(Self {
+            fixed_ms,
+            per_block_ms,
+            speedup,
+            bound,
+            of_bound: speedup / bound,
+        })
+    }
 }
 
 /// One stream's view: the gaps between its blocks, its first block's delay, its queue
@@ -59,26 +110,45 @@ struct StreamTimes {
     tokens: Vec<u32>,
 }
 
+/// The load a run puts on the system.
+pub struct Load {
+    /// Streams at once, level after level.
+    pub levels: Vec<usize>,
+    /// New tokens per stream.
+    pub tokens: u32,
+    /// The coordinator's `--max-run-blocks`.
+    pub max_run_blocks: u32,
+}
+
 /// Serves `loaded` from one worker with `limits` behind the coordinator, its sessions in
-/// `stores`, then runs `tokens`-token streams at each of `levels`; one JSON line per
-/// level.
+/// `stores`, then runs the streams of `load` level after level; one JSON line per level.
 pub async fn run(
     loaded: Arc<LoadedModel>,
     name: &str,
     limits: WorkerLimits,
     stores: Stores,
-    levels: &[usize],
-    tokens: u32,
+    load: Load,
 ) -> anyhow::Result<()> {
+    let Load {
+        levels,
+        tokens,
+        max_run_blocks,
+    } = load;
     let store = if stores.sessions.is_memory() {
         "memory"
     } else {
         "redis"
     };
-    let bench = one_worker(loaded.clone(), limits, stores).await?;
+    let coordinator = CoordinatorSettings {
+        max_queue: usize::MAX,
+        max_run_blocks,
+        ..CoordinatorSettings::default()
+    };
+    let bench = one_worker_with(loaded.clone(), limits, stores, coordinator).await?;
     let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     let mut previous: Option<Vec<StreamTimes>> = None;
+    let mut first: Option<Level> = None;
     let request = |seed: u64| GenerateRequest {
         prompt: Some(Prompt::TokenIds(TokenIds { ids: vec![bos] })),
         max_new_tokens: tokens,
@@ -88,7 +158,7 @@ pub async fn run(
     // Unmeasured: a process's first passes pay for allocations and page faults the
     // first level would otherwise be charged with.
     stream(bench.client.clone(), request(u64::MAX)).await?;
-    for &concurrency in levels {
+    for &concurrency in &levels {
         let before = worker.info(InfoRequest {}).await?.into_inner();
         let started = Instant::now();
         let streams = (0..concurrency).map(|i| stream(bench.client.clone(), request(i as u64)));
@@ -97,27 +167,39 @@ pub async fn run(
         let after = worker.info(InfoRequest {}).await?.into_inner();
         let passes = after.denoise_passes - before.denoise_passes;
         let batched = after.batched_blocks - before.batched_blocks;
+        let pass_s = after.denoise_pass_seconds - before.denoise_pass_seconds;
         let mut gaps: Vec<f64> = times.iter().flat_map(|t| t.gaps_ms.clone()).collect();
         let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
         let queues: Vec<f64> = times.iter().flat_map(|t| t.queue_ms.clone()).collect();
         let total: usize = times.iter().map(|t| t.tokens.len()).sum();
         let same = previous.as_deref().map(|p| agreement(p, &times));
+        let level = Level {
+            concurrency,
+            blocks_per_pass: batched as f64 / passes.max(1) as f64,
+            pass_ms: pass_s * 1e3 / passes.max(1) as f64,
+            tokens_per_s: total as f64 / wall,
+        };
+        let pass_model = first.and_then(|f| PassModel::fit(f, level));
+        first.get_or_insert(level);
         let figures = LoadFigures {
             model: name.to_string(),
             store,
             device: format!("{:?}", loaded.model.device().location()).to_lowercase(),
             dtype: after.dtype.clone(),
             concurrency,
+            max_run_blocks,
             max_batch: limits.max_batch,
             tokens: total,
             wall_s: wall,
-            tokens_per_s: total as f64 / wall,
+            tokens_per_s: level.tokens_per_s,
             block_ms_p50: percentile(&mut gaps, 0.5),
             block_ms_p99: percentile(&mut gaps, 0.99),
             first_block_ms_p50: percentile(&mut firsts, 0.5),
             first_block_ms_p99: percentile(&mut firsts, 0.99),
             queue_ms_mean: queues.iter().sum::<f64>() / queues.len().max(1) as f64,
-            batch_size_mean: batched as f64 / passes.max(1) as f64,
+            batch_size_mean: level.blocks_per_pass,
+            pass_ms_mean: level.pass_ms,
+            pass_model,
             same_tokens_as_previous_level: same,
         };
         println!("{}", serde_json::to_string(&figures)?);

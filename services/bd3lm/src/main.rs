@@ -129,6 +129,10 @@ enum BenchCommand {
         /// With --concurrency or --burst: new tokens per stream (of the burst).
         #[arg(long, default_value_t = 64)]
         tokens: u32,
+        /// With --concurrency: the coordinator's --max-run-blocks (1: a worker call per
+        /// block, as before block runs).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_run_blocks: u32,
         /// Where the model runs and in what precisions (without --concurrency, only
         /// --kv-dtype applies: the cost figures are taken on the CPU in f32).
         #[command(flatten)]
@@ -357,6 +361,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             concurrency: Some(levels),
             model,
             tokens,
+            max_run_blocks,
             device,
             worker,
             store,
@@ -364,7 +369,13 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
         } => runtime.block_on(async {
             let (loaded, name) = bench_model(model, &device).await?;
             let limits = worker.limits(device.device);
-            bench_load::run(loaded, name, limits, store.open()?, &levels, tokens).await
+            let stores = store.open()?;
+            let load = bench_load::Load {
+                levels,
+                tokens,
+                max_run_blocks,
+            };
+            bench_load::run(loaded, name, limits, stores, load).await
         }),
         BenchCommand::Serve {
             store,

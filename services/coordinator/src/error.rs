@@ -41,6 +41,9 @@ pub enum Error {
     /// The call's deadline passed while its first block waited for a worker slot.
     #[error("the request's deadline passed while it waited for a worker")]
     DeadlineExceeded,
+    /// The call's deadline passed while it generated: what was streamed stands.
+    #[error("the call's deadline passed before the generation ended")]
+    CallDeadline,
     /// The first block waited for a worker slot past `--max-queue-wait-secs`.
     #[error("the server is busy: the request waited its limit for a worker; retry later")]
     QueueWait,
@@ -111,7 +114,7 @@ impl Error {
                 Status::aborted(message)
             }
             Error::Refused(_) | Error::QueueWait => Status::resource_exhausted(message),
-            Error::DeadlineExceeded => Status::deadline_exceeded(message),
+            Error::DeadlineExceeded | Error::CallDeadline => Status::deadline_exceeded(message),
             Error::NoWorker => Status::unavailable(message),
             Error::Tokenizer => Status::failed_precondition(message),
             Error::Worker(status) => status,

@@ -15,6 +15,8 @@ const QUEUE: &str = "bd3lm_queue_blocks";
 const QUEUE_SECONDS: &str = "bd3lm_queue_wait_seconds";
 const SLOTS: &str = "bd3lm_admission_slots";
 const RETRIES: &str = "bd3lm_retries_total";
+const STALLS: &str = "bd3lm_worker_stalls_total";
+const HEARTBEATS: &str = "bd3lm_worker_heartbeats_total";
 const RESTORES: &str = "bd3lm_session_restores_total";
 const KV_PERSISTED: &str = "bd3lm_kv_window_persists_total";
 const INVALID: &str = "bd3lm_invalid_requests_total";
@@ -86,6 +88,14 @@ pub fn describe() {
         "Requests refused as invalid, by the field at fault"
     );
     describe_gauge!(WORKERS, "Denoise workers passing their health checks");
+    describe_counter!(
+        STALLS,
+        "Runs moved off a worker that sent no progress within the stall wait"
+    );
+    describe_counter!(
+        HEARTBEATS,
+        "Progress messages from workers while they denoised a run's block"
+    );
 }
 
 /// A call of `method`, begun at `started`, answered with `code`.
@@ -131,6 +141,16 @@ pub fn queue_wait(waited: Duration) {
 /// The workers' capacity now.
 pub fn slots(total: usize) {
     metrics::gauge!(SLOTS).set(total as f64);
+}
+
+/// Counts a run taken for stalled.
+pub fn stall() {
+    metrics::counter!(STALLS).increment(1);
+}
+
+/// Counts a worker's progress message.
+pub fn heartbeat() {
+    metrics::counter!(HEARTBEATS).increment(1);
 }
 
 /// A block asked again after a failure with `code`.

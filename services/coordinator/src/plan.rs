@@ -56,6 +56,8 @@ pub struct Plan {
     pub ticket: Ticket,
     /// Where its blocks wait for worker slots.
     pub queueing: Queueing,
+    /// When the call must be answered (its gRPC deadline): the generation ends then.
+    pub deadline: Option<std::time::Instant>,
 }
 
 /// Read-modify-write attempts of one record update before it is ABORTED.
@@ -136,6 +138,7 @@ pub async fn plan(
         persistence: valid.kv_persistence.unwrap_or(settings.kv_persistence),
         ticket,
         queueing,
+        deadline: None,
     })
 }
 

@@ -423,6 +423,12 @@ impl Pool {
             .find(|w| w.addr == last && w.healthy.load(Ordering::Relaxed))
     }
 
+    /// Whether every block moves to another worker ([`Routing::Rotate`]): then each is
+    /// a run of its own.
+    pub fn rotates(&self) -> bool {
+        self.routing == Routing::Rotate
+    }
+
     /// Records the worker that served `session`'s last block.
     pub fn remember(&self, session: &str, addr: &str) {
         self.affinity().insert(session, addr);

@@ -175,7 +175,8 @@ impl Coordinator {
         .await
         .map_err(|_| Error::Internal("validating the request failed"))??;
         let admitted = (ticket, queueing);
-        plan::plan(valid, model, &self.inner.store, settings, owner, admitted).await
+        let plan = plan::plan(valid, model, &self.inner.store, settings, owner, admitted).await?;
+        Ok(plan::Plan { deadline, ..plan })
     }
 
     /// Where a generation of `owner` waits: its key's queue at `priority` (or the band

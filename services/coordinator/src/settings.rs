@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bd3lm_telemetry::cli::positive_secs;
 
-use crate::dispatch::RetryPolicy;
+use crate::dispatch::{RetryPolicy, StallBounds};
 use bd3lm_jobs::spec::JobBounds;
 
 use crate::lease::LeaseTerms;
@@ -18,8 +18,8 @@ pub enum Routing {
     /// To the worker that holds the session's cache when it is healthy, else the least
     /// loaded one.
     Affinity,
-    /// Never to the worker of the session's previous block (when another is healthy):
-    /// exercises cache transfer through the store.
+    /// Never to the worker of the session's previous block (when another is healthy),
+    /// each block a run of its own: exercises cache transfer through the store.
     Rotate,
 }
 
@@ -75,10 +75,24 @@ pub struct CoordinatorSettings {
     /// Request limits.
     #[command(flatten)]
     pub limits: Limits,
-    /// Seconds to wait for one block from one worker before trying another.
-    #[arg(long = "block-timeout-secs", env = "BD3LM_BLOCK_TIMEOUT_SECS", value_name = "SECS",
+    /// Least seconds without any progress from a worker (a block or a heartbeat) before
+    /// its run is taken for stalled and moved to another worker; the wait is four times
+    /// the recent block time within this floor and the ceiling. Workers send heartbeats
+    /// four times per floor while their batch advances.
+    #[arg(long = "stall-floor-secs", env = "BD3LM_STALL_FLOOR_SECS", value_name = "SECS",
+          default_value = "5", value_parser = positive_secs)]
+    pub stall_floor: Duration,
+    /// Most seconds without progress before a run is taken for stalled; also how long
+    /// blocks wait when no worker has any capacity before UNAVAILABLE.
+    #[arg(long = "stall-ceiling-secs", env = "BD3LM_STALL_CEILING_SECS", value_name = "SECS",
           default_value = "120", value_parser = positive_secs)]
-    pub block_timeout: Duration,
+    pub stall_ceiling: Duration,
+    /// Most blocks one worker call runs for a session, keeping it in the worker's batch
+    /// from one block to the next (1: a call per block). A run gives its slot up after
+    /// its next block whenever other generations wait for one.
+    #[arg(long, env = "BD3LM_MAX_RUN_BLOCKS", default_value_t = 64,
+          value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_run_blocks: u32,
     /// Generations that may be admitted beyond the workers' slots (each waits for one);
     /// new requests beyond it are refused with RESOURCE_EXHAUSTED (admitted generations
     /// always wait their turn).
@@ -196,9 +210,13 @@ impl CoordinatorSettings {
     /// How each block is tried.
     pub fn retry_policy(&self) -> RetryPolicy {
         RetryPolicy {
-            timeout: self.block_timeout,
+            stall: StallBounds {
+                floor: self.stall_floor,
+                ceiling: self.stall_ceiling.max(self.stall_floor),
+            },
             max_attempts: self.max_attempts,
             backoff: self.retry_backoff,
+            max_run_blocks: self.max_run_blocks,
         }
     }
 
@@ -215,7 +233,9 @@ impl Default for CoordinatorSettings {
     fn default() -> Self {
         Self {
             limits: Limits::default(),
-            block_timeout: Duration::from_secs(120),
+            stall_floor: Duration::from_secs(5),
+            stall_ceiling: Duration::from_secs(120),
+            max_run_blocks: 64,
             max_queue: 256,
             max_streams_per_key: 0,
             max_queue_wait: None,
@@ -270,7 +290,8 @@ mod tests {
         assert_eq!(parsed, CoordinatorSettings::default());
         for bad in ["0", "-1", "nan"] {
             assert!(Cli::try_parse_from(["c", "--health-interval-secs", bad]).is_err());
-            assert!(Cli::try_parse_from(["c", "--block-timeout-secs", bad]).is_err());
+            assert!(Cli::try_parse_from(["c", "--stall-floor-secs", bad]).is_err());
+            assert!(Cli::try_parse_from(["c", "--max-run-blocks", bad]).is_err());
         }
     }
 }

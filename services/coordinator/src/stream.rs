@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::admission::Queueing;
-use crate::dispatch::{BlockAnswer, Dispatcher};
+use crate::dispatch::{BlockAnswer, Dispatcher, RunAsk, Runs};
 use crate::error::Error;
 use crate::metrics;
 use crate::plan::{Plan, update};
@@ -142,6 +142,11 @@ pub async fn drive(
             store,
             dispatch,
             persistence: plan.persistence,
+            runs: Runs::default(),
+            stop_tokens: stop_tokens(&plan.rules),
+            start: plan.start,
+            end: plan.start + plan.rules.max_new_tokens,
+            block_size: model.info.block_size as usize,
         },
         plan,
         progress,
@@ -167,6 +172,7 @@ impl Generation<'_> {
                 () = self.tx.closed() => return Ok(StopReason::Cancelled),
                 () = self.running.deleted() => return Ok(StopReason::Cancelled),
                 loss = plan.lease.lost() => return Err(loss),
+                () = until(plan.deadline) => return Err(Error::CallDeadline),
             };
             if !self.progress.answered {
                 self.progress.answered = true;
@@ -188,6 +194,9 @@ impl Generation<'_> {
     /// it failed or its session was deleted, the lease given up, and the last message
     /// (its summary, or the error as the client sees it) sent.
     async fn finish(mut self, stop: Result<StopReason, Error>) {
+        // The worker stops the run (a block in progress is never committed) and keeps
+        // the session's state for the window's persisting and the next request.
+        self.source.runs = Runs::default();
         let deleted = self.running.is_deleted();
         if let Err(e) = &stop {
             tracing::warn!(error = %e, "generation failed");
@@ -282,12 +291,34 @@ impl Generation<'_> {
     }
 }
 
-/// Where a generation's blocks come from: the workers through the dispatcher (writing
-/// their KV blobs as `persistence` says), and the store to put a lost session back into.
+/// Where a generation's blocks come from: the workers through the dispatcher, in runs
+/// (writing their KV blobs as `persistence` says, ended early by `stop_tokens`), and the
+/// store to put a lost session back into.
 struct Blocks<'a> {
     store: &'a SessionStore,
     dispatch: &'a Dispatcher,
     persistence: Persistence,
+    runs: Runs,
+    stop_tokens: Vec<u32>,
+    /// Where the generation's output starts and where its longest ends.
+    start: usize,
+    end: usize,
+    block_size: usize,
+}
+
+/// The token ids that end a generation of `rules` whichever block holds them: the end of
+/// sequence and one-token stop sequences (a worker ends its run with such a block).
+fn stop_tokens(rules: &bd3lm_text::StopRules) -> Vec<u32> {
+    let single = rules.stop_sequences.iter().filter(|s| s.len() == 1);
+    rules.eos.into_iter().chain(single.map(|s| s[0])).collect()
+}
+
+/// Resolves at `deadline`; never without one.
+async fn until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 impl Blocks<'_> {
@@ -308,18 +339,25 @@ impl Blocks<'_> {
     /// refuses that) and asks again, and the workers rebuild the KV state from the tokens.
     /// The store may lose them again meanwhile (a second restart): so again, a few times.
     async fn next(
-        &self,
+        &mut self,
         planned: &SessionRecord,
         progress: &Progress,
         queueing: &Queueing,
     ) -> Result<BlockAnswer, Error> {
-        let session = &planned.id;
         let mut restores = 0;
         loop {
-            let (committed, version) = (progress.committed, progress.model_version);
-            let answer = self
-                .dispatch
-                .denoise_block(session, committed, version, self.persistence, queueing)
+            let committed = progress.committed;
+            let ask = RunAsk {
+                session: &planned.id,
+                block: committed,
+                blocks_left: self.end.div_ceil(self.block_size).saturating_sub(committed),
+                version: progress.model_version,
+                persistence: self.persistence,
+                stop_tokens: &self.stop_tokens,
+                stop_from: self.start,
+            };
+            let answer = (self.dispatch)
+                .next_block(&mut self.runs, &ask, queueing)
                 .await;
             let lost = match &answer {
                 Err(e) if e.is_missing() => "lost",

@@ -13,13 +13,14 @@ use bd3lm_proto::v1::denoise_worker_server::{DenoiseWorker, DenoiseWorkerServer}
 use bd3lm_proto::v1::generate_request::Prompt;
 use bd3lm_proto::v1::generation_server::Generation;
 use bd3lm_proto::v1::{
-    DeleteSessionRequest, DenoiseBlockRequest, DenoiseBlockResponse, GenerateRequest,
-    GenerateResponse, GenerateStreamResponse, InfoRequest, InfoResponse, KvPersistence,
-    PersistKvRequest, PersistKvResponse, StopReason, TokenIds,
+    DeleteSessionRequest, DenoiseBlockRequest, DenoiseBlockResponse, DenoiseRunRequest,
+    GenerateRequest, GenerateResponse, GenerateStreamResponse, InfoRequest, InfoResponse,
+    KvPersistence, PersistKvRequest, PersistKvResponse, RunControl, RunEvent, StopReason, TokenIds,
+    run_control, run_event,
 };
 use tokio::sync::oneshot;
 use tokio_stream::StreamExt;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::{Coordinator, CoordinatorSettings, Persistence, Pool, Routing, WorkerSource};
 
@@ -34,6 +35,8 @@ enum Act {
     Fail(Code),
     /// Never answer.
     Hang,
+    /// Send heartbeats for this many milliseconds, then serve.
+    Slow(u64),
     /// Lose the session from the store (a flush), then serve (and so find nothing).
     Flush,
 }
@@ -73,11 +76,10 @@ impl Fake {
         script.pop_front().unwrap_or(Act::Serve)
     }
 
-    async fn serve(&self, req: &DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
-        let record = self.store.get_session("fake", &req.session_id).await;
+    async fn serve(&self, session: &str, b: usize) -> Result<DenoiseBlockResponse, Status> {
+        let record = self.store.get_session("fake", session).await;
         let record = record.map_err(from_store)?;
         let record = record.ok_or_else(|| Status::not_found("session_id: no session"))?;
-        let b = req.block_index as usize;
         if b != record.committed_blocks {
             return Err(Status::failed_precondition(
                 "block_index: not the next block",
@@ -116,30 +118,117 @@ impl Drop for Leave<'_> {
 /// The gRPC face of a shared [`Fake`].
 struct FakeService(Arc<Fake>);
 
+impl Fake {
+    /// The next act's work on a block before its commit: `None` for a hang, else
+    /// whether to commit it or fail.
+    async fn act(&self, (events, heartbeat): (&Events, Duration)) -> Option<Result<(), Status>> {
+        match self.next_act() {
+            Act::Serve => Some(Ok(())),
+            Act::Slow(ms) => {
+                let started = std::time::Instant::now();
+                while started.elapsed() < Duration::from_millis(ms) {
+                    tokio::time::sleep(heartbeat).await;
+                    let progress = RunEvent {
+                        event: Some(run_event::Event::Progress(Default::default())),
+                    };
+                    events.send(Ok(progress)).await.ok()?;
+                }
+                Some(Ok(()))
+            }
+            Act::Fail(code) => Some(Err(Status::new(code, "scripted failure"))),
+            Act::Hang => None,
+            Act::Flush => {
+                self.store.flush_memory();
+                Some(Ok(()))
+            }
+        }
+    }
+
+    /// A run as the real worker runs it: each block begun as soon as the one before it
+    /// was sent (its act taken then), committed and sent once granted; a hang sends
+    /// nothing until the caller goes.
+    async fn run(
+        &self,
+        start: DenoiseRunRequest,
+        mut controls: Streaming<RunControl>,
+        events: Events,
+    ) {
+        let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_active.fetch_max(now, Ordering::SeqCst);
+        let _active = Leave(&self.active);
+        let heartbeat = Duration::from_millis(start.heartbeat_ms.into());
+        let (mut granted, mut end) = (start.first_block as usize + 1, start.end_block as usize);
+        for b in start.first_block as usize..start.end_block as usize {
+            if b >= end {
+                return;
+            }
+            let Some(work) = self.act((&events, heartbeat)).await else {
+                let _dropped = DropCount(&self.dropped);
+                return events.closed().await;
+            };
+            while work.is_ok() && granted <= b {
+                match controls.message().await {
+                    Ok(Some(RunControl {
+                        control: Some(run_control::Control::Grant(g)),
+                    })) => {
+                        granted = g.commit_below as usize;
+                        if g.last {
+                            end = granted;
+                        }
+                    }
+                    _ => return,
+                }
+            }
+            let answer = match work {
+                Ok(()) => self.serve(&start.session_id, b).await,
+                Err(status) => Err(status),
+            };
+            let event = answer.map(|block| RunEvent {
+                event: Some(run_event::Event::Block(block)),
+            });
+            let failed = event.is_err();
+            if events.send(event).await.is_err() || failed {
+                return;
+            }
+        }
+    }
+}
+
+type Events = tokio::sync::mpsc::Sender<Result<RunEvent, Status>>;
+
 #[tonic::async_trait]
 impl DenoiseWorker for FakeService {
     async fn denoise_block(
         &self,
-        request: Request<DenoiseBlockRequest>,
+        _: Request<DenoiseBlockRequest>,
     ) -> Result<Response<DenoiseBlockResponse>, Status> {
-        let req = request.into_inner();
-        let fake = &self.0;
-        fake.persistence.lock().unwrap().push(req.kv_persistence);
-        let now = fake.active.fetch_add(1, Ordering::SeqCst) + 1;
-        fake.most_active.fetch_max(now, Ordering::SeqCst);
-        let _active = Leave(&fake.active);
-        match fake.next_act() {
-            Act::Serve => fake.serve(&req).await.map(Response::new),
-            Act::Fail(code) => Err(Status::new(code, "scripted failure")),
-            Act::Hang => {
-                let _dropped = DropCount(&fake.dropped);
-                std::future::pending().await
-            }
-            Act::Flush => {
-                fake.store.flush_memory();
-                fake.serve(&req).await.map(Response::new)
-            }
-        }
+        Err(Status::unimplemented("the coordinator asks for runs"))
+    }
+
+    type DenoiseRunStream = tokio_stream::wrappers::ReceiverStream<Result<RunEvent, Status>>;
+
+    async fn denoise_run(
+        &self,
+        request: Request<Streaming<RunControl>>,
+    ) -> Result<Response<Self::DenoiseRunStream>, Status> {
+        let mut controls = request.into_inner();
+        let Some(RunControl {
+            control: Some(run_control::Control::Start(start)),
+        }) = controls.message().await?
+        else {
+            return Err(Status::invalid_argument("start"));
+        };
+        self.0
+            .persistence
+            .lock()
+            .unwrap()
+            .push(start.kv_persistence);
+        let (events, stream) = tokio::sync::mpsc::channel(4);
+        let fake = self.0.clone();
+        tokio::spawn(async move { fake.run(start, controls, events).await });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            stream,
+        )))
     }
 
     async fn persist_kv(
@@ -236,8 +325,10 @@ async fn cluster_with(n: usize, routing: Routing, settings: CoordinatorSettings)
     let addrs = workers.iter().map(|w| w.addr.clone()).collect();
     assert_eq!(pool.refresh(&WorkerSource::Static(addrs)).await, n);
     let settings = CoordinatorSettings {
-        // Long enough that only a scripted hang ever reaches it, even on a busy machine.
-        block_timeout: Duration::from_secs(2),
+        // A fake sends no heartbeats: long enough that only a scripted hang reaches it,
+        // even on a busy machine.
+        stall_floor: Duration::from_secs(2),
+        stall_ceiling: Duration::from_secs(2),
         max_attempts: 4,
         retry_backoff: Duration::from_millis(1),
         ..settings
@@ -374,6 +465,18 @@ async fn a_worker_that_never_answers_times_out_and_another_serves() {
     let out = c.generate().await.unwrap();
     assert_eq!(out.token_ids, reference_tokens().await);
     assert!(workers_of(&out).iter().all(|w| *w == c.id(1)));
+}
+
+/// A worker that takes far longer than the stall wait for a block but says it is at work
+/// is waited for: the block is its, and no other worker was asked.
+#[tokio::test]
+async fn a_slow_worker_that_makes_progress_is_not_timed_out() {
+    let c = cluster(2, Routing::Affinity).await;
+    c.script(0, &[Act::Serve, Act::Slow(5_000)]);
+    let out = c.generate().await.unwrap();
+    assert_eq!(out.token_ids, reference_tokens().await);
+    assert!(workers_of(&out).iter().all(|w| *w == c.id(0)));
+    assert_eq!(c.calls(1), 0);
 }
 
 #[tokio::test]

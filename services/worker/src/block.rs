@@ -15,8 +15,6 @@ use crate::sessions::SessionState;
 
 /// What the block's work produced, before the commit to the store.
 pub struct BlockWork {
-    /// The worker's state after the block, kept in memory once committed.
-    pub state: SessionState,
     /// The session record to commit.
     pub record: SessionRecord,
     /// KV blobs of the committed blocks still inside the window: (block index, bytes).
@@ -25,6 +23,8 @@ pub struct BlockWork {
     pub expired: std::ops::Range<usize>,
     /// What it took.
     pub effort: Effort,
+    /// Whether the session's run ends with it.
+    pub ends_run: bool,
 }
 
 /// What a block's work took.
@@ -46,8 +46,9 @@ pub struct Effort {
 
 /// A session opened for its next block.
 pub enum Prepared {
-    /// A new session's prompt held whole blocks, now committed: the request's work.
-    Prefilled(Box<BlockWork>),
+    /// A new session's prompt held whole blocks, now committed: the run's first work, and
+    /// the session's state after it.
+    Prefilled(Box<BlockWork>, SessionState),
     /// The cache holds every committed block; the next block is to be denoised.
     Ready(SessionState, CacheSource),
 }
@@ -65,13 +66,7 @@ pub fn prepare(
     let first_block = session.next_block_index();
     let started = Instant::now();
     if session.prefill()? == 0 {
-        let (tokens, _, committed, cache) = session.into_parts();
-        let state = SessionState {
-            tokens,
-            committed,
-            cache,
-        };
-        return Ok(Prepared::Ready(state, source));
+        return Ok(Prepared::Ready(SessionState::of(session), source));
     }
     let effort = Effort {
         first_block,
@@ -81,16 +76,20 @@ pub fn prepare(
         denoise: Duration::ZERO,
         commit: started.elapsed(),
     };
-    let work = finish(loaded, record, session, effort, write_blobs)?;
-    Ok(Prepared::Prefilled(Box::new(work)))
+    let work = finish(loaded, record, &session, effort, write_blobs)?;
+    Ok(Prepared::Prefilled(
+        Box::new(work),
+        SessionState::of(session),
+    ))
 }
 
-/// The work of `session` after it committed the blocks from `effort.first_block` on: the
-/// record to store and, when `write_blobs`, the blobs of those blocks.
+/// The work of `session` (of `record` before it) after it committed the blocks from
+/// `effort.first_block` on: the record to store and, when `write_blobs`, the blobs of
+/// those blocks.
 pub fn finish(
     loaded: &LoadedModel,
     record: &SessionRecord,
-    session: Session,
+    session: &Session,
     effort: Effort,
     write_blobs: bool,
 ) -> bd3lm_diffusion::Result<BlockWork> {
@@ -110,20 +109,15 @@ pub fn finish(
     // A next block reads the blobs of the window's blocks before it, no older ones.
     let window = cfg.kv_window() / bs;
     let expired = record.committed_blocks.saturating_sub(window)..end.saturating_sub(window);
-    let (tokens, _, committed, cache) = session.into_parts();
     let mut next = record.clone();
-    next.tokens = tokens.clone();
-    next.committed_blocks = committed / bs;
+    next.tokens = session.tokens().to_vec();
+    next.committed_blocks = session.committed() / bs;
     Ok(BlockWork {
-        state: SessionState {
-            tokens,
-            committed,
-            cache,
-        },
         record: next,
         blobs,
         expired,
         effort,
+        ends_run: false,
     })
 }
 

@@ -1,6 +1,7 @@
 //! The commit to the store: the session record and the block's KV blobs in one
 //! compare-and-set on the version the block was computed from (the commit point), then
-//! the answer. A block another worker committed first is answered as stored, so a
+//! the answer; a run's blocks are committed one after the other, each on the record the
+//! one before it wrote. A block another worker committed first is answered as stored, so a
 //! retried block is idempotent; a session that changed otherwise while the block ran
 //! (a new prompt, a restore) is ABORTED, and the coordinator asks again.
 
@@ -14,42 +15,32 @@ use tonic::Status;
 
 use crate::block::BlockWork;
 use crate::metrics;
-use crate::sessions::SessionCaches;
 
-/// What a block's work is committed as, and where its state stays once it won.
-pub struct BlockCommit<'a> {
-    /// The block's index.
+/// Where a session's run stands at the store: the block its next work commits, on which
+/// record.
+pub struct BlockCommit {
+    /// The next block's index.
     pub block: usize,
-    /// The record the block was computed from: the commit point.
+    /// The record the next block was computed from: the commit point.
     pub base: Base,
     /// Tokens per block.
     pub block_size: usize,
-    /// Time taken to find or rebuild the session's KV cache.
+    /// Time taken to find or rebuild the session's KV cache, reported with the next block.
     pub cache_time: Duration,
-    /// This worker's session caches, which keep the state of a block that won.
-    pub sessions: &'a SessionCaches,
-    /// The session's key in `sessions`.
-    pub cache_key: String,
 }
 
-/// Commits `work` as `at` says and returns the answer.
+/// Commits `work` where `at` stands and returns the answer; `at` then stands after it.
 pub async fn commit(
     store: &SessionStore,
     work: BlockWork,
-    at: BlockCommit<'_>,
+    at: &mut BlockCommit,
 ) -> Result<DenoiseBlockResponse, Status> {
-    let BlockCommit {
-        block,
-        base,
-        block_size,
-        cache_time,
-        sessions,
-        cache_key,
-    } = at;
+    let (block, block_size) = (at.block, at.block_size);
+    let cache_time = std::mem::take(&mut at.cache_time);
     let started = Instant::now();
     let written = work.blobs.iter().map(|(_, blob)| blob.len()).sum();
     let outcome = store
-        .commit(&work.record, base, work.blobs, work.expired)
+        .commit(&work.record, at.base, work.blobs, work.expired)
         .await
         .map_err(from_store)?;
     let store_time = started.elapsed();
@@ -57,6 +48,8 @@ pub async fn commit(
     match outcome {
         CommitOutcome::Committed(version) => {
             record.version = version;
+            at.base = record.base();
+            at.block = record.committed_blocks;
             let effort = work.effort;
             let end = record.committed_blocks * block_size;
             let first = effort.first_block * block_size;
@@ -82,7 +75,6 @@ pub async fn commit(
             let took = cache_time + effort.denoise + effort.commit + store_time;
             metrics::block_committed(effort.source, took, effort.forward_passes, end - first);
             metrics::blob_written(written);
-            sessions.put(cache_key, work.state);
             Ok(answer)
         }
         CommitOutcome::Superseded(current) if current.committed_blocks > block => {

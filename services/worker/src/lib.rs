@@ -17,6 +17,7 @@ pub mod commit;
 pub mod metrics;
 pub mod models;
 pub mod persist;
+pub mod run;
 pub mod scheduler;
 pub mod service;
 pub mod sessions;

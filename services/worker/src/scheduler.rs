@@ -2,8 +2,9 @@
 //! session, and steps it. A step advances every block's sampler to its next forward
 //! pass, commits the finished blocks together in one pass, and runs one denoise pass over
 //! the rows every other block asked for. Blocks join between steps (within the batch
-//! limits, first come first served) and leave when committed, or at the next step once
-//! their request went away; their capacity slot goes with them.
+//! limits, first come first served); a session stays in the batch for its run of blocks,
+//! beginning the next block in the step after it committed one, and leaves when its run
+//! ends, or at the next step once its request went away; its capacity slot goes with it.
 //!
 //! Opening a session (a store decode, a rebuild from tokens, a prefill) happens before a
 //! block is handed here, so it never stalls the batch.
@@ -17,7 +18,7 @@ use bd3lm_diffusion::{BlockDenoiser, BlockOutcome, BlockRng, Error, Session, Ste
 use bd3lm_kvstore::SessionRecord;
 use candle_core::DType;
 use rayon::prelude::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::LoadedModel;
 use crate::block::{self, BlockWork, Effort};
@@ -25,21 +26,62 @@ use crate::cache::CacheSource;
 use crate::sessions::SessionState;
 use crate::settings::WorkerLimits;
 
-/// A block handed to the scheduler.
+/// Where a session's state goes when it leaves the batch: back to the worker's memory.
+pub type Park = Box<dyn FnOnce(SessionState) + Send>;
+
+/// How far a session's run goes and what ends it early.
+#[derive(Debug, Clone)]
+pub struct RunBounds {
+    /// The block index the run ends before; its caller may lower it while the run goes.
+    pub end: Arc<AtomicUsize>,
+    /// Token ids that end the run with the block holding one at `stop_from` or later.
+    pub stop_tokens: Vec<u32>,
+    /// The first position stop tokens are looked for at.
+    pub stop_from: usize,
+}
+
+impl RunBounds {
+    /// A run of the one block `block`.
+    pub fn one(block: usize) -> Self {
+        Self {
+            end: Arc::new(AtomicUsize::new(block + 1)),
+            stop_tokens: Vec::new(),
+            stop_from: usize::MAX,
+        }
+    }
+
+    /// Whether the run ends with the committed block `index` of `tokens` (its
+    /// `block_size` tokens at `index * block_size`).
+    fn ends_with(&self, tokens: &[u32], index: usize, block_size: usize) -> bool {
+        let from = (index * block_size).max(self.stop_from);
+        let to = ((index + 1) * block_size).min(tokens.len());
+        index + 1 >= self.end.load(Ordering::Acquire)
+            || tokens
+                .get(from..to)
+                .is_some_and(|t| t.iter().any(|t| self.stop_tokens.contains(t)))
+    }
+}
+
+/// A session's run handed to the scheduler.
 pub struct PendingBlock {
-    /// The session's record as read before the block.
+    /// The session's record as read before the run.
     pub record: SessionRecord,
     /// Its state: every committed block in the cache.
     pub state: SessionState,
     /// Where the cache came from.
     pub source: CacheSource,
-    /// Where the work goes; dropping the receiver cancels the block.
-    pub reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
-    /// SessionState until the block leaves the batch: the worker's capacity slot.
+    /// Its length and stop tokens.
+    pub run: RunBounds,
+    /// Where each block's work goes; dropping the receiver cancels the block in progress
+    /// (never committed) and ends the run.
+    pub reply: mpsc::UnboundedSender<bd3lm_diffusion::Result<BlockWork>>,
+    /// Where the session's state goes when it leaves the batch.
+    pub park: Park,
+    /// Held until the session leaves the batch: the worker's capacity slot.
     pub slot: Box<dyn Send>,
     /// The request's span, which the block's events in the batch belong to.
     pub span: tracing::Span,
-    /// Whether the committed block's KV blob is written with it.
+    /// Whether the committed blocks' KV blobs are written with them.
     pub write_blobs: bool,
 }
 
@@ -52,6 +94,8 @@ pub struct BatchStats {
     pub passes: AtomicU64,
     /// Blocks in those passes, summed: divided by `passes`, the mean batch size.
     pub batched_blocks: AtomicU64,
+    /// Microseconds those passes took, summed.
+    pub pass_micros: AtomicU64,
 }
 
 /// The scheduler thread is gone (it panicked): no block can be batched.
@@ -87,11 +131,14 @@ impl Scheduler {
     }
 }
 
-/// One block in the batch.
+/// One session in the batch, at work on a block of its run.
 struct Entry<'m> {
+    /// The record as of the last block committed in the batch.
     record: SessionRecord,
     source: CacheSource,
-    reply: oneshot::Sender<bd3lm_diffusion::Result<BlockWork>>,
+    run: RunBounds,
+    reply: mpsc::UnboundedSender<bd3lm_diffusion::Result<BlockWork>>,
+    park: Park,
     slot: Box<dyn Send>,
     span: tracing::Span,
     write_blobs: bool,
@@ -104,6 +151,29 @@ struct Entry<'m> {
     joined: Instant,
     /// Set once the sampler is done.
     outcome: Option<(BlockOutcome, Duration)>,
+}
+
+impl Entry<'_> {
+    /// The session leaves the batch: its state back to the worker's memory.
+    fn leave(self) {
+        let Entry {
+            session,
+            park,
+            slot,
+            ..
+        } = self;
+        drop(slot);
+        park(SessionState::of(session));
+    }
+
+    /// Begins the session's next block: its sampler and random stream.
+    fn next_block(&mut self) -> bd3lm_diffusion::Result<()> {
+        self.denoiser = self.session.begin_block(&self.record.sampling)?;
+        self.first_block = self.session.next_block_index();
+        self.rng = bd3lm_diffusion::block_rng(self.record.seed, self.first_block);
+        self.joined = Instant::now();
+        Ok(())
+    }
 }
 
 /// The scheduler thread's state.
@@ -176,7 +246,9 @@ impl<'m> Batch<'m> {
             record,
             state,
             source,
+            run,
             reply,
+            park,
             slot,
             span,
             write_blobs,
@@ -202,7 +274,9 @@ impl<'m> Batch<'m> {
             rng: bd3lm_diffusion::block_rng(record.seed, first_block),
             record,
             source,
+            run,
             reply,
+            park,
             slot,
             span,
             write_blobs,
@@ -218,16 +292,19 @@ impl<'m> Batch<'m> {
     /// One step: cancelled blocks leave, every sampler advances, then one pass denoises
     /// the rows the samplers asked for and commits the finished blocks.
     fn step(&mut self) {
-        self.running.retain(|e| {
-            let gone = e.reply.is_closed();
-            if gone {
+        let (gone, running) = std::mem::take(&mut self.running)
+            .into_iter()
+            .partition(|e| e.reply.is_closed());
+        self.running = running;
+        for e in gone {
+            e.span.in_scope(|| {
                 tracing::info!(
                     block = e.first_block,
                     "block cancelled: its request went away"
-                );
-            }
-            !gone
-        });
+                )
+            });
+            e.leave();
+        }
         for e in &mut self.running {
             if e.asked.is_some() || e.outcome.is_some() {
                 continue;
@@ -251,12 +328,16 @@ impl<'m> Batch<'m> {
         crate::metrics::batch_pass(self.running.len(), took);
         self.stats.passes.fetch_add(1, Ordering::Relaxed);
         self.stats
+            .pass_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.stats
             .batched_blocks
             .fetch_add(self.running.len() as u64, Ordering::Relaxed);
         match passed {
             Ok(logits) => self.after_pass(logits, took),
             Err(err) => {
                 tracing::error!(error = %err, blocks = self.running.len(), "batched pass failed");
+                // The caches may hold part of the failed pass: none is kept.
                 for e in self.running.drain(..) {
                     let Entry { reply, slot, .. } = e;
                     drop(slot);
@@ -306,9 +387,11 @@ impl<'m> Batch<'m> {
             .for_each(|(denoiser, asked, rows)| denoiser.supply(&asked, &rows));
     }
 
-    /// Gives the samplers their logits and answers the committed blocks.
+    /// Gives the samplers their logits and answers the committed blocks; a session
+    /// whose run goes on begins its next block, the others leave.
     fn after_pass(&mut self, logits: Vec<Vec<f32>>, took: Duration) {
         self.supply(logits);
+        let bs = self.loaded.model.config().block_size;
         let mut still = Vec::with_capacity(self.running.len());
         for mut e in std::mem::take(&mut self.running) {
             if e.outcome.is_none() {
@@ -325,26 +408,40 @@ impl<'m> Batch<'m> {
                 denoise,
                 commit: took,
             };
-            let Entry {
-                record,
-                reply,
-                slot,
-                span,
-                session,
-                write_blobs,
-                ..
-            } = e;
-            // The slot is free before the answer leaves, so the next block finds room.
-            drop(slot);
-            span.in_scope(|| {
+            e.span.in_scope(|| {
                 tracing::debug!(
                     passes = effort.forward_passes,
                     denoise_ms = effort.denoise.as_secs_f64() * 1e3,
                     "block denoised and committed in the batch"
                 )
             });
-            let work = block::finish(self.loaded, &record, session, effort, write_blobs);
-            let _ = reply.send(work);
+            let ends = e.run.ends_with(e.session.tokens(), e.first_block, bs);
+            let work = block::finish(self.loaded, &e.record, &e.session, effort, e.write_blobs);
+            let work = work.map(|mut w| {
+                w.ends_run = ends;
+                e.record.clone_from(&w.record);
+                w
+            });
+            if ends || work.is_err() {
+                // The slot is free before the answer leaves, so the next run finds room.
+                let reply = e.reply.clone();
+                e.leave();
+                let _ = reply.send(work);
+                continue;
+            }
+            if e.reply.send(work).is_err() {
+                e.leave();
+                continue;
+            }
+            // The next block is from memory, whatever the first came from.
+            e.source = CacheSource::Memory;
+            match e.next_block() {
+                Ok(()) => still.push(e),
+                Err(err) => {
+                    let _ = e.reply.send(Err(err));
+                    e.leave();
+                }
+            }
         }
         self.running = still;
     }

@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::SessionStore;
 use bd3lm_kvstore::record::short_id;
@@ -13,21 +13,24 @@ use bd3lm_model::Bd3lm;
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{
-    DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse, KvPersistence,
-    PersistKvRequest, PersistKvResponse,
+    DenoiseBlockRequest, DenoiseBlockResponse, InfoRequest, InfoResponse, PersistKvRequest,
+    PersistKvResponse, RunControl, RunEvent, run_control, run_event,
 };
 use bd3lm_telemetry::probes::LIVENESS;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
-use tonic::{Request, Response, Status};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::block::{self, BlockWork, Prepared};
-use crate::cache::{self, CacheLookup};
+use crate::block::{self, Prepared};
+use crate::cache::{self, CacheLookup, CacheSource};
 use crate::commit::{BlockCommit, commit, committed_answer};
 use crate::metrics;
-use crate::models::{Models, ServedVersion};
-use crate::scheduler::PendingBlock;
+use crate::models::Models;
+use crate::run::{Caller, Gone, RunSpec};
+use crate::scheduler::{Park, PendingBlock, Scheduler};
 use crate::sessions::SessionCaches;
 use crate::settings::WorkerLimits;
 
@@ -43,7 +46,8 @@ pub struct LoadedModel {
     pub version: Option<u64>,
 }
 
-/// The worker's state, shared by its requests.
+/// The worker's state, shared by its requests (a clone shares it).
+#[derive(Clone)]
 pub struct WorkerService {
     models: Arc<Models>,
     store: SessionStore,
@@ -137,37 +141,26 @@ impl WorkerService {
         })
     }
 
-    /// Denoises and commits the requested block (see the service's documentation).
-    async fn denoise(&self, req: DenoiseBlockRequest) -> Result<DenoiseBlockResponse, Status> {
+    /// Denoises and commits the blocks of `spec`, each sent to `caller` once committed
+    /// (see the service's documentation).
+    async fn run<C>(&self, spec: RunSpec, mut caller: Caller<C>) -> Result<(), Status>
+    where
+        C: Stream<Item = Result<RunControl, Status>> + Unpin,
+    {
         let latest = self.models.latest().ok_or_else(Self::loading)?;
         let slot = self.slot()?;
-        if !bd3lm_kvstore::record::is_session_id(&req.session_id) {
+        if !bd3lm_kvstore::record::is_session_id(&spec.session_id) {
             return Err(Status::invalid_argument(
                 "session_id: must be 32 lowercase hex digits",
             ));
         }
-        let write_blobs = writes_blobs(req.kv_persistence)?;
         // Versions of one model share its id, vocabulary and block size.
         let bs = latest.loaded.model.config().block_size;
-        let block = req.block_index as usize;
-        let mut record = self
-            .store
-            .get_session(&latest.loaded.model_id, &req.session_id)
-            .await
-            .map_err(from_store)?
-            .ok_or_else(|| from_store(bd3lm_kvstore::Error::NoSession(req.session_id.clone())))?;
-        if record.tokens.len() < record.committed_blocks * bs {
-            tracing::error!(
-                committed = record.committed_blocks,
-                tokens = record.tokens.len(),
-                "the stored session holds fewer tokens than its committed blocks"
-            );
-            return Err(Status::data_loss(
-                "session_id: the stored session is inconsistent",
-            ));
-        }
+        let block = spec.first_block;
+        let mut record = self.record(&latest.loaded, &spec.session_id, bs).await?;
         if block < record.committed_blocks {
-            return committed_answer(&record, block, bs);
+            let _ = caller.send(committed_answer(&record, block, bs)?);
+            return Ok(());
         }
         if block > record.committed_blocks {
             return Err(Status::failed_precondition(format!(
@@ -185,68 +178,122 @@ impl WorkerService {
             metrics::session_moved();
         }
         record.model_version = loaded.version;
-        let base = record.base();
+        let mut at = BlockCommit {
+            block,
+            base: record.base(),
+            block_size: bs,
+            cache_time: Duration::ZERO,
+        };
         let started = Instant::now();
         let lookup = self.find_cache(&loaded, &record, block).await;
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
         let span = tracing::info_span!("open_session", block);
+        let write_blobs = spec.write_blobs;
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
-        let (prepared, slot) = tokio::task::spawn_blocking(move || {
+        let opening = tokio::task::spawn_blocking(move || {
             let prepared =
                 span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup, write_blobs));
             (prepared, slot)
-        })
-        .await
-        .map_err(|e| {
+        });
+        let Ok(opened) = caller.wait(opening, None).await else {
+            return Ok(());
+        };
+        let (prepared, slot) = opened.map_err(|e| {
             tracing::error!(error = %e, "opening the session failed");
             internal()
         })?;
-        let cache_time = started.elapsed();
-        let work = match prepared.map_err(work_status)? {
-            Prepared::Prefilled(work) => *work,
-            Prepared::Ready(state, source) => {
-                let (reply, answer) = oneshot::channel();
-                let pending = PendingBlock {
-                    record,
-                    state,
-                    source,
-                    reply,
-                    slot: Box::new(slot),
-                    span: tracing::Span::current(),
-                    write_blobs,
-                };
-                self.batched(&served, pending, answer).await?
+        at.cache_time = started.elapsed();
+        let park = self.parker(&spec.session_id, &loaded);
+        let (state, source, prefilled) = match prepared.map_err(work_status)? {
+            Prepared::Prefilled(work, state) => (state, CacheSource::Memory, Some(*work)),
+            Prepared::Ready(state, source) => (state, source, None),
+        };
+        let first = prefilled
+            .as_ref()
+            .map_or(block, |w| w.record.committed_blocks);
+        let bounds = spec.bounds();
+        caller.follow(&bounds);
+        let (reply, mut works) = mpsc::unbounded_channel();
+        if first >= bounds.end.load(std::sync::atomic::Ordering::Acquire) {
+            park(state);
+        } else {
+            let record = prefilled.as_ref().map_or(record, |w| w.record.clone());
+            let pending = PendingBlock {
+                record,
+                state,
+                source,
+                run: bounds,
+                reply,
+                park,
+                slot: Box::new(slot),
+                span: tracing::Span::current(),
+                write_blobs,
+            };
+            let submitted = served.scheduler(self.limits).map(|s| s.submit(pending));
+            if !matches!(submitted, Some(Ok(()))) {
+                return Err(self.batch_thread_lost().await);
             }
-        };
-        let at = BlockCommit {
-            block,
-            base,
-            block_size: bs,
-            cache_time,
-            sessions: &self.sessions,
-            cache_key: cache_key(&req.session_id, &loaded),
-        };
-        commit(&self.store, work, at).await
+        }
+        let batch = served.started().map(Scheduler::stats);
+        let mut next = prefilled;
+        loop {
+            let work = match next.take() {
+                Some(work) => work,
+                None => match caller.wait(works.recv(), batch).await {
+                    Ok(Some(work)) => work.map_err(work_status)?,
+                    // Only a batch thread that died drops its blocks' replies.
+                    Ok(None) => return Err(self.batch_thread_lost().await),
+                    Err(Gone) => return Ok(()),
+                },
+            };
+            if caller
+                .granted(work.effort.first_block, batch)
+                .await
+                .is_err()
+            {
+                return Ok(());
+            }
+            let ends = work.ends_run || caller.ends_with(work.effort.first_block);
+            let answer = commit(&self.store, work, &mut at).await?;
+            let ends = ends || answer.already_committed;
+            if caller.send(answer).is_err() || ends {
+                return Ok(());
+            }
+        }
     }
 
-    /// Hands `pending` to the batch and waits for its work. Dropping this future (the request
-    /// went away) takes the block out of the batch at its next step.
-    async fn batched(
+    /// The record of `session`, checked against itself.
+    async fn record(
         &self,
-        served: &ServedVersion,
-        pending: PendingBlock,
-        answer: oneshot::Receiver<bd3lm_diffusion::Result<BlockWork>>,
-    ) -> Result<BlockWork, Status> {
-        let submitted = served.scheduler(self.limits).map(|s| s.submit(pending));
-        if !matches!(submitted, Some(Ok(()))) {
-            return Err(self.batch_thread_lost().await);
+        loaded: &LoadedModel,
+        session: &str,
+        block_size: usize,
+    ) -> Result<bd3lm_kvstore::SessionRecord, Status> {
+        let record = self
+            .store
+            .get_session(&loaded.model_id, session)
+            .await
+            .map_err(from_store)?
+            .ok_or_else(|| from_store(bd3lm_kvstore::Error::NoSession(session.to_string())))?;
+        if record.tokens.len() < record.committed_blocks * block_size {
+            tracing::error!(
+                committed = record.committed_blocks,
+                tokens = record.tokens.len(),
+                "the stored session holds fewer tokens than its committed blocks"
+            );
+            return Err(Status::data_loss(
+                "session_id: the stored session is inconsistent",
+            ));
         }
-        match answer.await {
-            Ok(work) => work.map_err(work_status),
-            // Only a batch thread that died drops its blocks' replies.
-            Err(_) => Err(self.batch_thread_lost().await),
-        }
+        Ok(record)
+    }
+
+    /// Where the state of `session` on `loaded` goes when it leaves the batch: this
+    /// worker's memory, for its next block.
+    fn parker(&self, session: &str, loaded: &LoadedModel) -> Park {
+        let (sessions, key) = (self.sessions.clone(), cache_key(session, loaded));
+        Box::new(move |state| sessions.put(key, state))
     }
 
     /// The session's cache: this worker's own when it ends where the record does, else
@@ -291,10 +338,53 @@ impl DenoiseWorker for WorkerService {
         let span = tracing::info_span!("denoise_block", session = %short_id(&req.session_id), block = req.block_index);
         // A child of the coordinator's request span when it sent its trace context.
         bd3lm_telemetry::adopt(&span, request.metadata());
-        self.denoise(request.into_inner())
-            .instrument(span)
-            .await
-            .map(Response::new)
+        let spec = RunSpec::one_block(request.into_inner())?;
+        let (events, mut answers) = mpsc::unbounded_channel();
+        let caller = Caller::new(&spec, tokio_stream::pending(), events);
+        self.run(spec, caller).instrument(span).await?;
+        match answers.recv().await {
+            Some(Ok(RunEvent {
+                event: Some(run_event::Event::Block(answer)),
+            })) => Ok(Response::new(answer)),
+            _ => Err(internal()),
+        }
+    }
+
+    type DenoiseRunStream = UnboundedReceiverStream<Result<RunEvent, Status>>;
+
+    async fn denoise_run(
+        &self,
+        request: Request<Streaming<RunControl>>,
+    ) -> Result<Response<Self::DenoiseRunStream>, Status> {
+        let span = tracing::info_span!(
+            "denoise_run",
+            session = tracing::field::Empty,
+            block = tracing::field::Empty
+        );
+        bd3lm_telemetry::adopt(&span, request.metadata());
+        let mut controls = request.into_inner();
+        let start = match controls.message().await? {
+            Some(RunControl {
+                control: Some(run_control::Control::Start(start)),
+            }) => start,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "start: a run begins with its start",
+                ));
+            }
+        };
+        span.record("session", short_id(&start.session_id).to_string());
+        span.record("block", start.first_block);
+        let spec = RunSpec::from_wire(start)?;
+        let (events, stream) = mpsc::unbounded_channel();
+        let this = self.clone();
+        tokio::spawn(async move {
+            let caller = Caller::new(&spec, controls, events.clone());
+            if let Err(status) = this.run(spec, caller).instrument(span).await {
+                let _ = events.send(Err(status));
+            }
+        });
+        Ok(Response::new(UnboundedReceiverStream::new(stream)))
     }
 
     async fn persist_kv(
@@ -320,13 +410,14 @@ impl DenoiseWorker for WorkerService {
         let loaded = &latest.loaded;
         let cfg = loaded.model.config();
         let in_flight = self.in_flight.load(Ordering::Relaxed) as u32;
-        let (mut batch_size, mut passes, mut batched) = (0, 0, 0);
+        let (mut batch_size, mut passes, mut batched, mut micros) = (0, 0, 0, 0);
         for served in self.models.all() {
             if let Some(s) = served.started() {
                 let stats = s.stats();
                 batch_size += stats.batch_size.load(Ordering::Relaxed);
                 passes += stats.passes.load(Ordering::Relaxed);
                 batched += stats.batched_blocks.load(Ordering::Relaxed);
+                micros += stats.pass_micros.load(Ordering::Relaxed);
             }
         }
         Ok(Response::new(InfoResponse {
@@ -341,6 +432,7 @@ impl DenoiseWorker for WorkerService {
             waiting: in_flight.saturating_sub(batch_size as u32),
             denoise_passes: passes,
             batched_blocks: batched,
+            denoise_pass_seconds: micros as f64 / 1e6,
             max_batch_rows: self.limits.max_rows as u32,
             kv_budget_bytes: self.limits.kv_budget,
             vocab_size: cfg.vocab_size as u32,
@@ -352,18 +444,6 @@ impl DenoiseWorker for WorkerService {
             model_version: loaded.version,
             loaded_versions: self.models.versions(),
         }))
-    }
-}
-
-/// Whether a block under `kv_persistence` (a `KvPersistence` on the wire) writes its
-/// blobs: every block, unless the coordinator asked for none.
-fn writes_blobs(kv_persistence: i32) -> Result<bool, Status> {
-    match KvPersistence::try_from(kv_persistence) {
-        Ok(KvPersistence::Unspecified | KvPersistence::EveryBlock) => Ok(true),
-        Ok(KvPersistence::AtEnd | KvPersistence::Never) => Ok(false),
-        Err(_) => Err(Status::invalid_argument(format!(
-            "kv_persistence: unknown value {kv_persistence}"
-        ))),
     }
 }
 
@@ -397,6 +477,7 @@ pub(crate) mod tests {
     use bd3lm_diffusion::{Filter, Sampler, SamplingParams};
     use bd3lm_kvstore::{SessionRecord, StoreConfig};
     use bd3lm_model::{Backbone, Config, Shape, checkpoint};
+    use bd3lm_proto::v1::KvPersistence;
     use candle_core::{DType, Device};
 
     /// The session id of a test's session `name`: its bytes in hex, zero-padded.
@@ -817,6 +898,107 @@ pub(crate) mod tests {
             stored.committed_blocks, 0,
             "the cancelled block was committed"
         );
+    }
+
+    /// A run of session `id` to block 64 on `worker`, every block granted until `take`
+    /// blocks came; then the caller goes. The blocks it got, and whether the run ended
+    /// on its own first.
+    async fn run_until(
+        worker: &Arc<WorkerService>,
+        id: &str,
+        (stop_tokens, stop_from): (Vec<u32>, usize),
+        take: usize,
+    ) -> (Vec<DenoiseBlockResponse>, bool) {
+        let spec = RunSpec {
+            session_id: id.into(),
+            first_block: 0,
+            end_block: 64,
+            write_blobs: true,
+            stop_tokens,
+            stop_from,
+            heartbeat: Some(std::time::Duration::from_millis(50)),
+        };
+        let (controls, rx) = mpsc::channel(4);
+        let (events, mut out) = mpsc::unbounded_channel();
+        let caller = Caller::new(
+            &spec,
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            events,
+        );
+        let runner = worker.clone();
+        let run = tokio::spawn(async move { runner.run(spec, caller).await });
+        let mut blocks = Vec::new();
+        let ended = loop {
+            let event = match out.recv().await {
+                Some(event) => event.unwrap().event,
+                None => break true,
+            };
+            let Some(run_event::Event::Block(block)) = event else {
+                continue;
+            };
+            let next = block.committed_blocks;
+            blocks.push(block);
+            if blocks.len() == take {
+                break false;
+            }
+            let grant = bd3lm_proto::v1::RunGrant {
+                commit_below: next + 1,
+                last: false,
+            };
+            let control = RunControl {
+                control: Some(run_control::Control::Grant(grant)),
+            };
+            let _ = controls.send(Ok(control)).await;
+        };
+        drop((controls, out));
+        run.await.unwrap().unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while worker.in_flight.load(Ordering::Relaxed) != 0 {
+            assert!(Instant::now() < deadline, "the run's block ran on");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        (blocks, ended)
+    }
+
+    /// A run commits only the blocks its caller granted: the caller going after the
+    /// 10th leaves 10 committed (the 11th, begun at once, is dropped), with the tokens
+    /// block-by-block calls give, and the session's state kept for its next block. A
+    /// stop token ends a run on the worker with the block that holds it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_run_commits_what_was_granted_and_ends_at_a_stop_token() {
+        let store = SessionStore::memory(StoreConfig::default());
+        for name in ["one", "run", "stop"] {
+            session(&store, &sid(name)).await;
+        }
+        let worker = Arc::new(service(Some(loaded("f")), &store, 2));
+        for b in 0..12 {
+            block(&worker, &sid("one"), b).await.unwrap();
+        }
+        let reference = store.get_session("m", &sid("one")).await.unwrap().unwrap();
+
+        let (blocks, ended) = run_until(&worker, &sid("run"), (Vec::new(), 0), 10).await;
+        assert!(!ended);
+        let indices: Vec<u32> = blocks.iter().map(|b| b.block_index).collect();
+        assert_eq!(indices, (0..10).collect::<Vec<u32>>());
+        let stored = store.get_session("m", &sid("run")).await.unwrap().unwrap();
+        assert_eq!(stored.committed_blocks, 10, "a block past the grants");
+        assert_eq!(stored.tokens[..], reference.tokens[..40]);
+        let next = block(&worker, &sid("run"), 10).await.unwrap();
+        assert_eq!(next.cache_source, "memory");
+        assert_eq!(next.token_ids[..], reference.tokens[40..44]);
+
+        // The first generated token (from position 6) of block 3 or later not seen
+        // before it ends the run there.
+        let stop = (12..44)
+            .map(|p| reference.tokens[p])
+            .find(|t| !reference.tokens[6..12].contains(t))
+            .expect("a new token");
+        let first = (6..).find(|&p| reference.tokens[p] == stop).unwrap();
+        let (blocks, ended) = run_until(&worker, &sid("stop"), (vec![stop], 6), 64).await;
+        assert!(ended);
+        assert_eq!(blocks.last().unwrap().block_index as usize, first / 4);
+        let stored = store.get_session("m", &sid("stop")).await.unwrap().unwrap();
+        assert_eq!(stored.committed_blocks, first / 4 + 1);
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)

@@ -19,6 +19,18 @@ pub struct SessionState {
     pub cache: KvCache,
 }
 
+impl SessionState {
+    /// The state of an open session.
+    pub fn of(session: bd3lm_diffusion::Session) -> Self {
+        let (tokens, _, committed, cache) = session.into_parts();
+        Self {
+            tokens,
+            committed,
+            cache,
+        }
+    }
+}
+
 struct Entry {
     state: SessionState,
     bytes: usize,
