@@ -25,7 +25,11 @@
 #      alone, beside another key's 64 streams and behind them (its queue wait apart from
 #      its passes: on the CPU a batch of 16 costs about 3x a batch of one, which the GPU
 #      should not, so the GPU gives the figure of issue 25's 2x bound);
-#   6. training on cuda: three steps of the demo shape on this repository's documents,
+#   6. block runs on the small shape in bf16 at concurrency 1 and 8, with runs of up to
+#      64 blocks and with a worker call per block (--max-run-blocks 1): each level's mean
+#      pass, blocks per pass and, at 8, the pass costs F and V and the share of the bound
+#      8(F+V)/(F+8V) reached (issue 27: at least 95% with runs);
+#   7. training on cuda: three steps of the demo shape on this repository's documents,
 #      and the same on the CPU; the first step's loss (same weights, rows and noise) must
 #      agree within 1e-3 (the CUDA trainer; NCCL across GPUs needs NCCL=1 and two GPUs).
 # Each step's failure is reported and the next step still runs; the exit code is the
@@ -103,5 +107,9 @@ step bench-small "$bin" bench serve --model small --device cuda --dtype bf16 \
     --concurrency 1,16,64 --tokens 128
 step fairness-small "$bin" bench serve --model small --device cuda --dtype bf16 \
     --burst 64 --tokens 128
+for run_blocks in 64 1; do
+    step "runs-small-$run_blocks" "$bin" bench serve --model small --device cuda --dtype bf16 \
+        --concurrency 1,8 --tokens 256 --max-run-blocks "$run_blocks"
+done
 step train-cuda train_check
 exit "$failed"
