@@ -216,21 +216,9 @@ pub struct OneWorker {
     pub worker_addr: String,
 }
 
-/// One worker of `loaded` and a coordinator on loopback ports over `stores`.
-pub async fn one_worker(
-    loaded: Arc<LoadedModel>,
-    limits: WorkerLimits,
-    stores: Stores,
-) -> anyhow::Result<OneWorker> {
-    let coordinator = CoordinatorSettings {
-        max_queue: usize::MAX,
-        ..CoordinatorSettings::default()
-    };
-    one_worker_with(loaded, limits, stores, coordinator).await
-}
-
-/// [`one_worker`] with the coordinator's `settings`.
-async fn one_worker_with(
+/// One worker of `loaded` and a coordinator with `settings` on loopback ports over
+/// `stores`.
+pub async fn one_worker_with(
     loaded: Arc<LoadedModel>,
     limits: WorkerLimits,
     stores: Stores,

@@ -238,9 +238,16 @@ fn blob_throughput(loaded: &LoadedModel) -> anyhow::Result<()> {
 }
 
 /// Milliseconds per block between the coordinator's request and the worker's answer,
-/// beyond the worker's own time: gRPC, routing, the session record.
+/// beyond the worker's own time: gRPC, routing, the session record. Measured with a
+/// worker call per block (`--max-run-blocks 1`): in a run the worker denoises a block
+/// while the coordinator handles the one before, which hides this time.
 async fn coordinator_overhead(loaded: Arc<LoadedModel>, stores: Stores) -> anyhow::Result<()> {
-    let mut client = crate::bench_load::one_worker(loaded.clone(), WorkerLimits::default(), stores)
+    let settings = bd3lm_coordinator::CoordinatorSettings {
+        max_run_blocks: 1,
+        ..bd3lm_coordinator::CoordinatorSettings::default()
+    };
+    let limits = WorkerLimits::default();
+    let mut client = crate::bench_load::one_worker_with(loaded.clone(), limits, stores, settings)
         .await?
         .client;
     let vocab = loaded.model.config().vocab_size as u32;

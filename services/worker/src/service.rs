@@ -205,7 +205,7 @@ impl WorkerService {
         })?;
         at.cache_time = started.elapsed();
         let park = self.parker(&spec.session_id, &loaded);
-        let (state, source, prefilled) = match prepared.map_err(work_status)? {
+        let (state, source, mut prefilled) = match prepared.map_err(work_status)? {
             Prepared::Prefilled(work, state) => (state, CacheSource::Memory, Some(*work)),
             Prepared::Ready(state, source) => (state, source, None),
         };
@@ -216,7 +216,11 @@ impl WorkerService {
         caller.follow(&bounds);
         let (reply, mut works) = mpsc::unbounded_channel();
         if first >= bounds.end.load(std::sync::atomic::Ordering::Acquire) {
+            // The prompt's blocks reach the run's end: they are the whole run.
             park(state);
+            if let Some(work) = prefilled.as_mut() {
+                work.ends_run = true;
+            }
         } else {
             let record = prefilled.as_ref().map_or(record, |w| w.record.clone());
             let pending = PendingBlock {
@@ -900,19 +904,19 @@ pub(crate) mod tests {
         );
     }
 
-    /// A run of session `id` to block 64 on `worker`, every block granted until `take`
-    /// blocks came; then the caller goes. The blocks it got, and whether the run ended
-    /// on its own first.
+    /// A run of session `id` to block `end_block` on `worker`, every block granted until
+    /// `take` blocks came; then the caller goes. The blocks it got, and whether the run
+    /// ended on its own first.
     async fn run_until(
         worker: &Arc<WorkerService>,
-        id: &str,
+        (id, end_block): (&str, usize),
         (stop_tokens, stop_from): (Vec<u32>, usize),
         take: usize,
     ) -> (Vec<DenoiseBlockResponse>, bool) {
         let spec = RunSpec {
             session_id: id.into(),
             first_block: 0,
-            end_block: 64,
+            end_block,
             write_blobs: true,
             stop_tokens,
             stop_from,
@@ -929,7 +933,9 @@ pub(crate) mod tests {
         let run = tokio::spawn(async move { runner.run(spec, caller).await });
         let mut blocks = Vec::new();
         let ended = loop {
-            let event = match out.recv().await {
+            // Bounds a stall only: a run that neither sends nor ends.
+            let next = tokio::time::timeout(std::time::Duration::from_secs(60), out.recv());
+            let event = match next.await.expect("the run neither sent nor ended") {
                 Some(event) => event.unwrap().event,
                 None => break true,
             };
@@ -976,7 +982,7 @@ pub(crate) mod tests {
         }
         let reference = store.get_session("m", &sid("one")).await.unwrap().unwrap();
 
-        let (blocks, ended) = run_until(&worker, &sid("run"), (Vec::new(), 0), 10).await;
+        let (blocks, ended) = run_until(&worker, (&sid("run"), 64), (Vec::new(), 0), 10).await;
         assert!(!ended);
         let indices: Vec<u32> = blocks.iter().map(|b| b.block_index).collect();
         assert_eq!(indices, (0..10).collect::<Vec<u32>>());
@@ -994,11 +1000,22 @@ pub(crate) mod tests {
             .find(|t| !reference.tokens[6..12].contains(t))
             .expect("a new token");
         let first = (6..).find(|&p| reference.tokens[p] == stop).unwrap();
-        let (blocks, ended) = run_until(&worker, &sid("stop"), (vec![stop], 6), 64).await;
+        let (blocks, ended) = run_until(&worker, (&sid("stop"), 64), (vec![stop], 6), 64).await;
         assert!(ended);
         assert_eq!(blocks.last().unwrap().block_index as usize, first / 4);
         let stored = store.get_session("m", &sid("stop")).await.unwrap().unwrap();
         assert_eq!(stored.committed_blocks, first / 4 + 1);
+
+        // A new session whose prompt's blocks reach the run's end: they are the run.
+        let mut long = stored.clone();
+        (long.id, long.committed_blocks, long.version) = (sid("long"), 0, 0);
+        long.tokens.truncate(14);
+        (long.prompt_len, long.returned) = (14, 14);
+        store.create_session(&long).await.unwrap();
+        let (blocks, ended) = run_until(&worker, (&sid("long"), 2), (Vec::new(), 0), 64).await;
+        assert!(ended, "the run went on past its end");
+        assert_eq!(blocks.len(), 1);
+        assert_eq!(blocks[0].committed_blocks, 3);
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)
