@@ -231,16 +231,18 @@ impl<'m> Session<'m> {
         })
     }
 
-    /// Commits the first prompt's whole blocks when nothing is committed yet; returns the
-    /// number of blocks committed.
+    /// Commits the first prompt's whole blocks not committed yet (all of them for a new
+    /// session, those after a shared prefix whose cache was imported); returns the number
+    /// of blocks committed.
     pub fn prefill(&mut self) -> Result<usize> {
         let bs = self.model.config().block_size;
         let whole = self.prompt_len / bs * bs;
-        if self.committed > 0 || whole == 0 {
+        if self.committed >= whole {
             return Ok(0);
         }
-        self.commit_range(0, whole)?;
-        Ok(whole / bs)
+        let from = self.committed;
+        self.commit_range(from, whole)?;
+        Ok((whole - from) / bs)
     }
 
     /// The tokens, the first prompt's length, the committed count and the cache, for a

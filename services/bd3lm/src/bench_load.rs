@@ -106,6 +106,9 @@ impl PassModel {
 struct StreamTimes {
     gaps_ms: Vec<f64>,
     first_ms: f64,
+    /// Milliseconds to the first message holding new tokens (a prompt's blocks come
+    /// before it without any).
+    first_token_ms: f64,
     queue_ms: Vec<f64>,
     tokens: Vec<u32>,
 }
@@ -374,6 +377,9 @@ async fn stream(
             Some(prev) => times.gaps_ms.push(ms(now - prev)),
         }
         last = Some(now);
+        if times.tokens.is_empty() && !message.token_ids.is_empty() {
+            times.first_token_ms = ms(now - started);
+        }
         times.queue_ms.push(block.queue_ms);
         times.tokens.extend_from_slice(&message.token_ids);
     }
@@ -408,4 +414,77 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
     values[rank - 1]
+}
+
+/// `streams` streams of one `prompt`-token prompt (each its own seed, `tokens` new
+/// tokens), all at once after one unmeasured stream of the same prompt, with the
+/// worker's prefix cache and without (a fresh worker each): the time to the first block
+/// (the prompt's), to the first new token, and the tokens/s they see. One JSON line
+/// each, then their ratios.
+pub async fn shared_prefix(
+    loaded: Arc<LoadedModel>,
+    limits: WorkerLimits,
+    (prompt, streams): (usize, usize),
+    tokens: u32,
+) -> anyhow::Result<()> {
+    let vocab = loaded.model.config().vocab_size as u32;
+    // Ids of the vocabulary short of BOS and the mask, in a fixed scatter.
+    let ids: Vec<u32> = (0..prompt as u32).map(|i| i * 7919 % (vocab - 2)).collect();
+    let request = |seed: u64| GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: ids.clone() })),
+        max_new_tokens: tokens,
+        seed: Some(seed),
+        ..Default::default()
+    };
+    let mut seen = Vec::new();
+    for prefix_cache in [true, false] {
+        let limits = WorkerLimits {
+            prefix_bytes: if prefix_cache {
+                limits.prefix_bytes.max(1 << 30)
+            } else {
+                0
+            },
+            ..limits
+        };
+        let coordinator = CoordinatorSettings {
+            max_queue: usize::MAX,
+            ..CoordinatorSettings::default()
+        };
+        let stores = Stores::memory(Default::default());
+        let bench = one_worker_with(loaded.clone(), limits, stores, coordinator).await?;
+        stream(bench.client.clone(), request(u64::MAX)).await?;
+        let started = Instant::now();
+        let runs = (0..streams).map(|i| stream(bench.client.clone(), request(i as u64)));
+        let times = futures::future::try_join_all(runs).await?;
+        let wall = started.elapsed().as_secs_f64();
+        let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
+        let mut first_tokens: Vec<f64> = times.iter().map(|t| t.first_token_ms).collect();
+        let total: usize = times.iter().map(|t| t.tokens.len()).sum();
+        let line = serde_json::json!({
+            "prefix_cache": prefix_cache,
+            "streams": streams,
+            "prompt_tokens": prompt,
+            "new_tokens": tokens,
+            "first_block_ms_p50": percentile(&mut firsts, 0.5),
+            "first_block_ms_p99": percentile(&mut firsts, 0.99),
+            "first_token_ms_p50": percentile(&mut first_tokens, 0.5),
+            "tokens_per_s": total as f64 / wall,
+        });
+        println!("{line}");
+        let outputs: Vec<Vec<u32>> = times.into_iter().map(|t| t.tokens).collect();
+        seen.push((line, outputs));
+    }
+    let (on, off) = (&seen[0], &seen[1]);
+    let ratio =
+        |field: &str| off.0[field].as_f64().unwrap_or(0.0) / on.0[field].as_f64().unwrap_or(1.0);
+    println!(
+        "{}",
+        serde_json::json!({
+            "first_block_p50_faster": ratio("first_block_ms_p50"),
+            "first_token_p50_faster": ratio("first_token_ms_p50"),
+            "tokens_per_s_gain": 1.0 / ratio("tokens_per_s"),
+            "same_tokens": on.1 == off.1,
+        })
+    );
+    Ok(())
 }

@@ -122,11 +122,18 @@ enum BenchCommand {
         /// (the keys take turns at the worker's slots).
         #[arg(long, value_name = "N", conflicts_with = "concurrency")]
         burst: Option<usize>,
-        /// With --concurrency or --burst: the random-weight tiny or small shape, or the
-        /// bundled demo model.
+        /// Instead of the cost figures: 16 streams of one prompt of this many tokens (each
+        /// its own seed), after one stream of it, with the worker's prefix cache and
+        /// without: time to the first block and token, tokens/s, and whether every
+        /// stream's tokens were the same both ways.
+        #[arg(long, value_name = "TOKENS", conflicts_with_all = ["concurrency", "burst"])]
+        shared_prefix: Option<usize>,
+        /// With --concurrency, --burst or --shared-prefix: the random-weight tiny or small
+        /// shape, or the bundled demo model.
         #[arg(long, value_enum, default_value_t = BenchModel::Tiny)]
         model: BenchModel,
-        /// With --concurrency or --burst: new tokens per stream (of the burst).
+        /// With --concurrency, --burst or --shared-prefix: new tokens per stream (of the
+        /// burst).
         #[arg(long, default_value_t = 64)]
         tokens: u32,
         /// With --concurrency: the coordinator's --max-run-blocks (1: a worker call per
@@ -345,6 +352,18 @@ fn success(ok: bool) -> ExitCode {
 
 fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Result<()> {
     match command {
+        BenchCommand::Serve {
+            shared_prefix: Some(prompt),
+            model,
+            tokens,
+            device,
+            worker,
+            ..
+        } => runtime.block_on(async {
+            let (loaded, _) = bench_model(model, &device).await?;
+            let limits = worker.limits(device.device);
+            bench_load::shared_prefix(loaded, limits, (prompt, 16), tokens).await
+        }),
         BenchCommand::Serve {
             burst: Some(burst),
             model,

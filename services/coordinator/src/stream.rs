@@ -278,6 +278,7 @@ impl Generation<'_> {
             cache_source: r.cache_source.clone(),
             worker: answer.worker,
             model_version: r.model_version,
+            prefix_blocks: r.prefix_blocks,
         };
         let message = GenerateStreamResponse {
             session_id: plan.record.id.clone(),

@@ -25,6 +25,9 @@ pub struct BlockWork {
     pub effort: Effort,
     /// Whether the session's run ends with it.
     pub ends_run: bool,
+    /// Blobs of the first prompt's blocks it computed, for the shared prefix cache:
+    /// (block index, prefix hash, bytes).
+    pub prompt_blobs: Vec<(usize, u64, Vec<u8>)>,
 }
 
 /// What a block's work took.
@@ -34,6 +37,8 @@ pub struct Effort {
     pub first_block: usize,
     /// Where the cache came from.
     pub source: CacheSource,
+    /// Prompt blocks taken from the shared prefix cache.
+    pub reused: usize,
     /// Denoising forward passes.
     pub forward_passes: usize,
     /// Denoising steps.
@@ -53,34 +58,71 @@ pub enum Prepared {
     Ready(SessionState, CacheSource),
 }
 
+/// Where the blobs of a session's committed prompt blocks go: the store (with their
+/// record), the shared prefix cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Writes {
+    /// To the store.
+    pub store: bool,
+    /// To the shared prefix cache.
+    pub prefix: bool,
+}
+
 /// Opens the session of `record` on the cache `lookup` (rebuilding it from tokens when
-/// nothing was found) and commits a new session's whole prompt blocks (with their KV
-/// blobs when `write_blobs`).
+/// nothing was found) and commits a new session's whole prompt blocks not taken from the
+/// prefix cache, their KV blobs going where `writes` says.
 pub fn prepare(
     loaded: &LoadedModel,
     record: &SessionRecord,
     lookup: CacheLookup,
-    write_blobs: bool,
+    writes: Writes,
 ) -> bd3lm_diffusion::Result<Prepared> {
     let (mut session, source) = cache::open(loaded, record, lookup)?;
-    let first_block = session.next_block_index();
+    // Blocks imported from the prefix cache are this request's to commit, as computed
+    // ones are.
+    let first_block = record.committed_blocks;
+    let reused = session.next_block_index() - first_block;
     let started = Instant::now();
-    if session.prefill()? == 0 {
+    session.prefill()?;
+    let end = session.next_block_index();
+    if end == first_block {
         return Ok(Prepared::Ready(SessionState::of(session), source));
     }
     let effort = Effort {
         first_block,
         source,
+        reused,
         forward_passes: 0,
         steps: 0,
         denoise: Duration::ZERO,
         commit: started.elapsed(),
     };
-    let work = finish(loaded, record, &session, effort, write_blobs)?;
+    let mut work = finish(loaded, record, &session, effort, writes.store)?;
+    if writes.prefix {
+        work.prompt_blobs = prompt_blobs(loaded, &session, first_block + reused..end)?;
+    }
     Ok(Prepared::Prefilled(
         Box::new(work),
         SessionState::of(session),
     ))
+}
+
+/// The blobs of `session`'s committed prompt `blocks` still in its window, with their
+/// prefix hashes: the shared prefix cache's entries.
+fn prompt_blobs(
+    loaded: &LoadedModel,
+    session: &Session,
+    blocks: std::ops::Range<usize>,
+) -> bd3lm_diffusion::Result<Vec<(usize, u64, Vec<u8>)>> {
+    let bs = loaded.model.config().block_size;
+    let tokens = session.tokens();
+    let hashes = prefix_hashes(tokens, bs, blocks.clone())
+        .ok_or_else(|| bd3lm_diffusion::Error::Batch("a prompt block past the tokens".into()))?;
+    let blobs = window_blobs(loaded, tokens, session.cache(), blocks.clone())?;
+    Ok(blobs
+        .into_iter()
+        .map(|(b, blob)| (b, hashes[b - blocks.start], blob))
+        .collect())
 }
 
 /// The work of `session` (of `record` before it) after it committed the blocks from
@@ -118,6 +160,7 @@ pub fn finish(
         expired,
         effort,
         ends_run: false,
+        prompt_blobs: Vec::new(),
     })
 }
 

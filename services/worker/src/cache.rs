@@ -1,5 +1,6 @@
 //! Where a session's KV cache comes from: the worker's memory, else the store's per-block
-//! KV blobs, else a rebuild from the session's tokens. A blob that fails its checksum,
+//! KV blobs, else a rebuild from the session's tokens; a new session's from the shared
+//! prefix cache ([`crate::prefix`]) as far as another prompt began with the same blocks. A blob that fails its checksum,
 //! belongs to another model state (weights, precisions, configuration) or to other tokens
 //! is a miss (logged and counted), never data.
 
@@ -14,6 +15,7 @@ use rayon::prelude::*;
 
 use crate::LoadedModel;
 use crate::metrics;
+use crate::prefix::PrefixCache;
 use crate::sessions::SessionState;
 
 /// Where the KV cache of a block came from.
@@ -25,6 +27,8 @@ pub enum CacheSource {
     Store,
     /// Recomputed from the session's tokens.
     Rebuilt,
+    /// A new session's first prompt blocks, from the shared prefix cache.
+    Prefix,
     /// Nothing committed yet.
     Empty,
 }
@@ -36,6 +40,7 @@ impl CacheSource {
             Self::Memory => "memory",
             Self::Store => "store",
             Self::Rebuilt => "rebuilt",
+            Self::Prefix => "prefix",
             Self::Empty => "empty",
         }
     }
@@ -48,6 +53,9 @@ pub enum CacheLookup {
     /// The store's blobs of the live blocks, read but not yet checked or decoded: that is
     /// compute over megabytes, done where the session is opened.
     Store(StoredBlobs),
+    /// A new session's first prompt blocks' blobs from the prefix cache (the live ones
+    /// before the run's end), checked and decoded like the store's.
+    Prefix(StoredBlobs),
     /// Nothing usable: the session is rebuilt from its tokens (or starts empty).
     Nothing,
 }
@@ -71,7 +79,8 @@ pub fn open<'m>(
     lookup: CacheLookup,
 ) -> bd3lm_diffusion::Result<(Session<'m>, CacheSource)> {
     let model = &loaded.model;
-    let committed = record.committed_blocks * model.config().block_size;
+    let bs = model.config().block_size;
+    let mut committed = record.committed_blocks * bs;
     let (tokens, prompt_len) = (&record.tokens, record.prompt_len);
     let (cache, source) = match lookup {
         CacheLookup::Memory(state) => (Some(state.cache), CacheSource::Memory),
@@ -79,6 +88,15 @@ pub fn open<'m>(
             let cache = decode(loaded, blobs);
             metrics::cache_lookup(if cache.is_some() { "store" } else { "miss" });
             (cache, CacheSource::Store)
+        }
+        CacheLookup::Prefix(blobs) => {
+            let end = blobs.blocks.end * bs;
+            let cache = decode(loaded, blobs);
+            metrics::prefix_lookup(if cache.is_some() { end } else { 0 });
+            if cache.is_some() {
+                committed = end;
+            }
+            (cache, CacheSource::Prefix)
         }
         CacheLookup::Nothing => (None, CacheSource::Empty),
     };
@@ -95,6 +113,36 @@ pub fn open<'m>(
             Session::resume(model, tokens, prompt_len, committed)?,
             CacheSource::Rebuilt,
         ),
+    })
+}
+
+/// The prefix cache's blobs of the longest run of `record`'s whole first-prompt blocks it
+/// holds (the live ones before the run's end); `None` when it holds none. Blobs refused
+/// when decoded are counted in `rejected`.
+pub fn find_prefix(
+    prefix: &PrefixCache,
+    loaded: &LoadedModel,
+    record: &SessionRecord,
+    rejected: &Arc<AtomicU64>,
+) -> Option<StoredBlobs> {
+    let cfg = loaded.model.config();
+    let bs = cfg.block_size;
+    let whole = record.prompt_len.min(record.tokens.len()) / bs;
+    if whole == 0 {
+        return None;
+    }
+    let hashes = prefix_hashes(&record.tokens, bs, 0..whole)?;
+    let found = prefix.longest(&loaded.fingerprint, &hashes, cfg.kv_window() / bs);
+    let Some((end, bytes)) = found else {
+        metrics::prefix_lookup(0);
+        return None;
+    };
+    let start = end - bytes.len();
+    Some(StoredBlobs {
+        blocks: start..end,
+        prefix_hashes: hashes[start..end].to_vec(),
+        bytes,
+        rejected: rejected.clone(),
     })
 }
 

@@ -65,6 +65,7 @@ pub async fn commit(
                 cache_source: effort.source.name().into(),
                 already_committed: false,
                 model_version: record.model_version,
+                prefix_blocks: effort.reused as u32,
             };
             tracing::debug!(
                 source = effort.source.name(),

@@ -7,7 +7,7 @@
 //! block denoised and committed in the running batch with other sessions' blocks) →
 //! [`block`] (the new KV blobs) → [`commit`] (blobs, then the record by compare-and-set:
 //! the commit point). [`sessions`] keeps recent
-//! caches in memory; [`models`] holds the model versions served (following the registry
+//! caches in memory, [`prefix`] the shared prompt blocks; [`models`] holds the model versions served (following the registry
 //! with `--model`); [`settings`] holds the flags.
 #![warn(missing_docs)]
 
@@ -17,6 +17,7 @@ pub mod commit;
 pub mod metrics;
 pub mod models;
 pub mod persist;
+pub mod prefix;
 pub mod run;
 pub mod scheduler;
 pub mod service;

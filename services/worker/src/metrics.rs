@@ -20,6 +20,10 @@ const MODEL_VERSION: &str = "bd3lm_model_version";
 const VERSIONS_LOADED: &str = "bd3lm_model_versions_loaded";
 const SESSIONS_MOVED: &str = "bd3lm_sessions_moved_total";
 const KV_PERSISTS: &str = "bd3lm_kv_persists_total";
+const PREFIX_LOOKUPS: &str = "bd3lm_prefix_cache_lookups_total";
+const PREFIX_TOKENS: &str = "bd3lm_prefix_tokens_reused_total";
+const PREFIX_BYTES: &str = "bd3lm_prefix_cache_bytes";
+const PREFIX_EVICTIONS: &str = "bd3lm_prefix_cache_evictions_total";
 
 /// Describes the worker's metrics to the installed recorder.
 pub fn describe() {
@@ -58,6 +62,23 @@ pub fn describe() {
         "Sessions' KV caches evicted from memory to stay within --cache-bytes"
     );
     describe_counter!(BLOB_READ, Unit::Bytes, "KV blob bytes read from the store");
+    describe_counter!(
+        PREFIX_LOOKUPS,
+        "New sessions' prompts looked up in the shared prefix cache: hit or miss"
+    );
+    describe_counter!(
+        PREFIX_TOKENS,
+        "Prompt tokens whose keys and values were imported from the shared prefix cache, not computed"
+    );
+    describe_gauge!(
+        PREFIX_BYTES,
+        Unit::Bytes,
+        "Bytes of prompt blocks' KV blobs in the shared prefix cache"
+    );
+    describe_counter!(
+        PREFIX_EVICTIONS,
+        "Prompt blocks evicted from the shared prefix cache to stay within its budget"
+    );
     describe_counter!(
         BLOB_WRITTEN,
         Unit::Bytes,
@@ -120,6 +141,23 @@ pub fn in_flight(change: f64) {
 /// Where a block's KV cache was found: `"memory"`, `"store"` or `"miss"`.
 pub fn cache_lookup(result: &'static str) {
     metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
+}
+
+/// A new session's prompt looked up in the prefix cache: `tokens` reused (0: a miss).
+pub fn prefix_lookup(tokens: usize) {
+    let result = if tokens > 0 { "hit" } else { "miss" };
+    metrics::counter!(PREFIX_LOOKUPS, "result" => result).increment(1);
+    metrics::counter!(PREFIX_TOKENS).increment(tokens as u64);
+}
+
+/// The bytes the prefix cache holds now.
+pub fn prefix_bytes(bytes: usize) {
+    metrics::gauge!(PREFIX_BYTES).set(bytes as f64);
+}
+
+/// A prompt block evicted from the prefix cache.
+pub fn prefix_evicted() {
+    metrics::counter!(PREFIX_EVICTIONS).increment(1);
 }
 
 /// A change of the bytes of KV caches held in memory (a change, so that workers sharing

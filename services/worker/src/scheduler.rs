@@ -403,6 +403,7 @@ impl<'m> Batch<'m> {
             let effort = Effort {
                 first_block: e.first_block,
                 source: e.source,
+                reused: 0,
                 forward_passes: outcome.forward_passes,
                 steps: outcome.steps,
                 denoise,

@@ -24,11 +24,12 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::block::{self, Prepared};
+use crate::block::{self, Prepared, Writes};
 use crate::cache::{self, CacheLookup, CacheSource};
 use crate::commit::{BlockCommit, commit, committed_answer};
 use crate::metrics;
 use crate::models::Models;
+use crate::prefix::PrefixCache;
 use crate::run::{Caller, Gone, RunSpec};
 use crate::scheduler::{Park, PendingBlock, Scheduler};
 use crate::sessions::SessionCaches;
@@ -52,6 +53,8 @@ pub struct WorkerService {
     models: Arc<Models>,
     store: SessionStore,
     sessions: Arc<SessionCaches>,
+    /// The shared prompt prefixes (`None`: --prefix-cache false).
+    prefix: Option<Arc<PrefixCache>>,
     permits: Arc<Semaphore>,
     limits: WorkerLimits,
     in_flight: Arc<AtomicUsize>,
@@ -95,6 +98,8 @@ impl WorkerService {
             models,
             store,
             sessions: Arc::new(SessionCaches::new(limits.cache_bytes)),
+            prefix: (limits.prefix_bytes > 0)
+                .then(|| Arc::new(PrefixCache::new(limits.prefix_bytes))),
             permits: Arc::new(Semaphore::new(limits.max_batch)),
             limits,
             in_flight: Arc::default(),
@@ -189,11 +194,15 @@ impl WorkerService {
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
         let span = tracing::info_span!("open_session", block);
         let write_blobs = spec.write_blobs;
+        let writes = Writes {
+            store: write_blobs,
+            prefix: self.prefix.is_some(),
+        };
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
         let opening = tokio::task::spawn_blocking(move || {
             let prepared =
-                span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup, write_blobs));
+                span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup, writes));
             (prepared, slot)
         });
         let Ok(opened) = caller.wait(opening, None).await else {
@@ -206,7 +215,12 @@ impl WorkerService {
         at.cache_time = started.elapsed();
         let park = self.parker(&spec.session_id, &loaded);
         let (state, source, mut prefilled) = match prepared.map_err(work_status)? {
-            Prepared::Prefilled(work, state) => (state, CacheSource::Memory, Some(*work)),
+            Prepared::Prefilled(mut work, state) => {
+                if let Some(prefix) = &self.prefix {
+                    prefix.insert(&loaded.fingerprint, std::mem::take(&mut work.prompt_blobs));
+                }
+                (state, CacheSource::Memory, Some(*work))
+            }
             Prepared::Ready(state, source) => (state, source, None),
         };
         let first = prefilled
@@ -320,7 +334,9 @@ impl WorkerService {
             return CacheLookup::Memory(state);
         }
         if block == 0 {
-            return CacheLookup::Nothing;
+            let prefix = self.prefix.as_deref();
+            let found = prefix.and_then(|p| cache::find_prefix(p, loaded, record, &self.rejected));
+            return found.map_or(CacheLookup::Nothing, CacheLookup::Prefix);
         }
         match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
             Some(blobs) => CacheLookup::Store(blobs),
@@ -1016,6 +1032,101 @@ pub(crate) mod tests {
         assert!(ended, "the run went on past its end");
         assert_eq!(blocks.len(), 1);
         assert_eq!(blocks[0].committed_blocks, 3);
+    }
+
+    /// A new session of `tokens` (all prompt) with `seed`, as `session` makes them.
+    async fn session_of(store: &SessionStore, id: &str, tokens: &[u32], seed: u64) {
+        let record = SessionRecord {
+            id: id.into(),
+            model_id: "m".into(),
+            tokens: tokens.to_vec(),
+            prompt_len: tokens.len(),
+            committed_blocks: 0,
+            seed,
+            sampling: SamplingParams {
+                sampler: Sampler::Ddpm,
+                filter: Filter::default(),
+                ..SamplingParams::new(4)
+            },
+            returned: tokens.len(),
+            version: 0,
+            owner: None,
+            model_version: None,
+        };
+        store.create_session(&record).await.unwrap();
+    }
+
+    /// Session `id`'s prompt blocks, then 3 blocks, on `worker`: the first answer, and
+    /// the session's tokens.
+    async fn prompt_and_blocks(
+        worker: &WorkerService,
+        store: &SessionStore,
+        id: &str,
+    ) -> (DenoiseBlockResponse, Vec<u32>) {
+        let first = block(worker, id, 0).await.unwrap();
+        for b in first.committed_blocks..first.committed_blocks + 3 {
+            block(worker, id, b).await.unwrap();
+        }
+        let stored = store.get_session("m", id).await.unwrap().unwrap();
+        (first, stored.tokens)
+    }
+
+    /// 16 sessions sharing a 512-token prompt, each with its own seed: with the prefix
+    /// cache, each after the first takes the prompt's 128 blocks from it and gets the
+    /// tokens it gets without. A prompt that differs in its 301st token takes only the
+    /// 75 blocks before; new sessions on another model version take none.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_prompt_prefix_gives_the_tokens_of_its_computation() {
+        let prompt: Vec<u32> = (0..512).map(|i| (i * 7 % 60 + 1) as u32).collect();
+        let store = SessionStore::memory(StoreConfig::default());
+        // A window of 1,020 tokens: every prompt block stays live.
+        let cfg = Config::new(Shape {
+            vocab_size: 64,
+            model_length: 1024,
+            block_size: 4,
+            backbone: Backbone::TOY,
+        });
+        let version = |fingerprint: &str, v: u64| {
+            let mut l = random_loaded(&cfg, 0.1, fingerprint, DType::F32);
+            Arc::get_mut(&mut l).unwrap().version = Some(v);
+            l
+        };
+        let models = Arc::new(Models::fixed(version("f", 1)));
+        let limits = |prefix_bytes| WorkerLimits {
+            max_batch: 2,
+            cache_bytes: 1 << 24,
+            prefix_bytes,
+            ..WorkerLimits::default()
+        };
+        let on = WorkerService::new(models.clone(), store.clone(), limits(1 << 24));
+        let off = WorkerService::new(models.clone(), store.clone(), limits(0));
+        for seed in 0..16 {
+            let (a, b) = (sid(&format!("on{seed}")), sid(&format!("off{seed}")));
+            session_of(&store, &a, &prompt, seed).await;
+            session_of(&store, &b, &prompt, seed).await;
+            let (first, with) = prompt_and_blocks(&on, &store, &a).await;
+            let (plain, without) = prompt_and_blocks(&off, &store, &b).await;
+            assert_eq!(with, without, "seed {seed}");
+            let reused = if seed == 0 { 0 } else { 128 };
+            assert_eq!(first.prefix_blocks, reused, "seed {seed}");
+            assert_eq!((plain.prefix_blocks, first.committed_blocks), (0, 128));
+        }
+        let mut other = prompt.clone();
+        other[300] = 61;
+        session_of(&store, &sid("on-other"), &other, 1).await;
+        session_of(&store, &sid("off-other"), &other, 1).await;
+        let (first, with) = prompt_and_blocks(&on, &store, &sid("on-other")).await;
+        let (_, without) = prompt_and_blocks(&off, &store, &sid("off-other")).await;
+        assert_eq!(
+            (first.prefix_blocks, first.cache_source.as_str()),
+            (75, "prefix")
+        );
+        assert_eq!(with, without);
+
+        models.add(version("f2", 2));
+        session_of(&store, &sid("v2"), &prompt, 1).await;
+        let (first, _) = prompt_and_blocks(&on, &store, &sid("v2")).await;
+        assert_eq!((first.prefix_blocks, first.model_version), (0, Some(2)));
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)

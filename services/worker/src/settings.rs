@@ -31,6 +31,16 @@ pub struct WorkerSettings {
     /// only live keys and values). Default: 1 GiB.
     #[arg(long, env = "BD3LM_WORKER_CACHE_BYTES")]
     pub cache_bytes: Option<usize>,
+    /// Whether new sessions take the keys and values of the first prompt blocks they
+    /// share with earlier prompts (same weights, same tokens up to the block's end) from
+    /// the worker's prefix cache instead of computing them: the same bits, so the same
+    /// tokens. Default: true.
+    #[arg(long, env = "BD3LM_PREFIX_CACHE", value_name = "BOOL")]
+    pub prefix_cache: Option<bool>,
+    /// Bytes of prompt blocks' KV blobs the prefix cache keeps (least recently used out
+    /// first). Default: a quarter of --cache-bytes.
+    #[arg(long, env = "BD3LM_PREFIX_CACHE_BYTES")]
+    pub prefix_cache_bytes: Option<usize>,
 }
 
 /// Where a worker's model comes from when it follows the registry.
@@ -80,6 +90,8 @@ pub struct WorkerLimits {
     pub kv_budget: u64,
     /// Bytes of session caches kept between blocks.
     pub cache_bytes: usize,
+    /// Bytes of the shared prefix cache (0: none).
+    pub prefix_bytes: usize,
 }
 
 impl WorkerSettings {
@@ -92,11 +104,17 @@ impl WorkerSettings {
         let kv_budget = self.kv_budget_bytes.unwrap_or_else(|| {
             memory_bytes(device).map_or(DEFAULT_KV_BUDGET, |m| (m as f64 * share) as u64)
         });
+        let cache_bytes = self.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES);
+        let prefix_bytes = match self.prefix_cache {
+            Some(false) => 0,
+            _ => self.prefix_cache_bytes.unwrap_or(cache_bytes / 4),
+        };
         WorkerLimits {
             max_batch: self.max_batch.map_or(batch, |b| b as usize),
             max_rows: self.max_batch_rows.map_or(rows, |r| r as usize),
             kv_budget,
-            cache_bytes: self.cache_bytes.unwrap_or(DEFAULT_CACHE_BYTES),
+            cache_bytes,
+            prefix_bytes,
         }
     }
 }
@@ -271,11 +289,15 @@ mod tests {
         let cpu = WorkerSettings::default().limits(DeviceSpec::Cpu);
         assert_eq!((cpu.max_batch, cpu.max_rows), (16, 512));
         assert!(cpu.kv_budget > 0);
+        // The prefix cache: on by default, a quarter of the session caches' budget.
+        assert_eq!(cpu.prefix_bytes, cpu.cache_bytes / 4);
         let set = WorkerSettings {
             max_batch: Some(3),
             max_batch_rows: Some(40),
             kv_budget_bytes: Some(1000),
             cache_bytes: Some(10),
+            prefix_cache: None,
+            prefix_cache_bytes: Some(7),
         };
         let limits = set.limits(DeviceSpec::Cuda(0));
         assert_eq!(
@@ -283,10 +305,16 @@ mod tests {
                 limits.max_batch,
                 limits.max_rows,
                 limits.kv_budget,
-                limits.cache_bytes
+                limits.cache_bytes,
+                limits.prefix_bytes
             ),
-            (3, 40, 1000, 10)
+            (3, 40, 1000, 10, 7)
         );
+        let off = WorkerSettings {
+            prefix_cache: Some(false),
+            ..set
+        };
+        assert_eq!(off.limits(DeviceSpec::Cpu).prefix_bytes, 0);
     }
 
     #[test]
