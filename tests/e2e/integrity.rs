@@ -261,3 +261,36 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
         assert!(!worker.log().contains("panicked"), "{}", worker.log());
     }
 }
+
+/// Two sessions of one 40-token prompt (ten whole blocks), each of its own seed, through
+/// the real binaries: the second takes the prompt's blocks from the worker's prefix cache
+/// (on by default), and both get the tokens of a local run of their seed.
+#[test]
+fn a_shared_prompt_comes_from_the_prefix_cache_with_a_local_runs_tokens() {
+    let cluster = Cluster::start(&checkpoint(), 1, "affinity");
+    let ids: Vec<u32> = (0..40).map(|i| 100 + i * 7).collect();
+    let listed: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let prompt = listed.join(",");
+    runtime().block_on(async {
+        let mut c = client(&cluster.addr).await;
+        for (seed, reused) in [(1u64, 0), (2, 10)] {
+            let mut r = request(None, ids.clone(), 16);
+            r.seed = Some(seed);
+            let out = generate(&mut c, r).await;
+            let seed = seed.to_string();
+            let args = [
+                "--prompt-ids",
+                &prompt,
+                "--max-tokens",
+                "16",
+                "--seed",
+                &seed,
+            ];
+            assert_eq!(out.token_ids, local(&args), "seed {seed}");
+            let first = &out.blocks[0];
+            assert_eq!(first.prefix_blocks, reused, "seed {seed}");
+            let source = if reused > 0 { "prefix" } else { "empty" };
+            assert_eq!(first.cache_source, source, "seed {seed}");
+        }
+    });
+}
