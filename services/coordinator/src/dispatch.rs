@@ -81,6 +81,9 @@ pub struct RunAsk<'a> {
     pub stop_tokens: &'a [u32],
     /// The generation's first new token, where stop tokens are looked for from.
     pub stop_from: usize,
+    /// For a new session's first block: the hashes of its first prompt's whole blocks'
+    /// prefixes, which route it to a worker holding them (empty otherwise).
+    pub prefix: &'a [u64],
 }
 
 /// A generation's hold on the workers: its admission slot and the run open on a worker.
@@ -171,6 +174,8 @@ impl Dispatcher {
             {
                 Ok((response, worker)) => {
                     self.pool.remember(ask.session, &worker.addr);
+                    self.pool
+                        .remember_prefix(&queueing.model, ask.prefix, &worker.addr);
                     self.budget.deposit();
                     return Ok(BlockAnswer {
                         response,
@@ -200,7 +205,12 @@ impl Dispatcher {
             // Once every worker has been tried, they all get another chance.
             if self
                 .pool
-                .pick(ask.session, &tried, (&queueing.model, ask.version))
+                .pick(
+                    ask.session,
+                    &tried,
+                    (&queueing.model, ask.version),
+                    ask.prefix,
+                )
                 .is_none()
             {
                 tried.clear();
@@ -256,7 +266,10 @@ impl Dispatcher {
         model: &str,
         tried: &[String],
     ) -> Result<OpenRun, (Status, Option<Arc<Worker>>)> {
-        let Some(worker) = self.pool.pick(ask.session, tried, (model, ask.version)) else {
+        let picked = self
+            .pool
+            .pick(ask.session, tried, (model, ask.version), ask.prefix);
+        let Some(worker) = picked else {
             return Err((Status::unavailable("no healthy denoise worker"), None));
         };
         let stall = self.clock.stall_after(self.policy.stall);

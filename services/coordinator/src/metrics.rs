@@ -16,6 +16,7 @@ const QUEUE_SECONDS: &str = "bd3lm_queue_wait_seconds";
 const SLOTS: &str = "bd3lm_admission_slots";
 const RETRIES: &str = "bd3lm_retries_total";
 const STALLS: &str = "bd3lm_worker_stalls_total";
+const PREFIX_ROUTES: &str = "bd3lm_prefix_routes_total";
 const HEARTBEATS: &str = "bd3lm_worker_heartbeats_total";
 const RESTORES: &str = "bd3lm_session_restores_total";
 const KV_PERSISTED: &str = "bd3lm_kv_window_persists_total";
@@ -89,6 +90,10 @@ pub fn describe() {
     );
     describe_gauge!(WORKERS, "Denoise workers passing their health checks");
     describe_counter!(
+        PREFIX_ROUTES,
+        "New sessions whose prompt prefix a worker began a session with: routed there (held), or not for want of room (busy) or health (gone)"
+    );
+    describe_counter!(
         STALLS,
         "Runs moved off a worker that sent no progress within the stall wait"
     );
@@ -141,6 +146,11 @@ pub fn queue_wait(waited: Duration) {
 /// The workers' capacity now.
 pub fn slots(total: usize) {
     metrics::gauge!(SLOTS).set(total as f64);
+}
+
+/// A new session's route by its prompt prefix: `held`, `busy` or `gone`.
+pub fn prefix_route(result: &'static str) {
+    metrics::counter!(PREFIX_ROUTES, "result" => result).increment(1);
 }
 
 /// Counts a run taken for stalled.

@@ -16,6 +16,7 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use crate::metrics;
 use crate::settings::Routing;
 
 /// Where worker addresses come from.
@@ -144,6 +145,11 @@ impl Worker {
     }
 }
 
+/// The key of a prompt prefix of `model` in the routing map.
+fn prefix_key(model: &str, hash: u64) -> String {
+    format!("{model}:{hash:016x}")
+}
+
 /// The workers of `workers` that serve `version`, or, for a new session (`None`), the
 /// newest version any of them serves; all of them when none does.
 fn serving(workers: Vec<Arc<Worker>>, version: Option<u64>) -> Vec<Arc<Worker>> {
@@ -213,6 +219,14 @@ struct Affinity {
 }
 
 impl Affinity {
+    fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            clock: 0,
+            entries: HashMap::new(),
+        }
+    }
+
     fn get(&mut self, session: &str) -> Option<String> {
         self.clock += 1;
         let now = self.clock;
@@ -242,6 +256,9 @@ impl Affinity {
 pub struct Pool {
     workers: RwLock<Vec<Arc<Worker>>>,
     affinity: Mutex<Affinity>,
+    /// The worker that last began a session with a prompt prefix, by model and the
+    /// hash of the prefix's tokens (each whole block's end), bounded as the affinity.
+    prefixes: Mutex<Affinity>,
     routing: Routing,
     down_after: u32,
     bearer: Bearer,
@@ -272,11 +289,8 @@ impl Pool {
         Self {
             down_after: down_after.max(1),
             workers: RwLock::default(),
-            affinity: Mutex::new(Affinity {
-                capacity: affinity_sessions.max(1),
-                clock: 0,
-                entries: HashMap::new(),
-            }),
+            affinity: Mutex::new(Affinity::new(affinity_sessions)),
+            prefixes: Mutex::new(Affinity::new(affinity_sessions)),
             routing,
             bearer: Bearer::default(),
             tls: None,
@@ -376,12 +390,16 @@ impl Pool {
     /// The worker for the next block of `session` of `model`, skipping `exclude`d
     /// addresses. Only workers serving the session's model `version` are candidates when
     /// any is (a new session: those serving the newest version), so sessions stay on
-    /// their version during a rollout.
+    /// their version during a rollout. A new session whose first prompt's whole blocks
+    /// have `prefix` hashes goes to the worker that began a session with its longest
+    /// prefix (its blocks' keys and values are in that worker's prefix cache) while that
+    /// worker has room; else, as any other, to the least loaded.
     pub fn pick(
         &self,
         session: &str,
         exclude: &[String],
         (model, version): (&str, Option<u64>),
+        prefix: &[u64],
     ) -> Option<Arc<Worker>> {
         let healthy: Vec<Arc<Worker>> = self
             .workers()
@@ -411,7 +429,45 @@ impl Pool {
                     healthy.iter().filter(|w| w.addr != last).cloned().collect();
                 least_loaded(&others).or_else(|| least_loaded(&healthy))
             }
-            (_, None) => least_loaded(&healthy),
+            (Routing::Affinity, None) => self
+                .prefix_holder(model, prefix, &healthy)
+                .or_else(|| least_loaded(&healthy)),
+            (Routing::Rotate, None) => least_loaded(&healthy),
+        }
+    }
+
+    /// Of `healthy`, the worker that began a session with the longest of `prefix` (of
+    /// `model`), when it has room.
+    fn prefix_holder(
+        &self,
+        model: &str,
+        prefix: &[u64],
+        healthy: &[Arc<Worker>],
+    ) -> Option<Arc<Worker>> {
+        if prefix.is_empty() {
+            return None;
+        }
+        let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        let holder = prefix
+            .iter()
+            .rev()
+            .find_map(|hash| prefixes.get(&prefix_key(model, *hash)))?;
+        let worker = healthy.iter().find(|w| w.addr == holder);
+        let chosen = worker.filter(|w| w.has_room()).cloned();
+        metrics::prefix_route(match (worker, &chosen) {
+            (_, Some(_)) => "held",
+            (Some(_), None) => "busy",
+            (None, _) => "gone",
+        });
+        chosen
+    }
+
+    /// Records that `addr` began a session of `model` whose first prompt's whole blocks
+    /// have `prefix` hashes.
+    pub fn remember_prefix(&self, model: &str, prefix: &[u64], addr: &str) {
+        let mut prefixes = self.prefixes.lock().unwrap_or_else(|e| e.into_inner());
+        for hash in prefix {
+            prefixes.insert(&prefix_key(model, *hash), addr);
         }
     }
 

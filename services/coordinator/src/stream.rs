@@ -147,6 +147,7 @@ pub async fn drive(
             start: plan.start,
             end: plan.start + plan.rules.max_new_tokens,
             block_size: model.info.block_size as usize,
+            prefix: prompt_prefix(&plan.record, model.info.block_size as usize),
         },
         plan,
         progress,
@@ -305,6 +306,18 @@ struct Blocks<'a> {
     start: usize,
     end: usize,
     block_size: usize,
+    /// A new session's first prompt's whole-block prefix hashes (empty otherwise).
+    prefix: Vec<u64>,
+}
+
+/// The hashes of the whole-block prefixes of a new session's first prompt, by which it is
+/// routed to a worker holding them; none for a session with committed blocks.
+fn prompt_prefix(record: &SessionRecord, block_size: usize) -> Vec<u64> {
+    if record.committed_blocks > 0 {
+        return Vec::new();
+    }
+    let whole = record.prompt_len.min(record.tokens.len()) / block_size;
+    bd3lm_kvstore::blob::prefix_hashes(&record.tokens, block_size, 0..whole).unwrap_or_default()
 }
 
 /// The token ids that end a generation of `rules` whichever block holds them: the end of
@@ -356,6 +369,7 @@ impl Blocks<'_> {
                 persistence: self.persistence,
                 stop_tokens: &self.stop_tokens,
                 stop_from: self.start,
+                prefix: if committed == 0 { &self.prefix } else { &[] },
             };
             let answer = (self.dispatch)
                 .next_block(&mut self.runs, &ask, queueing)

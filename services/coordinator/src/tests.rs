@@ -58,6 +58,8 @@ struct Fake {
     persistence: Mutex<Vec<i32>>,
     /// The `committed_blocks` of every PersistKv call.
     persisted: Mutex<Vec<u32>>,
+    /// Its `Info.capacity`.
+    capacity: AtomicUsize,
 }
 
 /// Counts a hanging call dropped before it answered.
@@ -250,7 +252,7 @@ impl DenoiseWorker for FakeService {
             vocab_size: 100,
             mask_id: 99,
             model_length: 64,
-            capacity: 1,
+            capacity: self.0.capacity.load(Ordering::SeqCst) as u32,
             worker_id: self.0.id.clone(),
             ..Default::default()
         }))
@@ -277,6 +279,7 @@ async fn start(store: &SessionStore) -> Running {
         dropped: AtomicUsize::new(0),
         persistence: Mutex::default(),
         persisted: Mutex::default(),
+        capacity: AtomicUsize::new(1),
     });
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
@@ -434,6 +437,43 @@ async fn affinity_keeps_a_session_on_one_worker_and_rotate_moves_it() {
     let served = workers_of(&out);
     assert!(served.windows(2).all(|w| w[0] != w[1]), "{served:?}");
     assert_eq!(out.token_ids, reference_tokens().await);
+}
+
+/// A new session goes to the worker that began a session with the same prompt prefix
+/// (its blocks are in that worker's prefix cache), though the other is less loaded, while
+/// it has room; once it is full, a free worker wins.
+#[tokio::test]
+async fn new_sessions_follow_their_prompt_prefix_while_its_worker_has_room() {
+    let c = cluster(2, Routing::Affinity).await;
+    for w in &c.workers {
+        w.fake.capacity.store(2, Ordering::SeqCst);
+    }
+    let addrs = c.workers.iter().map(|w| w.addr.clone()).collect();
+    assert_eq!(c.pool.refresh(&WorkerSource::Static(addrs)).await, 2);
+    let first = c.generate().await.unwrap();
+    assert!(workers_of(&first).iter().all(|w| *w == c.id(0)));
+    let hang = |ids: Vec<u32>| {
+        let request = GenerateRequest {
+            prompt: Some(Prompt::TokenIds(TokenIds { ids })),
+            ..request()
+        };
+        c.coordinator.generate_stream(Request::new(request))
+    };
+    // Worker 0 holds a block of another prompt that never ends: worker 1 is less loaded.
+    c.script(0, &[Act::Hang]);
+    let calls = c.calls(0);
+    let _other = hang(vec![9, 9, 9, 9, 9]).await.unwrap();
+    until(|| c.calls(0) == calls + 1).await;
+    let follows = c.generate().await.unwrap();
+    assert!(workers_of(&follows).iter().all(|w| *w == c.id(0)));
+    // A second hanging session of the prompt fills worker 0.
+    c.script(0, &[Act::Hang]);
+    let calls = c.calls(0);
+    let _same = hang(vec![1, 2, 3, 4, 5]).await.unwrap();
+    until(|| c.calls(0) == calls + 1).await;
+    let full = c.generate().await.unwrap();
+    assert!(workers_of(&full).iter().all(|w| *w == c.id(1)));
+    assert_eq!(full.token_ids, first.token_ids);
 }
 
 #[tokio::test]
