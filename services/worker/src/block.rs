@@ -99,7 +99,8 @@ pub fn prepare(
     };
     let mut work = finish(loaded, record, &session, effort, writes.store)?;
     if writes.prefix {
-        work.prompt_blobs = prompt_blobs(loaded, &session, first_block + reused..end)?;
+        let blocks = first_block + reused..end;
+        work.prompt_blobs = prompt_blobs(loaded, &session, blocks, &work.blobs)?;
     }
     Ok(Prepared::Prefilled(
         Box::new(work),
@@ -108,17 +109,24 @@ pub fn prepare(
 }
 
 /// The blobs of `session`'s committed prompt `blocks` still in its window, with their
-/// prefix hashes: the shared prefix cache's entries.
+/// prefix hashes: the shared prefix cache's entries. Those already exported for the
+/// store (`for_store`, the same bytes) are copied, not exported again.
 fn prompt_blobs(
     loaded: &LoadedModel,
     session: &Session,
     blocks: std::ops::Range<usize>,
+    for_store: &[(usize, Vec<u8>)],
 ) -> bd3lm_diffusion::Result<Vec<(usize, u64, Vec<u8>)>> {
     let bs = loaded.model.config().block_size;
     let tokens = session.tokens();
     let hashes = prefix_hashes(tokens, bs, blocks.clone())
         .ok_or_else(|| bd3lm_diffusion::Error::Batch("a prompt block past the tokens".into()))?;
-    let blobs = window_blobs(loaded, tokens, session.cache(), blocks.clone())?;
+    let blobs = if for_store.is_empty() {
+        window_blobs(loaded, tokens, session.cache(), blocks.clone())?
+    } else {
+        let wanted = for_store.iter().filter(|(b, _)| blocks.contains(b));
+        wanted.cloned().collect()
+    };
     Ok(blobs
         .into_iter()
         .map(|(b, blob)| (b, hashes[b - blocks.start], blob))

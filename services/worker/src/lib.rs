@@ -14,6 +14,7 @@
 pub mod block;
 pub mod cache;
 pub mod commit;
+pub mod lru;
 pub mod metrics;
 pub mod models;
 pub mod persist;

@@ -6,8 +6,9 @@
 //! import is the computation's own bits; any other token, or other weights, is another
 //! address. Entries are least recently used first out within a byte budget.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+
+use crate::lru::ByteLru;
 
 /// Where a prompt block's blob is kept: the model state, the block, its token prefix.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -17,34 +18,20 @@ struct Address {
     prefix_hash: u64,
 }
 
-struct Entry {
-    blob: Arc<Vec<u8>>,
-    used: u64,
-}
-
 /// The prompt blocks' blobs a worker keeps.
 pub struct PrefixCache {
-    budget: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    entries: HashMap<Address, Entry>,
-    bytes: usize,
-    clock: u64,
+    inner: Mutex<ByteLru<Address, Vec<u8>>>,
 }
 
 impl PrefixCache {
     /// An empty cache of at most `budget` bytes of blobs.
     pub fn new(budget: usize) -> Self {
         Self {
-            budget,
-            inner: Mutex::default(),
+            inner: Mutex::new(ByteLru::new(budget)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByteLru<Address, Vec<u8>>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -64,17 +51,11 @@ impl PrefixCache {
             block,
             prefix_hash: prefix_hashes[block],
         };
-        let end = (1..=prefix_hashes.len()).rev().find(|&end| {
-            (end.saturating_sub(window)..end).all(|b| inner.entries.contains_key(&held(b)))
-        })?;
-        inner.clock += 1;
-        let now = inner.clock;
+        let end = (1..=prefix_hashes.len())
+            .rev()
+            .find(|&end| (end.saturating_sub(window)..end).all(|b| inner.contains(&held(b))))?;
         let blobs = (end.saturating_sub(window)..end)
-            .map(|b| {
-                let entry = inner.entries.get_mut(&held(b)).expect("checked above");
-                entry.used = now;
-                entry.blob.as_ref().clone()
-            })
+            .map(|b| inner.touch(&held(b)).expect("checked above").clone())
             .collect();
         Some((end, blobs))
     }
@@ -84,44 +65,22 @@ impl PrefixCache {
     pub fn insert(&self, fingerprint: &str, blocks: Vec<(usize, u64, Vec<u8>)>) {
         let mut inner = self.lock();
         for (block, prefix_hash, blob) in blocks {
-            if blob.len() > self.budget {
-                continue;
-            }
-            inner.clock += 1;
             let address = Address {
                 fingerprint: fingerprint.to_string(),
                 block,
                 prefix_hash,
             };
             let bytes = blob.len();
-            let entry = Entry {
-                blob: Arc::new(blob),
-                used: inner.clock,
-            };
-            if let Some(old) = inner.entries.insert(address, entry) {
-                inner.bytes -= old.blob.len();
+            for _ in inner.insert(address, blob, bytes) {
+                crate::metrics::prefix_evicted();
             }
-            inner.bytes += bytes;
         }
-        while inner.bytes > self.budget {
-            let Some(oldest) = inner
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(a, _)| a.clone())
-            else {
-                break;
-            };
-            let gone = inner.entries.remove(&oldest).expect("found above");
-            inner.bytes -= gone.blob.len();
-            crate::metrics::prefix_evicted();
-        }
-        crate::metrics::prefix_bytes(inner.bytes);
+        crate::metrics::prefix_bytes(inner.bytes());
     }
 
     /// Bytes of blobs held.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes()
     }
 }
 

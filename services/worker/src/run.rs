@@ -81,10 +81,10 @@ impl RunSpec {
         })
     }
 
-    /// The batch's bounds of the run.
-    pub fn bounds(&self) -> RunBounds {
+    /// The batch's bounds of the run, ending where `end` says.
+    pub fn bounds(&self, end: Arc<AtomicUsize>) -> RunBounds {
         RunBounds {
-            end: Arc::new(AtomicUsize::new(self.end_block)),
+            end,
             stop_tokens: self.stop_tokens.clone(),
             stop_from: self.stop_from,
         }
@@ -116,8 +116,8 @@ pub struct Caller<C> {
     events: Events,
     /// Blocks below it may be committed.
     commit_below: usize,
-    /// The run's end as the batch reads it, lowered by a last grant.
-    end: Option<Arc<AtomicUsize>>,
+    /// The block the run ends before, shared with the batch; a last grant lowers it.
+    end: Arc<AtomicUsize>,
     beat: Option<Interval>,
     /// The block at work, and the batch passes when the last heartbeat went.
     block: usize,
@@ -137,23 +137,16 @@ impl<C: Stream<Item = Result<RunControl, Status>> + Unpin> Caller<C> {
             controls,
             events,
             commit_below: spec.first_block + 1,
-            end: None,
+            end: Arc::new(AtomicUsize::new(spec.end_block)),
             beat,
             block: spec.first_block,
             passes_seen: 0,
         }
     }
 
-    /// The batch's bounds of the run from now on: a last grant lowers them.
-    pub fn follow(&mut self, bounds: &RunBounds) {
-        bounds
-            .end
-            .fetch_min(self.last_end().unwrap_or(usize::MAX), Ordering::AcqRel);
-        self.end = Some(bounds.end.clone());
-    }
-
-    fn last_end(&self) -> Option<usize> {
-        self.end.as_ref().map(|e| e.load(Ordering::Acquire))
+    /// The block the run ends before, as the batch reads it.
+    pub fn end(&self) -> Arc<AtomicUsize> {
+        self.end.clone()
     }
 
     /// Waits for `work`, meanwhile taking grants and sending heartbeats: every interval
@@ -185,7 +178,7 @@ impl<C: Stream<Item = Result<RunControl, Status>> + Unpin> Caller<C> {
 
     /// Whether the caller's last grant ends the run with block `block`.
     pub fn ends_with(&self, block: usize) -> bool {
-        self.last_end().is_some_and(|end| block + 1 >= end)
+        block + 1 >= self.end.load(Ordering::Acquire)
     }
 
     /// Sends a committed block; the caller may be gone.
@@ -223,12 +216,7 @@ impl<C: Stream<Item = Result<RunControl, Status>> + Unpin> Caller<C> {
         let below = grant.commit_below as usize;
         self.commit_below = self.commit_below.max(below);
         if grant.last {
-            match &self.end {
-                Some(end) => {
-                    end.fetch_min(below, Ordering::AcqRel);
-                }
-                None => self.end = Some(Arc::new(AtomicUsize::new(below))),
-            }
+            self.end.fetch_min(below, Ordering::AcqRel);
         }
         Ok(())
     }

@@ -41,15 +41,6 @@ pub struct RunBounds {
 }
 
 impl RunBounds {
-    /// A run of the one block `block`.
-    pub fn one(block: usize) -> Self {
-        Self {
-            end: Arc::new(AtomicUsize::new(block + 1)),
-            stop_tokens: Vec::new(),
-            stop_from: usize::MAX,
-        }
-    }
-
     /// Whether the run ends with the committed block `index` of `tokens` (its
     /// `block_size` tokens at `index * block_size`).
     fn ends_with(&self, tokens: &[u32], index: usize, block_size: usize) -> bool {

@@ -226,8 +226,7 @@ impl WorkerService {
         let first = prefilled
             .as_ref()
             .map_or(block, |w| w.record.committed_blocks);
-        let bounds = spec.bounds();
-        caller.follow(&bounds);
+        let bounds = spec.bounds(caller.end());
         let (reply, mut works) = mpsc::unbounded_channel();
         if first >= bounds.end.load(std::sync::atomic::Ordering::Acquire) {
             // The prompt's blocks reach the run's end: they are the whole run.

@@ -2,11 +2,11 @@
 //! byte budget that counts what the caches' buffers occupy (up to about twice their live
 //! keys and values), not only what they hold.
 
-use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bd3lm_model::KvCache;
 
+use crate::lru::ByteLru;
 use crate::metrics;
 
 /// A session's state between two blocks.
@@ -31,81 +31,45 @@ impl SessionState {
     }
 }
 
-struct Entry {
-    state: SessionState,
-    bytes: usize,
-    used: u64,
-}
-
 /// The in-memory session caches.
 pub struct SessionCaches {
-    budget: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    entries: HashMap<String, Entry>,
-    bytes: usize,
-    clock: u64,
+    inner: Mutex<ByteLru<String, SessionState>>,
 }
 
 impl SessionCaches {
     /// An empty set of caches holding at most `budget` bytes of keys and values.
     pub fn new(budget: usize) -> Self {
         Self {
-            budget,
-            inner: Mutex::default(),
+            inner: Mutex::new(ByteLru::new(budget)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, ByteLru<String, SessionState>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes the session's state out (a session is served by one request at a time).
     pub fn take(&self, session: &str) -> Option<SessionState> {
-        let mut inner = self.lock();
-        let entry = inner.entries.remove(session)?;
-        inner.bytes -= entry.bytes;
-        metrics::cache_bytes(-(entry.bytes as f64));
-        Some(entry.state)
+        let (state, bytes) = self.lock().remove(&session.to_string())?;
+        metrics::cache_bytes(-(bytes as f64));
+        Some(state)
     }
 
     /// Keeps a session's state, evicting the least recently used ones beyond the budget.
     pub fn put(&self, session: String, state: SessionState) {
         let bytes = state.cache.allocated_bytes() + 4 * state.tokens.capacity();
-        if bytes > self.budget {
-            return;
-        }
         let mut inner = self.lock();
-        let before = inner.bytes;
-        inner.clock += 1;
-        let used = inner.clock;
-        if let Some(old) = inner.entries.insert(session, Entry { state, bytes, used }) {
-            inner.bytes -= old.bytes;
-        }
-        inner.bytes += bytes;
-        while inner.bytes > self.budget {
-            let Some(oldest) = inner
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(k, _)| k.clone())
-            else {
-                break;
-            };
-            let evicted = inner.entries.remove(&oldest).expect("present");
-            inner.bytes -= evicted.bytes;
+        let before = inner.bytes();
+        for (oldest, bytes) in inner.insert(session, state, bytes) {
             metrics::cache_eviction();
-            tracing::debug!(session = %bd3lm_kvstore::record::short_id(&oldest), bytes = evicted.bytes, "evicted KV cache");
+            tracing::debug!(session = %bd3lm_kvstore::record::short_id(&oldest), bytes, "evicted KV cache");
         }
-        metrics::cache_bytes(inner.bytes as f64 - before as f64);
+        metrics::cache_bytes(inner.bytes() as f64 - before as f64);
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.lock().bytes
+        self.lock().bytes()
     }
 }
 
