@@ -1021,7 +1021,7 @@ impl Cluster {
     }
 
     /// Waits until a generation succeeds (workers loaded and healthy).
-    fn wait_ready(&self) {
+    pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let out = self.generate(&["--prompt-ids", "1022", "--max-tokens", "1"]);

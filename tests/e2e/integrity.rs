@@ -268,29 +268,47 @@ fn a_record_that_went_backwards_is_data_loss_not_a_panic() {
 #[test]
 fn a_shared_prompt_comes_from_the_prefix_cache_with_a_local_runs_tokens() {
     let cluster = Cluster::start(&checkpoint(), 1, "affinity");
+    assert_eq!(shared_prompt_generation(&cluster, 1), 0);
+    assert_eq!(shared_prompt_generation(&cluster, 2), 10);
+}
+
+/// Prompt blocks outlive the workers that computed them: after both workers restarted
+/// (their memory empty), a new session of the prompt takes its blocks from the store's
+/// shared blocks, with a local run's tokens.
+#[test]
+fn a_shared_prompt_outlives_its_workers_in_the_store() {
+    let mut cluster = Cluster::start(&checkpoint(), 2, "affinity");
+    assert_eq!(shared_prompt_generation(&cluster, 1), 0);
+    cluster.restart_worker(0);
+    cluster.restart_worker(1);
+    cluster.wait_ready();
+    assert_eq!(shared_prompt_generation(&cluster, 2), 10);
+}
+
+/// A new session of a 40-token prompt with `seed` on `cluster`, checked against a local
+/// run of that seed: the prompt blocks its first block took from shared ones.
+fn shared_prompt_generation(cluster: &Cluster, seed: u64) -> u32 {
     let ids: Vec<u32> = (0..40).map(|i| 100 + i * 7).collect();
     let listed: Vec<String> = ids.iter().map(u32::to_string).collect();
-    let prompt = listed.join(",");
-    runtime().block_on(async {
-        let mut c = client(&cluster.addr).await;
-        for (seed, reused) in [(1u64, 0), (2, 10)] {
-            let mut r = request(None, ids.clone(), 16);
-            r.seed = Some(seed);
-            let out = generate(&mut c, r).await;
-            let seed = seed.to_string();
-            let args = [
-                "--prompt-ids",
-                &prompt,
-                "--max-tokens",
-                "16",
-                "--seed",
-                &seed,
-            ];
-            assert_eq!(out.token_ids, local(&args), "seed {seed}");
-            let first = &out.blocks[0];
-            assert_eq!(first.prefix_blocks, reused, "seed {seed}");
-            let source = if reused > 0 { "prefix" } else { "empty" };
-            assert_eq!(first.cache_source, source, "seed {seed}");
-        }
-    });
+    let mut r = request(None, ids, 16);
+    r.seed = Some(seed);
+    let out = runtime().block_on(async { generate(&mut client(&cluster.addr).await, r).await });
+    let (prompt, seed) = (listed.join(","), seed.to_string());
+    let args = [
+        "--prompt-ids",
+        &prompt,
+        "--max-tokens",
+        "16",
+        "--seed",
+        &seed,
+    ];
+    assert_eq!(out.token_ids, local(&args), "seed {seed}");
+    let first = &out.blocks[0];
+    let source = if first.prefix_blocks > 0 {
+        "prefix"
+    } else {
+        "empty"
+    };
+    assert_eq!(first.cache_source, source, "seed {seed}");
+    first.prefix_blocks
 }

@@ -120,6 +120,32 @@ pub fn prefix_hashes(
     Some(hashes)
 }
 
+/// The addresses under which the whole blocks `0..blocks` of a first prompt are shared
+/// between sessions (the workers' prefix caches, the store's prefix blobs, the
+/// coordinator's routing): each block's [`prefix_hashes`], salted by the session's
+/// `owner` (its API key) so that one tenant never gets another's blocks, nor learns from
+/// a faster first block that another sent the same prompt. Sessions without an owner
+/// share among themselves. `None` when `tokens` ends before the last block.
+pub fn shared_prefix_addresses(
+    tokens: &[u32],
+    block_size: usize,
+    blocks: usize,
+    owner: Option<&str>,
+) -> Option<Vec<u64>> {
+    let hashes = prefix_hashes(tokens, block_size, 0..blocks)?;
+    let Some(owner) = owner else {
+        return Some(hashes);
+    };
+    let salt = bd3lm_bytes::checksum(owner.as_bytes()).to_le_bytes();
+    let salted = |hash: u64| {
+        let mut sum = bd3lm_bytes::Checksum::new();
+        sum.update(&salt);
+        sum.update(&hash.to_le_bytes());
+        sum.finish()
+    };
+    Some(hashes.into_iter().map(salted).collect())
+}
+
 fn truncated(e: bd3lm_bytes::Truncated) -> Error {
     Error::Corrupt(format!("KV blob {e}"))
 }
@@ -200,6 +226,22 @@ mod tests {
         let other = prefix_hashes(&changed, 4, 0..3).unwrap();
         assert_eq!(other[0], all[0]);
         assert!(other[1] != all[1] && other[2] != all[2]);
+    }
+
+    /// Addresses follow the tokens as their hashes do, and differ between owners.
+    #[test]
+    fn shared_addresses_are_per_owner() {
+        let tokens: Vec<u32> = (0..12).collect();
+        let plain = prefix_hashes(&tokens, 4, 0..3).unwrap();
+        assert_eq!(shared_prefix_addresses(&tokens, 4, 3, None).unwrap(), plain);
+        let a = shared_prefix_addresses(&tokens, 4, 3, Some("a")).unwrap();
+        let b = shared_prefix_addresses(&tokens, 4, 3, Some("b")).unwrap();
+        assert!(a.iter().zip(&b).all(|(a, b)| a != b) && a != plain);
+        assert_eq!(
+            shared_prefix_addresses(&tokens[..8], 4, 2, Some("a")).unwrap(),
+            a[..2]
+        );
+        assert_eq!(shared_prefix_addresses(&tokens, 4, 4, Some("a")), None);
     }
 
     /// A huge declared length with a valid checksum is refused without allocating it.

@@ -3,7 +3,7 @@
 //! in-memory backends and the end-to-end tests on a real `redis-server` (feature
 //! `contract`).
 
-use crate::{CommitOutcome, Error, JobStore, SessionRecord, SessionStore};
+use crate::{CommitOutcome, Error, JobStore, PrefixScope, SessionRecord, SessionStore};
 use bd3lm_sampling::SamplingParams;
 
 /// A small session record of model `m`.
@@ -26,8 +26,10 @@ pub fn record(id: &str) -> SessionRecord {
 /// Exercises `store` (which must not hold sessions `s1` and `s2` of model `m`) and panics
 /// on the first broken promise: create once, read per model, compare-and-set writes with
 /// their blobs, windows read back whole, stale writers, appended tokens, leases, per-key
-/// session counts, missing sessions, deletion with the blobs and its tombstone.
+/// session counts, missing sessions, deletion with the blobs and its tombstone, shared
+/// prompt blocks by content and model state.
 pub async fn check(store: SessionStore) {
+    check_prefix_blobs(&store).await;
     let r = record("s1");
     assert_eq!(store.create_session(&r).await.unwrap(), 1);
     assert!(matches!(
@@ -141,6 +143,48 @@ pub async fn check(store: SessionStore) {
         store.update_session(&stored, stored.base()).await,
         Err(Error::NoSession(_))
     ));
+}
+
+/// Shared prompt blocks are found by their addresses (the first block's among them) and
+/// model state only, and a block past the prompt's addresses is refused.
+async fn check_prefix_blobs(store: &SessionStore) {
+    let scope = PrefixScope {
+        model: "m",
+        fingerprint: "f",
+    };
+    let addresses = [11, 12, 13];
+    let blobs = vec![(0, b"p0".to_vec()), (2, b"p2".to_vec())];
+    store
+        .put_prefix_blobs(scope, &addresses, blobs)
+        .await
+        .unwrap();
+    let held = store.held_prefix_blocks(scope, &addresses).await.unwrap();
+    assert_eq!(held, [true, false, true]);
+    let read = store
+        .get_prefix_blobs(scope, &addresses, 1..3)
+        .await
+        .unwrap();
+    assert_eq!(read, [None, Some(b"p2".to_vec())]);
+    let other_state = PrefixScope {
+        fingerprint: "g",
+        ..scope
+    };
+    let none = [false; 3];
+    assert_eq!(
+        store
+            .held_prefix_blocks(other_state, &addresses)
+            .await
+            .unwrap(),
+        none
+    );
+    // Another first block: another prompt, though the later addresses match.
+    let other_prompt = store
+        .held_prefix_blocks(scope, &[99, 12, 13])
+        .await
+        .unwrap();
+    assert_eq!(other_prompt, none);
+    let past = store.put_prefix_blobs(scope, &addresses, vec![(3, b"p3".to_vec())]);
+    assert!(matches!(past.await, Err(Error::Corrupt(_))));
 }
 
 /// Submits job `id` without a quota: whether it was queued.

@@ -40,7 +40,7 @@ pub use error::{Error, Result};
 pub use eviction::Eviction;
 pub use jobs::{ChangeCursor, JobClaim, JobStore, Quota, Retirement, Revised, Submitted};
 pub use record::SessionRecord;
-pub use sessions::{CommitOutcome, SessionStore};
+pub use sessions::{CommitOutcome, PrefixScope, SessionStore};
 
 /// Milliseconds since the epoch on this process's clock.
 pub(crate) fn now_ms() -> u64 {

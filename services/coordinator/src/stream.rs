@@ -306,18 +306,21 @@ struct Blocks<'a> {
     start: usize,
     end: usize,
     block_size: usize,
-    /// A new session's first prompt's whole-block prefix hashes (empty otherwise).
+    /// A new session's first prompt's whole blocks' shared addresses (empty otherwise).
     prefix: Vec<u64>,
 }
 
-/// The hashes of the whole-block prefixes of a new session's first prompt, by which it is
-/// routed to a worker holding them; none for a session with committed blocks.
+/// The shared addresses of a new session's first prompt's whole blocks (per owner, as
+/// the workers share them), by which it is routed to a worker holding them; none for a
+/// session with committed blocks.
 fn prompt_prefix(record: &SessionRecord, block_size: usize) -> Vec<u64> {
     if record.committed_blocks > 0 {
         return Vec::new();
     }
     let whole = record.prompt_len.min(record.tokens.len()) / block_size;
-    bd3lm_kvstore::blob::prefix_hashes(&record.tokens, block_size, 0..whole).unwrap_or_default()
+    let owner = record.owner.as_deref();
+    bd3lm_kvstore::blob::shared_prefix_addresses(&record.tokens, block_size, whole, owner)
+        .unwrap_or_default()
 }
 
 /// The token ids that end a generation of `rules` whichever block holds them: the end of

@@ -10,7 +10,7 @@ use bd3lm_kvstore::{BlockBlob, SessionRecord};
 use bd3lm_model::KvCache;
 
 use crate::LoadedModel;
-use crate::cache::{self, CacheLookup, CacheSource};
+use crate::cache::{self, CacheLookup, CacheSource, SharedPrompt};
 use crate::sessions::SessionState;
 
 /// What the block's work produced, before the commit to the store.
@@ -25,9 +25,17 @@ pub struct BlockWork {
     pub effort: Effort,
     /// Whether the session's run ends with it.
     pub ends_run: bool,
-    /// Blobs of the first prompt's blocks it computed, for the shared prefix cache:
-    /// (block index, prefix hash, bytes).
-    pub prompt_blobs: Vec<(usize, u64, Vec<u8>)>,
+    /// Blobs of the first prompt's blocks it computed, to be shared.
+    pub shared: Option<SharedBlocks>,
+}
+
+/// Blobs of a first prompt's blocks a session computed, for the prefix cache and the
+/// store's shared blocks.
+pub struct SharedBlocks {
+    /// The shared addresses of the prompt's whole blocks.
+    pub addresses: Vec<u64>,
+    /// (Block index, bytes) of those computed and still in the window.
+    pub blobs: Vec<(usize, Vec<u8>)>,
 }
 
 /// What a block's work took.
@@ -59,12 +67,12 @@ pub enum Prepared {
 }
 
 /// Where the blobs of a session's committed prompt blocks go: the store (with their
-/// record), the shared prefix cache.
+/// record), the shared prompt blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Writes {
     /// To the store.
     pub store: bool,
-    /// To the shared prefix cache.
+    /// To the shared prompt blocks.
     pub prefix: bool,
 }
 
@@ -100,7 +108,7 @@ pub fn prepare(
     let mut work = finish(loaded, record, &session, effort, writes.store)?;
     if writes.prefix {
         let blocks = first_block + reused..end;
-        work.prompt_blobs = prompt_blobs(loaded, &session, blocks, &work.blobs)?;
+        work.shared = shared_blocks(loaded, record, &session, blocks, &work.blobs)?;
     }
     Ok(Prepared::Prefilled(
         Box::new(work),
@@ -108,29 +116,30 @@ pub fn prepare(
     ))
 }
 
-/// The blobs of `session`'s committed prompt `blocks` still in its window, with their
-/// prefix hashes: the shared prefix cache's entries. Those already exported for the
+/// The blobs of `session`'s committed prompt `blocks` still in its window (of `record`'s
+/// first prompt), with the prompt's shared addresses. Those already exported for the
 /// store (`for_store`, the same bytes) are copied, not exported again.
-fn prompt_blobs(
+fn shared_blocks(
     loaded: &LoadedModel,
+    record: &SessionRecord,
     session: &Session,
     blocks: std::ops::Range<usize>,
     for_store: &[(usize, Vec<u8>)],
-) -> bd3lm_diffusion::Result<Vec<(usize, u64, Vec<u8>)>> {
+) -> bd3lm_diffusion::Result<Option<SharedBlocks>> {
     let bs = loaded.model.config().block_size;
-    let tokens = session.tokens();
-    let hashes = prefix_hashes(tokens, bs, blocks.clone())
-        .ok_or_else(|| bd3lm_diffusion::Error::Batch("a prompt block past the tokens".into()))?;
+    let Some(prompt) = SharedPrompt::of(record, bs) else {
+        return Ok(None);
+    };
     let blobs = if for_store.is_empty() {
-        window_blobs(loaded, tokens, session.cache(), blocks.clone())?
+        window_blobs(loaded, session.tokens(), session.cache(), blocks)?
     } else {
         let wanted = for_store.iter().filter(|(b, _)| blocks.contains(b));
         wanted.cloned().collect()
     };
-    Ok(blobs
-        .into_iter()
-        .map(|(b, blob)| (b, hashes[b - blocks.start], blob))
-        .collect())
+    Ok(Some(SharedBlocks {
+        addresses: prompt.addresses,
+        blobs,
+    }))
 }
 
 /// The work of `session` (of `record` before it) after it committed the blocks from
@@ -168,7 +177,7 @@ pub fn finish(
         expired,
         effort,
         ends_run: false,
-        prompt_blobs: Vec::new(),
+        shared: None,
     })
 }
 

@@ -1,6 +1,7 @@
 //! Where a session's KV cache comes from: the worker's memory, else the store's per-block
 //! KV blobs, else a rebuild from the session's tokens; a new session's from the shared
-//! prefix cache ([`crate::prefix`]) as far as another prompt began with the same blocks. A blob that fails its checksum,
+//! prompt blocks, in the worker's prefix cache ([`crate::prefix`]) or else the store's,
+//! as far as another prompt began with the same blocks. A blob that fails its checksum,
 //! belongs to another model state (weights, precisions, configuration) or to other tokens
 //! is a miss (logged and counted), never data.
 
@@ -8,8 +9,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bd3lm_diffusion::Session;
-use bd3lm_kvstore::blob::prefix_hashes;
-use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore};
+use bd3lm_kvstore::blob::{prefix_hashes, shared_prefix_addresses};
+use bd3lm_kvstore::{BlockBlob, PrefixScope, SessionRecord, SessionStore};
 use bd3lm_model::KvCache;
 use rayon::prelude::*;
 
@@ -53,8 +54,9 @@ pub enum CacheLookup {
     /// The store's blobs of the live blocks, read but not yet checked or decoded: that is
     /// compute over megabytes, done where the session is opened.
     Store(StoredBlobs),
-    /// A new session's first prompt blocks' blobs from the prefix cache (the live ones
-    /// before the run's end), checked and decoded like the store's.
+    /// A new session's first prompt blocks' blobs from the prefix cache or the store's
+    /// shared blocks (the live ones before the run's end), checked and decoded like the
+    /// store's.
     Prefix(StoredBlobs),
     /// Nothing usable: the session is rebuilt from its tokens (or starts empty).
     Nothing,
@@ -70,6 +72,8 @@ pub struct StoredBlobs {
     bytes: Vec<Vec<u8>>,
     /// Where refused blobs are counted.
     rejected: Arc<AtomicU64>,
+    /// Where they were read: "memory", "store" (the lookup's metric label).
+    from: &'static str,
 }
 
 /// The session of `record` around the cache `lookup`, ready for its next block.
@@ -91,8 +95,12 @@ pub fn open<'m>(
         }
         CacheLookup::Prefix(blobs) => {
             let end = blobs.blocks.end * bs;
+            let from = blobs.from;
             let cache = decode(loaded, blobs);
-            metrics::prefix_lookup(if cache.is_some() { end } else { 0 });
+            match cache {
+                Some(_) => metrics::prefix_lookup(from, end),
+                None => metrics::prefix_lookup("miss", 0),
+            }
             if cache.is_some() {
                 committed = end;
             }
@@ -116,34 +124,104 @@ pub fn open<'m>(
     })
 }
 
-/// The prefix cache's blobs of the longest run of `record`'s whole first-prompt blocks it
-/// holds (the live ones before the run's end); `None` when it holds none. Blobs refused
-/// when decoded are counted in `rejected`.
-pub fn find_prefix(
+/// A new session's first prompt as far as it is shared: its whole blocks' prefix hashes
+/// (checked against the blobs) and shared addresses (by which they are found).
+pub struct SharedPrompt {
+    /// Block `i`'s hash of the tokens up to its end.
+    pub hashes: Vec<u64>,
+    /// Block `i`'s shared address.
+    pub addresses: Vec<u64>,
+}
+
+impl SharedPrompt {
+    /// The shared whole blocks of `record`'s first prompt; `None` when it has none.
+    pub fn of(record: &SessionRecord, block_size: usize) -> Option<Self> {
+        let whole = record.prompt_len.min(record.tokens.len()) / block_size;
+        if whole == 0 {
+            return None;
+        }
+        let owner = record.owner.as_deref();
+        Some(Self {
+            hashes: prefix_hashes(&record.tokens, block_size, 0..whole)?,
+            addresses: shared_prefix_addresses(&record.tokens, block_size, whole, owner)?,
+        })
+    }
+}
+
+/// The blobs of the longest run of `record`'s whole first-prompt blocks (the live ones
+/// before the run's end) held by the worker's prefix cache, or by the store when it
+/// holds a longer one (then kept in the prefix cache too); `None` when neither holds
+/// any. Blobs refused when decoded are counted in `rejected`.
+pub async fn find_prefix(
     prefix: &PrefixCache,
+    store: &SessionStore,
     loaded: &LoadedModel,
     record: &SessionRecord,
     rejected: &Arc<AtomicU64>,
 ) -> Option<StoredBlobs> {
     let cfg = loaded.model.config();
-    let bs = cfg.block_size;
-    let whole = record.prompt_len.min(record.tokens.len()) / bs;
-    if whole == 0 {
-        return None;
-    }
-    let hashes = prefix_hashes(&record.tokens, bs, 0..whole)?;
-    let found = prefix.longest(&loaded.fingerprint, &hashes, cfg.kv_window() / bs);
-    let Some((end, bytes)) = found else {
-        metrics::prefix_lookup(0);
+    let window = cfg.kv_window() / cfg.block_size;
+    let prompt = SharedPrompt::of(record, cfg.block_size)?;
+    let held = prefix.longest(&loaded.fingerprint, &prompt.addresses, window);
+    let in_memory = held.as_ref().map_or(0, |(end, _)| *end);
+    let found = match in_memory < prompt.addresses.len() {
+        true => read_shared(store, prefix, loaded, &prompt, window, in_memory).await,
+        false => None,
+    };
+    let Some((end, bytes, from)) = found.or(held.map(|(end, b)| (end, b, "memory"))) else {
+        metrics::prefix_lookup("miss", 0);
         return None;
     };
     let start = end - bytes.len();
     Some(StoredBlobs {
         blocks: start..end,
-        prefix_hashes: hashes[start..end].to_vec(),
+        prefix_hashes: prompt.hashes[start..end].to_vec(),
         bytes,
         rejected: rejected.clone(),
+        from,
     })
+}
+
+/// The store's blobs of the longest run of `prompt`'s shared blocks when it ends past
+/// block `beyond`, kept in `prefix` too: (its end, the live blobs before it, "store").
+/// A failed read is logged and reads as none.
+async fn read_shared(
+    store: &SessionStore,
+    prefix: &PrefixCache,
+    loaded: &LoadedModel,
+    prompt: &SharedPrompt,
+    window: usize,
+    beyond: usize,
+) -> Option<(usize, Vec<Vec<u8>>, &'static str)> {
+    let scope = PrefixScope {
+        model: &loaded.model_id,
+        fingerprint: &loaded.fingerprint,
+    };
+    let addresses = &prompt.addresses;
+    let read = async {
+        let held = store.held_prefix_blocks(scope, addresses).await?;
+        let Some(end) = crate::prefix::longest_run(held.len(), window, |b| held[b]) else {
+            return Ok(None);
+        };
+        let blocks = end.saturating_sub(window)..end;
+        let blobs = store
+            .get_prefix_blobs(scope, addresses, blocks.clone())
+            .await?;
+        // A blob evicted between the probe and the read: no run.
+        let whole = blobs.into_iter().collect::<Option<Vec<_>>>();
+        Ok::<_, bd3lm_kvstore::Error>(whole.map(|b| (blocks, b)))
+    };
+    let (blocks, bytes) = match read.await {
+        Ok(found) => found.filter(|(blocks, _)| blocks.end > beyond)?,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading shared prompt blocks failed; computing them");
+            return None;
+        }
+    };
+    bytes.iter().for_each(|b| metrics::blob_read(b.len()));
+    let kept = blocks.clone().zip(bytes.iter().cloned()).collect();
+    prefix.insert(&loaded.fingerprint, addresses, kept);
+    Some((blocks.end, bytes, "store"))
 }
 
 /// Reads the blobs of the live blocks before `block`; `None` when one is missing or the
@@ -186,6 +264,7 @@ pub async fn read_store(
         prefix_hashes,
         bytes,
         rejected: rejected.clone(),
+        from: "store",
     })
 }
 
@@ -197,6 +276,7 @@ fn decode(loaded: &LoadedModel, blobs: StoredBlobs) -> Option<KvCache> {
         prefix_hashes,
         bytes,
         rejected,
+        ..
     } = blobs;
     let end = blocks.end * loaded.model.config().block_size;
     // Checksums over megabytes: on the pool's threads, all at once.

@@ -24,6 +24,7 @@ const PREFIX_LOOKUPS: &str = "bd3lm_prefix_cache_lookups_total";
 const PREFIX_TOKENS: &str = "bd3lm_prefix_tokens_reused_total";
 const PREFIX_BYTES: &str = "bd3lm_prefix_cache_bytes";
 const PREFIX_EVICTIONS: &str = "bd3lm_prefix_cache_evictions_total";
+const SHARED_WRITE_FAILURES: &str = "bd3lm_prefix_store_write_failures_total";
 
 /// Describes the worker's metrics to the installed recorder.
 pub fn describe() {
@@ -64,7 +65,7 @@ pub fn describe() {
     describe_counter!(BLOB_READ, Unit::Bytes, "KV blob bytes read from the store");
     describe_counter!(
         PREFIX_LOOKUPS,
-        "New sessions' prompts looked up in the shared prefix cache: hit or miss"
+        "New sessions' prompts looked up in the shared prompt blocks: found in memory (the prefix cache), in the store, or a miss"
     );
     describe_counter!(
         PREFIX_TOKENS,
@@ -78,6 +79,10 @@ pub fn describe() {
     describe_counter!(
         PREFIX_EVICTIONS,
         "Prompt blocks evicted from the shared prefix cache to stay within its budget"
+    );
+    describe_counter!(
+        SHARED_WRITE_FAILURES,
+        "Writes of computed prompt blocks to the store's shared blocks that failed (the blocks are computed again where needed)"
     );
     describe_counter!(
         BLOB_WRITTEN,
@@ -143,11 +148,16 @@ pub fn cache_lookup(result: &'static str) {
     metrics::counter!(CACHE_LOOKUPS, "result" => result).increment(1);
 }
 
-/// A new session's prompt looked up in the prefix cache: `tokens` reused (0: a miss).
-pub fn prefix_lookup(tokens: usize) {
-    let result = if tokens > 0 { "hit" } else { "miss" };
+/// A new session's prompt looked up in the shared prompt blocks: found in `result`
+/// ("memory": the prefix cache, "store") with `tokens` reused, or "miss".
+pub fn prefix_lookup(result: &'static str, tokens: usize) {
     metrics::counter!(PREFIX_LOOKUPS, "result" => result).increment(1);
     metrics::counter!(PREFIX_TOKENS).increment(tokens as u64);
+}
+
+/// A write of shared prompt blocks to the store failed.
+pub fn shared_write_failed() {
+    metrics::counter!(SHARED_WRITE_FAILURES).increment(1);
 }
 
 /// The bytes the prefix cache holds now.

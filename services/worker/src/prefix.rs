@@ -1,10 +1,12 @@
 //! Shared prompt prefixes: the KV blobs of committed prompt blocks, addressed by content
-//! (the model state's fingerprint, the block's index and the hash of every token up to
-//! its end), so that a new session whose prompt begins with blocks another session
-//! already committed imports their keys and values instead of computing them. A block's
-//! keys and values depend on nothing but the weights and the tokens up to its end, so the
-//! import is the computation's own bits; any other token, or other weights, is another
-//! address. Entries are least recently used first out within a byte budget.
+//! (the model state's fingerprint, the block's index and its shared address: the hash of
+//! every token up to its end, salted by the session's owner, see
+//! [`bd3lm_kvstore::blob::shared_prefix_addresses`]), so that a new session whose prompt
+//! begins with blocks another session already committed imports their keys and values
+//! instead of computing them. A block's keys and values depend on nothing but the weights
+//! and the tokens up to its end, so the import is the computation's own bits; any other
+//! token, other weights or another owner is another address. Entries are least recently
+//! used first out within a byte budget.
 
 use std::sync::Mutex;
 
@@ -15,7 +17,7 @@ use crate::lru::ByteLru;
 struct Address {
     fingerprint: String,
     block: usize,
-    prefix_hash: u64,
+    shared: u64,
 }
 
 /// The prompt blocks' blobs a worker keeps.
@@ -36,39 +38,41 @@ impl PrefixCache {
     }
 
     /// The blobs of the longest run of blocks this cache holds for a prompt whose
-    /// whole blocks have `prefix_hashes` (block `i` the hash of the tokens up to its end)
-    /// under `fingerprint`: the run ends at the returned block, and holds its last
-    /// `window` blocks (those a next block attends to). Nothing when no run is held.
+    /// whole blocks have the shared `addresses` under `fingerprint`: the run ends at the
+    /// returned block, and holds its last `window` blocks (those a next block attends
+    /// to). Nothing when no run is held.
     pub fn longest(
         &self,
         fingerprint: &str,
-        prefix_hashes: &[u64],
+        addresses: &[u64],
         window: usize,
     ) -> Option<(usize, Vec<Vec<u8>>)> {
         let mut inner = self.lock();
-        let held = |block: usize| Address {
+        let address = |block: usize| Address {
             fingerprint: fingerprint.to_string(),
             block,
-            prefix_hash: prefix_hashes[block],
+            shared: addresses[block],
         };
-        let end = (1..=prefix_hashes.len())
-            .rev()
-            .find(|&end| (end.saturating_sub(window)..end).all(|b| inner.contains(&held(b))))?;
+        let end = longest_run(addresses.len(), window, |b| inner.contains(&address(b)))?;
         let blobs = (end.saturating_sub(window)..end)
-            .map(|b| inner.touch(&held(b)).expect("checked above").clone())
+            .map(|b| inner.touch(&address(b)).expect("checked above").clone())
             .collect();
         Some((end, blobs))
     }
 
-    /// Keeps the blobs of prompt blocks (index, prefix hash, blob) under `fingerprint`,
-    /// evicting the least recently used beyond the budget.
-    pub fn insert(&self, fingerprint: &str, blocks: Vec<(usize, u64, Vec<u8>)>) {
+    /// Keeps `blobs` (block index, bytes) of the prompt whose whole blocks have the
+    /// shared `addresses`, under `fingerprint`, evicting the least recently used beyond
+    /// the budget.
+    pub fn insert(&self, fingerprint: &str, addresses: &[u64], blobs: Vec<(usize, Vec<u8>)>) {
         let mut inner = self.lock();
-        for (block, prefix_hash, blob) in blocks {
+        for (block, blob) in blobs {
+            let Some(&shared) = addresses.get(block) else {
+                continue;
+            };
             let address = Address {
                 fingerprint: fingerprint.to_string(),
                 block,
-                prefix_hash,
+                shared,
             };
             let bytes = blob.len();
             for _ in inner.insert(address, blob, bytes) {
@@ -84,6 +88,14 @@ impl PrefixCache {
     }
 }
 
+/// The end of the longest run of a prompt's `blocks` whose last `window` blocks are
+/// all `held` (what a next block attends to); `None` when there is none.
+pub fn longest_run(blocks: usize, window: usize, held: impl Fn(usize) -> bool) -> Option<usize> {
+    (1..=blocks)
+        .rev()
+        .find(|&end| (end.saturating_sub(window)..end).all(&held))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,10 +106,8 @@ mod tests {
     fn runs_are_found_whole_and_evicted_oldest_first() {
         let cache = PrefixCache::new(30);
         let blob = |b: u8| vec![b; 10];
-        cache.insert(
-            "f",
-            vec![(0, 100, blob(0)), (1, 101, blob(1)), (2, 102, blob(2))],
-        );
+        let blobs = vec![(0, blob(0)), (1, blob(1)), (2, blob(2))];
+        cache.insert("f", &[100, 101, 102], blobs);
         let (end, blobs) = cache.longest("f", &[100, 101, 102, 103], 2).unwrap();
         assert_eq!((end, blobs), (3, vec![blob(1), blob(2)]));
         assert!(cache.longest("g", &[100, 101, 102], 2).is_none());
@@ -105,7 +115,7 @@ mod tests {
         let (end, _) = cache.longest("f", &[100, 101, 202], 2).unwrap();
         assert_eq!(end, 2);
         // Block 2 was used longest ago: it goes as another comes.
-        cache.insert("f", vec![(5, 105, blob(5))]);
+        cache.insert("f", &[100, 101, 102, 103, 104, 105], vec![(5, blob(5))]);
         assert_eq!(cache.bytes(), 30);
         assert_eq!(cache.longest("f", &[100, 101, 102], 2).unwrap().0, 2);
     }

@@ -32,6 +32,9 @@ pub struct RunSpec {
     pub end_block: usize,
     /// Whether committed blocks' KV blobs are written with them.
     pub write_blobs: bool,
+    /// Whether a new session's computed prompt blocks go to the store's shared blocks:
+    /// unless the caller keeps KV out of the store.
+    pub share_in_store: bool,
     /// Token ids that end the run, looked for from `stop_from` on.
     pub stop_tokens: Vec<u32>,
     /// The generation's first new token.
@@ -62,6 +65,7 @@ impl RunSpec {
             first_block: req.first_block as usize,
             end_block: req.end_block as usize,
             write_blobs: writes_blobs(req.kv_persistence)?,
+            share_in_store: req.kv_persistence != KvPersistence::Never as i32,
             stop_tokens: req.stop_token_ids,
             stop_from: req.stop_from as usize,
             heartbeat: Some(heartbeat),
@@ -75,6 +79,7 @@ impl RunSpec {
             first_block: req.block_index as usize,
             end_block: req.block_index as usize + 1,
             write_blobs: writes_blobs(req.kv_persistence)?,
+            share_in_store: req.kv_persistence != KvPersistence::Never as i32,
             stop_tokens: Vec::new(),
             stop_from: usize::MAX,
             heartbeat: None,

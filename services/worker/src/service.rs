@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use bd3lm_kvstore::SessionStore;
 use bd3lm_kvstore::record::short_id;
+use bd3lm_kvstore::{PrefixScope, SessionStore};
 use bd3lm_model::Bd3lm;
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
@@ -24,7 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
-use crate::block::{self, Prepared, Writes};
+use crate::block::{self, Prepared, SharedBlocks, Writes};
 use crate::cache::{self, CacheLookup, CacheSource};
 use crate::commit::{BlockCommit, commit, committed_answer};
 use crate::metrics;
@@ -214,11 +214,10 @@ impl WorkerService {
         })?;
         at.cache_time = started.elapsed();
         let park = self.parker(&spec.session_id, &loaded);
+        let mut sharing = None;
         let (state, source, mut prefilled) = match prepared.map_err(work_status)? {
             Prepared::Prefilled(mut work, state) => {
-                if let Some(prefix) = &self.prefix {
-                    prefix.insert(&loaded.fingerprint, std::mem::take(&mut work.prompt_blobs));
-                }
+                sharing = self.share(&loaded, work.shared.take(), &spec);
                 (state, CacheSource::Memory, Some(*work))
             }
             Prepared::Ready(state, source) => (state, source, None),
@@ -273,11 +272,50 @@ impl WorkerService {
             }
             let ends = work.ends_run || caller.ends_with(work.effort.first_block);
             let answer = commit(&self.store, work, &mut at).await?;
+            // With blobs written as blocks go, so are the shared ones: by the first answer.
+            if let Some(write) = sharing.take().filter(|_| spec.write_blobs) {
+                let _ = write.await;
+            }
             let ends = ends || answer.already_committed;
             if caller.send(answer).is_err() || ends {
                 return Ok(());
             }
         }
+    }
+
+    /// Shares the prompt blocks a new session computed: into the prefix cache, and when
+    /// `spec` lets KV into the store, into the store's shared blocks (best effort: a
+    /// failed write is logged and counted, and the blocks are computed again elsewhere).
+    /// The store's write, when there is one.
+    fn share(
+        &self,
+        loaded: &Arc<LoadedModel>,
+        shared: Option<SharedBlocks>,
+        spec: &RunSpec,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let (prefix, shared) = (self.prefix.as_ref()?, shared?);
+        let SharedBlocks { addresses, blobs } = shared;
+        if !spec.share_in_store {
+            prefix.insert(&loaded.fingerprint, &addresses, blobs);
+            return None;
+        }
+        prefix.insert(&loaded.fingerprint, &addresses, blobs.clone());
+        let (store, loaded) = (self.store.clone(), loaded.clone());
+        let write = async move {
+            let scope = PrefixScope {
+                model: &loaded.model_id,
+                fingerprint: &loaded.fingerprint,
+            };
+            let bytes = blobs.iter().map(|(_, b)| b.len()).sum();
+            match store.put_prefix_blobs(scope, &addresses, blobs).await {
+                Ok(()) => metrics::blob_written(bytes),
+                Err(e) => {
+                    tracing::warn!(error = %e, "writing shared prompt blocks to the store failed");
+                    metrics::shared_write_failed();
+                }
+            }
+        };
+        Some(tokio::spawn(write.in_current_span()))
     }
 
     /// The record of `session`, checked against itself.
@@ -333,9 +371,13 @@ impl WorkerService {
             return CacheLookup::Memory(state);
         }
         if block == 0 {
-            let prefix = self.prefix.as_deref();
-            let found = prefix.and_then(|p| cache::find_prefix(p, loaded, record, &self.rejected));
-            return found.map_or(CacheLookup::Nothing, CacheLookup::Prefix);
+            let Some(prefix) = self.prefix.as_deref() else {
+                return CacheLookup::Nothing;
+            };
+            let found = cache::find_prefix(prefix, &self.store, loaded, record, &self.rejected);
+            return found
+                .await
+                .map_or(CacheLookup::Nothing, CacheLookup::Prefix);
         }
         match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
             Some(blobs) => CacheLookup::Store(blobs),
@@ -933,6 +975,7 @@ pub(crate) mod tests {
             first_block: 0,
             end_block,
             write_blobs: true,
+            share_in_store: true,
             stop_tokens,
             stop_from,
             heartbeat: Some(std::time::Duration::from_millis(50)),
@@ -1035,6 +1078,17 @@ pub(crate) mod tests {
 
     /// A new session of `tokens` (all prompt) with `seed`, as `session` makes them.
     async fn session_of(store: &SessionStore, id: &str, tokens: &[u32], seed: u64) {
+        owned_session(store, id, tokens, seed, None).await
+    }
+
+    /// [`session_of`], of API key `owner`.
+    async fn owned_session(
+        store: &SessionStore,
+        id: &str,
+        tokens: &[u32],
+        seed: u64,
+        owner: Option<&str>,
+    ) {
         let record = SessionRecord {
             id: id.into(),
             model_id: "m".into(),
@@ -1049,7 +1103,7 @@ pub(crate) mod tests {
             },
             returned: tokens.len(),
             version: 0,
-            owner: None,
+            owner: owner.map(str::to_string),
             model_version: None,
         };
         store.create_session(&record).await.unwrap();
@@ -1062,9 +1116,19 @@ pub(crate) mod tests {
         store: &SessionStore,
         id: &str,
     ) -> (DenoiseBlockResponse, Vec<u32>) {
-        let first = block(worker, id, 0).await.unwrap();
+        prompt_and_blocks_as(worker, store, id, KvPersistence::Unspecified).await
+    }
+
+    /// [`prompt_and_blocks`], its blobs written as `persistence` says.
+    async fn prompt_and_blocks_as(
+        worker: &WorkerService,
+        store: &SessionStore,
+        id: &str,
+        persistence: KvPersistence,
+    ) -> (DenoiseBlockResponse, Vec<u32>) {
+        let first = block_as(worker, id, 0, persistence).await.unwrap();
         for b in first.committed_blocks..first.committed_blocks + 3 {
-            block(worker, id, b).await.unwrap();
+            block_as(worker, id, b, persistence).await.unwrap();
         }
         let stored = store.get_session("m", id).await.unwrap().unwrap();
         (first, stored.tokens)
@@ -1078,27 +1142,17 @@ pub(crate) mod tests {
     async fn a_shared_prompt_prefix_gives_the_tokens_of_its_computation() {
         let prompt: Vec<u32> = (0..512).map(|i| (i * 7 % 60 + 1) as u32).collect();
         let store = SessionStore::memory(StoreConfig::default());
-        // A window of 1,020 tokens: every prompt block stays live.
-        let cfg = Config::new(Shape {
-            vocab_size: 64,
-            model_length: 1024,
-            block_size: 4,
-            backbone: Backbone::TOY,
-        });
+        let cfg = long_window();
         let version = |fingerprint: &str, v: u64| {
             let mut l = random_loaded(&cfg, 0.1, fingerprint, DType::F32);
             Arc::get_mut(&mut l).unwrap().version = Some(v);
             l
         };
         let models = Arc::new(Models::fixed(version("f", 1)));
-        let limits = |prefix_bytes| WorkerLimits {
-            max_batch: 2,
-            cache_bytes: 1 << 24,
-            prefix_bytes,
-            ..WorkerLimits::default()
-        };
-        let on = WorkerService::new(models.clone(), store.clone(), limits(1 << 24));
-        let off = WorkerService::new(models.clone(), store.clone(), limits(0));
+        let (on, off) = (
+            sharing_worker(&models, &store, 1 << 24),
+            sharing_worker(&models, &store, 0),
+        );
         for seed in 0..16 {
             let (a, b) = (sid(&format!("on{seed}")), sid(&format!("off{seed}")));
             session_of(&store, &a, &prompt, seed).await;
@@ -1126,6 +1180,79 @@ pub(crate) mod tests {
         session_of(&store, &sid("v2"), &prompt, 1).await;
         let (first, _) = prompt_and_blocks(&on, &store, &sid("v2")).await;
         assert_eq!((first.prefix_blocks, first.model_version), (0, Some(2)));
+    }
+
+    /// The toy shape with a window of 1,020 tokens: every prompt block stays live.
+    fn long_window() -> Config {
+        Config::new(Shape {
+            vocab_size: 64,
+            model_length: 1024,
+            block_size: 4,
+            backbone: Backbone::TOY,
+        })
+    }
+
+    /// A worker with its own prefix cache of `models`, on `store`.
+    fn sharing_worker(
+        models: &Arc<Models>,
+        store: &SessionStore,
+        prefix_bytes: usize,
+    ) -> WorkerService {
+        let limits = WorkerLimits {
+            max_batch: 2,
+            cache_bytes: 1 << 24,
+            prefix_bytes,
+            ..WorkerLimits::default()
+        };
+        WorkerService::new(models.clone(), store.clone(), limits)
+    }
+
+    /// Prompt blocks one worker computed are in the store by its first answer, and
+    /// another worker takes them from there with the tokens of computing them, then from
+    /// its own prefix cache; never for another API key, nor when the first session kept
+    /// its KV out of the store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn another_worker_takes_a_computed_prompt_from_the_store() {
+        let prompt: Vec<u32> = (0..96).map(|i| (i * 5 % 60 + 1) as u32).collect();
+        let store = SessionStore::memory(StoreConfig::default());
+        let models = Arc::new(Models::fixed(random_loaded(
+            &long_window(),
+            0.1,
+            "f",
+            DType::F32,
+        )));
+        let (a, b, off) = (
+            sharing_worker(&models, &store, 1 << 24),
+            sharing_worker(&models, &store, 1 << 24),
+            sharing_worker(&models, &store, 0),
+        );
+        let run = |worker, name: &str, owner, persistence| {
+            let (store, prompt, id) = (store.clone(), prompt.clone(), sid(name));
+            async move {
+                owned_session(&store, &id, &prompt, 1, owner).await;
+                prompt_and_blocks_as(worker, &store, &id, persistence).await
+            }
+        };
+        let every = KvPersistence::EveryBlock;
+        let (first, _) = run(&a, "a", None, every).await;
+        assert_eq!(first.prefix_blocks, 0);
+        let (computed, tokens) = run(&off, "off", None, every).await;
+        let (first, reused) = run(&b, "b", None, every).await;
+        assert_eq!(
+            (first.prefix_blocks, first.cache_source.as_str()),
+            (24, "prefix")
+        );
+        assert_eq!((reused, computed.prefix_blocks), (tokens, 0));
+        let (first, _) = run(&b, "b-again", None, every).await;
+        assert_eq!(first.prefix_blocks, 24, "from b's own cache now");
+        let (first, _) = run(&b, "other-key", Some("k2"), every).await;
+        assert_eq!(first.prefix_blocks, 0, "another key's blocks are its own");
+
+        let never = KvPersistence::Never;
+        let (first, _) = run(&a, "k3-a", Some("k3"), never).await;
+        assert_eq!(first.prefix_blocks, 0);
+        let (first, _) = run(&b, "k3-b", Some("k3"), never).await;
+        assert_eq!(first.prefix_blocks, 0, "kept out of the store");
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)

@@ -68,6 +68,18 @@ impl MemorySessions {
         }
     }
 
+    pub(super) fn holds(&self, key: &str) -> bool {
+        matches!(live(&self.map(), key), Some(Value::Bytes(_)))
+    }
+
+    /// Writes every (key, bytes) of `blobs`, each for the TTL.
+    pub(super) fn put_all(&self, blobs: Vec<(String, Vec<u8>)>) {
+        let mut map = self.map();
+        for (key, bytes) in blobs {
+            self.insert(&mut map, &key, Value::Bytes(bytes), self.ttl);
+        }
+    }
+
     pub(super) fn record(&self, key: &str) -> Option<SessionRecord> {
         match live(&self.map(), key) {
             Some(Value::Record(r)) => Some(r.clone()),

@@ -11,6 +11,13 @@
 //! tombstone and the per-key session counts hold their expiry in their values instead,
 //! and the janitor ([`SessionStore::spawn_janitor`]) deletes them once expired.
 //!
+//! Shared prompt blocks (the prefix cache's blobs, content-addressed: see
+//! [`crate::blob::shared_prefix_addresses`]) live beside the sessions, under
+//! `{prefix}:{model}:prefix:{{family}}:{fingerprint}:{block}:{address}`, where `family` is
+//! the address of the prompt's first block: the blocks of prompts that begin alike share
+//! a Cluster slot, so one probe and one read serve a prompt. They carry the TTL, and a
+//! worker that computes them again writes them again.
+//!
 //! Every write of a record is a compare-and-set on the version its writer read, in one
 //! server-side script with the blobs it commits and the blobs it expires: a stale writer
 //! changes nothing.
@@ -26,6 +33,16 @@ use crate::{Error, RedisConnection, Result, SessionRecord, StoreConfig};
 
 use self::memory::MemorySessions;
 use self::redis::RedisSessions;
+
+/// Whose shared prompt blocks: the model, and the model state (weights, precisions,
+/// configuration) that computed them.
+#[derive(Debug, Clone, Copy)]
+pub struct PrefixScope<'a> {
+    /// The model id.
+    pub model: &'a str,
+    /// The model state's fingerprint.
+    pub fingerprint: &'a str,
+}
 
 /// The outcome of a write of a session record.
 #[derive(Debug, Clone, PartialEq)]
@@ -198,6 +215,81 @@ impl SessionStore {
         match &self.backend {
             Backend::Memory(m) => Ok(keys.iter().map(|k| m.bytes(k)).collect()),
             Backend::Redis(r) => r.get_blobs(&keys).await,
+        }
+    }
+
+    /// The store keys of a prompt's shared whole blocks, block `i` at `addresses[i]`.
+    fn prefix_keys(&self, scope: PrefixScope<'_>, addresses: &[u64]) -> Vec<String> {
+        let Some(family) = addresses.first() else {
+            return Vec::new();
+        };
+        let base = format!(
+            "{}:{}:prefix:{{{family:016x}}}:{}",
+            self.prefix, scope.model, scope.fingerprint
+        );
+        let key = |(block, address)| format!("{base}:{block}:{address:016x}");
+        addresses.iter().enumerate().map(key).collect()
+    }
+
+    /// Keeps `blobs` (block index, bytes) of the shared prompt whose whole blocks have
+    /// `addresses`, for the store's TTL: a cache that any worker of `scope` may read
+    /// instead of computing them, evictable like the sessions' blobs.
+    #[tracing::instrument(skip_all, fields(blocks = blobs.len()))]
+    pub async fn put_prefix_blobs(
+        &self,
+        scope: PrefixScope<'_>,
+        addresses: &[u64],
+        blobs: Vec<(usize, Vec<u8>)>,
+    ) -> Result<()> {
+        let keys = self.prefix_keys(scope, addresses);
+        let mut keyed = Vec::with_capacity(blobs.len());
+        for (block, blob) in blobs {
+            let key = keys.get(block).ok_or_else(|| {
+                Error::Corrupt(format!(
+                    "prompt block {block} past its {} addresses",
+                    keys.len()
+                ))
+            })?;
+            keyed.push((key.clone(), blob));
+        }
+        match &self.backend {
+            Backend::Memory(m) => m.put_all(keyed),
+            Backend::Redis(r) => r.put_prefix(keyed).await?,
+        }
+        Ok(())
+    }
+
+    /// Which of the shared prompt's whole blocks (block `i` at `addresses[i]`) the store
+    /// holds.
+    #[tracing::instrument(skip_all, fields(blocks = addresses.len()))]
+    pub async fn held_prefix_blocks(
+        &self,
+        scope: PrefixScope<'_>,
+        addresses: &[u64],
+    ) -> Result<Vec<bool>> {
+        let keys = self.prefix_keys(scope, addresses);
+        match &self.backend {
+            Backend::Memory(m) => Ok(keys.iter().map(|k| m.holds(k)).collect()),
+            Backend::Redis(r) => r.held(&keys).await,
+        }
+    }
+
+    /// The blobs of the shared prompt's `blocks` (block `i` at `addresses[i]`); missing
+    /// ones are `None`.
+    #[tracing::instrument(skip_all, fields(count = blocks.len()))]
+    pub async fn get_prefix_blobs(
+        &self,
+        scope: PrefixScope<'_>,
+        addresses: &[u64],
+        blocks: Range<usize>,
+    ) -> Result<Vec<Option<Vec<u8>>>> {
+        let keys = self.prefix_keys(scope, addresses);
+        let Some(keys) = keys.get(blocks) else {
+            return Err(Error::Corrupt("prompt blocks past their addresses".into()));
+        };
+        match &self.backend {
+            Backend::Memory(m) => Ok(keys.iter().map(|k| m.bytes(k)).collect()),
+            Backend::Redis(r) => r.get_blobs(keys).await,
         }
     }
 

@@ -30,6 +30,10 @@ static READ: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scrip
 static CLAIM_SLOT: LazyLock<Script> =
     LazyLock::new(|| Script::new(include_str!("scripts/claim_slot.lua")));
 static SWEEP: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/sweep.lua")));
+static PREFIX_HELD: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/prefix_held.lua")));
+static PREFIX_PUT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("scripts/prefix_put.lua")));
 static FORGET: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("scripts/forget.lua")));
 
 /// Keys the janitor looks at per round trip.
@@ -322,6 +326,45 @@ impl RedisSessions {
             .redis
             .retried("release_slot", |mut con| async move {
                 con.zrem(key, session).await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether each of `keys` (of one slot) holds a value, in one script.
+    pub(super) async fn held(&self, keys: &[String]) -> Result<Vec<bool>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<i64> = self
+            .redis
+            .retried("held_prefix", |mut con| {
+                let mut probe = PREFIX_HELD.prepare_invoke();
+                for key in keys {
+                    probe.key(key);
+                }
+                async move { probe.invoke_async(&mut con).await }
+            })
+            .await?;
+        Ok(held.into_iter().map(|h| h == 1).collect())
+    }
+
+    /// Writes (key, blob) pairs of one slot with the TTL, [`BLOBS_PER_READ`] per script
+    /// call, all sent at once (as [`RedisSessions::get_blobs`] reads them).
+    pub(super) async fn put_prefix(&self, blobs: Vec<(String, Vec<u8>)>) -> Result<()> {
+        let blobs = &blobs;
+        self.redis
+            .retried("put_prefix", |con| {
+                let writes = blobs.chunks(BLOBS_PER_READ).map(move |chunk| {
+                    let mut con = con.clone();
+                    let mut put = PREFIX_PUT.prepare_invoke();
+                    put.arg(self.ttl_ms());
+                    for (key, blob) in chunk {
+                        put.key(key).arg(blob.as_slice());
+                    }
+                    async move { put.invoke_async::<i64>(&mut con).await }
+                });
+                futures::future::try_join_all(writes)
             })
             .await?;
         Ok(())
