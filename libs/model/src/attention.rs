@@ -40,13 +40,21 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
             .enumerate()
             .try_for_each(|(unit, (out, q))| {
                 let (cache, j, keys) = seqs[unit / heads];
+                let head = unit % heads;
                 let (kb, vb, start) = cache.layer_buffers(layer);
                 let capacity = kb.dim(2)?;
-                let at = ((j * heads + unit % heads) * capacity + start) * r;
+                // Shared tokens first (a cache of one sequence), then the cache's own.
+                let shared = cache.shared_buffers(layer).map(|(k, v, taken)| {
+                    let at = (head * k.dims()[2] + taken.start) * r;
+                    (k, v, at..at + taken.len() * r)
+                });
+                let own = keys - shared.as_ref().map_or(0, |(_, _, s)| s.len() / r);
+                let at = ((j * heads + head) * capacity + start) * r;
                 let unit = Unit {
                     keys: kb,
                     values: vb,
-                    span: at..at + keys * r,
+                    span: at..at + own * r,
+                    shared,
                     r,
                     scale,
                 };
@@ -61,22 +69,41 @@ pub(crate) fn ragged(q: &Tensor, caches: &[&KvCache], layer: usize) -> Result<Te
 }
 
 /// One head of one sequence in a cache's buffers: its keys and values are elements
-/// `span` of `keys` and `values`.
+/// `span` of `keys` and `values`, after elements of the shared buffers when it has them.
 struct Unit<'a> {
     keys: &'a Tensor,
     values: &'a Tensor,
     span: std::ops::Range<usize>,
+    shared: Option<(&'a Tensor, &'a Tensor, std::ops::Range<usize>)>,
     r: usize,
     scale: f32,
 }
 
 impl Unit<'_> {
+    /// Calls `f` with the unit's keys and values, each as its shared elements (empty
+    /// without) and its own, as the buffers hold them (`T`).
+    fn with_parts<T: candle_core::WithDType, R>(
+        &self,
+        f: impl FnOnce([&[T]; 2], [&[T]; 2]) -> R,
+    ) -> Result<R> {
+        let own = |shared_k: &[T], shared_v: &[T]| {
+            let span = self.span.clone();
+            ops::with_host::<T, _>(self.keys, span.clone(), |k| {
+                ops::with_host::<T, _>(self.values, span, |v| f([shared_k, k], [shared_v, v]))
+            })?
+        };
+        match &self.shared {
+            None => own(&[], &[]),
+            Some((k, v, span)) => ops::with_host::<T, _>(k, span.clone(), |k| {
+                ops::with_host::<T, _>(v, span.clone(), |v| own(k, v))
+            })??,
+        }
+    }
+
     /// [`head`] over the unit's keys and values, which hold `T`.
     fn attend<T: Widen>(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
-        let (span, r, scale) = (self.span.clone(), self.r, self.scale);
-        ops::with_host::<T, _>(self.keys, span.clone(), |k| {
-            ops::with_host::<T, _>(self.values, span, |v| head(q, k, v, r, scale, out))
-        })?
+        let (r, scale) = (self.r, self.scale);
+        self.with_parts::<T, _>(|k, v| head(q, k, v, r, scale, out))
     }
 
     /// [`head`] over the unit's f16 keys and values, widened first into this thread's
@@ -84,18 +111,18 @@ impl Unit<'_> {
     /// conversion uses the CPU's F16C instructions.
     fn attend_f16(&self, q: &[f32], out: &mut [f32]) -> Result<()> {
         use half::slice::HalfFloatSliceExt;
-        let (span, r, scale) = (self.span.clone(), self.r, self.scale);
-        ops::with_host::<half::f16, _>(self.keys, span.clone(), |k| {
-            ops::with_host::<half::f16, _>(self.values, span, |v| {
-                WIDENED.with_borrow_mut(|(wide_k, wide_v)| {
-                    for (narrow, wide) in [(k, &mut *wide_k), (v, &mut *wide_v)] {
-                        wide.resize(narrow.len(), 0.0);
-                        narrow.convert_to_f32_slice(wide);
-                    }
-                    head(q, wide_k, wide_v, r, scale, out)
-                })
+        let (r, scale) = (self.r, self.scale);
+        self.with_parts::<half::f16, _>(|k, v| {
+            WIDENED.with_borrow_mut(|(wide_k, wide_v)| {
+                for (parts, wide) in [(k, &mut *wide_k), (v, &mut *wide_v)] {
+                    wide.resize(parts[0].len() + parts[1].len(), 0.0);
+                    let (first, second) = wide.split_at_mut(parts[0].len());
+                    parts[0].convert_to_f32_slice(first);
+                    parts[1].convert_to_f32_slice(second);
+                }
+                head(q, [wide_k, &[]], [wide_v, &[]], r, scale, out)
             })
-        })?
+        })
     }
 }
 
@@ -127,12 +154,21 @@ impl Widen for half::bf16 {
 }
 
 /// One head of one sequence: each query row of `q` (s, r) over `keys` and `values`
-/// (t, r), into `out` (s, r); `r` is a multiple of [`LANES`].
+/// (t, r, each in two parts: the rows of the first, then of the second), into `out`
+/// (s, r); `r` is a multiple of [`LANES`]. The parts are read in order, so a split gives
+/// the bits of the rows held whole.
 ///
 /// Compiled twice: for the baseline x86-64 (four-wide registers) and for AVX2 (eight),
 /// chosen at run time. Each of the eight lanes adds in the same order either way, so both
 /// give the same bits: only the register width differs.
-fn head<T: Widen>(q: &[f32], keys: &[T], values: &[T], r: usize, scale: f32, out: &mut [f32]) {
+fn head<T: Widen>(
+    q: &[f32],
+    keys: Parts<T>,
+    values: Parts<T>,
+    r: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
         // SAFETY: the CPU has AVX2, checked just above.
@@ -143,22 +179,33 @@ fn head<T: Widen>(q: &[f32], keys: &[T], values: &[T], r: usize, scale: f32, out
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn head_avx2<T: Widen>(q: &[f32], keys: &[T], values: &[T], r: usize, scale: f32, out: &mut [f32]) {
-    head_lanes(q, keys, values, r, scale, out)
-}
-
-#[inline(always)]
-fn head_lanes<T: Widen>(
+fn head_avx2<T: Widen>(
     q: &[f32],
-    keys: &[T],
-    values: &[T],
+    keys: Parts<T>,
+    values: Parts<T>,
     r: usize,
     scale: f32,
     out: &mut [f32],
 ) {
-    let mut p = vec![0f32; keys.len() / r];
+    head_lanes(q, keys, values, r, scale, out)
+}
+
+/// Keys or values of one head in two parts, read one after the other.
+type Parts<'a, T> = [&'a [T]; 2];
+
+#[inline(always)]
+fn head_lanes<T: Widen>(
+    q: &[f32],
+    keys: Parts<T>,
+    values: Parts<T>,
+    r: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let mut p = vec![0f32; (keys[0].len() + keys[1].len()) / r];
     for (q, out) in q.chunks_exact(r).zip(out.chunks_exact_mut(r)) {
-        for (p, k) in p.iter_mut().zip(keys.chunks_exact(r)) {
+        let rows = keys.iter().flat_map(|part| part.chunks_exact(r));
+        for (p, k) in p.iter_mut().zip(rows) {
             *p = dot(q, k) * scale;
         }
         let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -167,12 +214,15 @@ fn head_lanes<T: Widen>(
         p.iter_mut().for_each(|x| *x *= inv);
         // Eight columns of the output at a time, over every value row: the sums stay in
         // registers.
+        let (first, second) = p.split_at(values[0].len() / r);
         for (c, out) in out.chunks_exact_mut(LANES).enumerate() {
             let mut acc = [0f32; LANES];
-            for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
-                let v = &v[c * LANES..(c + 1) * LANES];
-                for l in 0..LANES {
-                    acc[l] += p * v[l].widen();
+            for (p, values) in [(first, values[0]), (second, values[1])] {
+                for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
+                    let v = &v[c * LANES..(c + 1) * LANES];
+                    for l in 0..LANES {
+                        acc[l] += p * v[l].widen();
+                    }
                 }
             }
             out.copy_from_slice(&acc);
@@ -215,6 +265,18 @@ mod tests {
     /// A cache of batch 1 in `dtype` holding `len` committed tokens and `new` pending ones
     /// at layer 0.
     fn cache(cfg: &Config, dtype: DType, len: usize, new: usize, seed: u64) -> KvCache {
+        cache_of(cfg, dtype, len, new, seed, false)
+    }
+
+    /// [`cache`], its committed tokens moved to a [`crate::SharedKv`] when `shared`.
+    fn cache_of(
+        cfg: &Config,
+        dtype: DType,
+        len: usize,
+        new: usize,
+        seed: u64,
+        shared: bool,
+    ) -> KvCache {
         let mut cache = KvCache::new(cfg, 1, dtype, &Device::Cpu).unwrap();
         let (h, r) = (cfg.n_heads, cfg.head_dim());
         for (i, n) in [(0, len), (1, new)] {
@@ -226,6 +288,9 @@ mod tests {
             cache.write_pending(0, &k, &v).unwrap();
             if i == 0 {
                 cache.append_pending(n);
+                if shared {
+                    cache.share().unwrap();
+                }
             }
         }
         cache
@@ -283,6 +348,21 @@ mod tests {
         }
         let too_few = ragged(&q.narrow(0, 0, 2).unwrap(), &refs, 0);
         assert!(too_few.is_err());
+        // A cache whose committed tokens are shared gives the bits of one holding them.
+        let shared = cache_of(&cfg, dtype, 40, s, 2, true);
+        assert!(shared.shared().is_some());
+        let q2 = q.narrow(0, 2, 1).unwrap();
+        let got = ragged(&q2, &[&shared], 0).unwrap();
+        assert_eq!(
+            max_diff(&got, &batched.narrow(0, 2, 1).unwrap()),
+            0.0,
+            "{dtype:?}"
+        );
+        let want = composite(&q2, &shared, s);
+        assert!(
+            max_diff(&got, &want) < 1e-6,
+            "{dtype:?}: candle over shared tokens"
+        );
     }
 
     /// The AVX2 build of the head loop gives the baseline build's bits (on a CPU without
@@ -296,8 +376,8 @@ mod tests {
         };
         let (q, k, v) = (data(s, 1), data(t, 2), data(t, 3));
         let (mut dispatched, mut baseline) = (vec![0f32; s * r], vec![0f32; s * r]);
-        head(&q, &k, &v, r, 0.17, &mut dispatched);
-        head_lanes(&q, &k, &v, r, 0.17, &mut baseline);
+        head(&q, [&k, &[]], [&v, &[]], r, 0.17, &mut dispatched);
+        head_lanes(&q, [&k, &[]], [&v, &[]], r, 0.17, &mut baseline);
         assert_eq!(dispatched, baseline);
     }
 }

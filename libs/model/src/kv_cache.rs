@@ -7,6 +7,12 @@
 //! Buffers have room beyond the live range: a pass writes its new keys and values after
 //! the live range (the *pending* slot) and attends over both with no copy; a commit only
 //! moves the end of the live range. Dropping the oldest block moves its start.
+//!
+//! A cache of one sequence may begin with tokens it shares read-only with other caches
+//! ([`SharedKv`]: a common prompt's blocks, computed once and held once): its live range
+//! is the shared tokens it takes followed by its own, and attention reads both in place.
+
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
@@ -26,9 +32,11 @@ const VERSION: u32 = 1;
 pub struct KvCache {
     /// Per layer, key and value buffers of shape (batch, heads, capacity, head_dim).
     buffers: Vec<(Tensor, Tensor)>,
+    /// Shared tokens the live range begins with, before those of `buffers`.
+    head: Option<Head>,
     /// Offset of the first live token in the buffers.
     start: usize,
-    /// Number of live (committed, inside the window) tokens.
+    /// Number of live (committed, inside the window) tokens in the buffers.
     len: usize,
     /// Absolute position of the next token to be committed.
     next_pos: usize,
@@ -53,6 +61,7 @@ impl KvCache {
         }
         let mut cache = Self {
             buffers: Vec::new(),
+            head: None,
             start: 0,
             len: 0,
             next_pos: 0,
@@ -68,14 +77,19 @@ impl KvCache {
         Ok(cache)
     }
 
-    /// Number of live tokens (committed and inside the window).
+    /// Number of live tokens (committed and inside the window), shared ones included.
     pub fn len(&self) -> usize {
-        self.len
+        self.head_len() + self.len
+    }
+
+    /// Live tokens taken from a [`SharedKv`].
+    fn head_len(&self) -> usize {
+        self.head.as_ref().map_or(0, |h| h.taken.len())
     }
 
     /// True when nothing has been committed or everything has slid out.
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// Absolute position of the next token to commit: every token ever committed,
@@ -86,7 +100,7 @@ impl KvCache {
 
     /// Absolute position of the oldest live token.
     pub fn first_position(&self) -> usize {
-        self.next_pos - self.len
+        self.next_pos - self.len()
     }
 
     /// Number of sequences in the batch.
@@ -104,18 +118,24 @@ impl KvCache {
         self.dtype
     }
 
-    /// Bytes held by live keys and values (what an export carries).
+    /// Bytes held by live keys and values (what an export carries), shared ones included.
     pub fn live_bytes(&self) -> usize {
+        self.bytes_of(self.len())
+    }
+
+    /// Bytes of `tokens` tokens' keys and values of every sequence.
+    fn bytes_of(&self, tokens: usize) -> usize {
         2 * self.n_layers()
             * self.batch
             * self.n_heads
-            * self.len
+            * tokens
             * self.head_dim
             * self.dtype.size_in_bytes()
     }
 
-    /// Bytes its buffers occupy, live or not: what holding the cache costs in memory
-    /// (up to one and a half windows beyond the live range, see [`KvCache::reserve`]).
+    /// Bytes its own buffers occupy, live or not: what holding the cache costs in memory
+    /// (up to one and a half windows beyond the live range, see [`KvCache::reserve`]);
+    /// shared tokens are counted where they are held, once.
     pub fn allocated_bytes(&self) -> usize {
         2 * self.n_layers()
             * self.batch
@@ -215,6 +235,17 @@ impl KvCache {
         (k, v, self.start)
     }
 
+    /// The shared keys and values of `layer`, each (1, heads, shared len, head_dim), and
+    /// the tokens of them the live range begins with; `None` without shared tokens.
+    pub(crate) fn shared_buffers(
+        &self,
+        layer: usize,
+    ) -> Option<(&Tensor, &Tensor, std::ops::Range<usize>)> {
+        let head = self.head.as_ref()?;
+        let (k, v) = &head.kv.buffers[layer];
+        Some((k, v, head.taken.clone()))
+    }
+
     /// Keys and values of `layer` to attend over, in `dtype` (the compute dtype): the live
     /// range followed by `new` pending tokens.
     pub(crate) fn keys_values(
@@ -223,35 +254,74 @@ impl KvCache {
         new: usize,
         dtype: DType,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (kb, vb) = &self.buffers[layer];
-        let total = self.len + new;
-        Ok((
-            kb.narrow(2, self.start, total)?.to_dtype(dtype)?,
-            vb.narrow(2, self.start, total)?.to_dtype(dtype)?,
-        ))
+        let (k, v) = self.span(layer, 0, self.len() + new)?;
+        Ok((k.to_dtype(dtype)?, v.to_dtype(dtype)?))
+    }
+
+    /// Keys and values of `layer` of `len` tokens from `offset` in the live range (the
+    /// pending tokens follow it): views of the buffers, joined when they span the shared
+    /// tokens and the cache's own.
+    fn span(
+        &self,
+        layer: usize,
+        offset: usize,
+        len: usize,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (mut keys, mut values) = (Vec::with_capacity(2), Vec::with_capacity(2));
+        let (mut offset, mut left) = (offset, len);
+        if let Some(head) = &self.head {
+            let (k, v) = &head.kv.buffers[layer];
+            let shared = head.taken.len();
+            if offset < shared {
+                let n = left.min(shared - offset);
+                keys.push(k.narrow(2, head.taken.start + offset, n)?);
+                values.push(v.narrow(2, head.taken.start + offset, n)?);
+                left -= n;
+            }
+            offset = offset.saturating_sub(shared);
+        }
+        if left > 0 || keys.is_empty() {
+            let (k, v) = &self.buffers[layer];
+            keys.push(k.narrow(2, self.start + offset, left)?);
+            values.push(v.narrow(2, self.start + offset, left)?);
+        }
+        match (keys.len(), keys.pop(), values.pop()) {
+            (1, Some(k), Some(v)) => Ok((k, v)),
+            (_, Some(k), Some(v)) => Ok((
+                Tensor::cat(&[&keys[0], &k], 2)?,
+                Tensor::cat(&[&values[0], &v], 2)?,
+            )),
+            _ => unreachable!("one part at least"),
+        }
     }
 
     /// Makes the `new` pending tokens part of the cache, then drops the oldest blocks
-    /// beyond the window.
+    /// beyond the window: shared ones first (a head fully slid out is let go).
     pub(crate) fn append_pending(&mut self, new: usize) {
         self.len += new;
         self.next_pos += new;
-        if self.len > self.keep {
-            let drop = self.len - self.keep;
-            self.start += drop;
-            self.len -= drop;
+        let mut drop = self.len().saturating_sub(self.keep);
+        if let Some(head) = &mut self.head {
+            let shared = drop.min(head.taken.len());
+            head.taken.start += shared;
+            drop -= shared;
+            if head.taken.is_empty() {
+                self.head = None;
+            }
         }
+        self.start += drop;
+        self.len -= drop;
     }
 
     /// Most tokens that can be committed in one pass while each block still sees exactly
     /// the window the reference would give it (nothing is dropped inside the pass).
     pub(crate) fn max_commit_tokens(&self) -> usize {
-        self.block_size * (1 + self.keep.saturating_sub(self.len) / self.block_size)
+        self.block_size * (1 + self.keep.saturating_sub(self.len()) / self.block_size)
     }
 
     /// Serialises the live keys and values with their layout, positions and dtype.
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
-        self.export(self.first_position(), self.len)
+        self.export(self.first_position(), self.len())
     }
 
     /// Serialises the live tokens at absolute positions `first..first + len` (for example
@@ -266,8 +336,8 @@ impl KvCache {
                 self.next_pos
             )));
         }
-        let offset = self.start + (first - self.first_position());
-        let mut out = Vec::with_capacity(64 + self.live_bytes());
+        let offset = first - self.first_position();
+        let mut out = Vec::with_capacity(64 + self.bytes_of(len));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.push(dtype_code(self.dtype));
@@ -283,12 +353,89 @@ impl KvCache {
         }
         out.extend_from_slice(&(first as u64).to_le_bytes());
         out.extend_from_slice(&(len as u64).to_le_bytes());
-        for (k, v) in &self.buffers {
+        for layer in 0..self.n_layers() {
+            let (k, v) = self.span(layer, offset, len)?;
             for t in [k, v] {
-                append_raw(&t.narrow(2, offset, len)?.contiguous()?, &mut out)?;
+                append_raw(&t.contiguous()?, &mut out)?;
             }
         }
         Ok(bd3lm_bytes::seal(out))
+    }
+
+    /// A cache of one sequence whose live range is the window before position `end` of
+    /// `kv`'s tokens, taken from it with no copy.
+    pub fn on_shared(kv: Arc<SharedKv>, end: usize) -> Result<Self> {
+        let first = end.saturating_sub(kv.keep);
+        if !kv.holds_window_before(end) {
+            return Err(Error::Input(format!(
+                "shared tokens {}..{} do not hold the window before position {end}",
+                kv.first,
+                kv.end()
+            )));
+        }
+        let mut cache = Self {
+            buffers: Vec::new(),
+            head: None,
+            start: 0,
+            len: 0,
+            next_pos: end,
+            batch: 1,
+            n_heads: kv.n_heads,
+            head_dim: kv.head_dim,
+            block_size: kv.block_size,
+            keep: kv.keep,
+            dtype: kv.dtype,
+            device: kv.device.clone(),
+        };
+        cache.allocate(kv.buffers.len(), 0)?;
+        cache.reserve(cache.block_size)?;
+        cache.head = Some(Head {
+            taken: first - kv.first..end - kv.first,
+            kv,
+        });
+        Ok(cache)
+    }
+
+    /// Moves this cache's live tokens (of one sequence) into a new [`SharedKv`] that it
+    /// then takes them from: from now on they can be shared with other caches, held
+    /// once. A copy of the live range, once.
+    pub fn share(&mut self) -> Result<Arc<SharedKv>> {
+        if self.batch != 1 || self.is_empty() {
+            return Err(Error::Input(
+                "only a cache of one sequence with live tokens is shared".into(),
+            ));
+        }
+        let len = self.len();
+        let buffers = (0..self.n_layers())
+            .map(|layer| {
+                let (k, v) = self.span(layer, 0, len)?;
+                Ok((fresh(&k)?, fresh(&v)?))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let kv = Arc::new(SharedKv {
+            buffers,
+            first: self.first_position(),
+            len,
+            n_heads: self.n_heads,
+            head_dim: self.head_dim,
+            block_size: self.block_size,
+            keep: self.keep,
+            dtype: self.dtype,
+            device: self.device.clone(),
+        });
+        let end = self.next_pos;
+        *self = Self::on_shared(kv.clone(), end)?;
+        Ok(kv)
+    }
+
+    /// Whether every live token is taken from a [`SharedKv`] (none of its own yet).
+    pub fn is_shared(&self) -> bool {
+        self.head.is_some() && self.len == 0
+    }
+
+    /// The shared tokens this cache takes, when it takes any.
+    pub fn shared(&self) -> Option<&Arc<SharedKv>> {
+        self.head.as_ref().map(|h| &h.kv)
     }
 
     /// Decodes bytes written by [`KvCache::to_bytes`] onto `device`.
@@ -365,6 +512,7 @@ impl KvCache {
         let buffers = std::iter::from_fn(|| Some((tensors.next()?, tensors.next()?))).collect();
         Ok(Self {
             buffers,
+            head: None,
             start: 0,
             len,
             next_pos: next,
@@ -376,6 +524,75 @@ impl KvCache {
             dtype: layout.dtype,
             device: device.clone(),
         })
+    }
+}
+
+/// A contiguous copy of `t` in buffers of its own (a view's copy would keep the
+/// buffer it views, or its layout).
+fn fresh(t: &Tensor) -> candle_core::Result<Tensor> {
+    let out = Tensor::zeros(t.shape(), t.dtype(), t.device())?;
+    out.slice_set(&t.contiguous()?, 2, 0)?;
+    Ok(out)
+}
+
+/// The tokens a cache takes from a [`SharedKv`].
+#[derive(Debug)]
+struct Head {
+    kv: Arc<SharedKv>,
+    /// Its tokens the cache's live range begins with (offsets in `kv`).
+    taken: std::ops::Range<usize>,
+}
+
+/// Keys and values of committed tokens of one sequence, read-only, that many caches of
+/// one sequence may begin with ([`KvCache::on_shared`], [`KvCache::share`]): a common
+/// prompt's blocks, computed once and held once.
+#[derive(Debug)]
+pub struct SharedKv {
+    /// Per layer, keys and values of shape (1, heads, len, head_dim).
+    buffers: Vec<(Tensor, Tensor)>,
+    /// Absolute position of the first token.
+    first: usize,
+    len: usize,
+    n_heads: usize,
+    head_dim: usize,
+    block_size: usize,
+    keep: usize,
+    dtype: DType,
+    device: Device,
+}
+
+impl SharedKv {
+    /// Absolute position of its first token.
+    pub fn first_position(&self) -> usize {
+        self.first
+    }
+
+    /// Absolute position after its last token.
+    pub fn end(&self) -> usize {
+        self.first + self.len
+    }
+
+    /// Tokens per block of the model that computed it.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Whether a cache ending at position `end` can take its window from it
+    /// ([`KvCache::on_shared`]).
+    pub fn holds_window_before(&self, end: usize) -> bool {
+        end > self.first
+            && end <= self.end()
+            && end.saturating_sub(self.keep) >= self.first
+            && end.is_multiple_of(self.block_size)
+    }
+
+    /// Bytes of its keys and values.
+    pub fn bytes(&self) -> usize {
+        2 * self.buffers.len()
+            * self.n_heads
+            * self.len
+            * self.head_dim
+            * self.dtype.size_in_bytes()
     }
 }
 
@@ -618,6 +835,43 @@ mod tests {
         };
         let err = KvCache::import(&[&segment(1 << 30)], &Device::Cpu).unwrap_err();
         assert!(err.to_string().contains("no position"), "{err}");
+    }
+
+    /// Caches that take their first tokens from a shared copy denoise, commit, export
+    /// and slide their window with the bits of the cache that holds them itself, hold
+    /// them once, and let go of them once the window has slid past them.
+    #[test]
+    fn caches_on_shared_tokens_are_the_cache_they_came_from() {
+        let cfg = small_config(4);
+        let model = small_model(&cfg);
+        let prompt = tokens(1, 8, cfg.vocab_size, 1);
+        let (mut own, mut first) = (model.new_cache(1).unwrap(), model.new_cache(1).unwrap());
+        for cache in [&mut own, &mut first] {
+            model.commit(&prompt, &zeros(1), cache).unwrap();
+        }
+        let kv = first.share().unwrap();
+        let mut second = KvCache::on_shared(kv.clone(), 8).unwrap();
+        assert_eq!((Arc::strong_count(&kv), kv.bytes()), (3, own.live_bytes()));
+        assert!(second.allocated_bytes() < own.allocated_bytes());
+        assert!(
+            KvCache::on_shared(kv.clone(), 12).is_err(),
+            "past its tokens"
+        );
+        // The window holds 20 tokens: the fourth block slides into the shared ones.
+        for step in 0..5 {
+            let block = tokens(1, 4, cfg.vocab_size, 10 + step);
+            let want = model.denoise(&block, &zeros(1), &mut own).unwrap();
+            model.commit(&block, &zeros(1), &mut own).unwrap();
+            for cache in [&mut first, &mut second] {
+                let got = model.denoise(&block, &zeros(1), cache).unwrap();
+                assert_eq!(crate::test_util::max_diff(&got, &want), 0.0, "block {step}");
+                model.commit(&block, &zeros(1), cache).unwrap();
+                assert_eq!(cache.to_bytes().unwrap(), own.to_bytes().unwrap());
+                assert_eq!(cache.first_position(), own.first_position());
+            }
+        }
+        assert!(first.shared().is_none() && second.shared().is_none());
+        assert_eq!(Arc::strong_count(&kv), 1, "slid out: let go");
     }
 
     /// Segments whose bytes were mutated, then sealed again (so that the header parser,

@@ -26,7 +26,7 @@ mod ops;
 pub use bd3lm_config::{Backbone, Config, Shape};
 pub use error::{Error, Result};
 pub use host::{Workload, set_host_threads};
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, SharedKv};
 pub use layers::FREQUENCY_EMBEDDING_SIZE;
 pub use model::{Bd3lm, BlockInput};
 

@@ -2,12 +2,13 @@
 //! (a rebuild from tokens is compute) and, for a new session, committing the prompt's
 //! whole blocks; then, once blocks are committed, the KV blobs and the record to store.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::prefix_hashes;
 use bd3lm_kvstore::{BlockBlob, SessionRecord};
-use bd3lm_model::KvCache;
+use bd3lm_model::{KvCache, SharedKv};
 
 use crate::LoadedModel;
 use crate::cache::{self, CacheLookup, CacheSource, SharedPrompt};
@@ -29,12 +30,16 @@ pub struct BlockWork {
     pub shared: Option<SharedBlocks>,
 }
 
-/// Blobs of a first prompt's blocks a session computed, for the prefix cache and the
-/// store's shared blocks.
+/// A first prompt's blocks a session committed, to be shared: its keys and values for
+/// the prefix cache (the session's cache takes them from there too) and the blobs of
+/// those it computed for the store's shared blocks.
 pub struct SharedBlocks {
     /// The shared addresses of the prompt's whole blocks.
     pub addresses: Vec<u64>,
-    /// (Block index, bytes) of those computed and still in the window.
+    /// The keys and values of its live blocks.
+    pub kv: Arc<SharedKv>,
+    /// (Block index, bytes) of those computed and still in the window, when they go to
+    /// the store.
     pub blobs: Vec<(usize, Vec<u8>)>,
 }
 
@@ -66,14 +71,17 @@ pub enum Prepared {
     Ready(SessionState, CacheSource),
 }
 
-/// Where the blobs of a session's committed prompt blocks go: the store (with their
-/// record), the shared prompt blocks.
+/// Where a session's committed prompt blocks go: their blobs to the store (with their
+/// record); their keys and values to the shared prompt blocks, and their blobs with them
+/// to the store's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Writes {
-    /// To the store.
+    /// Blobs to the store.
     pub store: bool,
-    /// To the shared prompt blocks.
+    /// Keys and values to the shared prompt blocks.
     pub prefix: bool,
+    /// Blobs to the store's shared prompt blocks.
+    pub prefix_in_store: bool,
 }
 
 /// Opens the session of `record` on the cache `lookup` (rebuilding it from tokens when
@@ -106,38 +114,43 @@ pub fn prepare(
         commit: started.elapsed(),
     };
     let mut work = finish(loaded, record, &session, effort, writes.store)?;
-    if writes.prefix {
-        let blocks = first_block + reused..end;
-        work.shared = shared_blocks(loaded, record, &session, blocks, &work.blobs)?;
+    let mut state = SessionState::of(session);
+    // A new session's prompt, unless all of it was taken from shared blocks already.
+    if writes.prefix && first_block == 0 && !state.cache.is_shared() {
+        let computed = first_block + reused..end;
+        work.shared = share(loaded, record, &mut state, computed, &work.blobs, writes)?;
     }
-    Ok(Prepared::Prefilled(
-        Box::new(work),
-        SessionState::of(session),
-    ))
+    Ok(Prepared::Prefilled(Box::new(work), state))
 }
 
-/// The blobs of `session`'s committed prompt `blocks` still in its window (of `record`'s
-/// first prompt), with the prompt's shared addresses. Those already exported for the
-/// store (`for_store`, the same bytes) are copied, not exported again.
-fn shared_blocks(
+/// Moves the live keys and values of a new session's committed prompt (of `record`'s
+/// first prompt) into shared ones that its cache takes from, with the prompt's shared
+/// addresses and, when `writes` sends them to the store, the blobs of the `computed`
+/// blocks still in its window. Those already exported for the store (`for_store`, the
+/// same bytes) are copied, not exported again.
+fn share(
     loaded: &LoadedModel,
     record: &SessionRecord,
-    session: &Session,
-    blocks: std::ops::Range<usize>,
+    state: &mut SessionState,
+    computed: std::ops::Range<usize>,
     for_store: &[(usize, Vec<u8>)],
+    writes: Writes,
 ) -> bd3lm_diffusion::Result<Option<SharedBlocks>> {
     let bs = loaded.model.config().block_size;
     let Some(prompt) = SharedPrompt::of(record, bs) else {
         return Ok(None);
     };
-    let blobs = if for_store.is_empty() {
-        window_blobs(loaded, session.tokens(), session.cache(), blocks)?
+    let blobs = if !writes.prefix_in_store {
+        Vec::new()
+    } else if for_store.is_empty() {
+        window_blobs(loaded, &state.tokens, &state.cache, computed)?
     } else {
-        let wanted = for_store.iter().filter(|(b, _)| blocks.contains(b));
+        let wanted = for_store.iter().filter(|(b, _)| computed.contains(b));
         wanted.cloned().collect()
     };
     Ok(Some(SharedBlocks {
         addresses: prompt.addresses,
+        kv: state.cache.share()?,
         blobs,
     }))
 }

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::{prefix_hashes, shared_prefix_addresses};
 use bd3lm_kvstore::{BlockBlob, PrefixScope, SessionRecord, SessionStore};
-use bd3lm_model::KvCache;
+use bd3lm_model::{KvCache, SharedKv};
 use rayon::prelude::*;
 
 use crate::LoadedModel;
@@ -54,10 +54,12 @@ pub enum CacheLookup {
     /// The store's blobs of the live blocks, read but not yet checked or decoded: that is
     /// compute over megabytes, done where the session is opened.
     Store(StoredBlobs),
-    /// A new session's first prompt blocks' blobs from the prefix cache or the store's
-    /// shared blocks (the live ones before the run's end), checked and decoded like the
-    /// store's.
+    /// A new session's first prompt blocks' blobs from the store's shared blocks (the
+    /// live ones before the run's end), checked and decoded like the session's.
     Prefix(StoredBlobs),
+    /// A new session's first prompt blocks held in the worker's prefix cache: the shared
+    /// keys and values, and the block the run ends before.
+    Shared(Arc<SharedKv>, usize),
     /// Nothing usable: the session is rebuilt from its tokens (or starts empty).
     Nothing,
 }
@@ -72,8 +74,6 @@ pub struct StoredBlobs {
     bytes: Vec<Vec<u8>>,
     /// Where refused blobs are counted.
     rejected: Arc<AtomicU64>,
-    /// Where they were read: "memory", "store" (the lookup's metric label).
-    from: &'static str,
 }
 
 /// The session of `record` around the cache `lookup`, ready for its next block.
@@ -95,16 +95,14 @@ pub fn open<'m>(
         }
         CacheLookup::Prefix(blobs) => {
             let end = blobs.blocks.end * bs;
-            let from = blobs.from;
             let cache = decode(loaded, blobs);
-            match cache {
-                Some(_) => metrics::prefix_lookup(from, end),
-                None => metrics::prefix_lookup("miss", 0),
-            }
-            if cache.is_some() {
-                committed = end;
-            }
-            (cache, CacheSource::Prefix)
+            prefix_found(cache, "store", end, &mut committed)
+        }
+        CacheLookup::Shared(kv, end) => {
+            let cache = KvCache::on_shared(kv, end * bs).inspect_err(|e| {
+                tracing::error!(error = %e, "shared prompt blocks do not fit; computing them");
+            });
+            prefix_found(cache.ok(), "memory", end * bs, &mut committed)
         }
         CacheLookup::Nothing => (None, CacheSource::Empty),
     };
@@ -148,51 +146,70 @@ impl SharedPrompt {
     }
 }
 
-/// The blobs of the longest run of `record`'s whole first-prompt blocks (the live ones
-/// before the run's end) held by the worker's prefix cache, or by the store when it
-/// holds a longer one (then kept in the prefix cache too); `None` when neither holds
-/// any. Blobs refused when decoded are counted in `rejected`.
+/// What a prompt's shared blocks found, as the session's cache: counted as a reuse from
+/// `from` of the prompt's tokens up to `end`, which it has committed, or as a miss.
+fn prefix_found(
+    cache: Option<KvCache>,
+    from: &'static str,
+    end: usize,
+    committed: &mut usize,
+) -> (Option<KvCache>, CacheSource) {
+    match cache {
+        Some(_) => {
+            metrics::prefix_lookup(from, end);
+            *committed = end;
+        }
+        None => metrics::prefix_lookup("miss", 0),
+    }
+    (cache, CacheSource::Prefix)
+}
+
+/// The longest run of `record`'s whole first-prompt blocks held by the worker's prefix
+/// cache, or, when the store's shared blocks hold a longer one, their blobs (the live
+/// ones before the run's end); nothing when neither holds any. Blobs refused when
+/// decoded are counted in `rejected`.
 pub async fn find_prefix(
     prefix: &PrefixCache,
     store: &SessionStore,
     loaded: &LoadedModel,
     record: &SessionRecord,
     rejected: &Arc<AtomicU64>,
-) -> Option<StoredBlobs> {
+) -> CacheLookup {
     let cfg = loaded.model.config();
-    let window = cfg.kv_window() / cfg.block_size;
-    let prompt = SharedPrompt::of(record, cfg.block_size)?;
-    let held = prefix.longest(&loaded.fingerprint, &prompt.addresses, window);
+    let Some(prompt) = SharedPrompt::of(record, cfg.block_size) else {
+        return CacheLookup::Nothing;
+    };
+    let held = prefix.longest(&loaded.fingerprint, &prompt.addresses);
     let in_memory = held.as_ref().map_or(0, |(end, _)| *end);
-    let found = match in_memory < prompt.addresses.len() {
-        true => read_shared(store, prefix, loaded, &prompt, window, in_memory).await,
-        false => None,
-    };
-    let Some((end, bytes, from)) = found.or(held.map(|(end, b)| (end, b, "memory"))) else {
-        metrics::prefix_lookup("miss", 0);
-        return None;
-    };
-    let start = end - bytes.len();
-    Some(StoredBlobs {
-        blocks: start..end,
-        prefix_hashes: prompt.hashes[start..end].to_vec(),
-        bytes,
-        rejected: rejected.clone(),
-        from,
-    })
+    if in_memory < prompt.addresses.len() {
+        let window = cfg.kv_window() / cfg.block_size;
+        let read = read_shared(store, loaded, &prompt, window, in_memory).await;
+        if let Some(bytes) = read {
+            return CacheLookup::Prefix(StoredBlobs {
+                rejected: rejected.clone(),
+                ..bytes
+            });
+        }
+    }
+    match held {
+        Some((end, kv)) => CacheLookup::Shared(kv, end),
+        None => {
+            metrics::prefix_lookup("miss", 0);
+            CacheLookup::Nothing
+        }
+    }
 }
 
 /// The store's blobs of the longest run of `prompt`'s shared blocks when it ends past
-/// block `beyond`, kept in `prefix` too: (its end, the live blobs before it, "store").
-/// A failed read is logged and reads as none.
+/// block `beyond` (their `rejected` a fresh count). A failed read is logged and reads
+/// as none.
 async fn read_shared(
     store: &SessionStore,
-    prefix: &PrefixCache,
     loaded: &LoadedModel,
     prompt: &SharedPrompt,
     window: usize,
     beyond: usize,
-) -> Option<(usize, Vec<Vec<u8>>, &'static str)> {
+) -> Option<StoredBlobs> {
     let scope = PrefixScope {
         model: &loaded.model_id,
         fingerprint: &loaded.fingerprint,
@@ -200,7 +217,7 @@ async fn read_shared(
     let addresses = &prompt.addresses;
     let read = async {
         let held = store.held_prefix_blocks(scope, addresses).await?;
-        let Some(end) = crate::prefix::longest_run(held.len(), window, |b| held[b]) else {
+        let Some(end) = longest_run(held.len(), window, |b| held[b]) else {
             return Ok(None);
         };
         let blocks = end.saturating_sub(window)..end;
@@ -219,9 +236,20 @@ async fn read_shared(
         }
     };
     bytes.iter().for_each(|b| metrics::blob_read(b.len()));
-    let kept = blocks.clone().zip(bytes.iter().cloned()).collect();
-    prefix.insert(&loaded.fingerprint, addresses, kept);
-    Some((blocks.end, bytes, "store"))
+    Some(StoredBlobs {
+        prefix_hashes: prompt.hashes[blocks.clone()].to_vec(),
+        blocks,
+        bytes,
+        rejected: Arc::default(),
+    })
+}
+
+/// The end of the longest run of a prompt's `blocks` whose last `window` blocks are all
+/// `held` (what a next block attends to); `None` when there is none.
+fn longest_run(blocks: usize, window: usize, held: impl Fn(usize) -> bool) -> Option<usize> {
+    (1..=blocks)
+        .rev()
+        .find(|&end| (end.saturating_sub(window)..end).all(&held))
 }
 
 /// Reads the blobs of the live blocks before `block`; `None` when one is missing or the
@@ -264,7 +292,6 @@ pub async fn read_store(
         prefix_hashes,
         bytes,
         rejected: rejected.clone(),
-        from: "store",
     })
 }
 
@@ -276,7 +303,6 @@ fn decode(loaded: &LoadedModel, blobs: StoredBlobs) -> Option<KvCache> {
         prefix_hashes,
         bytes,
         rejected,
-        ..
     } = blobs;
     let end = blocks.end * loaded.model.config().block_size;
     // Checksums over megabytes: on the pool's threads, all at once.

@@ -33,6 +33,18 @@ impl<K: Eq + Hash + Clone, V> ByteLru<K, V> {
     /// exceeds the budget; returns the least recently used entries evicted to stay
     /// within it, with their bytes.
     pub fn insert(&mut self, key: K, value: V, bytes: usize) -> Vec<(K, usize)> {
+        self.insert_keeping(key, value, bytes, |_| false)
+    }
+
+    /// [`ByteLru::insert`], never evicting an entry whose value is `kept` (which may
+    /// leave the map over its budget until they are no longer kept).
+    pub fn insert_keeping(
+        &mut self,
+        key: K,
+        value: V,
+        bytes: usize,
+        kept: impl Fn(&V) -> bool,
+    ) -> Vec<(K, usize)> {
         if bytes > self.budget {
             return Vec::new();
         }
@@ -46,11 +58,18 @@ impl<K: Eq + Hash + Clone, V> ByteLru<K, V> {
             self.bytes -= old.bytes;
         }
         self.bytes += bytes;
+        self.trim(kept)
+    }
+
+    /// Evicts the least recently used entries whose values are not `kept` while the map
+    /// is over its budget; returns them with their bytes.
+    pub fn trim(&mut self, kept: impl Fn(&V) -> bool) -> Vec<(K, usize)> {
         let mut evicted = Vec::new();
         while self.bytes > self.budget {
             let Some(oldest) = self
                 .entries
                 .iter()
+                .filter(|(_, e)| !kept(&e.value))
                 .min_by_key(|(_, e)| e.used)
                 .map(|(k, _)| k.clone())
             else {

@@ -197,6 +197,7 @@ impl WorkerService {
         let writes = Writes {
             store: write_blobs,
             prefix: self.prefix.is_some(),
+            prefix_in_store: spec.share_in_store,
         };
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
@@ -294,12 +295,15 @@ impl WorkerService {
         spec: &RunSpec,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let (prefix, shared) = (self.prefix.as_ref()?, shared?);
-        let SharedBlocks { addresses, blobs } = shared;
-        if !spec.share_in_store {
-            prefix.insert(&loaded.fingerprint, &addresses, blobs);
+        let SharedBlocks {
+            addresses,
+            kv,
+            blobs,
+        } = shared;
+        prefix.insert(&loaded.fingerprint, &addresses, kv);
+        if !spec.share_in_store || blobs.is_empty() {
             return None;
         }
-        prefix.insert(&loaded.fingerprint, &addresses, blobs.clone());
         let (store, loaded) = (self.store.clone(), loaded.clone());
         let write = async move {
             let scope = PrefixScope {
@@ -375,9 +379,7 @@ impl WorkerService {
                 return CacheLookup::Nothing;
             };
             let found = cache::find_prefix(prefix, &self.store, loaded, record, &self.rejected);
-            return found
-                .await
-                .map_or(CacheLookup::Nothing, CacheLookup::Prefix);
+            return found.await;
         }
         match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
             Some(blobs) => CacheLookup::Store(blobs),
@@ -1253,6 +1255,62 @@ pub(crate) mod tests {
         assert_eq!(first.prefix_blocks, 0);
         let (first, _) = run(&b, "k3-b", Some("k3"), never).await;
         assert_eq!(first.prefix_blocks, 0, "kept out of the store");
+    }
+
+    /// Sessions of one prompt hold its keys and values once (each session's own memory
+    /// is its generated blocks), and the shared run stays while any session holds it,
+    /// even past the prefix budget, and is freed once the last one has left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shared_prompt_blocks_are_held_once_and_freed_with_their_last_session() {
+        let store = SessionStore::memory(StoreConfig::default());
+        let cfg = long_window();
+        let loaded = random_loaded(&cfg, 0.1, "f", DType::F32);
+        let models = Arc::new(Models::fixed(loaded.clone()));
+        // One run of a 512-token prompt's keys and values fits the prefix budget.
+        let run = 2 * cfg.n_blocks * cfg.n_heads * 512 * cfg.head_dim() * 4;
+        let worker = sharing_worker(&models, &store, run);
+        let prompt = |first: u32| -> Vec<u32> {
+            (0..512)
+                .map(|i| {
+                    if i == 0 {
+                        first
+                    } else {
+                        (i * 7 % 60 + 1) as u32
+                    }
+                })
+                .collect()
+        };
+        let prefix = worker.prefix.clone().unwrap();
+        // Kept out of the store: what is found is in the worker's memory.
+        let never = KvPersistence::Never;
+        let mut reused = Vec::new();
+        for seed in 0..4 {
+            session_of(&store, &sid(&format!("a{seed}")), &prompt(1), seed).await;
+            let (first, _) =
+                prompt_and_blocks_as(&worker, &store, &sid(&format!("a{seed}")), never).await;
+            reused.push(first.prefix_blocks);
+        }
+        assert_eq!(reused, [0, 128, 128, 128]);
+        assert_eq!(prefix.bytes(), run, "held once");
+        assert!(
+            worker.sessions.bytes() < run,
+            "the sessions' own blocks only"
+        );
+
+        // Another prompt's run: both are held, so both stay, past the budget.
+        session_of(&store, &sid("b"), &prompt(2), 0).await;
+        prompt_and_blocks_as(&worker, &store, &sid("b"), never).await;
+        assert_eq!(prefix.bytes(), 2 * run);
+        // The first prompt's sessions leave the worker's memory: its run goes.
+        for seed in 0..4 {
+            worker
+                .sessions
+                .take(&cache_key(&sid(&format!("a{seed}")), &loaded));
+        }
+        session_of(&store, &sid("a-again"), &prompt(1), 9).await;
+        let (first, _) = prompt_and_blocks_as(&worker, &store, &sid("a-again"), never).await;
+        assert_eq!(first.prefix_blocks, 0, "freed");
+        assert_eq!(prefix.bytes(), 2 * run);
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)
