@@ -402,6 +402,8 @@ fn agreement(a: &[StreamTimes], b: &[StreamTimes]) -> f64 {
     same as f64 / all.max(1) as f64
 }
 
+const MIB: f64 = (1 << 20) as f64;
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -419,8 +421,9 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
 /// `streams` streams of one `prompt`-token prompt (each its own seed, `tokens` new
 /// tokens), all at once after one unmeasured stream of the same prompt, with the
 /// worker's prefix cache and without (a fresh worker each): the time to the first block
-/// (the prompt's), to the first new token, and the tokens/s they see. One JSON line
-/// each, then their ratios.
+/// (the prompt's), to the first new token, the tokens/s they see, and the KV bytes the
+/// worker holds after them (the sessions' own, the shared). One JSON line each, then
+/// their ratios.
 pub async fn shared_prefix(
     loaded: Arc<LoadedModel>,
     limits: WorkerLimits,
@@ -457,6 +460,8 @@ pub async fn shared_prefix(
         let runs = (0..streams).map(|i| stream(bench.client.clone(), request(i as u64)));
         let times = futures::future::try_join_all(runs).await?;
         let wall = started.elapsed().as_secs_f64();
+        let worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr));
+        let held = worker.await?.info(InfoRequest {}).await?.into_inner();
         let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
         let mut first_tokens: Vec<f64> = times.iter().map(|t| t.first_token_ms).collect();
         let total: usize = times.iter().map(|t| t.tokens.len()).sum();
@@ -469,6 +474,8 @@ pub async fn shared_prefix(
             "first_block_ms_p99": percentile(&mut firsts, 0.99),
             "first_token_ms_p50": percentile(&mut first_tokens, 0.5),
             "tokens_per_s": total as f64 / wall,
+            "kv_mib_sessions": held.cache_bytes as f64 / MIB,
+            "kv_mib_shared": held.prefix_cache_bytes as f64 / MIB,
         });
         println!("{line}");
         let outputs: Vec<Vec<u32>> = times.into_iter().map(|t| t.tokens).collect();

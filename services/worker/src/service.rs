@@ -503,6 +503,7 @@ impl DenoiseWorker for WorkerService {
             model_length: cfg.model_length as u32,
             kv_blobs_rejected: self.rejected.load(Ordering::Relaxed),
             cache_bytes: self.sessions.bytes() as u64,
+            prefix_cache_bytes: self.prefix.as_ref().map_or(0, |p| p.bytes() as u64),
             worker_id: self.id.clone(),
             model_version: loaded.version,
             loaded_versions: self.models.versions(),
