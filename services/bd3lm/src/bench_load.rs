@@ -148,7 +148,8 @@ pub async fn run(
         ..CoordinatorSettings::default()
     };
     let bench = one_worker_with(loaded.clone(), limits, stores, coordinator).await?;
-    let mut worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr)).await?;
+    let mut worker =
+        DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addrs[0])).await?;
     let bos = loaded.model.config().vocab_size as u32 - 2;
     let mut previous: Option<Vec<StreamTimes>> = None;
     let mut first: Option<Level> = None;
@@ -211,12 +212,24 @@ pub async fn run(
     Ok(())
 }
 
-/// A worker and the coordinator in front of it, for the benchmarks.
-pub struct OneWorker {
+/// Workers and the coordinator in front of them, for the benchmarks.
+pub struct Served {
     /// A client of the coordinator.
     pub client: GenerationClient<Channel>,
-    /// The worker's address.
-    pub worker_addr: String,
+    /// The workers' addresses.
+    pub worker_addrs: Vec<String>,
+}
+
+impl Served {
+    /// Each worker's `Info`, in the order of `worker_addrs`.
+    async fn infos(&self) -> anyhow::Result<Vec<bd3lm_proto::v1::InfoResponse>> {
+        let mut infos = Vec::with_capacity(self.worker_addrs.len());
+        for addr in &self.worker_addrs {
+            let mut worker = DenoiseWorkerClient::connect(format!("http://{addr}")).await?;
+            infos.push(worker.info(InfoRequest {}).await?.into_inner());
+        }
+        Ok(infos)
+    }
 }
 
 /// One worker of `loaded` and a coordinator with `settings` on loopback ports over
@@ -226,33 +239,48 @@ pub async fn one_worker_with(
     limits: WorkerLimits,
     stores: Stores,
     coordinator: CoordinatorSettings,
-) -> anyhow::Result<OneWorker> {
-    let cell = Arc::new(bd3lm_worker::Models::fixed(loaded));
-    let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let worker_addr = worker.local_addr()?.to_string();
-    let worker_store = stores.sessions.clone();
-    tokio::spawn(async move {
-        let open = Arc::new(bd3lm_proto::auth::Tokens::open());
-        let never = std::future::pending();
-        let serving = bd3lm_worker::serve(
-            Ports::plain(worker),
-            cell,
-            worker_store,
-            limits,
-            open,
-            never,
-        );
-        if let Err(e) = serving.await {
-            tracing::error!(error = %e, "bench worker stopped");
-        }
-    });
+) -> anyhow::Result<Served> {
+    served_with(loaded, 1, limits, stores, coordinator).await
+}
+
+/// `workers` workers of `loaded` and a coordinator with `settings` on loopback ports
+/// over `stores`.
+pub async fn served_with(
+    loaded: Arc<LoadedModel>,
+    workers: usize,
+    limits: WorkerLimits,
+    stores: Stores,
+    coordinator: CoordinatorSettings,
+) -> anyhow::Result<Served> {
+    let mut worker_addrs = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        let cell = Arc::new(bd3lm_worker::Models::fixed(loaded.clone()));
+        let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        worker_addrs.push(worker.local_addr()?.to_string());
+        let worker_store = stores.sessions.clone();
+        tokio::spawn(async move {
+            let open = Arc::new(bd3lm_proto::auth::Tokens::open());
+            let never = std::future::pending();
+            let serving = bd3lm_worker::serve(
+                Ports::plain(worker),
+                cell,
+                worker_store,
+                limits,
+                open,
+                never,
+            );
+            if let Err(e) = serving.await {
+                tracing::error!(error = %e, "bench worker stopped");
+            }
+        });
+    }
     let pool = Arc::new(Pool::new(
         coordinator.routing,
         1 << 16,
         coordinator.down_after_failures,
     ));
-    let source = WorkerSource::Static(vec![worker_addr.clone()]);
-    while pool.refresh(&source).await == 0 {
+    let source = WorkerSource::Static(worker_addrs.clone());
+    while pool.refresh(&source).await < workers {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     bd3lm_coordinator::spawn_discovery(pool.clone(), source, coordinator.health_interval);
@@ -266,9 +294,9 @@ pub async fn one_worker_with(
         std::future::pending(),
     ));
     let client = GenerationClient::connect(format!("http://{addr}")).await?;
-    Ok(OneWorker {
+    Ok(Served {
         client,
-        worker_addr,
+        worker_addrs,
     })
 }
 
@@ -418,29 +446,56 @@ fn percentile(values: &mut [f64], q: f64) -> f64 {
     values[rank - 1]
 }
 
-/// `streams` streams of one `prompt`-token prompt (each its own seed, `tokens` new
-/// tokens), all at once after one unmeasured stream of the same prompt, with the
-/// worker's prefix cache and without (a fresh worker each): the time to the first block
-/// (the prompt's), to the first new token, the tokens/s they see, and the KV bytes the
-/// worker holds after them (the sessions' own, the shared). One JSON line each, then
-/// their ratios.
+/// What `bench serve --shared-prefix` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedPrefix {
+    /// Tokens of each prompt.
+    pub prompt: usize,
+    /// Distinct prompts (they differ from their first token).
+    pub prompts: usize,
+    /// Streams, spread over the prompts in turn.
+    pub streams: usize,
+    /// New tokens per stream.
+    pub tokens: u32,
+    /// Workers behind the coordinator.
+    pub workers: usize,
+}
+
+/// `streams` streams of `prompts` prompts (each its own seed), all at once after one
+/// unmeasured stream of each prompt: with one worker, with its prefix cache and without;
+/// with several, with prefix-aware routing and without (a fresh deployment each). The
+/// time to the first block (the prompt's), to the first new token, the tokens/s they
+/// see, the KV bytes the workers hold after them (the sessions' own, the shared) and the
+/// busiest worker's share of the blocks. One JSON line each, then their ratios.
 pub async fn shared_prefix(
     loaded: Arc<LoadedModel>,
     limits: WorkerLimits,
-    (prompt, streams): (usize, usize),
-    tokens: u32,
+    bench: SharedPrefix,
 ) -> anyhow::Result<()> {
     let vocab = loaded.model.config().vocab_size as u32;
-    // Ids of the vocabulary short of BOS and the mask, in a fixed scatter.
-    let ids: Vec<u32> = (0..prompt as u32).map(|i| i * 7919 % (vocab - 2)).collect();
-    let request = |seed: u64| GenerateRequest {
-        prompt: Some(Prompt::TokenIds(TokenIds { ids: ids.clone() })),
-        max_new_tokens: tokens,
+    // Ids of the vocabulary short of BOS and the mask, in a fixed scatter; each prompt
+    // its own first token.
+    let prompt_ids = |p: usize| -> Vec<u32> {
+        let scatter = (0..bench.prompt as u32).map(|i| i * 7919 % (vocab - 2));
+        scatter
+            .enumerate()
+            .map(|(i, id)| if i == 0 { p as u32 } else { id })
+            .collect()
+    };
+    let request = |p: usize, seed: u64| GenerateRequest {
+        prompt: Some(Prompt::TokenIds(TokenIds { ids: prompt_ids(p) })),
+        max_new_tokens: bench.tokens,
         seed: Some(seed),
         ..Default::default()
     };
+    let compared = if bench.workers == 1 {
+        "prefix_cache"
+    } else {
+        "prefix_routing"
+    };
     let mut seen = Vec::new();
-    for prefix_cache in [true, false] {
+    for on in [true, false] {
+        let prefix_cache = on || compared != "prefix_cache";
         let limits = WorkerLimits {
             prefix_bytes: if prefix_cache {
                 limits.prefix_bytes.max(1 << 30)
@@ -451,31 +506,46 @@ pub async fn shared_prefix(
         };
         let coordinator = CoordinatorSettings {
             max_queue: usize::MAX,
+            prefix_routing: on || compared != "prefix_routing",
             ..CoordinatorSettings::default()
         };
         let stores = Stores::memory(Default::default());
-        let bench = one_worker_with(loaded.clone(), limits, stores, coordinator).await?;
-        stream(bench.client.clone(), request(u64::MAX)).await?;
+        let served = served_with(loaded.clone(), bench.workers, limits, stores, coordinator);
+        let served = served.await?;
+        for p in 0..bench.prompts {
+            stream(served.client.clone(), request(p, u64::MAX)).await?;
+        }
+        let before = served.infos().await?;
         let started = Instant::now();
-        let runs = (0..streams).map(|i| stream(bench.client.clone(), request(i as u64)));
+        let runs = (0..bench.streams)
+            .map(|i| stream(served.client.clone(), request(i % bench.prompts, i as u64)));
         let times = futures::future::try_join_all(runs).await?;
         let wall = started.elapsed().as_secs_f64();
-        let worker = DenoiseWorkerClient::connect(format!("http://{}", bench.worker_addr));
-        let held = worker.await?.info(InfoRequest {}).await?.into_inner();
+        let after = served.infos().await?;
+        let blocks: Vec<u64> = (after.iter().zip(&before))
+            .map(|(a, b)| a.batched_blocks - b.batched_blocks)
+            .collect();
+        let busiest = *blocks.iter().max().unwrap_or(&0) as f64;
         let mut firsts: Vec<f64> = times.iter().map(|t| t.first_ms).collect();
         let mut first_tokens: Vec<f64> = times.iter().map(|t| t.first_token_ms).collect();
         let total: usize = times.iter().map(|t| t.tokens.len()).sum();
+        let held = |f: fn(&bd3lm_proto::v1::InfoResponse) -> u64| {
+            after.iter().map(f).sum::<u64>() as f64 / MIB
+        };
         let line = serde_json::json!({
-            "prefix_cache": prefix_cache,
-            "streams": streams,
-            "prompt_tokens": prompt,
-            "new_tokens": tokens,
+            compared: on,
+            "workers": bench.workers,
+            "prompts": bench.prompts,
+            "streams": bench.streams,
+            "prompt_tokens": bench.prompt,
+            "new_tokens": bench.tokens,
             "first_block_ms_p50": percentile(&mut firsts, 0.5),
             "first_block_ms_p99": percentile(&mut firsts, 0.99),
             "first_token_ms_p50": percentile(&mut first_tokens, 0.5),
             "tokens_per_s": total as f64 / wall,
-            "kv_mib_sessions": held.cache_bytes as f64 / MIB,
-            "kv_mib_shared": held.prefix_cache_bytes as f64 / MIB,
+            "kv_mib_sessions": held(|i| i.cache_bytes),
+            "kv_mib_shared": held(|i| i.prefix_cache_bytes),
+            "busiest_worker_share": busiest / blocks.iter().sum::<u64>().max(1) as f64,
         });
         println!("{line}");
         let outputs: Vec<Vec<u32>> = times.into_iter().map(|t| t.tokens).collect();

@@ -122,12 +122,20 @@ enum BenchCommand {
         /// (the keys take turns at the worker's slots).
         #[arg(long, value_name = "N", conflicts_with = "concurrency")]
         burst: Option<usize>,
-        /// Instead of the cost figures: 16 streams of one prompt of this many tokens (each
-        /// its own seed), after one stream of it, with the worker's prefix cache and
-        /// without: time to the first block and token, tokens/s, and whether every
-        /// stream's tokens were the same both ways.
+        /// Instead of the cost figures: 16 streams of prompts of this many tokens (each
+        /// its own seed), after one stream of each prompt; with one worker, with its
+        /// prefix cache and without, with several, with prefix-aware routing and without:
+        /// time to the first block and token, tokens/s, KV memory, the busiest worker's
+        /// share of blocks, and whether every stream's tokens were the same both ways.
         #[arg(long, value_name = "TOKENS", conflicts_with_all = ["concurrency", "burst"])]
         shared_prefix: Option<usize>,
+        /// With --shared-prefix: distinct prompts (from their first token) the streams
+        /// take in turn.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        prompts: u64,
+        /// With --shared-prefix: workers behind the coordinator, in this process.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=8))]
+        workers: u64,
         /// With --concurrency, --burst or --shared-prefix: the random-weight tiny or small
         /// shape, or the bundled demo model.
         #[arg(long, value_enum, default_value_t = BenchModel::Tiny)]
@@ -354,6 +362,8 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
     match command {
         BenchCommand::Serve {
             shared_prefix: Some(prompt),
+            prompts,
+            workers,
             model,
             tokens,
             device,
@@ -362,7 +372,14 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
         } => runtime.block_on(async {
             let (loaded, _) = bench_model(model, &device).await?;
             let limits = worker.limits(device.device);
-            bench_load::shared_prefix(loaded, limits, (prompt, 16), tokens).await
+            let bench = bench_load::SharedPrefix {
+                prompt,
+                prompts: prompts as usize,
+                streams: 16,
+                tokens,
+                workers: workers as usize,
+            };
+            bench_load::shared_prefix(loaded, limits, bench).await
         }),
         BenchCommand::Serve {
             burst: Some(burst),

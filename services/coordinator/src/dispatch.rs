@@ -51,6 +51,9 @@ pub struct RetryPolicy {
     pub backoff: Duration,
     /// Most blocks of one run.
     pub max_run_blocks: u32,
+    /// Whether a new session goes to the worker that holds its prompt's first blocks
+    /// (while that worker has room).
+    pub prefix_routing: bool,
 }
 
 /// The bounds of the wait for a worker's progress.
@@ -126,6 +129,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Whether new sessions are routed by their prompt's first blocks.
+    pub fn routes_by_prefix(&self) -> bool {
+        self.policy.prefix_routing
+    }
+
     /// A dispatcher over `pool` and its models' `admissions`, trying each block by
     /// `policy`.
     pub fn new(pool: Arc<Pool>, admissions: Arc<Admissions>, policy: RetryPolicy) -> Self {

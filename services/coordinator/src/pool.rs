@@ -141,7 +141,19 @@ impl Worker {
     }
 
     fn has_room(&self) -> bool {
-        self.in_flight.load(Ordering::Relaxed) < self.capacity.load(Ordering::Relaxed)
+        self.in_flight() < self.capacity.load(Ordering::Relaxed)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Blocks in flight beyond the least loaded worker's (`least`) this worker may have
+    /// and still win a new session whose prompt blocks it holds: a quarter of its
+    /// capacity, at least one. Beyond it, computing (or reading from the store) the
+    /// prompt's blocks elsewhere costs less than the queue behind this worker's batch.
+    fn prefix_slack(&self) -> usize {
+        (self.capacity.load(Ordering::Relaxed) / 4).max(1)
     }
 }
 
@@ -393,7 +405,8 @@ impl Pool {
     /// their version during a rollout. A new session whose first prompt's whole blocks
     /// have `prefix` hashes goes to the worker that began a session with its longest
     /// prefix (its blocks' keys and values are in that worker's prefix cache) while that
-    /// worker has room; else, as any other, to the least loaded.
+    /// worker has room and is not much busier than the least loaded (`prefix_slack`);
+    /// else, as any other, to the least loaded.
     pub fn pick(
         &self,
         session: &str,
@@ -437,7 +450,8 @@ impl Pool {
     }
 
     /// Of `healthy`, the worker that began a session with the longest of `prefix` (of
-    /// `model`), when it has room.
+    /// `model`), when it has room and at most its slack more blocks in flight than the
+    /// least loaded.
     fn prefix_holder(
         &self,
         model: &str,
@@ -453,7 +467,9 @@ impl Pool {
             .rev()
             .find_map(|hash| prefixes.get(&prefix_key(model, *hash)))?;
         let worker = healthy.iter().find(|w| w.addr == holder);
-        let chosen = worker.filter(|w| w.has_room()).cloned();
+        let least = healthy.iter().map(|w| w.in_flight()).min().unwrap_or(0);
+        let balanced = |w: &&Arc<Worker>| w.in_flight() <= least + w.prefix_slack();
+        let chosen = worker.filter(|w| w.has_room()).filter(balanced).cloned();
         metrics::prefix_route(match (worker, &chosen) {
             (_, Some(_)) => "held",
             (Some(_), None) => "busy",

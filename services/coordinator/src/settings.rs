@@ -135,6 +135,11 @@ pub struct CoordinatorSettings {
     #[arg(long, env = "BD3LM_AFFINITY_SESSIONS", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub affinity_sessions: u64,
+    /// Send a new session to the worker that began a session with the longest whole-block
+    /// prefix of its prompt (its keys and values are in that worker's memory) while that
+    /// worker has room, else to the least loaded (under `--routing affinity`).
+    #[arg(long, env = "BD3LM_PREFIX_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefix_routing: bool,
     /// Seconds a session's lease outlives its generation's last renewal (a coordinator
     /// that dies holds its sessions this long).
     #[arg(long = "lease-secs", env = "BD3LM_LEASE_SECS", value_name = "SECS",
@@ -217,6 +222,7 @@ impl CoordinatorSettings {
             max_attempts: self.max_attempts,
             backoff: self.retry_backoff,
             max_run_blocks: self.max_run_blocks,
+            prefix_routing: self.prefix_routing,
         }
     }
 
@@ -245,6 +251,7 @@ impl Default for CoordinatorSettings {
             health_interval: Duration::from_secs(1),
             down_after_failures: 3,
             affinity_sessions: 100_000,
+            prefix_routing: true,
             lease_ttl: Duration::from_secs(30),
             lease_wait: Duration::from_secs(2),
             api_keys: None,

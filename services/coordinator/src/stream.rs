@@ -147,7 +147,10 @@ pub async fn drive(
             start: plan.start,
             end: plan.start + plan.rules.max_new_tokens,
             block_size: model.info.block_size as usize,
-            prefix: prompt_prefix(&plan.record, model.info.block_size as usize),
+            prefix: match dispatch.routes_by_prefix() {
+                true => prompt_prefix(&plan.record, model.info.block_size as usize),
+                false => Vec::new(),
+            },
         },
         plan,
         progress,

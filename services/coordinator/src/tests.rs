@@ -476,6 +476,37 @@ async fn new_sessions_follow_their_prompt_prefix_while_its_worker_has_room() {
     assert_eq!(full.token_ids, first.token_ids);
 }
 
+/// A prefix holder busier than the least loaded worker by more than a quarter of its
+/// capacity (its slack) loses a new session of its prompt, though it has room.
+#[tokio::test]
+async fn a_prefix_holder_much_busier_than_another_loses() {
+    let c = cluster(2, Routing::Affinity).await;
+    for w in &c.workers {
+        w.fake.capacity.store(8, Ordering::SeqCst);
+    }
+    let addrs = c.workers.iter().map(|w| w.addr.clone()).collect();
+    assert_eq!(c.pool.refresh(&WorkerSource::Static(addrs)).await, 2);
+    let first = c.generate().await.unwrap();
+    assert!(workers_of(&first).iter().all(|w| *w == c.id(0)));
+    // Sessions of the prompt that never end on worker 0: up to two more than the least
+    // loaded's none are within its slack; with three it loses.
+    let mut hanging = Vec::new();
+    for held in 1..=3 {
+        c.script(0, &[Act::Hang]);
+        let calls = c.calls(0);
+        let stream = c.coordinator.generate_stream(Request::new(request()));
+        hanging.push(stream.await.unwrap());
+        until(|| c.calls(0) == calls + 1).await;
+        if held == 2 {
+            let within = c.generate().await.unwrap();
+            assert!(workers_of(&within).iter().all(|w| *w == c.id(0)));
+        }
+    }
+    let elsewhere = c.generate().await.unwrap();
+    assert!(workers_of(&elsewhere).iter().all(|w| *w == c.id(1)));
+    assert_eq!(elsewhere.token_ids, first.token_ids);
+}
+
 #[tokio::test]
 async fn a_failed_block_is_retried_on_another_worker_with_the_same_tokens() {
     let c = cluster(2, Routing::Affinity).await;

@@ -32,7 +32,7 @@ use crate::models::Models;
 use crate::prefix::PrefixCache;
 use crate::run::{Caller, Gone, RunSpec};
 use crate::scheduler::{Park, PendingBlock, Scheduler};
-use crate::sessions::SessionCaches;
+use crate::sessions::{SessionCaches, SessionState};
 use crate::settings::WorkerLimits;
 
 /// The loaded model and what identifies it.
@@ -217,8 +217,8 @@ impl WorkerService {
         let park = self.parker(&spec.session_id, &loaded);
         let mut sharing = None;
         let (state, source, mut prefilled) = match prepared.map_err(work_status)? {
-            Prepared::Prefilled(mut work, state) => {
-                sharing = self.share(&loaded, work.shared.take(), &spec);
+            Prepared::Prefilled(mut work, mut state) => {
+                sharing = self.share(&loaded, work.shared.take(), &mut state, &spec);
                 (state, CacheSource::Memory, Some(*work))
             }
             Prepared::Ready(state, source) => (state, source, None),
@@ -284,14 +284,15 @@ impl WorkerService {
         }
     }
 
-    /// Shares the prompt blocks a new session computed: into the prefix cache, and when
-    /// `spec` lets KV into the store, into the store's shared blocks (best effort: a
-    /// failed write is logged and counted, and the blocks are computed again elsewhere).
-    /// The store's write, when there is one.
+    /// Shares the prompt blocks a new session (now at `state`) computed: into the prefix
+    /// cache, and when `spec` lets KV into the store, into the store's shared blocks
+    /// (best effort: a failed write is logged and counted, and the blocks are computed
+    /// again elsewhere). The store's write, when there is one.
     fn share(
         &self,
         loaded: &Arc<LoadedModel>,
         shared: Option<SharedBlocks>,
+        state: &mut SessionState,
         spec: &RunSpec,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let (prefix, shared) = (self.prefix.as_ref()?, shared?);
@@ -300,6 +301,18 @@ impl WorkerService {
             kv,
             blobs,
         } = shared;
+        // Sessions of one prompt that began together each computed (or read) it: the
+        // first here keeps its run, and the others take that one, letting theirs go.
+        let bs = kv.block_size();
+        let same = prefix.longest(&loaded.fingerprint, &addresses);
+        if let Some((_, held)) = same.filter(|(end, _)| end * bs == kv.end()) {
+            let end = state.cache.next_position();
+            match bd3lm_model::KvCache::on_shared(held, end) {
+                Ok(cache) => state.cache = cache,
+                Err(e) => tracing::error!(error = %e, "a held run does not fit its session"),
+            }
+            return None;
+        }
         prefix.insert(&loaded.fingerprint, &addresses, kv);
         if !spec.share_in_store || blobs.is_empty() {
             return None;
@@ -1312,6 +1325,44 @@ pub(crate) mod tests {
         let (first, _) = prompt_and_blocks_as(&worker, &store, &sid("a-again"), never).await;
         assert_eq!(first.prefix_blocks, 0, "freed");
         assert_eq!(prefix.bytes(), 2 * run);
+    }
+
+    /// Sessions of one prompt that computed it at once (each before the other shared it)
+    /// end up on one run: the second to share takes the first's and lets its own go.
+    #[tokio::test]
+    async fn sessions_that_computed_one_prompt_at_once_keep_one_run() {
+        let store = SessionStore::memory(StoreConfig::default());
+        let loaded = random_loaded(&long_window(), 0.1, "f", DType::F32);
+        let worker = sharing_worker(&Arc::new(Models::fixed(loaded.clone())), &store, 1 << 24);
+        let prompt: Vec<u32> = (0..64).map(|i| (i * 3 % 60 + 1) as u32).collect();
+        let writes = Writes {
+            store: false,
+            prefix: true,
+            prefix_in_store: false,
+        };
+        let mut states = Vec::new();
+        for (seed, name) in ["x", "y"].into_iter().enumerate() {
+            session_of(&store, &sid(name), &prompt, seed as u64).await;
+            let record = store.get_session("m", &sid(name)).await.unwrap().unwrap();
+            let prepared = block::prepare(&loaded, &record, CacheLookup::Nothing, writes);
+            let Ok(Prepared::Prefilled(mut work, state)) = prepared else {
+                panic!("the prompt's blocks are committed");
+            };
+            states.push((work.shared.take(), state));
+        }
+        let spec = RunSpec::one_block(DenoiseBlockRequest {
+            session_id: sid("x"),
+            kv_persistence: KvPersistence::Never.into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let mut runs = Vec::new();
+        for (shared, mut state) in states {
+            assert!(worker.share(&loaded, shared, &mut state, &spec).is_none());
+            runs.push(state.cache.shared().unwrap().clone());
+        }
+        assert!(Arc::ptr_eq(&runs[0], &runs[1]));
+        assert_eq!(worker.prefix.as_ref().unwrap().bytes(), runs[0].bytes());
     }
 
     /// A stored record that went backwards (fewer tokens than its committed blocks say)
