@@ -267,32 +267,27 @@ impl KvCache {
         offset: usize,
         len: usize,
     ) -> candle_core::Result<(Tensor, Tensor)> {
-        let (mut keys, mut values) = (Vec::with_capacity(2), Vec::with_capacity(2));
-        let (mut offset, mut left) = (offset, len);
-        if let Some(head) = &self.head {
-            let (k, v) = &head.kv.buffers[layer];
-            let shared = head.taken.len();
-            if offset < shared {
-                let n = left.min(shared - offset);
-                keys.push(k.narrow(2, head.taken.start + offset, n)?);
-                values.push(v.narrow(2, head.taken.start + offset, n)?);
-                left -= n;
-            }
-            offset = offset.saturating_sub(shared);
+        let (kb, vb) = &self.buffers[layer];
+        let shared = self.head_len();
+        let taken = shared.saturating_sub(offset).min(len);
+        let at = self.start + offset.saturating_sub(shared);
+        let own = (
+            kb.narrow(2, at, len - taken)?,
+            vb.narrow(2, at, len - taken)?,
+        );
+        let Some(head) = self.head.as_ref().filter(|_| taken > 0) else {
+            return Ok(own);
+        };
+        let (hk, hv) = &head.kv.buffers[layer];
+        let at = head.taken.start + offset;
+        let part = (hk.narrow(2, at, taken)?, hv.narrow(2, at, taken)?);
+        if taken == len {
+            return Ok(part);
         }
-        if left > 0 || keys.is_empty() {
-            let (k, v) = &self.buffers[layer];
-            keys.push(k.narrow(2, self.start + offset, left)?);
-            values.push(v.narrow(2, self.start + offset, left)?);
-        }
-        match (keys.len(), keys.pop(), values.pop()) {
-            (1, Some(k), Some(v)) => Ok((k, v)),
-            (_, Some(k), Some(v)) => Ok((
-                Tensor::cat(&[&keys[0], &k], 2)?,
-                Tensor::cat(&[&values[0], &v], 2)?,
-            )),
-            _ => unreachable!("one part at least"),
-        }
+        Ok((
+            Tensor::cat(&[&part.0, &own.0], 2)?,
+            Tensor::cat(&[&part.1, &own.1], 2)?,
+        ))
     }
 
     /// Makes the `new` pending tokens part of the cache, then drops the oldest blocks

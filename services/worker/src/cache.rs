@@ -183,12 +183,9 @@ pub async fn find_prefix(
     let in_memory = held.as_ref().map_or(0, |(end, _)| *end);
     if in_memory < prompt.addresses.len() {
         let window = cfg.kv_window() / cfg.block_size;
-        let read = read_shared(store, loaded, &prompt, window, in_memory).await;
-        if let Some(bytes) = read {
-            return CacheLookup::Prefix(StoredBlobs {
-                rejected: rejected.clone(),
-                ..bytes
-            });
+        let read = read_shared(store, loaded, &prompt, (window, in_memory), rejected);
+        if let Some(blobs) = read.await {
+            return CacheLookup::Prefix(blobs);
         }
     }
     match held {
@@ -200,15 +197,15 @@ pub async fn find_prefix(
     }
 }
 
-/// The store's blobs of the longest run of `prompt`'s shared blocks when it ends past
-/// block `beyond` (their `rejected` a fresh count). A failed read is logged and reads
-/// as none.
+/// The store's blobs of the longest run of `prompt`'s shared blocks whose last `window`
+/// blocks it holds, when that run ends past block `beyond`; those refused when decoded
+/// are counted in `rejected`. A failed read is logged and reads as none.
 async fn read_shared(
     store: &SessionStore,
     loaded: &LoadedModel,
     prompt: &SharedPrompt,
-    window: usize,
-    beyond: usize,
+    (window, beyond): (usize, usize),
+    rejected: &Arc<AtomicU64>,
 ) -> Option<StoredBlobs> {
     let scope = PrefixScope {
         model: &loaded.model_id,
@@ -240,7 +237,7 @@ async fn read_shared(
         prefix_hashes: prompt.hashes[blocks.clone()].to_vec(),
         blocks,
         bytes,
-        rejected: Arc::default(),
+        rejected: rejected.clone(),
     })
 }
 

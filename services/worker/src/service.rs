@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::record::short_id;
 use bd3lm_kvstore::{PrefixScope, SessionStore};
-use bd3lm_model::Bd3lm;
+use bd3lm_model::{Bd3lm, KvCache};
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{
@@ -307,7 +307,7 @@ impl WorkerService {
         let same = prefix.longest(&loaded.fingerprint, &addresses);
         if let Some((_, held)) = same.filter(|(end, _)| end * bs == kv.end()) {
             let end = state.cache.next_position();
-            match bd3lm_model::KvCache::on_shared(held, end) {
+            match KvCache::on_shared(held, end) {
                 Ok(cache) => state.cache = cache,
                 Err(e) => tracing::error!(error = %e, "a held run does not fit its session"),
             }
@@ -317,6 +317,17 @@ impl WorkerService {
         if !spec.share_in_store || blobs.is_empty() {
             return None;
         }
+        Some(self.write_shared(loaded, addresses, blobs))
+    }
+
+    /// Writes the blobs of a prompt's computed blocks (of the prompt whose whole blocks
+    /// have `addresses`) to the store's shared blocks, beside the run.
+    fn write_shared(
+        &self,
+        loaded: &Arc<LoadedModel>,
+        addresses: Vec<u64>,
+        blobs: Vec<(usize, Vec<u8>)>,
+    ) -> tokio::task::JoinHandle<()> {
         let (store, loaded) = (self.store.clone(), loaded.clone());
         let write = async move {
             let scope = PrefixScope {
@@ -332,7 +343,7 @@ impl WorkerService {
                 }
             }
         };
-        Some(tokio::spawn(write.in_current_span()))
+        tokio::spawn(write.in_current_span())
     }
 
     /// The record of `session`, checked against itself.
