@@ -31,15 +31,15 @@ pub struct BlockWork {
 }
 
 /// A first prompt's blocks a session committed, to be shared: its keys and values for
-/// the prefix cache (the session's cache takes them from there too) and the blobs of
-/// those it computed for the store's shared blocks.
+/// the prefix cache (the session's cache takes them from there too) and the blobs the
+/// store's shared blocks lack.
 pub struct SharedBlocks {
     /// The shared addresses of the prompt's whole blocks.
     pub addresses: Vec<u64>,
-    /// The keys and values of its live blocks.
-    pub kv: Arc<SharedKv>,
-    /// (Block index, bytes) of those computed and still in the window, when they go to
-    /// the store.
+    /// The keys and values of its live blocks, when they were not shared already.
+    pub kv: Option<Arc<SharedKv>>,
+    /// (Block index, bytes) of those still in the window that the store lacks, when
+    /// they go there.
     pub blobs: Vec<(usize, Vec<u8>)>,
 }
 
@@ -86,12 +86,14 @@ pub struct Writes {
 
 /// Opens the session of `record` on the cache `lookup` (rebuilding it from tokens when
 /// nothing was found) and commits a new session's whole prompt blocks not taken from the
-/// prefix cache, their KV blobs going where `writes` says.
+/// shared ones, their KV blobs going where `writes` says; `stored` says which of the
+/// prompt's whole blocks the store's shared blocks hold already.
 pub fn prepare(
     loaded: &LoadedModel,
     record: &SessionRecord,
     lookup: CacheLookup,
     writes: Writes,
+    stored: &[bool],
 ) -> bd3lm_diffusion::Result<Prepared> {
     let (mut session, source) = cache::open(loaded, record, lookup)?;
     // Blocks imported from the prefix cache are this request's to commit, as computed
@@ -113,44 +115,48 @@ pub fn prepare(
         denoise: Duration::ZERO,
         commit: started.elapsed(),
     };
-    let mut work = finish(loaded, record, &session, effort, writes.store)?;
+    // A new session's prompt blocks go to the store's shared blocks, not its own.
+    let shares = writes.prefix && first_block == 0;
+    let own_blobs = writes.store && !(shares && writes.prefix_in_store);
+    let mut work = finish(loaded, record, &session, effort, own_blobs)?;
     let mut state = SessionState::of(session);
-    // A new session's prompt, unless all of it was taken from shared blocks already.
-    if writes.prefix && first_block == 0 && !state.cache.is_shared() {
-        let computed = first_block + reused..end;
-        work.shared = share(loaded, record, &mut state, computed, &work.blobs, writes)?;
+    if shares {
+        work.shared = share(loaded, record, &mut state, stored, writes)?;
     }
     Ok(Prepared::Prefilled(Box::new(work), state))
 }
 
-/// Moves the live keys and values of a new session's committed prompt (of `record`'s
-/// first prompt) into shared ones that its cache takes from, with the prompt's shared
-/// addresses and, when `writes` sends them to the store, the blobs of the `computed`
-/// blocks still in its window. Those already exported for the store (`for_store`, the
-/// same bytes) are copied, not exported again.
+/// The shared blocks of a new session's committed prompt (of `record`'s first prompt):
+/// its live keys and values, moved into shared ones its cache takes from unless they
+/// are shared already; and, when `writes` sends them to the store, the blobs of its
+/// blocks still in the window that the store's shared blocks lack (`stored`).
 fn share(
     loaded: &LoadedModel,
     record: &SessionRecord,
     state: &mut SessionState,
-    computed: std::ops::Range<usize>,
-    for_store: &[(usize, Vec<u8>)],
+    stored: &[bool],
     writes: Writes,
 ) -> bd3lm_diffusion::Result<Option<SharedBlocks>> {
     let bs = loaded.model.config().block_size;
     let Some(prompt) = SharedPrompt::of(record, bs) else {
         return Ok(None);
     };
-    let blobs = if !writes.prefix_in_store {
-        Vec::new()
-    } else if for_store.is_empty() {
-        window_blobs(loaded, &state.tokens, &state.cache, computed)?
+    let blobs = if writes.prefix_in_store {
+        let lacks = |b: &usize| !stored.get(*b).copied().unwrap_or(false);
+        let (first, end) = (state.cache.first_position() / bs, state.committed / bs);
+        let from = (first..end).find(lacks).unwrap_or(end);
+        let exported = window_blobs(loaded, &state.tokens, &state.cache, from..end)?;
+        exported.into_iter().filter(|(b, _)| lacks(b)).collect()
     } else {
-        let wanted = for_store.iter().filter(|(b, _)| computed.contains(b));
-        wanted.cloned().collect()
+        Vec::new()
+    };
+    let kv = match state.cache.is_shared() {
+        true => None,
+        false => Some(state.cache.share()?),
     };
     Ok(Some(SharedBlocks {
         addresses: prompt.addresses,
-        kv: state.cache.share()?,
+        kv,
         blobs,
     }))
 }

@@ -164,6 +164,15 @@ fn prefix_found(
     (cache, CacheSource::Prefix)
 }
 
+/// A new session's shared prompt blocks as found: where its cache comes from, and which
+/// of its prompt's whole blocks the store's shared blocks hold (empty when unknown).
+pub struct PromptLookup {
+    /// The cache found.
+    pub lookup: CacheLookup,
+    /// Block `i` is in the store's shared blocks.
+    pub stored: Vec<bool>,
+}
+
 /// The longest run of `record`'s whole first-prompt blocks held by the worker's prefix
 /// cache, or, when the store's shared blocks hold a longer one, their blobs (the live
 /// ones before the run's end); nothing when neither holds any. Blobs refused when
@@ -174,59 +183,70 @@ pub async fn find_prefix(
     loaded: &LoadedModel,
     record: &SessionRecord,
     rejected: &Arc<AtomicU64>,
-) -> CacheLookup {
+) -> PromptLookup {
     let cfg = loaded.model.config();
     let Some(prompt) = SharedPrompt::of(record, cfg.block_size) else {
-        return CacheLookup::Nothing;
+        return PromptLookup {
+            lookup: CacheLookup::Nothing,
+            stored: Vec::new(),
+        };
+    };
+    let scope = PrefixScope {
+        model: &loaded.model_id,
+        fingerprint: &loaded.fingerprint,
+    };
+    let stored = match store.held_prefix_blocks(scope, &prompt.addresses).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::warn!(error = %e, "probing the store's shared prompt blocks failed");
+            Vec::new()
+        }
     };
     let held = prefix.longest(&loaded.fingerprint, &prompt.addresses);
     let in_memory = held.as_ref().map_or(0, |(end, _)| *end);
-    if in_memory < prompt.addresses.len() {
-        let window = cfg.kv_window() / cfg.block_size;
-        let read = read_shared(store, loaded, &prompt, (window, in_memory), rejected);
-        if let Some(blobs) = read.await {
-            return CacheLookup::Prefix(blobs);
-        }
-    }
-    match held {
-        Some((end, kv)) => CacheLookup::Shared(kv, end),
-        None => {
+    let window = cfg.kv_window() / cfg.block_size;
+    let end = longest_run(stored.len(), window, |b| stored[b]).filter(|&end| end > in_memory);
+    let read = match end {
+        Some(end) => read_shared(store, loaded, &prompt, end, rejected).await,
+        None => None,
+    };
+    let lookup = match (read, held) {
+        (Some(blobs), _) => CacheLookup::Prefix(blobs),
+        (None, Some((end, kv))) => CacheLookup::Shared(kv, end),
+        (None, None) => {
             metrics::prefix_lookup("miss", 0);
             CacheLookup::Nothing
         }
-    }
+    };
+    PromptLookup { lookup, stored }
 }
 
-/// The store's blobs of the longest run of `prompt`'s shared blocks whose last `window`
-/// blocks it holds, when that run ends past block `beyond`; those refused when decoded
-/// are counted in `rejected`. A failed read is logged and reads as none.
+/// The store's blobs of `prompt`'s shared blocks in the window before block `end`; those
+/// refused when decoded are counted in `rejected`. A failed read, or a blob gone since
+/// the probe, is logged and reads as none.
 async fn read_shared(
     store: &SessionStore,
     loaded: &LoadedModel,
     prompt: &SharedPrompt,
-    (window, beyond): (usize, usize),
+    end: usize,
     rejected: &Arc<AtomicU64>,
 ) -> Option<StoredBlobs> {
     let scope = PrefixScope {
         model: &loaded.model_id,
         fingerprint: &loaded.fingerprint,
     };
-    let addresses = &prompt.addresses;
-    let read = async {
-        let held = store.held_prefix_blocks(scope, addresses).await?;
-        let Some(end) = longest_run(held.len(), window, |b| held[b]) else {
-            return Ok(None);
-        };
-        let blocks = end.saturating_sub(window)..end;
-        let blobs = store
-            .get_prefix_blobs(scope, addresses, blocks.clone())
-            .await?;
-        // A blob evicted between the probe and the read: no run.
-        let whole = blobs.into_iter().collect::<Option<Vec<_>>>();
-        Ok::<_, bd3lm_kvstore::Error>(whole.map(|b| (blocks, b)))
-    };
-    let (blocks, bytes) = match read.await {
-        Ok(found) => found.filter(|(blocks, _)| blocks.end > beyond)?,
+    let window = loaded.model.config().kv_window() / loaded.model.config().block_size;
+    let blocks = end.saturating_sub(window)..end;
+    let read = store.get_prefix_blobs(scope, &prompt.addresses, blocks.clone());
+    let bytes = match read
+        .await
+        .map(|b| b.into_iter().collect::<Option<Vec<_>>>())
+    {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => {
+            tracing::info!("a shared prompt block left the store since the probe; computing");
+            return None;
+        }
         Err(e) => {
             tracing::warn!(error = %e, "reading shared prompt blocks failed; computing them");
             return None;
@@ -269,6 +289,10 @@ pub async fn read_store(
     };
     let wanted: Vec<usize> = blocks.clone().collect();
     let read = match store.get_blobs(&loaded.model_id, &record.id, &wanted).await {
+        Ok(b) => with_shared(store, loaded, record, blocks.clone(), b).await,
+        Err(e) => Err(e),
+    };
+    let read = match read {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "reading KV blobs failed; rebuilding from tokens");
@@ -290,6 +314,44 @@ pub async fn read_store(
         bytes,
         rejected: rejected.clone(),
     })
+}
+
+/// The session's blobs `read` of `blocks`, those it lacks taken from the store's shared
+/// prompt blocks: a new session whose prompt's blocks went there wrote no copies of its
+/// own (the same bytes: the blob of a block depends on its tokens only).
+async fn with_shared(
+    store: &SessionStore,
+    loaded: &LoadedModel,
+    record: &SessionRecord,
+    blocks: std::ops::Range<usize>,
+    mut read: Vec<Option<Vec<u8>>>,
+) -> bd3lm_kvstore::Result<Vec<Option<Vec<u8>>>> {
+    let missing: Vec<usize> = (read.iter().enumerate())
+        .filter(|(_, b)| b.is_none())
+        .map(|(i, _)| blocks.start + i)
+        .collect();
+    let (Some(&first), Some(&last)) = (missing.first(), missing.last()) else {
+        return Ok(read);
+    };
+    let bs = loaded.model.config().block_size;
+    let owner = record.owner.as_deref();
+    let Some(addresses) = shared_prefix_addresses(&record.tokens, bs, last + 1, owner) else {
+        return Ok(read);
+    };
+    let scope = PrefixScope {
+        model: &loaded.model_id,
+        fingerprint: &loaded.fingerprint,
+    };
+    let shared = store
+        .get_prefix_blobs(scope, &addresses, first..last + 1)
+        .await?;
+    for (block, blob) in (first..).zip(shared) {
+        let slot = &mut read[block - blocks.start];
+        if slot.is_none() {
+            *slot = blob;
+        }
+    }
+    Ok(read)
 }
 
 /// The cache of `blobs` once each has passed its checksum and belongs to this model

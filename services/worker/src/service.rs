@@ -25,7 +25,7 @@ use tonic_health::server::HealthReporter;
 use tracing::Instrument;
 
 use crate::block::{self, Prepared, SharedBlocks, Writes};
-use crate::cache::{self, CacheLookup, CacheSource};
+use crate::cache::{self, CacheLookup, CacheSource, PromptLookup};
 use crate::commit::{BlockCommit, commit, committed_answer};
 use crate::metrics;
 use crate::models::Models;
@@ -190,7 +190,7 @@ impl WorkerService {
             cache_time: Duration::ZERO,
         };
         let started = Instant::now();
-        let lookup = self.find_cache(&loaded, &record, block).await;
+        let PromptLookup { lookup, stored } = self.find_cache(&loaded, &record, block).await;
         let (task_loaded, task_record) = (loaded.clone(), record.clone());
         let span = tracing::info_span!("open_session", block);
         let write_blobs = spec.write_blobs;
@@ -202,8 +202,8 @@ impl WorkerService {
         // Opening the session (a rebuild from tokens, a prefill) is compute: on a blocking
         // thread, beside the batch rather than in it. The slot goes with the compute.
         let opening = tokio::task::spawn_blocking(move || {
-            let prepared =
-                span.in_scope(|| block::prepare(&task_loaded, &task_record, lookup, writes));
+            let prepared = span
+                .in_scope(|| block::prepare(&task_loaded, &task_record, lookup, writes, &stored));
             (prepared, slot)
         });
         let Ok(opened) = caller.wait(opening, None).await else {
@@ -301,19 +301,9 @@ impl WorkerService {
             kv,
             blobs,
         } = shared;
-        // Sessions of one prompt that began together each computed (or read) it: the
-        // first here keeps its run, and the others take that one, letting theirs go.
-        let bs = kv.block_size();
-        let same = prefix.longest(&loaded.fingerprint, &addresses);
-        if let Some((_, held)) = same.filter(|(end, _)| end * bs == kv.end()) {
-            let end = state.cache.next_position();
-            match KvCache::on_shared(held, end) {
-                Ok(cache) => state.cache = cache,
-                Err(e) => tracing::error!(error = %e, "a held run does not fit its session"),
-            }
-            return None;
+        if let Some(kv) = kv {
+            keep_run(prefix, &loaded.fingerprint, &addresses, kv, state);
         }
-        prefix.insert(&loaded.fingerprint, &addresses, kv);
         if !spec.share_in_store || blobs.is_empty() {
             return None;
         }
@@ -380,13 +370,18 @@ impl WorkerService {
     }
 
     /// The session's cache: this worker's own when it ends where the record does, else
-    /// the store's blobs, else nothing (rebuilt from tokens).
+    /// the store's blobs, else nothing (rebuilt from tokens); for a new session, its
+    /// prompt's shared blocks (with those the store holds).
     async fn find_cache(
         &self,
         loaded: &crate::LoadedModel,
         record: &bd3lm_kvstore::SessionRecord,
         block: usize,
-    ) -> CacheLookup {
+    ) -> PromptLookup {
+        let found = |lookup| PromptLookup {
+            lookup,
+            stored: Vec::new(),
+        };
         let bs = loaded.model.config().block_size;
         let state = self
             .sessions
@@ -396,20 +391,20 @@ impl WorkerService {
             });
         if let Some(state) = state {
             metrics::cache_lookup("memory");
-            return CacheLookup::Memory(state);
+            return found(CacheLookup::Memory(state));
         }
         if block == 0 {
             let Some(prefix) = self.prefix.as_deref() else {
-                return CacheLookup::Nothing;
+                return found(CacheLookup::Nothing);
             };
-            let found = cache::find_prefix(prefix, &self.store, loaded, record, &self.rejected);
-            return found.await;
+            let prompt = cache::find_prefix(prefix, &self.store, loaded, record, &self.rejected);
+            return prompt.await;
         }
         match cache::read_store(&self.store, loaded, record, block, &self.rejected).await {
-            Some(blobs) => CacheLookup::Store(blobs),
+            Some(blobs) => found(CacheLookup::Store(blobs)),
             None => {
                 metrics::cache_lookup("miss");
-                CacheLookup::Nothing
+                found(CacheLookup::Nothing)
             }
         }
     }
@@ -541,6 +536,28 @@ pub(crate) fn cache_key(session: &str, loaded: &LoadedModel) -> String {
     format!("{session}@{}", loaded.fingerprint)
 }
 
+/// Keeps `kv`, a new session's run (the session at `state`), in `prefix`; unless sessions
+/// of its prompt that began together each computed (or read) it: the first to get here
+/// keeps its run, and the others take that one, letting theirs go.
+fn keep_run(
+    prefix: &PrefixCache,
+    fingerprint: &str,
+    addresses: &[u64],
+    kv: Arc<bd3lm_model::SharedKv>,
+    state: &mut SessionState,
+) {
+    let bs = kv.block_size();
+    let same = prefix.longest(fingerprint, addresses);
+    let Some((_, held)) = same.filter(|(end, _)| end * bs == kv.end()) else {
+        prefix.insert(fingerprint, addresses, kv);
+        return;
+    };
+    match KvCache::on_shared(held, state.cache.next_position()) {
+        Ok(cache) => state.cache = cache,
+        Err(e) => tracing::error!(error = %e, "a held run does not fit its session"),
+    }
+}
+
 /// Counts a block in flight for as long as it lives.
 struct InFlight(Arc<AtomicUsize>);
 
@@ -613,6 +630,8 @@ pub(crate) mod tests {
         })
     }
 
+    /// A worker of `loaded` taking `capacity` blocks, without the prefix cache: sessions
+    /// keep their own blobs (the shared ones have tests of their own).
     fn service(
         loaded: Option<Arc<LoadedModel>>,
         store: &SessionStore,
@@ -625,6 +644,7 @@ pub(crate) mod tests {
         let limits = WorkerLimits {
             max_batch: capacity,
             cache_bytes: 1 << 20,
+            prefix_bytes: 0,
             ..WorkerLimits::default()
         };
         WorkerService::new(models, store.clone(), limits)
@@ -1263,7 +1283,18 @@ pub(crate) mod tests {
         let every = KvPersistence::EveryBlock;
         let (first, _) = run(&a, "a", None, every).await;
         assert_eq!(first.prefix_blocks, 0);
+        // The session wrote no copies of its prompt's blocks: they are the store's
+        // shared ones, from which, with its own, another worker continues it.
+        let own = store.get_blobs("m", &sid("a"), &[0, 23, 24]).await.unwrap();
+        assert_eq!(
+            own.iter().map(Option::is_some).collect::<Vec<_>>(),
+            [false, false, true]
+        );
+        let moved = block_as(&b, &sid("a"), 27, every).await.unwrap();
+        assert_eq!(moved.cache_source, "store");
         let (computed, tokens) = run(&off, "off", None, every).await;
+        let stayed = block_as(&off, &sid("off"), 27, every).await.unwrap();
+        assert_eq!(moved.token_ids, stayed.token_ids);
         let (first, reused) = run(&b, "b", None, every).await;
         assert_eq!(
             (first.prefix_blocks, first.cache_source.as_str()),
@@ -1355,7 +1386,7 @@ pub(crate) mod tests {
         for (seed, name) in ["x", "y"].into_iter().enumerate() {
             session_of(&store, &sid(name), &prompt, seed as u64).await;
             let record = store.get_session("m", &sid(name)).await.unwrap().unwrap();
-            let prepared = block::prepare(&loaded, &record, CacheLookup::Nothing, writes);
+            let prepared = block::prepare(&loaded, &record, CacheLookup::Nothing, writes, &[]);
             let Ok(Prepared::Prefilled(mut work, state)) = prepared else {
                 panic!("the prompt's blocks are committed");
             };
