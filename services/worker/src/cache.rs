@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bd3lm_diffusion::Session;
 use bd3lm_kvstore::blob::{prefix_hashes, shared_prefix_addresses};
-use bd3lm_kvstore::{BlockBlob, PrefixScope, SessionRecord, SessionStore};
+use bd3lm_kvstore::{BlockBlob, SessionRecord, SessionStore};
 use bd3lm_model::{KvCache, SharedKv};
 use rayon::prelude::*;
 
@@ -191,10 +191,7 @@ pub async fn find_prefix(
             stored: Vec::new(),
         };
     };
-    let scope = PrefixScope {
-        model: &loaded.model_id,
-        fingerprint: &loaded.fingerprint,
-    };
+    let scope = loaded.prefix_scope();
     let stored = match store.held_prefix_blocks(scope, &prompt.addresses).await {
         Ok(stored) => stored,
         Err(e) => {
@@ -231,10 +228,7 @@ async fn read_shared(
     end: usize,
     rejected: &Arc<AtomicU64>,
 ) -> Option<StoredBlobs> {
-    let scope = PrefixScope {
-        model: &loaded.model_id,
-        fingerprint: &loaded.fingerprint,
-    };
+    let scope = loaded.prefix_scope();
     let window = loaded.model.config().kv_window() / loaded.model.config().block_size;
     let blocks = end.saturating_sub(window)..end;
     let read = store.get_prefix_blobs(scope, &prompt.addresses, blocks.clone());
@@ -338,10 +332,7 @@ async fn with_shared(
     let Some(addresses) = shared_prefix_addresses(&record.tokens, bs, last + 1, owner) else {
         return Ok(read);
     };
-    let scope = PrefixScope {
-        model: &loaded.model_id,
-        fingerprint: &loaded.fingerprint,
-    };
+    let scope = loaded.prefix_scope();
     let shared = store
         .get_prefix_blobs(scope, &addresses, first..last + 1)
         .await?;

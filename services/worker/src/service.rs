@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bd3lm_kvstore::record::short_id;
 use bd3lm_kvstore::{PrefixScope, SessionStore};
-use bd3lm_model::{Bd3lm, KvCache};
+use bd3lm_model::{Bd3lm, KvCache, SharedKv};
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::denoise_worker_server::DenoiseWorker;
 use bd3lm_proto::v1::{
@@ -45,6 +45,16 @@ pub struct LoadedModel {
     pub fingerprint: String,
     /// Its version in the registry (`None`: a checkpoint directory).
     pub version: Option<u64>,
+}
+
+impl LoadedModel {
+    /// Whose shared prompt blocks in the store this model state's are.
+    pub fn prefix_scope(&self) -> PrefixScope<'_> {
+        PrefixScope {
+            model: &self.model_id,
+            fingerprint: &self.fingerprint,
+        }
+    }
 }
 
 /// The worker's state, shared by its requests (a clone shares it).
@@ -320,10 +330,7 @@ impl WorkerService {
     ) -> tokio::task::JoinHandle<()> {
         let (store, loaded) = (self.store.clone(), loaded.clone());
         let write = async move {
-            let scope = PrefixScope {
-                model: &loaded.model_id,
-                fingerprint: &loaded.fingerprint,
-            };
+            let scope = loaded.prefix_scope();
             let bytes = blobs.iter().map(|(_, b)| b.len()).sum();
             match store.put_prefix_blobs(scope, &addresses, blobs).await {
                 Ok(()) => metrics::blob_written(bytes),
@@ -543,7 +550,7 @@ fn keep_run(
     prefix: &PrefixCache,
     fingerprint: &str,
     addresses: &[u64],
-    kv: Arc<bd3lm_model::SharedKv>,
+    kv: Arc<SharedKv>,
     state: &mut SessionState,
 ) {
     let bs = kv.block_size();
