@@ -41,6 +41,12 @@ pub struct KvCache {
     /// Absolute position of the next token to be committed.
     next_pos: usize,
     batch: usize,
+    geometry: Geometry,
+}
+
+/// What a cache's keys and values are, per sequence and layer, and where.
+#[derive(Debug, Clone)]
+struct Geometry {
     n_heads: usize,
     head_dim: usize,
     block_size: usize,
@@ -51,6 +57,22 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// An empty cache of `batch` sequences and `n_layers` layers of `geometry`, whose next
+    /// token is at position `next_pos`.
+    fn empty(geometry: Geometry, batch: usize, n_layers: usize, next_pos: usize) -> Result<Self> {
+        let mut cache = Self {
+            buffers: Vec::new(),
+            head: None,
+            start: 0,
+            len: 0,
+            next_pos,
+            batch,
+            geometry,
+        };
+        cache.allocate(n_layers, 0)?;
+        Ok(cache)
+    }
+
     /// An empty cache for `batch` sequences of a model with config `cfg`.
     pub fn new(cfg: &Config, batch: usize, dtype: DType, device: &Device) -> Result<Self> {
         check_kv_dtype(dtype)?;
@@ -59,13 +81,7 @@ impl KvCache {
                 "a KV cache needs a batch of at least 1".into(),
             ));
         }
-        let mut cache = Self {
-            buffers: Vec::new(),
-            head: None,
-            start: 0,
-            len: 0,
-            next_pos: 0,
-            batch,
+        let geometry = Geometry {
             n_heads: cfg.n_heads,
             head_dim: cfg.head_dim(),
             block_size: cfg.block_size,
@@ -73,8 +89,7 @@ impl KvCache {
             dtype,
             device: device.clone(),
         };
-        cache.allocate(cfg.n_blocks, 0)?;
-        Ok(cache)
+        Self::empty(geometry, batch, cfg.n_blocks, 0)
     }
 
     /// Number of live tokens (committed and inside the window), shared ones included.
@@ -115,7 +130,7 @@ impl KvCache {
 
     /// Element type of the stored keys and values.
     pub fn dtype(&self) -> DType {
-        self.dtype
+        self.geometry.dtype
     }
 
     /// Bytes held by live keys and values (what an export carries), shared ones included.
@@ -127,10 +142,10 @@ impl KvCache {
     fn bytes_of(&self, tokens: usize) -> usize {
         2 * self.n_layers()
             * self.batch
-            * self.n_heads
+            * self.geometry.n_heads
             * tokens
-            * self.head_dim
-            * self.dtype.size_in_bytes()
+            * self.geometry.head_dim
+            * self.geometry.dtype.size_in_bytes()
     }
 
     /// Bytes its own buffers occupy, live or not: what holding the cache costs in memory
@@ -139,20 +154,20 @@ impl KvCache {
     pub fn allocated_bytes(&self) -> usize {
         2 * self.n_layers()
             * self.batch
-            * self.n_heads
+            * self.geometry.n_heads
             * self.capacity()
-            * self.head_dim
-            * self.dtype.size_in_bytes()
+            * self.geometry.head_dim
+            * self.geometry.dtype.size_in_bytes()
     }
 
     /// Checks that this cache can serve a model with config `cfg` whose caches hold `dtype`.
     pub(crate) fn check_fits(&self, cfg: &Config, dtype: DType) -> Result<()> {
         let ok = self.n_layers() == cfg.n_blocks
-            && self.n_heads == cfg.n_heads
-            && self.head_dim == cfg.head_dim()
-            && self.block_size == cfg.block_size
-            && self.keep == cfg.kv_window()
-            && self.dtype == dtype;
+            && self.geometry.n_heads == cfg.n_heads
+            && self.geometry.head_dim == cfg.head_dim()
+            && self.geometry.block_size == cfg.block_size
+            && self.geometry.keep == cfg.kv_window()
+            && self.geometry.dtype == dtype;
         if ok {
             return Ok(());
         }
@@ -160,11 +175,11 @@ impl KvCache {
             "KV cache layout (layers {}, heads {}, head dim {}, block size {}, window {}, {:?}) does not \
              match the model (layers {}, heads {}, head dim {}, block size {}, window {}, {:?})",
             self.n_layers(),
-            self.n_heads,
-            self.head_dim,
-            self.block_size,
-            self.keep,
-            self.dtype,
+            self.geometry.n_heads,
+            self.geometry.head_dim,
+            self.geometry.block_size,
+            self.geometry.keep,
+            self.geometry.dtype,
             cfg.n_blocks,
             cfg.n_heads,
             cfg.head_dim(),
@@ -181,11 +196,16 @@ impl KvCache {
     }
 
     fn allocate(&mut self, n_layers: usize, capacity: usize) -> Result<()> {
-        let shape = (self.batch, self.n_heads, capacity, self.head_dim);
+        let shape = (
+            self.batch,
+            self.geometry.n_heads,
+            capacity,
+            self.geometry.head_dim,
+        );
         let mut buffers = Vec::with_capacity(n_layers);
         for layer in 0..n_layers {
-            let k = Tensor::zeros(shape, self.dtype, &self.device)?;
-            let v = Tensor::zeros(shape, self.dtype, &self.device)?;
+            let k = Tensor::zeros(shape, self.geometry.dtype, &self.geometry.device)?;
+            let v = Tensor::zeros(shape, self.geometry.dtype, &self.geometry.device)?;
             if self.len > 0 {
                 let (old_k, old_v) = &self.buffers[layer];
                 k.slice_set(&old_k.narrow(2, self.start, self.len)?.contiguous()?, 2, 0)?;
@@ -207,10 +227,10 @@ impl KvCache {
         }
         // Room for half a window more than a full pass: the window slides by moving `start`,
         // and the live range is copied to the front once per half window.
-        let full = self.keep + self.block_size;
+        let full = self.geometry.keep + self.geometry.block_size;
         let capacity = needed
             .max((self.capacity() * 2).min(full + full / 2))
-            .max(self.block_size);
+            .max(self.geometry.block_size);
         self.allocate(self.buffers.len(), capacity)
     }
 
@@ -223,8 +243,8 @@ impl KvCache {
         v: &Tensor,
     ) -> candle_core::Result<()> {
         let (kb, vb) = &self.buffers[layer];
-        kb.slice_set(&k.to_dtype(self.dtype)?, 2, self.start + self.len)?;
-        vb.slice_set(&v.to_dtype(self.dtype)?, 2, self.start + self.len)?;
+        kb.slice_set(&k.to_dtype(self.geometry.dtype)?, 2, self.start + self.len)?;
+        vb.slice_set(&v.to_dtype(self.geometry.dtype)?, 2, self.start + self.len)?;
         Ok(())
     }
 
@@ -295,7 +315,7 @@ impl KvCache {
     pub(crate) fn append_pending(&mut self, new: usize) {
         self.len += new;
         self.next_pos += new;
-        let mut drop = self.len().saturating_sub(self.keep);
+        let mut drop = self.len().saturating_sub(self.geometry.keep);
         if let Some(head) = &mut self.head {
             let shared = drop.min(head.taken.len());
             head.taken.start += shared;
@@ -311,7 +331,8 @@ impl KvCache {
     /// Most tokens that can be committed in one pass while each block still sees exactly
     /// the window the reference would give it (nothing is dropped inside the pass).
     pub(crate) fn max_commit_tokens(&self) -> usize {
-        self.block_size * (1 + self.keep.saturating_sub(self.len()) / self.block_size)
+        self.geometry.block_size
+            * (1 + self.geometry.keep.saturating_sub(self.len()) / self.geometry.block_size)
     }
 
     /// Serialises the live keys and values with their layout, positions and dtype.
@@ -335,14 +356,14 @@ impl KvCache {
         let mut out = Vec::with_capacity(64 + self.bytes_of(len));
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(dtype_code(self.dtype));
+        out.push(dtype_code(self.geometry.dtype));
         for v in [
             self.n_layers(),
             self.batch,
-            self.n_heads,
-            self.head_dim,
-            self.block_size,
-            self.keep,
+            self.geometry.n_heads,
+            self.geometry.head_dim,
+            self.geometry.block_size,
+            self.geometry.keep,
         ] {
             out.extend_from_slice(&(v as u32).to_le_bytes());
         }
@@ -360,7 +381,7 @@ impl KvCache {
     /// A cache of one sequence whose live range is the window before position `end` of
     /// `kv`'s tokens, taken from it with no copy.
     pub fn on_shared(kv: Arc<SharedKv>, end: usize) -> Result<Self> {
-        let first = end.saturating_sub(kv.keep);
+        let first = end.saturating_sub(kv.geometry.keep);
         if !kv.holds_window_before(end) {
             return Err(Error::Input(format!(
                 "shared tokens {}..{} do not hold the window before position {end}",
@@ -368,22 +389,8 @@ impl KvCache {
                 kv.end()
             )));
         }
-        let mut cache = Self {
-            buffers: Vec::new(),
-            head: None,
-            start: 0,
-            len: 0,
-            next_pos: end,
-            batch: 1,
-            n_heads: kv.n_heads,
-            head_dim: kv.head_dim,
-            block_size: kv.block_size,
-            keep: kv.keep,
-            dtype: kv.dtype,
-            device: kv.device.clone(),
-        };
-        cache.allocate(kv.buffers.len(), 0)?;
-        cache.reserve(cache.block_size)?;
+        let mut cache = Self::empty(kv.geometry.clone(), 1, kv.buffers.len(), end)?;
+        cache.reserve(cache.geometry.block_size)?;
         cache.head = Some(Head {
             taken: first - kv.first..end - kv.first,
             kv,
@@ -411,12 +418,7 @@ impl KvCache {
             buffers,
             first: self.first_position(),
             len,
-            n_heads: self.n_heads,
-            head_dim: self.head_dim,
-            block_size: self.block_size,
-            keep: self.keep,
-            dtype: self.dtype,
-            device: self.device.clone(),
+            geometry: self.geometry.clone(),
         });
         let end = self.next_pos;
         *self = Self::on_shared(kv.clone(), end)?;
@@ -512,12 +514,14 @@ impl KvCache {
             len,
             next_pos: next,
             batch,
-            n_heads,
-            head_dim,
-            block_size,
-            keep,
-            dtype: layout.dtype,
-            device: device.clone(),
+            geometry: Geometry {
+                n_heads,
+                head_dim,
+                block_size,
+                keep,
+                dtype: layout.dtype,
+                device: device.clone(),
+            },
         })
     }
 }
@@ -548,12 +552,7 @@ pub struct SharedKv {
     /// Absolute position of the first token.
     first: usize,
     len: usize,
-    n_heads: usize,
-    head_dim: usize,
-    block_size: usize,
-    keep: usize,
-    dtype: DType,
-    device: Device,
+    geometry: Geometry,
 }
 
 impl SharedKv {
@@ -569,7 +568,7 @@ impl SharedKv {
 
     /// Tokens per block of the model that computed it.
     pub fn block_size(&self) -> usize {
-        self.block_size
+        self.geometry.block_size
     }
 
     /// Whether a cache ending at position `end` can take its window from it
@@ -577,17 +576,17 @@ impl SharedKv {
     pub fn holds_window_before(&self, end: usize) -> bool {
         end > self.first
             && end <= self.end()
-            && end.saturating_sub(self.keep) >= self.first
-            && end.is_multiple_of(self.block_size)
+            && end.saturating_sub(self.geometry.keep) >= self.first
+            && end.is_multiple_of(self.geometry.block_size)
     }
 
     /// Bytes of its keys and values.
     pub fn bytes(&self) -> usize {
         2 * self.buffers.len()
-            * self.n_heads
+            * self.geometry.n_heads
             * self.len
-            * self.head_dim
-            * self.dtype.size_in_bytes()
+            * self.geometry.head_dim
+            * self.geometry.dtype.size_in_bytes()
     }
 }
 

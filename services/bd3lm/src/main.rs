@@ -218,14 +218,20 @@ enum BenchModel {
     Demo,
 }
 
-/// The model of `bench serve --concurrency` or `--burst`, loaded as `device` says, and
-/// its name.
+/// The model of `bench serve --concurrency`, `--burst` or `--shared-prefix`, loaded as
+/// `device` says, its name, and the limits of its workers from `worker`.
 async fn bench_model(
     model: BenchModel,
     device: &bd3lm_worker::DeviceArgs,
-) -> anyhow::Result<(Arc<bd3lm_worker::LoadedModel>, &'static str)> {
+    worker: &bd3lm_worker::WorkerSettings,
+) -> anyhow::Result<(
+    Arc<bd3lm_worker::LoadedModel>,
+    &'static str,
+    bd3lm_worker::WorkerLimits,
+)> {
     let (dev, precision) = (device.device()?, device.precision());
-    Ok(match model {
+    let limits = worker.limits(device.device);
+    let (loaded, name) = match model {
         BenchModel::Tiny => (
             bench_serve::random_model(Config::tiny(4), precision, dev).await?,
             "tiny",
@@ -239,7 +245,8 @@ async fn bench_model(
             let load = move || bd3lm_worker::load(&dir, None, precision, &dev);
             (Arc::new(tokio::task::spawn_blocking(load).await??), "demo")
         }
-    })
+    };
+    Ok((loaded, name, limits))
 }
 
 fn positive_f64(s: &str) -> Result<f64, String> {
@@ -370,8 +377,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             worker,
             ..
         } => runtime.block_on(async {
-            let (loaded, _) = bench_model(model, &device).await?;
-            let limits = worker.limits(device.device);
+            let (loaded, _, limits) = bench_model(model, &device, &worker).await?;
             let bench = bench_load::SharedPrefix {
                 prompt,
                 prompts: prompts as usize,
@@ -389,8 +395,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             worker,
             ..
         } => runtime.block_on(async {
-            let (loaded, _) = bench_model(model, &device).await?;
-            let limits = worker.limits(device.device);
+            let (loaded, _, limits) = bench_model(model, &device, &worker).await?;
             bench_load::fairness(loaded, limits, burst, tokens).await
         }),
         BenchCommand::Serve {
@@ -403,8 +408,7 @@ fn bench(command: BenchCommand, runtime: &tokio::runtime::Handle) -> anyhow::Res
             store,
             ..
         } => runtime.block_on(async {
-            let (loaded, name) = bench_model(model, &device).await?;
-            let limits = worker.limits(device.device);
+            let (loaded, name, limits) = bench_model(model, &device, &worker).await?;
             let stores = store.open()?;
             let load = bench_load::Load {
                 levels,

@@ -439,38 +439,49 @@ async fn affinity_keeps_a_session_on_one_worker_and_rotate_moves_it() {
     assert_eq!(out.token_ids, reference_tokens().await);
 }
 
-/// A new session goes to the worker that began a session with the same prompt prefix
-/// (its blocks are in that worker's prefix cache), though the other is less loaded, while
-/// it has room; once it is full, a free worker wins.
-#[tokio::test]
-async fn new_sessions_follow_their_prompt_prefix_while_its_worker_has_room() {
+/// Two workers of `capacity` blocks each, after a first generation of the test's prompt
+/// (on worker 0, which then holds its prefix): the cluster and that generation.
+async fn prefix_cluster(capacity: usize) -> (Cluster, GenerateResponse) {
     let c = cluster(2, Routing::Affinity).await;
     for w in &c.workers {
-        w.fake.capacity.store(2, Ordering::SeqCst);
+        w.fake.capacity.store(capacity, Ordering::SeqCst);
     }
     let addrs = c.workers.iter().map(|w| w.addr.clone()).collect();
     assert_eq!(c.pool.refresh(&WorkerSource::Static(addrs)).await, 2);
     let first = c.generate().await.unwrap();
     assert!(workers_of(&first).iter().all(|w| *w == c.id(0)));
-    let hang = |ids: Vec<u32>| {
+    (c, first)
+}
+
+impl Cluster {
+    /// A new session of prompt `ids` whose first block worker 0 takes and never answers;
+    /// returns once worker 0 holds it.
+    async fn hang_on_first(&self, ids: Vec<u32>) -> Response<Messages> {
+        self.script(0, &[Act::Hang]);
+        let calls = self.calls(0);
         let request = GenerateRequest {
             prompt: Some(Prompt::TokenIds(TokenIds { ids })),
             ..request()
         };
-        c.coordinator.generate_stream(Request::new(request))
-    };
+        let stream = self.coordinator.generate_stream(Request::new(request));
+        let stream = stream.await.unwrap();
+        until(|| self.calls(0) == calls + 1).await;
+        stream
+    }
+}
+
+/// A new session goes to the worker that began a session with the same prompt prefix
+/// (its blocks are in that worker's prefix cache), though the other is less loaded, while
+/// it has room; once it is full, a free worker wins.
+#[tokio::test]
+async fn new_sessions_follow_their_prompt_prefix_while_its_worker_has_room() {
+    let (c, first) = prefix_cluster(2).await;
     // Worker 0 holds a block of another prompt that never ends: worker 1 is less loaded.
-    c.script(0, &[Act::Hang]);
-    let calls = c.calls(0);
-    let _other = hang(vec![9, 9, 9, 9, 9]).await.unwrap();
-    until(|| c.calls(0) == calls + 1).await;
+    let _other = c.hang_on_first(vec![9, 9, 9, 9, 9]).await;
     let follows = c.generate().await.unwrap();
     assert!(workers_of(&follows).iter().all(|w| *w == c.id(0)));
     // A second hanging session of the prompt fills worker 0.
-    c.script(0, &[Act::Hang]);
-    let calls = c.calls(0);
-    let _same = hang(vec![1, 2, 3, 4, 5]).await.unwrap();
-    until(|| c.calls(0) == calls + 1).await;
+    let _same = c.hang_on_first(vec![1, 2, 3, 4, 5]).await;
     let full = c.generate().await.unwrap();
     assert!(workers_of(&full).iter().all(|w| *w == c.id(1)));
     assert_eq!(full.token_ids, first.token_ids);
@@ -480,23 +491,12 @@ async fn new_sessions_follow_their_prompt_prefix_while_its_worker_has_room() {
 /// capacity (its slack) loses a new session of its prompt, though it has room.
 #[tokio::test]
 async fn a_prefix_holder_much_busier_than_another_loses() {
-    let c = cluster(2, Routing::Affinity).await;
-    for w in &c.workers {
-        w.fake.capacity.store(8, Ordering::SeqCst);
-    }
-    let addrs = c.workers.iter().map(|w| w.addr.clone()).collect();
-    assert_eq!(c.pool.refresh(&WorkerSource::Static(addrs)).await, 2);
-    let first = c.generate().await.unwrap();
-    assert!(workers_of(&first).iter().all(|w| *w == c.id(0)));
+    let (c, first) = prefix_cluster(8).await;
     // Sessions of the prompt that never end on worker 0: up to two more than the least
     // loaded's none are within its slack; with three it loses.
     let mut hanging = Vec::new();
     for held in 1..=3 {
-        c.script(0, &[Act::Hang]);
-        let calls = c.calls(0);
-        let stream = c.coordinator.generate_stream(Request::new(request()));
-        hanging.push(stream.await.unwrap());
-        until(|| c.calls(0) == calls + 1).await;
+        hanging.push(c.hang_on_first(vec![1, 2, 3, 4, 5]).await);
         if held == 2 {
             let within = c.generate().await.unwrap();
             assert!(workers_of(&within).iter().all(|w| *w == c.id(0)));
