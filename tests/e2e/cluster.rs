@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use bd3lm_proto::v1::denoise_worker_client::DenoiseWorkerClient;
@@ -119,16 +120,26 @@ impl Redis {
 
     /// [`Redis::start`] with `extra` flags of `redis-server`.
     pub fn start_with(dir: &Path, extra: Vec<String>) -> Self {
-        Self::start_on(dir, free_port(), extra)
+        Self::start_on(dir, || quiet_port(false), extra)
     }
 
-    fn start_on(dir: &Path, port: u16, extra: Vec<String>) -> Self {
+    /// Starts a server on a port of `pick`. A free port can be taken by another process
+    /// before the server binds it (the tests run side by side and connect from ephemeral
+    /// ports): a server that exits at start is started again on the next port.
+    fn start_on(dir: &Path, mut pick: impl FnMut() -> u16, extra: Vec<String>) -> Self {
         let mut redis = Self {
-            port,
+            port: pick(),
             dir: dir.to_path_buf(),
             proc: None,
             extra,
         };
+        for _ in 0..4 {
+            match redis.try_start() {
+                Ok(()) => return redis,
+                Err(log) => eprintln!("redis-server on {} exited at start: {log}", redis.port),
+            }
+            redis.port = pick();
+        }
         redis.restart();
         redis
     }
@@ -165,6 +176,14 @@ impl Redis {
 
     /// Starts the server again (same port) after [`Redis::stop`].
     pub fn restart(&mut self) {
+        if let Err(log) = self.try_start() {
+            panic!("redis-server on {} exited at start: {log}", self.port);
+        }
+    }
+
+    /// Starts the server and waits until it answers; what it logged when it exited
+    /// instead. Only a stall is bounded: a loaded machine may take long to start it.
+    fn try_start(&mut self) -> Result<(), String> {
         let program = which("redis-server")
             .expect("redis-server is not installed (apt-get install -y redis-server)");
         let args = [
@@ -193,11 +212,18 @@ impl Redis {
             log,
             _stdout: None,
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(120);
         while self.command(&[b"PING"]).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
+            let proc = self.proc.as_mut().unwrap();
+            if proc.child.try_wait().unwrap().is_some() {
+                let log = proc.log();
+                self.proc = None;
+                return Err(log);
+            }
+            assert!(Instant::now() < deadline, "redis-server stalled at start");
             std::thread::sleep(Duration::from_millis(50));
         }
+        Ok(())
     }
 
     /// Whether the server runs (it was not stopped).
@@ -289,10 +315,9 @@ impl RedisCluster {
     /// Starts six nodes on free loopback ports and joins them into one cluster whose
     /// replicas take over a master after `node_timeout_ms` of silence.
     pub fn start(dir: &Path, node_timeout_ms: u32) -> Self {
-        let nodes: Vec<Redis> = cluster_ports(6)
-            .into_iter()
-            .map(|port| {
-                let node_dir = dir.join(format!("redis-{port}"));
+        let nodes: Vec<Redis> = (0..6)
+            .map(|i| {
+                let node_dir = dir.join(format!("redis-{i}"));
                 std::fs::create_dir_all(&node_dir).unwrap();
                 let extra = [
                     "--cluster-enabled",
@@ -304,7 +329,11 @@ impl RedisCluster {
                     "--repl-diskless-sync-delay",
                     "0",
                 ];
-                Redis::start_on(&node_dir, port, extra.map(String::from).to_vec())
+                Redis::start_on(
+                    &node_dir,
+                    || quiet_port(true),
+                    extra.map(String::from).to_vec(),
+                )
             })
             .collect();
         let mut create = Command::new(which("redis-cli").expect("redis-cli is not installed"));
@@ -469,21 +498,31 @@ impl RedisCluster {
     }
 }
 
-/// `count` free loopback ports below 55536 whose port + 10000 (the cluster bus) is free
-/// too.
-fn cluster_ports(count: usize) -> Vec<u16> {
-    let mut ports = Vec::new();
-    let mut tries = 0;
-    while ports.len() < count {
-        tries += 1;
-        assert!(tries < 10_000, "no free ports for a Redis Cluster");
-        let port = free_port();
-        let bus_free = || TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok();
-        if port < 55_536 && !ports.contains(&port) && bus_free() {
-            ports.push(port);
+/// A free loopback port below the kernel's ephemeral range, so that no connection of the
+/// tests beside this one takes it while its server is down (or not yet up); with
+/// `with_bus`, port + 10000 (a cluster node's bus) is free and below that range too.
+fn quiet_port(with_bus: bool) -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
+    let low: u32 = ephemeral
+        .and_then(|range| range.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768);
+    const FIRST: u32 = 10_000;
+    let span = low.clamp(FIRST + 10_100, 55_536) - FIRST - 10_000;
+    // Tests in other processes pick too: each process starts at its own place.
+    let nanos = std::time::SystemTime::UNIX_EPOCH
+        .elapsed()
+        .unwrap()
+        .subsec_nanos();
+    let _ = NEXT.compare_exchange(0, (std::process::id() ^ nanos) | 1, SeqCst, SeqCst);
+    for _ in 0..span {
+        let port = (FIRST + NEXT.fetch_add(1, SeqCst) % span) as u16;
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && (!with_bus || free(port + 10_000)) {
+            return port;
         }
     }
-    ports
+    panic!("no free port below {low}");
 }
 
 fn owned(flags: &[&str]) -> Vec<String> {
