@@ -23,28 +23,57 @@ impl TokenDist {
     /// The distribution of `logits` with `excluded` (the mask id) removed, scaled by the
     /// filter's temperature and filtered by its top-k and top-p.
     pub fn new(logits: &[f32], excluded: u32, filter: &Filter) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { Self::new_avx2(logits, excluded, filter) };
+        }
+        Self::build(logits, excluded, filter)
+    }
+
+    /// [`TokenDist::new`] with its loops eight lanes wide. The lanes of every sum are
+    /// fixed in the code, so the bits are those of the narrower build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn new_avx2(logits: &[f32], excluded: u32, filter: &Filter) -> Self {
+        Self::build(logits, excluded, filter)
+    }
+
+    /// [`TokenDist::new`] in the lanes of the build's target (inlined into each caller).
+    #[inline(always)]
+    fn build(logits: &[f32], excluded: u32, filter: &Filter) -> Self {
         let inv_t = (1.0 / filter.temperature) as f32;
         let allowed = |i: usize| i as u32 != excluded;
         let cut = (excluded as usize).min(logits.len());
         let (before, after) = (&logits[..cut], logits.get(cut + 1..).unwrap_or(&[]));
         let max = max(before).max(max(after)) * inv_t;
-        let top = (0..logits.len())
-            .find(|&i| allowed(i) && logits[i] * inv_t == max)
-            .unwrap_or(0) as u32;
+        // The first such token, found by chunks whose test vectorises.
+        let is_top = |&l: &f32| l * inv_t == max;
+        let top = (logits.chunks(64).enumerate())
+            .filter(|(_, chunk)| chunk.iter().fold(false, |hit, l| hit | is_top(l)))
+            .find_map(|(n, chunk)| {
+                (n * 64..)
+                    .zip(chunk)
+                    .find(|&(i, l)| allowed(i) && is_top(l))
+            })
+            .map_or(0, |(i, _)| i as u32);
         // One branch-free loop (it vectorises); the excluded token is zeroed after it.
-        let mut weights: Vec<f32> = logits.iter().map(|&l| exp(l * inv_t - max)).collect();
+        let mut weights = vec![0f32; logits.len()];
+        for (w, &l) in weights.iter_mut().zip(logits) {
+            *w = exp(l * inv_t - max);
+        }
         if let Some(w) = weights.get_mut(excluded as usize) {
             *w = 0.0;
         }
         let mut total = sum(&weights);
         let top_prob = (1.0 / total) as f32;
         if let Some(k) = filter.top_k.filter(|&k| k < weights.len()) {
-            keep_largest(&mut weights, |ranked, _| ranked >= k);
+            keep_largest(&mut weights, total, |ranked, _| ranked >= k);
             total = sum(&weights);
         }
         if filter.top_p < 1.0 {
             let target = filter.top_p * total;
-            keep_largest(&mut weights, |_, mass| mass >= target);
+            keep_largest(&mut weights, total, |_, mass| mass >= target);
             total = sum(&weights);
         }
         Self {
@@ -89,6 +118,7 @@ impl TokenDist {
 }
 
 /// The largest of `values` (-inf for none), in eight lanes so that it vectorises.
+#[inline(always)]
 fn max(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let chunks = values.chunks_exact(8);
@@ -105,6 +135,7 @@ fn max(values: &[f32]) -> f32 {
 }
 
 /// The sum of `weights` in f64, in four lanes so that it vectorises.
+#[inline(always)]
 fn sum(weights: &[f32]) -> f64 {
     let mut lanes = [0f64; 4];
     let chunks = weights.chunks_exact(4);
@@ -117,50 +148,172 @@ fn sum(weights: &[f32]) -> f64 {
     lanes.iter().sum::<f64>() + tail
 }
 
-/// Bits dropped from a weight's to name its histogram bucket: 32 buckets per octave.
-const BUCKET_SHIFT: u32 = 18;
-
-/// The histogram bucket of a non-negative weight. A positive float's bits grow with its
-/// value, so buckets are ranges of weights in order.
-fn bucket(w: f32) -> usize {
-    (w.to_bits() >> BUCKET_SHIFT) as usize
-}
-
 /// Zeroes every weight outside the smallest prefix of the ranking (weight descending, id
 /// ascending) for which `done(count, mass)` holds, `count` and `mass` being the size and
-/// weight of the prefix. Expected O(n): a histogram of the weights finds the bucket where
-/// the prefix ends, and quickselect finds the end inside it.
-fn keep_largest(weights: &mut [f32], done: impl Fn(usize, f64) -> bool) {
-    let buckets = bucket(f32::MAX) + 1;
-    let (mut counts, mut masses) = (vec![0usize; buckets], vec![0f64; buckets]);
-    for &w in weights.iter().filter(|&&w| w > 0.0) {
-        counts[bucket(w)] += 1;
-        masses[bucket(w)] += w as f64;
-    }
-    let (mut count, mut mass) = (0, 0f64);
-    let Some(edge) = (0..buckets).rev().find(|&b| {
-        let ends = counts[b] > 0 && done(count + counts[b], mass + masses[b]);
-        if !ends {
-            count += counts[b];
-            mass += masses[b];
-        }
-        ends
-    }) else {
+/// weight of the prefix; `done` must hold for every prefix longer than one it holds for.
+/// `total` is the sum of the weights.
+///
+/// Expected O(n) in a few passes that vectorise: a sorted sample of the weights guesses
+/// where the prefix ends, passes over the weights widen a bracket of two thresholds
+/// around the guess until it holds the end and then halve it while it holds many, and
+/// only the weights inside the bracket, a few hundred, are ranked.
+#[inline(always)]
+fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bool) {
+    let sample = Sample::of(weights, total);
+    let Some(end) = sample.find_end(weights, &done) else {
         return; // Every weight is needed.
     };
-    let mut inside: Vec<(f32, u32)> = weights
-        .iter()
-        .enumerate()
-        .filter(|&(_, &w)| w > 0.0 && bucket(w) == edge)
-        .map(|(i, &w)| (w, i as u32))
-        .collect();
-    let kept = prefix(&mut inside, count, mass, done);
-    for w in weights.iter_mut().filter(|w| bucket(**w) < edge) {
-        *w = 0.0;
+    let (upper, lower) = (sample.threshold(end.hi), sample.threshold(end.lo));
+    let mut inside: Vec<(f32, u32)> = Vec::with_capacity(end.inside);
+    for (n, chunk) in weights.chunks_mut(16).enumerate() {
+        let within = |w: f32| w > lower && w <= upper;
+        if chunk.iter().fold(false, |any, &w| any | within(w)) {
+            let found = (n * 16..).zip(chunk.iter()).filter(|&(_, &w)| within(w));
+            inside.extend(found.map(|(i, &w)| (w, i as u32)));
+        }
+        for w in chunk {
+            *w = if *w > upper { *w } else { 0.0 };
+        }
     }
-    for &(_, i) in &inside[kept..] {
-        weights[i as usize] = 0.0;
+    let kept = prefix(&mut inside, end.before.0, end.before.1, done);
+    for &(w, i) in &inside[..kept] {
+        weights[i as usize] = w;
     }
+}
+
+/// Two thresholds of a [`Sample`] between which the smallest prefix ends.
+struct End {
+    /// The indices of the upper and the lower threshold.
+    hi: usize,
+    lo: usize,
+    /// The count and mass of the weights above the upper one (they are kept).
+    before: (usize, f64),
+    /// How many weights lie between the two.
+    inside: usize,
+}
+
+/// Every `stride`-th positive weight, largest first, as thresholds between +inf (index 0)
+/// and 0 (the last index).
+struct Sample {
+    values: Vec<f32>,
+    /// How many weights, and how much weight, the sample's stands for.
+    count_scale: f64,
+    mass_scale: f64,
+}
+
+impl Sample {
+    /// About 1024 of `weights` (of sum `total`) spread over the vocabulary.
+    #[inline(always)]
+    fn of(weights: &[f32], total: f64) -> Self {
+        let stride = (weights.len() / 1024).max(1);
+        let mut values: Vec<f32> = Vec::with_capacity(weights.len() / stride + 1);
+        values.extend(weights.iter().step_by(stride).filter(|&&w| w > 0.0));
+        values.sort_unstable_by(|a, b| b.total_cmp(a));
+        let sampled: f64 = values.iter().map(|&w| w as f64).sum();
+        Self {
+            count_scale: weights.len() as f64 / values.len().max(1) as f64,
+            mass_scale: if sampled > 0.0 { total / sampled } else { 0.0 },
+            values,
+        }
+    }
+
+    /// The threshold of index `j`: +inf, a sampled weight, or 0 (every positive weight
+    /// lies above it).
+    fn threshold(&self, j: usize) -> f32 {
+        match j {
+            0 => f32::INFINITY,
+            j => self.values.get(j - 1).copied().unwrap_or(0.0),
+        }
+    }
+
+    /// The index of the 0 threshold.
+    fn last(&self) -> usize {
+        self.values.len() + 1
+    }
+
+    /// A first bracket (hi, lo) of threshold indices, hi < lo, around the place where
+    /// `done` holds on the sample scaled up to the whole.
+    fn bracket(&self, done: impl Fn(usize, f64) -> bool) -> (usize, usize) {
+        const MARGIN: usize = 4;
+        let mut mass = 0f64;
+        let end = (0..self.values.len())
+            .find(|&j| {
+                mass += self.values[j] as f64;
+                let count = ((j + 1) as f64 * self.count_scale) as usize;
+                done(count, mass * self.mass_scale)
+            })
+            .map_or(self.last(), |j| j + 1);
+        (end.saturating_sub(MARGIN), (end + MARGIN).min(self.last()))
+    }
+
+    /// Where the smallest prefix of `weights` for which `done` holds ends: from the
+    /// guess of [`Sample::bracket`], a bracket widened until it holds the end, then
+    /// halved while it holds many weights (ranking them costs more than a pass). `None`
+    /// when `done` holds for no prefix.
+    #[inline(always)]
+    fn find_end(&self, weights: &[f32], done: impl Fn(usize, f64) -> bool) -> Option<End> {
+        let probe = |j: usize| above(weights, self.threshold(j));
+        let holds = |(count, mass): (usize, f64)| done(count, mass);
+        let (mut hi, mut lo) = self.bracket(&done);
+        let (mut at_hi, mut at_lo) = (probe(hi), probe(lo));
+        loop {
+            let width = lo - hi;
+            if hi > 0 && holds(at_hi) {
+                (lo, at_lo) = (hi, at_hi);
+                hi = hi.saturating_sub(2 * width);
+                at_hi = probe(hi);
+            } else if !holds(at_lo) {
+                if lo == self.last() {
+                    return None;
+                }
+                (hi, at_hi) = (lo, at_lo);
+                lo = (lo + 2 * width).min(self.last());
+                at_lo = probe(lo);
+            } else {
+                break;
+            }
+        }
+        while at_lo.0 - at_hi.0 > 2048 && lo - hi > 1 {
+            let mid = (hi + lo) / 2;
+            let at_mid = probe(mid);
+            if holds(at_mid) {
+                (lo, at_lo) = (mid, at_mid);
+            } else {
+                (hi, at_hi) = (mid, at_mid);
+            }
+        }
+        Some(End {
+            hi,
+            lo,
+            before: at_hi,
+            inside: at_lo.0 - at_hi.0,
+        })
+    }
+}
+
+/// How many of `weights` lie above `threshold`, and their sum in f64, in four lanes so
+/// that it vectorises.
+#[inline(always)]
+fn above(weights: &[f32], threshold: f32) -> (usize, f64) {
+    let mut lanes = [0f64; 4];
+    let mut counts = [0usize; 4];
+    let chunks = weights.chunks_exact(4);
+    let (mut count, mut tail) = (0, 0f64);
+    for &w in chunks.remainder().iter().filter(|&&w| w > threshold) {
+        count += 1;
+        tail += w as f64;
+    }
+    for c in chunks {
+        for l in 0..4 {
+            let is = c[l] > threshold;
+            lanes[l] += if is { c[l] as f64 } else { 0.0 };
+            counts[l] += is as usize;
+        }
+    }
+    (
+        count + counts.iter().sum::<usize>(),
+        lanes.iter().sum::<f64>() + tail,
+    )
 }
 
 /// Reorders `ranked` so that it starts with the fewest of its items, first in the ranking,
@@ -208,6 +361,20 @@ mod tests {
         (0..n).map(|_| rng.random::<f32>() * spread).collect()
     }
 
+    /// Probabilities about 1/rank, over ids in a scattered order.
+    fn zipf_logits(n: usize, seed: u64) -> Vec<f32> {
+        let noise = random_logits(n, seed, 0.5);
+        let rank = |i: usize| (1 + i * 7919 % n) as f32;
+        (0..n).map(|i| noise[i] - rank(i).ln()).collect()
+    }
+
+    /// One token far likelier than every other.
+    fn spike_logits(n: usize, seed: u64) -> Vec<f32> {
+        let mut logits = random_logits(n, seed, 1.0);
+        logits[n / 3] = 20.0;
+        logits
+    }
+
     /// The reference rule written naively: sort descending (ties by id), take tokens until
     /// the mass reaches p.
     fn naive_nucleus(probs: &[f64], p: f64) -> Vec<u32> {
@@ -234,13 +401,17 @@ mod tests {
 
     #[test]
     fn top_p_keeps_exactly_the_smallest_set_reaching_p() {
-        for (seed, n, spread) in [
-            (1, 50, 5.0),
-            (2, 5000, 12.0),
-            (3, 50258, 3.0),
-            (4, 300, 0.0),
-        ] {
-            let logits = random_logits(n, seed, spread);
+        let shapes = [
+            random_logits(50, 1, 5.0),
+            random_logits(5000, 2, 12.0),
+            random_logits(50258, 3, 3.0),
+            random_logits(300, 4, 0.0),
+            // A trained model's: a heavy head and a long tail (Zipf), or one sure token.
+            zipf_logits(50258, 5),
+            spike_logits(50258, 6),
+        ];
+        for (shape, logits) in shapes.into_iter().enumerate() {
+            let n = logits.len();
             let full = TokenDist::new(&logits, u32::MAX, &Filter::default());
             let probs: Vec<f64> = (0..n as u32).map(|i| full.prob(i)).collect();
             for p in [0.1, 0.5, 0.9, 0.999] {
@@ -254,7 +425,7 @@ mod tests {
                 );
                 let kept: Vec<u32> = (0..n as u32).filter(|&i| dist.prob(i) > 0.0).collect();
                 let expected = naive_nucleus(&probs, p * probs.iter().sum::<f64>());
-                assert_eq!(kept, expected, "seed {seed} p {p}");
+                assert_eq!(kept, expected, "shape {shape} p {p}");
                 let mass: f64 = kept.iter().map(|&i| probs[i as usize]).sum();
                 assert!(mass >= p - 1e-6);
             }
@@ -273,7 +444,34 @@ mod tests {
                 });
                 expected.truncate(k);
                 expected.sort();
-                assert_eq!(kept, expected, "seed {seed} k {k}");
+                assert_eq!(kept, expected, "shape {shape} k {k}");
+            }
+        }
+    }
+
+    /// The vector units a CPU has change how fast a distribution is built, never its bits
+    /// (which tokens a seed draws).
+    #[test]
+    fn every_build_gives_the_same_bits() {
+        let filters = [
+            Filter::default(),
+            Filter {
+                temperature: 0.7,
+                top_k: Some(50),
+                top_p: 0.9,
+            },
+        ];
+        for logits in [random_logits(50258, 7, 3.0), zipf_logits(50258, 8)] {
+            for filter in &filters {
+                let (wide, narrow) = (
+                    TokenDist::new(&logits, 50257, filter),
+                    TokenDist::build(&logits, 50257, filter),
+                );
+                let bits =
+                    |d: &TokenDist| d.weights.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&wide), bits(&narrow));
+                assert_eq!(wide.total.to_bits(), narrow.total.to_bits());
+                assert_eq!(wide.top, narrow.top);
             }
         }
     }
