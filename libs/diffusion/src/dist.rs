@@ -4,7 +4,7 @@
 //! Draws use one uniform number per token (inverse CDF), so a position costs one random
 //! number rather than a Gumbel sample for every vocabulary entry.
 
-use bd3lm_model::host::exp;
+use bd3lm_model::host::{exp, max};
 use bd3lm_sampling::Filter;
 use rand::Rng;
 
@@ -115,23 +115,6 @@ impl TokenDist {
         }
         last
     }
-}
-
-/// The largest of `values` (-inf for none), in eight lanes so that it vectorises.
-#[inline(always)]
-fn max(values: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let chunks = values.chunks_exact(8);
-    let tail = chunks
-        .remainder()
-        .iter()
-        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    for c in chunks {
-        for l in 0..8 {
-            lanes[l] = lanes[l].max(c[l]);
-        }
-    }
-    lanes.iter().fold(tail, |m, &v| m.max(v))
 }
 
 /// The sum of `weights` in f64, in four lanes so that it vectorises.

@@ -208,25 +208,50 @@ fn head_lanes<T: Widen>(
         for (p, k) in p.iter_mut().zip(rows) {
             *p = dot(q, k) * scale;
         }
-        let max = p.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let max = crate::host::max(&p);
         p.iter_mut().for_each(|x| *x = crate::host::exp(*x - max));
-        let inv = 1.0 / p.iter().sum::<f32>();
+        let inv = 1.0 / crate::host::sum(&p);
         p.iter_mut().for_each(|x| *x *= inv);
-        // Eight columns of the output at a time, over every value row: the sums stay in
-        // registers.
-        let (first, second) = p.split_at(values[0].len() / r);
-        for (c, out) in out.chunks_exact_mut(LANES).enumerate() {
-            let mut acc = [0f32; LANES];
-            for (p, values) in [(first, values[0]), (second, values[1])] {
-                for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
-                    let v = &v[c * LANES..(c + 1) * LANES];
-                    for l in 0..LANES {
-                        acc[l] += p * v[l].widen();
-                    }
+        let p = p.split_at(values[0].len() / r);
+        let mut groups = out.chunks_exact_mut(GROUP * LANES);
+        for (g, out) in groups.by_ref().enumerate() {
+            weighted_rows::<GROUP, T>(p, values, r, g * GROUP * LANES, out);
+        }
+        let done = r - groups.into_remainder().len();
+        for (c, out) in out[done..].chunks_exact_mut(LANES).enumerate() {
+            weighted_rows::<1, T>(p, values, r, done + c * LANES, out);
+        }
+    }
+}
+
+/// Vectors of [`LANES`] columns that [`weighted_rows`] sums at once.
+const GROUP: usize = 4;
+
+/// Fills `out`, the output's columns `from..` (`N` vectors of [`LANES`]), with the sum of
+/// the value rows (two parts) weighted by `p` (two parts), over every row in order. `N` vectors at once keep
+/// the sums in registers and read each row's columns once; every lane adds in the same
+/// order whatever `N`, so the bits do not depend on it.
+#[inline(always)]
+fn weighted_rows<const N: usize, T: Widen>(
+    p: (&[f32], &[f32]),
+    values: Parts<T>,
+    r: usize,
+    from: usize,
+    out: &mut [f32],
+) {
+    let mut acc = [[0f32; LANES]; N];
+    for (p, values) in [(p.0, values[0]), (p.1, values[1])] {
+        for (&p, v) in p.iter().zip(values.chunks_exact(r)) {
+            let v = &v[from..from + N * LANES];
+            for (acc, v) in acc.iter_mut().zip(v.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += p * v[l].widen();
                 }
             }
-            out.copy_from_slice(&acc);
         }
+    }
+    for (out, acc) in out.chunks_exact_mut(LANES).zip(&acc) {
+        out.copy_from_slice(acc);
     }
 }
 

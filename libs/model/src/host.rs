@@ -46,6 +46,39 @@ pub unsafe fn set_host_threads(threads: Option<usize>, workload: Workload) {
     }
 }
 
+/// The largest of `values` (-inf for none), in eight lanes so that it vectorises (the
+/// largest of a set does not depend on the order it is read in).
+#[inline(always)]
+pub fn max(values: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let chunks = values.chunks_exact(8);
+    let tail = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    lanes.iter().fold(tail, |m, &v| m.max(v))
+}
+
+/// The sum of `values` in eight lanes, so that it vectorises: lane l adds every eighth
+/// value in order, then the lanes and the tail are added in order.
+#[inline(always)]
+pub fn sum(values: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = values.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for l in 0..8 {
+            lanes[l] += c[l];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// `e^x` in f32 without branches or library calls, so that loops over it vectorise:
 /// `x = k ln 2 + r` with `|r| <= ln 2 / 2`, `e^r` by its Taylor series to degree 7 (a
 /// truncation error below 1e-8, relative) and `2^k` built in the exponent bits. Within
