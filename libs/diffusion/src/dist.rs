@@ -68,13 +68,11 @@ impl TokenDist {
         let mut total = sum(&weights);
         let top_prob = (1.0 / total) as f32;
         if let Some(k) = filter.top_k.filter(|&k| k < weights.len()) {
-            keep_largest(&mut weights, total, |ranked, _| ranked >= k);
-            total = sum(&weights);
+            total = keep_largest(&mut weights, total, |ranked, _| ranked >= k);
         }
         if filter.top_p < 1.0 {
             let target = filter.top_p * total;
-            keep_largest(&mut weights, total, |_, mass| mass >= target);
-            total = sum(&weights);
+            total = keep_largest(&mut weights, total, |_, mass| mass >= target);
         }
         Self {
             weights,
@@ -134,17 +132,17 @@ fn sum(weights: &[f32]) -> f64 {
 /// Zeroes every weight outside the smallest prefix of the ranking (weight descending, id
 /// ascending) for which `done(count, mass)` holds, `count` and `mass` being the size and
 /// weight of the prefix; `done` must hold for every prefix longer than one it holds for.
-/// `total` is the sum of the weights.
+/// `total` is the sum of the weights; returns the sum of those kept.
 ///
 /// Expected O(n) in a few passes that vectorise: a sorted sample of the weights guesses
 /// where the prefix ends, passes over the weights widen a bracket of two thresholds
 /// around the guess until it holds the end and then halve it while it holds many, and
 /// only the weights inside the bracket, a few hundred, are ranked.
 #[inline(always)]
-fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bool) {
+fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bool) -> f64 {
     let sample = Sample::of(weights, total);
     let Some(end) = sample.find_end(weights, &done) else {
-        return; // Every weight is needed.
+        return total; // Every weight is needed.
     };
     let (upper, lower) = (sample.threshold(end.hi), sample.threshold(end.lo));
     let mut inside: Vec<(f32, u32)> = Vec::with_capacity(end.inside);
@@ -158,10 +156,11 @@ fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bo
             *w = if *w > upper { *w } else { 0.0 };
         }
     }
-    let kept = prefix(&mut inside, end.before.0, end.before.1, done);
+    let (kept, mass) = prefix(&mut inside, end.before.0, end.before.1, done);
     for &(w, i) in &inside[..kept] {
         weights[i as usize] = w;
     }
+    mass
 }
 
 /// Two thresholds of a [`Sample`] between which the smallest prefix ends.
@@ -301,13 +300,14 @@ fn above(weights: &[f32], threshold: f32) -> (usize, f64) {
 
 /// Reorders `ranked` so that it starts with the fewest of its items, first in the ranking,
 /// that make `done` hold after a prefix of `before` items of weight `mass`, and returns
-/// how many those are (all when `done` never holds).
+/// how many those are (all when `done` never holds) and the weight of the prefix with
+/// them.
 fn prefix(
     ranked: &mut [(f32, u32)],
     before: usize,
     mut mass: f64,
     done: impl Fn(usize, f64) -> bool,
-) -> usize {
+) -> (usize, f64) {
     let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     // Invariant: ranked[..lo] (of weight `mass` with what came before) precede everything
     // after them and do not satisfy `done`; the end lies in ranked[lo..hi].
@@ -319,7 +319,7 @@ fn prefix(
                 mass += ranked[lo].0 as f64;
                 lo += 1;
             }
-            return lo;
+            return (lo, mass);
         }
         let mid = (hi - lo) / 2;
         ranked[lo..hi].select_nth_unstable_by(mid, order);
