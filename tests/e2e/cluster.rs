@@ -15,13 +15,9 @@ use tonic::Status;
 
 use crate::bin;
 
-/// A free loopback port.
+/// A free loopback port for a server of a test (see [`quiet_port`]).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    quiet_port(false)
 }
 
 /// A child process killed when dropped.
@@ -499,8 +495,10 @@ impl RedisCluster {
 }
 
 /// A free loopback port below the kernel's ephemeral range, so that no connection of the
-/// tests beside this one takes it while its server is down (or not yet up); with
-/// `with_bus`, port + 10000 (a cluster node's bus) is free and below that range too.
+/// tests beside this one takes it between its pick and its server's bind (or while its
+/// server is down); with `with_bus`, port + 10000 (a cluster node's bus) is free too.
+/// Ports come from [10000, 20000) and buses from [20000, 30000), so that no pick is
+/// another node's bus.
 fn quiet_port(with_bus: bool) -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok();
@@ -508,7 +506,7 @@ fn quiet_port(with_bus: bool) -> u16 {
         .and_then(|range| range.split_whitespace().next()?.parse().ok())
         .unwrap_or(32_768);
     const FIRST: u32 = 10_000;
-    let span = low.clamp(FIRST + 10_100, 55_536) - FIRST - 10_000;
+    let span = (low.min(55_536).saturating_sub(FIRST + 10_000)).clamp(100, 10_000);
     // Tests in other processes pick too: each process starts at its own place.
     let nanos = std::time::SystemTime::UNIX_EPOCH
         .elapsed()
