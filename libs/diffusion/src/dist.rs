@@ -47,14 +47,16 @@ impl TokenDist {
         let cut = (excluded as usize).min(logits.len());
         let (before, after) = (&logits[..cut], logits.get(cut + 1..).unwrap_or(&[]));
         let max = max(before).max(max(after)) * inv_t;
-        // The first such token, found by chunks whose test vectorises.
-        let is_top = |&l: &f32| l * inv_t == max;
-        let top = (logits.chunks(64).enumerate())
-            .filter(|(_, chunk)| chunk.iter().fold(false, |hit, l| hit | is_top(l)))
+        // The first such token, looked for only in chunks that hold one.
+        let is_top = |l: f32| l * inv_t == max;
+        let top = logits
+            .chunks(64)
+            .enumerate()
+            .filter(|(_, chunk)| any(chunk, is_top))
             .find_map(|(n, chunk)| {
                 (n * 64..)
                     .zip(chunk)
-                    .find(|&(i, l)| allowed(i) && is_top(l))
+                    .find(|&(i, &l)| allowed(i) && is_top(l))
             })
             .map_or(0, |(i, _)| i as u32);
         // One branch-free loop (it vectorises); the excluded token is zeroed after it.
@@ -115,6 +117,13 @@ impl TokenDist {
     }
 }
 
+/// Whether `test` holds for any of `values`, tested without a branch so that it
+/// vectorises.
+#[inline(always)]
+fn any(values: &[f32], test: impl Fn(f32) -> bool) -> bool {
+    values.iter().fold(false, |hit, &v| hit | test(v))
+}
+
 /// The sum of `weights` in f64, in four lanes so that it vectorises.
 #[inline(always)]
 fn sum(weights: &[f32]) -> f64 {
@@ -148,7 +157,7 @@ fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bo
     let mut inside: Vec<(f32, u32)> = Vec::with_capacity(end.inside);
     for (n, chunk) in weights.chunks_mut(16).enumerate() {
         let within = |w: f32| w > lower && w <= upper;
-        if chunk.iter().fold(false, |any, &w| any | within(w)) {
+        if any(chunk, within) {
             let found = (n * 16..).zip(chunk.iter()).filter(|&(_, &w)| within(w));
             inside.extend(found.map(|(i, &w)| (w, i as u32)));
         }
