@@ -116,7 +116,7 @@ impl Redis {
 
     /// [`Redis::start`] with `extra` flags of `redis-server`.
     pub fn start_with(dir: &Path, extra: Vec<String>) -> Self {
-        Self::start_on(dir, || quiet_port(false), extra)
+        Self::start_on(dir, free_port, extra)
     }
 
     /// Starts a server on a port of `pick`. A free port can be taken by another process

@@ -488,14 +488,16 @@ pub async fn shared_prefix(
         seed: Some(seed),
         ..Default::default()
     };
-    let compared = if bench.workers == 1 {
-        "prefix_cache"
-    } else {
+    // One worker compares its prefix cache on and off; several, prefix routing.
+    let routing = bench.workers > 1;
+    let compared = if routing {
         "prefix_routing"
+    } else {
+        "prefix_cache"
     };
     let mut seen = Vec::new();
     for on in [true, false] {
-        let prefix_cache = on || compared != "prefix_cache";
+        let prefix_cache = on || routing;
         let limits = WorkerLimits {
             prefix_bytes: if prefix_cache {
                 limits.prefix_bytes.max(1 << 30)
@@ -506,7 +508,7 @@ pub async fn shared_prefix(
         };
         let coordinator = CoordinatorSettings {
             max_queue: usize::MAX,
-            prefix_routing: on || compared != "prefix_routing",
+            prefix_routing: on || !routing,
             ..CoordinatorSettings::default()
         };
         let stores = Stores::memory(Default::default());
