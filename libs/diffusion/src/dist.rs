@@ -2,19 +2,32 @@
 //! and categorical draws, all on the host in O(vocab) per position.
 //!
 //! Draws use one uniform number per token (inverse CDF), so a position costs one random
-//! number rather than a Gumbel sample for every vocabulary entry.
+//! number rather than a Gumbel sample for every vocabulary entry. A nucleus is not built
+//! before the draw: a token drawn from the distribution before it is kept when the mass
+//! ranked above it is under top-p (rejection sampling, exact), which a sampler asking for
+//! one token of a position decides in one pass instead of ranking the vocabulary.
 
 use bd3lm_model::host::{exp, max};
 use bd3lm_sampling::Filter;
 use rand::Rng;
 
+/// Weights are summed in chunks of this many: a draw finds its chunk among the sums and
+/// reads only that chunk's weights.
+const CHUNK: usize = 64;
+
+/// How many tokens a nucleus draw tries before it builds the nucleus. A try is kept with
+/// the nucleus's share of the mass, at least top-p, so with top-p 0.5 or more at most one
+/// draw in 256 builds it.
+const TRIES: usize = 8;
+
 /// A filtered distribution over the vocabulary for one position.
 #[derive(Debug, Clone)]
 pub struct TokenDist {
-    /// Unnormalised probabilities after filtering (0 for excluded tokens).
-    weights: Vec<f32>,
-    /// Sum of `weights`.
-    total: f64,
+    /// The distribution before the nucleus: temperature and top-k applied, the excluded
+    /// token at 0.
+    cdf: Cdf,
+    /// The mass the nucleus reaches (top-p of `cdf`'s), when the filter asks for one.
+    nucleus: Option<f64>,
     /// Most likely token and its probability before filtering.
     top: (u32, f32),
 }
@@ -67,18 +80,16 @@ impl TokenDist {
         if let Some(w) = weights.get_mut(excluded as usize) {
             *w = 0.0;
         }
-        let mut total = sum(&weights);
-        let top_prob = (1.0 / total) as f32;
-        if let Some(k) = filter.top_k.filter(|&k| k < weights.len()) {
-            total = keep_largest(&mut weights, total, |ranked, _| ranked >= k);
-        }
-        if filter.top_p < 1.0 {
-            let target = filter.top_p * total;
-            total = keep_largest(&mut weights, total, |_, mass| mass >= target);
+        let mut cdf = Cdf::new(weights);
+        let top_prob = (1.0 / cdf.total) as f32;
+        if let Some(k) = filter.top_k.filter(|&k| k < cdf.weights.len()) {
+            let mut weights = cdf.weights;
+            keep_largest(&mut weights, cdf.total, |ranked, _| ranked >= k);
+            cdf = Cdf::new(weights);
         }
         Self {
-            weights,
-            total,
+            nucleus: (filter.top_p < 1.0).then_some(filter.top_p * cdf.total),
+            cdf,
             top: (top, top_prob),
         }
     }
@@ -88,32 +99,123 @@ impl TokenDist {
         self.top
     }
 
-    /// Probability of `token` after filtering.
-    pub fn prob(&self, token: u32) -> f64 {
-        self.weights
-            .get(token as usize)
-            .map_or(0.0, |&w| w as f64 / self.total)
+    /// Draws a token: greedy takes the most likely one, else one uniform number picks a
+    /// token by inverse CDF, tried against the nucleus when there is one. Weights without
+    /// mass (every token excluded, or logits not finite) give the most likely token.
+    pub fn draw(&self, rng: &mut impl Rng, greedy: bool) -> u32 {
+        let drawn = if greedy { None } else { self.sample(rng) };
+        drawn.unwrap_or(self.top.0)
     }
 
-    /// Draws a token: greedy takes the most likely one, else one uniform number picks a
-    /// token by inverse CDF.
-    pub fn draw(&self, rng: &mut impl Rng, greedy: bool) -> u32 {
-        if greedy {
-            return self.top.0;
+    /// A token drawn after every filter; `None` when the weights hold no mass.
+    fn sample(&self, rng: &mut impl Rng) -> Option<u32> {
+        let Some(target) = self.nucleus else {
+            return self.cdf.draw(rng);
+        };
+        for _ in 0..TRIES {
+            let token = self.cdf.draw(rng)?;
+            if self.keeps(token, target) {
+                return Some(token);
+            }
         }
+        // Each try is kept with the same distribution, the nucleus's, and so is this.
+        self.filtered().draw(rng)
+    }
+
+    /// Whether `token` is in the nucleus reaching `target`: the smallest prefix of the
+    /// ranking (weight descending, id ascending) whose mass reaches it.
+    fn keeps(&self, token: u32, target: f64) -> bool {
+        self.cdf.mass_before(token) < target
+    }
+
+    /// The distribution after every filter, the nucleus built by ranking.
+    fn filtered(&self) -> Cdf {
+        let mut weights = self.cdf.weights.clone();
+        if let Some(target) = self.nucleus {
+            keep_largest(&mut weights, self.cdf.total, |_, mass| mass >= target);
+        }
+        Cdf::new(weights)
+    }
+}
+
+/// Unnormalised weights with their sums by chunk, for draws by inverse CDF.
+#[derive(Debug, Clone)]
+struct Cdf {
+    weights: Vec<f32>,
+    /// The sum of each [`CHUNK`] of `weights`.
+    chunks: Vec<f64>,
+    /// The sum of `chunks`, added in order as a draw adds them.
+    total: f64,
+}
+
+impl Cdf {
+    #[inline(always)]
+    fn new(weights: Vec<f32>) -> Self {
+        // A loop rather than an iterator chain, so that the sums are inlined into (and
+        // vectorised as) the caller.
+        let mut chunks = Vec::with_capacity(weights.len().div_ceil(CHUNK));
+        for chunk in weights.chunks(CHUNK) {
+            chunks.push(sum(chunk));
+        }
+        Self {
+            total: chunks.iter().fold(0.0, |acc, &s| acc + s),
+            chunks,
+            weights,
+        }
+    }
+
+    /// A token, with probability its weight over the total; `None` when the total is not
+    /// positive and finite.
+    fn draw(&self, rng: &mut impl Rng) -> Option<u32> {
         let u = rng.random::<f64>() * self.total;
+        // The chunk where the running sum passes u: one exists when the total is positive,
+        // since the last chunk with weight brings the sum to it, which is above u.
         let mut acc = 0.0;
-        let mut last = self.top.0;
-        for (i, &w) in self.weights.iter().enumerate() {
+        let chunk = self.chunks.iter().position(|&s| {
+            let passes = s > 0.0 && acc + s > u;
+            acc += if passes { 0.0 } else { s };
+            passes
+        })?;
+        // Inside it the weights are added one by one, which may round below the chunk's
+        // sum: then the last weight of the chunk is the token.
+        let start = chunk * CHUNK;
+        let mut last = start;
+        for (i, &w) in (start..).zip(&self.weights[start..]).take(CHUNK) {
             if w > 0.0 {
                 acc += w as f64;
-                last = i as u32;
+                last = i;
                 if acc > u {
-                    return last;
+                    break;
                 }
             }
         }
-        last
+        Some(last as u32)
+    }
+
+    /// The weight ranked before `token` (weight descending, id ascending).
+    fn mass_before(&self, token: u32) -> f64 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { self.mass_before_avx2(token) };
+        }
+        self.mass_before_lanes(token)
+    }
+
+    /// [`Cdf::mass_before`] eight lanes wide, with the bits of the narrower build.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn mass_before_avx2(&self, token: u32) -> f64 {
+        self.mass_before_lanes(token)
+    }
+
+    /// [`Cdf::mass_before`] in one pass, in the lanes of the build's target: ties rank by
+    /// id.
+    #[inline(always)]
+    fn mass_before_lanes(&self, token: u32) -> f64 {
+        let (before, after) = self.weights.split_at(token as usize);
+        let w = after[0];
+        selected(before, |v| v >= w).1 + selected(&after[1..], |v| v > w).1
     }
 }
 
@@ -141,17 +243,17 @@ fn sum(weights: &[f32]) -> f64 {
 /// Zeroes every weight outside the smallest prefix of the ranking (weight descending, id
 /// ascending) for which `done(count, mass)` holds, `count` and `mass` being the size and
 /// weight of the prefix; `done` must hold for every prefix longer than one it holds for.
-/// `total` is the sum of the weights; returns the sum of those kept.
+/// `total` is the sum of the weights.
 ///
 /// Expected O(n) in a few passes that vectorise: a sorted sample of the weights guesses
 /// where the prefix ends, passes over the weights widen a bracket of two thresholds
 /// around the guess until it holds the end and then halve it while it holds many, and
 /// only the weights inside the bracket, a few hundred, are ranked.
 #[inline(always)]
-fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bool) -> f64 {
+fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bool) {
     let sample = Sample::of(weights, total);
     let Some(end) = sample.find_end(weights, &done) else {
-        return total; // Every weight is needed.
+        return; // Every weight is needed.
     };
     let (upper, lower) = (sample.threshold(end.hi), sample.threshold(end.lo));
     let mut inside: Vec<(f32, u32)> = Vec::with_capacity(end.inside);
@@ -165,11 +267,10 @@ fn keep_largest(weights: &mut [f32], total: f64, done: impl Fn(usize, f64) -> bo
             *w = if *w > upper { *w } else { 0.0 };
         }
     }
-    let (kept, mass) = prefix(&mut inside, end.before.0, end.before.1, done);
+    let kept = prefix(&mut inside, end.before.0, end.before.1, done);
     for &(w, i) in &inside[..kept] {
         weights[i as usize] = w;
     }
-    mass
 }
 
 /// Two thresholds of a [`Sample`] between which the smallest prefix ends.
@@ -243,7 +344,7 @@ impl Sample {
     /// when `done` holds for no prefix.
     #[inline(always)]
     fn find_end(&self, weights: &[f32], done: impl Fn(usize, f64) -> bool) -> Option<End> {
-        let probe = |j: usize| above(weights, self.threshold(j));
+        let probe = |j: usize| selected(weights, |w| w > self.threshold(j));
         let holds = |(count, mass): (usize, f64)| done(count, mass);
         let (mut hi, mut lo) = self.bracket(&done);
         let (mut at_hi, mut at_lo) = (probe(hi), probe(lo));
@@ -282,21 +383,21 @@ impl Sample {
     }
 }
 
-/// How many of `weights` lie above `threshold`, and their sum in f64, in four lanes so
-/// that it vectorises.
+/// How many of `weights` pass `test`, and their sum in f64, in four lanes so that it
+/// vectorises.
 #[inline(always)]
-fn above(weights: &[f32], threshold: f32) -> (usize, f64) {
+fn selected(weights: &[f32], test: impl Fn(f32) -> bool) -> (usize, f64) {
     let mut lanes = [0f64; 4];
     let mut counts = [0usize; 4];
     let chunks = weights.chunks_exact(4);
     let (mut count, mut tail) = (0, 0f64);
-    for &w in chunks.remainder().iter().filter(|&&w| w > threshold) {
+    for &w in chunks.remainder().iter().filter(|&&w| test(w)) {
         count += 1;
         tail += w as f64;
     }
     for c in chunks {
         for l in 0..4 {
-            let is = c[l] > threshold;
+            let is = test(c[l]);
             lanes[l] += if is { c[l] as f64 } else { 0.0 };
             counts[l] += is as usize;
         }
@@ -309,14 +410,13 @@ fn above(weights: &[f32], threshold: f32) -> (usize, f64) {
 
 /// Reorders `ranked` so that it starts with the fewest of its items, first in the ranking,
 /// that make `done` hold after a prefix of `before` items of weight `mass`, and returns
-/// how many those are (all when `done` never holds) and the weight of the prefix with
-/// them.
+/// how many those are (all when `done` never holds).
 fn prefix(
     ranked: &mut [(f32, u32)],
     before: usize,
     mut mass: f64,
     done: impl Fn(usize, f64) -> bool,
-) -> (usize, f64) {
+) -> usize {
     let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
     // Invariant: ranked[..lo] (of weight `mass` with what came before) precede everything
     // after them and do not satisfy `done`; the end lies in ranked[lo..hi].
@@ -328,7 +428,7 @@ fn prefix(
                 mass += ranked[lo].0 as f64;
                 lo += 1;
             }
-            return (lo, mass);
+            return lo;
         }
         let mid = (hi - lo) / 2;
         ranked[lo..hi].select_nth_unstable_by(mid, order);
@@ -347,6 +447,20 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    /// Every token's probability after the filters.
+    fn probs(dist: &TokenDist) -> Vec<f64> {
+        let cdf = dist.filtered();
+        cdf.weights.iter().map(|&w| w as f64 / cdf.total).collect()
+    }
+
+    fn kept(dist: &TokenDist) -> Vec<u32> {
+        (0u32..)
+            .zip(probs(dist))
+            .filter(|&(_, p)| p > 0.0)
+            .map(|(i, _)| i)
+            .collect()
+    }
 
     fn random_logits(n: usize, seed: u64, spread: f32) -> Vec<f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -367,9 +481,8 @@ mod tests {
         logits
     }
 
-    /// The reference rule written naively: sort descending (ties by id), take tokens until
-    /// the mass reaches p.
-    fn naive_nucleus(probs: &[f64], p: f64) -> Vec<u32> {
+    /// The tokens of positive probability, most likely first (ties by id).
+    fn ranking(probs: &[f64]) -> Vec<u32> {
         let mut idx: Vec<u32> = (0..probs.len() as u32)
             .filter(|&i| probs[i as usize] > 0.0)
             .collect();
@@ -378,9 +491,15 @@ mod tests {
                 .total_cmp(&probs[a as usize])
                 .then(a.cmp(&b))
         });
+        idx
+    }
+
+    /// The reference rule written naively: sort descending (ties by id), take tokens until
+    /// the mass reaches p.
+    fn naive_nucleus(probs: &[f64], p: f64) -> Vec<u32> {
         let mut mass = 0.0;
         let mut out = Vec::new();
-        for i in idx {
+        for i in ranking(probs) {
             if mass >= p {
                 break;
             }
@@ -404,8 +523,8 @@ mod tests {
         ];
         for (shape, logits) in shapes.into_iter().enumerate() {
             let n = logits.len();
-            let full = TokenDist::new(&logits, u32::MAX, &Filter::default());
-            let probs: Vec<f64> = (0..n as u32).map(|i| full.prob(i)).collect();
+            let probs = probs(&TokenDist::new(&logits, u32::MAX, &Filter::default()));
+            let ranked = ranking(&probs);
             for p in [0.1, 0.5, 0.9, 0.999] {
                 let dist = TokenDist::new(
                     &logits,
@@ -415,25 +534,27 @@ mod tests {
                         ..Filter::default()
                     },
                 );
-                let kept: Vec<u32> = (0..n as u32).filter(|&i| dist.prob(i) > 0.0).collect();
+                let kept = kept(&dist);
                 let expected = naive_nucleus(&probs, p * probs.iter().sum::<f64>());
                 assert_eq!(kept, expected, "shape {shape} p {p}");
                 let mass: f64 = kept.iter().map(|&i| probs[i as usize]).sum();
                 assert!(mass >= p - 1e-6);
+                // A draw's test agrees, around the nucleus's edge and over the rest.
+                let target = dist.nucleus.expect("a nucleus");
+                let edge = kept.len().saturating_sub(32)..(kept.len() + 32).min(ranked.len());
+                let spread = ranked.iter().step_by(n.div_ceil(512));
+                for &token in ranked[edge].iter().chain(spread) {
+                    let inside = kept.binary_search(&token).is_ok();
+                    assert_eq!(dist.keeps(token, target), inside, "shape {shape} p {p}");
+                }
             }
             for k in [1, 7, n / 2] {
                 let top_k = Filter {
                     top_k: Some(k),
                     ..Filter::default()
                 };
-                let dist = TokenDist::new(&logits, u32::MAX, &top_k);
-                let kept: Vec<u32> = (0..n as u32).filter(|&i| dist.prob(i) > 0.0).collect();
-                let mut expected = naive_nucleus(&probs, 2.0);
-                expected.sort_by(|&a, &b| {
-                    probs[b as usize]
-                        .total_cmp(&probs[a as usize])
-                        .then(a.cmp(&b))
-                });
+                let kept = kept(&TokenDist::new(&logits, u32::MAX, &top_k));
+                let mut expected = ranked.clone();
                 expected.truncate(k);
                 expected.sort();
                 assert_eq!(kept, expected, "shape {shape} k {k}");
@@ -459,10 +580,17 @@ mod tests {
                     TokenDist::new(&logits, 50257, filter),
                     TokenDist::build(&logits, 50257, filter),
                 );
-                let bits =
-                    |d: &TokenDist| d.weights.iter().map(|w| w.to_bits()).collect::<Vec<_>>();
+                let bits = |d: &TokenDist| {
+                    let weights = d.cdf.weights.iter().map(|w| w.to_bits() as u64);
+                    let chunks = d.cdf.chunks.iter().map(|s| s.to_bits());
+                    weights.chain(chunks).collect::<Vec<_>>()
+                };
                 assert_eq!(bits(&wide), bits(&narrow));
-                assert_eq!(wide.total.to_bits(), narrow.total.to_bits());
+                assert_eq!(wide.cdf.total.to_bits(), narrow.cdf.total.to_bits());
+                assert_eq!(
+                    wide.nucleus.map(f64::to_bits),
+                    narrow.nucleus.map(f64::to_bits)
+                );
                 assert_eq!(wide.top, narrow.top);
             }
         }
@@ -479,10 +607,10 @@ mod tests {
                 ..Filter::default()
             },
         );
-        let kept: Vec<u32> = (0..6).filter(|&i| dist.prob(i) > 0.0).collect();
-        assert_eq!(kept, [1, 2], "ties broken towards the lower id");
+        assert_eq!(kept(&dist), [1, 2], "ties broken towards the lower id");
         assert_eq!(dist.top().0, 1);
-        assert!((dist.prob(1) + dist.prob(2) - 1.0).abs() < 1e-9);
+        let probs = probs(&dist);
+        assert!((probs[1] + probs[2] - 1.0).abs() < 1e-9);
     }
 
     #[test]
@@ -504,29 +632,60 @@ mod tests {
                 ..Filter::default()
             },
         );
-        assert!(cold.prob(2) > 0.99);
-        assert!(hot.prob(2) < 0.4 && hot.prob(0) > 0.3);
+        assert!(probs(&cold)[2] > 0.99);
+        let hot = probs(&hot);
+        assert!(hot[2] < 0.4 && hot[0] > 0.3);
     }
 
-    /// Draw frequencies match the probabilities within 5 standard errors.
+    /// Weights without mass draw the most likely token (the lowest id) instead of failing.
+    #[test]
+    fn a_distribution_without_mass_draws_its_top_token() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let nucleus = Filter {
+            top_p: 0.9,
+            ..Filter::default()
+        };
+        for filter in [Filter::default(), nucleus] {
+            for (logits, excluded) in [(vec![1.0], 0), (vec![f32::NAN; 3], 7)] {
+                let dist = TokenDist::new(&logits, excluded, &filter);
+                assert_eq!(dist.draw(&mut rng, false), dist.top().0);
+            }
+        }
+    }
+
+    /// Draw frequencies match the probabilities within 5 standard errors: without a
+    /// nucleus; with one, drawn by rejection; with one of a fifth of the mass, where a
+    /// sixth of the draws build it after eight rejected tries.
     #[test]
     fn empirical_distribution_matches_the_model() {
         let logits = vec![0.0, 1.0, 2.0, -0.5, 1.5];
-        let dist = TokenDist::new(&logits, u32::MAX, &Filter::default());
+        let flat = vec![0.5; 5];
+        let nucleus = |top_p| Filter {
+            top_p,
+            ..Filter::default()
+        };
+        let cases = [
+            (&logits, Filter::default()),
+            (&logits, nucleus(0.7)),
+            (&flat, nucleus(0.1)),
+        ];
         let mut rng = ChaCha8Rng::seed_from_u64(9);
-        let n = 200_000;
-        let mut counts = [0usize; 5];
-        for _ in 0..n {
-            counts[dist.draw(&mut rng, false) as usize] += 1;
+        for (logits, filter) in cases {
+            let dist = TokenDist::new(logits, u32::MAX, &filter);
+            let n = 100_000;
+            let mut counts = [0usize; 5];
+            for _ in 0..n {
+                counts[dist.draw(&mut rng, false) as usize] += 1;
+            }
+            for (&c, p) in counts.iter().zip(probs(&dist)) {
+                let se = (p * (1.0 - p) / n as f64).sqrt();
+                assert!(
+                    (c as f64 / n as f64 - p).abs() <= 5.0 * se,
+                    "{filter:?}: {counts:?} against {p}"
+                );
+            }
         }
-        for (i, &c) in counts.iter().enumerate() {
-            let p = dist.prob(i as u32);
-            let se = (p * (1.0 - p) / n as f64).sqrt();
-            assert!(
-                (c as f64 / n as f64 - p).abs() < 5.0 * se,
-                "token {i}: {c} vs {p}"
-            );
-        }
+        let dist = TokenDist::new(&logits, u32::MAX, &Filter::default());
         assert_eq!(dist.draw(&mut rng, true), 2);
     }
 }
