@@ -155,12 +155,13 @@ impl Widen for half::bf16 {
 
 /// One head of one sequence: each query row of `q` (s, r) over `keys` and `values`
 /// (t, r, each in two parts: the rows of the first, then of the second), into `out`
-/// (s, r); `r` is a multiple of [`LANES`]. The parts are read in order, so a split gives
-/// the bits of the rows held whole.
+/// (s, r); `r` is a multiple of [`LANES`]. Every key's score is summed in the same order
+/// wherever the key lies, so a split gives the bits of the rows held whole.
 ///
 /// Compiled twice: for the baseline x86-64 (four-wide registers) and for AVX2 (eight),
-/// chosen at run time. Each of the eight lanes adds in the same order either way, so both
-/// give the same bits: only the register width differs.
+/// chosen at run time. Each of the eight lanes adds in the same order either way, and
+/// the AVX2 build's horizontal adds in the order the baseline writes out, so both give
+/// the same bits: only the register width differs.
 fn head<T: Widen>(
     q: &[f32],
     keys: Parts<T>,
@@ -174,7 +175,7 @@ fn head<T: Widen>(
         // SAFETY: the CPU has AVX2, checked just above.
         return unsafe { head_avx2(q, keys, values, r, scale, out) };
     }
-    head_lanes(q, keys, values, r, scale, out)
+    head_lanes::<T, false>(q, keys, values, r, scale, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -187,14 +188,15 @@ fn head_avx2<T: Widen>(
     scale: f32,
     out: &mut [f32],
 ) {
-    head_lanes(q, keys, values, r, scale, out)
+    head_lanes::<T, true>(q, keys, values, r, scale, out)
 }
 
 /// Keys or values of one head in two parts, read one after the other.
 type Parts<'a, T> = [&'a [T]; 2];
 
+/// [`head`] in the lanes of the build's target; `AVX2` where that build is AVX2's.
 #[inline(always)]
-fn head_lanes<T: Widen>(
+fn head_lanes<T: Widen, const AVX2: bool>(
     q: &[f32],
     keys: Parts<T>,
     values: Parts<T>,
@@ -204,9 +206,19 @@ fn head_lanes<T: Widen>(
 ) {
     let mut p = vec![0f32; (keys[0].len() + keys[1].len()) / r];
     for (q, out) in q.chunks_exact(r).zip(out.chunks_exact_mut(r)) {
-        let rows = keys.iter().flat_map(|part| part.chunks_exact(r));
-        for (p, k) in p.iter_mut().zip(rows) {
-            *p = dot(q, k) * scale;
+        let mut scores = p.as_mut_slice();
+        for part in keys {
+            let mut eights = part.chunks_exact(8 * r);
+            for k in eights.by_ref() {
+                let (eight, rest) = scores.split_at_mut(8);
+                eight.copy_from_slice(&dots8::<T, AVX2>(q, k, r).map(|d| d * scale));
+                scores = rest;
+            }
+            for k in eights.remainder().chunks_exact(r) {
+                let (one, rest) = scores.split_first_mut().expect("a score per key");
+                *one = lane_sum(&dot_lanes(q, k)) * scale;
+                scores = rest;
+            }
         }
         let max = crate::host::max(&p);
         p.iter_mut().for_each(|x| *x = crate::host::exp(*x - max));
@@ -258,17 +270,80 @@ fn weighted_rows<const N: usize, T: Widen>(
 /// Columns one vectorised step of the kernel handles; head dimensions must be multiples.
 pub(crate) const LANES: usize = 8;
 
-/// `a . b` for lengths that are multiples of [`LANES`], summed in that many lanes so that
-/// it vectorises (a float sum in one accumulator cannot be reordered).
+/// The lanes of `a . b` for lengths that are multiples of [`LANES`]: the products summed
+/// in that many lanes, so that it vectorises (a float sum in one accumulator cannot be
+/// reordered).
 #[inline(always)]
-fn dot<T: Widen>(a: &[f32], b: &[T]) -> f32 {
+fn dot_lanes<T: Widen>(a: &[f32], b: &[T]) -> [f32; LANES] {
     let mut acc = [0f32; LANES];
     for (x, y) in a.chunks_exact(LANES).zip(b.chunks_exact(LANES)) {
         for l in 0..LANES {
             acc[l] += x[l] * y[l].widen();
         }
     }
-    acc.iter().sum()
+    acc
+}
+
+/// The sum of a dot product's lanes, in pairs: ((0+1) + (2+3)) + ((4+5) + (6+7)), the
+/// order in which [`dots8`] sums eight at once.
+#[inline(always)]
+fn lane_sum(acc: &[f32; LANES]) -> f32 {
+    ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))
+}
+
+/// `q` against the eight key rows of `keys`, each score with the bits of [`dot_lanes`]
+/// and [`lane_sum`]. On AVX2 the eight keys' lane sums take six horizontal adds: a key's
+/// lanes summed on their own take seven shuffles and adds, which bound the scores' loop.
+#[inline(always)]
+fn dots8<T: Widen, const AVX2: bool>(q: &[f32], keys: &[T], r: usize) -> [f32; 8] {
+    #[cfg(target_arch = "x86_64")]
+    if AVX2 {
+        // SAFETY: only the AVX2 build of the kernel asks, which runs where the CPU has it.
+        return unsafe { dots8_avx2(q, keys, r) };
+    }
+    std::array::from_fn(|k| lane_sum(&dot_lanes(q, &keys[k * r..][..r])))
+}
+
+/// [`dots8`] in AVX2 registers: each vector of the query against the eight keys (the
+/// products added lane by lane, as [`dot_lanes`] adds them), then [`lane_sum`] of the
+/// eight in horizontal adds: a pair's sums first, then pairs of pairs, then the halves.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dots8_avx2<T: Widen>(q: &[f32], keys: &[T], r: usize) -> [f32; 8] {
+    use std::arch::x86_64::*;
+    let load = |v: &[f32]| {
+        let v: &[f32; LANES] = v.try_into().expect("a vector");
+        // SAFETY: eight f32 are read from an array of eight.
+        unsafe { _mm256_loadu_ps(v.as_ptr()) }
+    };
+    let mut acc = [_mm256_setzero_ps(); 8];
+    for (c, x) in q.chunks_exact(LANES).enumerate() {
+        let x = load(x);
+        for (k, acc) in acc.iter_mut().enumerate() {
+            let y = &keys[k * r + c * LANES..][..LANES];
+            let y: [f32; LANES] = std::array::from_fn(|l| y[l].widen());
+            *acc = _mm256_add_ps(*acc, _mm256_mul_ps(x, load(&y)));
+        }
+    }
+    // [k0 01, k0 23, k1 01, k1 23 | k0 45, k0 67, k1 45, k1 67], and so on.
+    let pairs = [
+        _mm256_hadd_ps(acc[0], acc[1]),
+        _mm256_hadd_ps(acc[2], acc[3]),
+        _mm256_hadd_ps(acc[4], acc[5]),
+        _mm256_hadd_ps(acc[6], acc[7]),
+    ];
+    // [k0 0123, k1 0123, k2 0123, k3 0123 | k0 4567, ...], and k4 to k7.
+    let low = _mm256_hadd_ps(pairs[0], pairs[1]);
+    let high = _mm256_hadd_ps(pairs[2], pairs[3]);
+    let sums = _mm256_add_ps(
+        _mm256_permute2f128_ps::<0x20>(low, high),
+        _mm256_permute2f128_ps::<0x31>(low, high),
+    );
+    let mut out = [0f32; 8];
+    // SAFETY: eight f32 are written to an array of eight.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sums) };
+    out
 }
 
 #[cfg(test)]
@@ -402,7 +477,7 @@ mod tests {
         let (q, k, v) = (data(s, 1), data(t, 2), data(t, 3));
         let (mut dispatched, mut baseline) = (vec![0f32; s * r], vec![0f32; s * r]);
         head(&q, [&k, &[]], [&v, &[]], r, 0.17, &mut dispatched);
-        head_lanes(&q, [&k, &[]], [&v, &[]], r, 0.17, &mut baseline);
+        head_lanes::<f32, false>(&q, [&k, &[]], [&v, &[]], r, 0.17, &mut baseline);
         assert_eq!(dispatched, baseline);
     }
 }
