@@ -4,25 +4,31 @@
 //! Best effort by design: a worker that no longer holds the session (evicted, restarted)
 //! writes nothing, and the next worker rebuilds from the tokens. The blobs go in one
 //! compare-and-set on the record as read, so a session that moved on or was deleted
-//! meanwhile gets none.
+//! meanwhile gets none. With the prefix cache on, the first prompt's whole blocks go to
+//! the store's shared prompt blocks instead (content-addressed: the same bytes, which a
+//! load takes from there), so sessions of one prompt store it once, each renewing its TTL.
 
-use bd3lm_kvstore::{CommitOutcome, SessionStore};
+use bd3lm_kvstore::{CommitOutcome, SessionRecord, SessionStore};
 use bd3lm_proto::status::from_store;
 use bd3lm_proto::v1::{PersistKvRequest, PersistKvResponse};
 use tonic::Status;
 
+use crate::LoadedModel;
 use crate::block;
+use crate::cache::SharedPrompt;
 use crate::metrics;
 use crate::models::Models;
 use crate::sessions::SessionCaches;
 
 /// Writes the window's blobs of the session of `req` when this worker holds it exactly as
-/// the store does, at `req.committed_blocks`.
+/// the store does, at `req.committed_blocks`; its shared prompt blocks to the store's
+/// shared blocks when `share_prompt` (the prefix cache is on).
 pub async fn persist_kv(
     store: &SessionStore,
     models: &Models,
     sessions: &SessionCaches,
     req: PersistKvRequest,
+    share_prompt: bool,
 ) -> Result<PersistKvResponse, Status> {
     if !bd3lm_kvstore::record::is_session_id(&req.session_id) {
         return Err(Status::invalid_argument(
@@ -73,6 +79,10 @@ pub async fn persist_kv(
     sessions.put(key, state);
     let blobs = blobs.map_err(|e| export_failed(&e))?;
     let (count, bytes) = (blobs.len(), blobs.iter().map(|(_, b)| b.len()).sum());
+    let blobs = match share_prompt {
+        true => put_shared(store, &served.loaded, &record, blobs).await?,
+        false => blobs,
+    };
     let outcome = store
         .commit(&record, record.base(), blobs, 0..0)
         .await
@@ -87,6 +97,31 @@ pub async fn persist_kv(
         blocks_written: count as u32,
         bytes_written: bytes as u64,
     })
+}
+
+/// Puts the blobs of `record`'s shared prompt blocks among `blobs` to the store's shared
+/// blocks and returns the others, the session's own.
+async fn put_shared(
+    store: &SessionStore,
+    loaded: &LoadedModel,
+    record: &SessionRecord,
+    blobs: Vec<(usize, Vec<u8>)>,
+) -> Result<Vec<(usize, Vec<u8>)>, Status> {
+    let bs = loaded.model.config().block_size;
+    let Some(prompt) = SharedPrompt::of(record, bs) else {
+        return Ok(blobs);
+    };
+    let (shared, own): (Vec<_>, Vec<_>) = blobs
+        .into_iter()
+        .partition(|(b, _)| *b < prompt.addresses.len());
+    if !shared.is_empty() {
+        let scope = loaded.prefix_scope();
+        store
+            .put_prefix_blobs(scope, &prompt.addresses, shared)
+            .await
+            .map_err(from_store)?;
+    }
+    Ok(own)
 }
 
 /// An export that failed, logged; the caller is told only that it did.

@@ -488,6 +488,7 @@ impl DenoiseWorker for WorkerService {
             &self.models,
             &self.sessions,
             request.into_inner(),
+            self.prefix.is_some(),
         )
         .instrument(span)
         .await
@@ -1318,6 +1319,43 @@ pub(crate) mod tests {
         assert_eq!(first.prefix_blocks, 0);
         let (first, _) = run(&b, "k3-b", Some("k3"), never).await;
         assert_eq!(first.prefix_blocks, 0, "kept out of the store");
+    }
+
+    /// At-end persistence puts a session's shared prompt blocks in the store's shared
+    /// blocks, not under its own keys, so sessions of one prompt store it once; another
+    /// worker continues a session from the two with the tokens of the worker holding it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn at_end_persistence_stores_a_shared_prompt_once() {
+        let prompt: Vec<u32> = (0..96).map(|i| (i * 3 % 60 + 1) as u32).collect();
+        let store = SessionStore::memory(StoreConfig::default());
+        let models = Arc::new(Models::fixed(random_loaded(
+            &long_window(),
+            0.1,
+            "f",
+            DType::F32,
+        )));
+        let (holder, fresh) = (
+            sharing_worker(&models, &store, 1 << 24),
+            sharing_worker(&models, &store, 1 << 24),
+        );
+        let end = KvPersistence::AtEnd;
+        for name in ["x", "y"] {
+            let id = sid(name);
+            session_of(&store, &id, &prompt, 1).await;
+            prompt_and_blocks_as(&holder, &store, &id, end).await;
+            assert_eq!(persist(&holder, &id, 27).await, 27, "the window, 27 blocks");
+            let own = store.get_blobs("m", &id, &[0, 23, 24, 26]).await.unwrap();
+            assert_eq!(
+                own.iter().map(Option::is_some).collect::<Vec<_>>(),
+                [false, false, true, true],
+                "{name}: the prompt's 24 blocks are shared, the generated its own"
+            );
+        }
+        let moved = block_as(&fresh, &sid("x"), 27, end).await.unwrap();
+        assert_eq!(moved.cache_source, "store");
+        let stayed = block_as(&holder, &sid("y"), 27, end).await.unwrap();
+        assert_eq!(stayed.cache_source, "memory");
+        assert_eq!(moved.token_ids, stayed.token_ids);
     }
 
     /// Sessions of one prompt hold its keys and values once (each session's own memory
