@@ -562,8 +562,8 @@ mod tests {
         }
     }
 
-    /// The vector units a CPU has change how fast a distribution is built, never its bits
-    /// (which tokens a seed draws).
+    /// The vector units a CPU has change how fast a distribution is built and a nucleus
+    /// draw tested, never their bits (which tokens a seed draws).
     #[test]
     fn every_build_gives_the_same_bits() {
         let filters = [
@@ -592,6 +592,14 @@ mod tests {
                     narrow.nucleus.map(f64::to_bits)
                 );
                 assert_eq!(wide.top, narrow.top);
+                // A nucleus draw's test: the mass ranked before a token.
+                for token in (0..50258).step_by(997) {
+                    let (dispatched, baseline) = (
+                        wide.cdf.mass_before(token),
+                        wide.cdf.mass_before_lanes(token),
+                    );
+                    assert_eq!(dispatched.to_bits(), baseline.to_bits());
+                }
             }
         }
     }
