@@ -1247,6 +1247,12 @@ pub(crate) mod tests {
         })
     }
 
+    /// One model state of the [`long_window`] shape, random weights.
+    fn long_window_models() -> Arc<Models> {
+        let loaded = random_loaded(&long_window(), 0.1, "f", DType::F32);
+        Arc::new(Models::fixed(loaded))
+    }
+
     /// A worker with its own prefix cache of `models`, on `store`.
     fn sharing_worker(
         models: &Arc<Models>,
@@ -1270,12 +1276,7 @@ pub(crate) mod tests {
     async fn another_worker_takes_a_computed_prompt_from_the_store() {
         let prompt: Vec<u32> = (0..96).map(|i| (i * 5 % 60 + 1) as u32).collect();
         let store = SessionStore::memory(StoreConfig::default());
-        let models = Arc::new(Models::fixed(random_loaded(
-            &long_window(),
-            0.1,
-            "f",
-            DType::F32,
-        )));
+        let models = long_window_models();
         let (a, b, off) = (
             sharing_worker(&models, &store, 1 << 24),
             sharing_worker(&models, &store, 1 << 24),
@@ -1328,12 +1329,7 @@ pub(crate) mod tests {
     async fn at_end_persistence_stores_a_shared_prompt_once() {
         let prompt: Vec<u32> = (0..96).map(|i| (i * 3 % 60 + 1) as u32).collect();
         let store = SessionStore::memory(StoreConfig::default());
-        let models = Arc::new(Models::fixed(random_loaded(
-            &long_window(),
-            0.1,
-            "f",
-            DType::F32,
-        )));
+        let models = long_window_models();
         let (holder, fresh) = (
             sharing_worker(&models, &store, 1 << 24),
             sharing_worker(&models, &store, 1 << 24),
